@@ -1,0 +1,483 @@
+//! Where weights come from: safetensors (files, sharded, or a buffer) or GGUF.
+//!
+//! Both sources hand out the same three kinds of parameter: [`Linear`] layers
+//! (a `QMatMul`, dense or quantized, plus an optional bias), vectors (norm
+//! weights) and the token [`Embedding`]. Every tensor is shape-checked against
+//! the config, and errors name the file and the tensor.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{DType, Device, Module, Tensor};
+
+use super::config::Arch;
+use super::{Error, Result};
+
+/// A linear layer `y = x Wᵀ + b`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: QMatMul,
+    bias: Option<Tensor>,
+    out_features: usize,
+}
+
+impl Linear {
+    /// Builds a dense layer from a `[out, in]` weight.
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, _) = weight.dims2()?;
+        Ok(Self {
+            weight: QMatMul::Tensor(weight),
+            bias,
+            out_features,
+        })
+    }
+
+    fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, _) = weight.shape().dims2()?;
+        Ok(Self {
+            weight: QMatMul::from_arc(weight)?,
+            bias,
+            out_features,
+        })
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Applies the layer to `[tokens, in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    /// Bytes of weight storage (for memory accounting).
+    pub fn size_in_bytes(&self) -> usize {
+        match &self.weight {
+            QMatMul::QTensor(q) => q.storage_size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+        }
+    }
+}
+
+/// The token embedding table, dense or still quantized (rows are dequantized
+/// on lookup, so a 262k-row vocabulary stays small in memory).
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    /// `[vocab, hidden]` in the compute dtype.
+    Dense(Tensor),
+    /// `[vocab, hidden]` in a GGUF block format.
+    Quantized(Arc<QTensor>),
+}
+
+impl Embedding {
+    /// Looks up `ids` (u32, `[tokens]`) → `[tokens, hidden]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Embedding::Dense(w) => w.embedding(ids)?,
+            Embedding::Quantized(q) => q.embedding(ids)?,
+        })
+    }
+
+    /// The output projection that shares this matrix.
+    pub fn tied_head(&self) -> Result<Linear> {
+        match self {
+            Embedding::Dense(w) => Linear::dense(w.clone(), None),
+            Embedding::Quantized(q) => Linear::quantized(q.clone(), None),
+        }
+    }
+}
+
+/// Per-layer parameter roles, named by [`Naming`] in each source's scheme.
+#[derive(Debug, Clone, Copy)]
+pub enum Role {
+    /// Norm before attention.
+    AttnNorm,
+    /// Query projection.
+    Q,
+    /// Key projection.
+    K,
+    /// Value projection.
+    V,
+    /// Attention output projection.
+    O,
+    /// Per-head query norm (Gemma 3).
+    QNorm,
+    /// Per-head key norm (Gemma 3).
+    KNorm,
+    /// Norm on the attention output before the residual (Gemma 3).
+    PostAttnNorm,
+    /// Norm before the MLP.
+    FfnNorm,
+    /// Norm on the MLP output before the residual (Gemma 3).
+    PostFfnNorm,
+    /// MLP gate projection.
+    Gate,
+    /// MLP up projection.
+    Up,
+    /// MLP down projection.
+    Down,
+}
+
+/// Maps roles to tensor names of a checkpoint format.
+#[derive(Debug, Clone)]
+pub struct Naming {
+    gguf: bool,
+    arch: Arch,
+    prefix: String,
+}
+
+impl Naming {
+    /// Tensor name of the embedding.
+    pub fn embed(&self) -> String {
+        if self.gguf {
+            "token_embd.weight".into()
+        } else {
+            format!("{}model.embed_tokens.weight", self.prefix)
+        }
+    }
+
+    /// Tensor name of the final norm.
+    pub fn final_norm(&self) -> String {
+        if self.gguf {
+            "output_norm.weight".into()
+        } else {
+            format!("{}model.norm.weight", self.prefix)
+        }
+    }
+
+    /// Tensor name of the output projection.
+    pub fn lm_head(&self) -> String {
+        if self.gguf {
+            "output.weight".into()
+        } else {
+            format!("{}lm_head.weight", self.prefix)
+        }
+    }
+
+    /// Tensor name (without `.weight`/`.bias`) of a layer's parameter.
+    pub fn layer(&self, i: usize, role: Role) -> String {
+        if self.gguf {
+            let r = match role {
+                Role::AttnNorm => "attn_norm",
+                Role::Q => "attn_q",
+                Role::K => "attn_k",
+                Role::V => "attn_v",
+                Role::O => "attn_output",
+                Role::QNorm => "attn_q_norm",
+                Role::KNorm => "attn_k_norm",
+                Role::PostAttnNorm => "post_attention_norm",
+                Role::FfnNorm => "ffn_norm",
+                Role::PostFfnNorm => "post_ffw_norm",
+                Role::Gate => "ffn_gate",
+                Role::Up => "ffn_up",
+                Role::Down => "ffn_down",
+            };
+            format!("blk.{i}.{r}")
+        } else {
+            let gemma = self.arch == Arch::Gemma3;
+            let r = match role {
+                Role::AttnNorm => "input_layernorm",
+                Role::Q => "self_attn.q_proj",
+                Role::K => "self_attn.k_proj",
+                Role::V => "self_attn.v_proj",
+                Role::O => "self_attn.o_proj",
+                Role::QNorm => "self_attn.q_norm",
+                Role::KNorm => "self_attn.k_norm",
+                Role::PostAttnNorm => "post_attention_layernorm",
+                Role::FfnNorm if gemma => "pre_feedforward_layernorm",
+                Role::FfnNorm => "post_attention_layernorm",
+                Role::PostFfnNorm => "post_feedforward_layernorm",
+                Role::Gate => "mlp.gate_proj",
+                Role::Up => "mlp.up_proj",
+                Role::Down => "mlp.down_proj",
+            };
+            format!("{}model.layers.{i}.{r}", self.prefix)
+        }
+    }
+}
+
+enum Store {
+    Mmaped(candle_core::safetensors::MmapedSafetensors),
+    Buffer(HashMap<String, Tensor>),
+    Gguf {
+        content: gguf_file::Content,
+        file: std::sync::Mutex<File>,
+    },
+}
+
+/// An opened checkpoint, ready to hand out parameters.
+pub struct WeightSource {
+    store: Store,
+    /// Where each tensor lives, for error messages.
+    files: Vec<PathBuf>,
+    routing: HashMap<String, usize>,
+    device: Device,
+    dtype: DType,
+    /// Gemma's Hugging Face checkpoints store `w` for norms computed as `1 + w`;
+    /// GGUF conversion already added the one.
+    norm_offset: f64,
+    naming: Naming,
+}
+
+impl WeightSource {
+    /// Opens safetensors files (one, or the shards of an index) lazily via mmap.
+    pub fn safetensors(files: Vec<PathBuf>, arch: Arch, device: &Device, dtype: DType) -> Result<Self> {
+        let mut routing = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            let names = safetensors_names(f)?;
+            for n in names {
+                routing.insert(n, i);
+            }
+        }
+        // SAFETY: the files are opened read-only; like every mmap user we rely on
+        // nobody truncating them while the model loads.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(
+            |e| Error::Load {
+                path: files.first().cloned().unwrap_or_default(),
+                message: e.to_string(),
+            },
+        )?;
+        let naming = hf_naming(arch, &routing);
+        Ok(Self {
+            store: Store::Mmaped(st),
+            files,
+            routing,
+            device: device.clone(),
+            dtype,
+            norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
+            naming,
+        })
+    }
+
+    /// Reads safetensors from memory (the embedded default model).
+    pub fn safetensors_buffer(
+        bytes: &[u8],
+        name: &str,
+        arch: Arch,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let path = PathBuf::from(name);
+        let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| Error::Load {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        let routing = tensors.keys().map(|k| (k.clone(), 0)).collect();
+        let naming = hf_naming(arch, &routing);
+        Ok(Self {
+            store: Store::Buffer(tensors),
+            files: vec![path],
+            routing,
+            device: device.clone(),
+            dtype,
+            norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
+            naming,
+        })
+    }
+
+    /// Opens a GGUF file whose header has already been read.
+    pub fn gguf(content: gguf_file::Content, path: &Path, arch: Arch, device: &Device) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let routing = content.tensor_infos.keys().map(|k| (k.clone(), 0)).collect();
+        Ok(Self {
+            store: Store::Gguf {
+                content,
+                file: std::sync::Mutex::new(file),
+            },
+            files: vec![path.to_path_buf()],
+            routing,
+            device: device.clone(),
+            dtype: DType::F32,
+            norm_offset: 0.0,
+            naming: Naming {
+                gguf: true,
+                arch,
+                prefix: String::new(),
+            },
+        })
+    }
+
+    /// The naming scheme of this checkpoint.
+    pub fn naming(&self) -> &Naming {
+        &self.naming
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
+    }
+
+    fn file_of(&self, name: &str) -> PathBuf {
+        let i = self.routing.get(name).copied().unwrap_or(0);
+        self.files.get(i).cloned().unwrap_or_default()
+    }
+
+    fn missing(&self, name: &str) -> Error {
+        Error::Load {
+            path: self.files.first().cloned().unwrap_or_default(),
+            message: format!("tensor `{name}` is missing"),
+        }
+    }
+
+    fn check_shape(&self, name: &str, got: &[usize], want: &[usize]) -> Result<()> {
+        if got != want {
+            return Err(Error::Load {
+                path: self.file_of(name),
+                message: format!("tensor `{name}` has shape {got:?}, the config implies {want:?}"),
+            });
+        }
+        Ok(())
+    }
+
+    fn wrap(&self, name: &str, e: candle_core::Error) -> Error {
+        Error::Load {
+            path: self.file_of(name),
+            message: format!("tensor `{name}`: {e}"),
+        }
+    }
+
+    fn dense(&self, name: &str) -> Result<Tensor> {
+        if !self.contains(name) {
+            return Err(self.missing(name));
+        }
+        let t = match &self.store {
+            Store::Mmaped(st) => st.load(name, &self.device),
+            Store::Buffer(map) => map.get(name).cloned().ok_or_else(|| candle_core::Error::Msg("missing".into())),
+            Store::Gguf { .. } => self.quantized(name).and_then(|q| q.dequantize(&self.device)),
+        }
+        .map_err(|e| self.wrap(name, e))?;
+        t.to_dtype(self.dtype).map_err(|e| self.wrap(name, e))
+    }
+
+    fn quantized(&self, name: &str) -> candle_core::Result<QTensor> {
+        match &self.store {
+            Store::Gguf { content, file } => {
+                let mut f = file
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("weight file lock poisoned".into()))?;
+                content.tensor(&mut *f, name, &self.device)
+            }
+            _ => candle_core::bail!("not a GGUF source"),
+        }
+    }
+
+    /// A linear layer `[out, in]` with an optional `<base>.bias`.
+    pub fn linear(&self, base: &str, out_features: usize, in_features: usize) -> Result<Linear> {
+        let wname = format!("{base}.weight");
+        let bname = format!("{base}.bias");
+        if !self.contains(&wname) {
+            return Err(self.missing(&wname));
+        }
+        let bias = if self.contains(&bname) {
+            let b = self.dense(&bname)?;
+            self.check_shape(&bname, b.dims(), &[out_features])?;
+            Some(b)
+        } else {
+            None
+        };
+        match &self.store {
+            Store::Gguf { .. } => {
+                let q = self.quantized(&wname).map_err(|e| self.wrap(&wname, e))?;
+                self.check_shape(&wname, q.shape().dims(), &[out_features, in_features])?;
+                match q.dtype() {
+                    GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                        let t = q.dequantize(&self.device).map_err(|e| self.wrap(&wname, e))?;
+                        Linear::dense(t.to_dtype(self.dtype)?, bias)
+                    }
+                    _ => Linear::quantized(Arc::new(q), bias),
+                }
+            }
+            _ => {
+                let w = self.dense(&wname)?;
+                self.check_shape(&wname, w.dims(), &[out_features, in_features])?;
+                Linear::dense(w, bias)
+            }
+        }
+    }
+
+    /// A norm weight of `len` values, with the Gemma `1 + w` folded in.
+    pub fn norm(&self, name: &str, len: usize) -> Result<Tensor> {
+        let t = self.dense(name)?;
+        self.check_shape(name, t.dims(), &[len])?;
+        let t = t.to_dtype(DType::F32)?;
+        Ok(if self.norm_offset != 0.0 {
+            (t + self.norm_offset)?
+        } else {
+            t
+        })
+    }
+
+    /// The embedding `[vocab, hidden]`.
+    pub fn embedding(&self, name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
+        if !self.contains(name) {
+            return Err(self.missing(name));
+        }
+        match &self.store {
+            Store::Gguf { .. } => {
+                let q = self.quantized(name).map_err(|e| self.wrap(name, e))?;
+                self.check_shape(name, q.shape().dims(), &[vocab, hidden])?;
+                if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
+                    let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
+                    Ok(Embedding::Dense(t.to_dtype(self.dtype)?))
+                } else {
+                    Ok(Embedding::Quantized(Arc::new(q)))
+                }
+            }
+            _ => {
+                let w = self.dense(name)?;
+                self.check_shape(name, w.dims(), &[vocab, hidden])?;
+                Ok(Embedding::Dense(w))
+            }
+        }
+    }
+}
+
+fn hf_naming(arch: Arch, routing: &HashMap<String, usize>) -> Naming {
+    // Multimodal Gemma 3 checkpoints keep the text model under `language_model.`.
+    let prefix = if !routing.contains_key("model.embed_tokens.weight")
+        && routing.contains_key("language_model.model.embed_tokens.weight")
+    {
+        "language_model.".to_string()
+    } else {
+        String::new()
+    };
+    Naming {
+        gguf: false,
+        arch,
+        prefix,
+    }
+}
+
+fn safetensors_names(path: &Path) -> Result<Vec<String>> {
+    use std::io::Read;
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::Load {
+        path: path.to_path_buf(),
+        message: format!("not a safetensors file (no header): {e}"),
+    })?;
+    let len = u64::from_le_bytes(len);
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > file_len.saturating_sub(8) || len > 100 << 20 {
+        return Err(Error::Load {
+            path: path.to_path_buf(),
+            message: format!("safetensors header length {len} exceeds the file ({file_len} bytes)"),
+        });
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| Error::Load {
+            path: path.to_path_buf(),
+            message: format!("safetensors header is not valid JSON: {e}"),
+        })?;
+    Ok(header.keys().filter(|k| *k != "__metadata__").cloned().collect())
+}

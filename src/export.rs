@@ -1,0 +1,258 @@
+//! Writes a Hugging Face Llama-family folder as a GGUF file (`llmops
+//! export-gguf`), in f32, f16 or Q8_0, with the tokenizer in the metadata.
+//!
+//! The output follows llama.cpp's converter (q/k rows permuted to interleaved
+//! rotary pairs for the `llama` architecture, GPT-2-style BPE vocabulary), so
+//! the same weights can be served by llmops and by llama.cpp side by side.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use candle_core::quantized::gguf_file::Value;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::{DType, Device, Tensor};
+
+use crate::engine::{Arch, ModelConfig};
+
+/// Element type of the exported matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GgufType {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// 8-bit blocks of 32 with one scale.
+    Q8_0,
+}
+
+impl GgufType {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            GgufType::F32 => GgmlDType::F32,
+            GgufType::F16 => GgmlDType::F16,
+            GgufType::Q8_0 => GgmlDType::Q8_0,
+        }
+    }
+
+    fn file_type(self) -> u32 {
+        match self {
+            GgufType::F32 => 0,
+            GgufType::F16 => 1,
+            GgufType::Q8_0 => 7,
+        }
+    }
+}
+
+/// Exports `dir` (config.json, safetensors, tokenizer.json) to `out`.
+pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
+    let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
+    if cfg.arch != Arch::Llama {
+        bail!("GGUF export supports the Llama family only (got {})", cfg.arch.as_str());
+    }
+    let raw: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("config.json")).context("config.json")?,
+    )?;
+    let qwen = raw.get("model_type").and_then(|v| v.as_str()) == Some("qwen2");
+    let arch = if qwen { "qwen2" } else { "llama" };
+
+    let mut files = vec![];
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.extension().and_then(|x| x.to_str()) == Some("safetensors") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for f in &files {
+        tensors.extend(candle_core::safetensors::load(f, &Device::Cpu)?);
+    }
+    let get = |name: &str| -> anyhow::Result<Tensor> {
+        Ok(tensors
+            .get(name)
+            .with_context(|| format!("tensor {name} missing"))?
+            .to_dtype(DType::F32)?)
+    };
+
+    let mut out_tensors: Vec<(String, QTensor)> = vec![];
+    let mut push = |name: String, t: Tensor, matrix: bool| -> anyhow::Result<()> {
+        let q = if matrix {
+            QTensor::quantize(&t, ty.ggml())?
+        } else {
+            QTensor::quantize(&t, GgmlDType::F32)?
+        };
+        out_tensors.push((name, q));
+        Ok(())
+    };
+    push("token_embd.weight".into(), get("model.embed_tokens.weight")?, true)?;
+    push("output_norm.weight".into(), get("model.norm.weight")?, false)?;
+    if tensors.contains_key("lm_head.weight") && !cfg.tie_word_embeddings {
+        push("output.weight".into(), get("lm_head.weight")?, true)?;
+    }
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        let b = format!("blk.{l}");
+        let permute_q = |t: Tensor, heads: usize| -> anyhow::Result<Tensor> {
+            if qwen {
+                return Ok(t);
+            }
+            permute_rows(&t, heads)
+        };
+        push(format!("{b}.attn_norm.weight"), get(&format!("{p}.input_layernorm.weight"))?, false)?;
+        push(format!("{b}.ffn_norm.weight"), get(&format!("{p}.post_attention_layernorm.weight"))?, false)?;
+        push(
+            format!("{b}.attn_q.weight"),
+            permute_q(get(&format!("{p}.self_attn.q_proj.weight"))?, cfg.num_heads)?,
+            true,
+        )?;
+        push(
+            format!("{b}.attn_k.weight"),
+            permute_q(get(&format!("{p}.self_attn.k_proj.weight"))?, cfg.num_kv_heads)?,
+            true,
+        )?;
+        push(format!("{b}.attn_v.weight"), get(&format!("{p}.self_attn.v_proj.weight"))?, true)?;
+        push(format!("{b}.attn_output.weight"), get(&format!("{p}.self_attn.o_proj.weight"))?, true)?;
+        for (hf, gg) in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")] {
+            let name = format!("{p}.self_attn.{hf}.bias");
+            if tensors.contains_key(&name) {
+                if !qwen {
+                    bail!("q/k/v biases are only exported for qwen2 models");
+                }
+                push(format!("{b}.{gg}.bias"), get(&name)?, false)?;
+            }
+        }
+        push(format!("{b}.ffn_gate.weight"), get(&format!("{p}.mlp.gate_proj.weight"))?, true)?;
+        push(format!("{b}.ffn_up.weight"), get(&format!("{p}.mlp.up_proj.weight"))?, true)?;
+        push(format!("{b}.ffn_down.weight"), get(&format!("{p}.mlp.down_proj.weight"))?, true)?;
+    }
+
+    let vocab = read_vocab(&dir.join("tokenizer.json"), cfg.vocab_size)?;
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut md: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())),
+        ("general.file_type".into(), Value::U32(ty.file_type())),
+        (key("context_length"), Value::U32(cfg.max_position_embeddings as u32)),
+        (key("embedding_length"), Value::U32(cfg.hidden_size as u32)),
+        (key("block_count"), Value::U32(cfg.num_layers as u32)),
+        (key("feed_forward_length"), Value::U32(cfg.intermediate_size as u32)),
+        (key("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
+        (key("attention.head_count"), Value::U32(cfg.num_heads as u32)),
+        (key("attention.head_count_kv"), Value::U32(cfg.num_kv_heads as u32)),
+        (key("attention.key_length"), Value::U32(cfg.head_dim as u32)),
+        (key("attention.value_length"), Value::U32(cfg.head_dim as u32)),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        (key("rope.freq_base"), Value::F32(cfg.rope.theta as f32)),
+        (key("vocab_size"), Value::U32(cfg.vocab_size as u32)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(vocab.tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(vocab.types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(vocab.merges.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(cfg.bos_token_id.is_some())),
+        ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
+    ];
+    if let Some(b) = cfg.bos_token_id {
+        md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    if let Some(e) = cfg.eos_token_ids.first() {
+        md.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(*e)));
+    }
+    let tk_cfg = dir.join("tokenizer_config.json");
+    if tk_cfg.exists() {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&tk_cfg)?)?;
+        if let Some(t) = crate::engine::chat::template_from_tokenizer_config(&v) {
+            md.push(("tokenizer.chat_template".into(), Value::String(t)));
+        }
+    }
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = out_tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(out).with_context(|| format!("create {}", out.display()))?,
+    );
+    gguf_file::write(&mut f, &md_refs, &t_refs)?;
+    Ok(())
+}
+
+/// llama.cpp's permutation of q/k rows from "rotate half" pairs to interleaved pairs.
+fn permute_rows(t: &Tensor, heads: usize) -> anyhow::Result<Tensor> {
+    let (rows, cols) = t.dims2()?;
+    let per = rows / heads;
+    Ok(t.reshape((heads, 2, per / 2, cols))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((rows, cols))?)
+}
+
+struct Vocab {
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    merges: Vec<String>,
+}
+
+/// Reads a byte-level BPE `tokenizer.json`, padded with unused tokens to the
+/// model's vocabulary size (llama.cpp requires them to agree).
+fn read_vocab(path: &Path, model_vocab: usize) -> anyhow::Result<Vocab> {
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?,
+    )?;
+    let model = v.get("model").context("tokenizer.json has no model")?;
+    if model.get("type").and_then(|t| t.as_str()) != Some("BPE") {
+        bail!("GGUF export needs a BPE tokenizer");
+    }
+    let mut tokens: Vec<Option<String>> = vec![None; model_vocab];
+    let mut types = vec![1i32; model_vocab];
+    let entries = model
+        .get("vocab")
+        .and_then(|v| v.as_object())
+        .context("tokenizer.json model.vocab")?;
+    for (tok, id) in entries {
+        let id = id.as_u64().context("vocab id")? as usize;
+        if id >= model_vocab {
+            bail!("token id {id} exceeds the model's vocabulary of {model_vocab}");
+        }
+        tokens[id] = Some(tok.clone());
+    }
+    if let Some(added) = v.get("added_tokens").and_then(|a| a.as_array()) {
+        for a in added {
+            let id = a.get("id").and_then(|i| i.as_u64()).context("added token id")? as usize;
+            let content = a.get("content").and_then(|c| c.as_str()).unwrap_or_default();
+            if id < model_vocab {
+                tokens[id] = Some(content.to_string());
+                types[id] = if a.get("special").and_then(|s| s.as_bool()) == Some(true) { 3 } else { 4 };
+            }
+        }
+    }
+    let tokens = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| match t {
+            Some(t) => t,
+            None => {
+                types[i] = 5;
+                format!("[PAD{i}]")
+            }
+        })
+        .collect();
+    let merges = match model.get("merges").and_then(|m| m.as_array()) {
+        None => vec![],
+        Some(ms) => ms
+            .iter()
+            .filter_map(|m| match m {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(pair) => Some(format!(
+                    "{} {}",
+                    pair.first()?.as_str()?,
+                    pair.get(1)?.as_str()?
+                )),
+                _ => None,
+            })
+            .collect(),
+    };
+    Ok(Vocab {
+        tokens,
+        types,
+        merges,
+    })
+}
