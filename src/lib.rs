@@ -11,3 +11,5 @@
 pub mod engine;
 pub mod synth;
 pub mod export;
+pub mod monitor;
+pub mod scheduler;

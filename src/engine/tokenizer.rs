@@ -107,10 +107,6 @@ impl Tokenizer {
         }
     }
 
-    /// A streaming decoder for text generated after `context` tokens.
-    pub fn stream(&self, context: &[u32]) -> TextStream<'_> {
-        TextStream::new(self, context)
-    }
 
     /// Builds the tokenizer described by GGUF metadata (`tokenizer.ggml.*`).
     pub fn from_gguf(content: &gguf_file::Content, source: &Path) -> Result<Self> {
@@ -323,8 +319,8 @@ fn merges_from_scores(
 /// It decodes a sliding window of tokens and emits only what the newest token
 /// added, once that no longer ends in an incomplete character (U+FFFD); the
 /// window keeps a little context so leading spaces come out right.
-pub struct TextStream<'t> {
-    tokenizer: &'t Tokenizer,
+#[derive(Debug, Clone)]
+pub struct TextStream {
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
@@ -333,11 +329,11 @@ pub struct TextStream<'t> {
 /// How many context tokens the window keeps.
 const CONTEXT_TOKENS: usize = 4;
 
-impl<'t> TextStream<'t> {
-    fn new(tokenizer: &'t Tokenizer, context: &[u32]) -> Self {
+impl TextStream {
+    /// A stream for text generated after the `context` tokens (the prompt).
+    pub fn new(context: &[u32]) -> Self {
         let ctx = &context[context.len().saturating_sub(CONTEXT_TOKENS)..];
         Self {
-            tokenizer,
             ids: ctx.to_vec(),
             prefix_offset: 0,
             read_offset: ctx.len(),
@@ -345,12 +341,10 @@ impl<'t> TextStream<'t> {
     }
 
     /// Adds a token; returns the text it completes, if any.
-    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let text = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let text = tokenizer.decode(&self.ids[self.prefix_offset..])?;
         if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') {
             if let Some(delta) = text.strip_prefix(prefix.as_str()) {
                 let delta = delta.to_string();
@@ -360,7 +354,7 @@ impl<'t> TextStream<'t> {
         }
         // Keep the window short when tokens add no text.
         if self.ids.len() - self.prefix_offset > 64 {
-            let out = self.flush()?;
+            let out = self.flush(tokenizer)?;
             return Ok((!out.is_empty()).then_some(out));
         }
         Ok(None)
@@ -375,14 +369,12 @@ impl<'t> TextStream<'t> {
     }
 
     /// Emits whatever is still held back (at the end of generation).
-    pub fn flush(&mut self) -> Result<String> {
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<String> {
         if self.read_offset >= self.ids.len() {
             return Ok(String::new());
         }
-        let prefix = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let text = self.tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let text = tokenizer.decode(&self.ids[self.prefix_offset..])?;
         let delta = match text.strip_prefix(prefix.as_str()) {
             Some(d) => d.to_string(),
             None => {

@@ -1,4 +1,5 @@
 //! The one integration-test binary (one link instead of many).
 
 mod engine;
+mod scheduler;
 mod support;

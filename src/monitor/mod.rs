@@ -1,0 +1,267 @@
+//! Metric names, bucket boundaries and the per-engine metric handles.
+//!
+//! Names follow vLLM's with an `llmops_` prefix. Handles are registered once
+//! per engine (labels: model, version, variant, protocol), so recording on the
+//! hot path is an atomic update: no lock, no label formatting, no allocation
+//! per token.
+
+pub mod exporter;
+
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, Histogram, Label};
+
+/// Metric names.
+pub mod names {
+    /// Arrival at the front end → first token.
+    pub const TTFT: &str = "llmops_time_to_first_token_seconds";
+    /// Submission to the engine → first token.
+    pub const ENGINE_TTFT: &str = "llmops_engine_time_to_first_token_seconds";
+    /// Between consecutive tokens of a request.
+    pub const ITL: &str = "llmops_inter_token_latency_seconds";
+    /// Arrival → last token.
+    pub const E2E: &str = "llmops_e2e_request_latency_seconds";
+    /// Submission → admission.
+    pub const QUEUE: &str = "llmops_request_queue_time_seconds";
+    /// Admission → first token.
+    pub const PREFILL: &str = "llmops_request_prefill_time_seconds";
+    /// First token → last token.
+    pub const DECODE: &str = "llmops_request_decode_time_seconds";
+    /// Prompt length per request.
+    pub const PROMPT_TOKENS_HIST: &str = "llmops_request_prompt_tokens";
+    /// Generated length per request.
+    pub const GENERATION_TOKENS_HIST: &str = "llmops_request_generation_tokens";
+    /// Sequences running.
+    pub const RUNNING: &str = "llmops_num_requests_running";
+    /// Requests waiting.
+    pub const WAITING: &str = "llmops_num_requests_waiting";
+    /// KV pool in use, 0–1.
+    pub const KV_USAGE: &str = "llmops_kv_cache_usage_perc";
+    /// Prompt tokens processed.
+    pub const PROMPT_TOKENS: &str = "llmops_prompt_tokens_total";
+    /// Tokens generated.
+    pub const GENERATION_TOKENS: &str = "llmops_generation_tokens_total";
+    /// Requests finished, by reason.
+    pub const SUCCESS: &str = "llmops_request_success_total";
+    /// Requests failed, by error type.
+    pub const FAILURE: &str = "llmops_request_failure_total";
+    /// Sequences preempted.
+    pub const PREEMPTIONS: &str = "llmops_num_preemptions_total";
+    /// Sequences per engine step.
+    pub const STEP_BATCH: &str = "llmops_engine_step_batch_size";
+    /// Tokens per engine step, by kind (prefill/decode).
+    pub const STEP_TOKENS: &str = "llmops_engine_step_tokens";
+    /// Duration of one engine step.
+    pub const STEP_TIME: &str = "llmops_engine_step_duration_seconds";
+    /// HTTP/gRPC requests by route and status.
+    pub const API_REQUESTS: &str = "llmops_api_requests_total";
+    /// HTTP/gRPC request durations by route.
+    pub const API_DURATION: &str = "llmops_api_request_duration_seconds";
+}
+
+/// vLLM's TTFT buckets.
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+/// vLLM's inter-token latency buckets.
+pub const ITL_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+/// vLLM's request latency buckets (e2e, queue, prefill, decode).
+pub const REQUEST_LATENCY_BUCKETS: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+];
+/// Token-count buckets (1-2-5 series), as vLLM builds up to the model length.
+pub const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+    20000.0, 50000.0, 100000.0, 200000.0,
+];
+/// Engine step buckets (seconds).
+pub const STEP_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Batch-size buckets.
+pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
+/// API latency buckets (seconds).
+pub const API_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+
+/// The protocol a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Protocol {
+    /// OpenAI-compatible HTTP.
+    Http,
+    /// llmops gRPC.
+    Grpc,
+    /// Not from a client (CLI, shadow copies).
+    #[default]
+    Internal,
+}
+
+impl Protocol {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Grpc => "grpc",
+            Protocol::Internal => "internal",
+        }
+    }
+
+    const ALL: [Protocol; 3] = [Protocol::Http, Protocol::Grpc, Protocol::Internal];
+
+    fn index(self) -> usize {
+        match self {
+            Protocol::Http => 0,
+            Protocol::Grpc => 1,
+            Protocol::Internal => 2,
+        }
+    }
+}
+
+/// Request-level handles for one protocol.
+pub struct RequestMetrics {
+    /// See [`names::TTFT`].
+    pub ttft: Histogram,
+    /// See [`names::ENGINE_TTFT`].
+    pub engine_ttft: Histogram,
+    /// See [`names::ITL`].
+    pub itl: Histogram,
+    /// See [`names::E2E`].
+    pub e2e: Histogram,
+    /// See [`names::QUEUE`].
+    pub queue: Histogram,
+    /// See [`names::PREFILL`].
+    pub prefill: Histogram,
+    /// See [`names::DECODE`].
+    pub decode: Histogram,
+    /// See [`names::PROMPT_TOKENS_HIST`].
+    pub prompt_tokens_hist: Histogram,
+    /// See [`names::GENERATION_TOKENS_HIST`].
+    pub generation_tokens_hist: Histogram,
+    /// See [`names::PROMPT_TOKENS`].
+    pub prompt_tokens: Counter,
+    /// See [`names::GENERATION_TOKENS`].
+    pub generation_tokens: Counter,
+    /// See [`names::SUCCESS`], one per finish reason: stop, length, timeout, abort.
+    pub success: [Counter; 4],
+    /// See [`names::FAILURE`] (engine errors).
+    pub failure: Counter,
+}
+
+/// Every handle an engine records into.
+pub struct EngineMetrics {
+    /// Per protocol.
+    requests: [RequestMetrics; 3],
+    /// See [`names::RUNNING`].
+    pub running: Gauge,
+    /// See [`names::WAITING`].
+    pub waiting: Gauge,
+    /// See [`names::KV_USAGE`].
+    pub kv_usage: Gauge,
+    /// See [`names::PREEMPTIONS`].
+    pub preemptions: Counter,
+    /// See [`names::STEP_BATCH`].
+    pub step_batch: Histogram,
+    /// See [`names::STEP_TOKENS`] with kind=prefill.
+    pub step_prefill_tokens: Histogram,
+    /// See [`names::STEP_TOKENS`] with kind=decode.
+    pub step_decode_tokens: Histogram,
+    /// See [`names::STEP_TIME`].
+    pub step_time: Histogram,
+}
+
+impl EngineMetrics {
+    /// Registers the handles of one engine.
+    pub fn new(model: &str, version: &str, variant: &str) -> Arc<Self> {
+        describe();
+        let base = vec![
+            Label::new("model", model.to_string()),
+            Label::new("version", version.to_string()),
+            Label::new("variant", variant.to_string()),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut l = base.clone();
+            l.extend(extra.iter().map(|(k, v)| Label::new(*k, *v)));
+            l
+        };
+        let requests = Protocol::ALL.map(|p| {
+            let l = with(&[("protocol", p.as_str())]);
+            let h = |n: &'static str| metrics::histogram!(n, l.clone());
+            let c = |n: &'static str| metrics::counter!(n, l.clone());
+            let reason = |r: &'static str| {
+                let mut l = l.clone();
+                l.push(Label::new("finished_reason", r));
+                metrics::counter!(names::SUCCESS, l)
+            };
+            let mut fl = l.clone();
+            fl.push(Label::new("error_type", "engine"));
+            RequestMetrics {
+                ttft: h(names::TTFT),
+                engine_ttft: h(names::ENGINE_TTFT),
+                itl: h(names::ITL),
+                e2e: h(names::E2E),
+                queue: h(names::QUEUE),
+                prefill: h(names::PREFILL),
+                decode: h(names::DECODE),
+                prompt_tokens_hist: h(names::PROMPT_TOKENS_HIST),
+                generation_tokens_hist: h(names::GENERATION_TOKENS_HIST),
+                prompt_tokens: c(names::PROMPT_TOKENS),
+                generation_tokens: c(names::GENERATION_TOKENS),
+                success: [reason("stop"), reason("length"), reason("timeout"), reason("abort")],
+                failure: metrics::counter!(names::FAILURE, fl),
+            }
+        });
+        Arc::new(Self {
+            requests,
+            running: metrics::gauge!(names::RUNNING, base.clone()),
+            waiting: metrics::gauge!(names::WAITING, base.clone()),
+            kv_usage: metrics::gauge!(names::KV_USAGE, base.clone()),
+            preemptions: metrics::counter!(names::PREEMPTIONS, base.clone()),
+            step_batch: metrics::histogram!(names::STEP_BATCH, base.clone()),
+            step_prefill_tokens: metrics::histogram!(names::STEP_TOKENS, with(&[("kind", "prefill")])),
+            step_decode_tokens: metrics::histogram!(names::STEP_TOKENS, with(&[("kind", "decode")])),
+            step_time: metrics::histogram!(names::STEP_TIME, base),
+        })
+    }
+
+    /// The request handles of a protocol.
+    pub fn requests(&self, p: Protocol) -> &RequestMetrics {
+        &self.requests[p.index()]
+    }
+}
+
+/// HELP lines for every metric (idempotent).
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        describe_histogram!(names::TTFT, Unit::Seconds, "Time from a request's arrival at the front end to its first generated token.");
+        describe_histogram!(names::ENGINE_TTFT, Unit::Seconds, "Time from a request's submission to the engine to its first generated token.");
+        describe_histogram!(names::ITL, Unit::Seconds, "Time between consecutive generated tokens of a request.");
+        describe_histogram!(names::E2E, Unit::Seconds, "Time from a request's arrival at the front end to its last token.");
+        describe_histogram!(names::QUEUE, Unit::Seconds, "Time a request waited before the scheduler admitted it.");
+        describe_histogram!(names::PREFILL, Unit::Seconds, "Time from admission to the first generated token.");
+        describe_histogram!(names::DECODE, Unit::Seconds, "Time from the first to the last generated token.");
+        describe_histogram!(names::PROMPT_TOKENS_HIST, Unit::Count, "Prompt length of finished requests.");
+        describe_histogram!(names::GENERATION_TOKENS_HIST, Unit::Count, "Generated length of finished requests.");
+        describe_gauge!(names::RUNNING, Unit::Count, "Sequences the scheduler is running.");
+        describe_gauge!(names::WAITING, Unit::Count, "Requests waiting for admission (including preempted ones).");
+        describe_gauge!(names::KV_USAGE, Unit::Percent, "Fraction of KV-cache blocks in use (0 to 1).");
+        describe_counter!(names::PROMPT_TOKENS, Unit::Count, "Prompt tokens of finished requests.");
+        describe_counter!(names::GENERATION_TOKENS, Unit::Count, "Tokens generated.");
+        describe_counter!(names::SUCCESS, Unit::Count, "Requests that finished, by finish reason.");
+        describe_counter!(names::FAILURE, Unit::Count, "Requests that failed, by error type.");
+        describe_counter!(names::PREEMPTIONS, Unit::Count, "Sequences preempted (KV blocks freed, recomputed later).");
+        describe_histogram!(names::STEP_BATCH, Unit::Count, "Sequences in one engine step.");
+        describe_histogram!(names::STEP_TOKENS, Unit::Count, "Tokens in one engine step, by kind (prefill, decode).");
+        describe_histogram!(names::STEP_TIME, Unit::Seconds, "Duration of one engine step (forward pass and sampling).");
+        describe_counter!(names::API_REQUESTS, Unit::Count, "API requests by protocol, route and status.");
+        describe_histogram!(names::API_DURATION, Unit::Seconds, "API request duration by protocol and route.");
+    });
+}

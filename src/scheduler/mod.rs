@@ -1,0 +1,457 @@
+//! Continuous batching: one scheduler per loaded model version, running the
+//! engine on its own OS thread.
+//!
+//! Requests arrive on a bounded channel, each carrying its own token sender.
+//! The [`Engine`] handle is cheap to clone; when the last one is dropped the
+//! thread finishes what it holds, frees the model and the KV pool, and exits.
+//! A closed token receiver means the client left: the sequence is removed at
+//! the next step and its blocks freed.
+
+pub mod state;
+mod worker;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::engine::{LoadedModel, SamplingParams, TokenLogprob};
+pub use state::Priority;
+
+/// Scheduler settings.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens per step (decodes plus prefill chunks).
+    pub max_batched_tokens: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+    /// Requests allowed to wait; beyond it submissions are refused.
+    pub max_waiting: usize,
+    /// Prompt tokens allowed to wait; beyond it submissions are refused.
+    pub max_waiting_tokens: usize,
+    /// Bytes of KV cache.
+    pub kv_cache_bytes: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_batched_tokens: 512,
+            max_running: 64,
+            max_waiting: 256,
+            max_waiting_tokens: 256 * 1024,
+            kv_cache_bytes: 512 << 20,
+            block_size: 16,
+        }
+    }
+}
+
+/// Labels that name an engine in metrics and logs.
+#[derive(Debug, Clone, Default)]
+pub struct EngineLabels {
+    /// Model name as clients address it.
+    pub model: String,
+    /// Version id.
+    pub version: String,
+    /// stable / canary / shadow.
+    pub variant: String,
+}
+
+/// A generation request, already tokenized and validated by the front end.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Prompt tokens (BOS included where the model wants it).
+    pub prompt: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Strings that end generation (not emitted).
+    pub stop: Vec<String>,
+    /// Extra token ids that end generation.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep generating past EOS (benchmarks).
+    pub ignore_eos: bool,
+    /// Scheduling class.
+    pub priority: Priority,
+    /// When the request must be finished.
+    pub deadline: Option<Instant>,
+    /// When it reached the front end (TTFT is measured from here).
+    pub arrival: Instant,
+    /// Which door it came in by (a metrics label).
+    pub protocol: crate::monitor::Protocol,
+}
+
+impl Request {
+    /// A greedy request for `prompt` with defaults elsewhere.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            stop_token_ids: vec![],
+            ignore_eos: false,
+            priority: Priority::Normal,
+            deadline: None,
+            arrival: Instant::now(),
+            protocol: crate::monitor::Protocol::Internal,
+        }
+    }
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// EOS, a stop token or a stop string.
+    Stop,
+    /// `max_tokens` or the context length reached.
+    Length,
+    /// The deadline passed.
+    Timeout,
+    /// The server stopped before it finished.
+    Aborted,
+}
+
+impl FinishReason {
+    /// The label used in metrics and the OpenAI API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Timeout => "timeout",
+            FinishReason::Aborted => "abort",
+        }
+    }
+}
+
+/// Timings of one request, from the engine's point of view.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Timings {
+    /// Waiting before admission (first admission).
+    pub queue: Duration,
+    /// Arrival to first token.
+    pub ttft: Duration,
+    /// Admission to first token.
+    pub prefill: Duration,
+    /// First token to the last.
+    pub decode: Duration,
+}
+
+/// The end of a request.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// Why it ended.
+    pub reason: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens (including a final EOS).
+    pub completion_tokens: usize,
+    /// Text held back until the end (partial stop string, incomplete bytes).
+    pub tail: String,
+    /// Times it was preempted and recomputed.
+    pub preemptions: u32,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// What a request's receiver gets.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A generated token and the text it completes (may be empty).
+    Token {
+        /// Token id.
+        id: u32,
+        /// Text safe to show now.
+        text: String,
+        /// Its log-probability, when asked.
+        logprob: Option<TokenLogprob>,
+    },
+    /// The request finished.
+    Done(Completion),
+    /// The engine failed while running it.
+    Failed(String),
+}
+
+/// Why a submission was refused.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full.
+    #[error("the server is overloaded: {reason}; retry after {retry_after:?}")]
+    Overloaded {
+        /// Which limit.
+        reason: String,
+        /// An estimate of when capacity frees up.
+        retry_after: Duration,
+    },
+    /// The request cannot fit the model.
+    #[error("{message}")]
+    ContextLength {
+        /// Human-readable reason.
+        message: String,
+    },
+    /// An invalid request.
+    #[error("{param}: {message}")]
+    Invalid {
+        /// The parameter.
+        param: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The engine is draining or gone.
+    #[error("the model is not accepting requests (shutting down)")]
+    Unavailable,
+}
+
+/// Counters and gauges shared with the handle, written only by the engine
+/// thread (atomics; no locks on the hot path).
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Requests waiting (submitted, not yet admitted).
+    pub waiting: AtomicUsize,
+    /// Prompt tokens waiting.
+    pub waiting_tokens: AtomicUsize,
+    /// Sequences running.
+    pub running: AtomicUsize,
+    /// KV blocks in use.
+    pub kv_blocks_used: AtomicUsize,
+    /// KV blocks in the pool.
+    pub kv_blocks_total: AtomicUsize,
+    /// Preemptions since start.
+    pub preemptions: AtomicU64,
+    /// Steps run.
+    pub steps: AtomicU64,
+    /// Tokens generated.
+    pub generated_tokens: AtomicU64,
+    /// Recent throughput in tokens per second (f64 bits), for retry-after.
+    pub tokens_per_second: AtomicU64,
+}
+
+impl EngineStats {
+    fn throughput(&self) -> f64 {
+        f64::from_bits(self.tokens_per_second.load(Ordering::Relaxed))
+    }
+}
+
+enum Msg {
+    Job(Box<Job>),
+    Drain(Instant),
+}
+
+struct Job {
+    request: Request,
+    events: mpsc::Sender<Event>,
+    submitted: Instant,
+}
+
+struct Shared {
+    stats: EngineStats,
+    draining: AtomicBool,
+    config: SchedulerConfig,
+    context_length: usize,
+    kv_capacity_tokens: usize,
+    labels: EngineLabels,
+    /// Set when the thread has exited (model memory freed).
+    stopped: AtomicBool,
+}
+
+/// A handle to a running engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    tx: std::sync::mpsc::SyncSender<Msg>,
+    shared: Arc<Shared>,
+    tokenizer: Arc<crate::engine::Tokenizer>,
+    chat_template: crate::engine::ChatTemplate,
+    info: Arc<crate::engine::ModelInfo>,
+}
+
+impl Engine {
+    /// Starts the engine thread for `model`.
+    pub fn spawn(model: LoadedModel, config: SchedulerConfig, labels: EngineLabels) -> std::io::Result<Self> {
+        let kv_shape = model.model.kv_shape(config.block_size);
+        let blocks = kv_shape.blocks_in(config.kv_cache_bytes).max(1);
+        let context_length = model.model.config().max_position_embeddings;
+        let shared = Arc::new(Shared {
+            stats: EngineStats::default(),
+            draining: AtomicBool::new(false),
+            context_length,
+            kv_capacity_tokens: blocks * config.block_size,
+            config: config.clone(),
+            labels: labels.clone(),
+            stopped: AtomicBool::new(false),
+        });
+        shared.stats.kv_blocks_total.store(blocks, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.max_waiting.max(1));
+        let tokenizer = Arc::new(model.tokenizer.clone());
+        let chat_template = model.chat_template.clone();
+        let info = Arc::new(model.info.clone());
+        let thread_shared = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("engine-{}-{}", labels.model, labels.version))
+            .spawn(move || worker::run(model, blocks, rx, thread_shared))?;
+        Ok(Self {
+            tx,
+            shared,
+            tokenizer,
+            chat_template,
+            info,
+        })
+    }
+
+    /// The model's tokenizer.
+    pub fn tokenizer(&self) -> &crate::engine::Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The model's chat template.
+    pub fn chat_template(&self) -> &crate::engine::ChatTemplate {
+        &self.chat_template
+    }
+
+    /// What is loaded.
+    pub fn info(&self) -> &crate::engine::ModelInfo {
+        &self.info
+    }
+
+    /// Longest context (prompt + generation).
+    pub fn context_length(&self) -> usize {
+        self.shared.context_length
+    }
+
+    /// The labels it was started with.
+    pub fn labels(&self) -> &EngineLabels {
+        &self.shared.labels
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.shared.stats
+    }
+
+    /// Whether it accepts requests.
+    pub fn is_ready(&self) -> bool {
+        !self.shared.draining.load(Ordering::Relaxed) && !self.shared.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Whether the engine thread has exited and freed its memory.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Checks a request against the model's limits without queueing it.
+    pub fn check(&self, req: &Request) -> Result<(), SubmitError> {
+        if req.prompt.is_empty() {
+            return Err(SubmitError::Invalid {
+                param: "prompt".into(),
+                message: "the prompt is empty".into(),
+            });
+        }
+        if req.max_tokens == 0 {
+            return Err(SubmitError::Invalid {
+                param: "max_tokens".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        if let Err(e) = req.sampling.validate() {
+            return Err(match e {
+                crate::engine::Error::InvalidParam { param, message } => SubmitError::Invalid { param, message },
+                other => SubmitError::Invalid {
+                    param: "sampling".into(),
+                    message: other.to_string(),
+                },
+            });
+        }
+        let ctx = self.shared.context_length;
+        let total = req.prompt.len() + req.max_tokens;
+        if req.prompt.len() >= ctx || total > ctx {
+            return Err(SubmitError::ContextLength {
+                message: format!(
+                    "This model's maximum context length is {ctx} tokens. However, you requested {total} tokens ({} in the prompt, {} for the completion). Please reduce the prompt or max_tokens.",
+                    req.prompt.len(),
+                    req.max_tokens
+                ),
+            });
+        }
+        if total > self.shared.kv_capacity_tokens {
+            return Err(SubmitError::ContextLength {
+                message: format!(
+                    "the request needs {total} tokens of KV cache but the pool holds {}",
+                    self.shared.kv_capacity_tokens
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues a request; the receiver yields its events. Fails at once when
+    /// the queue is full, the request cannot fit, or the engine is draining.
+    pub fn submit(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        self.check(&request)?;
+        if !self.is_ready() {
+            return Err(SubmitError::Unavailable);
+        }
+        let stats = &self.shared.stats;
+        let cfg = &self.shared.config;
+        let waiting = stats.waiting.load(Ordering::Relaxed);
+        let waiting_tokens = stats.waiting_tokens.load(Ordering::Relaxed);
+        let prompt_len = request.prompt.len();
+        let overloaded = |reason: String| SubmitError::Overloaded {
+            reason,
+            retry_after: self.retry_after(waiting_tokens + prompt_len),
+        };
+        if waiting >= cfg.max_waiting {
+            return Err(overloaded(format!("{waiting} requests are already waiting")));
+        }
+        if waiting_tokens + prompt_len > cfg.max_waiting_tokens {
+            return Err(overloaded(format!("{waiting_tokens} prompt tokens are already waiting")));
+        }
+        // Room for every token plus the final event: the engine never blocks on it.
+        let (etx, erx) = mpsc::channel(request.max_tokens + 2);
+        stats.waiting.fetch_add(1, Ordering::Relaxed);
+        stats.waiting_tokens.fetch_add(prompt_len, Ordering::Relaxed);
+        let job = Job {
+            request,
+            events: etx,
+            submitted: Instant::now(),
+        };
+        match self.tx.try_send(Msg::Job(Box::new(job))) {
+            Ok(()) => Ok(erx),
+            Err(e) => {
+                stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                stats.waiting_tokens.fetch_sub(prompt_len, Ordering::Relaxed);
+                match e {
+                    std::sync::mpsc::TrySendError::Full(_) => {
+                        Err(overloaded("the request queue is full".into()))
+                    }
+                    std::sync::mpsc::TrySendError::Disconnected(_) => Err(SubmitError::Unavailable),
+                }
+            }
+        }
+    }
+
+    /// How long until roughly `tokens` queued tokens have been processed.
+    fn retry_after(&self, tokens: usize) -> Duration {
+        let tps = self.shared.stats.throughput().max(1.0);
+        Duration::from_secs_f64((tokens as f64 / tps).clamp(1.0, 60.0))
+    }
+
+    /// Stops admitting; running and queued requests get until `timeout` to
+    /// finish, then end with [`FinishReason::Aborted`].
+    pub fn drain(&self, timeout: Duration) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+        // A full queue only delays the message; the flag already stops intake.
+        let _ = self.tx.send(Msg::Drain(Instant::now() + timeout));
+    }
+
+    /// Waits until the engine thread has exited (after [`Engine::drain`] or the
+    /// last handle elsewhere is gone), polling at `interval`.
+    pub async fn stopped(&self, interval: Duration) {
+        while !self.is_stopped() {
+            tokio::time::sleep(interval).await;
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! The scheduler with the real tiny engine on its own thread.
+
+use std::time::Duration;
+
+use llmops::engine::SamplingParams;
+use llmops::scheduler::{Completion, Engine, EngineLabels, Event, FinishReason, Request, SchedulerConfig, SubmitError};
+use llmops::synth::SynthSpec;
+
+use crate::support;
+
+async fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, String, Completion) {
+    let (mut ids, mut text) = (vec![], String::new());
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token { id, text: t, .. } => {
+                ids.push(id);
+                text.push_str(&t);
+            }
+            Event::Done(c) => {
+                text.push_str(&c.tail);
+                return (ids, text, c);
+            }
+            Event::Failed(e) => panic!("request failed: {e}"),
+        }
+    }
+    panic!("event stream ended without a Done");
+}
+
+fn spawn(spec: &SynthSpec, cfg: SchedulerConfig) -> (tempfile::TempDir, Engine) {
+    let (tmp, path) = support::write_model(spec);
+    let m = support::load(&path);
+    let engine = Engine::spawn(m, cfg, EngineLabels { model: "tiny".into(), version: "v1".into(), variant: "stable".into() }).unwrap();
+    (tmp, engine)
+}
+
+fn prompts(n: usize) -> Vec<Vec<u32>> {
+    (0..n)
+        .map(|s| {
+            let len = 2 + (s * 7) % 45;
+            let mut p = vec![256];
+            p.extend((0..len).map(|i| ((i * 11 + s * 23 + 5) % 256) as u32));
+            p
+        })
+        .collect()
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
+    Request { ignore_eos: true, ..Request::greedy(prompt, max_tokens) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_requests_each_match_their_solo_run() {
+    let (_tmp, engine) = spawn(&SynthSpec { seed: 21, ..SynthSpec::tiny_llama() }, SchedulerConfig { max_batched_tokens: 64, ..Default::default() });
+    let ps = prompts(32);
+    let mut solo = vec![];
+    for p in &ps {
+        let rx = engine.submit(greedy(p.clone(), 8 + p.len() % 13)).unwrap();
+        solo.push(collect(rx).await);
+    }
+    let rxs: Vec<_> = ps.iter().map(|p| engine.submit(greedy(p.clone(), 8 + p.len() % 13)).unwrap()).collect();
+    let together = futures::future::join_all(rxs.into_iter().map(collect)).await;
+    for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
+        assert_eq!(a.0, b.0, "request {i}: tokens alone vs among 32");
+        assert_eq!(a.1, b.1, "request {i}: text");
+        assert_eq!(b.2.reason, FinishReason::Length);
+        assert_eq!(b.2.completion_tokens, a.0.len());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preemption_under_a_small_kv_pool_keeps_greedy_output_identical() {
+    let spec = SynthSpec { seed: 3, ..SynthSpec::tiny_llama() };
+    let shape_bytes = 2 * spec.layers * spec.kv_heads * 16 * spec.head_dim * 4;
+    let small = SchedulerConfig { kv_cache_bytes: 24 * shape_bytes, max_batched_tokens: 64, ..Default::default() };
+    let (_t1, roomy) = spawn(&spec, SchedulerConfig::default());
+    let (_t2, tight) = spawn(&spec, small);
+    let ps = prompts(12);
+    let a = futures::future::join_all(ps.iter().map(|p| collect(roomy.submit(greedy(p.clone(), 40)).unwrap()))).await;
+    let b = futures::future::join_all(ps.iter().map(|p| collect(tight.submit(greedy(p.clone(), 40)).unwrap()))).await;
+    let preemptions: u32 = b.iter().map(|r| r.2.preemptions).sum();
+    assert!(preemptions > 0, "the small pool must preempt");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x.0, y.0, "request {i}");
+    }
+    wait_idle(&tight).await;
+}
+
+/// Waits until the engine reports no running sequence and no used block (the
+/// gauges are published right after the step that sent the last event).
+async fn wait_idle(engine: &Engine) {
+    let stats = engine.stats();
+    for _ in 0..300 {
+        if stats.running.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && stats.kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed) == 0
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the engine still holds sequences or blocks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_receiver_cancels_and_frees_its_blocks() {
+    let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig::default());
+    let rxs: Vec<_> = prompts(6).into_iter().map(|p| engine.submit(greedy(p, 400)).unwrap()).collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(rxs);
+    wait_idle(&engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_refused_at_once_with_a_retry_after() {
+    let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig { max_waiting: 3, max_running: 1, max_batched_tokens: 8, ..Default::default() });
+    let mut accepted = vec![];
+    let mut refused = 0;
+    for p in prompts(20) {
+        let started = std::time::Instant::now();
+        match engine.submit(greedy(p, 50)) {
+            Ok(rx) => accepted.push(rx),
+            Err(SubmitError::Overloaded { retry_after, .. }) => {
+                assert!(started.elapsed() < Duration::from_millis(50));
+                assert!(retry_after >= Duration::from_secs(1));
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(refused > 0);
+    for rx in accepted {
+        let (_, _, c) = collect(rx).await;
+        assert_eq!(c.reason, FinishReason::Length);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_context_fail_before_queueing() {
+    let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig::default());
+    let err = engine.submit(greedy(vec![1; 500], 100)).unwrap_err();
+    assert!(matches!(err, SubmitError::ContextLength { .. }), "{err}");
+    assert!(err.to_string().contains("512"));
+    let err = engine.submit(greedy(vec![1; 600], 1)).unwrap_err();
+    assert!(matches!(err, SubmitError::ContextLength { .. }));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_ends_the_request_with_timeout() {
+    let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig::default());
+    let mut req = greedy(vec![256, 1, 2], 400);
+    req.deadline = Some(std::time::Instant::now() + Duration::from_millis(30));
+    let (_, _, c) = collect(engine.submit(req).unwrap()).await;
+    assert_eq!(c.reason, FinishReason::Timeout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_seed_gives_the_same_sample_whatever_shares_the_batch() {
+    let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig::default());
+    let sampled = |seed| Request {
+        sampling: SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(seed), ..Default::default() },
+        ..greedy(vec![256, 5, 6, 7], 20)
+    };
+    let (alone, _, _) = collect(engine.submit(sampled(42)).unwrap()).await;
+    let mut rxs: Vec<_> = prompts(8).into_iter().map(|p| engine.submit(greedy(p, 30)).unwrap()).collect();
+    rxs.push(engine.submit(sampled(42)).unwrap());
+    let outs = futures::future::join_all(rxs.into_iter().map(collect)).await;
+    assert_eq!(outs.last().unwrap().0, alone);
+    let (other, _, _) = collect(engine.submit(sampled(43)).unwrap()).await;
+    assert_ne!(other, alone, "a different seed should differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_engine_after_running_work() {
+    let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig::default());
+    let rx = engine.submit(greedy(vec![256, 1], 20)).unwrap();
+    let probe = engine.clone();
+    drop(engine);
+    let (ids, _, c) = collect(rx).await;
+    assert_eq!(ids.len(), 20, "running work finishes");
+    assert_eq!(c.reason, FinishReason::Length);
+    drop(probe);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_running_work_then_stops() {
+    let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig::default());
+    let rx = engine.submit(greedy(vec![256, 1], 30)).unwrap();
+    engine.drain(Duration::from_secs(10));
+    assert!(matches!(engine.submit(greedy(vec![256, 2], 5)), Err(SubmitError::Unavailable)));
+    let (ids, _, c) = collect(rx).await;
+    assert_eq!((ids.len(), c.reason), (30, FinishReason::Length));
+    tokio::time::timeout(Duration::from_secs(5), engine.stopped(Duration::from_millis(5))).await.unwrap();
+}
