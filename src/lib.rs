@@ -13,3 +13,4 @@ pub mod synth;
 pub mod export;
 pub mod monitor;
 pub mod scheduler;
+pub mod train;

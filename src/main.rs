@@ -1,1 +1,206 @@
-fn main() {}
+//! The `llmops` command: parse arguments, then hand over to the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use llmops::engine::{self, LoadOptions, Message, SamplingParams};
+use llmops::scheduler::{Engine, EngineLabels, Event, Request, SchedulerConfig};
+
+/// Serve large language models and run their operations.
+#[derive(Parser)]
+#[command(name = "llmops", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt and print it as it streams.
+    Generate(GenerateArgs),
+    /// Write a random-weight checkpoint (tests, benchmarks, peer comparisons).
+    Synth(SynthArgs),
+    /// Convert a Llama-family Hugging Face folder to GGUF.
+    ExportGguf(ExportArgs),
+    /// Train a model from scratch or fine-tune one.
+    Train(llmops::train::TrainArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Model folder (config.json + safetensors) or GGUF file; the embedded model when absent.
+    #[arg(long, env = "LLMOPS_MODEL")]
+    model: Option<PathBuf>,
+    /// The prompt (or the user message with --chat).
+    #[arg(long)]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Seed of the sampler.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    chat: bool,
+    /// Where to run: cpu, cuda[:N] or metal.
+    #[arg(long, default_value = "cpu", env = "LLMOPS_DEVICE")]
+    device: String,
+}
+
+#[derive(clap::Args)]
+struct SynthArgs {
+    /// Preset: tiny, 26m, 116m.
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed of the weights.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// A tokenizer.json to ship instead of the byte-level one.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output .gguf file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Element type of the matrices.
+    #[arg(long, value_enum, default_value = "f32")]
+    r#type: llmops::export::GgufType,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(args) => generate(args),
+        Command::Synth(args) => {
+            let mut spec = llmops::synth::SynthSpec::preset(&args.preset)
+                .with_context(|| format!("unknown preset `{}` (tiny, 26m, 116m)", args.preset))?;
+            spec.seed = args.seed;
+            let tok = match &args.tokenizer {
+                Some(p) => Some(std::fs::read_to_string(p).with_context(|| p.display().to_string())?),
+                None => None,
+            };
+            spec.write(&args.out, tok.as_deref())?;
+            println!("{}", args.out.display());
+            Ok(())
+        }
+        Command::Train(args) => {
+            let report = llmops::train::run(&args)?;
+            if let Some(e) = report.final_eval_loss() {
+                eprintln!("held-out loss {e:.4}, perplexity {:.2}", (e as f64).exp());
+            }
+            println!("{}", args.out.display());
+            Ok(())
+        }
+        Command::ExportGguf(args) => {
+            llmops::export::export_gguf(&args.model, &args.out, args.r#type)?;
+            println!("{}", args.out.display());
+            Ok(())
+        }
+    }
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let opts = LoadOptions {
+        device: engine::parse_device(&args.device)?,
+        ..Default::default()
+    };
+    let loaded = match &args.model {
+        Some(path) => engine::load(path, &opts)?,
+        None => anyhow::bail!("--model is required until the embedded model is built"),
+    };
+    let name = loaded.info.source.clone();
+    let engine = Engine::spawn(
+        loaded,
+        SchedulerConfig::default(),
+        EngineLabels {
+            model: name,
+            version: "cli".into(),
+            variant: "stable".into(),
+        },
+    )?;
+    let prompt = if args.chat {
+        let text = engine.chat_template().render(
+            &[Message {
+                role: "user".into(),
+                content: args.prompt.clone(),
+            }],
+            true,
+        )?;
+        engine.tokenizer().encode(&text, false)?
+    } else {
+        engine.tokenizer().encode(&args.prompt, true)?
+    };
+    let max_tokens = args
+        .max_tokens
+        .min(engine.context_length().saturating_sub(prompt.len()));
+    let request = Request {
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+            ..Default::default()
+        },
+        ..Request::greedy(prompt, max_tokens)
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let started = Instant::now();
+        let mut rx = engine.submit(request)?;
+        let mut out = std::io::stdout().lock();
+        if !args.chat {
+            write!(out, "{}", args.prompt)?;
+        }
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Token { text, .. } => {
+                    write!(out, "{text}")?;
+                    out.flush()?;
+                }
+                Event::Done(c) => {
+                    writeln!(out, "{}", c.tail)?;
+                    let decode_tps = if c.completion_tokens > 1 && c.timings.decode > Duration::ZERO {
+                        (c.completion_tokens - 1) as f64 / c.timings.decode.as_secs_f64()
+                    } else {
+                        0.0
+                    };
+                    eprintln!(
+                        "\nprompt tokens: {}  generated tokens: {}  finish: {}  time to first token: {:.1} ms  decode: {:.1} tok/s  total: {:.2} s",
+                        c.prompt_tokens,
+                        c.completion_tokens,
+                        c.reason.as_str(),
+                        c.timings.ttft.as_secs_f64() * 1e3,
+                        decode_tps,
+                        started.elapsed().as_secs_f64()
+                    );
+                    return Ok(());
+                }
+                Event::Failed(e) => anyhow::bail!("generation failed: {e}"),
+            }
+        }
+        anyhow::bail!("the engine stopped before finishing")
+    })
+}
+

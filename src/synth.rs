@@ -53,6 +53,14 @@ pub struct SynthSpec {
     pub seed: u64,
     /// Standard deviation of the weights.
     pub std: f32,
+    /// Standard deviation of the embedding.
+    pub embed_std: f32,
+    /// Standard deviation of norm weights around their neutral value.
+    pub norm_std: f32,
+    /// Beginning-of-sequence id.
+    pub bos_token_id: u32,
+    /// End-of-sequence id.
+    pub eos_token_id: u32,
 }
 
 impl SynthSpec {
@@ -77,6 +85,10 @@ impl SynthSpec {
             shards: 1,
             seed: 1,
             std: 0.08,
+            embed_std: 0.8,
+            norm_std: 0.1,
+            bos_token_id: 256,
+            eos_token_id: 257,
         }
     }
 
@@ -101,6 +113,10 @@ impl SynthSpec {
             shards: 1,
             seed: 2,
             std: 0.08,
+            embed_std: 0.04,
+            norm_std: 0.1,
+            bos_token_id: 256,
+            eos_token_id: 257,
         }
     }
 
@@ -116,6 +132,7 @@ impl SynthSpec {
             head_dim: hidden / heads,
             max_position_embeddings: 2048,
             std: 0.02,
+            embed_std: 0.2,
             ..Self::tiny_llama()
         };
         match name {
@@ -128,7 +145,8 @@ impl SynthSpec {
         }
     }
 
-    fn config_json(&self) -> serde_json::Value {
+    /// The Hugging Face `config.json` of this shape.
+    pub fn config_json(&self) -> serde_json::Value {
         match self.arch {
             Arch::Llama => serde_json::json!({
                 "architectures": [if self.qkv_bias { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
@@ -145,8 +163,8 @@ impl SynthSpec {
                 "max_position_embeddings": self.max_position_embeddings,
                 "tie_word_embeddings": self.tie_embeddings,
                 "hidden_act": "silu",
-                "bos_token_id": 256,
-                "eos_token_id": 257,
+                "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id,
                 "torch_dtype": dtype_name(self.dtype),
             }),
             Arch::Gemma3 => serde_json::json!({
@@ -171,8 +189,8 @@ impl SynthSpec {
                 "final_logit_softcapping": null,
                 "attn_logit_softcapping": null,
                 "tie_word_embeddings": true,
-                "bos_token_id": 256,
-                "eos_token_id": 257,
+                "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id,
                 "torch_dtype": dtype_name(self.dtype),
             }),
         }
@@ -194,11 +212,12 @@ impl SynthSpec {
         let gemma = self.arch == Arch::Gemma3;
         // Llama norms multiply by w (≈1); Gemma's by 1 + w (w ≈ 0).
         let norm_offset = if gemma { 0.0 } else { 1.0 };
-        add("model.embed_tokens.weight".into(), &[self.vocab, h], if gemma { s / 2.0 } else { s * 10.0 }, 0.0)?;
+        let ns = self.norm_std;
+        add("model.embed_tokens.weight".into(), &[self.vocab, h], self.embed_std, 0.0)?;
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
-            add(format!("{p}.input_layernorm.weight"), &[h], 0.1, norm_offset)?;
-            add(format!("{p}.post_attention_layernorm.weight"), &[h], 0.1, norm_offset)?;
+            add(format!("{p}.input_layernorm.weight"), &[h], ns, norm_offset)?;
+            add(format!("{p}.post_attention_layernorm.weight"), &[h], ns, norm_offset)?;
             add(format!("{p}.self_attn.q_proj.weight"), &[q, h], s, 0.0)?;
             add(format!("{p}.self_attn.k_proj.weight"), &[kv, h], s, 0.0)?;
             add(format!("{p}.self_attn.v_proj.weight"), &[kv, h], s, 0.0)?;
@@ -209,16 +228,16 @@ impl SynthSpec {
                 add(format!("{p}.self_attn.v_proj.bias"), &[kv], s, 0.0)?;
             }
             if gemma {
-                add(format!("{p}.self_attn.q_norm.weight"), &[self.head_dim], 0.1, 0.0)?;
-                add(format!("{p}.self_attn.k_norm.weight"), &[self.head_dim], 0.1, 0.0)?;
-                add(format!("{p}.pre_feedforward_layernorm.weight"), &[h], 0.1, 0.0)?;
-                add(format!("{p}.post_feedforward_layernorm.weight"), &[h], 0.1, 0.0)?;
+                add(format!("{p}.self_attn.q_norm.weight"), &[self.head_dim], ns, 0.0)?;
+                add(format!("{p}.self_attn.k_norm.weight"), &[self.head_dim], ns, 0.0)?;
+                add(format!("{p}.pre_feedforward_layernorm.weight"), &[h], ns, 0.0)?;
+                add(format!("{p}.post_feedforward_layernorm.weight"), &[h], ns, 0.0)?;
             }
             add(format!("{p}.mlp.gate_proj.weight"), &[i, h], s, 0.0)?;
             add(format!("{p}.mlp.up_proj.weight"), &[i, h], s, 0.0)?;
             add(format!("{p}.mlp.down_proj.weight"), &[h, i], s, 0.0)?;
         }
-        add("model.norm.weight".into(), &[h], 0.1, norm_offset)?;
+        add("model.norm.weight".into(), &[h], ns, norm_offset)?;
         if !self.tie_embeddings && !gemma {
             add("lm_head.weight".into(), &[self.vocab, h], s, 0.0)?;
         }

@@ -2,4 +2,5 @@
 
 mod engine;
 mod scheduler;
+mod train;
 mod support;

@@ -1,0 +1,579 @@
+//! `llmops train`: training from scratch or fine-tuning with candle's
+//! autodiff, producing a Hugging Face folder the engine serves like any other
+//! model, with a model card.
+//!
+//! Determinism: initial weights, the data split and the batch order are pure
+//! functions of the seed, and checkpoints hold the weights, the optimizer
+//! moments and the step, so a resumed run repeats the uninterrupted one.
+
+pub mod data;
+pub mod model;
+pub mod optim;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use tokenizers::AddedToken;
+
+use crate::engine::{Arch, ModelConfig, Tokenizer};
+use crate::synth::{DEFAULT_CHAT_TEMPLATE, SynthSpec};
+use data::{Corpus, Example, Specials};
+use model::TrainModel;
+use optim::{AdamW, AdamWConfig};
+
+/// Special tokens of tokenizers trained here, in id order.
+pub const SPECIAL_TOKENS: [&str; 5] = ["<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"];
+
+/// Arguments of `llmops train`.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+pub struct TrainArgs {
+    /// Text files, folders, or JSONL (`text`, `prompt`/`completion`, `messages`).
+    #[arg(long, required = true, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Output folder (config.json, model.safetensors, tokenizer, model card).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Fine-tune this Hugging Face Llama-family folder instead of starting from scratch.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Shape preset when training from scratch: nano, small.
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    /// Override the preset's layer count.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Override the preset's width.
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Override the preset's attention heads.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Override the preset's key/value heads.
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Override the preset's MLP width.
+    #[arg(long)]
+    pub intermediate: Option<usize>,
+    /// Override the preset's context length.
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Vocabulary size of the BPE tokenizer trained from the data.
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
+    /// Use this tokenizer.json instead of training one.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    pub steps: u64,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    /// Warm-up steps.
+    #[arg(long, default_value_t = 50)]
+    pub warmup: u64,
+    /// Final learning rate as a fraction of the peak.
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    /// Decoupled weight decay.
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    /// Clip gradients to this global norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Evaluate every N steps.
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: u64,
+    /// Fraction of examples held out for evaluation.
+    #[arg(long, default_value_t = 0.02)]
+    pub eval_fraction: f64,
+    /// Batches per evaluation.
+    #[arg(long, default_value_t = 8)]
+    pub eval_batches: usize,
+    /// Write a checkpoint every N steps (0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: u64,
+    /// Resume from this checkpoint folder.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Seed of weights, split and batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop after this step (the schedule still spans --steps); for tests of resuming.
+    #[arg(long)]
+    pub stop_after: Option<u64>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainReport {
+    /// (step, training loss).
+    pub losses: Vec<(u64, f32)>,
+    /// (step, held-out loss).
+    pub eval_losses: Vec<(u64, f32)>,
+    /// Training tokens per second (targets counted).
+    pub tokens_per_second: f64,
+    /// Trainable parameters.
+    pub parameters: usize,
+    /// Steps completed.
+    pub steps: u64,
+}
+
+impl TrainReport {
+    /// Last held-out loss.
+    pub fn final_eval_loss(&self) -> Option<f32> {
+        self.eval_losses.last().map(|e| e.1)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    step: u64,
+    adam_t: u64,
+    report: TrainReport,
+}
+
+fn preset(name: &str) -> anyhow::Result<SynthSpec> {
+    let base = SynthSpec {
+        std: 0.02,
+        embed_std: 0.02,
+        norm_std: 0.0,
+        tie_embeddings: true,
+        ..SynthSpec::tiny_llama()
+    };
+    Ok(match name {
+        "nano" => SynthSpec {
+            vocab: 512,
+            hidden: 64,
+            intermediate: 192,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 16,
+            max_position_embeddings: 256,
+            ..base
+        },
+        "small" => SynthSpec {
+            vocab: 4096,
+            hidden: 192,
+            intermediate: 512,
+            layers: 6,
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 32,
+            max_position_embeddings: 512,
+            ..base
+        },
+        other => bail!("unknown preset `{other}` (nano, small)"),
+    })
+}
+
+/// Trains a byte-level BPE tokenizer on `texts` with the project's specials.
+pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> anyhow::Result<String> {
+    use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::{DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder};
+
+    let mut trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(SPECIAL_TOKENS.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let post = TemplateProcessing::builder()
+        .try_single("<s> $A")
+        .map_err(|e| anyhow::anyhow!(e))?
+        .special_tokens(vec![("<s>", 0)])
+        .build()?;
+    let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
+        .with_model(BPE::default())
+        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+        .with_post_processor(Some(post.into()))
+        .with_decoder(Some(ByteLevelDecoder::default().into()))
+        .build()
+        .map_err(|e| anyhow::anyhow!(e))?;
+    tok.train(&mut trainer, texts.iter())
+        .map_err(|e| anyhow::anyhow!(e))?;
+    tok.to_string(false).map_err(|e| anyhow::anyhow!(e))
+}
+
+fn batch_tensors(examples: &[&Example], pad: u32, dev: &Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let len = examples.iter().map(|e| e.tokens.len() - 1).max().unwrap_or(1);
+    let b = examples.len();
+    let (mut ids, mut tg, mut mask) = (vec![pad; b * len], vec![pad; b * len], vec![0f32; b * len]);
+    for (r, e) in examples.iter().enumerate() {
+        let n = e.tokens.len() - 1;
+        ids[r * len..r * len + n].copy_from_slice(&e.tokens[..n]);
+        tg[r * len..r * len + n].copy_from_slice(&e.tokens[1..]);
+        mask[r * len..r * len + n].copy_from_slice(&e.mask);
+    }
+    Ok((
+        Tensor::from_vec(ids, (b, len), dev)?,
+        Tensor::from_vec(tg, (b, len), dev)?,
+        Tensor::from_vec(mask, (b, len), dev)?,
+    ))
+}
+
+fn evaluate(m: &TrainModel, eval: &[Example], args: &TrainArgs, pad: u32, dev: &Device) -> anyhow::Result<f32> {
+    let (mut total, mut count) = (0f64, 0f64);
+    for chunk in eval.chunks(args.batch_size).take(args.eval_batches.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let (ids, tg, mask) = batch_tensors(&refs, pad, dev)?;
+        let (loss, n) = m.loss(&ids, &tg, &mask)?;
+        total += loss.to_scalar::<f32>()? as f64 * n as f64;
+        count += n as f64;
+    }
+    Ok((total / count.max(1.0)) as f32)
+}
+
+fn load_vars(path: &Path) -> anyhow::Result<Vec<(String, Var)>> {
+    let mut t: Vec<(String, Tensor)> = candle_core::safetensors::load(path, &Device::Cpu)?
+        .into_iter()
+        .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t.into_iter()
+        .map(|(n, t)| Ok((n, Var::from_tensor(&t.to_dtype(DType::F32)?)?)))
+        .collect()
+}
+
+fn save_vars(vars: &[(String, Var)], path: &Path) -> anyhow::Result<()> {
+    let map: HashMap<String, Tensor> = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    candle_core::safetensors::save(&map, path)?;
+    Ok(())
+}
+
+/// Runs `llmops train`.
+pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
+    let dev = Device::Cpu;
+    let corpus = Corpus::load(&args.data)?;
+    // Model shape, tokenizer and initial weights.
+    let (config_json, tokenizer_json, mut vars, tokenizer_config) = match &args.base {
+        Some(base) => {
+            let cfg_text = std::fs::read_to_string(base.join("config.json")).context("base config.json")?;
+            let cfg = ModelConfig::from_hf_json(&cfg_text, &base.join("config.json"))?;
+            if cfg.arch != Arch::Llama {
+                bail!("fine-tuning supports Llama-family models");
+            }
+            let tok = std::fs::read_to_string(base.join("tokenizer.json")).context("base tokenizer.json")?;
+            let tk_cfg = std::fs::read_to_string(base.join("tokenizer_config.json")).unwrap_or_else(|_| "{}".into());
+            let mut files = vec![];
+            for e in std::fs::read_dir(base)? {
+                let p = e?.path();
+                if p.extension().and_then(|x| x.to_str()) == Some("safetensors") {
+                    files.push(p);
+                }
+            }
+            files.sort();
+            let mut vars = vec![];
+            for f in files {
+                vars.extend(load_vars(&f)?);
+            }
+            (serde_json::from_str::<serde_json::Value>(&cfg_text)?, tok, vars, tk_cfg)
+        }
+        None => {
+            let mut spec = preset(&args.preset)?;
+            spec.layers = args.layers.unwrap_or(spec.layers);
+            spec.hidden = args.hidden.unwrap_or(spec.hidden);
+            spec.heads = args.heads.unwrap_or(spec.heads);
+            spec.kv_heads = args.kv_heads.unwrap_or(spec.kv_heads);
+            spec.head_dim = spec.hidden / spec.heads;
+            spec.intermediate = args.intermediate.unwrap_or(spec.intermediate);
+            spec.max_position_embeddings = args.context.unwrap_or(spec.max_position_embeddings);
+            spec.vocab = args.vocab_size.unwrap_or(spec.vocab);
+            spec.seed = args.seed;
+            let tok = match &args.tokenizer {
+                Some(p) => std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
+                None => train_tokenizer(&corpus.texts(), spec.vocab)?,
+            };
+            let probe = tokenizers::Tokenizer::from_bytes(tok.as_bytes()).map_err(|e| anyhow::anyhow!(e))?;
+            spec.vocab = spec.vocab.max(probe.get_vocab_size(true));
+            spec.bos_token_id = probe.token_to_id("<s>").context("tokenizer has no <s>")?;
+            spec.eos_token_id = probe.token_to_id("</s>").context("tokenizer has no </s>")?;
+            let vars = spec
+                .tensors()?
+                .into_iter()
+                .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let tk_cfg = serde_json::json!({
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "add_bos_token": true,
+                "chat_template": DEFAULT_CHAT_TEMPLATE,
+            })
+            .to_string();
+            (spec.config_json(), tok, vars, tk_cfg)
+        }
+    };
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let cfg = ModelConfig::from_hf_json(&config_json.to_string(), Path::new("config.json"))?;
+    let bos = cfg.bos_token_id.context("config has no bos_token_id")?;
+    let eos = *cfg.eos_token_ids.first().context("config has no eos_token_id")?;
+    let tokenizer = Tokenizer::from_bytes(tokenizer_json.as_bytes(), "tokenizer.json", Some(bos), vec![eos])?;
+    let all = data::examples(&corpus, &tokenizer, Specials { bos, eos }, args.seq_len)?;
+    let (train, eval) = data::split(all, args.eval_fraction, args.seed);
+    if train.is_empty() {
+        bail!("no training examples");
+    }
+    let train_tokens: usize = train.iter().map(|e| e.mask.iter().filter(|m| **m > 0.0).count()).sum();
+    let parameters: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    if !args.quiet {
+        eprintln!(
+            "training {} parameters on {} examples ({} target tokens), {} held out",
+            parameters,
+            train.len(),
+            train_tokens,
+            eval.len()
+        );
+    }
+
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            weight_decay: args.weight_decay,
+            ..Default::default()
+        },
+        &vars,
+    )?;
+    let mut report = TrainReport {
+        parameters,
+        ..Default::default()
+    };
+    let mut start_step = 0;
+    if let Some(ck) = &args.resume {
+        let state: CheckpointState = serde_json::from_str(
+            &std::fs::read_to_string(ck.join("state.json")).context("checkpoint state.json")?,
+        )?;
+        let saved = load_vars(&ck.join("model.safetensors"))?;
+        let saved: HashMap<String, Var> = saved.into_iter().collect();
+        for (n, v) in &vars {
+            let s = saved.get(n).with_context(|| format!("checkpoint lacks {n}"))?;
+            v.set(s.as_tensor())?;
+        }
+        let moments = candle_core::safetensors::load(ck.join("optimizer.safetensors"), &dev)?;
+        for (n, (m, v)) in opt.moments.iter_mut() {
+            *m = moments.get(&format!("m.{n}")).cloned().context("checkpoint moments")?;
+            *v = moments.get(&format!("v.{n}")).cloned().context("checkpoint moments")?;
+        }
+        opt.t = state.adam_t;
+        start_step = state.step;
+        report = state.report;
+    }
+    let model = TrainModel::new(cfg.clone(), vars.clone(), &dev)?;
+    std::fs::create_dir_all(&args.out)?;
+
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new(args.steps);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_position(start_step);
+        b
+    };
+    let last = args.stop_after.unwrap_or(args.steps).min(args.steps);
+    let started = Instant::now();
+    let mut tokens_seen = 0usize;
+    for step in start_step..last {
+        let lr = optim::cosine_lr(step, args.lr, args.warmup, args.steps, args.min_lr_ratio);
+        let mut grads: HashMap<String, Tensor> = HashMap::new();
+        let mut step_loss = 0f32;
+        for micro in 0..args.grad_accum.max(1) {
+            let ms = step * args.grad_accum.max(1) as u64 + micro as u64;
+            let idx = data::batch_indices(train.len(), args.batch_size, ms, args.seed);
+            let batch: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
+            let (ids, tg, mask) = batch_tensors(&batch, eos, &dev)?;
+            let (loss, n) = model.loss(&ids, &tg, &mask)?;
+            tokens_seen += n as usize;
+            step_loss += loss.to_scalar::<f32>()? / args.grad_accum.max(1) as f32;
+            let scaled = (loss / args.grad_accum.max(1) as f64)?;
+            let g = scaled.backward()?;
+            for (name, var) in model.vars() {
+                if let Some(gv) = g.get(var.as_tensor()) {
+                    let acc = match grads.remove(name) {
+                        Some(prev) => (prev + gv)?,
+                        None => gv.clone(),
+                    };
+                    grads.insert(name.clone(), acc);
+                }
+            }
+        }
+        optim::clip_grad_norm(&mut grads, args.clip)?;
+        opt.step(model.vars(), &grads, lr)?;
+        report.losses.push((step + 1, step_loss));
+        report.steps = step + 1;
+        let tps = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_position(step + 1);
+        bar.set_message(format!("loss {step_loss:.3} lr {lr:.2e} {tps:.0} tok/s"));
+        if (args.eval_every > 0 && (step + 1) % args.eval_every == 0) || step + 1 == args.steps {
+            if !eval.is_empty() {
+                let el = evaluate(&model, &eval, args, eos, &dev)?;
+                report.eval_losses.push((step + 1, el));
+                bar.println(format!(
+                    "step {}: train loss {step_loss:.4}, eval loss {el:.4}, perplexity {:.2}",
+                    step + 1,
+                    (el as f64).exp()
+                ));
+            }
+        }
+        if args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 {
+            checkpoint(&args.out, step + 1, model.vars(), &opt, &report)?;
+        }
+    }
+    bar.finish_and_clear();
+    if !eval.is_empty() && report.eval_losses.last().map(|e| e.0) != Some(report.steps) {
+        let el = evaluate(&model, &eval, args, eos, &dev)?;
+        report.eval_losses.push((report.steps, el));
+    }
+    report.tokens_per_second = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    if args.stop_after.is_some_and(|s| s < args.steps) {
+        checkpoint(&args.out, report.steps, model.vars(), &opt, &report)?;
+    }
+    // The servable folder.
+    save_vars(model.vars(), &args.out.join("model.safetensors"))?;
+    std::fs::write(args.out.join("config.json"), serde_json::to_string_pretty(&config_json)?)?;
+    std::fs::write(args.out.join("tokenizer.json"), &tokenizer_json)?;
+    std::fs::write(args.out.join("tokenizer_config.json"), &tokenizer_config)?;
+    std::fs::write(args.out.join("README.md"), model_card(args, &cfg, &corpus, &report))?;
+    std::fs::write(args.out.join("train_report.json"), serde_json::to_string_pretty(&report)?)?;
+    Ok(report)
+}
+
+fn checkpoint(out: &Path, step: u64, vars: &[(String, Var)], opt: &AdamW, report: &TrainReport) -> anyhow::Result<()> {
+    let dir = out.join("checkpoints").join(format!("step-{step}"));
+    std::fs::create_dir_all(&dir)?;
+    save_vars(vars, &dir.join("model.safetensors"))?;
+    let mut m: HashMap<String, Tensor> = HashMap::new();
+    for (n, (a, b)) in &opt.moments {
+        m.insert(format!("m.{n}"), a.clone());
+        m.insert(format!("v.{n}"), b.clone());
+    }
+    candle_core::safetensors::save(&m, dir.join("optimizer.safetensors"))?;
+    let state = CheckpointState {
+        step,
+        adam_t: opt.t,
+        report: report.clone(),
+    };
+    std::fs::write(dir.join("state.json"), serde_json::to_string_pretty(&state)?)?;
+    Ok(())
+}
+
+/// One data source named in a corpus manifest (from `scripts/fetch-corpus`).
+struct Source {
+    name: String,
+    license: String,
+}
+
+/// Reads `manifest.json` beside or inside the data paths.
+fn manifest_sources(data: &[PathBuf]) -> Vec<Source> {
+    let text_of = |v: Option<&serde_json::Value>| -> String {
+        match v {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Object(o)) => o
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+                .collect::<Vec<_>>()
+                .join("; "),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        }
+    };
+    for d in data {
+        for c in [d.join("manifest.json"), d.with_file_name("manifest.json")] {
+            let Ok(text) = std::fs::read_to_string(&c) else { continue };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+            let Some(files) = v.get("files").and_then(|f| f.as_array()) else { continue };
+            return files
+                .iter()
+                .map(|f| {
+                    let src = f.get("source");
+                    let name = match src {
+                        Some(s) => format!(
+                            "{} `{}` {} ({})",
+                            s.get("registry").and_then(|x| x.as_str()).unwrap_or(""),
+                            s.get("package").and_then(|x| x.as_str()).unwrap_or(""),
+                            s.get("version").and_then(|x| x.as_str()).unwrap_or(""),
+                            f.get("file").and_then(|x| x.as_str()).unwrap_or("")
+                        ),
+                        None => f.get("file").and_then(|x| x.as_str()).unwrap_or("").to_string(),
+                    };
+                    Source {
+                        name,
+                        license: text_of(f.get("license")),
+                    }
+                })
+                .collect();
+        }
+    }
+    vec![]
+}
+
+fn model_card(args: &TrainArgs, cfg: &ModelConfig, corpus: &Corpus, r: &TrainReport) -> String {
+    let mut s = String::new();
+    let final_eval = r.final_eval_loss();
+    s.push_str("# Model card\n\n");
+    s.push_str(&format!(
+        "A Llama-architecture language model trained by `llmops train`{}.\n\n",
+        if args.base.is_some() { " (fine-tuned)" } else { " from scratch" }
+    ));
+    s.push_str("## Architecture\n\n");
+    s.push_str(&format!(
+        "- parameters: {}\n- layers: {}, width: {}, heads: {} (key/value heads: {}), MLP width: {}\n- vocabulary: {}, context: {} tokens, tied embeddings: {}\n\n",
+        r.parameters, cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+        cfg.intermediate_size, cfg.vocab_size, cfg.max_position_embeddings, cfg.tie_word_embeddings
+    ));
+    s.push_str("## Data\n\n");
+    let sources = manifest_sources(&args.data);
+    if sources.is_empty() {
+        for f in &corpus.files {
+            s.push_str(&format!("- `{}`\n", f.display()));
+        }
+    } else {
+        s.push_str("| source | license |\n|---|---|\n");
+        for src in &sources {
+            s.push_str(&format!("| {} | {} |\n", src.name, src.license));
+        }
+    }
+    s.push_str(&format!("\n{} bytes of text in {} files.\n\n", corpus.bytes, corpus.files.len()));
+    s.push_str("## Training\n\n");
+    s.push_str(&format!(
+        "- steps: {}, batch: {} × {} tokens, gradient accumulation: {}\n- AdamW, peak learning rate {}, warm-up {} steps, cosine decay to {}×, weight decay {}, clipping {}\n- seed: {}\n- throughput: {:.0} tokens/s on the CPU\n",
+        r.steps, args.batch_size, args.seq_len, args.grad_accum, args.lr, args.warmup,
+        args.min_lr_ratio, args.weight_decay, args.clip, args.seed, r.tokens_per_second
+    ));
+    if let Some(l) = r.losses.last() {
+        s.push_str(&format!("- final training loss: {:.4}\n", l.1));
+    }
+    if let Some(e) = final_eval {
+        s.push_str(&format!(
+            "- final held-out loss: {:.4} (perplexity {:.2})\n",
+            e,
+            (e as f64).exp()
+        ));
+    }
+    let cmd: Vec<String> = std::env::args().collect();
+    s.push_str(&format!("\n## Reproduce\n\n```\n{}\n```\n", cmd.join(" ")));
+    s
+}
