@@ -5,12 +5,31 @@
 //!
 //! The modules, in the order a request flows through them:
 //!
+//! - [`config`]: flags, `llmops.toml` and `LLMOPS_*` → a validated config.
+//! - [`app`]: wiring: models, engines, router, servers, graceful shutdown.
+//! - [`api`]: HTTP (OpenAI) and gRPC front ends, keys and rate limits, the
+//!   one error table.
+//! - [`validation`]: wire request → valid request (tokenize, limits).
+//! - [`router`]: the deployment table (model → version), one snapshot per request.
+//! - [`scheduler`]: continuous batching on an engine thread per model version.
 //! - [`engine`]: candle models (Llama family, Gemma 3), weights from
 //!   safetensors or GGUF, the paged KV cache, sampling, detokenization.
+//! - [`monitor`]: metric names, buckets, per-engine handles, the exporter.
+//!
+//! Side paths: [`registry`] (versions, digests), [`train`] (`llmops train`),
+//! [`embedded`] (the default model), [`synth`] and [`export`] (test and
+//! benchmark checkpoints, GGUF export).
 
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod embedded;
 pub mod engine;
-pub mod synth;
 pub mod export;
 pub mod monitor;
+pub mod registry;
+pub mod router;
 pub mod scheduler;
+pub mod synth;
 pub mod train;
+pub mod validation;

@@ -13,12 +13,30 @@ use llmops::scheduler::{Engine, EngineLabels, Event, Request, SchedulerConfig};
 #[derive(Parser)]
 #[command(name = "llmops", version, about)]
 struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "LLMOPS_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Serve models over HTTP (OpenAI API) and gRPC.
+    Serve(llmops::config::ServeArgs),
+    /// Print the SHA-256 of an API key secret, for `[[auth.keys]] sha256`.
+    HashKey {
+        /// The secret.
+        secret: String,
+    },
     /// Generate text from a prompt and print it as it streams.
     Generate(GenerateArgs),
     /// Write a random-weight checkpoint (tests, benchmarks, peer comparisons).
@@ -89,9 +107,33 @@ struct ExportArgs {
     r#type: llmops::export::GgufType,
 }
 
+fn init_tracing(format: LogFormat) {
+    // RUST_LOG-style filtering; prompts and outputs are never logged.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    init_tracing(cli.log_format);
     match cli.command {
+        Command::Serve(args) => {
+            let cfg = llmops::config::Config::load(&args)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let listeners = llmops::app::Listeners::bind(&cfg).await?;
+                llmops::app::run(cfg, listeners, llmops::app::shutdown_signal()).await
+            })
+        }
+        Command::HashKey { secret } => {
+            println!("{}", llmops::api::auth::hash_secret(&secret));
+            Ok(())
+        }
         Command::Generate(args) => generate(args),
         Command::Synth(args) => {
             let mut spec = llmops::synth::SynthSpec::preset(&args.preset)
@@ -128,7 +170,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let loaded = match &args.model {
         Some(path) => engine::load(path, &opts)?,
-        None => anyhow::bail!("--model is required until the embedded model is built"),
+        None => llmops::embedded::load(&opts)?,
     };
     let name = loaded.info.source.clone();
     let engine = Engine::spawn(

@@ -1,0 +1,247 @@
+//! The one table from errors to HTTP status, gRPC code, OpenAI error type and
+//! metric label. Internal details are logged, never sent.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use crate::scheduler::SubmitError;
+
+/// Every error a client can see.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed or out-of-range input.
+    #[error("{message}")]
+    BadRequest {
+        /// Human-readable reason.
+        message: String,
+        /// The offending parameter.
+        param: Option<String>,
+    },
+    /// Prompt + completion beyond the model's context.
+    #[error("{message}")]
+    ContextLength {
+        /// Human-readable reason.
+        message: String,
+        /// `messages` or `prompt`.
+        param: Option<String>,
+    },
+    /// No or bad key.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The key's role is not enough.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No such model.
+    #[error("The model `{0}` does not exist")]
+    ModelNotFound(String),
+    /// No such resource (version, alias, route).
+    #[error("{0}")]
+    NotFound(String),
+    /// The resource exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// Body over the limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// A per-key limit.
+    #[error("{message}")]
+    RateLimited {
+        /// Which limit.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// The queue is full.
+    #[error("{message}")]
+    Overloaded {
+        /// Which limit.
+        message: String,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// Not ready, draining, or the model is not loaded.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The request's deadline passed.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// The client went away.
+    #[error("request cancelled")]
+    Cancelled,
+    /// A bug or an engine failure; the detail is only logged.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 naming a parameter.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
+    }
+
+    /// HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } | ApiError::ContextLength { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
+            // nginx's "client closed request"; the client never sees it.
+            ApiError::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// gRPC status code.
+    pub fn grpc_code(&self) -> tonic::Code {
+        match self {
+            ApiError::BadRequest { .. } | ApiError::ContextLength { .. } | ApiError::PayloadTooLarge(_) => {
+                tonic::Code::InvalidArgument
+            }
+            ApiError::Unauthenticated(_) => tonic::Code::Unauthenticated,
+            ApiError::Forbidden(_) => tonic::Code::PermissionDenied,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => tonic::Code::NotFound,
+            ApiError::Conflict(_) => tonic::Code::AlreadyExists,
+            ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => tonic::Code::ResourceExhausted,
+            ApiError::Unavailable(_) => tonic::Code::Unavailable,
+            ApiError::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
+            ApiError::Cancelled => tonic::Code::Cancelled,
+            ApiError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
+    /// Stable label for `llmops_request_failure_total{error_type}` and logs.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { .. } => "invalid_request",
+            ApiError::ContextLength { .. } => "context_length_exceeded",
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::Forbidden(_) => "permission_denied",
+            ApiError::ModelNotFound(_) => "model_not_found",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::DeadlineExceeded(_) => "deadline_exceeded",
+            ApiError::Cancelled => "cancelled",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// OpenAI's `error.type`.
+    fn openai_type(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated(_) => "authentication_error",
+            ApiError::Forbidden(_) => "permission_error",
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) | ApiError::BadRequest { .. } | ApiError::ContextLength { .. } | ApiError::PayloadTooLarge(_) | ApiError::Conflict(_) => {
+                "invalid_request_error"
+            }
+            ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => "rate_limit_error",
+            ApiError::Unavailable(_) | ApiError::DeadlineExceeded(_) | ApiError::Cancelled | ApiError::Internal(_) => "server_error",
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            ApiError::ContextLength { .. } => Some("context_length_exceeded"),
+            ApiError::ModelNotFound(_) => Some("model_not_found"),
+            ApiError::Unauthenticated(_) => Some("invalid_api_key"),
+            ApiError::RateLimited { .. } => Some("rate_limit_exceeded"),
+            ApiError::Overloaded { .. } => Some("server_overloaded"),
+            _ => None,
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::BadRequest { param, .. } | ApiError::ContextLength { param, .. } => param.as_deref(),
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::RateLimited { retry_after, .. } | ApiError::Overloaded { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI error envelope.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.openai_type(),
+                "param": self.param(),
+                "code": self.code(),
+            }
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(detail = %detail, "internal error");
+        }
+        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        if let Some(wait) = self.retry_after() {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert("retry-after", v);
+            }
+        }
+        resp.extensions_mut().insert(ErrorType(self.error_type()));
+        resp
+    }
+}
+
+/// The error label a response carries, for the metrics middleware.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorType(pub &'static str);
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        if let ApiError::Internal(detail) = &e {
+            tracing::error!(detail = %detail, "internal error");
+        }
+        let mut status = tonic::Status::new(e.grpc_code(), e.to_string());
+        if let Some(wait) = e.retry_after() {
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = secs.to_string().parse() {
+                status.metadata_mut().insert("retry-after", v);
+            }
+        }
+        status
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::Overloaded { reason, retry_after } => ApiError::Overloaded {
+                message: format!("the server is overloaded ({reason}); retry later"),
+                retry_after,
+            },
+            SubmitError::ContextLength { message } => ApiError::ContextLength { message, param: None },
+            SubmitError::Invalid { param, message } => ApiError::BadRequest {
+                message: format!("{param}: {message}"),
+                param: Some(param),
+            },
+            SubmitError::Unavailable => ApiError::Unavailable("the model is not accepting requests".into()),
+        }
+    }
+}

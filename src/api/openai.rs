@@ -1,0 +1,403 @@
+//! OpenAI wire types: requests as clients send them, responses and stream
+//! chunks as the official SDKs parse them.
+
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use crate::engine::{Message, SamplingParams};
+
+/// A string or a list of strings (`stop`, `prompt`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StringOrList {
+    /// One.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl StringOrList {
+    /// As a list.
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            StringOrList::One(s) => vec![s],
+            StringOrList::Many(v) => v,
+        }
+    }
+}
+
+/// `/v1/completions` prompt: text(s) or token ids.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Prompt {
+    /// One text.
+    Text(String),
+    /// Several texts (one choice set each).
+    Texts(Vec<String>),
+    /// One prompt as token ids.
+    Tokens(Vec<u32>),
+    /// Several prompts as token ids.
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a final chunk with usage.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// A content part of a chat message.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ContentPart {
+    /// `text` is the only supported type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The text.
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+/// Chat message content: a string, text parts, or null.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    /// Plain text.
+    Text(String),
+    /// Parts.
+    Parts(Vec<ContentPart>),
+}
+
+/// A chat message as sent.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessage {
+    /// Role.
+    pub role: String,
+    /// Content.
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingFields {
+    /// Temperature (OpenAI default 1; greedy when 0).
+    pub temperature: Option<f32>,
+    /// Nucleus mass.
+    pub top_p: Option<f32>,
+    /// Extension: top-k (0 or -1 disables).
+    pub top_k: Option<i64>,
+    /// Extension: min-p.
+    pub min_p: Option<f32>,
+    /// Extension: repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// Presence penalty.
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    pub frequency_penalty: Option<f32>,
+    /// Seed.
+    pub seed: Option<i64>,
+}
+
+impl SamplingFields {
+    /// The engine's parameters (OpenAI's default temperature is 1).
+    pub fn to_params(&self, logprobs: Option<usize>) -> Result<SamplingParams, ApiError> {
+        let top_k = match self.top_k {
+            None | Some(0) | Some(-1) => 0,
+            Some(k) if k > 0 => k as usize,
+            Some(k) => return Err(ApiError::invalid("top_k", format!("top_k must be ≥ 1 (or -1 to disable), got {k}"))),
+        };
+        Ok(SamplingParams {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_k,
+            top_p: self.top_p.unwrap_or(1.0),
+            min_p: self.min_p.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            seed: self.seed.map(|s| s as u64),
+            logprobs,
+        })
+    }
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// Model name.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Completion length (legacy name).
+    pub max_tokens: Option<u64>,
+    /// Completion length.
+    pub max_completion_tokens: Option<u64>,
+    /// Choices.
+    pub n: Option<u64>,
+    /// Stream chunks.
+    #[serde(default)]
+    pub stream: bool,
+    /// Stream options.
+    pub stream_options: Option<StreamOptions>,
+    /// Stop strings.
+    pub stop: Option<StringOrList>,
+    /// Return log-probabilities.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// Alternatives per token (0–20).
+    pub top_logprobs: Option<u64>,
+    /// End-user id.
+    pub user: Option<String>,
+    /// Extension: keep going past EOS.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Extension: extra stop ids.
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+    /// Sampling.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    /// Model name.
+    pub model: String,
+    /// Prompt(s).
+    pub prompt: Prompt,
+    /// Completion length (OpenAI default 16).
+    pub max_tokens: Option<u64>,
+    /// Choices per prompt.
+    pub n: Option<u64>,
+    /// Stream chunks.
+    #[serde(default)]
+    pub stream: bool,
+    /// Stream options.
+    pub stream_options: Option<StreamOptions>,
+    /// Stop strings.
+    pub stop: Option<StringOrList>,
+    /// Alternatives per token (0–20); absent means none.
+    pub logprobs: Option<u64>,
+    /// Echo the prompt (unsupported).
+    #[serde(default)]
+    pub echo: bool,
+    /// Text after the completion (unsupported).
+    pub suffix: Option<String>,
+    /// End-user id.
+    pub user: Option<String>,
+    /// Extension: keep going past EOS.
+    #[serde(default)]
+    pub ignore_eos: bool,
+    /// Extension: extra stop ids.
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+    /// Sampling.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// Flattens chat messages to role + text.
+pub fn flatten_messages(messages: &[ChatMessage]) -> Result<Vec<Message>, ApiError> {
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut s = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        if p.kind != "text" {
+                            return Err(ApiError::invalid(
+                                "messages",
+                                format!("messages[{i}].content[{j}]: content type `{}` is not supported (text only)", p.kind),
+                            ));
+                        }
+                        s.push_str(p.text.as_deref().unwrap_or(""));
+                    }
+                    s
+                }
+            };
+            Ok(Message {
+                role: m.role.clone(),
+                content,
+            })
+        })
+        .collect()
+}
+
+/// `usage`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Usage {
+    /// Prompt tokens (counted once per prompt).
+    pub prompt_tokens: usize,
+    /// Generated tokens over all choices.
+    pub completion_tokens: usize,
+    /// Their sum.
+    pub total_tokens: usize,
+}
+
+/// One alternative in chat logprobs.
+#[derive(Debug, Clone, Serialize)]
+pub struct TopLogprob {
+    /// Token text.
+    pub token: String,
+    /// Log-probability.
+    pub logprob: f32,
+    /// UTF-8 bytes of the token.
+    pub bytes: Vec<u8>,
+}
+
+/// One token in chat logprobs.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatTokenLogprob {
+    /// Token text.
+    pub token: String,
+    /// Log-probability.
+    pub logprob: f32,
+    /// UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    /// Alternatives.
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// `choices[].logprobs` of chat.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatLogprobs {
+    /// Per generated token.
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+/// `choices[].logprobs` of completions.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompletionLogprobs {
+    /// Token texts.
+    pub tokens: Vec<String>,
+    /// Their log-probabilities.
+    pub token_logprobs: Vec<f32>,
+    /// Alternatives per position.
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f32>>,
+    /// Character offsets in the completion.
+    pub text_offset: Vec<usize>,
+}
+
+/// The assistant message of a chat choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssistantMessage {
+    /// Always `assistant`.
+    pub role: &'static str,
+    /// The text.
+    pub content: String,
+}
+
+/// A chat choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    /// Index.
+    pub index: usize,
+    /// The message.
+    pub message: AssistantMessage,
+    /// Log-probabilities when asked.
+    pub logprobs: Option<ChatLogprobs>,
+    /// Why it ended.
+    pub finish_reason: &'static str,
+}
+
+/// A chat completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatCompletion {
+    /// `chatcmpl-…`.
+    pub id: String,
+    /// `chat.completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model name.
+    pub model: String,
+    /// The serving version.
+    pub system_fingerprint: String,
+    /// Choices.
+    pub choices: Vec<ChatChoice>,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// A completion choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChoice {
+    /// Index.
+    pub index: usize,
+    /// The text.
+    pub text: String,
+    /// Log-probabilities when asked.
+    pub logprobs: Option<CompletionLogprobs>,
+    /// Why it ended.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// A text completion (also the shape of its stream chunks).
+#[derive(Debug, Clone, Serialize)]
+pub struct Completion {
+    /// `cmpl-…`.
+    pub id: String,
+    /// `text_completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model name.
+    pub model: String,
+    /// The serving version.
+    pub system_fingerprint: String,
+    /// Choices.
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts (stream chunks: only the final usage chunk).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// The delta of a chat stream chunk.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Delta {
+    /// Set in the first chunk of a choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// New text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// A chat stream choice.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChunkChoice {
+    /// Index.
+    pub index: usize,
+    /// What changed.
+    pub delta: Delta,
+    /// Log-probabilities of this chunk's tokens.
+    pub logprobs: Option<ChatLogprobs>,
+    /// Set in the last chunk of a choice.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// `chat.completion.chunk`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunk {
+    /// Same id for every chunk.
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Model name.
+    pub model: String,
+    /// The serving version.
+    pub system_fingerprint: String,
+    /// Choices (empty in the usage chunk).
+    pub choices: Vec<ChunkChoice>,
+    /// Only in the final usage chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}

@@ -1,0 +1,346 @@
+//! Configuration: defaults < `llmops.toml` < `LLMOPS_*` environment < flags,
+//! parsed once into a validated [`Config`] made of per-layer structs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+use crate::api::auth::{KeyConfig, Role};
+use crate::scheduler::SchedulerConfig;
+
+/// Flags of `llmops serve`. Each may also come from its `LLMOPS_*` variable;
+/// a flag given on the command line wins over the variable, and both win
+/// over the config file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "LLMOPS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// HTTP (OpenAI API) listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "LLMOPS_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long, env = "LLMOPS_GRPC_ADDR")]
+    pub grpc_addr: Option<SocketAddr>,
+    /// Separate address for /metrics (it is always on the HTTP port too).
+    #[arg(long, env = "LLMOPS_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Model folder or GGUF file to serve; repeat to serve several. The
+    /// embedded model when none is given anywhere.
+    #[arg(long = "model", env = "LLMOPS_MODEL", value_delimiter = ',')]
+    pub models: Vec<PathBuf>,
+    /// Names of the --model entries, in order [default: the file or folder name].
+    #[arg(long = "model-name", env = "LLMOPS_MODEL_NAME", value_delimiter = ',')]
+    pub model_names: Vec<String>,
+    /// Device: cpu, cuda[:N] or metal [default: cpu].
+    #[arg(long, env = "LLMOPS_DEVICE")]
+    pub device: Option<String>,
+    /// API keys as `id:role:secret` (role: inference or admin), comma-separated.
+    /// Secrets are hashed at start and never kept.
+    #[arg(long, env = "LLMOPS_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<String>,
+    /// Tokens per engine step [default: 512].
+    #[arg(long, env = "LLMOPS_MAX_BATCHED_TOKENS")]
+    pub max_batched_tokens: Option<usize>,
+    /// Sequences running at once per model [default: 64].
+    #[arg(long, env = "LLMOPS_MAX_RUNNING")]
+    pub max_running: Option<usize>,
+    /// Requests allowed to wait per model before 429 [default: 256].
+    #[arg(long, env = "LLMOPS_MAX_WAITING")]
+    pub max_waiting: Option<usize>,
+    /// KV cache per model in MiB [default: 512].
+    #[arg(long, env = "LLMOPS_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<usize>,
+    /// Largest request body in bytes [default: 4 MiB].
+    #[arg(long, env = "LLMOPS_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Longest prompt in tokens [default: the model's context].
+    #[arg(long, env = "LLMOPS_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest max_tokens a request may ask for [default: the model's context].
+    #[arg(long, env = "LLMOPS_MAX_TOKENS_LIMIT")]
+    pub max_tokens_limit: Option<usize>,
+    /// Seconds to drain in-flight requests on shutdown [default: 30].
+    #[arg(long, env = "LLMOPS_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<u64>,
+    /// Registry folder [default: the user's data directory, llmops/].
+    #[arg(long, env = "LLMOPS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Listener and process settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// HTTP address.
+    pub http_addr: SocketAddr,
+    /// gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Optional separate metrics address.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Drain time on shutdown.
+    pub shutdown_timeout: Duration,
+    /// Where the registry lives.
+    pub data_dir: PathBuf,
+}
+
+/// Request limits enforced by the front ends.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Largest body.
+    pub max_body_bytes: usize,
+    /// Longest prompt (tokens); the model's context when absent.
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest max_tokens; the model's context when absent.
+    pub max_tokens: Option<usize>,
+}
+
+/// One model to serve at start.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    /// Name clients use.
+    pub name: String,
+    /// Folder or GGUF; `None` is the embedded model.
+    pub path: Option<PathBuf>,
+    /// Device spec.
+    pub device: String,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listeners.
+    pub server: ServerConfig,
+    /// Request limits.
+    pub limits: LimitsConfig,
+    /// API keys (hashed).
+    pub keys: Vec<KeyConfig>,
+    /// Scheduler settings shared by every model.
+    pub scheduler: SchedulerConfig,
+    /// Models to serve.
+    pub models: Vec<ModelSpec>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    server: FileServer,
+    #[serde(default)]
+    limits: FileLimits,
+    #[serde(default)]
+    scheduler: FileScheduler,
+    #[serde(default)]
+    models: Vec<FileModel>,
+    #[serde(default)]
+    auth: FileAuth,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileServer {
+    http_addr: Option<SocketAddr>,
+    grpc_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    shutdown_timeout_secs: Option<u64>,
+    data_dir: Option<PathBuf>,
+    device: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    max_body_bytes: Option<usize>,
+    max_prompt_tokens: Option<usize>,
+    max_tokens: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileScheduler {
+    max_batched_tokens: Option<usize>,
+    max_running: Option<usize>,
+    max_waiting: Option<usize>,
+    max_waiting_tokens: Option<usize>,
+    kv_cache_mb: Option<usize>,
+    block_size: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileModel {
+    name: Option<String>,
+    path: Option<PathBuf>,
+    device: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    #[serde(default)]
+    keys: Vec<KeyConfig>,
+}
+
+/// The name a model gets from its path.
+pub fn default_model_name(path: &std::path::Path) -> String {
+    path.file_stem()
+        .or_else(|| path.file_name())
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into())
+}
+
+/// Name of the embedded model.
+pub const EMBEDDED_MODEL_NAME: &str = "default";
+
+impl Config {
+    /// Merges defaults, the config file, the environment and the flags.
+    pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
+        let file: FileConfig = match &args.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("{}: invalid config", p.display()))?
+            }
+            None => FileConfig::default(),
+        };
+        let device = args
+            .device
+            .clone()
+            .or(file.server.device.clone())
+            .unwrap_or_else(|| "cpu".into());
+        let server = ServerConfig {
+            http_addr: args
+                .http_addr
+                .or(file.server.http_addr)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            grpc_addr: args
+                .grpc_addr
+                .or(file.server.grpc_addr)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            metrics_addr: args.metrics_addr.or(file.server.metrics_addr),
+            shutdown_timeout: Duration::from_secs(
+                args.shutdown_timeout
+                    .or(file.server.shutdown_timeout_secs)
+                    .unwrap_or(30),
+            ),
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.server.data_dir.clone())
+                .unwrap_or_else(default_data_dir),
+        };
+        let limits = LimitsConfig {
+            max_body_bytes: args
+                .max_body_bytes
+                .or(file.limits.max_body_bytes)
+                .unwrap_or(4 << 20),
+            max_prompt_tokens: args.max_prompt_tokens.or(file.limits.max_prompt_tokens),
+            max_tokens: args.max_tokens_limit.or(file.limits.max_tokens),
+        };
+        let d = SchedulerConfig::default();
+        let fs = &file.scheduler;
+        let scheduler = SchedulerConfig {
+            max_batched_tokens: args
+                .max_batched_tokens
+                .or(fs.max_batched_tokens)
+                .unwrap_or(d.max_batched_tokens),
+            max_running: args.max_running.or(fs.max_running).unwrap_or(d.max_running),
+            max_waiting: args.max_waiting.or(fs.max_waiting).unwrap_or(d.max_waiting),
+            max_waiting_tokens: fs.max_waiting_tokens.unwrap_or(d.max_waiting_tokens),
+            kv_cache_bytes: args
+                .kv_cache_mb
+                .or(fs.kv_cache_mb)
+                .map(|mb| mb << 20)
+                .unwrap_or(d.kv_cache_bytes),
+            block_size: fs.block_size.unwrap_or(d.block_size),
+        };
+        if scheduler.max_batched_tokens == 0 || scheduler.max_running == 0 || scheduler.block_size == 0 {
+            bail!("scheduler limits must be positive");
+        }
+        if scheduler.max_running > scheduler.max_batched_tokens {
+            bail!(
+                "max_running ({}) cannot exceed max_batched_tokens ({}): every running sequence needs a token per step",
+                scheduler.max_running,
+                scheduler.max_batched_tokens
+            );
+        }
+        // Models: flags/env replace the file's list.
+        let models: Vec<ModelSpec> = if !args.models.is_empty() {
+            if args.model_names.len() > args.models.len() {
+                bail!("more --model-name values than --model values");
+            }
+            args.models
+                .iter()
+                .enumerate()
+                .map(|(i, p)| ModelSpec {
+                    name: args
+                        .model_names
+                        .get(i)
+                        .cloned()
+                        .unwrap_or_else(|| default_model_name(p)),
+                    path: Some(p.clone()),
+                    device: device.clone(),
+                })
+                .collect()
+        } else if !file.models.is_empty() {
+            file.models
+                .iter()
+                .map(|m| ModelSpec {
+                    name: m.name.clone().unwrap_or_else(|| match &m.path {
+                        Some(p) => default_model_name(p),
+                        None => EMBEDDED_MODEL_NAME.into(),
+                    }),
+                    path: m.path.clone(),
+                    device: m.device.clone().unwrap_or_else(|| device.clone()),
+                })
+                .collect()
+        } else {
+            vec![ModelSpec {
+                name: args
+                    .model_names
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| EMBEDDED_MODEL_NAME.into()),
+                path: None,
+                device: device.clone(),
+            }]
+        };
+        let mut seen = std::collections::HashSet::new();
+        for m in &models {
+            if !seen.insert(m.name.clone()) {
+                bail!("model name `{}` is used twice", m.name);
+            }
+        }
+        let mut keys = file.auth.keys.clone();
+        for spec in &args.api_keys {
+            let mut parts = spec.splitn(3, ':');
+            let (Some(id), Some(role), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
+                bail!("LLMOPS_API_KEYS entries are id:role:secret");
+            };
+            let role: Role = role.parse()?;
+            keys.push(KeyConfig::from_secret(id, role, secret));
+        }
+        for k in &keys {
+            k.validate()?;
+        }
+        Ok(Config {
+            server,
+            limits,
+            keys,
+            scheduler,
+            models,
+        })
+    }
+}
+
+/// `$XDG_DATA_HOME/llmops` or `~/.local/share/llmops`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("llmops");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/share/llmops"),
+        None => PathBuf::from(".llmops"),
+    }
+}

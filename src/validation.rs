@@ -1,0 +1,183 @@
+//! Wire request → valid request: the protocol-neutral checks both front ends
+//! share (tokenization, limits, sampling ranges, `n`, stops).
+
+use std::time::Instant;
+
+use crate::api::error::ApiError;
+use crate::config::LimitsConfig;
+use crate::engine::{Message, SamplingParams};
+use crate::monitor::Protocol;
+use crate::scheduler::{Engine, Priority, Request};
+
+/// What the caller wants generated from.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Raw text (BOS added as the model expects).
+    Text(String),
+    /// A conversation for the chat template.
+    Chat(Vec<Message>),
+    /// Token ids as they are.
+    Tokens(Vec<u32>),
+}
+
+/// A generation request in protocol-neutral form.
+#[derive(Debug, Clone)]
+pub struct GenerationSpec {
+    /// The input.
+    pub input: Input,
+    /// Requested completion length; the model's remaining context when absent.
+    pub max_tokens: Option<usize>,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Stop token ids.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past EOS.
+    pub ignore_eos: bool,
+    /// Choices to generate.
+    pub n: usize,
+    /// Deadline.
+    pub deadline: Option<Instant>,
+    /// Arrival at the front end.
+    pub arrival: Instant,
+    /// Which front end.
+    pub protocol: Protocol,
+}
+
+/// Most choices per request.
+pub const MAX_N: usize = 16;
+/// Most stop strings per request.
+pub const MAX_STOPS: usize = 16;
+
+/// A request ready for the scheduler: one [`Request`] per choice.
+#[derive(Debug)]
+pub struct ValidRequest {
+    /// The prompt's tokens.
+    pub prompt: Vec<u32>,
+    /// One per choice (seeds offset by the choice index).
+    pub choices: Vec<Request>,
+    /// The completion length asked of each choice.
+    pub max_tokens: usize,
+}
+
+/// Which parameter an input error refers to.
+fn input_param(input: &Input) -> &'static str {
+    match input {
+        Input::Chat(_) => "messages",
+        _ => "prompt",
+    }
+}
+
+/// Tokenizes the input with the engine's tokenizer and chat template.
+pub fn tokenize_input(engine: &Engine, input: &Input) -> Result<Vec<u32>, ApiError> {
+    let tok = engine.tokenizer();
+    match input {
+        Input::Text(t) => tok
+            .encode(t, true)
+            .map_err(|e| ApiError::invalid("prompt", e.to_string())),
+        Input::Chat(messages) => {
+            if messages.is_empty() {
+                return Err(ApiError::invalid("messages", "messages must not be empty"));
+            }
+            for (i, m) in messages.iter().enumerate() {
+                if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+                    return Err(ApiError::invalid(
+                        "messages",
+                        format!("messages[{i}].role: unknown role `{}` (system, user, assistant)", m.role),
+                    ));
+                }
+            }
+            let text = engine
+                .chat_template()
+                .render(messages, true)
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+            // The template writes BOS itself where the model wants it.
+            tok.encode(&text, false)
+                .map_err(|e| ApiError::invalid("messages", e.to_string()))
+        }
+        Input::Tokens(ids) => Ok(ids.clone()),
+    }
+}
+
+/// Checks a spec against the limits and the model, and builds the requests.
+pub fn validate(spec: GenerationSpec, engine: &Engine, limits: &LimitsConfig) -> Result<ValidRequest, ApiError> {
+    let param = input_param(&spec.input);
+    if spec.n == 0 || spec.n > MAX_N {
+        return Err(ApiError::invalid("n", format!("n must be between 1 and {MAX_N}, got {}", spec.n)));
+    }
+    if spec.stop.len() > MAX_STOPS {
+        return Err(ApiError::invalid("stop", format!("at most {MAX_STOPS} stop strings")));
+    }
+    spec.sampling.validate().map_err(|e| match e {
+        crate::engine::Error::InvalidParam { param, message } => ApiError::invalid(&param, format!("{param}: {message}")),
+        other => ApiError::invalid("sampling", other.to_string()),
+    })?;
+    let prompt = tokenize_input(engine, &spec.input)?;
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(param, "the prompt is empty"));
+    }
+    let vocab = engine.tokenizer().vocab_size() as u32;
+    if let Input::Tokens(ids) = &spec.input {
+        if let Some(bad) = ids.iter().find(|&&t| t >= vocab.max(1)) {
+            return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary ({vocab} tokens)")));
+        }
+    }
+    let ctx = engine.context_length();
+    let max_prompt = limits.max_prompt_tokens.unwrap_or(ctx).min(ctx);
+    if prompt.len() >= max_prompt {
+        return Err(ApiError::ContextLength {
+            message: format!(
+                "This model's maximum context length is {ctx} tokens (prompt limit {max_prompt}). However, your {param} has {} tokens. Please shorten it.",
+                prompt.len()
+            ),
+            param: Some(param.into()),
+        });
+    }
+    let remaining = ctx - prompt.len();
+    let max_tokens = match spec.max_tokens {
+        Some(0) => return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1")),
+        Some(m) => {
+            if let Some(cap) = limits.max_tokens {
+                if m > cap {
+                    return Err(ApiError::invalid("max_tokens", format!("max_tokens is {m}; this server allows at most {cap}")));
+                }
+            }
+            if m > remaining {
+                return Err(ApiError::ContextLength {
+                    message: format!(
+                        "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the {param}, {m} for the completion). Please reduce the length of the {param} or the completion.",
+                        prompt.len() + m,
+                        prompt.len()
+                    ),
+                    param: Some(param.into()),
+                });
+            }
+            m
+        }
+        None => remaining.min(limits.max_tokens.unwrap_or(usize::MAX)),
+    };
+    let choices = (0..spec.n)
+        .map(|i| {
+            let mut sampling = spec.sampling.clone();
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(i as u64));
+            Request {
+                prompt: prompt.clone(),
+                max_tokens,
+                sampling,
+                stop: spec.stop.clone(),
+                stop_token_ids: spec.stop_token_ids.clone(),
+                ignore_eos: spec.ignore_eos,
+                priority: Priority::Normal,
+                deadline: spec.deadline,
+                arrival: spec.arrival,
+                protocol: spec.protocol,
+            }
+        })
+        .collect();
+    Ok(ValidRequest {
+        prompt,
+        choices,
+        max_tokens,
+    })
+}
