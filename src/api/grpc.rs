@@ -112,9 +112,12 @@ impl InferenceService {
     }
 
     fn spec(&self, req: &Request<pb::GenerateRequest>, arrival: Instant) -> Result<GenerationSpec, ApiError> {
+        // End a little before the caller's own timer fires, so it receives our
+        // DEADLINE_EXCEEDED (with the sequence already freed) rather than
+        // racing its local cancellation.
         let deadline = metadata_str(req, "grpc-timeout")
             .and_then(parse_grpc_timeout)
-            .map(|d| arrival + d);
+            .map(|d| arrival + d.saturating_sub((d / 10).min(Duration::from_millis(50))));
         let r = req.get_ref();
         let input = match &r.input {
             Some(pb::generate_request::Input::Prompt(p)) => Input::Text(p.clone()),

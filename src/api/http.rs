@@ -267,7 +267,7 @@ async fn chat_completions(
     let spec = GenerationSpec {
         input: Input::Chat(messages),
         max_tokens: u64_to_usize(req.max_completion_tokens.or(req.max_tokens), "max_tokens", usize::MAX)?,
-        sampling: req.sampling.to_params(logprobs)?,
+        sampling: req.sampling().to_params(logprobs)?,
         stop: req.stop.clone().map(StringOrList::into_vec).unwrap_or_default(),
         stop_token_ids: req.stop_token_ids.clone(),
         ignore_eos: req.ignore_eos,
@@ -437,7 +437,7 @@ async fn completions(
             input,
             // OpenAI's default for this endpoint.
             max_tokens: u64_to_usize(req.max_tokens, "max_tokens", usize::MAX)?.or(Some(16)),
-            sampling: req.sampling.to_params(logprobs)?,
+            sampling: req.sampling().to_params(logprobs)?,
             stop: req.stop.clone().map(StringOrList::into_vec).unwrap_or_default(),
             stop_token_ids: req.stop_token_ids.clone(),
             ignore_eos: req.ignore_eos,

@@ -79,8 +79,9 @@ pub struct ChatMessage {
     pub content: Option<Content>,
 }
 
-/// Sampling fields shared by both endpoints.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// Sampling fields shared by both endpoints (not flattened into the requests,
+/// so deserialization errors can name the field).
+#[derive(Debug, Clone, Default)]
 pub struct SamplingFields {
     /// Temperature (OpenAI default 1; greedy when 0).
     pub temperature: Option<f32>,
@@ -155,9 +156,22 @@ pub struct ChatCompletionRequest {
     /// Extension: extra stop ids.
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
-    /// Sampling.
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
+    /// Temperature (OpenAI default 1; greedy when 0).
+    pub temperature: Option<f32>,
+    /// Nucleus mass.
+    pub top_p: Option<f32>,
+    /// Extension: top-k (0 or -1 disables).
+    pub top_k: Option<i64>,
+    /// Extension: min-p.
+    pub min_p: Option<f32>,
+    /// Extension: repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// Presence penalty.
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    pub frequency_penalty: Option<f32>,
+    /// Seed.
+    pub seed: Option<i64>,
 }
 
 /// `POST /v1/completions`.
@@ -193,9 +207,22 @@ pub struct CompletionRequest {
     /// Extension: extra stop ids.
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
-    /// Sampling.
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
+    /// Temperature (OpenAI default 1; greedy when 0).
+    pub temperature: Option<f32>,
+    /// Nucleus mass.
+    pub top_p: Option<f32>,
+    /// Extension: top-k (0 or -1 disables).
+    pub top_k: Option<i64>,
+    /// Extension: min-p.
+    pub min_p: Option<f32>,
+    /// Extension: repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// Presence penalty.
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    pub frequency_penalty: Option<f32>,
+    /// Seed.
+    pub seed: Option<i64>,
 }
 
 /// Flattens chat messages to role + text.
@@ -401,3 +428,25 @@ pub struct ChatChunk {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
 }
+
+macro_rules! sampling_of {
+    ($t:ty) => {
+        impl $t {
+            /// The sampling fields of the request.
+            pub fn sampling(&self) -> SamplingFields {
+                SamplingFields {
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    top_k: self.top_k,
+                    min_p: self.min_p,
+                    repetition_penalty: self.repetition_penalty,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    seed: self.seed,
+                }
+            }
+        }
+    };
+}
+sampling_of!(ChatCompletionRequest);
+sampling_of!(CompletionRequest);

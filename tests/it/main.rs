@@ -2,5 +2,6 @@
 
 mod engine;
 mod scheduler;
+mod server;
 mod train;
 mod support;
