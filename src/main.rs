@@ -45,6 +45,24 @@ enum Command {
     ExportGguf(ExportArgs),
     /// Train a model from scratch or fine-tune one.
     Train(llmops::train::TrainArgs),
+    /// Measure engine-only decode throughput at several batch sizes.
+    BenchEngine(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Model folder or GGUF file; the embedded model when absent.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    batch: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// Decode steps timed.
+    #[arg(long, default_value_t = 64)]
+    steps: usize,
 }
 
 #[derive(clap::Args)]
@@ -119,6 +137,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<()> {
+    llmops::init_process();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     match cli.command {
@@ -145,6 +164,26 @@ fn main() -> anyhow::Result<()> {
             };
             spec.write(&args.out, tok.as_deref())?;
             println!("{}", args.out.display());
+            Ok(())
+        }
+        Command::BenchEngine(args) => {
+            let opts = LoadOptions::default();
+            let m = match &args.model {
+                Some(p) => engine::load(p, &opts)?,
+                None => llmops::embedded::load(&opts)?,
+            };
+            let rss = llmops::monitor::exporter::process_stats().map(|p| p.rss_bytes).unwrap_or(0);
+            eprintln!(
+                "{}: {} parameters, {:.1} MB of matrix weights, resident {:.0} MiB",
+                m.info.source,
+                m.info.parameters,
+                m.model.weight_bytes() as f64 / 1e6,
+                rss as f64 / (1 << 20) as f64
+            );
+            for b in args.batch {
+                let r = llmops::engine::bench::decode_throughput(&m, b, args.prompt_len, args.steps)?;
+                println!("{}", serde_json::to_string(&r)?);
+            }
             Ok(())
         }
         Command::Train(args) => {

@@ -114,11 +114,14 @@ pub struct LayerKv {
     v: Vec<f32>,
 }
 
-/// The block pool's memory, one [`LayerKv`] per layer.
+/// The engine's mutable state: the block pool's memory (one [`LayerKv`] per
+/// layer) and the CPU forward pass's reusable buffers.
 pub struct KvCache {
     shape: KvShape,
     blocks: usize,
     layers: Vec<LayerKv>,
+    /// Activation buffers reused across steps (no allocation per op).
+    pub(crate) scratch: super::cpu::Scratch,
 }
 
 impl KvCache {
@@ -136,6 +139,7 @@ impl KvCache {
             shape,
             blocks,
             layers,
+            scratch: Default::default(),
         }
     }
 
@@ -154,6 +158,15 @@ impl KvCache {
         self.layers
             .get_mut(layer)
             .ok_or_else(|| Error::Internal(format!("no KV layer {layer}")))
+    }
+
+    /// One layer's storage and the scratch buffers, borrowed together.
+    pub(crate) fn split(&mut self, layer: usize) -> Result<(&mut LayerKv, &mut super::cpu::Scratch)> {
+        let l = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| Error::Internal(format!("no KV layer {layer}")))?;
+        Ok((l, &mut self.scratch))
     }
 }
 
@@ -214,29 +227,25 @@ impl LayerKv {
 
     /// Causal (optionally windowed) attention of every new token over its own
     /// sequence's cached keys and values, which must already include the new
-    /// tokens. `q` is `[tokens, heads, head_dim]`; returns the same shape.
+    /// tokens. `q` is `[tokens, heads, head_dim]`; `out` gets the same shape.
+    /// `owner[row]` is the row's (sequence index, position): see [`row_owners`].
     pub fn attend(
         &self,
         shape: &KvShape,
         seqs: &[SeqView<'_>],
+        owner: &[(u32, u32)],
         q: &[f32],
         params: AttnParams,
-    ) -> Result<Vec<f32>> {
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
         let (hk, d, bs) = (shape.kv_heads, shape.head_dim, shape.block_size);
         let heads = params.heads;
         if hk == 0 || heads % hk != 0 {
             return Err(Error::Internal(format!("{heads} heads over {hk} kv heads")));
         }
         let group = heads / hk;
-        let tokens = q.len() / (heads * d);
-        // Row → (sequence, position), computed once for all heads.
-        let mut owner = vec![(0u32, 0u32); tokens];
-        for (si, s) in seqs.iter().enumerate() {
-            for i in 0..s.len {
-                owner[s.offset + i] = (si as u32, (s.start_pos + i) as u32);
-            }
-        }
-        let mut out = vec![0f32; q.len()];
+        out.clear();
+        out.resize(q.len(), 0.0);
         let stride = shape.block_stride();
         out.par_chunks_mut(group * d)
             .enumerate()
@@ -250,34 +259,61 @@ impl LayerKv {
                 let n = pos + 1 - lo;
                 let q = &q[(t * heads + g * group) * d..(t * heads + (g + 1) * group) * d];
                 SCRATCH.with(|cell| {
-                    let mut scores = cell.borrow_mut();
-                    scores.clear();
-                    scores.resize(group * n, 0.0);
-                    // Scores, one row of n per query head in the group.
-                    for j in lo..=pos {
-                        let base = seq.blocks[j / bs] as usize * stride + (g * bs + j % bs) * d;
+                    let mut buf = cell.borrow_mut();
+                    buf.clear();
+                    buf.resize(group * d + group * n, 0.0);
+                    let (qs, scores) = buf.split_at_mut(group * d);
+                    // Fold the score scale into the query once.
+                    for (o, &v) in qs.iter_mut().zip(q) {
+                        *o = v * params.scale;
+                    }
+                    // Walk the visible positions block by block: one table
+                    // lookup per block, contiguous keys within it.
+                    let for_each_pos = |f: &mut dyn FnMut(usize, usize)| {
+                        let mut j = lo;
+                        while j <= pos {
+                            let (b, slot) = (j / bs, j % bs);
+                            let end = (pos + 1).min((b + 1) * bs);
+                            let base = seq.blocks[b] as usize * stride + (g * bs + slot) * d;
+                            for (i, jj) in (j..end).enumerate() {
+                                f(jj - lo, base + i * d);
+                            }
+                            j = end;
+                        }
+                    };
+                    for_each_pos(&mut |idx, base| {
                         let kj = &self.k[base..base + d];
                         for h in 0..group {
-                            let mut s = dot(&q[h * d..(h + 1) * d], kj) * params.scale;
-                            if let Some(cap) = params.softcap {
-                                s = cap * (s / cap).tanh();
-                            }
-                            scores[h * n + (j - lo)] = s;
+                            scores[h * n + idx] = dot(&qs[h * d..(h + 1) * d], kj);
                         }
+                    });
+                    if let Some(cap) = params.softcap {
+                        scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
                     }
                     for h in 0..group {
                         softmax_in_place(&mut scores[h * n..(h + 1) * n]);
                     }
-                    for j in lo..=pos {
-                        let base = seq.blocks[j / bs] as usize * stride + (g * bs + j % bs) * d;
+                    for_each_pos(&mut |idx, base| {
                         let vj = &self.v[base..base + d];
                         for h in 0..group {
-                            axpy(&mut out[h * d..(h + 1) * d], scores[h * n + (j - lo)], vj);
+                            axpy(&mut out[h * d..(h + 1) * d], scores[h * n + idx], vj);
                         }
-                    }
+                    });
                 });
             });
-        Ok(out)
+        Ok(())
+    }
+}
+
+/// Each row's (sequence index, position), computed once per step and shared
+/// by every layer's attention.
+pub fn row_owners(seqs: &[SeqView<'_>], rows: usize, out: &mut Vec<(u32, u32)>) {
+    out.clear();
+    out.resize(rows, (0, 0));
+    for (si, s) in seqs.iter().enumerate() {
+        for i in 0..s.len {
+            out[s.offset + i] = (si as u32, (s.start_pos + i) as u32);
+        }
     }
 }
 
@@ -306,6 +342,26 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// `eˣ` to about 2 ulp: range reduction by ln 2 and a degree-6
+/// polynomial, written so loops over slices vectorize (libm's `expf` does
+/// not). Inputs below −87 give 0.
+#[inline]
+pub fn exp_fast(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + 0.5).floor();
+    let r = x - n * LN2_HI - n * LN2_LO;
+    // Taylor coefficients of eʳ on |r| ≤ ln2/2.
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let bits = ((n as i32 + 127) as u32) << 23;
+    p * f32::from_bits(bits)
+}
+
 #[inline]
 fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
     for (o, v) in acc.iter_mut().zip(x) {
@@ -315,11 +371,10 @@ fn axpy(acc: &mut [f32], a: f32, x: &[f32]) {
 
 fn softmax_in_place(xs: &mut [f32]) {
     let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
     for x in xs.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
+        *x = exp_fast(*x - max);
     }
+    let sum: f32 = xs.iter().sum();
     let inv = 1.0 / sum;
     for x in xs.iter_mut() {
         *x *= inv;
@@ -329,6 +384,18 @@ fn softmax_in_place(xs: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (exp_fast(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 1e-6, "max relative error {worst}");
+    }
 
     #[test]
     fn allocator_grows_all_or_nothing_and_releases_everything() {
@@ -386,7 +453,10 @@ mod tests {
             window: Some(3),
             softcap: None,
         };
-        let out = layer.attend(&shape, &seqs, &q, params).unwrap();
+        let mut owner = vec![];
+        row_owners(&seqs, t, &mut owner);
+        let mut out = vec![];
+        layer.attend(&shape, &seqs, &owner, &q, params, &mut out).unwrap();
         for s in &seqs {
             for i in 0..s.len {
                 let row = s.offset + i;

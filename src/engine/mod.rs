@@ -4,8 +4,10 @@
 //! Invariant: only this module (and `train/`) knows candle. The scheduler sees
 //! [`LoadedModel::forward`] on a [`Batch`] and gets logits back.
 
+pub mod bench;
 pub mod chat;
 pub mod config;
+pub mod cpu;
 pub mod kv;
 pub mod model;
 pub mod sampling;

@@ -77,34 +77,61 @@ impl<'a> Batch<'a> {
     }
 }
 
-struct Layer {
-    attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    post_attn_norm: Option<Tensor>,
-    ffn_norm: Tensor,
-    post_ffn_norm: Option<Tensor>,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    window: Option<usize>,
+/// A norm weight, as a tensor (device path) and host values (CPU path).
+pub(crate) struct Norm {
+    pub(crate) t: Tensor,
+    pub(crate) host: Vec<f32>,
+}
+
+impl Norm {
+    fn new(t: Tensor) -> Result<Self> {
+        let host = t.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?;
+        Ok(Self { t, host })
+    }
+}
+
+/// Query/key/value projections: one stacked matmul when the weights allow.
+pub(crate) enum Qkv {
+    /// `[q; k; v]` rows in one weight.
+    Fused(Linear),
+    /// Separate (quantized types differ, or a device path).
+    Split(Linear, Linear, Linear),
+}
+
+/// MLP gate and up projections, stacked when the weights allow.
+pub(crate) enum GateUp {
+    /// `[gate; up]` rows in one weight.
+    Fused(Linear),
+    /// Separate.
+    Split(Linear, Linear),
+}
+
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Norm,
+    pub(crate) qkv: Qkv,
+    pub(crate) o: Linear,
+    pub(crate) q_norm: Option<Norm>,
+    pub(crate) k_norm: Option<Norm>,
+    pub(crate) post_attn_norm: Option<Norm>,
+    pub(crate) ffn_norm: Norm,
+    pub(crate) post_ffn_norm: Option<Norm>,
+    pub(crate) gate_up: GateUp,
+    pub(crate) down: Linear,
+    pub(crate) window: Option<usize>,
     /// Index into `Model::ropes`.
-    rope: usize,
+    pub(crate) rope: usize,
 }
 
 /// A loaded model, ready to run steps.
 pub struct Model {
-    cfg: ModelConfig,
-    embed: Embedding,
-    layers: Vec<Layer>,
-    final_norm: Tensor,
-    lm_head: Linear,
-    /// Distinct rotary tables (Gemma has two); layers refer to them by index.
-    ropes: Vec<Tensor>,
+    pub(crate) cfg: ModelConfig,
+    pub(crate) embed: Embedding,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) final_norm: Norm,
+    pub(crate) lm_head: Linear,
+    /// Inverse frequencies of the distinct rotary tables (Gemma has two);
+    /// layers refer to them by index.
+    pub(crate) ropes: Vec<Vec<f32>>,
     device: Device,
     weight_bytes: usize,
 }
@@ -124,37 +151,45 @@ impl Model {
         } else {
             embed.tied_head()?
         };
-        let final_norm = src.norm(&n.final_norm(), h)?;
+        let final_norm = Norm::new(src.norm(&n.final_norm(), h)?)?;
 
-        let mut ropes: Vec<(Rope, Tensor)> = vec![];
+        let mut ropes: Vec<(Rope, Vec<f32>)> = vec![];
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let rope = *cfg.rope_for_layer(i);
             let rope_idx = match ropes.iter().position(|(r, _)| *r == rope) {
                 Some(idx) => idx,
                 None => {
-                    let inv = rope.inv_freq(d);
-                    let len = inv.len();
-                    ropes.push((rope, Tensor::from_vec(inv, (1, len), device)?));
+                    ropes.push((rope, rope.inv_freq(d)));
                     ropes.len() - 1
                 }
             };
-            let norm = |role| src.norm(&format!("{}.weight", n.layer(i, role)), h);
-            let head_norm = |role| src.norm(&format!("{}.weight", n.layer(i, role)), d);
+            let norm = |role| Norm::new(src.norm(&format!("{}.weight", n.layer(i, role)), h)?);
+            let head_norm = |role| Norm::new(src.norm(&format!("{}.weight", n.layer(i, role)), d)?);
             let gemma = cfg.has_gemma_norms();
+            let q = src.linear(&n.layer(i, Role::Q), q_out, h)?;
+            let k = src.linear(&n.layer(i, Role::K), kv_out, h)?;
+            let v = src.linear(&n.layer(i, Role::V), kv_out, h)?;
+            let qkv = match Linear::stack(&[&q, &k, &v]) {
+                Some(f) => Qkv::Fused(f),
+                None => Qkv::Split(q, k, v),
+            };
+            let gate = src.linear(&n.layer(i, Role::Gate), cfg.intermediate_size, h)?;
+            let up = src.linear(&n.layer(i, Role::Up), cfg.intermediate_size, h)?;
+            let gate_up = match Linear::stack(&[&gate, &up]) {
+                Some(f) => GateUp::Fused(f),
+                None => GateUp::Split(gate, up),
+            };
             layers.push(Layer {
                 attn_norm: norm(Role::AttnNorm)?,
-                q: src.linear(&n.layer(i, Role::Q), q_out, h)?,
-                k: src.linear(&n.layer(i, Role::K), kv_out, h)?,
-                v: src.linear(&n.layer(i, Role::V), kv_out, h)?,
+                qkv,
                 o: src.linear(&n.layer(i, Role::O), h, q_out)?,
                 q_norm: gemma.then(|| head_norm(Role::QNorm)).transpose()?,
                 k_norm: gemma.then(|| head_norm(Role::KNorm)).transpose()?,
                 post_attn_norm: gemma.then(|| norm(Role::PostAttnNorm)).transpose()?,
                 ffn_norm: norm(Role::FfnNorm)?,
                 post_ffn_norm: gemma.then(|| norm(Role::PostFfnNorm)).transpose()?,
-                gate: src.linear(&n.layer(i, Role::Gate), cfg.intermediate_size, h)?,
-                up: src.linear(&n.layer(i, Role::Up), cfg.intermediate_size, h)?,
+                gate_up,
                 down: src.linear(&n.layer(i, Role::Down), h, cfg.intermediate_size)?,
                 window: cfg.layer_windows.get(i).copied().flatten(),
                 rope: rope_idx,
@@ -163,10 +198,15 @@ impl Model {
         let weight_bytes = layers
             .iter()
             .map(|l| {
-                [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down]
-                    .iter()
-                    .map(|x| x.size_in_bytes())
-                    .sum::<usize>()
+                let qkv = match &l.qkv {
+                    Qkv::Fused(f) => f.size_in_bytes(),
+                    Qkv::Split(q, k, v) => q.size_in_bytes() + k.size_in_bytes() + v.size_in_bytes(),
+                };
+                let gu = match &l.gate_up {
+                    GateUp::Fused(f) => f.size_in_bytes(),
+                    GateUp::Split(g, u) => g.size_in_bytes() + u.size_in_bytes(),
+                };
+                qkv + gu + l.o.size_in_bytes() + l.down.size_in_bytes()
             })
             .sum::<usize>()
             + lm_head.size_in_bytes();
@@ -176,7 +216,7 @@ impl Model {
             layers,
             final_norm,
             lm_head,
-            ropes: ropes.into_iter().map(|(_, t)| t).collect(),
+            ropes: ropes.into_iter().map(|(_, f)| f).collect(),
             device: device.clone(),
             weight_bytes,
         })
@@ -210,10 +250,21 @@ impl Model {
     /// Runs one step: writes the new tokens' keys and values into `kv` and
     /// returns `[batch.logit_rows.len(), vocab]` f32 logits.
     pub fn forward(&self, batch: &Batch<'_>, kv: &mut KvCache) -> Result<Tensor> {
-        let t = batch.len();
-        if t == 0 {
+        if batch.is_empty() {
             return Err(Error::Internal("empty batch".into()));
         }
+        if self.device.is_cpu() {
+            // Inside the pool the calling thread is a worker: parallel regions
+            // split between it and a warm sibling instead of waking sleepers.
+            rayon::scope(|_| super::cpu::forward(self, batch, kv))
+        } else {
+            self.forward_tensors(batch, kv)
+        }
+    }
+
+    /// The device path: candle tensor ops for everything but attention.
+    fn forward_tensors(&self, batch: &Batch<'_>, kv: &mut KvCache) -> Result<Tensor> {
+        let t = batch.len();
         let cfg = &self.cfg;
         let (d, hq, hk) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let ids = Tensor::from_slice(&batch.tokens, t, &self.device)?;
@@ -226,7 +277,8 @@ impl Model {
         let pos = Tensor::from_vec(pos, (t, 1), &self.device)?;
         let mut tables = Vec::with_capacity(self.ropes.len());
         for inv in &self.ropes {
-            let freqs = pos.matmul(inv)?;
+            let inv = Tensor::from_slice(inv, (1, inv.len()), &self.device)?;
+            let freqs = pos.matmul(&inv)?;
             tables.push((
                 freqs.cos()?.reshape((t, 1, d / 2))?,
                 freqs.sin()?.reshape((t, 1, d / 2))?,
@@ -236,17 +288,21 @@ impl Model {
         let kv_shape = kv.shape();
         for (li, layer) in self.layers.iter().enumerate() {
             let residual = &x;
-            let hs = candle_nn::ops::rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut q = layer.q.forward(&hs)?;
-            let mut k = layer.k.forward(&hs)?;
-            let v = layer.v.forward(&hs)?;
+            let hs = candle_nn::ops::rms_norm(&x, &layer.attn_norm.t, eps)?;
+            let (mut q, mut k, v) = match &layer.qkv {
+                Qkv::Split(q, k, v) => (q.forward(&hs)?, k.forward(&hs)?, v.forward(&hs)?),
+                Qkv::Fused(f) => {
+                    let all = f.forward(&hs)?;
+                    (all.narrow(1, 0, hq * d)?, all.narrow(1, hq * d, hk * d)?, all.narrow(1, (hq + hk) * d, hk * d)?)
+                }
+            };
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = candle_nn::ops::rms_norm(&q.reshape((t * hq, d))?, qn, eps)?;
-                k = candle_nn::ops::rms_norm(&k.reshape((t * hk, d))?, kn, eps)?;
+                q = candle_nn::ops::rms_norm(&q.contiguous()?.reshape((t * hq, d))?, &qn.t, eps)?;
+                k = candle_nn::ops::rms_norm(&k.contiguous()?.reshape((t * hk, d))?, &kn.t, eps)?;
             }
             let (cos, sin) = &tables[layer.rope];
-            let q = rope(&q.reshape((t, hq, 1, d))?, cos, sin, cfg.rope_style)?;
-            let k = rope(&k.reshape((t, hk, 1, d))?, cos, sin, cfg.rope_style)?;
+            let q = rope(&q.contiguous()?.reshape((t, hq, 1, d))?, cos, sin, cfg.rope_style)?;
+            let k = rope(&k.contiguous()?.reshape((t, hk, 1, d))?, cos, sin, cfg.rope_style)?;
             let v = v.contiguous()?;
             let params = AttnParams {
                 heads: hq,
@@ -257,20 +313,26 @@ impl Model {
             let attn = attention(kv, li, &kv_shape, &batch.seqs, &q, &k, &v, params)?;
             let mut y = layer.o.forward(&attn.reshape((t, hq * d))?)?;
             if let Some(n) = &layer.post_attn_norm {
-                y = candle_nn::ops::rms_norm(&y, n, eps)?;
+                y = candle_nn::ops::rms_norm(&y, &n.t, eps)?;
             }
             x = (residual + y)?;
             let residual = &x;
-            let hs = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, eps)?;
-            let gate = layer.gate.forward(&hs)?;
-            let up = layer.up.forward(&hs)?;
+            let hs = candle_nn::ops::rms_norm(&x, &layer.ffn_norm.t, eps)?;
+            let (gate, up) = match &layer.gate_up {
+                GateUp::Split(g, u) => (g.forward(&hs)?, u.forward(&hs)?),
+                GateUp::Fused(f) => {
+                    let all = f.forward(&hs)?;
+                    let i = cfg.intermediate_size;
+                    (all.narrow(1, 0, i)?, all.narrow(1, i, i)?)
+                }
+            };
             let act = match cfg.activation {
-                Activation::Silu => candle_nn::ops::silu(&gate)?,
-                Activation::GeluTanh => gate.gelu()?,
+                Activation::Silu => candle_nn::ops::silu(&gate.contiguous()?)?,
+                Activation::GeluTanh => gate.contiguous()?.gelu()?,
             };
             let mut y = layer.down.forward(&(act * up)?)?;
             if let Some(n) = &layer.post_ffn_norm {
-                y = candle_nn::ops::rms_norm(&y, n, eps)?;
+                y = candle_nn::ops::rms_norm(&y, &n.t, eps)?;
             }
             x = (residual + y)?;
         }
@@ -283,7 +345,7 @@ impl Model {
             let rows = Tensor::from_slice(&batch.logit_rows, batch.logit_rows.len(), &self.device)?;
             x.index_select(&rows, 0)?
         };
-        let x = candle_nn::ops::rms_norm(&x, &self.final_norm, eps)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.final_norm.t, eps)?;
         let logits = self.lm_head.forward(&x)?.to_dtype(DType::F32)?;
         Ok(match cfg.final_logit_softcapping {
             Some(cap) => ((logits / cap)?.tanh()? * cap)?,
@@ -317,9 +379,11 @@ fn attention(
     let qv = cpu_f32(q)?;
     let kv_ = kv.layer_mut(layer)?;
     kv_.write(shape, seqs, &cpu_f32(k)?, &cpu_f32(v)?)?;
-    let out = kv_.attend(shape, seqs, &qv, params)?;
-    let out = Tensor::from_vec(out, dims, q.device())?;
-    Ok(out)
+    let mut owner = vec![];
+    super::kv::row_owners(seqs, dims[0], &mut owner);
+    let mut out = vec![];
+    kv_.attend(shape, seqs, &owner, &qv, params, &mut out)?;
+    Ok(Tensor::from_vec(out, dims, q.device())?)
 }
 
 fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {

@@ -14,34 +14,101 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::Arch;
+use super::cpu::gemm::PackedWeight;
 use super::{Error, Result};
+
+/// Storage of a linear layer's weight.
+#[derive(Debug, Clone)]
+pub(crate) enum LinearWeight {
+    /// f32 in host memory, packed for the CPU kernel.
+    Host(Arc<PackedWeight>),
+    /// A candle matmul (quantized blocks, or dense on a GPU).
+    Candle(QMatMul),
+}
 
 /// A linear layer `y = x Wᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    pub(crate) weight: LinearWeight,
     bias: Option<Tensor>,
+    pub(crate) bias_host: Option<Vec<f32>>,
     out_features: usize,
+    in_features: usize,
 }
 
 impl Linear {
-    /// Builds a dense layer from a `[out, in]` weight.
+    /// Builds a dense layer from a `[out, in]` weight; f32 weights on the CPU
+    /// move to host memory for the CPU kernels.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let (out_features, _) = weight.dims2()?;
+        let (out_features, in_features) = weight.dims2()?;
+        let host = weight.device().is_cpu() && weight.dtype() == DType::F32;
+        let bias_host = match (&bias, host) {
+            (Some(b), true) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            _ => None,
+        };
+        let weight = if host {
+            let rows = weight.flatten_all()?.to_vec1::<f32>()?;
+            LinearWeight::Host(Arc::new(PackedWeight::pack(&rows, out_features, in_features)))
+        } else {
+            LinearWeight::Candle(QMatMul::Tensor(weight))
+        };
         Ok(Self {
-            weight: QMatMul::Tensor(weight),
+            weight,
             bias,
+            bias_host,
             out_features,
+            in_features,
         })
     }
 
     fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
-        let (out_features, _) = weight.shape().dims2()?;
+        let (out_features, in_features) = weight.shape().dims2()?;
+        let bias_host = match &bias {
+            Some(b) if b.device().is_cpu() => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            _ => None,
+        };
         Ok(Self {
-            weight: QMatMul::from_arc(weight)?,
+            weight: LinearWeight::Candle(QMatMul::from_arc(weight)?),
             bias,
+            bias_host,
             out_features,
+            in_features,
         })
+    }
+
+    fn host(weight: Arc<PackedWeight>, out_features: usize, in_features: usize, bias_host: Option<Vec<f32>>) -> Self {
+        Self {
+            weight: LinearWeight::Host(weight),
+            bias: None,
+            bias_host,
+            out_features,
+            in_features,
+        }
+    }
+
+    /// Stacks layers sharing an input into one (`[out₁ + out₂ + …, in]`), so
+    /// one matmul serves them; `None` unless all are host f32.
+    pub(crate) fn stack(parts: &[&Linear]) -> Option<Linear> {
+        let in_features = parts.first()?.in_features;
+        let mut ws = vec![];
+        let mut bias = vec![];
+        let any_bias = parts.iter().any(|p| p.bias_host.is_some());
+        for p in parts {
+            let LinearWeight::Host(pw) = &p.weight else {
+                return None;
+            };
+            if p.in_features != in_features || (p.bias.is_some() && p.bias_host.is_none()) {
+                return None;
+            }
+            ws.push(pw.as_ref());
+            match &p.bias_host {
+                Some(b) => bias.extend_from_slice(b),
+                None => bias.extend(std::iter::repeat_n(0.0, p.out_features)),
+            }
+        }
+        let stacked = PackedWeight::stack(&ws)?;
+        let out = stacked.n;
+        Some(Linear::host(Arc::new(stacked), out, in_features, any_bias.then_some(bias)))
     }
 
     /// Output width.
@@ -49,46 +116,140 @@ impl Linear {
         self.out_features
     }
 
-    /// Applies the layer to `[tokens, in]`.
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    /// Applies the layer to `[tokens, in]` as tensors (the device path).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
+        let y = match &self.weight {
+            LinearWeight::Candle(q) => q.forward(x)?,
+            LinearWeight::Host(w) => {
+                let mut rows = Vec::with_capacity(w.n * w.k);
+                for j in 0..w.n {
+                    w.row_into(j, &mut rows);
+                }
+                let wt = Tensor::from_vec(rows, (self.out_features, self.in_features), x.device())?;
+                x.matmul(&wt.t()?)?
+            }
+        };
+        Ok(match (&self.bias, &self.bias_host) {
+            (Some(b), _) => y.broadcast_add(b)?,
+            (None, Some(b)) => y.broadcast_add(&Tensor::from_slice(b, b.len(), x.device())?)?,
+            (None, None) => y,
         })
+    }
+
+    /// Applies the layer to `m` host rows, writing `[m, out]` into `out`.
+    pub(crate) fn forward_host(&self, x: &[f32], m: usize, out: &mut Vec<f32>) -> Result<()> {
+        out.resize(m * self.out_features, 0.0);
+        match &self.weight {
+            LinearWeight::Host(w) => {
+                super::cpu::gemm::matmul_xwt(x, m, w, self.bias_host.as_deref(), out);
+            }
+            LinearWeight::Candle(q) => {
+                let t = Tensor::from_slice(&x[..m * self.in_features], (m, self.in_features), &Device::Cpu)?;
+                let y = q.forward(&t)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                out.copy_from_slice(&y);
+                if let Some(b) = &self.bias_host {
+                    for row in out.chunks_mut(self.out_features) {
+                        for (o, bv) in row.iter_mut().zip(b) {
+                            *o += bv;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Bytes of weight storage (for memory accounting).
     pub fn size_in_bytes(&self) -> usize {
         match &self.weight {
-            QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            LinearWeight::Host(w) => w.size_in_bytes(),
+            LinearWeight::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.elem_count() * t.dtype().size_in_bytes(),
         }
     }
 }
 
-/// The token embedding table, dense or still quantized (rows are dequantized
-/// on lookup, so a 262k-row vocabulary stays small in memory).
+/// The token embedding table: host f32 (CPU), a device tensor, or still
+/// quantized (rows are dequantized on lookup, so a 262k-row vocabulary stays
+/// small in memory).
 #[derive(Debug, Clone)]
 pub enum Embedding {
-    /// `[vocab, hidden]` in the compute dtype.
+    /// `[vocab, hidden]` in host memory, packed for the CPU kernel so a tied
+    /// output head shares it without a copy.
+    Host {
+        /// The table.
+        table: Arc<PackedWeight>,
+        /// Row width.
+        hidden: usize,
+    },
+    /// `[vocab, hidden]` in the compute dtype on a device.
     Dense(Tensor),
     /// `[vocab, hidden]` in a GGUF block format.
     Quantized(Arc<QTensor>),
 }
 
 impl Embedding {
-    /// Looks up `ids` (u32, `[tokens]`) → `[tokens, hidden]`.
+    fn from_dense(t: Tensor) -> Result<Self> {
+        if t.device().is_cpu() && t.dtype() == DType::F32 {
+            let (vocab, hidden) = t.dims2()?;
+            let rows = t.flatten_all()?.to_vec1::<f32>()?;
+            Ok(Embedding::Host {
+                table: Arc::new(PackedWeight::pack(&rows, vocab, hidden)),
+                hidden,
+            })
+        } else {
+            Ok(Embedding::Dense(t))
+        }
+    }
+
+    /// Looks up `ids` (u32, `[tokens]`) → `[tokens, hidden]` tensor.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         Ok(match self {
+            Embedding::Host { hidden, .. } => {
+                let ids = ids.to_vec1::<u32>()?;
+                let mut out = vec![];
+                self.gather_host(&ids, &mut out)?;
+                Tensor::from_vec(out, (ids.len(), *hidden), &Device::Cpu)?
+            }
             Embedding::Dense(w) => w.embedding(ids)?,
             Embedding::Quantized(q) => q.embedding(ids)?,
         })
     }
 
+    /// Looks up `ids` into host rows.
+    pub(crate) fn gather_host(&self, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
+        match self {
+            Embedding::Host { table, .. } => {
+                out.clear();
+                for &id in ids {
+                    if id as usize >= table.n {
+                        return Err(Error::Internal(format!("token id {id} outside the embedding")));
+                    }
+                    table.row_into(id as usize, out);
+                }
+            }
+            other => {
+                let t = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+                let rows = match other {
+                    Embedding::Quantized(q) => q.embedding(&t)?,
+                    Embedding::Dense(w) => w.embedding(&t.to_device(w.device())?)?,
+                    Embedding::Host { .. } => unreachable!("handled above"),
+                };
+                *out = rows.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            }
+        }
+        Ok(())
+    }
+
     /// The output projection that shares this matrix.
     pub fn tied_head(&self) -> Result<Linear> {
         match self {
+            Embedding::Host { table, hidden } => Ok(Linear::host(table.clone(), table.n, *hidden, None)),
             Embedding::Dense(w) => Linear::dense(w.clone(), None),
             Embedding::Quantized(q) => Linear::quantized(q.clone(), None),
         }
@@ -426,7 +587,7 @@ impl WeightSource {
                 self.check_shape(name, q.shape().dims(), &[vocab, hidden])?;
                 if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
-                    Ok(Embedding::Dense(t.to_dtype(self.dtype)?))
+                    Embedding::from_dense(t.to_dtype(self.dtype)?)
                 } else {
                     Ok(Embedding::Quantized(Arc::new(q)))
                 }
@@ -434,7 +595,7 @@ impl WeightSource {
             _ => {
                 let w = self.dense(name)?;
                 self.check_shape(name, w.dims(), &[vocab, hidden])?;
-                Ok(Embedding::Dense(w))
+                Embedding::from_dense(w)
             }
         }
     }

@@ -381,6 +381,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
     }
     let model = TrainModel::new(cfg.clone(), vars.clone(), &dev)?;
     std::fs::create_dir_all(&args.out)?;
+    // Everything but the weights is known now; writing it first makes every
+    // checkpoint a servable folder.
+    let meta = Metadata {
+        config: serde_json::to_string_pretty(&config_json)?,
+        tokenizer: tokenizer_json.clone(),
+        tokenizer_config: tokenizer_config.clone(),
+    };
+    meta.write(&args.out)?;
 
     let bar = if args.quiet {
         indicatif::ProgressBar::hidden()
@@ -447,7 +455,7 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
             }
         }
         if args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 {
-            checkpoint(&args.out, step + 1, model.vars(), &opt, &report)?;
+            checkpoint(&args.out, step + 1, model.vars(), &opt, &report, &meta)?;
         }
     }
     bar.finish_and_clear();
@@ -457,21 +465,35 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
     }
     report.tokens_per_second = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
     if args.stop_after.is_some_and(|s| s < args.steps) {
-        checkpoint(&args.out, report.steps, model.vars(), &opt, &report)?;
+        checkpoint(&args.out, report.steps, model.vars(), &opt, &report, &meta)?;
     }
     // The servable folder.
     save_vars(model.vars(), &args.out.join("model.safetensors"))?;
-    std::fs::write(args.out.join("config.json"), serde_json::to_string_pretty(&config_json)?)?;
-    std::fs::write(args.out.join("tokenizer.json"), &tokenizer_json)?;
-    std::fs::write(args.out.join("tokenizer_config.json"), &tokenizer_config)?;
     std::fs::write(args.out.join("README.md"), model_card(args, &cfg, &corpus, &report))?;
     std::fs::write(args.out.join("train_report.json"), serde_json::to_string_pretty(&report)?)?;
     Ok(report)
 }
 
-fn checkpoint(out: &Path, step: u64, vars: &[(String, Var)], opt: &AdamW, report: &TrainReport) -> anyhow::Result<()> {
+/// The non-weight files of a model folder.
+struct Metadata {
+    config: String,
+    tokenizer: String,
+    tokenizer_config: String,
+}
+
+impl Metadata {
+    fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        std::fs::write(dir.join("config.json"), &self.config)?;
+        std::fs::write(dir.join("tokenizer.json"), &self.tokenizer)?;
+        std::fs::write(dir.join("tokenizer_config.json"), &self.tokenizer_config)?;
+        Ok(())
+    }
+}
+
+fn checkpoint(out: &Path, step: u64, vars: &[(String, Var)], opt: &AdamW, report: &TrainReport, meta: &Metadata) -> anyhow::Result<()> {
     let dir = out.join("checkpoints").join(format!("step-{step}"));
     std::fs::create_dir_all(&dir)?;
+    meta.write(&dir)?;
     save_vars(vars, &dir.join("model.safetensors"))?;
     let mut m: HashMap<String, Tensor> = HashMap::new();
     for (n, (a, b)) in &opt.moments {

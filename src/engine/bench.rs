@@ -1,0 +1,70 @@
+//! Engine-only decode throughput (`llmops bench-engine`): a batch of
+//! sequences decoding in lock-step, no scheduler, no server.
+
+use std::time::Instant;
+
+use super::{Batch, BlockAllocator, KvCache, LoadedModel, Logits, Result, sampling};
+
+/// One measurement.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DecodeBench {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Decode steps timed.
+    pub steps: usize,
+    /// Generated tokens per second over the timed steps.
+    pub tokens_per_second: f64,
+    /// Mean time per step in milliseconds.
+    pub step_ms: f64,
+}
+
+/// Prefills `batch` prompts of `prompt_len` tokens, then times `steps`
+/// greedy decode steps of the whole batch.
+pub fn decode_throughput(m: &LoadedModel, batch: usize, prompt_len: usize, steps: usize) -> Result<DecodeBench> {
+    let block = 16;
+    let need = (prompt_len + steps + 1).div_ceil(block) * batch;
+    let mut alloc = BlockAllocator::new(need, block);
+    let mut kv = KvCache::new(m.model.kv_shape(block), need);
+    let vocab = m.model.config().vocab_size as u32;
+    let mut seqs: Vec<Vec<u32>> = (0..batch)
+        .map(|s| (0..prompt_len).map(|i| ((i * 7 + s * 13 + 1) as u32) % vocab).collect())
+        .collect();
+    let mut tables: Vec<Vec<u32>> = vec![vec![]; batch];
+    for t in tables.iter_mut() {
+        if !alloc.grow(t, prompt_len + steps + 1) {
+            return Err(super::Error::Internal("KV pool too small".into()));
+        }
+    }
+    // Prefill (not timed).
+    let mut b = Batch::new();
+    for (s, t) in seqs.iter().zip(&tables) {
+        b.push(s, 0, t, Logits::Last);
+    }
+    let logits = m.model.forward(&b, &mut kv)?.to_vec2::<f32>()?;
+    drop(b);
+    for (s, row) in seqs.iter_mut().zip(&logits) {
+        s.push(sampling::argmax(row));
+    }
+    let started = Instant::now();
+    for _ in 0..steps {
+        let mut b = Batch::new();
+        for (s, t) in seqs.iter().zip(&tables) {
+            let pos = s.len() - 1;
+            b.push(&s[pos..], pos, t, Logits::Last);
+        }
+        let logits = m.model.forward(&b, &mut kv)?;
+        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+        drop(b);
+        let v = flat.len() / batch;
+        for (s, row) in seqs.iter_mut().zip(flat.chunks(v)) {
+            s.push(sampling::argmax(row));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok(DecodeBench {
+        batch,
+        steps,
+        tokens_per_second: (batch * steps) as f64 / secs,
+        step_ms: secs * 1e3 / steps as f64,
+    })
+}

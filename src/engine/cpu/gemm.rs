@@ -1,0 +1,292 @@
+//! `out = x · wᵀ` for f32 on the CPU, with the weight packed once at load.
+//!
+//! Checkpoints store `w` row-major `[n, k]`. [`PackedWeight`] regroups it
+//! into panels of 16 output columns, `[n/16][k][16]`, so the kernel streams
+//! each panel once per step and never repacks (gemm-style libraries repack
+//! the weight on every call, which at decode batch sizes costs as much as the
+//! multiply). The microkernel is an outer product: 6 activation rows × 16
+//! columns in 12 AVX2 accumulators, enough independent FMA chains to keep
+//! both FMA units busy.
+//!
+//! Work is split over column panels only and every output element is one
+//! FMA chain over `k` in order, so a row's result is bit-identical whatever
+//! else is in the batch.
+
+use rayon::prelude::*;
+
+/// Output columns per panel.
+pub const NR: usize = 16;
+/// Activation rows per microkernel call.
+const MR: usize = 6;
+/// Panels per parallel task.
+const PANELS_PER_TASK: usize = 4;
+
+/// A weight `[n, k]` regrouped into column panels (see the module docs).
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    data: Vec<f32>,
+    /// Output features.
+    pub n: usize,
+    /// Input features.
+    pub k: usize,
+}
+
+impl PackedWeight {
+    /// Packs a row-major `[n, k]` weight.
+    pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0f32; panels * k * NR];
+        for j in 0..n {
+            let (panel, c) = (j / NR, j % NR);
+            let row = &w[j * k..(j + 1) * k];
+            for (p, &v) in row.iter().enumerate() {
+                data[(panel * k + p) * NR + c] = v;
+            }
+        }
+        Self { data, n, k }
+    }
+
+    /// Row `j` of the original `[n, k]` matrix (an embedding lookup).
+    pub fn row_into(&self, j: usize, out: &mut Vec<f32>) {
+        let (panel, c) = (j / NR, j % NR);
+        let base = panel * self.k * NR + c;
+        out.extend((0..self.k).map(|p| self.data[base + p * NR]));
+    }
+
+    /// Bytes of storage.
+    pub fn size_in_bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<f32>()
+    }
+
+    /// Stacks weights with the same `k` (their rows, in order) into one.
+    pub fn stack(parts: &[&PackedWeight]) -> Option<PackedWeight> {
+        let k = parts.first()?.k;
+        if parts.iter().any(|p| p.k != k) {
+            return None;
+        }
+        let mut rows = vec![];
+        let mut row = vec![];
+        for p in parts {
+            for j in 0..p.n {
+                row.clear();
+                p.row_into(j, &mut row);
+                rows.extend_from_slice(&row);
+            }
+        }
+        let n = parts.iter().map(|p| p.n).sum();
+        Some(PackedWeight::pack(&rows, n, k))
+    }
+}
+
+/// A pointer that may cross threads because every task writes disjoint
+/// columns of the output.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint column ranges of the output (see `matmul_xwt`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above; the pointer itself is only copied.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out[m, n] = x[m, k] · wᵀ + bias[n]`.
+pub fn matmul_xwt(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+    let (n, k) = (w.n, w.k);
+    assert!(x.len() >= m * k && out.len() >= m * n, "matmul shapes");
+    let ptr = OutPtr(out.as_mut_ptr());
+    let panels = n.div_ceil(NR);
+    let tasks = panels.div_ceil(PANELS_PER_TASK);
+    let run = |t: usize| {
+        let lo = t * PANELS_PER_TASK;
+        let hi = (lo + PANELS_PER_TASK).min(panels);
+        // SAFETY: this task writes only the columns of panels lo..hi, which no
+        // other task touches; bounds were asserted above.
+        unsafe { panels_range(x, m, w, lo, hi, bias, ptr.get()) };
+    };
+    // Small products are not worth a fork-join.
+    if m * n * k < 1 << 15 || tasks == 1 {
+        (0..tasks).for_each(run);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+/// Computes the columns of panels `lo..hi` for every row.
+///
+/// # Safety
+/// `out` must point to an `m × w.n` buffer whose columns in these panels
+/// nobody else writes concurrently.
+unsafe fn panels_range(x: &[f32], m: usize, w: &PackedWeight, lo: usize, hi: usize, bias: Option<&[f32]>, out: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features; the caller upholds the rest.
+            unsafe { avx2::panels_range(x, m, w, lo, hi, bias, out) };
+            return;
+        }
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { portable_panels(x, m, w, lo, hi, bias, out) };
+}
+
+unsafe fn portable_panels(x: &[f32], m: usize, w: &PackedWeight, lo: usize, hi: usize, bias: Option<&[f32]>, out: *mut f32) {
+    let (n, k) = (w.n, w.k);
+    for panel in lo..hi {
+        let pw = &w.data[panel * k * NR..(panel + 1) * k * NR];
+        let cols = (n - panel * NR).min(NR);
+        for i in 0..m {
+            let mut acc = [0f32; NR];
+            for p in 0..k {
+                let xv = x[i * k + p];
+                for c in 0..NR {
+                    acc[c] = xv.mul_add(pw[p * NR + c], acc[c]);
+                }
+            }
+            for (c, v) in acc.iter().enumerate().take(cols) {
+                let j = panel * NR + c;
+                // SAFETY: i < m, j < n, and this task owns the panel's columns.
+                unsafe { *out.add(i * n + j) = v + bias.map_or(0.0, |b| b[j]) };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR, PackedWeight};
+
+    /// `R` rows × one 16-column panel.
+    ///
+    /// # Safety
+    /// `x` rows must hold `k` values each; `pw` must hold `k * 16`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn micro<const R: usize>(x: [*const f32; R], pw: *const f32, k: usize) -> [[__m256; 2]; R] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for p in 0..k {
+            // SAFETY: p < k.
+            let (w0, w1) = unsafe { (_mm256_loadu_ps(pw.add(p * NR)), _mm256_loadu_ps(pw.add(p * NR + 8))) };
+            for r in 0..R {
+                // SAFETY: p < k.
+                let xb = unsafe { _mm256_broadcast_ss(&*x[r].add(p)) };
+                acc[r][0] = _mm256_fmadd_ps(xb, w0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(xb, w1, acc[r][1]);
+            }
+        }
+        acc
+    }
+
+    /// Writes `R` rows of one panel, adding the bias and dropping padding columns.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store<const R: usize>(acc: [[__m256; 2]; R], out: *mut f32, n: usize, row0: usize, col0: usize, bias: Option<&[f32]>) {
+        let cols = (n - col0).min(NR);
+        let mut bias_v = [0f32; NR];
+        if let Some(b) = bias {
+            bias_v[..cols].copy_from_slice(&b[col0..col0 + cols]);
+        }
+        for (r, a) in acc.iter().enumerate() {
+            let mut tmp = [0f32; NR];
+            // SAFETY: tmp holds 16 values.
+            unsafe {
+                _mm256_storeu_ps(tmp.as_mut_ptr(), a[0]);
+                _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
+            }
+            for c in 0..cols {
+                // SAFETY: (row0 + r) < m and col0 + c < n; the caller owns these columns.
+                unsafe { *out.add((row0 + r) * n + col0 + c) = tmp[c] + bias_v[c] };
+            }
+        }
+    }
+
+    /// See `super::panels_range`.
+    ///
+    /// # Safety
+    /// As `super::panels_range`, and the CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn panels_range(x: &[f32], m: usize, w: &PackedWeight, lo: usize, hi: usize, bias: Option<&[f32]>, out: *mut f32) {
+        let (n, k) = (w.n, w.k);
+        for panel in lo..hi {
+            let pw = w.data[panel * k * NR..].as_ptr();
+            let col0 = panel * NR;
+            let row = |i: usize| x[i * k..].as_ptr();
+            let mut i = 0;
+            while i + MR <= m {
+                // SAFETY: rows i..i+6 exist; the panel holds k * 16 values.
+                unsafe {
+                    let acc = micro::<MR>(std::array::from_fn(|r| row(i + r)), pw, k);
+                    store(acc, out, n, i, col0, bias);
+                }
+                i += MR;
+            }
+            // SAFETY: as above, for the remaining rows.
+            unsafe {
+                match m - i {
+                    0 => {}
+                    1 => store(micro::<1>([row(i)], pw, k), out, n, i, col0, bias),
+                    2 => store(micro::<2>(std::array::from_fn(|r| row(i + r)), pw, k), out, n, i, col0, bias),
+                    3 => store(micro::<3>(std::array::from_fn(|r| row(i + r)), pw, k), out, n, i, col0, bias),
+                    4 => store(micro::<4>(std::array::from_fn(|r| row(i + r)), pw, k), out, n, i, col0, bias),
+                    _ => store(micro::<5>(std::array::from_fn(|r| row(i + r)), pw, k), out, n, i, col0, bias),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+        let mut o = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                o[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() as f32;
+            }
+        }
+        o
+    }
+
+    #[test]
+    fn matches_a_naive_product_for_awkward_shapes() {
+        for &(m, k, n) in &[(1, 8, 4), (3, 13, 7), (2, 256, 130), (33, 64, 65), (7, 100, 300), (13, 5, 17)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0).collect();
+            let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
+            let p = PackedWeight::pack(&w, n, k);
+            let mut o = vec![0f32; m * n];
+            matmul_xwt(&x, m, &p, Some(&bias), &mut o);
+            let want = naive(&x, m, k, &w, n);
+            for (idx, (a, b)) in o.iter().zip(want).enumerate() {
+                let b = b + bias[idx % n];
+                assert!((a - b).abs() < 1e-4, "{m}x{k}x{n}: {a} vs {b}");
+            }
+            let mut row = vec![];
+            p.row_into(n - 1, &mut row);
+            assert_eq!(row, &w[(n - 1) * k..]);
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
+        let (k, n) = (96, 70);
+        let x: Vec<f32> = (0..9 * k).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+        let p = PackedWeight::pack(&w, n, k);
+        let mut all = vec![0f32; 9 * n];
+        matmul_xwt(&x, 9, &p, None, &mut all);
+        for i in 0..9 {
+            let mut one = vec![0f32; n];
+            matmul_xwt(&x[i * k..(i + 1) * k], 1, &p, None, &mut one);
+            assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
+        }
+    }
+}
