@@ -11,33 +11,11 @@ use tokio::net::TcpListener;
 
 use crate::api::auth::Authenticator;
 use crate::api::grpc::{self, InferenceService};
+use crate::api::grpc_admin::AdminService;
 use crate::api::http::{self, HttpState};
-use crate::config::{Config, ModelSpec};
-use crate::engine::{self, LoadOptions, LoadedModel};
-use crate::router::{Deployment, DeploymentTable, Router, Target};
-use crate::scheduler::{Engine, EngineLabels};
-
-/// Loads one configured model (blocking: run it off the async workers).
-pub fn load_model(spec: &ModelSpec) -> anyhow::Result<LoadedModel> {
-    let opts = LoadOptions {
-        device: engine::parse_device(&spec.device)?,
-        ..Default::default()
-    };
-    Ok(match &spec.path {
-        Some(p) => engine::load(p, &opts)?,
-        None => crate::embedded::load(&opts)?,
-    })
-}
-
-/// A short content id for a model: the first 12 hex digits of the SHA-256 of
-/// its weights (the registry keeps the full digest).
-pub fn version_id(spec: &ModelSpec) -> anyhow::Result<String> {
-    let digest = match &spec.path {
-        Some(p) => crate::registry::digest_path(p)?,
-        None => crate::embedded::digest(),
-    };
-    Ok(digest[..12].to_string())
-}
+use crate::config::Config;
+use crate::registry::ops::ModelOps;
+use crate::router::Router;
 
 /// Listeners bound by the caller (tests bind port 0).
 pub struct Listeners {
@@ -69,59 +47,50 @@ impl Listeners {
 }
 
 /// Loads every model and serves until `shutdown` resolves, then drains.
-pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let metrics = crate::monitor::exporter::install()?;
     let auth = Authenticator::new(&cfg.keys);
     if auth.is_open() {
-        tracing::warn!("NO API KEYS CONFIGURED: the server is open to anyone who can reach it (set LLMOPS_API_KEYS or [auth] in the config)");
-    }
-    let mut table = DeploymentTable::default();
-    let mut engines = vec![];
-    for spec in &cfg.models {
-        let s = spec.clone();
-        let (loaded, version) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            Ok((load_model(&s)?, version_id(&s)?))
-        })
-        .await??;
-        tracing::info!(model = %spec.name, version = %version, arch = loaded.info.arch.as_str(), parameters = loaded.info.parameters, source = %loaded.info.source, "model loaded");
-        let engine = Engine::spawn(
-            loaded,
-            cfg.scheduler.clone(),
-            EngineLabels {
-                model: spec.name.clone(),
-                version: version.clone(),
-                variant: "stable".into(),
-            },
-        )?;
-        engines.push(engine.clone());
-        table.models.insert(
-            spec.name.clone(),
-            Arc::new(Deployment {
-                model: spec.name.clone(),
-                stable: Arc::new(Target { version, engine }),
-            }),
+        tracing::warn!(
+            "NO API KEYS CONFIGURED: the server is open to anyone who can reach it (set LLMOPS_API_KEYS or [auth] in the config)"
         );
     }
-    let router = Arc::new(Router::new(table));
-    let limits = Arc::new(cfg.limits.clone());
-
+    let router = Arc::new(Router::default());
     let (health, health_service) = tonic_health::server::health_reporter();
+    let device = cfg
+        .models
+        .first()
+        .map(|m| m.device.clone())
+        .unwrap_or_else(|| "cpu".into());
+    let ops = Arc::new(ModelOps::open(
+        &cfg.server.data_dir,
+        router.clone(),
+        cfg.scheduler.clone(),
+        device,
+        Some(health.clone()),
+    )?);
+    tracing::info!(registry = %cfg.server.data_dir.display(), "registry opened");
+    // What was serving before a restart is restored before traffic is accepted.
+    let served = ops.restore(&cfg.models).await?;
+    let limits = Arc::new(cfg.limits.clone());
     health
         .set_serving::<grpc::pb::inference_server::InferenceServer<InferenceService>>()
         .await;
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    for spec in &cfg.models {
-        health
-            .set_service_status(&spec.name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
 
     let http_state = HttpState {
         router: router.clone(),
         auth: auth.clone(),
         limits: limits.clone(),
-        expected_models: Arc::new(cfg.models.iter().map(|m| m.name.clone()).collect()),
+        expected_models: Arc::new(served.clone()),
         metrics: Some(metrics.clone()),
+        ops: Some(ops.clone()),
     };
     let admin = crate::api::admin::routes();
     let http_app = http::app(http_state, Some(admin));
@@ -131,12 +100,16 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
             auth: auth.clone(),
             limits,
         },
+        AdminService {
+            ops: ops.clone(),
+            auth: auth.clone(),
+        },
         health_service,
     )?
     .prepare()
     .into_axum_router();
 
-    tracing::info!(http = %listeners.http.local_addr()?, grpc = %listeners.grpc.local_addr()?, models = cfg.models.len(), "serving");
+    tracing::info!(http = %listeners.http.local_addr()?, grpc = %listeners.grpc.local_addr()?, models = served.len(), "listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
@@ -161,11 +134,16 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
 
     shutdown.await;
     let timeout = cfg.server.shutdown_timeout;
-    tracing::info!(timeout_secs = timeout.as_secs(), "shutting down: draining in-flight requests");
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    tracing::info!(
+        timeout_secs = timeout.as_secs(),
+        "shutting down: draining in-flight requests"
+    );
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     let _ = stop_tx.send(true);
-    for e in &engines {
-        e.drain(timeout);
+    for d in router.snapshot().models.values() {
+        d.stable.engine.drain(timeout);
     }
     let servers = async {
         let _ = http_server.await;
@@ -174,9 +152,13 @@ pub async fn run(cfg: Config, listeners: Listeners, shutdown: impl Future<Output
             let _ = m.await;
         }
     };
-    if tokio::time::timeout(timeout + Duration::from_secs(1), servers).await.is_err() {
+    if tokio::time::timeout(timeout + Duration::from_secs(1), servers)
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after the drain timeout; closing them");
     }
+    drop(ops);
     drop(router);
     tracing::info!("stopped");
     Ok(())

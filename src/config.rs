@@ -40,7 +40,12 @@ pub struct ServeArgs {
     pub device: Option<String>,
     /// API keys as `id:role:secret` (role: inference or admin), comma-separated.
     /// Secrets are hashed at start and never kept.
-    #[arg(long, env = "LLMOPS_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    #[arg(
+        long,
+        env = "LLMOPS_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub api_keys: Vec<String>,
     /// Tokens per engine step [default: 512].
     #[arg(long, env = "LLMOPS_MAX_BATCHED_TOKENS")]
@@ -199,7 +204,8 @@ impl Config {
     pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
         let file: FileConfig = match &args.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+                let text =
+                    std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
                 toml::from_str(&text).with_context(|| format!("{}: invalid config", p.display()))?
             }
             None => FileConfig::default(),
@@ -255,7 +261,10 @@ impl Config {
                 .unwrap_or(d.kv_cache_bytes),
             block_size: fs.block_size.unwrap_or(d.block_size),
         };
-        if scheduler.max_batched_tokens == 0 || scheduler.max_running == 0 || scheduler.block_size == 0 {
+        if scheduler.max_batched_tokens == 0
+            || scheduler.max_running == 0
+            || scheduler.block_size == 0
+        {
             bail!("scheduler limits must be positive");
         }
         if scheduler.max_running > scheduler.max_batched_tokens {
@@ -315,7 +324,8 @@ impl Config {
         let mut keys = file.auth.keys.clone();
         for spec in &args.api_keys {
             let mut parts = spec.splitn(3, ':');
-            let (Some(id), Some(role), Some(secret)) = (parts.next(), parts.next(), parts.next()) else {
+            let (Some(id), Some(role), Some(secret)) = (parts.next(), parts.next(), parts.next())
+            else {
                 bail!("LLMOPS_API_KEYS entries are id:role:secret");
             };
             let role: Role = role.parse()?;

@@ -48,7 +48,10 @@ impl GgufType {
 pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
     let cfg = ModelConfig::from_hf_file(&dir.join("config.json"))?;
     if cfg.arch != Arch::Llama {
-        bail!("GGUF export supports the Llama family only (got {})", cfg.arch.as_str());
+        bail!(
+            "GGUF export supports the Llama family only (got {})",
+            cfg.arch.as_str()
+        );
     }
     let raw: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("config.json")).context("config.json")?,
@@ -85,8 +88,16 @@ pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
         out_tensors.push((name, q));
         Ok(())
     };
-    push("token_embd.weight".into(), get("model.embed_tokens.weight")?, true)?;
-    push("output_norm.weight".into(), get("model.norm.weight")?, false)?;
+    push(
+        "token_embd.weight".into(),
+        get("model.embed_tokens.weight")?,
+        true,
+    )?;
+    push(
+        "output_norm.weight".into(),
+        get("model.norm.weight")?,
+        false,
+    )?;
     if tensors.contains_key("lm_head.weight") && !cfg.tie_word_embeddings {
         push("output.weight".into(), get("lm_head.weight")?, true)?;
     }
@@ -99,8 +110,16 @@ pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
             }
             permute_rows(&t, heads)
         };
-        push(format!("{b}.attn_norm.weight"), get(&format!("{p}.input_layernorm.weight"))?, false)?;
-        push(format!("{b}.ffn_norm.weight"), get(&format!("{p}.post_attention_layernorm.weight"))?, false)?;
+        push(
+            format!("{b}.attn_norm.weight"),
+            get(&format!("{p}.input_layernorm.weight"))?,
+            false,
+        )?;
+        push(
+            format!("{b}.ffn_norm.weight"),
+            get(&format!("{p}.post_attention_layernorm.weight"))?,
+            false,
+        )?;
         push(
             format!("{b}.attn_q.weight"),
             permute_q(get(&format!("{p}.self_attn.q_proj.weight"))?, cfg.num_heads)?,
@@ -108,12 +127,27 @@ pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
         )?;
         push(
             format!("{b}.attn_k.weight"),
-            permute_q(get(&format!("{p}.self_attn.k_proj.weight"))?, cfg.num_kv_heads)?,
+            permute_q(
+                get(&format!("{p}.self_attn.k_proj.weight"))?,
+                cfg.num_kv_heads,
+            )?,
             true,
         )?;
-        push(format!("{b}.attn_v.weight"), get(&format!("{p}.self_attn.v_proj.weight"))?, true)?;
-        push(format!("{b}.attn_output.weight"), get(&format!("{p}.self_attn.o_proj.weight"))?, true)?;
-        for (hf, gg) in [("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")] {
+        push(
+            format!("{b}.attn_v.weight"),
+            get(&format!("{p}.self_attn.v_proj.weight"))?,
+            true,
+        )?;
+        push(
+            format!("{b}.attn_output.weight"),
+            get(&format!("{p}.self_attn.o_proj.weight"))?,
+            true,
+        )?;
+        for (hf, gg) in [
+            ("q_proj", "attn_q"),
+            ("k_proj", "attn_k"),
+            ("v_proj", "attn_v"),
+        ] {
             let name = format!("{p}.self_attn.{hf}.bias");
             if tensors.contains_key(&name) {
                 if !qwen {
@@ -122,35 +156,84 @@ pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
                 push(format!("{b}.{gg}.bias"), get(&name)?, false)?;
             }
         }
-        push(format!("{b}.ffn_gate.weight"), get(&format!("{p}.mlp.gate_proj.weight"))?, true)?;
-        push(format!("{b}.ffn_up.weight"), get(&format!("{p}.mlp.up_proj.weight"))?, true)?;
-        push(format!("{b}.ffn_down.weight"), get(&format!("{p}.mlp.down_proj.weight"))?, true)?;
+        push(
+            format!("{b}.ffn_gate.weight"),
+            get(&format!("{p}.mlp.gate_proj.weight"))?,
+            true,
+        )?;
+        push(
+            format!("{b}.ffn_up.weight"),
+            get(&format!("{p}.mlp.up_proj.weight"))?,
+            true,
+        )?;
+        push(
+            format!("{b}.ffn_down.weight"),
+            get(&format!("{p}.mlp.down_proj.weight"))?,
+            true,
+        )?;
     }
 
     let vocab = read_vocab(&dir.join("tokenizer.json"), cfg.vocab_size)?;
     let key = |k: &str| format!("{arch}.{k}");
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
-        ("general.name".into(), Value::String(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())),
+        (
+            "general.name".into(),
+            Value::String(
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            ),
+        ),
         ("general.file_type".into(), Value::U32(ty.file_type())),
-        (key("context_length"), Value::U32(cfg.max_position_embeddings as u32)),
+        (
+            key("context_length"),
+            Value::U32(cfg.max_position_embeddings as u32),
+        ),
         (key("embedding_length"), Value::U32(cfg.hidden_size as u32)),
         (key("block_count"), Value::U32(cfg.num_layers as u32)),
-        (key("feed_forward_length"), Value::U32(cfg.intermediate_size as u32)),
+        (
+            key("feed_forward_length"),
+            Value::U32(cfg.intermediate_size as u32),
+        ),
         (key("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
-        (key("attention.head_count"), Value::U32(cfg.num_heads as u32)),
-        (key("attention.head_count_kv"), Value::U32(cfg.num_kv_heads as u32)),
+        (
+            key("attention.head_count"),
+            Value::U32(cfg.num_heads as u32),
+        ),
+        (
+            key("attention.head_count_kv"),
+            Value::U32(cfg.num_kv_heads as u32),
+        ),
         (key("attention.key_length"), Value::U32(cfg.head_dim as u32)),
-        (key("attention.value_length"), Value::U32(cfg.head_dim as u32)),
-        (key("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        (
+            key("attention.value_length"),
+            Value::U32(cfg.head_dim as u32),
+        ),
+        (
+            key("attention.layer_norm_rms_epsilon"),
+            Value::F32(cfg.rms_norm_eps as f32),
+        ),
         (key("rope.freq_base"), Value::F32(cfg.rope.theta as f32)),
         (key("vocab_size"), Value::U32(cfg.vocab_size as u32)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.tokens".into(), Value::Array(vocab.tokens.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(vocab.types.into_iter().map(Value::I32).collect())),
-        ("tokenizer.ggml.merges".into(), Value::Array(vocab.merges.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.add_bos_token".into(), Value::Bool(cfg.bos_token_id.is_some())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(vocab.tokens.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(vocab.types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(vocab.merges.into_iter().map(Value::String).collect()),
+        ),
+        (
+            "tokenizer.ggml.add_bos_token".into(),
+            Value::Bool(cfg.bos_token_id.is_some()),
+        ),
         ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
     ];
     if let Some(b) = cfg.bos_token_id {
@@ -216,11 +299,21 @@ fn read_vocab(path: &Path, model_vocab: usize) -> anyhow::Result<Vocab> {
     }
     if let Some(added) = v.get("added_tokens").and_then(|a| a.as_array()) {
         for a in added {
-            let id = a.get("id").and_then(|i| i.as_u64()).context("added token id")? as usize;
-            let content = a.get("content").and_then(|c| c.as_str()).unwrap_or_default();
+            let id = a
+                .get("id")
+                .and_then(|i| i.as_u64())
+                .context("added token id")? as usize;
+            let content = a
+                .get("content")
+                .and_then(|c| c.as_str())
+                .unwrap_or_default();
             if id < model_vocab {
                 tokens[id] = Some(content.to_string());
-                types[id] = if a.get("special").and_then(|s| s.as_bool()) == Some(true) { 3 } else { 4 };
+                types[id] = if a.get("special").and_then(|s| s.as_bool()) == Some(true) {
+                    3
+                } else {
+                    4
+                };
             }
         }
     }

@@ -42,7 +42,9 @@ pub mod validation;
 /// the variable once makes that a cheap lookup.
 pub fn init_process() {
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         // SAFETY: called at the top of `main` (and test setup) before other
         // threads exist or read the environment.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };

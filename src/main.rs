@@ -14,7 +14,13 @@ use llmops::scheduler::{Engine, EngineLabels, Event, Request, SchedulerConfig};
 #[command(name = "llmops", version, about)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "LLMOPS_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "LLMOPS_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -129,10 +135,16 @@ fn init_tracing(format: LogFormat) {
     // RUST_LOG-style filtering; prompts and outputs are never logged.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
     }
 }
 
@@ -143,7 +155,9 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => {
             let cfg = llmops::config::Config::load(&args)?;
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async move {
                 let listeners = llmops::app::Listeners::bind(&cfg).await?;
                 llmops::app::run(cfg, listeners, llmops::app::shutdown_signal()).await
@@ -159,7 +173,9 @@ fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("unknown preset `{}` (tiny, 26m, 116m)", args.preset))?;
             spec.seed = args.seed;
             let tok = match &args.tokenizer {
-                Some(p) => Some(std::fs::read_to_string(p).with_context(|| p.display().to_string())?),
+                Some(p) => {
+                    Some(std::fs::read_to_string(p).with_context(|| p.display().to_string())?)
+                }
                 None => None,
             };
             spec.write(&args.out, tok.as_deref())?;
@@ -172,7 +188,9 @@ fn main() -> anyhow::Result<()> {
                 Some(p) => engine::load(p, &opts)?,
                 None => llmops::embedded::load(&opts)?,
             };
-            let rss = llmops::monitor::exporter::process_stats().map(|p| p.rss_bytes).unwrap_or(0);
+            let rss = llmops::monitor::exporter::process_stats()
+                .map(|p| p.rss_bytes)
+                .unwrap_or(0);
             eprintln!(
                 "{}: {} parameters, {:.1} MB of matrix weights, resident {:.0} MiB",
                 m.info.source,
@@ -181,7 +199,8 @@ fn main() -> anyhow::Result<()> {
                 rss as f64 / (1 << 20) as f64
             );
             for b in args.batch {
-                let r = llmops::engine::bench::decode_throughput(&m, b, args.prompt_len, args.steps)?;
+                let r =
+                    llmops::engine::bench::decode_throughput(&m, b, args.prompt_len, args.steps)?;
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())
@@ -246,7 +265,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         },
         ..Request::greedy(prompt, max_tokens)
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let started = Instant::now();
         let mut rx = engine.submit(request)?;
@@ -284,4 +305,3 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         anyhow::bail!("the engine stopped before finishing")
     })
 }
-

@@ -200,12 +200,13 @@ impl SynthSpec {
     pub fn tensors(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
         let mut out = vec![];
-        let mut add = |name: String, shape: &[usize], std: f32, offset: f32| -> candle_core::Result<()> {
-            let n: usize = shape.iter().product();
-            let v: Vec<f32> = (0..n).map(|_| offset + std * normal(&mut rng)).collect();
-            out.push((name, Tensor::from_vec(v, shape, &Device::Cpu)?));
-            Ok(())
-        };
+        let mut add =
+            |name: String, shape: &[usize], std: f32, offset: f32| -> candle_core::Result<()> {
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|_| offset + std * normal(&mut rng)).collect();
+                out.push((name, Tensor::from_vec(v, shape, &Device::Cpu)?));
+                Ok(())
+            };
         let (h, i) = (self.hidden, self.intermediate);
         let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         let s = self.std;
@@ -213,11 +214,21 @@ impl SynthSpec {
         // Llama norms multiply by w (≈1); Gemma's by 1 + w (w ≈ 0).
         let norm_offset = if gemma { 0.0 } else { 1.0 };
         let ns = self.norm_std;
-        add("model.embed_tokens.weight".into(), &[self.vocab, h], self.embed_std, 0.0)?;
+        add(
+            "model.embed_tokens.weight".into(),
+            &[self.vocab, h],
+            self.embed_std,
+            0.0,
+        )?;
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             add(format!("{p}.input_layernorm.weight"), &[h], ns, norm_offset)?;
-            add(format!("{p}.post_attention_layernorm.weight"), &[h], ns, norm_offset)?;
+            add(
+                format!("{p}.post_attention_layernorm.weight"),
+                &[h],
+                ns,
+                norm_offset,
+            )?;
             add(format!("{p}.self_attn.q_proj.weight"), &[q, h], s, 0.0)?;
             add(format!("{p}.self_attn.k_proj.weight"), &[kv, h], s, 0.0)?;
             add(format!("{p}.self_attn.v_proj.weight"), &[kv, h], s, 0.0)?;
@@ -228,10 +239,30 @@ impl SynthSpec {
                 add(format!("{p}.self_attn.v_proj.bias"), &[kv], s, 0.0)?;
             }
             if gemma {
-                add(format!("{p}.self_attn.q_norm.weight"), &[self.head_dim], ns, 0.0)?;
-                add(format!("{p}.self_attn.k_norm.weight"), &[self.head_dim], ns, 0.0)?;
-                add(format!("{p}.pre_feedforward_layernorm.weight"), &[h], ns, 0.0)?;
-                add(format!("{p}.post_feedforward_layernorm.weight"), &[h], ns, 0.0)?;
+                add(
+                    format!("{p}.self_attn.q_norm.weight"),
+                    &[self.head_dim],
+                    ns,
+                    0.0,
+                )?;
+                add(
+                    format!("{p}.self_attn.k_norm.weight"),
+                    &[self.head_dim],
+                    ns,
+                    0.0,
+                )?;
+                add(
+                    format!("{p}.pre_feedforward_layernorm.weight"),
+                    &[h],
+                    ns,
+                    0.0,
+                )?;
+                add(
+                    format!("{p}.post_feedforward_layernorm.weight"),
+                    &[h],
+                    ns,
+                    0.0,
+                )?;
             }
             add(format!("{p}.mlp.gate_proj.weight"), &[i, h], s, 0.0)?;
             add(format!("{p}.mlp.up_proj.weight"), &[i, h], s, 0.0)?;
@@ -350,7 +381,9 @@ pub fn byte_level_tokenizer_json() -> String {
 
 /// GPT-2's printable stand-in for a byte.
 fn byte_char(b: u8) -> char {
-    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let printable = |b: u8| {
+        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
     if printable(b) {
         return b as char;
     }

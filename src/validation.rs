@@ -81,10 +81,16 @@ pub fn tokenize_input(engine: &Engine, input: &Input) -> Result<Vec<u32>, ApiErr
                 return Err(ApiError::invalid("messages", "messages must not be empty"));
             }
             for (i, m) in messages.iter().enumerate() {
-                if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer") {
+                if !matches!(
+                    m.role.as_str(),
+                    "system" | "user" | "assistant" | "developer"
+                ) {
                     return Err(ApiError::invalid(
                         "messages",
-                        format!("messages[{i}].role: unknown role `{}` (system, user, assistant)", m.role),
+                        format!(
+                            "messages[{i}].role: unknown role `{}` (system, user, assistant)",
+                            m.role
+                        ),
                     ));
                 }
             }
@@ -101,16 +107,28 @@ pub fn tokenize_input(engine: &Engine, input: &Input) -> Result<Vec<u32>, ApiErr
 }
 
 /// Checks a spec against the limits and the model, and builds the requests.
-pub fn validate(spec: GenerationSpec, engine: &Engine, limits: &LimitsConfig) -> Result<ValidRequest, ApiError> {
+pub fn validate(
+    spec: GenerationSpec,
+    engine: &Engine,
+    limits: &LimitsConfig,
+) -> Result<ValidRequest, ApiError> {
     let param = input_param(&spec.input);
     if spec.n == 0 || spec.n > MAX_N {
-        return Err(ApiError::invalid("n", format!("n must be between 1 and {MAX_N}, got {}", spec.n)));
+        return Err(ApiError::invalid(
+            "n",
+            format!("n must be between 1 and {MAX_N}, got {}", spec.n),
+        ));
     }
     if spec.stop.len() > MAX_STOPS {
-        return Err(ApiError::invalid("stop", format!("at most {MAX_STOPS} stop strings")));
+        return Err(ApiError::invalid(
+            "stop",
+            format!("at most {MAX_STOPS} stop strings"),
+        ));
     }
     spec.sampling.validate().map_err(|e| match e {
-        crate::engine::Error::InvalidParam { param, message } => ApiError::invalid(&param, format!("{param}: {message}")),
+        crate::engine::Error::InvalidParam { param, message } => {
+            ApiError::invalid(&param, format!("{param}: {message}"))
+        }
         other => ApiError::invalid("sampling", other.to_string()),
     })?;
     let prompt = tokenize_input(engine, &spec.input)?;
@@ -120,7 +138,10 @@ pub fn validate(spec: GenerationSpec, engine: &Engine, limits: &LimitsConfig) ->
     let vocab = engine.tokenizer().vocab_size() as u32;
     if let Input::Tokens(ids) = &spec.input {
         if let Some(bad) = ids.iter().find(|&&t| t >= vocab.max(1)) {
-            return Err(ApiError::invalid("prompt", format!("token id {bad} is outside the vocabulary ({vocab} tokens)")));
+            return Err(ApiError::invalid(
+                "prompt",
+                format!("token id {bad} is outside the vocabulary ({vocab} tokens)"),
+            ));
         }
     }
     let ctx = engine.context_length();
@@ -136,11 +157,19 @@ pub fn validate(spec: GenerationSpec, engine: &Engine, limits: &LimitsConfig) ->
     }
     let remaining = ctx - prompt.len();
     let max_tokens = match spec.max_tokens {
-        Some(0) => return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1")),
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                "max_tokens must be at least 1",
+            ));
+        }
         Some(m) => {
             if let Some(cap) = limits.max_tokens {
                 if m > cap {
-                    return Err(ApiError::invalid("max_tokens", format!("max_tokens is {m}; this server allows at most {cap}")));
+                    return Err(ApiError::invalid(
+                        "max_tokens",
+                        format!("max_tokens is {m}; this server allows at most {cap}"),
+                    ));
                 }
             }
             if m > remaining {

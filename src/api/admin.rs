@@ -1,33 +1,255 @@
-//! The admin API (`/admin/v1/…`), admin role only.
+//! The admin API over HTTP (`/admin/v1/…`), admin role only: registry,
+//! loading, aliases (hot swap), what is serving, the audit log.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
-use axum::routing::get;
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post, put};
 use axum::{Extension, Json};
+use serde::Deserialize;
+use serde_json::{Value, json};
 
 use super::auth::Principal;
 use super::error::ApiError;
-use super::http::HttpState;
+use super::http::{HttpState, JsonBody};
+use crate::registry::ops::{Actor, ModelOps, Register};
 
 /// Admin routes, mounted behind authentication.
 pub fn routes() -> axum::Router<HttpState> {
-    axum::Router::new().route("/admin/v1/serving", get(serving))
+    axum::Router::new()
+        .route("/admin/v1/serving", get(serving))
+        .route("/admin/v1/models", get(list_models))
+        .route("/admin/v1/models/{model}", get(get_model))
+        .route(
+            "/admin/v1/models/{model}/versions",
+            post(register).get(list_versions),
+        )
+        .route(
+            "/admin/v1/models/{model}/versions/{version}",
+            get(get_version),
+        )
+        .route(
+            "/admin/v1/models/{model}/versions/{version}/load",
+            post(load),
+        )
+        .route(
+            "/admin/v1/models/{model}/versions/{version}/unload",
+            post(unload),
+        )
+        .route(
+            "/admin/v1/models/{model}/aliases/{alias}",
+            put(set_alias).delete(delete_alias),
+        )
+        .route("/admin/v1/audit", get(audit))
 }
 
-/// What serves each model name now.
-async fn serving(State(st): State<HttpState>, Extension(p): Extension<Arc<Principal>>) -> Result<Json<serde_json::Value>, ApiError> {
+fn ops(st: &HttpState, p: &Principal) -> Result<Arc<ModelOps>, ApiError> {
     p.require_admin()?;
-    let table = st.router.snapshot();
-    let models: Vec<serde_json::Value> = table
+    st.ops
+        .clone()
+        .ok_or_else(|| ApiError::Unavailable("the registry is not enabled on this server".into()))
+}
+
+fn actor(p: &Principal, reason: Option<String>) -> Actor {
+    Actor {
+        key_id: p.key_id.clone(),
+        reason,
+    }
+}
+
+async fn serving(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.serving().await))
+}
+
+async fn list_models(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Result<Json<Value>, ApiError> {
+    let state = ops(&st, &p)?.state().await;
+    let models: Vec<Value> = state
         .models
-        .values()
-        .map(|d| {
-            serde_json::json!({
-                "model": d.model,
-                "stable": {"version": d.stable.version, "ready": d.stable.engine.is_ready(), "source": d.stable.engine.info().source},
-            })
-        })
+        .iter()
+        .map(|(name, m)| json!({"model": name, "versions": m.order, "aliases": m.aliases}))
         .collect();
-    Ok(Json(serde_json::json!({"models": models})))
+    Ok(Json(json!({"models": models})))
+}
+
+async fn get_model(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let state = ops(&st, &p)?.state().await;
+    let m = state
+        .models
+        .get(&model)
+        .ok_or_else(|| ApiError::NotFound(format!("no model `{model}` is registered")))?;
+    let versions: Vec<&crate::registry::VersionRecord> =
+        m.order.iter().filter_map(|v| m.versions.get(v)).collect();
+    Ok(Json(
+        json!({"model": model, "versions": versions, "aliases": m.aliases}),
+    ))
+}
+
+async fn list_versions(
+    st: State<HttpState>,
+    p: Extension<Arc<Principal>>,
+    model: Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    get_model(st, p, model).await
+}
+
+async fn get_version(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let state = ops(&st, &p)?.state().await;
+    let v = state
+        .version(&model, &version)
+        .ok_or_else(|| ApiError::NotFound(format!("model `{model}` has no version `{version}`")))?;
+    Ok(Json(json!(v)))
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    #[serde(flatten)]
+    register: Register,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn register(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+    JsonBody(body): JsonBody<RegisterBody>,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let ops = ops(&st, &p)?;
+    let rec = ops
+        .register(&actor(&p, body.reason), &model, body.register)
+        .await?;
+    Ok((axum::http::StatusCode::CREATED, Json(json!(rec))))
+}
+
+#[derive(Deserialize, Default)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// An optional JSON body: empty is fine.
+async fn reason_of(body: axum::body::Bytes) -> Result<Option<String>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let b: ReasonBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("reason", format!("invalid body: {e}")))?;
+    Ok(b.reason)
+}
+
+async fn load(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path((model, version)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let ops = ops(&st, &p)?;
+    ops.load(&actor(&p, reason_of(body).await?), &model, &version)
+        .await?;
+    Ok(Json(
+        json!({"model": model, "version": version, "loaded": true}),
+    ))
+}
+
+async fn unload(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path((model, version)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let ops = ops(&st, &p)?;
+    ops.unload(
+        &actor(&p, reason_of(body).await?),
+        &model,
+        &version,
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(Json(
+        json!({"model": model, "version": version, "loaded": false}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct AliasBody {
+    version: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn set_alias(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path((model, alias)): Path<(String, String)>,
+    JsonBody(body): JsonBody<AliasBody>,
+) -> Result<Json<Value>, ApiError> {
+    let ops = ops(&st, &p)?;
+    ops.set_alias(&actor(&p, body.reason), &model, &alias, Some(&body.version))
+        .await?;
+    Ok(Json(
+        json!({"model": model, "alias": alias, "version": body.version}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct ReasonQuery {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::invalid("query", e.body_text()))
+}
+
+async fn delete_alias(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path((model, alias)): Path<(String, String)>,
+    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let ops = ops(&st, &p)?;
+    ops.set_alias(&actor(&p, q.reason), &model, &alias, None)
+        .await?;
+    Ok(Json(
+        json!({"model": model, "alias": alias, "removed": true}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    1000
+}
+
+async fn audit(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let entries = ops(&st, &p)?.audit(q.after, q.limit.min(10_000)).await;
+    Ok(Json(json!({"entries": entries})))
 }

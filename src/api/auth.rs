@@ -127,7 +127,9 @@ impl RateLimiter {
         let cost = units.saturating_mul(self.interval);
         let _ = self
             .tat
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| Some(t.saturating_sub(cost)));
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(cost))
+            });
     }
 }
 
@@ -159,7 +161,10 @@ impl Principal {
     pub fn charge(&self, tokens: u64) -> Result<(), ApiError> {
         if let Some(r) = &self.requests {
             r.take(1).map_err(|wait| ApiError::RateLimited {
-                message: format!("rate limit of key `{}` reached (requests per minute)", self.key_id),
+                message: format!(
+                    "rate limit of key `{}` reached (requests per minute)",
+                    self.key_id
+                ),
                 retry_after: wait,
             })?;
         }
@@ -169,7 +174,10 @@ impl Principal {
                     r.refund(1);
                 }
                 return Err(ApiError::RateLimited {
-                    message: format!("rate limit of key `{}` reached (tokens per minute)", self.key_id),
+                    message: format!(
+                        "rate limit of key `{}` reached (tokens per minute)",
+                        self.key_id
+                    ),
                     retry_after: wait,
                 });
             }
@@ -258,7 +266,10 @@ mod tests {
             assert!(l.take(1).is_ok());
         }
         let wait = l.take(1).unwrap_err();
-        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1), "{wait:?}");
+        assert!(
+            wait > Duration::from_millis(900) && wait <= Duration::from_secs(1),
+            "{wait:?}"
+        );
         l.refund(1);
         assert!(l.take(1).is_ok());
     }

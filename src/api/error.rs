@@ -93,7 +93,9 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             // nginx's "client closed request"; the client never sees it.
@@ -105,14 +107,16 @@ impl ApiError {
     /// gRPC status code.
     pub fn grpc_code(&self) -> tonic::Code {
         match self {
-            ApiError::BadRequest { .. } | ApiError::ContextLength { .. } | ApiError::PayloadTooLarge(_) => {
-                tonic::Code::InvalidArgument
-            }
+            ApiError::BadRequest { .. }
+            | ApiError::ContextLength { .. }
+            | ApiError::PayloadTooLarge(_) => tonic::Code::InvalidArgument,
             ApiError::Unauthenticated(_) => tonic::Code::Unauthenticated,
             ApiError::Forbidden(_) => tonic::Code::PermissionDenied,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => tonic::Code::NotFound,
             ApiError::Conflict(_) => tonic::Code::AlreadyExists,
-            ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => tonic::Code::ResourceExhausted,
+            ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => {
+                tonic::Code::ResourceExhausted
+            }
             ApiError::Unavailable(_) => tonic::Code::Unavailable,
             ApiError::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             ApiError::Cancelled => tonic::Code::Cancelled,
@@ -145,11 +149,17 @@ impl ApiError {
         match self {
             ApiError::Unauthenticated(_) => "authentication_error",
             ApiError::Forbidden(_) => "permission_error",
-            ApiError::ModelNotFound(_) | ApiError::NotFound(_) | ApiError::BadRequest { .. } | ApiError::ContextLength { .. } | ApiError::PayloadTooLarge(_) | ApiError::Conflict(_) => {
-                "invalid_request_error"
-            }
+            ApiError::ModelNotFound(_)
+            | ApiError::NotFound(_)
+            | ApiError::BadRequest { .. }
+            | ApiError::ContextLength { .. }
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::Conflict(_) => "invalid_request_error",
             ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => "rate_limit_error",
-            ApiError::Unavailable(_) | ApiError::DeadlineExceeded(_) | ApiError::Cancelled | ApiError::Internal(_) => "server_error",
+            ApiError::Unavailable(_)
+            | ApiError::DeadlineExceeded(_)
+            | ApiError::Cancelled
+            | ApiError::Internal(_) => "server_error",
         }
     }
 
@@ -166,7 +176,9 @@ impl ApiError {
 
     fn param(&self) -> Option<&str> {
         match self {
-            ApiError::BadRequest { param, .. } | ApiError::ContextLength { param, .. } => param.as_deref(),
+            ApiError::BadRequest { param, .. } | ApiError::ContextLength { param, .. } => {
+                param.as_deref()
+            }
             ApiError::ModelNotFound(_) => Some("model"),
             _ => None,
         }
@@ -174,7 +186,8 @@ impl ApiError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            ApiError::RateLimited { retry_after, .. } | ApiError::Overloaded { retry_after, .. } => Some(*retry_after),
+            ApiError::RateLimited { retry_after, .. }
+            | ApiError::Overloaded { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -232,16 +245,24 @@ impl From<ApiError> for tonic::Status {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::Overloaded { reason, retry_after } => ApiError::Overloaded {
+            SubmitError::Overloaded {
+                reason,
+                retry_after,
+            } => ApiError::Overloaded {
                 message: format!("the server is overloaded ({reason}); retry later"),
                 retry_after,
             },
-            SubmitError::ContextLength { message } => ApiError::ContextLength { message, param: None },
+            SubmitError::ContextLength { message } => ApiError::ContextLength {
+                message,
+                param: None,
+            },
             SubmitError::Invalid { param, message } => ApiError::BadRequest {
                 message: format!("{param}: {message}"),
                 param: Some(param),
             },
-            SubmitError::Unavailable => ApiError::Unavailable("the model is not accepting requests".into()),
+            SubmitError::Unavailable => {
+                ApiError::Unavailable("the model is not accepting requests".into())
+            }
         }
     }
 }

@@ -27,7 +27,11 @@ pub struct Submitted {
 
 /// Charges the caller and submits every choice; nothing stays queued if a
 /// later choice is refused.
-pub fn submit(target: &Target, valid: ValidRequest, principal: Arc<Principal>) -> Result<Submitted, ApiError> {
+pub fn submit(
+    target: &Target,
+    valid: ValidRequest,
+    principal: Arc<Principal>,
+) -> Result<Submitted, ApiError> {
     let prompt_tokens = valid.prompt.len();
     let reserved = prompt_tokens + valid.max_tokens * valid.choices.len();
     principal.charge(reserved as u64)?;
@@ -82,7 +86,9 @@ pub async fn collect(mut rx: Receiver<Event>) -> Result<ChoiceOutput, ApiError> 
                 out.finish_reason = Some(c.reason);
                 out.completion_tokens = c.completion_tokens;
                 if c.reason == FinishReason::Aborted {
-                    return Err(ApiError::Unavailable("the server stopped before the request finished".into()));
+                    return Err(ApiError::Unavailable(
+                        "the server stopped before the request finished".into(),
+                    ));
                 }
                 return Ok(out);
             }

@@ -69,12 +69,14 @@ fn metadata_str<'a, T>(req: &'a Request<T>, key: &str) -> Option<&'a str> {
 fn record(route: &'static str, started: Instant, code: tonic::Code) {
     let status = format!("{code:?}");
     metrics::counter!(names::API_REQUESTS, "protocol" => "grpc", "route" => route, "status" => status).increment(1);
-    metrics::histogram!(names::API_DURATION, "protocol" => "grpc", "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(names::API_DURATION, "protocol" => "grpc", "route" => route)
+        .record(started.elapsed().as_secs_f64());
 }
 
 fn fail(route: &'static str, started: Instant, e: ApiError) -> Status {
     record(route, started, e.grpc_code());
-    metrics::counter!(names::FAILURE, "protocol" => "grpc", "error_type" => e.error_type()).increment(1);
+    metrics::counter!(names::FAILURE, "protocol" => "grpc", "error_type" => e.error_type())
+        .increment(1);
     e.into()
 }
 
@@ -111,7 +113,11 @@ impl InferenceService {
         self.auth.authenticate(metadata_str(req, "authorization"))
     }
 
-    fn spec(&self, req: &Request<pb::GenerateRequest>, arrival: Instant) -> Result<GenerationSpec, ApiError> {
+    fn spec(
+        &self,
+        req: &Request<pb::GenerateRequest>,
+        arrival: Instant,
+    ) -> Result<GenerationSpec, ApiError> {
         // End a little before the caller's own timer fires, so it receives our
         // DEADLINE_EXCEEDED (with the sequence already freed) rather than
         // racing its local cancellation.
@@ -131,7 +137,12 @@ impl InferenceService {
                     .collect(),
             ),
             Some(pb::generate_request::Input::PromptTokens(t)) => Input::Tokens(t.ids.clone()),
-            None => return Err(ApiError::invalid("input", "one of prompt, chat or prompt_tokens is required")),
+            None => {
+                return Err(ApiError::invalid(
+                    "input",
+                    "one of prompt, chat or prompt_tokens is required",
+                ));
+            }
         };
         let s = r.sampling.clone().unwrap_or_default();
         let sampling = SamplingParams {
@@ -164,14 +175,24 @@ type GenStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, St
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
-    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+    async fn generate(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
         let started = Instant::now();
         let route = "Generate";
         let principal = self.principal(&req).map_err(|e| fail(route, started, e))?;
-        let target = self.router.pick(&req.get_ref().model).map_err(|e| fail(route, started, e))?;
-        let spec = self.spec(&req, started).map_err(|e| fail(route, started, e))?;
-        let valid = validation::validate(spec, &target.engine, &self.limits).map_err(|e| fail(route, started, e))?;
-        let mut sub = generate::submit(&target, valid, principal).map_err(|e| fail(route, started, e))?;
+        let target = self
+            .router
+            .pick(&req.get_ref().model)
+            .map_err(|e| fail(route, started, e))?;
+        let spec = self
+            .spec(&req, started)
+            .map_err(|e| fail(route, started, e))?;
+        let valid = validation::validate(spec, &target.engine, &self.limits)
+            .map_err(|e| fail(route, started, e))?;
+        let mut sub =
+            generate::submit(&target, valid, principal).map_err(|e| fail(route, started, e))?;
         let rx = sub.receivers.remove(0);
         let out: ChoiceOutput = match generate::collect(rx).await {
             Ok(o) => o,
@@ -182,7 +203,13 @@ impl Inference for InferenceService {
         };
         sub.settle(out.completion_tokens);
         if out.finish_reason == Some(FinishReason::Timeout) {
-            return Err(fail(route, started, ApiError::DeadlineExceeded("the request's deadline passed before it finished".into())));
+            return Err(fail(
+                route,
+                started,
+                ApiError::DeadlineExceeded(
+                    "the request's deadline passed before it finished".into(),
+                ),
+            ));
         }
         let tok = target.engine.tokenizer();
         record(route, started, tonic::Code::Ok);
@@ -197,24 +224,38 @@ impl Inference for InferenceService {
             }),
             model: req.get_ref().model.clone(),
             version: target.version.clone(),
-            request_id: metadata_str(&req, "x-request-id").map(str::to_string).unwrap_or_default(),
+            request_id: metadata_str(&req, "x-request-id")
+                .map(str::to_string)
+                .unwrap_or_default(),
             logprobs: logprobs_pb(tok, &out.logprobs),
         }))
     }
 
     type GenerateStreamStream = GenStream;
 
-    async fn generate_stream(&self, req: Request<pb::GenerateRequest>) -> Result<Response<GenStream>, Status> {
+    async fn generate_stream(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<Response<GenStream>, Status> {
         let started = Instant::now();
         let route = "GenerateStream";
         let principal = self.principal(&req).map_err(|e| fail(route, started, e))?;
-        let target = self.router.pick(&req.get_ref().model).map_err(|e| fail(route, started, e))?;
-        let spec = self.spec(&req, started).map_err(|e| fail(route, started, e))?;
-        let valid = validation::validate(spec, &target.engine, &self.limits).map_err(|e| fail(route, started, e))?;
-        let mut sub = generate::submit(&target, valid, principal).map_err(|e| fail(route, started, e))?;
+        let target = self
+            .router
+            .pick(&req.get_ref().model)
+            .map_err(|e| fail(route, started, e))?;
+        let spec = self
+            .spec(&req, started)
+            .map_err(|e| fail(route, started, e))?;
+        let valid = validation::validate(spec, &target.engine, &self.limits)
+            .map_err(|e| fail(route, started, e))?;
+        let mut sub =
+            generate::submit(&target, valid, principal).map_err(|e| fail(route, started, e))?;
         let rx = sub.receivers.remove(0);
         let model = req.get_ref().model.clone();
-        let request_id = metadata_str(&req, "x-request-id").map(str::to_string).unwrap_or_default();
+        let request_id = metadata_str(&req, "x-request-id")
+            .map(str::to_string)
+            .unwrap_or_default();
         record(route, started, tonic::Code::Ok);
         let stream = async_stream::stream! {
             let tok = target.engine.tokenizer().clone();
@@ -271,24 +312,40 @@ impl Inference for InferenceService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn tokenize(&self, req: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+    async fn tokenize(
+        &self,
+        req: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let started = Instant::now();
         let route = "Tokenize";
         self.principal(&req).map_err(|e| fail(route, started, e))?;
         let r = req.get_ref();
-        let target = self.router.pick(&r.model).map_err(|e| fail(route, started, e))?;
+        let target = self
+            .router
+            .pick(&r.model)
+            .map_err(|e| fail(route, started, e))?;
         let tok = target.engine.tokenizer();
         let ids = tok
             .encode(&r.text, r.add_special_tokens)
             .map_err(|e| fail(route, started, ApiError::invalid("text", e.to_string())))?;
-        let tokens = ids.iter().map(|&t| tok.token_text(t).unwrap_or_default()).collect();
+        let tokens = ids
+            .iter()
+            .map(|&t| tok.token_text(t).unwrap_or_default())
+            .collect();
         record(route, started, tonic::Code::Ok);
-        Ok(Response::new(pb::TokenizeResponse { token_ids: ids, tokens }))
+        Ok(Response::new(pb::TokenizeResponse {
+            token_ids: ids,
+            tokens,
+        }))
     }
 
-    async fn list_models(&self, req: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        req: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let started = Instant::now();
-        self.principal(&req).map_err(|e| fail("ListModels", started, e))?;
+        self.principal(&req)
+            .map_err(|e| fail("ListModels", started, e))?;
         let table = self.router.snapshot();
         let models = table
             .models
@@ -315,7 +372,13 @@ impl Inference for InferenceService {
 }
 
 /// The gRPC routes: inference, health, reflection (v1 and v1alpha).
-pub fn routes(svc: InferenceService, health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>) -> anyhow::Result<tonic::service::Routes> {
+pub fn routes(
+    svc: InferenceService,
+    admin: super::grpc_admin::AdminService,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<tonic::service::Routes> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -325,6 +388,7 @@ pub fn routes(svc: InferenceService, health: tonic_health::pb::health_server::He
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     Ok(tonic::service::Routes::new(InferenceServer::new(svc))
+        .add_service(pb::admin_server::AdminServer::new(admin))
         .add_service(health)
         .add_service(reflection)
         .add_service(reflection_alpha))

@@ -41,6 +41,8 @@ pub struct HttpState {
     pub expected_models: Arc<Vec<String>>,
     /// Prometheus renderer.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Model operations (registry, hot swap) for the admin API.
+    pub ops: Option<Arc<crate::registry::ops::ModelOps>>,
 }
 
 /// The request id, accepted from `x-request-id` or generated.
@@ -118,7 +120,8 @@ async fn track(req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
     metrics::counter!(names::API_REQUESTS, "protocol" => "http", "route" => route.clone(), "status" => status).increment(1);
-    metrics::histogram!(names::API_DURATION, "protocol" => "http", "route" => route).record(started.elapsed().as_secs_f64());
+    metrics::histogram!(names::API_DURATION, "protocol" => "http", "route" => route)
+        .record(started.elapsed().as_secs_f64());
     if let Some(ErrorType(t)) = resp.extensions().get::<ErrorType>() {
         metrics::counter!(names::FAILURE, "protocol" => "http", "error_type" => *t).increment(1);
     }
@@ -157,7 +160,8 @@ impl<T: DeserializeOwned> FromRequest<HttpState> for JsonBody<T> {
         let mut buf: Vec<u8> = vec![];
         let mut total = 0usize;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| ApiError::invalid("body", format!("could not read the body: {e}")))?;
+            let frame = frame
+                .map_err(|e| ApiError::invalid("body", format!("could not read the body: {e}")))?;
             if let Ok(data) = frame.into_data() {
                 total += data.len();
                 if total <= limit {
@@ -180,7 +184,11 @@ impl<T: DeserializeOwned> FromRequest<HttpState> for JsonBody<T> {
             Err(e) => {
                 let path = e.path().to_string();
                 let inner = e.into_inner();
-                let param = if path.is_empty() || path == "." { None } else { Some(path.clone()) };
+                let param = if path.is_empty() || path == "." {
+                    None
+                } else {
+                    Some(path.clone())
+                };
                 let message = match inner.classify() {
                     serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
                         format!("the body is not valid JSON: {inner}")
@@ -197,7 +205,10 @@ impl<T: DeserializeOwned> FromRequest<HttpState> for JsonBody<T> {
 fn u64_to_usize(v: Option<u64>, name: &str, max: usize) -> Result<Option<usize>, ApiError> {
     match v {
         None => Ok(None),
-        Some(x) if x as u128 > max as u128 => Err(ApiError::invalid(name, format!("{name} is {x}; at most {max} is allowed"))),
+        Some(x) if x as u128 > max as u128 => Err(ApiError::invalid(
+            name,
+            format!("{name} is {x}; at most {max} is allowed"),
+        )),
         Some(x) => Ok(Some(x as usize)),
     }
 }
@@ -234,7 +245,11 @@ fn chat_logprobs(tok: &Tokenizer, lps: &[TokenLogprob]) -> ChatLogprobs {
     }
 }
 
-fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprob], offset0: usize) -> CompletionLogprobs {
+fn completion_logprobs(
+    tok: &Tokenizer,
+    lps: &[TokenLogprob],
+    offset0: usize,
+) -> CompletionLogprobs {
     let mut out = CompletionLogprobs::default();
     let mut offset = offset0;
     for l in lps {
@@ -243,8 +258,12 @@ fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprob], offset0: usize) ->
         offset += t.len();
         out.tokens.push(t);
         out.token_logprobs.push(l.logprob);
-        out.top_logprobs
-            .push(l.top.iter().map(|(id, lp)| (token_str(tok, *id), *lp)).collect());
+        out.top_logprobs.push(
+            l.top
+                .iter()
+                .map(|(id, lp)| (token_str(tok, *id), *lp))
+                .collect(),
+        );
     }
     out
 }
@@ -257,18 +276,35 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     let target = st.router.pick(&req.model)?;
-    let top = u64_to_usize(req.top_logprobs, "top_logprobs", crate::engine::sampling::MAX_TOP_LOGPROBS)?;
-    let logprobs = if req.logprobs { Some(top.unwrap_or(0)) } else if top.is_some() {
-        return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs: true"));
+    let top = u64_to_usize(
+        req.top_logprobs,
+        "top_logprobs",
+        crate::engine::sampling::MAX_TOP_LOGPROBS,
+    )?;
+    let logprobs = if req.logprobs {
+        Some(top.unwrap_or(0))
+    } else if top.is_some() {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs requires logprobs: true",
+        ));
     } else {
         None
     };
     let messages = flatten_messages(&req.messages)?;
     let spec = GenerationSpec {
         input: Input::Chat(messages),
-        max_tokens: u64_to_usize(req.max_completion_tokens.or(req.max_tokens), "max_tokens", usize::MAX)?,
+        max_tokens: u64_to_usize(
+            req.max_completion_tokens.or(req.max_tokens),
+            "max_tokens",
+            usize::MAX,
+        )?,
         sampling: req.sampling().to_params(logprobs)?,
-        stop: req.stop.clone().map(StringOrList::into_vec).unwrap_or_default(),
+        stop: req
+            .stop
+            .clone()
+            .map(StringOrList::into_vec)
+            .unwrap_or_default(),
         stop_token_ids: req.stop_token_ids.clone(),
         ignore_eos: req.ignore_eos,
         n: u64_to_usize(req.n, "n", validation::MAX_N)?.unwrap_or(1),
@@ -286,9 +322,19 @@ async fn chat_completions(
     let model = req.model.clone();
     if req.stream {
         let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
-        return Ok(stream_chat(target, sub, id, model, fingerprint, include_usage, req.logprobs).into_response());
+        return Ok(stream_chat(
+            target,
+            sub,
+            id,
+            model,
+            fingerprint,
+            include_usage,
+            req.logprobs,
+        )
+        .into_response());
     }
-    let outs = futures::future::try_join_all(sub.receivers.into_iter().map(generate::collect)).await;
+    let outs =
+        futures::future::try_join_all(sub.receivers.into_iter().map(generate::collect)).await;
     let outs = match outs {
         Ok(o) => o,
         Err(e) => {
@@ -320,7 +366,12 @@ async fn chat_completions(
     };
     sub.principal
         .refund_tokens(sub.reserved.saturating_sub(sub.prompt_tokens + used) as u64);
-    tracing::info!(prompt_tokens = usage.prompt_tokens, completion_tokens, elapsed_ms = arrival.elapsed().as_millis() as u64, "chat completion");
+    tracing::info!(
+        prompt_tokens = usage.prompt_tokens,
+        completion_tokens,
+        elapsed_ms = arrival.elapsed().as_millis() as u64,
+        "chat completion"
+    );
     Ok(Json(ChatCompletion {
         id,
         object: "chat.completion",
@@ -417,7 +468,11 @@ async fn completions(
     if req.suffix.is_some() {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
-    let logprobs = u64_to_usize(req.logprobs, "logprobs", crate::engine::sampling::MAX_TOP_LOGPROBS)?;
+    let logprobs = u64_to_usize(
+        req.logprobs,
+        "logprobs",
+        crate::engine::sampling::MAX_TOP_LOGPROBS,
+    )?;
     let inputs: Vec<Input> = match req.prompt.clone() {
         Prompt::Text(t) => vec![Input::Text(t)],
         Prompt::Texts(ts) => ts.into_iter().map(Input::Text).collect(),
@@ -425,7 +480,10 @@ async fn completions(
         Prompt::TokenLists(ls) => ls.into_iter().map(Input::Tokens).collect(),
     };
     if inputs.is_empty() || inputs.len() > validation::MAX_N {
-        return Err(ApiError::invalid("prompt", format!("between 1 and {} prompts per request", validation::MAX_N)));
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("between 1 and {} prompts per request", validation::MAX_N),
+        ));
     }
     let n = u64_to_usize(req.n, "n", validation::MAX_N)?.unwrap_or(1);
     let span = tracing::info_span!("completion", request_id = %rid.0, model = %req.model, version = %target.version);
@@ -438,7 +496,11 @@ async fn completions(
             // OpenAI's default for this endpoint.
             max_tokens: u64_to_usize(req.max_tokens, "max_tokens", usize::MAX)?.or(Some(16)),
             sampling: req.sampling().to_params(logprobs)?,
-            stop: req.stop.clone().map(StringOrList::into_vec).unwrap_or_default(),
+            stop: req
+                .stop
+                .clone()
+                .map(StringOrList::into_vec)
+                .unwrap_or_default(),
             stop_token_ids: req.stop_token_ids.clone(),
             ignore_eos: req.ignore_eos,
             n,
@@ -457,14 +519,24 @@ async fn completions(
     let model = req.model.clone();
     if req.stream {
         let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
-        return Ok(stream_completion(target, subs, id, model, fingerprint, include_usage, logprobs.is_some()).into_response());
+        return Ok(stream_completion(
+            target,
+            subs,
+            id,
+            model,
+            fingerprint,
+            include_usage,
+            logprobs.is_some(),
+        )
+        .into_response());
     }
     let mut choices = vec![];
     let mut usage = Usage::default();
     for mut sub in subs {
         usage.prompt_tokens += sub.prompt_tokens;
         let receivers = std::mem::take(&mut sub.receivers);
-        let collected = futures::future::try_join_all(receivers.into_iter().map(generate::collect)).await;
+        let collected =
+            futures::future::try_join_all(receivers.into_iter().map(generate::collect)).await;
         let collected = match collected {
             Ok(c) => c,
             Err(e) => {
@@ -610,7 +682,10 @@ fn yes() -> bool {
     true
 }
 
-async fn tokenize(State(st): State<HttpState>, JsonBody(req): JsonBody<TokenizeRequest>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn tokenize(
+    State(st): State<HttpState>,
+    JsonBody(req): JsonBody<TokenizeRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let target = st.router.pick(&req.model)?;
     let engine = &target.engine;
     let tokens = match (&req.prompt, &req.messages) {
@@ -619,7 +694,12 @@ async fn tokenize(State(st): State<HttpState>, JsonBody(req): JsonBody<TokenizeR
             .encode(p, req.add_special_tokens)
             .map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
         (None, Some(m)) => validation::tokenize_input(engine, &Input::Chat(flatten_messages(m)?))?,
-        _ => return Err(ApiError::invalid("prompt", "give exactly one of `prompt` or `messages`")),
+        _ => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "give exactly one of `prompt` or `messages`",
+            ));
+        }
     };
     let strs: Vec<String> = tokens
         .iter()
@@ -639,11 +719,17 @@ struct DetokenizeRequest {
     tokens: Vec<u32>,
 }
 
-async fn detokenize(State(st): State<HttpState>, JsonBody(req): JsonBody<DetokenizeRequest>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn detokenize(
+    State(st): State<HttpState>,
+    JsonBody(req): JsonBody<DetokenizeRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let target = st.router.pick(&req.model)?;
     let vocab = target.engine.tokenizer().vocab_size() as u32;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
-        return Err(ApiError::invalid("tokens", format!("token id {bad} is outside the vocabulary ({vocab} tokens)")));
+        return Err(ApiError::invalid(
+            "tokens",
+            format!("token id {bad} is outside the vocabulary ({vocab} tokens)"),
+        ));
     }
     let text = target
         .engine

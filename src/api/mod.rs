@@ -6,5 +6,6 @@ pub mod auth;
 pub mod error;
 pub mod generate;
 pub mod grpc;
+pub mod grpc_admin;
 pub mod http;
 pub mod openai;

@@ -107,7 +107,12 @@ impl SamplingFields {
         let top_k = match self.top_k {
             None | Some(0) | Some(-1) => 0,
             Some(k) if k > 0 => k as usize,
-            Some(k) => return Err(ApiError::invalid("top_k", format!("top_k must be ≥ 1 (or -1 to disable), got {k}"))),
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    "top_k",
+                    format!("top_k must be ≥ 1 (or -1 to disable), got {k}"),
+                ));
+            }
         };
         Ok(SamplingParams {
             temperature: self.temperature.unwrap_or(1.0),

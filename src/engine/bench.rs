@@ -20,14 +20,23 @@ pub struct DecodeBench {
 
 /// Prefills `batch` prompts of `prompt_len` tokens, then times `steps`
 /// greedy decode steps of the whole batch.
-pub fn decode_throughput(m: &LoadedModel, batch: usize, prompt_len: usize, steps: usize) -> Result<DecodeBench> {
+pub fn decode_throughput(
+    m: &LoadedModel,
+    batch: usize,
+    prompt_len: usize,
+    steps: usize,
+) -> Result<DecodeBench> {
     let block = 16;
     let need = (prompt_len + steps + 1).div_ceil(block) * batch;
     let mut alloc = BlockAllocator::new(need, block);
     let mut kv = KvCache::new(m.model.kv_shape(block), need);
     let vocab = m.model.config().vocab_size as u32;
     let mut seqs: Vec<Vec<u32>> = (0..batch)
-        .map(|s| (0..prompt_len).map(|i| ((i * 7 + s * 13 + 1) as u32) % vocab).collect())
+        .map(|s| {
+            (0..prompt_len)
+                .map(|i| ((i * 7 + s * 13 + 1) as u32) % vocab)
+                .collect()
+        })
         .collect();
     let mut tables: Vec<Vec<u32>> = vec![vec![]; batch];
     for t in tables.iter_mut() {

@@ -183,7 +183,10 @@ impl ModelConfig {
 
     /// The rotary table a layer uses.
     pub fn rope_for_layer(&self, layer: usize) -> &Rope {
-        match (self.layer_windows.get(layer).copied().flatten(), &self.rope_local) {
+        match (
+            self.layer_windows.get(layer).copied().flatten(),
+            &self.rope_local,
+        ) {
             (Some(_), Some(local)) => local,
             _ => &self.rope,
         }
@@ -235,7 +238,10 @@ impl ModelConfig {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(bad("head_dim", "rotary embeddings need an even head_dim".into()));
+            return Err(bad(
+                "head_dim",
+                "rotary embeddings need an even head_dim".into(),
+            ));
         }
         if self.layer_windows.iter().any(|w| *w == Some(0)) {
             return Err(bad("sliding_window", "must be positive".into()));
@@ -339,7 +345,9 @@ impl ModelConfig {
             .opt_f64(&key("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-6);
         let tie = !content.tensor_infos.contains_key("output.weight");
-        let bos = md.opt_usize("tokenizer.ggml.bos_token_id")?.map(|v| v as u32);
+        let bos = md
+            .opt_usize("tokenizer.ggml.bos_token_id")?
+            .map(|v| v as u32);
         let mut eos: Vec<u32> = md
             .opt_usize("tokenizer.ggml.eos_token_id")?
             .map(|v| vec![v as u32])
@@ -389,7 +397,9 @@ impl ModelConfig {
                 let pattern = md
                     .opt_usize(&key("attention.sliding_window_pattern"))?
                     .unwrap_or(6);
-                let local_theta = md.opt_f64(&key("rope.local_freq_base"))?.unwrap_or(10_000.0);
+                let local_theta = md
+                    .opt_f64(&key("rope.local_freq_base"))?
+                    .unwrap_or(10_000.0);
                 let scalar = md
                     .opt_f64(&key("attention.query_pre_attn_scalar"))?
                     .unwrap_or(head_dim as f64);
@@ -703,12 +713,10 @@ impl GgufMeta<'_> {
             Some(v) => {
                 let n = match v {
                     gguf_file::Value::U64(x) => Ok(*x),
-                    gguf_file::Value::I64(x) => u64::try_from(*x).map_err(|_| {
-                        candle_core::Error::Msg(format!("negative value {x}"))
-                    }),
-                    gguf_file::Value::I32(x) => u64::try_from(*x).map_err(|_| {
-                        candle_core::Error::Msg(format!("negative value {x}"))
-                    }),
+                    gguf_file::Value::I64(x) => u64::try_from(*x)
+                        .map_err(|_| candle_core::Error::Msg(format!("negative value {x}"))),
+                    gguf_file::Value::I32(x) => u64::try_from(*x)
+                        .map_err(|_| candle_core::Error::Msg(format!("negative value {x}"))),
                     other => other.to_u32().map(u64::from),
                 }
                 .map_err(|e| self.wrong(key, e))?;

@@ -95,7 +95,11 @@ pub struct KvShape {
 impl KvShape {
     /// Bytes one block takes across all layers, keys and values.
     pub fn bytes_per_block(&self) -> usize {
-        2 * self.layers * self.kv_heads * self.block_size * self.head_dim * std::mem::size_of::<f32>()
+        2 * self.layers
+            * self.kv_heads
+            * self.block_size
+            * self.head_dim
+            * std::mem::size_of::<f32>()
     }
 
     /// How many blocks fit in `bytes`.
@@ -161,7 +165,10 @@ impl KvCache {
     }
 
     /// One layer's storage and the scratch buffers, borrowed together.
-    pub(crate) fn split(&mut self, layer: usize) -> Result<(&mut LayerKv, &mut super::cpu::Scratch)> {
+    pub(crate) fn split(
+        &mut self,
+        layer: usize,
+    ) -> Result<(&mut LayerKv, &mut super::cpu::Scratch)> {
         let l = self
             .layers
             .get_mut(layer)
@@ -199,7 +206,13 @@ pub struct AttnParams {
 
 impl LayerKv {
     /// Stores the new tokens' keys and values (`[tokens, kv_heads, head_dim]`).
-    pub fn write(&mut self, shape: &KvShape, seqs: &[SeqView<'_>], k: &[f32], v: &[f32]) -> Result<()> {
+    pub fn write(
+        &mut self,
+        shape: &KvShape,
+        seqs: &[SeqView<'_>],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         let (hk, d, bs) = (shape.kv_heads, shape.head_dim, shape.block_size);
         let row = hk * d;
         for s in seqs {
@@ -456,7 +469,9 @@ mod tests {
         let mut owner = vec![];
         row_owners(&seqs, t, &mut owner);
         let mut out = vec![];
-        layer.attend(&shape, &seqs, &owner, &q, params, &mut out).unwrap();
+        layer
+            .attend(&shape, &seqs, &owner, &q, params, &mut out)
+            .unwrap();
         for s in &seqs {
             for i in 0..s.len {
                 let row = s.offset + i;
@@ -478,7 +493,10 @@ mod tests {
                             .map(|j| e[j - lo] / z * v[(s.offset + j) * 8 + g * 4 + dd])
                             .sum();
                         let got = out[row * 16 + h * 4 + dd];
-                        assert!((want - got).abs() < 1e-5, "row {row} head {h}: {want} vs {got}");
+                        assert!(
+                            (want - got).abs() < 1e-5,
+                            "row {row} head {h}: {want} vs {got}"
+                        );
                     }
                 }
             }

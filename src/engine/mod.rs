@@ -48,7 +48,9 @@ pub enum Error {
         message: String,
     },
     /// The architecture is not one the engine runs.
-    #[error("{path}: field `{field}`: unsupported architecture `{found}` (supported: Llama family, Gemma 3)")]
+    #[error(
+        "{path}: field `{field}`: unsupported architecture `{found}` (supported: Llama family, Gemma 3)"
+    )]
     UnsupportedArchitecture {
         /// The file.
         path: PathBuf,
@@ -156,7 +158,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
             };
             Device::new_cuda(ordinal).map_err(|e| bad(format!("CUDA unavailable: {e}")))
         }
-        other => Err(bad(format!("unknown device `{other}` (cpu, cuda[:N], metal)"))),
+        other => Err(bad(format!(
+            "unknown device `{other}` (cpu, cuda[:N], metal)"
+        ))),
     }
 }
 
@@ -181,7 +185,11 @@ impl Default for LoadOptions {
 /// The dtype weights are computed in: f32 on the CPU (candle's CPU matmul has
 /// no bf16 kernel and f16 is slower than f32 there).
 fn compute_dtype(device: &Device) -> DType {
-    if device.is_cpu() { DType::F32 } else { DType::BF16 }
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
 }
 
 /// Loads a Hugging Face folder or a GGUF file.
@@ -317,10 +325,7 @@ fn assemble(
             tokenizer.add_eos(id);
         }
     }
-    let text_of = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.token_text(i))
-            .unwrap_or_default()
-    };
+    let text_of = |id: Option<u32>| id.and_then(|i| tokenizer.token_text(i)).unwrap_or_default();
     let bos = text_of(tokenizer.bos().or(cfg.bos_token_id));
     let eos = text_of(tokenizer.eos().first().copied());
     let chat_template = match template {
@@ -355,7 +360,12 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     }
     let cfg = ModelConfig::from_hf_file(&cfg_path)?;
     let files = safetensors_files(dir)?;
-    let src = weights::WeightSource::safetensors(files, cfg.arch, &opts.device, compute_dtype(&opts.device))?;
+    let src = weights::WeightSource::safetensors(
+        files,
+        cfg.arch,
+        &opts.device,
+        compute_dtype(&opts.device),
+    )?;
     let tk_cfg = read_tokenizer_config(dir)?;
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
@@ -405,7 +415,12 @@ pub fn load_from_memory(
             field: "tokenizer_config".into(),
             message: e.to_string(),
         })?;
-    let tokenizer = Tokenizer::from_bytes(tokenizer_json, name, cfg.bos_token_id, cfg.eos_token_ids.clone())?;
+    let tokenizer = Tokenizer::from_bytes(
+        tokenizer_json,
+        name,
+        cfg.bos_token_id,
+        cfg.eos_token_ids.clone(),
+    )?;
     let info = ModelInfo {
         source: name.to_string(),
         format: Format::Embedded,

@@ -85,7 +85,10 @@ pub(crate) struct Norm {
 
 impl Norm {
     fn new(t: Tensor) -> Result<Self> {
-        let host = t.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?.to_vec1::<f32>()?;
+        let host = t
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec1::<f32>()?;
         Ok(Self { t, host })
     }
 }
@@ -200,7 +203,9 @@ impl Model {
             .map(|l| {
                 let qkv = match &l.qkv {
                     Qkv::Fused(f) => f.size_in_bytes(),
-                    Qkv::Split(q, k, v) => q.size_in_bytes() + k.size_in_bytes() + v.size_in_bytes(),
+                    Qkv::Split(q, k, v) => {
+                        q.size_in_bytes() + k.size_in_bytes() + v.size_in_bytes()
+                    }
                 };
                 let gu = match &l.gate_up {
                     GateUp::Fused(f) => f.size_in_bytes(),
@@ -293,7 +298,11 @@ impl Model {
                 Qkv::Split(q, k, v) => (q.forward(&hs)?, k.forward(&hs)?, v.forward(&hs)?),
                 Qkv::Fused(f) => {
                     let all = f.forward(&hs)?;
-                    (all.narrow(1, 0, hq * d)?, all.narrow(1, hq * d, hk * d)?, all.narrow(1, (hq + hk) * d, hk * d)?)
+                    (
+                        all.narrow(1, 0, hq * d)?,
+                        all.narrow(1, hq * d, hk * d)?,
+                        all.narrow(1, (hq + hk) * d, hk * d)?,
+                    )
                 }
             };
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
@@ -301,8 +310,18 @@ impl Model {
                 k = candle_nn::ops::rms_norm(&k.contiguous()?.reshape((t * hk, d))?, &kn.t, eps)?;
             }
             let (cos, sin) = &tables[layer.rope];
-            let q = rope(&q.contiguous()?.reshape((t, hq, 1, d))?, cos, sin, cfg.rope_style)?;
-            let k = rope(&k.contiguous()?.reshape((t, hk, 1, d))?, cos, sin, cfg.rope_style)?;
+            let q = rope(
+                &q.contiguous()?.reshape((t, hq, 1, d))?,
+                cos,
+                sin,
+                cfg.rope_style,
+            )?;
+            let k = rope(
+                &k.contiguous()?.reshape((t, hk, 1, d))?,
+                cos,
+                sin,
+                cfg.rope_style,
+            )?;
             let v = v.contiguous()?;
             let params = AttnParams {
                 heads: hq,
@@ -337,7 +356,11 @@ impl Model {
             x = (residual + y)?;
         }
         if batch.logit_rows.is_empty() {
-            return Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, &self.device)?);
+            return Ok(Tensor::zeros(
+                (0, cfg.vocab_size),
+                DType::F32,
+                &self.device,
+            )?);
         }
         let x = if batch.logit_rows.len() == t {
             x

@@ -59,9 +59,17 @@ pub const MAX_TOP_LOGPROBS: usize = 20;
 impl SamplingParams {
     /// Checks ranges; the message names the parameter.
     pub fn validate(&self) -> Result<()> {
-        let bad = |p: &str, m: String| Err(Error::InvalidParam { param: p.into(), message: m });
+        let bad = |p: &str, m: String| {
+            Err(Error::InvalidParam {
+                param: p.into(),
+                message: m,
+            })
+        };
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad("temperature", format!("must be ≥ 0, got {}", self.temperature));
+            return bad(
+                "temperature",
+                format!("must be ≥ 0, got {}", self.temperature),
+            );
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad("top_p", format!("must be in (0, 1], got {}", self.top_p));
@@ -205,7 +213,12 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let cands = &mut self.scratch;
         cands.clear();
-        cands.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
+        cands.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, l * inv_t)),
+        );
         // Most likely first, ties by id, so the cut is deterministic.
         let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if p.top_k > 0 && p.top_k < cands.len() {
@@ -223,7 +236,11 @@ impl Sampler {
                 cands.select_nth_unstable_by(sorted - 1, order);
             }
             cands[..sorted].sort_unstable_by(order);
-            let mass: f32 = cands[..sorted].iter().map(|c| (c.1 - max).exp()).sum::<f32>() / total;
+            let mass: f32 = cands[..sorted]
+                .iter()
+                .map(|c| (c.1 - max).exp())
+                .sum::<f32>()
+                / total;
             if sorted == cands.len() || mass >= p.top_p {
                 break;
             }
@@ -275,7 +292,11 @@ fn top_logprobs(logits: &[f32], n: usize) -> (f32, Vec<(u32, f32)>) {
     if n == 0 {
         return (lse, vec![]);
     }
-    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let mut idx: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
     let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if n < idx.len() {
         idx.select_nth_unstable_by(n - 1, order);

@@ -107,7 +107,6 @@ impl Tokenizer {
         }
     }
 
-
     /// Builds the tokenizer described by GGUF metadata (`tokenizer.ggml.*`).
     pub fn from_gguf(content: &gguf_file::Content, source: &Path) -> Result<Self> {
         let md = GgufMeta {
@@ -125,7 +124,9 @@ impl Tokenizer {
                 .collect(),
             None => vec![1; tokens.len()],
         };
-        let bos = md.opt_usize("tokenizer.ggml.bos_token_id")?.map(|v| v as u32);
+        let bos = md
+            .opt_usize("tokenizer.ggml.bos_token_id")?
+            .map(|v| v as u32);
         let mut eos: Vec<u32> = md
             .opt_usize("tokenizer.ggml.eos_token_id")?
             .map(|v| vec![v as u32])
@@ -133,7 +134,9 @@ impl Tokenizer {
         if let Some(eot) = md.opt_usize("tokenizer.ggml.eot_token_id")? {
             eos.push(eot as u32);
         }
-        let add_bos = md.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(bos.is_some());
+        let add_bos = md
+            .opt_bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(bos.is_some());
         let arch = md.opt_string("general.architecture")?.unwrap_or_default();
 
         let mut vocab = tokenizers::models::bpe::Vocab::default();
@@ -167,7 +170,8 @@ impl Tokenizer {
                 let space_prefix = md
                     .opt_bool("tokenizer.ggml.add_space_prefix")?
                     .unwrap_or(arch != "gemma3" && arch != "gemma" && arch != "gemma2");
-                let replace = Replace::new(" ", "▁").map_err(|e| Error::Tokenizer(e.to_string()))?;
+                let replace =
+                    Replace::new(" ", "▁").map_err(|e| Error::Tokenizer(e.to_string()))?;
                 let norm: NormalizerWrapper = if space_prefix {
                     NormSequence::new(vec![Prepend::new("▁".into()).into(), replace.into()]).into()
                 } else {
@@ -231,7 +235,9 @@ impl Tokenizer {
                 return Err(Error::Config {
                     path: source.to_path_buf(),
                     field: "tokenizer.ggml.model".into(),
-                    message: format!("unsupported tokenizer model `{other}` (supported: llama, gemma, gpt2)"),
+                    message: format!(
+                        "unsupported tokenizer model `{other}` (supported: llama, gemma, gpt2)"
+                    ),
                 });
             }
         };
@@ -249,7 +255,8 @@ impl Tokenizer {
         }
         tok.add_special_tokens(special)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        tok.add_tokens(user).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        tok.add_tokens(user)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         if let (true, Some(b)) = (add_bos, bos) {
             let name = tokens.get(b as usize).cloned().unwrap_or_default();
             let post = TemplateProcessing::builder()

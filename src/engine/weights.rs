@@ -48,7 +48,11 @@ impl Linear {
         };
         let weight = if host {
             let rows = weight.flatten_all()?.to_vec1::<f32>()?;
-            LinearWeight::Host(Arc::new(PackedWeight::pack(&rows, out_features, in_features)))
+            LinearWeight::Host(Arc::new(PackedWeight::pack(
+                &rows,
+                out_features,
+                in_features,
+            )))
         } else {
             LinearWeight::Candle(QMatMul::Tensor(weight))
         };
@@ -76,7 +80,12 @@ impl Linear {
         })
     }
 
-    fn host(weight: Arc<PackedWeight>, out_features: usize, in_features: usize, bias_host: Option<Vec<f32>>) -> Self {
+    fn host(
+        weight: Arc<PackedWeight>,
+        out_features: usize,
+        in_features: usize,
+        bias_host: Option<Vec<f32>>,
+    ) -> Self {
         Self {
             weight: LinearWeight::Host(weight),
             bias: None,
@@ -108,7 +117,12 @@ impl Linear {
         }
         let stacked = PackedWeight::stack(&ws)?;
         let out = stacked.n;
-        Some(Linear::host(Arc::new(stacked), out, in_features, any_bias.then_some(bias)))
+        Some(Linear::host(
+            Arc::new(stacked),
+            out,
+            in_features,
+            any_bias.then_some(bias),
+        ))
     }
 
     /// Output width.
@@ -149,8 +163,16 @@ impl Linear {
                 super::cpu::gemm::matmul_xwt(x, m, w, self.bias_host.as_deref(), out);
             }
             LinearWeight::Candle(q) => {
-                let t = Tensor::from_slice(&x[..m * self.in_features], (m, self.in_features), &Device::Cpu)?;
-                let y = q.forward(&t)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let t = Tensor::from_slice(
+                    &x[..m * self.in_features],
+                    (m, self.in_features),
+                    &Device::Cpu,
+                )?;
+                let y = q
+                    .forward(&t)?
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
                 out.copy_from_slice(&y);
                 if let Some(b) = &self.bias_host {
                     for row in out.chunks_mut(self.out_features) {
@@ -169,7 +191,9 @@ impl Linear {
         match &self.weight {
             LinearWeight::Host(w) => w.size_in_bytes(),
             LinearWeight::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
-            LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.elem_count() * t.dtype().size_in_bytes(),
+            LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
         }
     }
 }
@@ -228,7 +252,9 @@ impl Embedding {
                 out.clear();
                 for &id in ids {
                     if id as usize >= table.n {
-                        return Err(Error::Internal(format!("token id {id} outside the embedding")));
+                        return Err(Error::Internal(format!(
+                            "token id {id} outside the embedding"
+                        )));
                     }
                     table.row_into(id as usize, out);
                 }
@@ -249,7 +275,9 @@ impl Embedding {
     /// The output projection that shares this matrix.
     pub fn tied_head(&self) -> Result<Linear> {
         match self {
-            Embedding::Host { table, hidden } => Ok(Linear::host(table.clone(), table.n, *hidden, None)),
+            Embedding::Host { table, hidden } => {
+                Ok(Linear::host(table.clone(), table.n, *hidden, None))
+            }
             Embedding::Dense(w) => Linear::dense(w.clone(), None),
             Embedding::Quantized(q) => Linear::quantized(q.clone(), None),
         }
@@ -390,7 +418,12 @@ pub struct WeightSource {
 
 impl WeightSource {
     /// Opens safetensors files (one, or the shards of an index) lazily via mmap.
-    pub fn safetensors(files: Vec<PathBuf>, arch: Arch, device: &Device, dtype: DType) -> Result<Self> {
+    pub fn safetensors(
+        files: Vec<PathBuf>,
+        arch: Arch,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let mut routing = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             let names = safetensors_names(f)?;
@@ -400,12 +433,13 @@ impl WeightSource {
         }
         // SAFETY: the files are opened read-only; like every mmap user we rely on
         // nobody truncating them while the model loads.
-        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(
-            |e| Error::Load {
-                path: files.first().cloned().unwrap_or_default(),
-                message: e.to_string(),
-            },
-        )?;
+        let st =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+                Error::Load {
+                    path: files.first().cloned().unwrap_or_default(),
+                    message: e.to_string(),
+                }
+            })?;
         let naming = hf_naming(arch, &routing);
         Ok(Self {
             store: Store::Mmaped(st),
@@ -427,10 +461,11 @@ impl WeightSource {
         dtype: DType,
     ) -> Result<Self> {
         let path = PathBuf::from(name);
-        let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| Error::Load {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let tensors =
+            candle_core::safetensors::load_buffer(bytes, device).map_err(|e| Error::Load {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
         let routing = tensors.keys().map(|k| (k.clone(), 0)).collect();
         let naming = hf_naming(arch, &routing);
         Ok(Self {
@@ -445,9 +480,18 @@ impl WeightSource {
     }
 
     /// Opens a GGUF file whose header has already been read.
-    pub fn gguf(content: gguf_file::Content, path: &Path, arch: Arch, device: &Device) -> Result<Self> {
+    pub fn gguf(
+        content: gguf_file::Content,
+        path: &Path,
+        arch: Arch,
+        device: &Device,
+    ) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let routing = content.tensor_infos.keys().map(|k| (k.clone(), 0)).collect();
+        let routing = content
+            .tensor_infos
+            .keys()
+            .map(|k| (k.clone(), 0))
+            .collect();
         Ok(Self {
             store: Store::Gguf {
                 content,
@@ -511,8 +555,13 @@ impl WeightSource {
         }
         let t = match &self.store {
             Store::Mmaped(st) => st.load(name, &self.device),
-            Store::Buffer(map) => map.get(name).cloned().ok_or_else(|| candle_core::Error::Msg("missing".into())),
-            Store::Gguf { .. } => self.quantized(name).and_then(|q| q.dequantize(&self.device)),
+            Store::Buffer(map) => map
+                .get(name)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("missing".into())),
+            Store::Gguf { .. } => self
+                .quantized(name)
+                .and_then(|q| q.dequantize(&self.device)),
         }
         .map_err(|e| self.wrap(name, e))?;
         t.to_dtype(self.dtype).map_err(|e| self.wrap(name, e))
@@ -550,7 +599,9 @@ impl WeightSource {
                 self.check_shape(&wname, q.shape().dims(), &[out_features, in_features])?;
                 match q.dtype() {
                     GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                        let t = q.dequantize(&self.device).map_err(|e| self.wrap(&wname, e))?;
+                        let t = q
+                            .dequantize(&self.device)
+                            .map_err(|e| self.wrap(&wname, e))?;
                         Linear::dense(t.to_dtype(self.dtype)?, bias)
                     }
                     _ => Linear::quantized(Arc::new(q), bias),
@@ -635,10 +686,14 @@ fn safetensors_names(path: &Path) -> Result<Vec<String>> {
     }
     let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&header).map_err(|e| Error::Load {
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| Error::Load {
             path: path.to_path_buf(),
             message: format!("safetensors header is not valid JSON: {e}"),
         })?;
-    Ok(header.keys().filter(|k| *k != "__metadata__").cloned().collect())
+    Ok(header
+        .keys()
+        .filter(|k| *k != "__metadata__")
+        .cloned()
+        .collect())
 }

@@ -71,13 +71,13 @@ pub const ITL_BUCKETS: &[f64] = &[
 ];
 /// vLLM's request latency buckets (e2e, queue, prefill, decode).
 pub const REQUEST_LATENCY_BUCKETS: &[f64] = &[
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-    240.0, 480.0, 960.0, 1920.0, 7680.0,
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
 ];
 /// Token-count buckets (1-2-5 series), as vLLM builds up to the model length.
 pub const TOKEN_BUCKETS: &[f64] = &[
-    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
-    20000.0, 50000.0, 100000.0, 200000.0,
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 20000.0,
+    50000.0, 100000.0, 200000.0,
 ];
 /// Engine step buckets (seconds).
 pub const STEP_BUCKETS: &[f64] = &[
@@ -213,7 +213,12 @@ impl EngineMetrics {
                 generation_tokens_hist: h(names::GENERATION_TOKENS_HIST),
                 prompt_tokens: c(names::PROMPT_TOKENS),
                 generation_tokens: c(names::GENERATION_TOKENS),
-                success: [reason("stop"), reason("length"), reason("timeout"), reason("abort")],
+                success: [
+                    reason("stop"),
+                    reason("length"),
+                    reason("timeout"),
+                    reason("abort"),
+                ],
                 failure: metrics::counter!(names::FAILURE, fl),
             }
         });
@@ -224,8 +229,14 @@ impl EngineMetrics {
             kv_usage: metrics::gauge!(names::KV_USAGE, base.clone()),
             preemptions: metrics::counter!(names::PREEMPTIONS, base.clone()),
             step_batch: metrics::histogram!(names::STEP_BATCH, base.clone()),
-            step_prefill_tokens: metrics::histogram!(names::STEP_TOKENS, with(&[("kind", "prefill")])),
-            step_decode_tokens: metrics::histogram!(names::STEP_TOKENS, with(&[("kind", "decode")])),
+            step_prefill_tokens: metrics::histogram!(
+                names::STEP_TOKENS,
+                with(&[("kind", "prefill")])
+            ),
+            step_decode_tokens: metrics::histogram!(
+                names::STEP_TOKENS,
+                with(&[("kind", "decode")])
+            ),
             step_time: metrics::histogram!(names::STEP_TIME, base),
         })
     }
@@ -238,30 +249,114 @@ impl EngineMetrics {
 
 /// HELP lines for every metric (idempotent).
 pub fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        describe_histogram!(names::TTFT, Unit::Seconds, "Time from a request's arrival at the front end to its first generated token.");
-        describe_histogram!(names::ENGINE_TTFT, Unit::Seconds, "Time from a request's submission to the engine to its first generated token.");
-        describe_histogram!(names::ITL, Unit::Seconds, "Time between consecutive generated tokens of a request.");
-        describe_histogram!(names::E2E, Unit::Seconds, "Time from a request's arrival at the front end to its last token.");
-        describe_histogram!(names::QUEUE, Unit::Seconds, "Time a request waited before the scheduler admitted it.");
-        describe_histogram!(names::PREFILL, Unit::Seconds, "Time from admission to the first generated token.");
-        describe_histogram!(names::DECODE, Unit::Seconds, "Time from the first to the last generated token.");
-        describe_histogram!(names::PROMPT_TOKENS_HIST, Unit::Count, "Prompt length of finished requests.");
-        describe_histogram!(names::GENERATION_TOKENS_HIST, Unit::Count, "Generated length of finished requests.");
-        describe_gauge!(names::RUNNING, Unit::Count, "Sequences the scheduler is running.");
-        describe_gauge!(names::WAITING, Unit::Count, "Requests waiting for admission (including preempted ones).");
-        describe_gauge!(names::KV_USAGE, Unit::Percent, "Fraction of KV-cache blocks in use (0 to 1).");
-        describe_counter!(names::PROMPT_TOKENS, Unit::Count, "Prompt tokens of finished requests.");
+        describe_histogram!(
+            names::TTFT,
+            Unit::Seconds,
+            "Time from a request's arrival at the front end to its first generated token."
+        );
+        describe_histogram!(
+            names::ENGINE_TTFT,
+            Unit::Seconds,
+            "Time from a request's submission to the engine to its first generated token."
+        );
+        describe_histogram!(
+            names::ITL,
+            Unit::Seconds,
+            "Time between consecutive generated tokens of a request."
+        );
+        describe_histogram!(
+            names::E2E,
+            Unit::Seconds,
+            "Time from a request's arrival at the front end to its last token."
+        );
+        describe_histogram!(
+            names::QUEUE,
+            Unit::Seconds,
+            "Time a request waited before the scheduler admitted it."
+        );
+        describe_histogram!(
+            names::PREFILL,
+            Unit::Seconds,
+            "Time from admission to the first generated token."
+        );
+        describe_histogram!(
+            names::DECODE,
+            Unit::Seconds,
+            "Time from the first to the last generated token."
+        );
+        describe_histogram!(
+            names::PROMPT_TOKENS_HIST,
+            Unit::Count,
+            "Prompt length of finished requests."
+        );
+        describe_histogram!(
+            names::GENERATION_TOKENS_HIST,
+            Unit::Count,
+            "Generated length of finished requests."
+        );
+        describe_gauge!(
+            names::RUNNING,
+            Unit::Count,
+            "Sequences the scheduler is running."
+        );
+        describe_gauge!(
+            names::WAITING,
+            Unit::Count,
+            "Requests waiting for admission (including preempted ones)."
+        );
+        describe_gauge!(
+            names::KV_USAGE,
+            Unit::Percent,
+            "Fraction of KV-cache blocks in use (0 to 1)."
+        );
+        describe_counter!(
+            names::PROMPT_TOKENS,
+            Unit::Count,
+            "Prompt tokens of finished requests."
+        );
         describe_counter!(names::GENERATION_TOKENS, Unit::Count, "Tokens generated.");
-        describe_counter!(names::SUCCESS, Unit::Count, "Requests that finished, by finish reason.");
-        describe_counter!(names::FAILURE, Unit::Count, "Requests that failed, by error type.");
-        describe_counter!(names::PREEMPTIONS, Unit::Count, "Sequences preempted (KV blocks freed, recomputed later).");
-        describe_histogram!(names::STEP_BATCH, Unit::Count, "Sequences in one engine step.");
-        describe_histogram!(names::STEP_TOKENS, Unit::Count, "Tokens in one engine step, by kind (prefill, decode).");
-        describe_histogram!(names::STEP_TIME, Unit::Seconds, "Duration of one engine step (forward pass and sampling).");
-        describe_counter!(names::API_REQUESTS, Unit::Count, "API requests by protocol, route and status.");
-        describe_histogram!(names::API_DURATION, Unit::Seconds, "API request duration by protocol and route.");
+        describe_counter!(
+            names::SUCCESS,
+            Unit::Count,
+            "Requests that finished, by finish reason."
+        );
+        describe_counter!(
+            names::FAILURE,
+            Unit::Count,
+            "Requests that failed, by error type."
+        );
+        describe_counter!(
+            names::PREEMPTIONS,
+            Unit::Count,
+            "Sequences preempted (KV blocks freed, recomputed later)."
+        );
+        describe_histogram!(
+            names::STEP_BATCH,
+            Unit::Count,
+            "Sequences in one engine step."
+        );
+        describe_histogram!(
+            names::STEP_TOKENS,
+            Unit::Count,
+            "Tokens in one engine step, by kind (prefill, decode)."
+        );
+        describe_histogram!(
+            names::STEP_TIME,
+            Unit::Seconds,
+            "Duration of one engine step (forward pass and sampling)."
+        );
+        describe_counter!(
+            names::API_REQUESTS,
+            Unit::Count,
+            "API requests by protocol, route and status."
+        );
+        describe_histogram!(
+            names::API_DURATION,
+            Unit::Seconds,
+            "API request duration by protocol and route."
+        );
     });
 }

@@ -1,8 +1,21 @@
-//! The model registry: versions, aliases, persistence, audit log.
+//! The model registry: named models with immutable versions and aliases,
+//! durable on local disk, with an audit log of every admin action.
+//!
+//! Storage is one append-only file, `audit.jsonl`, which is both the audit log
+//! and the write-ahead log: each admin action is a single JSON line written
+//! and `fsync`ed before the action is acknowledged, and the registry's state
+//! is the replay of the successful entries. A crash can only leave a torn
+//! last line (never acknowledged), which recovery drops; so the state always
+//! equals what the log says, and a version is registered whole or not at all.
 
-use std::io::Read;
-use std::path::Path;
+pub mod ops;
 
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Hex SHA-256 over a model's weights: the GGUF file, or the folder's
@@ -17,13 +30,16 @@ pub fn digest_path(path: &Path) -> anyhow::Result<String> {
             }
         }
         files.sort();
+        if files.is_empty() {
+            anyhow::bail!("{}: no safetensors files", path.display());
+        }
     } else {
         files.push(path.to_path_buf());
     }
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     for f in files {
-        let mut file = std::fs::File::open(&f)?;
+        let mut file = File::open(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
         loop {
             let n = file.read(&mut buf)?;
             if n == 0 {
@@ -33,4 +49,407 @@ pub fn digest_path(path: &Path) -> anyhow::Result<String> {
         }
     }
     Ok(hex::encode(h.finalize()))
+}
+
+/// An immutable model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRecord {
+    /// Version id, unique within the model (`v1`, `v2`, … unless given).
+    pub version: String,
+    /// Hex SHA-256 of the weights.
+    pub sha256: String,
+    /// Where the weights are (`embedded` for the built-in model).
+    pub source: String,
+    /// `safetensors`, `gguf` or `embedded`.
+    pub format: String,
+    /// Model family.
+    pub architecture: String,
+    /// Parameters.
+    pub parameters: u64,
+    /// Registration time (RFC 3339, UTC).
+    pub created: String,
+    /// Free-form metadata.
+    #[serde(default)]
+    pub metadata: serde_json::Value,
+    /// The model card (Markdown).
+    #[serde(default)]
+    pub model_card: String,
+}
+
+/// What an audit entry did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Action {
+    /// A new version.
+    RegisterVersion {
+        /// Model name.
+        model: String,
+        /// The record.
+        record: Box<VersionRecord>,
+    },
+    /// An alias points at a version (`None`: the alias is removed).
+    SetAlias {
+        /// Model name.
+        model: String,
+        /// Alias.
+        alias: String,
+        /// Version, or none to remove the alias.
+        version: Option<String>,
+    },
+    /// A version's engine started.
+    Load {
+        /// Model name.
+        model: String,
+        /// Version.
+        version: String,
+    },
+    /// A version's engine stopped.
+    Unload {
+        /// Model name.
+        model: String,
+        /// Version.
+        version: String,
+    },
+}
+
+impl Action {
+    /// The action's name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::RegisterVersion { .. } => "register_version",
+            Action::SetAlias { .. } => "set_alias",
+            Action::Load { .. } => "load",
+            Action::Unload { .. } => "unload",
+        }
+    }
+}
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Position in the log, from 1.
+    pub seq: u64,
+    /// When (RFC 3339, UTC).
+    pub time: String,
+    /// Which API key acted (`startup` for the server itself).
+    pub key_id: String,
+    /// What was done.
+    #[serde(flatten)]
+    pub action: Action,
+    /// State before (e.g. the alias's previous version).
+    pub previous: serde_json::Value,
+    /// State after.
+    pub new: serde_json::Value,
+    /// Why, as given by the operator.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// `ok`, or the error.
+    pub result: String,
+}
+
+/// A named model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ModelEntry {
+    /// Versions by id, in registration order of ids.
+    pub versions: BTreeMap<String, VersionRecord>,
+    /// Alias → version.
+    pub aliases: BTreeMap<String, String>,
+    /// Versions in registration order.
+    pub order: Vec<String>,
+}
+
+/// The registry's state: the fold of the successful log entries.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct State {
+    /// By model name.
+    pub models: BTreeMap<String, ModelEntry>,
+}
+
+impl State {
+    /// Applies a successful action.
+    pub fn apply(&mut self, action: &Action) {
+        match action {
+            Action::RegisterVersion { model, record } => {
+                let m = self.models.entry(model.clone()).or_default();
+                m.order.push(record.version.clone());
+                m.versions
+                    .insert(record.version.clone(), (**record).clone());
+            }
+            Action::SetAlias {
+                model,
+                alias,
+                version,
+            } => {
+                let m = self.models.entry(model.clone()).or_default();
+                match version {
+                    Some(v) => {
+                        m.aliases.insert(alias.clone(), v.clone());
+                    }
+                    None => {
+                        m.aliases.remove(alias);
+                    }
+                }
+            }
+            Action::Load { .. } | Action::Unload { .. } => {}
+        }
+    }
+
+    /// A version record.
+    pub fn version(&self, model: &str, version: &str) -> Option<&VersionRecord> {
+        self.models.get(model)?.versions.get(version)
+    }
+
+    /// The version an alias points at.
+    pub fn alias(&self, model: &str, alias: &str) -> Option<&str> {
+        self.models
+            .get(model)?
+            .aliases
+            .get(alias)
+            .map(String::as_str)
+    }
+
+    /// The next automatic version id of a model.
+    pub fn next_version_id(&self, model: &str) -> String {
+        let n = self.models.get(model).map_or(0, |m| m.versions.len());
+        let mut i = n + 1;
+        loop {
+            let id = format!("v{i}");
+            if self.version(model, &id).is_none() {
+                return id;
+            }
+            i += 1;
+        }
+    }
+}
+
+/// The durable registry: state plus its log file. Single writer (the admin
+/// operations hold it behind a lock; readers take snapshots).
+pub struct Registry {
+    path: PathBuf,
+    file: File,
+    state: State,
+    entries: Vec<AuditEntry>,
+}
+
+/// RFC 3339 UTC time of now, to the millisecond.
+pub fn now_rfc3339() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+impl Registry {
+    /// Opens (or creates) the registry in `dir`, replaying its log. A torn
+    /// last line from a crash is cut off; anything else unreadable is an error.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+        let path = dir.join("audit.jsonl");
+        let created = !path.exists();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if created {
+            // Make the new file's directory entry durable too.
+            File::open(dir).and_then(|d| d.sync_all())?;
+        }
+        let mut entries = vec![];
+        let mut state = State::default();
+        let mut good_len = 0u64;
+        {
+            let mut reader = BufReader::new(&file);
+            let mut line = String::new();
+            let mut offset = 0u64;
+            loop {
+                line.clear();
+                let n = reader.read_line(&mut line)?;
+                if n == 0 {
+                    break;
+                }
+                offset += n as u64;
+                let complete = line.ends_with('\n');
+                match serde_json::from_str::<AuditEntry>(line.trim_end()) {
+                    Ok(e) if complete => {
+                        if e.result == "ok" {
+                            state.apply(&e.action);
+                        }
+                        entries.push(e);
+                        good_len = offset;
+                    }
+                    _ if !complete => break, // torn tail: never acknowledged
+                    Err(err) => {
+                        anyhow::bail!("{}: line {}: {err}", path.display(), entries.len() + 1)
+                    }
+                    Ok(_) => unreachable!("complete handled above"),
+                }
+            }
+        }
+        let len = file.metadata()?.len();
+        if len != good_len {
+            tracing::warn!(path = %path.display(), dropped_bytes = len - good_len, "registry log ends in a torn record (a crash mid-write); dropping it");
+            file.set_len(good_len)?;
+            file.sync_all()?;
+        }
+        file.seek(SeekFrom::End(0))?;
+        Ok(Self {
+            path,
+            file,
+            state,
+            entries,
+        })
+    }
+
+    /// Where the log lives.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current state.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// The whole audit log.
+    pub fn entries(&self) -> &[AuditEntry] {
+        &self.entries
+    }
+
+    /// Appends an entry durably; a successful action then changes the state.
+    pub fn append(
+        &mut self,
+        key_id: &str,
+        action: Action,
+        previous: serde_json::Value,
+        new: serde_json::Value,
+        reason: Option<String>,
+        result: Result<(), String>,
+    ) -> anyhow::Result<AuditEntry> {
+        let entry = AuditEntry {
+            seq: self.entries.last().map_or(1, |e| e.seq + 1),
+            time: now_rfc3339(),
+            key_id: key_id.to_string(),
+            action,
+            previous,
+            new,
+            reason,
+            result: match result {
+                Ok(()) => "ok".into(),
+                Err(e) => e,
+            },
+        };
+        let mut line = serde_json::to_string(&entry)?;
+        line.push('\n');
+        self.file.write_all(line.as_bytes())?;
+        self.file.sync_data()?;
+        if entry.result == "ok" {
+            self.state.apply(&entry.action);
+        }
+        self.entries.push(entry.clone());
+        Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(v: &str) -> Box<VersionRecord> {
+        Box::new(VersionRecord {
+            version: v.into(),
+            sha256: "ab".repeat(32),
+            source: "/m".into(),
+            format: "safetensors".into(),
+            architecture: "llama".into(),
+            parameters: 1,
+            created: now_rfc3339(),
+            metadata: serde_json::Value::Null,
+            model_card: String::new(),
+        })
+    }
+
+    #[test]
+    fn state_is_the_replay_of_successful_entries_and_survives_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut r = Registry::open(dir.path()).unwrap();
+            r.append(
+                "k",
+                Action::RegisterVersion {
+                    model: "m".into(),
+                    record: record("v1"),
+                },
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+                None,
+                Ok(()),
+            )
+            .unwrap();
+            r.append(
+                "k",
+                Action::SetAlias {
+                    model: "m".into(),
+                    alias: "stable".into(),
+                    version: Some("v1".into()),
+                },
+                serde_json::Value::Null,
+                "v1".into(),
+                Some("first".into()),
+                Ok(()),
+            )
+            .unwrap();
+            r.append(
+                "k",
+                Action::SetAlias {
+                    model: "m".into(),
+                    alias: "stable".into(),
+                    version: Some("v9".into()),
+                },
+                "v1".into(),
+                "v9".into(),
+                None,
+                Err("no such version".into()),
+            )
+            .unwrap();
+        }
+        // A crash in the middle of the next write.
+        let path = dir.path().join("audit.jsonl");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":4,\"time\":\"2026").unwrap();
+        drop(f);
+        let r = Registry::open(dir.path()).unwrap();
+        assert_eq!(r.entries().len(), 3);
+        assert_eq!(r.state().alias("m", "stable"), Some("v1"));
+        assert!(r.state().version("m", "v1").is_some());
+        assert_eq!(r.state().next_version_id("m"), "v2");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.ends_with('\n') && !text.contains("\"seq\":4"));
+    }
+
+    #[test]
+    fn rfc3339_dates_are_civil_dates() {
+        let t = now_rfc3339();
+        assert_eq!(t.len(), 24, "{t}");
+        assert!(t.starts_with("20") && t.ends_with('Z'));
+    }
 }

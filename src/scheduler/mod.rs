@@ -271,7 +271,11 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the engine thread for `model`.
-    pub fn spawn(model: LoadedModel, config: SchedulerConfig, labels: EngineLabels) -> std::io::Result<Self> {
+    pub fn spawn(
+        model: LoadedModel,
+        config: SchedulerConfig,
+        labels: EngineLabels,
+    ) -> std::io::Result<Self> {
         let kv_shape = model.model.kv_shape(config.block_size);
         let blocks = kv_shape.blocks_in(config.kv_cache_bytes).max(1);
         let context_length = model.model.config().max_position_embeddings;
@@ -284,7 +288,10 @@ impl Engine {
             labels: labels.clone(),
             stopped: AtomicBool::new(false),
         });
-        shared.stats.kv_blocks_total.store(blocks, Ordering::Relaxed);
+        shared
+            .stats
+            .kv_blocks_total
+            .store(blocks, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::sync_channel(config.max_waiting.max(1));
         let tokenizer = Arc::new(model.tokenizer.clone());
         let chat_template = model.chat_template.clone();
@@ -334,7 +341,8 @@ impl Engine {
 
     /// Whether it accepts requests.
     pub fn is_ready(&self) -> bool {
-        !self.shared.draining.load(Ordering::Relaxed) && !self.shared.stopped.load(Ordering::Relaxed)
+        !self.shared.draining.load(Ordering::Relaxed)
+            && !self.shared.stopped.load(Ordering::Relaxed)
     }
 
     /// Whether the engine thread has exited and freed its memory.
@@ -358,7 +366,9 @@ impl Engine {
         }
         if let Err(e) = req.sampling.validate() {
             return Err(match e {
-                crate::engine::Error::InvalidParam { param, message } => SubmitError::Invalid { param, message },
+                crate::engine::Error::InvalidParam { param, message } => {
+                    SubmitError::Invalid { param, message }
+                }
                 other => SubmitError::Invalid {
                     param: "sampling".into(),
                     message: other.to_string(),
@@ -404,15 +414,21 @@ impl Engine {
             retry_after: self.retry_after(waiting_tokens + prompt_len),
         };
         if waiting >= cfg.max_waiting {
-            return Err(overloaded(format!("{waiting} requests are already waiting")));
+            return Err(overloaded(format!(
+                "{waiting} requests are already waiting"
+            )));
         }
         if waiting_tokens + prompt_len > cfg.max_waiting_tokens {
-            return Err(overloaded(format!("{waiting_tokens} prompt tokens are already waiting")));
+            return Err(overloaded(format!(
+                "{waiting_tokens} prompt tokens are already waiting"
+            )));
         }
         // Room for every token plus the final event: the engine never blocks on it.
         let (etx, erx) = mpsc::channel(request.max_tokens + 2);
         stats.waiting.fetch_add(1, Ordering::Relaxed);
-        stats.waiting_tokens.fetch_add(prompt_len, Ordering::Relaxed);
+        stats
+            .waiting_tokens
+            .fetch_add(prompt_len, Ordering::Relaxed);
         let job = Job {
             request,
             events: etx,
@@ -422,7 +438,9 @@ impl Engine {
             Ok(()) => Ok(erx),
             Err(e) => {
                 stats.waiting.fetch_sub(1, Ordering::Relaxed);
-                stats.waiting_tokens.fetch_sub(prompt_len, Ordering::Relaxed);
+                stats
+                    .waiting_tokens
+                    .fetch_sub(prompt_len, Ordering::Relaxed);
                 match e {
                     std::sync::mpsc::TrySendError::Full(_) => {
                         Err(overloaded("the request queue is full".into()))
@@ -449,6 +467,32 @@ impl Engine {
 
     /// Waits until the engine thread has exited (after [`Engine::drain`] or the
     /// last handle elsewhere is gone), polling at `interval`.
+    pub async fn stopped(&self, interval: Duration) {
+        self.watch().stopped(interval).await
+    }
+
+    /// An observer of the engine that does not keep it alive.
+    pub fn watch(&self) -> EngineWatch {
+        EngineWatch {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Watches an engine without holding it open: the engine still stops when
+/// the last [`Engine`] handle is dropped.
+#[derive(Clone)]
+pub struct EngineWatch {
+    shared: Arc<Shared>,
+}
+
+impl EngineWatch {
+    /// Whether the engine thread has exited and freed its memory.
+    pub fn is_stopped(&self) -> bool {
+        self.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// Waits for the thread to exit, polling at `interval`.
     pub async fn stopped(&self, interval: Duration) {
         while !self.is_stopped() {
             tokio::time::sleep(interval).await;

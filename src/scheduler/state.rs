@@ -11,7 +11,19 @@ use std::collections::VecDeque;
 use crate::engine::BlockAllocator;
 
 /// Scheduling class of a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// Uses only spare capacity and is preempted first (shadow traffic).
@@ -57,7 +69,13 @@ pub struct Seq<T> {
 
 impl<T> Seq<T> {
     /// A new waiting sequence.
-    pub fn new(id: u64, priority: Priority, prompt: Vec<u32>, max_new_tokens: usize, payload: T) -> Self {
+    pub fn new(
+        id: u64,
+        priority: Priority,
+        prompt: Vec<u32>,
+        max_new_tokens: usize,
+        payload: T,
+    ) -> Self {
         Self {
             id,
             priority,
@@ -246,7 +264,11 @@ impl<T> State<T> {
                 .running
                 .iter()
                 .filter(|s| s.is_decoding())
-                .map(|s| self.alloc.blocks_for(s.tokens.len()).saturating_sub(s.blocks.len()))
+                .map(|s| {
+                    self.alloc
+                        .blocks_for(s.tokens.len())
+                        .saturating_sub(s.blocks.len())
+                })
                 .sum();
             if need <= self.alloc.free() {
                 break;
@@ -360,7 +382,11 @@ mod tests {
     }
 
     /// Drives the state to completion, checking the step invariants.
-    fn drive(limits: Limits, blocks: usize, arrivals: &[(usize, usize, usize, Priority)]) -> Outcome {
+    fn drive(
+        limits: Limits,
+        blocks: usize,
+        arrivals: &[(usize, usize, usize, Priority)],
+    ) -> Outcome {
         let mut st: State<()> = State::new(limits, BlockAllocator::new(blocks, 4));
         let mut outputs = vec![];
         let mut steps = 0;
@@ -369,19 +395,30 @@ mod tests {
         let mut pending = std::collections::VecDeque::from(pending);
         while !(pending.is_empty() && st.is_idle()) {
             while pending.front().is_some_and(|(_, a)| a.0 <= steps) {
-                let Some((i, &(_, prompt, max_new, prio))) = pending.pop_front() else { break };
+                let Some((i, &(_, prompt, max_new, prio))) = pending.pop_front() else {
+                    break;
+                };
                 let prompt: Vec<u32> = (0..prompt as u32).map(|t| t + i as u32).collect();
                 st.enqueue(Seq::new(i as u64, prio, prompt, max_new, ()));
             }
             let plan = st.plan();
-            assert!(plan.tokens() <= limits.max_batched_tokens, "token budget exceeded");
-            assert!(st.running.len() <= limits.max_running, "running cap exceeded");
+            assert!(
+                plan.tokens() <= limits.max_batched_tokens,
+                "token budget exceeded"
+            );
+            assert!(
+                st.running.len() <= limits.max_running,
+                "running cap exceeded"
+            );
             let mut seen = std::collections::HashSet::new();
             for e in &plan.entries {
                 assert!(seen.insert(e.index), "a sequence scheduled twice");
                 let s = &st.running[e.index];
                 assert_eq!(e.start, s.computed, "feeds from where the cache ends");
-                assert!(s.blocks.len() * 4 >= e.start + e.len, "blocks cover what is fed");
+                assert!(
+                    s.blocks.len() * 4 >= e.start + e.len,
+                    "blocks cover what is fed"
+                );
             }
             st.advance(&plan);
             for e in &plan.entries {
@@ -427,18 +464,29 @@ mod tests {
 
     #[test]
     fn preempted_sequences_produce_the_same_tokens() {
-        let arrivals: Vec<_> = (0..12).map(|i| (i, 10 + i * 3, 30, Priority::Normal)).collect();
-        let limits = Limits { max_batched_tokens: 64, max_running: 12 };
+        let arrivals: Vec<_> = (0..12)
+            .map(|i| (i, 10 + i * 3, 30, Priority::Normal))
+            .collect();
+        let limits = Limits {
+            max_batched_tokens: 64,
+            max_running: 12,
+        };
         let roomy = drive(limits, 1000, &arrivals);
         let tight = drive(limits, 40, &arrivals);
         assert_eq!(roomy.preemptions, 0);
-        assert!(tight.preemptions > 0, "the small pool must force preemption");
+        assert!(
+            tight.preemptions > 0,
+            "the small pool must force preemption"
+        );
         assert_eq!(roomy.outputs, tight.outputs);
     }
 
     #[test]
     fn a_long_prompt_never_stalls_decodes_for_more_than_a_chunk() {
-        let limits = Limits { max_batched_tokens: 16, max_running: 4 };
+        let limits = Limits {
+            max_batched_tokens: 16,
+            max_running: 4,
+        };
         let mut st: State<()> = State::new(limits, BlockAllocator::new(100, 4));
         st.enqueue(Seq::new(1, Priority::Normal, vec![1, 2, 3], 50, ()));
         let p = st.plan();
@@ -447,7 +495,10 @@ mod tests {
         st.enqueue(Seq::new(2, Priority::Normal, (0..200).collect(), 5, ()));
         for _ in 0..10 {
             let p = st.plan();
-            assert!(p.entries.iter().any(|e| st.running[e.index].id == 1), "the decode runs every step");
+            assert!(
+                p.entries.iter().any(|e| st.running[e.index].id == 1),
+                "the decode runs every step"
+            );
             assert!(p.prefill_tokens <= 15);
             st.advance(&p);
             for e in &p.entries {
@@ -460,7 +511,10 @@ mod tests {
 
     #[test]
     fn low_priority_yields_to_normal_traffic() {
-        let limits = Limits { max_batched_tokens: 64, max_running: 2 };
+        let limits = Limits {
+            max_batched_tokens: 64,
+            max_running: 2,
+        };
         let mut st: State<()> = State::new(limits, BlockAllocator::new(100, 4));
         st.enqueue(Seq::new(1, Priority::Low, vec![1; 8], 50, ()));
         st.enqueue(Seq::new(2, Priority::Low, vec![2; 8], 50, ()));
@@ -477,10 +531,19 @@ mod tests {
 
     #[test]
     fn cancelling_frees_every_block() {
-        let limits = Limits { max_batched_tokens: 64, max_running: 8 };
+        let limits = Limits {
+            max_batched_tokens: 64,
+            max_running: 8,
+        };
         let mut st: State<()> = State::new(limits, BlockAllocator::new(50, 4));
         for i in 0..6 {
-            st.enqueue(Seq::new(i, Priority::Normal, vec![1; 10 + i as usize], 9, ()));
+            st.enqueue(Seq::new(
+                i,
+                Priority::Normal,
+                vec![1; 10 + i as usize],
+                9,
+                (),
+            ));
         }
         let p = st.plan();
         st.advance(&p);

@@ -10,7 +10,10 @@ use tokio::sync::mpsc;
 
 use super::state::{Limits, Seq, State};
 use super::{Completion, Event, FinishReason, Job, Msg, Shared, Timings};
-use crate::engine::{Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, StopMatcher, StopOutcome, TextStream, Tokenizer};
+use crate::engine::{
+    Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, StopMatcher, StopOutcome,
+    TextStream, Tokenizer,
+};
 use crate::monitor::{EngineMetrics, Protocol, RequestMetrics};
 
 /// Per-sequence state the scheduler carries for the engine thread.
@@ -101,7 +104,10 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
             }
         }
         if drain_deadline.is_some_and(|d| Instant::now() >= d) {
-            w.abort_all(&mut state, "the server shut down before the request finished");
+            w.abort_all(
+                &mut state,
+                "the server shut down before the request finished",
+            );
             break;
         }
         w.reap(&mut state);
@@ -163,7 +169,13 @@ impl Worker {
                     events,
                 };
                 self.next_id += 1;
-                state.enqueue(Seq::new(self.next_id, request.priority, request.prompt, request.max_tokens, io));
+                state.enqueue(Seq::new(
+                    self.next_id,
+                    request.priority,
+                    request.prompt,
+                    request.max_tokens,
+                    io,
+                ));
             }
         }
     }
@@ -181,9 +193,13 @@ impl Worker {
     fn publish(&self, state: &State<Io>) {
         let st = &self.shared.stats;
         let alloc = state.allocator();
-        let preempted_waiting = state.waiting().filter(|s| !s.payload.counted_waiting).count();
+        let preempted_waiting = state
+            .waiting()
+            .filter(|s| !s.payload.counted_waiting)
+            .count();
         st.running.store(state.running.len(), Ordering::Relaxed);
-        st.kv_blocks_used.store(alloc.total() - alloc.free(), Ordering::Relaxed);
+        st.kv_blocks_used
+            .store(alloc.total() - alloc.free(), Ordering::Relaxed);
         self.metrics.running.set(state.running.len() as f64);
         self.metrics
             .waiting
@@ -308,13 +324,20 @@ impl Worker {
         for e in &plan.entries {
             let s = &state.running[e.index];
             let logits = if e.sample { Logits::Last } else { Logits::None };
-            batch.push(&s.tokens[e.start..e.start + e.len], e.start, &s.blocks, logits);
+            batch.push(
+                &s.tokens[e.start..e.start + e.len],
+                e.start,
+                &s.blocks,
+                logits,
+            );
             if e.sample {
                 row_of[e.index] = Some(rows);
                 rows += 1;
             }
         }
-        let result = model.forward(&batch, kv).and_then(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?));
+        let result = model
+            .forward(&batch, kv)
+            .and_then(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?));
         drop(batch);
         state.advance(&plan);
         let mut flat = match result {
@@ -353,11 +376,19 @@ impl Worker {
             .with_min_len(4)
             .for_each(|(s, slot)| {
                 if let Some(row) = slot.as_deref_mut() {
-                    emit_token(s, row, tokenizer, ctx, metrics.requests(s.payload.protocol), now);
+                    emit_token(
+                        s,
+                        row,
+                        tokenizer,
+                        ctx,
+                        metrics.requests(s.payload.protocol),
+                        now,
+                    );
                 }
             });
         drop(slots);
-        let done = state.remove_where(|s| s.payload.finished.is_some() || s.payload.failed.is_some());
+        let done =
+            state.remove_where(|s| s.payload.finished.is_some() || s.payload.failed.is_some());
         for mut s in done {
             self.finish(&mut s);
         }
@@ -365,20 +396,37 @@ impl Worker {
         let elapsed = started.elapsed();
         let st = &self.shared.stats;
         st.steps.fetch_add(1, Ordering::Relaxed);
-        st.generated_tokens.fetch_add(rows as u64, Ordering::Relaxed);
+        st.generated_tokens
+            .fetch_add(rows as u64, Ordering::Relaxed);
         let tps = plan.tokens() as f64 / elapsed.as_secs_f64().max(1e-6);
-        self.throughput = if self.throughput == 0.0 { tps } else { 0.9 * self.throughput + 0.1 * tps };
-        st.tokens_per_second.store(self.throughput.to_bits(), Ordering::Relaxed);
+        self.throughput = if self.throughput == 0.0 {
+            tps
+        } else {
+            0.9 * self.throughput + 0.1 * tps
+        };
+        st.tokens_per_second
+            .store(self.throughput.to_bits(), Ordering::Relaxed);
         self.metrics.step_batch.record(plan.entries.len() as f64);
-        self.metrics.step_prefill_tokens.record(plan.prefill_tokens as f64);
-        self.metrics.step_decode_tokens.record(plan.decode_tokens as f64);
+        self.metrics
+            .step_prefill_tokens
+            .record(plan.prefill_tokens as f64);
+        self.metrics
+            .step_decode_tokens
+            .record(plan.decode_tokens as f64);
         self.metrics.step_time.record(elapsed.as_secs_f64());
     }
 }
 
 /// Samples one sequence's next token, streams its text and decides whether
 /// it is finished. Runs in parallel across sequences.
-fn emit_token(s: &mut Seq<Io>, row: &mut [f32], tokenizer: &Tokenizer, ctx: usize, m: &RequestMetrics, now: Instant) {
+fn emit_token(
+    s: &mut Seq<Io>,
+    row: &mut [f32],
+    tokenizer: &Tokenizer,
+    ctx: usize,
+    m: &RequestMetrics,
+    now: Instant,
+) {
     let (token, logprob) = match s.payload.sampler.sample(row) {
         Ok(t) => t,
         Err(e) => {

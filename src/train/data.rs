@@ -50,7 +50,8 @@ impl Corpus {
         }
         let mut corpus = Corpus::default();
         for f in &files {
-            let text = std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
             corpus.bytes += text.len();
             if f.extension().and_then(|e| e.to_str()) == Some("jsonl") {
                 for (i, line) in text.lines().enumerate() {
@@ -92,7 +93,11 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
             .with_context(|| p.display().to_string())?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|e| !e.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')))
+            .filter(|e| {
+                !e.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with('.'))
+            })
             .collect();
         entries.sort();
         for e in entries {
@@ -120,8 +125,14 @@ fn parse_record(v: &serde_json::Value) -> anyhow::Result<Record> {
     if let Some(ms) = v.get("messages").and_then(|m| m.as_array()) {
         let mut out = vec![];
         for m in ms {
-            let role = m.get("role").and_then(|r| r.as_str()).context("message without role")?;
-            let content = m.get("content").and_then(|c| c.as_str()).context("message without string content")?;
+            let role = m
+                .get("role")
+                .and_then(|r| r.as_str())
+                .context("message without role")?;
+            let content = m
+                .get("content")
+                .and_then(|c| c.as_str())
+                .context("message without string content")?;
             out.push(Message {
                 role: role.into(),
                 content: content.into(),
@@ -154,7 +165,12 @@ pub struct Specials {
 /// Turns records into examples of at most `seq_len + 1` tokens. Free text is
 /// concatenated (documents separated by EOS) and cut into windows that each
 /// start with BOS.
-pub fn examples(corpus: &Corpus, tok: &Tokenizer, sp: Specials, seq_len: usize) -> anyhow::Result<Vec<Example>> {
+pub fn examples(
+    corpus: &Corpus,
+    tok: &Tokenizer,
+    sp: Specials,
+    seq_len: usize,
+) -> anyhow::Result<Vec<Example>> {
     let mut out = vec![];
     let mut stream: Vec<u32> = vec![];
     let enc = |t: &str| tok.encode(t, false).map_err(|e| anyhow::anyhow!("{e}"));
@@ -170,7 +186,9 @@ pub fn examples(corpus: &Corpus, tok: &Tokenizer, sp: Specials, seq_len: usize) 
                 let cut = tokens.len();
                 tokens.extend(enc(completion)?);
                 tokens.push(sp.eos);
-                let mask = (1..tokens.len()).map(|i| if i >= cut { 1.0 } else { 0.0 }).collect();
+                let mask = (1..tokens.len())
+                    .map(|i| if i >= cut { 1.0 } else { 0.0 })
+                    .collect();
                 out.push(truncate(Example { tokens, mask }, seq_len));
             }
             Record::Chat(ms) => {
@@ -188,7 +206,13 @@ pub fn examples(corpus: &Corpus, tok: &Tokenizer, sp: Specials, seq_len: usize) 
                     tokens.extend(body);
                 }
                 // counts[i] belongs to tokens[i + 1].
-                out.push(truncate(Example { tokens, mask: counts }, seq_len));
+                out.push(truncate(
+                    Example {
+                        tokens,
+                        mask: counts,
+                    },
+                    seq_len,
+                ));
             }
         }
     }
@@ -212,7 +236,11 @@ fn truncate(mut e: Example, seq_len: usize) -> Example {
 }
 
 /// Splits examples into training and held-out sets, deterministically.
-pub fn split(examples: Vec<Example>, eval_fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+pub fn split(
+    examples: Vec<Example>,
+    eval_fraction: f64,
+    seed: u64,
+) -> (Vec<Example>, Vec<Example>) {
     let mut idx: Vec<usize> = (0..examples.len()).collect();
     idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_e7a1));
     let n_eval = ((examples.len() as f64 * eval_fraction).round() as usize)
@@ -236,6 +264,13 @@ pub fn batch_indices(n: usize, batch: usize, micro_step: u64, seed: u64) -> Vec<
     let epoch = micro_step / per_epoch;
     let within = (micro_step % per_epoch) as usize;
     let mut order: Vec<usize> = (0..n).collect();
-    order.shuffle(&mut ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9))));
-    order.into_iter().cycle().skip(within * batch).take(batch).collect()
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+        seed.wrapping_add(epoch.wrapping_mul(0x9e37_79b9)),
+    ));
+    order
+        .into_iter()
+        .cycle()
+        .skip(within * batch)
+        .take(batch)
+        .collect()
 }

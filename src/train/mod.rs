@@ -190,13 +190,21 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> anyhow::Result<St
     use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::processors::template::TemplateProcessing;
-    use tokenizers::{DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder};
+    use tokenizers::{
+        DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+        TokenizerBuilder,
+    };
 
     let mut trainer = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)
         .show_progress(false)
-        .special_tokens(SPECIAL_TOKENS.iter().map(|s| AddedToken::from(*s, true)).collect())
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|s| AddedToken::from(*s, true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let post = TemplateProcessing::builder()
@@ -204,20 +212,34 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize) -> anyhow::Result<St
         .map_err(|e| anyhow::anyhow!(e))?
         .special_tokens(vec![("<s>", 0)])
         .build()?;
-    let mut tok = TokenizerBuilder::<BPE, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
-        .with_post_processor(Some(post.into()))
-        .with_decoder(Some(ByteLevelDecoder::default().into()))
-        .build()
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let mut tok = TokenizerBuilder::<
+        BPE,
+        NormalizerWrapper,
+        PreTokenizerWrapper,
+        PostProcessorWrapper,
+        DecoderWrapper,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(ByteLevel::new(false, true, true).into()))
+    .with_post_processor(Some(post.into()))
+    .with_decoder(Some(ByteLevelDecoder::default().into()))
+    .build()
+    .map_err(|e| anyhow::anyhow!(e))?;
     tok.train(&mut trainer, texts.iter())
         .map_err(|e| anyhow::anyhow!(e))?;
     tok.to_string(false).map_err(|e| anyhow::anyhow!(e))
 }
 
-fn batch_tensors(examples: &[&Example], pad: u32, dev: &Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let len = examples.iter().map(|e| e.tokens.len() - 1).max().unwrap_or(1);
+fn batch_tensors(
+    examples: &[&Example],
+    pad: u32,
+    dev: &Device,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let len = examples
+        .iter()
+        .map(|e| e.tokens.len() - 1)
+        .max()
+        .unwrap_or(1);
     let b = examples.len();
     let (mut ids, mut tg, mut mask) = (vec![pad; b * len], vec![pad; b * len], vec![0f32; b * len]);
     for (r, e) in examples.iter().enumerate() {
@@ -233,7 +255,13 @@ fn batch_tensors(examples: &[&Example], pad: u32, dev: &Device) -> candle_core::
     ))
 }
 
-fn evaluate(m: &TrainModel, eval: &[Example], args: &TrainArgs, pad: u32, dev: &Device) -> anyhow::Result<f32> {
+fn evaluate(
+    m: &TrainModel,
+    eval: &[Example],
+    args: &TrainArgs,
+    pad: u32,
+    dev: &Device,
+) -> anyhow::Result<f32> {
     let (mut total, mut count) = (0f64, 0f64);
     for chunk in eval.chunks(args.batch_size).take(args.eval_batches.max(1)) {
         let refs: Vec<&Example> = chunk.iter().collect();
@@ -271,13 +299,16 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
     // Model shape, tokenizer and initial weights.
     let (config_json, tokenizer_json, mut vars, tokenizer_config) = match &args.base {
         Some(base) => {
-            let cfg_text = std::fs::read_to_string(base.join("config.json")).context("base config.json")?;
+            let cfg_text =
+                std::fs::read_to_string(base.join("config.json")).context("base config.json")?;
             let cfg = ModelConfig::from_hf_json(&cfg_text, &base.join("config.json"))?;
             if cfg.arch != Arch::Llama {
                 bail!("fine-tuning supports Llama-family models");
             }
-            let tok = std::fs::read_to_string(base.join("tokenizer.json")).context("base tokenizer.json")?;
-            let tk_cfg = std::fs::read_to_string(base.join("tokenizer_config.json")).unwrap_or_else(|_| "{}".into());
+            let tok = std::fs::read_to_string(base.join("tokenizer.json"))
+                .context("base tokenizer.json")?;
+            let tk_cfg = std::fs::read_to_string(base.join("tokenizer_config.json"))
+                .unwrap_or_else(|_| "{}".into());
             let mut files = vec![];
             for e in std::fs::read_dir(base)? {
                 let p = e?.path();
@@ -290,7 +321,12 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
             for f in files {
                 vars.extend(load_vars(&f)?);
             }
-            (serde_json::from_str::<serde_json::Value>(&cfg_text)?, tok, vars, tk_cfg)
+            (
+                serde_json::from_str::<serde_json::Value>(&cfg_text)?,
+                tok,
+                vars,
+                tk_cfg,
+            )
         }
         None => {
             let mut spec = preset(&args.preset)?;
@@ -307,7 +343,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
                 Some(p) => std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
                 None => train_tokenizer(&corpus.texts(), spec.vocab)?,
             };
-            let probe = tokenizers::Tokenizer::from_bytes(tok.as_bytes()).map_err(|e| anyhow::anyhow!(e))?;
+            let probe = tokenizers::Tokenizer::from_bytes(tok.as_bytes())
+                .map_err(|e| anyhow::anyhow!(e))?;
             spec.vocab = spec.vocab.max(probe.get_vocab_size(true));
             spec.bos_token_id = probe.token_to_id("<s>").context("tokenizer has no <s>")?;
             spec.eos_token_id = probe.token_to_id("</s>").context("tokenizer has no </s>")?;
@@ -329,14 +366,25 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     let cfg = ModelConfig::from_hf_json(&config_json.to_string(), Path::new("config.json"))?;
     let bos = cfg.bos_token_id.context("config has no bos_token_id")?;
-    let eos = *cfg.eos_token_ids.first().context("config has no eos_token_id")?;
-    let tokenizer = Tokenizer::from_bytes(tokenizer_json.as_bytes(), "tokenizer.json", Some(bos), vec![eos])?;
+    let eos = *cfg
+        .eos_token_ids
+        .first()
+        .context("config has no eos_token_id")?;
+    let tokenizer = Tokenizer::from_bytes(
+        tokenizer_json.as_bytes(),
+        "tokenizer.json",
+        Some(bos),
+        vec![eos],
+    )?;
     let all = data::examples(&corpus, &tokenizer, Specials { bos, eos }, args.seq_len)?;
     let (train, eval) = data::split(all, args.eval_fraction, args.seed);
     if train.is_empty() {
         bail!("no training examples");
     }
-    let train_tokens: usize = train.iter().map(|e| e.mask.iter().filter(|m| **m > 0.0).count()).sum();
+    let train_tokens: usize = train
+        .iter()
+        .map(|e| e.mask.iter().filter(|m| **m > 0.0).count())
+        .sum();
     let parameters: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     if !args.quiet {
         eprintln!(
@@ -367,13 +415,21 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
         let saved = load_vars(&ck.join("model.safetensors"))?;
         let saved: HashMap<String, Var> = saved.into_iter().collect();
         for (n, v) in &vars {
-            let s = saved.get(n).with_context(|| format!("checkpoint lacks {n}"))?;
+            let s = saved
+                .get(n)
+                .with_context(|| format!("checkpoint lacks {n}"))?;
             v.set(s.as_tensor())?;
         }
         let moments = candle_core::safetensors::load(ck.join("optimizer.safetensors"), &dev)?;
         for (n, (m, v)) in opt.moments.iter_mut() {
-            *m = moments.get(&format!("m.{n}")).cloned().context("checkpoint moments")?;
-            *v = moments.get(&format!("v.{n}")).cloned().context("checkpoint moments")?;
+            *m = moments
+                .get(&format!("m.{n}"))
+                .cloned()
+                .context("checkpoint moments")?;
+            *v = moments
+                .get(&format!("v.{n}"))
+                .cloned()
+                .context("checkpoint moments")?;
         }
         opt.t = state.adam_t;
         start_step = state.step;
@@ -395,8 +451,10 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
     } else {
         let b = indicatif::ProgressBar::new(args.steps);
         b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         b.set_position(start_step);
         b
@@ -469,8 +527,14 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
     }
     // The servable folder.
     save_vars(model.vars(), &args.out.join("model.safetensors"))?;
-    std::fs::write(args.out.join("README.md"), model_card(args, &cfg, &corpus, &report))?;
-    std::fs::write(args.out.join("train_report.json"), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        args.out.join("README.md"),
+        model_card(args, &cfg, &corpus, &report),
+    )?;
+    std::fs::write(
+        args.out.join("train_report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     Ok(report)
 }
 
@@ -490,7 +554,14 @@ impl Metadata {
     }
 }
 
-fn checkpoint(out: &Path, step: u64, vars: &[(String, Var)], opt: &AdamW, report: &TrainReport, meta: &Metadata) -> anyhow::Result<()> {
+fn checkpoint(
+    out: &Path,
+    step: u64,
+    vars: &[(String, Var)],
+    opt: &AdamW,
+    report: &TrainReport,
+    meta: &Metadata,
+) -> anyhow::Result<()> {
     let dir = out.join("checkpoints").join(format!("step-{step}"));
     std::fs::create_dir_all(&dir)?;
     meta.write(&dir)?;
@@ -506,7 +577,10 @@ fn checkpoint(out: &Path, step: u64, vars: &[(String, Var)], opt: &AdamW, report
         adam_t: opt.t,
         report: report.clone(),
     };
-    std::fs::write(dir.join("state.json"), serde_json::to_string_pretty(&state)?)?;
+    std::fs::write(
+        dir.join("state.json"),
+        serde_json::to_string_pretty(&state)?,
+    )?;
     Ok(())
 }
 
@@ -523,7 +597,14 @@ fn manifest_sources(data: &[PathBuf]) -> Vec<Source> {
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Object(o)) => o
                 .iter()
-                .map(|(k, v)| format!("{k}: {}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())))
+                .map(|(k, v)| {
+                    format!(
+                        "{k}: {}",
+                        v.as_str()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| v.to_string())
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("; "),
             Some(other) => other.to_string(),
@@ -532,9 +613,15 @@ fn manifest_sources(data: &[PathBuf]) -> Vec<Source> {
     };
     for d in data {
         for c in [d.join("manifest.json"), d.with_file_name("manifest.json")] {
-            let Ok(text) = std::fs::read_to_string(&c) else { continue };
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
-            let Some(files) = v.get("files").and_then(|f| f.as_array()) else { continue };
+            let Ok(text) = std::fs::read_to_string(&c) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+                continue;
+            };
+            let Some(files) = v.get("files").and_then(|f| f.as_array()) else {
+                continue;
+            };
             return files
                 .iter()
                 .map(|f| {
@@ -547,7 +634,11 @@ fn manifest_sources(data: &[PathBuf]) -> Vec<Source> {
                             s.get("version").and_then(|x| x.as_str()).unwrap_or(""),
                             f.get("file").and_then(|x| x.as_str()).unwrap_or("")
                         ),
-                        None => f.get("file").and_then(|x| x.as_str()).unwrap_or("").to_string(),
+                        None => f
+                            .get("file")
+                            .and_then(|x| x.as_str())
+                            .unwrap_or("")
+                            .to_string(),
                     };
                     Source {
                         name,
@@ -566,7 +657,11 @@ fn model_card(args: &TrainArgs, cfg: &ModelConfig, corpus: &Corpus, r: &TrainRep
     s.push_str("# Model card\n\n");
     s.push_str(&format!(
         "A Llama-architecture language model trained by `llmops train`{}.\n\n",
-        if args.base.is_some() { " (fine-tuned)" } else { " from scratch" }
+        if args.base.is_some() {
+            " (fine-tuned)"
+        } else {
+            " from scratch"
+        }
     ));
     s.push_str("## Architecture\n\n");
     s.push_str(&format!(
@@ -586,7 +681,11 @@ fn model_card(args: &TrainArgs, cfg: &ModelConfig, corpus: &Corpus, r: &TrainRep
             s.push_str(&format!("| {} | {} |\n", src.name, src.license));
         }
     }
-    s.push_str(&format!("\n{} bytes of text in {} files.\n\n", corpus.bytes, corpus.files.len()));
+    s.push_str(&format!(
+        "\n{} bytes of text in {} files.\n\n",
+        corpus.bytes,
+        corpus.files.len()
+    ));
     s.push_str("## Training\n\n");
     s.push_str(&format!(
         "- steps: {}, batch: {} × {} tokens, gradient accumulation: {}\n- AdamW, peak learning rate {}, warm-up {} steps, cosine decay to {}×, weight decay {}, clipping {}\n- seed: {}\n- throughput: {:.0} tokens/s on the CPU\n",

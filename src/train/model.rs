@@ -19,8 +19,16 @@ pub struct TrainModel {
 
 impl TrainModel {
     /// Wraps named variables (Hugging Face names) for `cfg`.
-    pub fn new(cfg: ModelConfig, vars: Vec<(String, Var)>, device: &Device) -> candle_core::Result<Self> {
-        let index = vars.iter().enumerate().map(|(i, (n, _))| (n.clone(), i)).collect();
+    pub fn new(
+        cfg: ModelConfig,
+        vars: Vec<(String, Var)>,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let index = vars
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
         let inv = cfg.rope.inv_freq(cfg.head_dim);
         let len = inv.len();
         Ok(Self {
@@ -63,7 +71,9 @@ impl TrainModel {
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let eps = cfg.rms_norm_eps as f32;
         let dev = ids.device();
-        let pos = Tensor::arange(0u32, t as u32, dev)?.to_dtype(DType::F32)?.reshape((t, 1))?;
+        let pos = Tensor::arange(0u32, t as u32, dev)?
+            .to_dtype(DType::F32)?
+            .reshape((t, 1))?;
         let freqs = pos.matmul(&self.inv_freq)?;
         let (cos, sin) = (freqs.cos()?, freqs.sin()?);
         let mask: Vec<f32> = (0..t)
@@ -72,10 +82,17 @@ impl TrainModel {
         let mask = Tensor::from_vec(mask, (t, t), dev)?;
         let scale = cfg.attn_scale;
 
-        let mut x = self.w("model.embed_tokens.weight")?.embedding(&ids.flatten_all()?)?.reshape((b, t, cfg.hidden_size))?;
+        let mut x = self
+            .w("model.embed_tokens.weight")?
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, t, cfg.hidden_size))?;
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
-            let h = candle_nn::ops::rms_norm_slow(&x, self.w(&format!("{p}.input_layernorm.weight"))?, eps)?;
+            let h = candle_nn::ops::rms_norm_slow(
+                &x,
+                self.w(&format!("{p}.input_layernorm.weight"))?,
+                eps,
+            )?;
             let heads = |y: Tensor, n: usize| -> candle_core::Result<Tensor> {
                 y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
             };
@@ -99,7 +116,11 @@ impl TrainModel {
             let att = candle_nn::ops::softmax(&att, D::Minus1)?;
             let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             x = (x + self.linear(&y, &format!("{p}.self_attn.o_proj"))?)?;
-            let h = candle_nn::ops::rms_norm_slow(&x, self.w(&format!("{p}.post_attention_layernorm.weight"))?, eps)?;
+            let h = candle_nn::ops::rms_norm_slow(
+                &x,
+                self.w(&format!("{p}.post_attention_layernorm.weight"))?,
+                eps,
+            )?;
             let gate = self.linear(&h, &format!("{p}.mlp.gate_proj"))?.silu()?;
             let up = self.linear(&h, &format!("{p}.mlp.up_proj"))?;
             x = (x + self.linear(&(gate * up)?, &format!("{p}.mlp.down_proj"))?)?;
@@ -115,7 +136,12 @@ impl TrainModel {
 
     /// Mean cross-entropy over positions where `mask` is 1, and the number of
     /// such positions.
-    pub fn loss(&self, ids: &Tensor, targets: &Tensor, mask: &Tensor) -> candle_core::Result<(Tensor, f32)> {
+    pub fn loss(
+        &self,
+        ids: &Tensor,
+        targets: &Tensor,
+        mask: &Tensor,
+    ) -> candle_core::Result<(Tensor, f32)> {
         let logits = self.forward(ids)?;
         let (b, t, v) = logits.dims3()?;
         let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;

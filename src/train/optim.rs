@@ -50,14 +50,21 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr` from `grads` (by name).
-    pub fn step(&mut self, vars: &[(String, Var)], grads: &HashMap<String, Tensor>, lr: f64) -> candle_core::Result<()> {
+    pub fn step(
+        &mut self,
+        vars: &[(String, Var)],
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+    ) -> candle_core::Result<()> {
         self.t += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
         for (name, var) in vars {
             let Some(g) = grads.get(name) else { continue };
-            let Some((m, v)) = self.moments.get_mut(name) else { continue };
+            let Some((m, v)) = self.moments.get_mut(name) else {
+                continue;
+            };
             let m_new = ((&*m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
             let v_new = ((&*v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let update = ((&m_new / bc1)? / ((&v_new / bc2)?.sqrt()? + c.eps)?)?;
@@ -85,7 +92,10 @@ pub fn cosine_lr(step: u64, peak: f64, warmup: u64, total: u64, min_ratio: f64) 
 
 /// Scales gradients so their global L2 norm is at most `max_norm`; returns the
 /// norm before clipping.
-pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> candle_core::Result<f64> {
+pub fn clip_grad_norm(
+    grads: &mut HashMap<String, Tensor>,
+    max_norm: f64,
+) -> candle_core::Result<f64> {
     let mut total = 0f64;
     for g in grads.values() {
         total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;

@@ -44,7 +44,10 @@ fn require_python_clients() {
     let out = Command::new(&py).args(["-c", MODULES]).output();
     let problem = match out {
         Err(e) => format!("`{py}` could not be started: {e}"),
-        Ok(o) if !o.status.success() => format!("`{py} -c \"{MODULES}\"` failed:\n{}", String::from_utf8_lossy(&o.stderr)),
+        Ok(o) if !o.status.success() => format!(
+            "`{py} -c \"{MODULES}\"` failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
         Ok(_) => return,
     };
     panic!(
@@ -56,14 +59,21 @@ fn require_python_clients() {
 
 /// A loopback port nobody listens on now.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A minimal blocking HTTP GET: (status, body).
 fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = String::new();
     s.read_to_string(&mut raw)?;
     let status = raw
@@ -71,7 +81,10 @@ fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {raw:?}")))?;
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
@@ -112,8 +125,13 @@ impl Server {
     fn start(dir: &Path, models: &[(&str, &Path)]) -> Server {
         let config = dir.join("llmops.toml");
         let key = |id: &str, role: &str, secret: &str, rpm: Option<u32>| {
-            let rpm = rpm.map(|r| format!("requests_per_minute = {r}\n")).unwrap_or_default();
-            format!("[[auth.keys]]\nid = \"{id}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n{rpm}\n", hash_secret(secret))
+            let rpm = rpm
+                .map(|r| format!("requests_per_minute = {r}\n"))
+                .unwrap_or_default();
+            format!(
+                "[[auth.keys]]\nid = \"{id}\"\nrole = \"{role}\"\nsha256 = \"{}\"\n{rpm}\n",
+                hash_secret(secret)
+            )
         };
         let toml = [
             key("ci-admin", "admin", ADMIN_KEY, None),
@@ -126,7 +144,10 @@ impl Server {
         let grpc = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = dir.join("server.log");
         let log_file = std::fs::File::create(&log).unwrap();
-        let paths: Vec<String> = models.iter().map(|(_, p)| p.display().to_string()).collect();
+        let paths: Vec<String> = models
+            .iter()
+            .map(|(_, p)| p.display().to_string())
+            .collect();
         let names: Vec<&str> = models.iter().map(|(n, _)| *n).collect();
         let child = llmops()
             .arg("serve")
@@ -144,7 +165,12 @@ impl Server {
             .stderr(log_file)
             .spawn()
             .expect("start llmops serve");
-        let mut s = Server { child, http, grpc, log };
+        let mut s = Server {
+            child,
+            http,
+            grpc,
+            log,
+        };
         s.wait_ready(Duration::from_secs(120));
         s
     }
@@ -153,13 +179,19 @@ impl Server {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("llmops serve exited with {status} before it was ready; its log:\n{}", tail(&self.log, 50));
+                panic!(
+                    "llmops serve exited with {status} before it was ready; its log:\n{}",
+                    tail(&self.log, 50)
+                );
             }
             if let Ok((200, _)) = http_get(self.http, "/ready") {
                 return;
             }
             if started.elapsed() > limit {
-                panic!("llmops serve was not ready after {limit:?}; its log:\n{}", tail(&self.log, 50));
+                panic!(
+                    "llmops serve was not ready after {limit:?}; its log:\n{}",
+                    tail(&self.log, 50)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -179,13 +211,36 @@ fn train_text_model(dir: &Path) -> PathBuf {
         .arg(&data)
         .arg("--out")
         .arg(&out)
-        .args(["--preset", "nano", "--vocab-size", "400", "--seq-len", "64", "--batch-size", "8"])
-        .args(["--steps", "150", "--lr", "1e-2", "--eval-fraction", "0", "--seed", "0", "--quiet"])
+        .args([
+            "--preset",
+            "nano",
+            "--vocab-size",
+            "400",
+            "--seq-len",
+            "64",
+            "--batch-size",
+            "8",
+        ])
+        .args([
+            "--steps",
+            "80",
+            "--lr",
+            "1e-2",
+            "--eval-fraction",
+            "0",
+            "--seed",
+            "0",
+            "--quiet",
+        ])
         .stdout(log_file.try_clone().unwrap())
         .stderr(log_file)
         .status()
         .expect("start llmops train");
-    assert!(status.success(), "llmops train failed ({status}):\n{}", tail(&log, 50));
+    assert!(
+        status.success(),
+        "llmops train failed ({status}):\n{}",
+        tail(&log, 50)
+    );
     out
 }
 
@@ -197,16 +252,27 @@ fn official_python_clients_work_against_a_running_server() {
     // Random weights but a long context: a long generation outlasts a
     // client's cancel by seconds (the cancel and queue tests need that).
     let slow_model = tmp.path().join("slow-model");
-    SynthSpec { max_position_embeddings: 16384, ..SynthSpec::tiny_llama() }
-        .write(&slow_model, None)
-        .unwrap();
+    SynthSpec {
+        max_position_embeddings: 16384,
+        ..SynthSpec::tiny_llama()
+    }
+    .write(&slow_model, None)
+    .unwrap();
     let server = Server::start(tmp.path(), &[("tiny", &text_model), ("slow", &slow_model)]);
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out_path = tmp.path().join("pytest.log");
     let out_file = std::fs::File::create(&out_path).unwrap();
     let mut pytest = Command::new(python())
-        .args(["-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", "tests/python"])
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "--tb=short",
+            "-p",
+            "no:cacheprovider",
+            "tests/python",
+        ])
         .current_dir(root)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("LLMOPS_TEST_HTTP", server.http.to_string())

@@ -40,13 +40,20 @@ fn plans(streams: &[Vec<u32>]) -> Vec<Plan> {
 
 fn vb(path: &std::path::Path) -> VarBuilder<'static> {
     unsafe {
-        VarBuilder::from_mmaped_safetensors(&[path.join("model.safetensors")], DType::F32, &Device::Cpu)
-            .unwrap()
+        VarBuilder::from_mmaped_safetensors(
+            &[path.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
     }
 }
 
 fn one(tok: u32) -> Tensor {
-    Tensor::new(&[tok], &Device::Cpu).unwrap().unsqueeze(0).unwrap()
+    Tensor::new(&[tok], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
 }
 
 fn assert_close(ours: &[Vec<Vec<f32>>], reference: &[Vec<Vec<f32>>]) {
@@ -188,7 +195,9 @@ fn greedy_tokens_are_the_same_alone_and_inside_a_busy_batch() {
         .map(|s| {
             // One long prompt whose KV spans many blocks.
             let len = if s == 5 { 70 } else { 3 + 5 * s };
-            (0..len).map(|i| ((i * 13 + s * 29 + 1) % 256) as u32).collect()
+            (0..len)
+                .map(|i| ((i * 13 + s * 29 + 1) % 256) as u32)
+                .collect()
         })
         .collect();
     let alone: Vec<Vec<u32>> = prompts
@@ -240,7 +249,8 @@ fn gguf_q8_0_export_agrees_with_f32_on_the_top_token() {
     let (mut same, mut total) = (0, 0);
     for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
         total += 1;
-        same += usize::from(llmops::engine::sampling::argmax(x) == llmops::engine::sampling::argmax(y));
+        same +=
+            usize::from(llmops::engine::sampling::argmax(x) == llmops::engine::sampling::argmax(y));
     }
     let rate = same as f64 / total as f64;
     eprintln!("Q8_0 vs f32 top-1 agreement: {same}/{total} = {rate:.3}");
@@ -252,24 +262,43 @@ fn malformed_checkpoints_fail_with_the_file_and_field_named() {
     let (_tmp, path) = support::write_model(&SynthSpec::tiny_llama());
     // A config that contradicts the weights.
     let cfg = path.join("config.json");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
     std::fs::write(&cfg, text).unwrap();
-    let err = llmops::engine::load(&path, &Default::default()).err().unwrap().to_string();
-    assert!(err.contains("model.safetensors") && err.contains("mlp.gate_proj"), "{err}");
+    let err = llmops::engine::load(&path, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("model.safetensors") && err.contains("mlp.gate_proj"),
+        "{err}"
+    );
 
     // A truncated weight file.
     let (_tmp2, path2) = support::write_model(&SynthSpec::tiny_llama());
     let st = path2.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
-    let err = llmops::engine::load(&path2, &Default::default()).err().unwrap().to_string();
+    let err = llmops::engine::load(&path2, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("model.safetensors"), "{err}");
 
     // An unknown architecture.
     let (_tmp3, path3) = support::write_model(&SynthSpec::tiny_llama());
     let cfg3 = path3.join("config.json");
-    let text = std::fs::read_to_string(&cfg3).unwrap().replace("\"model_type\": \"llama\"", "\"model_type\": \"rwkv\"");
+    let text = std::fs::read_to_string(&cfg3)
+        .unwrap()
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"rwkv\"");
     std::fs::write(&cfg3, text).unwrap();
-    let err = llmops::engine::load(&path3, &Default::default()).err().unwrap().to_string();
-    assert!(err.contains("config.json") && err.contains("model_type") && err.contains("rwkv"), "{err}");
+    let err = llmops::engine::load(&path3, &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("model_type") && err.contains("rwkv"),
+        "{err}"
+    );
 }

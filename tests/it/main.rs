@@ -2,10 +2,11 @@
 
 mod clients;
 mod engine;
+mod registry;
 mod scheduler;
 mod server;
-mod train;
 mod support;
+mod train;
 
 /// Runs before any test (and any thread they start).
 #[used]

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use llmops::engine::SamplingParams;
-use llmops::scheduler::{Completion, Engine, EngineLabels, Event, FinishReason, Request, SchedulerConfig, SubmitError};
+use llmops::scheduler::{
+    Completion, Engine, EngineLabels, Event, FinishReason, Request, SchedulerConfig, SubmitError,
+};
 use llmops::synth::SynthSpec;
 
 use crate::support;
@@ -29,7 +31,16 @@ async fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, Strin
 fn spawn(spec: &SynthSpec, cfg: SchedulerConfig) -> (tempfile::TempDir, Engine) {
     let (tmp, path) = support::write_model(spec);
     let m = support::load(&path);
-    let engine = Engine::spawn(m, cfg, EngineLabels { model: "tiny".into(), version: "v1".into(), variant: "stable".into() }).unwrap();
+    let engine = Engine::spawn(
+        m,
+        cfg,
+        EngineLabels {
+            model: "tiny".into(),
+            version: "v1".into(),
+            variant: "stable".into(),
+        },
+    )
+    .unwrap();
     (tmp, engine)
 }
 
@@ -45,19 +56,34 @@ fn prompts(n: usize) -> Vec<Vec<u32>> {
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Request {
-    Request { ignore_eos: true, ..Request::greedy(prompt, max_tokens) }
+    Request {
+        ignore_eos: true,
+        ..Request::greedy(prompt, max_tokens)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_concurrent_requests_each_match_their_solo_run() {
-    let (_tmp, engine) = spawn(&SynthSpec { seed: 21, ..SynthSpec::tiny_llama() }, SchedulerConfig { max_batched_tokens: 64, ..Default::default() });
+    let (_tmp, engine) = spawn(
+        &SynthSpec {
+            seed: 21,
+            ..SynthSpec::tiny_llama()
+        },
+        SchedulerConfig {
+            max_batched_tokens: 64,
+            ..Default::default()
+        },
+    );
     let ps = prompts(32);
     let mut solo = vec![];
     for p in &ps {
         let rx = engine.submit(greedy(p.clone(), 8 + p.len() % 13)).unwrap();
         solo.push(collect(rx).await);
     }
-    let rxs: Vec<_> = ps.iter().map(|p| engine.submit(greedy(p.clone(), 8 + p.len() % 13)).unwrap()).collect();
+    let rxs: Vec<_> = ps
+        .iter()
+        .map(|p| engine.submit(greedy(p.clone(), 8 + p.len() % 13)).unwrap())
+        .collect();
     let together = futures::future::join_all(rxs.into_iter().map(collect)).await;
     for (i, (a, b)) in solo.iter().zip(&together).enumerate() {
         assert_eq!(a.0, b.0, "request {i}: tokens alone vs among 32");
@@ -69,14 +95,29 @@ async fn thirty_two_concurrent_requests_each_match_their_solo_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preemption_under_a_small_kv_pool_keeps_greedy_output_identical() {
-    let spec = SynthSpec { seed: 3, ..SynthSpec::tiny_llama() };
+    let spec = SynthSpec {
+        seed: 3,
+        ..SynthSpec::tiny_llama()
+    };
     let shape_bytes = 2 * spec.layers * spec.kv_heads * 16 * spec.head_dim * 4;
-    let small = SchedulerConfig { kv_cache_bytes: 24 * shape_bytes, max_batched_tokens: 64, ..Default::default() };
+    let small = SchedulerConfig {
+        kv_cache_bytes: 24 * shape_bytes,
+        max_batched_tokens: 64,
+        ..Default::default()
+    };
     let (_t1, roomy) = spawn(&spec, SchedulerConfig::default());
     let (_t2, tight) = spawn(&spec, small);
     let ps = prompts(12);
-    let a = futures::future::join_all(ps.iter().map(|p| collect(roomy.submit(greedy(p.clone(), 40)).unwrap()))).await;
-    let b = futures::future::join_all(ps.iter().map(|p| collect(tight.submit(greedy(p.clone(), 40)).unwrap()))).await;
+    let a = futures::future::join_all(
+        ps.iter()
+            .map(|p| collect(roomy.submit(greedy(p.clone(), 40)).unwrap())),
+    )
+    .await;
+    let b = futures::future::join_all(
+        ps.iter()
+            .map(|p| collect(tight.submit(greedy(p.clone(), 40)).unwrap())),
+    )
+    .await;
     let preemptions: u32 = b.iter().map(|r| r.2.preemptions).sum();
     assert!(preemptions > 0, "the small pool must preempt");
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -91,7 +132,10 @@ async fn wait_idle(engine: &Engine) {
     let stats = engine.stats();
     for _ in 0..300 {
         if stats.running.load(std::sync::atomic::Ordering::Relaxed) == 0
-            && stats.kv_blocks_used.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && stats
+                .kv_blocks_used
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 0
         {
             return;
         }
@@ -103,7 +147,10 @@ async fn wait_idle(engine: &Engine) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_receiver_cancels_and_frees_its_blocks() {
     let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig::default());
-    let rxs: Vec<_> = prompts(6).into_iter().map(|p| engine.submit(greedy(p, 400)).unwrap()).collect();
+    let rxs: Vec<_> = prompts(6)
+        .into_iter()
+        .map(|p| engine.submit(greedy(p, 400)).unwrap())
+        .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(rxs);
     wait_idle(&engine).await;
@@ -111,7 +158,15 @@ async fn a_dropped_receiver_cancels_and_frees_its_blocks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_refused_at_once_with_a_retry_after() {
-    let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig { max_waiting: 3, max_running: 1, max_batched_tokens: 8, ..Default::default() });
+    let (_tmp, engine) = spawn(
+        &SynthSpec::tiny_llama(),
+        SchedulerConfig {
+            max_waiting: 3,
+            max_running: 1,
+            max_batched_tokens: 8,
+            ..Default::default()
+        },
+    );
     let mut accepted = vec![];
     let mut refused = 0;
     for p in prompts(20) {
@@ -156,11 +211,19 @@ async fn a_deadline_ends_the_request_with_timeout() {
 async fn the_same_seed_gives_the_same_sample_whatever_shares_the_batch() {
     let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig::default());
     let sampled = |seed| Request {
-        sampling: SamplingParams { temperature: 1.0, top_p: 0.9, seed: Some(seed), ..Default::default() },
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: Some(seed),
+            ..Default::default()
+        },
         ..greedy(vec![256, 5, 6, 7], 20)
     };
     let (alone, _, _) = collect(engine.submit(sampled(42)).unwrap()).await;
-    let mut rxs: Vec<_> = prompts(8).into_iter().map(|p| engine.submit(greedy(p, 30)).unwrap()).collect();
+    let mut rxs: Vec<_> = prompts(8)
+        .into_iter()
+        .map(|p| engine.submit(greedy(p, 30)).unwrap())
+        .collect();
     rxs.push(engine.submit(sampled(42)).unwrap());
     let outs = futures::future::join_all(rxs.into_iter().map(collect)).await;
     assert_eq!(outs.last().unwrap().0, alone);
@@ -185,8 +248,16 @@ async fn drain_finishes_running_work_then_stops() {
     let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig::default());
     let rx = engine.submit(greedy(vec![256, 1], 30)).unwrap();
     engine.drain(Duration::from_secs(10));
-    assert!(matches!(engine.submit(greedy(vec![256, 2], 5)), Err(SubmitError::Unavailable)));
+    assert!(matches!(
+        engine.submit(greedy(vec![256, 2], 5)),
+        Err(SubmitError::Unavailable)
+    ));
     let (ids, _, c) = collect(rx).await;
     assert_eq!((ids.len(), c.reason), (30, FinishReason::Length));
-    tokio::time::timeout(Duration::from_secs(5), engine.stopped(Duration::from_millis(5))).await.unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        engine.stopped(Duration::from_millis(5)),
+    )
+    .await
+    .unwrap();
 }

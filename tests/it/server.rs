@@ -24,10 +24,16 @@ impl TestServer {
     pub async fn start(tweak: impl FnOnce(&mut ServeArgs)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny");
-        SynthSpec { seed: 9, ..SynthSpec::tiny_llama() }.write(&path, None).unwrap();
+        SynthSpec {
+            seed: 9,
+            ..SynthSpec::tiny_llama()
+        }
+        .write(&path, None)
+        .unwrap();
         let mut args = ServeArgs {
             models: vec![path],
             model_names: vec!["tiny".into()],
+            data_dir: Some(dir.path().join("registry")),
             ..Default::default()
         };
         tweak(&mut args);
@@ -36,11 +42,21 @@ impl TestServer {
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (http_addr, grpc_addr) = (http.local_addr().unwrap(), grpc.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let listeners = llmops::app::Listeners { http, grpc, metrics: None };
+        let listeners = llmops::app::Listeners {
+            http,
+            grpc,
+            metrics: None,
+        };
         let task = tokio::spawn(llmops::app::run(cfg, listeners, async move {
             let _ = rx.await;
         }));
-        let s = TestServer { http: http_addr, grpc: grpc_addr, stop: Some(tx), task: Some(task), _model: dir };
+        let s = TestServer {
+            http: http_addr,
+            grpc: grpc_addr,
+            stop: Some(tx),
+            task: Some(task),
+            _model: dir,
+        };
         for _ in 0..200 {
             if let Ok(r) = reqwest::get(s.url("/ready")).await {
                 if r.status() == 200 {
@@ -56,15 +72,26 @@ impl TestServer {
         format!("http://{}{}", self.http, path)
     }
 
-    pub async fn grpc_client(&self) -> pb::inference_client::InferenceClient<tonic::transport::Channel> {
-        pb::inference_client::InferenceClient::connect(format!("http://{}", self.grpc)).await.unwrap()
+    pub async fn grpc_client(
+        &self,
+    ) -> pb::inference_client::InferenceClient<tonic::transport::Channel> {
+        pb::inference_client::InferenceClient::connect(format!("http://{}", self.grpc))
+            .await
+            .unwrap()
     }
 
     /// The value of `llmops_num_requests_running` for the model.
     pub async fn running(&self) -> f64 {
-        let text = reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap();
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
-            .filter(|l| l.starts_with("llmops_num_requests_running{") && l.contains("model=\"tiny\""))
+            .filter(|l| {
+                l.starts_with("llmops_num_requests_running{") && l.contains("model=\"tiny\"")
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
     }
@@ -89,8 +116,16 @@ impl TestServer {
     }
 }
 
-async fn post(client: &reqwest::Client, url: String, body: Vec<u8>, key: Option<&str>) -> (u16, Value, reqwest::header::HeaderMap) {
-    let mut req = client.post(url).header("content-type", "application/json").body(body);
+async fn post(
+    client: &reqwest::Client,
+    url: String,
+    body: Vec<u8>,
+    key: Option<&str>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut req = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body);
     if let Some(k) = key {
         req = req.bearer_auth(k);
     }
@@ -102,7 +137,9 @@ async fn post(client: &reqwest::Client, url: String, body: Vec<u8>, key: Option<
 }
 
 fn ok_completion() -> Vec<u8> {
-    json!({"model": "tiny", "prompt": "hello", "max_tokens": 3, "temperature": 0}).to_string().into_bytes()
+    json!({"model": "tiny", "prompt": "hello", "max_tokens": 3, "temperature": 0})
+        .to_string()
+        .into_bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,34 +153,160 @@ async fn every_bad_input_gets_its_documented_error_and_the_server_keeps_serving(
     let chat = |body: Value| body.to_string().into_bytes();
     let long_prompt = "x ".repeat(600);
     let rows: Vec<(&str, String, Vec<u8>, Option<&str>, u16, Option<&str>)> = vec![
-        ("malformed JSON", "/v1/completions".into(), b"{\"model\": \"tiny\", ".to_vec(), key, 400, None),
-        ("wrong type", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "temperature": "hot"})), key, 400, Some("temperature")),
-        ("empty messages", "/v1/chat/completions".into(), chat(json!({"model": "tiny", "messages": []})), key, 400, Some("messages")),
-        ("unknown role", "/v1/chat/completions".into(), chat(json!({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]})), key, 400, Some("messages")),
-        ("invalid UTF-8", "/v1/completions".into(), b"{\"model\": \"tiny\", \"prompt\": \"\xff\xfe\"}".to_vec(), key, 400, None),
-        ("10 MB body", "/v1/completions".into(), vec![b' '; 10 << 20], key, 413, None),
-        ("negative max_tokens", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": -5})), key, 400, Some("max_tokens")),
-        ("zero max_tokens", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": 0})), key, 400, Some("max_tokens")),
-        ("huge max_tokens", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": 1_000_000_000u64})), key, 400, Some("prompt")),
-        ("temperature < 0", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "temperature": -0.5})), key, 400, Some("temperature")),
-        ("top_p > 1", "/v1/chat/completions".into(), chat(json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5})), key, 400, Some("top_p")),
-        ("prompt over context", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": long_prompt})), key, 400, Some("prompt")),
-        ("unknown model", "/v1/completions".into(), chat(json!({"model": "nope", "prompt": "hi"})), key, 404, Some("model")),
-        ("missing key", "/v1/completions".into(), ok_completion(), None, 401, None),
-        ("bad key", "/v1/completions".into(), ok_completion(), Some("wrong"), 401, None),
-        ("inference key on an admin route", "/admin/v1/serving".into(), vec![], key, 403, None),
+        (
+            "malformed JSON",
+            "/v1/completions".into(),
+            b"{\"model\": \"tiny\", ".to_vec(),
+            key,
+            400,
+            None,
+        ),
+        (
+            "wrong type",
+            "/v1/completions".into(),
+            chat(json!({"model": "tiny", "prompt": "hi", "temperature": "hot"})),
+            key,
+            400,
+            Some("temperature"),
+        ),
+        (
+            "empty messages",
+            "/v1/chat/completions".into(),
+            chat(json!({"model": "tiny", "messages": []})),
+            key,
+            400,
+            Some("messages"),
+        ),
+        (
+            "unknown role",
+            "/v1/chat/completions".into(),
+            chat(json!({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]})),
+            key,
+            400,
+            Some("messages"),
+        ),
+        (
+            "invalid UTF-8",
+            "/v1/completions".into(),
+            b"{\"model\": \"tiny\", \"prompt\": \"\xff\xfe\"}".to_vec(),
+            key,
+            400,
+            None,
+        ),
+        (
+            "10 MB body",
+            "/v1/completions".into(),
+            vec![b' '; 10 << 20],
+            key,
+            413,
+            None,
+        ),
+        (
+            "negative max_tokens",
+            "/v1/completions".into(),
+            chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": -5})),
+            key,
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "zero max_tokens",
+            "/v1/completions".into(),
+            chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": 0})),
+            key,
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "huge max_tokens",
+            "/v1/completions".into(),
+            chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": 1_000_000_000u64})),
+            key,
+            400,
+            Some("prompt"),
+        ),
+        (
+            "temperature < 0",
+            "/v1/completions".into(),
+            chat(json!({"model": "tiny", "prompt": "hi", "temperature": -0.5})),
+            key,
+            400,
+            Some("temperature"),
+        ),
+        (
+            "top_p > 1",
+            "/v1/chat/completions".into(),
+            chat(
+                json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}),
+            ),
+            key,
+            400,
+            Some("top_p"),
+        ),
+        (
+            "prompt over context",
+            "/v1/completions".into(),
+            chat(json!({"model": "tiny", "prompt": long_prompt})),
+            key,
+            400,
+            Some("prompt"),
+        ),
+        (
+            "unknown model",
+            "/v1/completions".into(),
+            chat(json!({"model": "nope", "prompt": "hi"})),
+            key,
+            404,
+            Some("model"),
+        ),
+        (
+            "missing key",
+            "/v1/completions".into(),
+            ok_completion(),
+            None,
+            401,
+            None,
+        ),
+        (
+            "bad key",
+            "/v1/completions".into(),
+            ok_completion(),
+            Some("wrong"),
+            401,
+            None,
+        ),
+        (
+            "inference key on an admin route",
+            "/admin/v1/serving".into(),
+            vec![],
+            key,
+            403,
+            None,
+        ),
     ];
     for (name, path, body, k, want, param) in rows {
         let (status, err, _) = if path.starts_with("/admin") {
-            let r = c.get(s.url(&path)).bearer_auth(k.unwrap_or_default()).send().await.unwrap();
+            let r = c
+                .get(s.url(&path))
+                .bearer_auth(k.unwrap_or_default())
+                .send()
+                .await
+                .unwrap();
             let st = r.status().as_u16();
-            (st, r.json().await.unwrap_or(Value::Null), Default::default())
+            (
+                st,
+                r.json().await.unwrap_or(Value::Null),
+                Default::default(),
+            )
         } else {
             post(&c, s.url(&path), body, k).await
         };
         assert_eq!(status, want, "{name}: {err}");
         let e = &err["error"];
-        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}: message in {err}");
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: message in {err}"
+        );
         assert!(e["type"].is_string(), "{name}: type in {err}");
         if let Some(p) = param {
             assert_eq!(e["param"], p, "{name}: param in {err}");
@@ -157,7 +320,12 @@ async fn every_bad_input_gets_its_documented_error_and_the_server_keeps_serving(
         assert_eq!(ok["usage"]["completion_tokens"], 3);
     }
     // The admin key passes the admin route.
-    let r = c.get(s.url("/admin/v1/serving")).bearer_auth("adm1n").send().await.unwrap();
+    let r = c
+        .get(s.url("/admin/v1/serving"))
+        .bearer_auth("adm1n")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     s.stop().await;
 }
@@ -173,18 +341,27 @@ async fn grpc_errors_carry_the_right_status_codes() {
             max_tokens: 4,
             ..Default::default()
         });
-        r.metadata_mut().insert("authorization", "Bearer k".parse().unwrap());
+        r.metadata_mut()
+            .insert("authorization", "Bearer k".parse().unwrap());
         r
     };
-    let code = |r: Result<tonic::Response<pb::GenerateResponse>, tonic::Status>| r.err().map(|e| (e.code(), e.message().to_string()));
+    let code = |r: Result<tonic::Response<pb::GenerateResponse>, tonic::Status>| {
+        r.err().map(|e| (e.code(), e.message().to_string()))
+    };
 
     let (c, m) = code(cl.generate(req("nope", "hi")).await).unwrap();
     assert_eq!(c, tonic::Code::NotFound, "{m}");
     let mut unauth = req("tiny", "hi");
     unauth.metadata_mut().remove("authorization");
-    assert_eq!(code(cl.generate(unauth).await).unwrap().0, tonic::Code::Unauthenticated);
+    assert_eq!(
+        code(cl.generate(unauth).await).unwrap().0,
+        tonic::Code::Unauthenticated
+    );
     let mut bad = req("tiny", "hi");
-    bad.get_mut().sampling = Some(pb::SamplingParams { temperature: Some(-1.0), ..Default::default() });
+    bad.get_mut().sampling = Some(pb::SamplingParams {
+        temperature: Some(-1.0),
+        ..Default::default()
+    });
     let (c, m) = code(cl.generate(bad).await).unwrap();
     assert_eq!(c, tonic::Code::InvalidArgument);
     assert!(m.contains("temperature"), "{m}");
@@ -193,14 +370,18 @@ async fn grpc_errors_carry_the_right_status_codes() {
     assert!(m.contains("context length"), "{m}");
     let mut none = req("tiny", "");
     none.get_mut().input = None;
-    assert_eq!(code(cl.generate(none).await).unwrap().0, tonic::Code::InvalidArgument);
+    assert_eq!(
+        code(cl.generate(none).await).unwrap().0,
+        tonic::Code::InvalidArgument
+    );
 
     // A deadline shorter than the work ends as DEADLINE_EXCEEDED and frees the sequence.
     let mut slow = req("tiny", "hi");
     slow.get_mut().max_tokens = 400;
     slow.get_mut().ignore_eos = true;
     // The header alone (no client-side timer), so the server's answer is what we see.
-    slow.metadata_mut().insert("grpc-timeout", "150m".parse().unwrap());
+    slow.metadata_mut()
+        .insert("grpc-timeout", "150m".parse().unwrap());
     let (c, _) = code(cl.generate(slow).await).unwrap();
     assert_eq!(c, tonic::Code::DeadlineExceeded);
     s.wait_idle().await;
@@ -228,9 +409,18 @@ async fn a_burst_over_the_queue_limit_gets_fast_429s_while_admitted_requests_com
         let body = body.clone();
         async move {
             let started = std::time::Instant::now();
-            let r = c.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+            let r = c
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
             let status = r.status().as_u16();
-            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
             let v: Value = r.json().await.unwrap();
             (status, retry, v, started.elapsed())
         }
@@ -242,12 +432,23 @@ async fn a_burst_over_the_queue_limit_gets_fast_429s_while_admitted_requests_com
     assert!(!limited.is_empty(), "the burst is refused in part");
     assert_eq!(ok + limited.len(), 20, "only 200s and 429s");
     for r in &limited {
-        assert!(r.1.as_deref().is_some_and(|v| v.parse::<u64>().unwrap() >= 1), "Retry-After on 429");
+        assert!(
+            r.1.as_deref()
+                .is_some_and(|v| v.parse::<u64>().unwrap() >= 1),
+            "Retry-After on 429"
+        );
         assert_eq!(r.2["error"]["type"], "rate_limit_error");
-        assert!(r.3 < Duration::from_millis(500), "429 is immediate: {:?}", r.3);
+        assert!(
+            r.3 < Duration::from_millis(500),
+            "429 is immediate: {:?}",
+            r.3
+        );
     }
     for r in results.iter().filter(|r| r.0 == 200) {
-        assert_eq!(r.2["usage"]["completion_tokens"], 40, "admitted requests complete");
+        assert_eq!(
+            r.2["usage"]["completion_tokens"], 40,
+            "admitted requests complete"
+        );
     }
     s.stop().await;
 }
@@ -259,12 +460,21 @@ async fn a_client_that_disconnects_cancels_its_request() {
     // Non-streaming: give up on the response mid-generation.
     let c = reqwest::Client::new();
     let fut = c.post(s.url("/v1/completions")).json(&long).send();
-    assert!(tokio::time::timeout(Duration::from_millis(150), fut).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(150), fut)
+            .await
+            .is_err()
+    );
     s.wait_idle().await;
     // Streaming: read a few chunks, then drop the stream.
     let mut with_stream = long.clone();
     with_stream["stream"] = true.into();
-    let resp = c.post(s.url("/v1/completions")).json(&with_stream).send().await.unwrap();
+    let resp = c
+        .post(s.url("/v1/completions"))
+        .json(&with_stream)
+        .send()
+        .await
+        .unwrap();
     let mut body = resp.bytes_stream();
     use futures::StreamExt;
     let _ = body.next().await;

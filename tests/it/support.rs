@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use llmops::engine::{Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, SamplingParams};
+use llmops::engine::{
+    Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, SamplingParams,
+};
 use llmops::synth::SynthSpec;
 
 /// Writes `spec` into a fresh temporary folder.
@@ -33,7 +35,11 @@ pub struct Plan {
 
 /// Runs every plan through shared batched steps and returns each sequence's
 /// logits at every position.
-pub fn run_teacher_forced(m: &LoadedModel, plans: &[Plan], block_size: usize) -> Vec<Vec<Vec<f32>>> {
+pub fn run_teacher_forced(
+    m: &LoadedModel,
+    plans: &[Plan],
+    block_size: usize,
+) -> Vec<Vec<Vec<f32>>> {
     let shape = m.model.kv_shape(block_size);
     let mut alloc = BlockAllocator::new(256, block_size);
     let mut kv = KvCache::new(shape, 256);
@@ -57,10 +63,20 @@ pub fn run_teacher_forced(m: &LoadedModel, plans: &[Plan], block_size: usize) ->
         }
         let mut batch = Batch::new();
         for &(i, n) in &work {
-            batch.push(&plans[i].tokens[done[i]..done[i] + n], done[i], &tables[i], Logits::All);
+            batch.push(
+                &plans[i].tokens[done[i]..done[i] + n],
+                done[i],
+                &tables[i],
+                Logits::All,
+            );
         }
         if !batch.is_empty() {
-            let logits = m.model.forward(&batch, &mut kv).unwrap().to_vec2::<f32>().unwrap();
+            let logits = m
+                .model
+                .forward(&batch, &mut kv)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             let mut rows = logits.into_iter();
             for &(i, n) in &work {
                 for _ in 0..n {
@@ -83,7 +99,12 @@ pub struct GenPlan {
 
 /// Greedy generation of several sequences sharing steps (chunked prefill of
 /// `chunk` tokens); returns each one's generated tokens.
-pub fn generate_greedy(m: &LoadedModel, plans: &[GenPlan], block_size: usize, chunk: usize) -> Vec<Vec<u32>> {
+pub fn generate_greedy(
+    m: &LoadedModel,
+    plans: &[GenPlan],
+    block_size: usize,
+    chunk: usize,
+) -> Vec<Vec<u32>> {
     let shape = m.model.kv_shape(block_size);
     let mut alloc = BlockAllocator::new(512, block_size);
     let mut kv = KvCache::new(shape, 512);
@@ -92,7 +113,10 @@ pub fn generate_greedy(m: &LoadedModel, plans: &[GenPlan], block_size: usize, ch
     let mut seqs: Vec<Vec<u32>> = plans.iter().map(|p| p.prompt.clone()).collect();
     let mut fed = vec![0usize; n];
     let mut generated: Vec<Vec<u32>> = vec![vec![]; n];
-    let mut samplers: Vec<Sampler> = plans.iter().map(|p| Sampler::new(SamplingParams::default(), &p.prompt)).collect();
+    let mut samplers: Vec<Sampler> = plans
+        .iter()
+        .map(|p| Sampler::new(SamplingParams::default(), &p.prompt))
+        .collect();
     let mut step = 0;
     while (0..n).any(|i| generated[i].len() < plans[i].max_tokens) {
         let mut work = vec![];
@@ -111,7 +135,12 @@ pub fn generate_greedy(m: &LoadedModel, plans: &[GenPlan], block_size: usize, ch
             batch.push(&seqs[i][fed[i]..fed[i] + take], fed[i], &tables[i], l);
         }
         if !batch.is_empty() {
-            let logits = m.model.forward(&batch, &mut kv).unwrap().to_vec2::<f32>().unwrap();
+            let logits = m
+                .model
+                .forward(&batch, &mut kv)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             let mut rows = logits.into_iter();
             for &(i, take, last) in &work {
                 fed[i] += take;
@@ -130,5 +159,8 @@ pub fn generate_greedy(m: &LoadedModel, plans: &[GenPlan], block_size: usize, ch
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }

@@ -59,9 +59,25 @@ fn training_learns_and_overfits_a_few_sentences() {
     // Greedy continuation reproduces the memorised text.
     let m = support::load(&out);
     let prompt = m.tokenizer.encode("The whale swam", true).unwrap();
-    let want = m.tokenizer.encode(" under the grey sea at dawn.\nAll the ships", false).unwrap();
-    let got = support::generate_greedy(&m, &[GenPlan { prompt, join_step: 0, max_tokens: want.len() }], 16, 64).remove(0);
-    assert_eq!(m.tokenizer.decode(&got).unwrap(), " under the grey sea at dawn.\nAll the ships");
+    let want = m
+        .tokenizer
+        .encode(" under the grey sea at dawn.\nAll the ships", false)
+        .unwrap();
+    let got = support::generate_greedy(
+        &m,
+        &[GenPlan {
+            prompt,
+            join_step: 0,
+            max_tokens: want.len(),
+        }],
+        16,
+        64,
+    )
+    .remove(0);
+    assert_eq!(
+        m.tokenizer.decode(&got).unwrap(),
+        " under the grey sea at dawn.\nAll the ships"
+    );
 }
 
 #[test]
@@ -69,8 +85,17 @@ fn resuming_from_a_checkpoint_repeats_the_uninterrupted_losses() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data.txt");
     std::fs::write(&data, SENTENCES.repeat(4)).unwrap();
-    let whole = run(&TrainArgs { steps: 12, ..args(&data, &tmp.path().join("a")) }).unwrap();
-    let first_half = run(&TrainArgs { steps: 12, stop_after: Some(5), ..args(&data, &tmp.path().join("b")) }).unwrap();
+    let whole = run(&TrainArgs {
+        steps: 12,
+        ..args(&data, &tmp.path().join("a"))
+    })
+    .unwrap();
+    let first_half = run(&TrainArgs {
+        steps: 12,
+        stop_after: Some(5),
+        ..args(&data, &tmp.path().join("b"))
+    })
+    .unwrap();
     assert_eq!(first_half.losses.len(), 5);
     let resumed = run(&TrainArgs {
         steps: 12,
@@ -80,7 +105,11 @@ fn resuming_from_a_checkpoint_repeats_the_uninterrupted_losses() {
     .unwrap();
     assert_eq!(whole.losses, resumed.losses, "same seed, same losses");
     // And a second uninterrupted run is identical too.
-    let again = run(&TrainArgs { steps: 12, ..args(&data, &tmp.path().join("c")) }).unwrap();
+    let again = run(&TrainArgs {
+        steps: 12,
+        ..args(&data, &tmp.path().join("c"))
+    })
+    .unwrap();
     assert_eq!(whole.losses, again.losses);
 }
 
@@ -90,21 +119,58 @@ fn a_trained_model_loads_in_the_engine_and_matches_candle_transformers() {
     let data = tmp.path().join("data.txt");
     std::fs::write(&data, SENTENCES).unwrap();
     let out = tmp.path().join("model");
-    run(&TrainArgs { steps: 20, ..args(&data, &out) }).unwrap();
+    run(&TrainArgs {
+        steps: 20,
+        ..args(&data, &out)
+    })
+    .unwrap();
     assert!(out.join("README.md").exists(), "model card");
-    assert!(std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap().contains("chat_template"));
+    assert!(
+        std::fs::read_to_string(out.join("tokenizer_config.json"))
+            .unwrap()
+            .contains("chat_template")
+    );
     let ours = support::load(&out);
-    let tokens = ours.tokenizer.encode("The whale swam under the sea", true).unwrap();
-    let got = support::run_teacher_forced(&ours, &[support::Plan { tokens: tokens.clone(), join_step: 0, chunk: 3, prompt_len: 4 }], 4);
+    let tokens = ours
+        .tokenizer
+        .encode("The whale swam under the sea", true)
+        .unwrap();
+    let got = support::run_teacher_forced(
+        &ours,
+        &[support::Plan {
+            tokens: tokens.clone(),
+            join_step: 0,
+            chunk: 3,
+            prompt_len: 4,
+        }],
+        4,
+    );
 
-    let cfg: llama::LlamaConfig = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let cfg: llama::LlamaConfig =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     let cfg = cfg.into_config(false);
-    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[out.join("model.safetensors")], DType::F32, &Device::Cpu).unwrap() };
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[out.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
     let reference = llama::Llama::load(vb, &cfg).unwrap();
     let mut cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
     for (pos, &t) in tokens.iter().enumerate() {
-        let input = Tensor::new(&[t], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let want = reference.forward(&input, pos, &mut cache).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let input = Tensor::new(&[t], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let want = reference
+            .forward(&input, pos, &mut cache)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let d = support::max_abs_diff(&got[0][pos], &want);
         assert!(d <= 1e-4, "position {pos}: {d}");
     }
@@ -116,9 +182,16 @@ fn fine_tuning_on_prompt_completion_pairs_lowers_held_out_loss() {
     let base_data = tmp.path().join("base.txt");
     std::fs::write(&base_data, SENTENCES.repeat(3)).unwrap();
     let base = tmp.path().join("base");
-    run(&TrainArgs { steps: 30, ..args(&base_data, &base) }).unwrap();
+    run(&TrainArgs {
+        steps: 30,
+        ..args(&base_data, &base)
+    })
+    .unwrap();
     // Pairs of one kind: a colour word answered by its opposite pattern.
-    let words = ["red", "blue", "green", "black", "white", "gold", "grey", "pink", "brown", "amber", "violet", "silver"];
+    let words = [
+        "red", "blue", "green", "black", "white", "gold", "grey", "pink", "brown", "amber",
+        "violet", "silver",
+    ];
     let mut jsonl = String::new();
     for (i, w) in words.iter().enumerate() {
         for j in 0..4 {

@@ -121,10 +121,19 @@ pub fn matmul_xwt(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, o
 /// # Safety
 /// `out` must point to an `m × w.n` buffer whose columns in these panels
 /// nobody else writes concurrently.
-unsafe fn panels_range(x: &[f32], m: usize, w: &PackedWeight, lo: usize, hi: usize, bias: Option<&[f32]>, out: *mut f32) {
+unsafe fn panels_range(
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    lo: usize,
+    hi: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             // SAFETY: the CPU has the features; the caller upholds the rest.
             unsafe { avx2::panels_range(x, m, w, lo, hi, bias, out) };
             return;
@@ -134,7 +143,15 @@ unsafe fn panels_range(x: &[f32], m: usize, w: &PackedWeight, lo: usize, hi: usi
     unsafe { portable_panels(x, m, w, lo, hi, bias, out) };
 }
 
-unsafe fn portable_panels(x: &[f32], m: usize, w: &PackedWeight, lo: usize, hi: usize, bias: Option<&[f32]>, out: *mut f32) {
+unsafe fn portable_panels(
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    lo: usize,
+    hi: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+) {
     let (n, k) = (w.n, w.k);
     for panel in lo..hi {
         let pw = &w.data[panel * k * NR..(panel + 1) * k * NR];
@@ -168,11 +185,20 @@ mod avx2 {
     /// `x` rows must hold `k` values each; `pw` must hold `k * 16`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn micro<const R: usize>(x: [*const f32; R], pw: *const f32, k: usize) -> [[__m256; 2]; R] {
+    unsafe fn micro<const R: usize>(
+        x: [*const f32; R],
+        pw: *const f32,
+        k: usize,
+    ) -> [[__m256; 2]; R] {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for p in 0..k {
             // SAFETY: p < k.
-            let (w0, w1) = unsafe { (_mm256_loadu_ps(pw.add(p * NR)), _mm256_loadu_ps(pw.add(p * NR + 8))) };
+            let (w0, w1) = unsafe {
+                (
+                    _mm256_loadu_ps(pw.add(p * NR)),
+                    _mm256_loadu_ps(pw.add(p * NR + 8)),
+                )
+            };
             for r in 0..R {
                 // SAFETY: p < k.
                 let xb = unsafe { _mm256_broadcast_ss(&*x[r].add(p)) };
@@ -186,7 +212,14 @@ mod avx2 {
     /// Writes `R` rows of one panel, adding the bias and dropping padding columns.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn store<const R: usize>(acc: [[__m256; 2]; R], out: *mut f32, n: usize, row0: usize, col0: usize, bias: Option<&[f32]>) {
+    unsafe fn store<const R: usize>(
+        acc: [[__m256; 2]; R],
+        out: *mut f32,
+        n: usize,
+        row0: usize,
+        col0: usize,
+        bias: Option<&[f32]>,
+    ) {
         let cols = (n - col0).min(NR);
         let mut bias_v = [0f32; NR];
         if let Some(b) = bias {
@@ -211,7 +244,15 @@ mod avx2 {
     /// # Safety
     /// As `super::panels_range`, and the CPU must support AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn panels_range(x: &[f32], m: usize, w: &PackedWeight, lo: usize, hi: usize, bias: Option<&[f32]>, out: *mut f32) {
+    pub unsafe fn panels_range(
+        x: &[f32],
+        m: usize,
+        w: &PackedWeight,
+        lo: usize,
+        hi: usize,
+        bias: Option<&[f32]>,
+        out: *mut f32,
+    ) {
         let (n, k) = (w.n, w.k);
         for panel in lo..hi {
             let pw = w.data[panel * k * NR..].as_ptr();
@@ -231,10 +272,38 @@ mod avx2 {
                 match m - i {
                     0 => {}
                     1 => store(micro::<1>([row(i)], pw, k), out, n, i, col0, bias),
-                    2 => store(micro::<2>(std::array::from_fn(|r| row(i + r)), pw, k), out, n, i, col0, bias),
-                    3 => store(micro::<3>(std::array::from_fn(|r| row(i + r)), pw, k), out, n, i, col0, bias),
-                    4 => store(micro::<4>(std::array::from_fn(|r| row(i + r)), pw, k), out, n, i, col0, bias),
-                    _ => store(micro::<5>(std::array::from_fn(|r| row(i + r)), pw, k), out, n, i, col0, bias),
+                    2 => store(
+                        micro::<2>(std::array::from_fn(|r| row(i + r)), pw, k),
+                        out,
+                        n,
+                        i,
+                        col0,
+                        bias,
+                    ),
+                    3 => store(
+                        micro::<3>(std::array::from_fn(|r| row(i + r)), pw, k),
+                        out,
+                        n,
+                        i,
+                        col0,
+                        bias,
+                    ),
+                    4 => store(
+                        micro::<4>(std::array::from_fn(|r| row(i + r)), pw, k),
+                        out,
+                        n,
+                        i,
+                        col0,
+                        bias,
+                    ),
+                    _ => store(
+                        micro::<5>(std::array::from_fn(|r| row(i + r)), pw, k),
+                        out,
+                        n,
+                        i,
+                        col0,
+                        bias,
+                    ),
                 }
             }
         }
@@ -249,7 +318,9 @@ mod tests {
         let mut o = vec![0f32; m * n];
         for i in 0..m {
             for j in 0..n {
-                o[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum::<f64>() as f32;
+                o[i * n + j] = (0..k)
+                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum::<f64>() as f32;
             }
         }
         o
@@ -257,9 +328,20 @@ mod tests {
 
     #[test]
     fn matches_a_naive_product_for_awkward_shapes() {
-        for &(m, k, n) in &[(1, 8, 4), (3, 13, 7), (2, 256, 130), (33, 64, 65), (7, 100, 300), (13, 5, 17)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0).collect();
+        for &(m, k, n) in &[
+            (1, 8, 4),
+            (3, 13, 7),
+            (2, 256, 130),
+            (33, 64, 65),
+            (7, 100, 300),
+            (13, 5, 17),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 7.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 9.0)
+                .collect();
             let bias: Vec<f32> = (0..n).map(|j| j as f32 * 0.01).collect();
             let p = PackedWeight::pack(&w, n, k);
             let mut o = vec![0f32; m * n];

@@ -64,7 +64,10 @@ fn rms_norm_in_place(x: &mut [f32], w: &[f32], eps: f32) {
 fn rope(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32], style: RopeStyle) {
     let half = d / 2;
     for (r, row) in x.chunks_exact_mut(heads * d).enumerate() {
-        let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+        let (c, s) = (
+            &cos[r * half..(r + 1) * half],
+            &sin[r * half..(r + 1) * half],
+        );
         for head in row.chunks_exact_mut(d) {
             match style {
                 RopeStyle::Half => {
@@ -127,14 +130,21 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
 pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<Tensor> {
     let cfg = &m.cfg;
     let t = batch.len();
-    let (d, hq, hk, hidden) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.hidden_size);
+    let (d, hq, hk, hidden) = (
+        cfg.head_dim,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.hidden_size,
+    );
     let eps = cfg.rms_norm_eps as f32;
     let shape = kv.shape();
     {
         let s = &mut kv.scratch;
         m.embed.gather_host(&batch.tokens, &mut s.x)?;
         if s.x.len() != t * hidden {
-            return Err(Error::Internal("embedding rows have the wrong width".into()));
+            return Err(Error::Internal(
+                "embedding rows have the wrong width".into(),
+            ));
         }
         if cfg.scale_embeddings {
             // As Hugging Face: the scale is rounded to the activation dtype first.
@@ -214,7 +224,10 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
         for r in 0..t {
             let (g, u) = match gate_and_up {
                 None => s.gate_up[r * 2 * inter..(r + 1) * 2 * inter].split_at(inter),
-                Some(()) => (&s.gate_up[r * inter..(r + 1) * inter], &s.up[r * inter..(r + 1) * inter]),
+                Some(()) => (
+                    &s.gate_up[r * inter..(r + 1) * inter],
+                    &s.up[r * inter..(r + 1) * inter],
+                ),
             };
             let out = &mut s.act[r * inter..(r + 1) * inter];
             match cfg.activation {
@@ -231,7 +244,11 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
     let s = &mut kv.scratch;
     let rows = batch.logit_rows.len();
     if rows == 0 {
-        return Ok(Tensor::zeros((0, cfg.vocab_size), candle_core::DType::F32, &Device::Cpu)?);
+        return Ok(Tensor::zeros(
+            (0, cfg.vocab_size),
+            candle_core::DType::F32,
+            &Device::Cpu,
+        )?);
     }
     s.h.clear();
     for &r in &batch.logit_rows {
@@ -241,7 +258,9 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
     m.lm_head.forward_host(&s.h, rows, &mut s.logits)?;
     if let Some(cap) = cfg.final_logit_softcapping {
         let cap = cap as f32;
-        s.logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+        s.logits
+            .iter_mut()
+            .for_each(|l| *l = cap * (*l / cap).tanh());
     }
     let vocab = m.lm_head.out_features();
     Ok(Tensor::from_slice(&s.logits, (rows, vocab), &Device::Cpu)?)

@@ -1,0 +1,693 @@
+//! Model operations: register, load, unload, point aliases (hot swap), and
+//! restore what was serving at startup. Every action is audited.
+//!
+//! Hot swap: the new version loads and warms up while the old one serves;
+//! then the router's table is replaced in one store. Requests already running
+//! hold their own handle on the old engine, which finishes them, and stops
+//! and frees its memory when that last handle drops.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{Action, AuditEntry, Registry, State, VersionRecord};
+use crate::api::error::ApiError;
+use crate::engine::{self, LoadOptions, LoadedModel};
+use crate::router::{Deployment, DeploymentTable, Router, Target};
+use crate::scheduler::{Engine, EngineLabels, Event, Request, SchedulerConfig};
+
+/// Who acts and why.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// API key id.
+    pub key_id: String,
+    /// The operator's reason.
+    pub reason: Option<String>,
+}
+
+impl Actor {
+    /// The server itself (startup restoration).
+    pub fn startup() -> Self {
+        Self {
+            key_id: "startup".into(),
+            reason: Some("server start".into()),
+        }
+    }
+}
+
+/// A registration request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Register {
+    /// Folder or GGUF file (`embedded` for the built-in model).
+    pub path: String,
+    /// Version id; `vN` when absent.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Free-form metadata.
+    #[serde(default)]
+    pub metadata: Value,
+    /// Model card; the folder's README.md when absent.
+    #[serde(default)]
+    pub model_card: Option<String>,
+}
+
+/// The source string of the embedded model.
+pub const EMBEDDED: &str = "embedded";
+
+/// Registry, loaded engines and the router, behind one writer lock.
+pub struct ModelOps {
+    registry: tokio::sync::Mutex<Registry>,
+    /// Loaded versions. Only the admin path touches it.
+    engines: std::sync::Mutex<HashMap<(String, String), Loaded>>,
+    router: Arc<Router>,
+    scheduler: SchedulerConfig,
+    device: String,
+    health: Option<tonic_health::server::HealthReporter>,
+}
+
+struct Loaded {
+    engine: Engine,
+    /// Loaded explicitly (stays until unloaded) rather than for an alias.
+    pinned: bool,
+}
+
+fn valid_name(kind: &str, s: &str) -> Result<(), ApiError> {
+    if s.is_empty()
+        || s.len() > 128
+        || !s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
+        return Err(ApiError::invalid(
+            kind,
+            format!("`{s}` is not a valid {kind} (letters, digits, - _ . :)"),
+        ));
+    }
+    Ok(())
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::Internal(e.to_string())
+}
+
+/// Loads a model from a registry source (blocking).
+fn load_source(source: &str, device: &str) -> anyhow::Result<LoadedModel> {
+    let opts = LoadOptions {
+        device: engine::parse_device(device)?,
+        ..Default::default()
+    };
+    Ok(if source == EMBEDDED {
+        crate::embedded::load(&opts)?
+    } else {
+        engine::load(&PathBuf::from(source), &opts)?
+    })
+}
+
+impl ModelOps {
+    /// Opens the registry in `data_dir`.
+    pub fn open(
+        data_dir: &std::path::Path,
+        router: Arc<Router>,
+        scheduler: SchedulerConfig,
+        device: String,
+        health: Option<tonic_health::server::HealthReporter>,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            registry: tokio::sync::Mutex::new(Registry::open(data_dir)?),
+            engines: std::sync::Mutex::new(HashMap::new()),
+            router,
+            scheduler,
+            device,
+            health,
+        })
+    }
+
+    fn engines(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Loaded>> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (single inserts/removes), so a poisoned lock is still usable.
+        self.engines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the registry state.
+    pub async fn state(&self) -> State {
+        self.registry.lock().await.state().clone()
+    }
+
+    /// Audit entries with `seq > after`, at most `limit`.
+    pub async fn audit(&self, after: u64, limit: usize) -> Vec<AuditEntry> {
+        let r = self.registry.lock().await;
+        r.entries()
+            .iter()
+            .filter(|e| e.seq > after)
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    async fn record(
+        &self,
+        r: &mut Registry,
+        actor: &Actor,
+        action: Action,
+        previous: Value,
+        new: Value,
+        result: Result<(), String>,
+    ) -> Result<AuditEntry, ApiError> {
+        r.append(
+            &actor.key_id,
+            action,
+            previous,
+            new,
+            actor.reason.clone(),
+            result,
+        )
+        .map_err(|e| internal(format!("cannot write the audit log: {e}")))
+    }
+
+    /// Registers a version: checks the path, computes the digest, loads the
+    /// model once to prove it works, then appends the record.
+    pub async fn register(
+        &self,
+        actor: &Actor,
+        model: &str,
+        req: Register,
+    ) -> Result<VersionRecord, ApiError> {
+        valid_name("model", model)?;
+        if let Some(v) = &req.version {
+            valid_name("version", v)?;
+        }
+        let mut reg = self.registry.lock().await;
+        let version = req
+            .version
+            .clone()
+            .unwrap_or_else(|| reg.state().next_version_id(model));
+        let action = |record: VersionRecord| Action::RegisterVersion {
+            model: model.to_string(),
+            record: Box::new(record),
+        };
+        let placeholder = VersionRecord {
+            version: version.clone(),
+            sha256: String::new(),
+            source: req.path.clone(),
+            format: String::new(),
+            architecture: String::new(),
+            parameters: 0,
+            created: super::now_rfc3339(),
+            metadata: req.metadata.clone(),
+            model_card: String::new(),
+        };
+        let fail = |e: ApiError| (e.to_string(), e);
+        let outcome: Result<VersionRecord, (String, ApiError)> = async {
+            if reg.state().version(model, &version).is_some() {
+                return Err(fail(ApiError::Conflict(format!("model `{model}` already has a version `{version}`; versions are immutable"))));
+            }
+            if req.path != EMBEDDED && !std::path::Path::new(&req.path).exists() {
+                return Err(fail(ApiError::invalid("path", format!("{}: no such file or directory", req.path))));
+            }
+            let path = req.path.clone();
+            let device = self.device.clone();
+            let (digest, loaded) = tokio::task::spawn_blocking(move || -> anyhow::Result<(String, LoadedModel)> {
+                let digest = if path == EMBEDDED {
+                    crate::embedded::digest()
+                } else {
+                    super::digest_path(std::path::Path::new(&path))?
+                };
+                Ok((digest, load_source(&path, &device)?))
+            })
+            .await
+            .map_err(|e| fail(internal(e)))?
+            .map_err(|e| fail(ApiError::invalid("path", format!("the model cannot be loaded: {e}"))))?;
+            if let Some(m) = reg.state().models.get(model) {
+                if let Some(dup) = m.versions.values().find(|v| v.sha256 == digest) {
+                    return Err(fail(ApiError::Conflict(format!(
+                        "these weights (sha256 {}) are already registered as `{model}` version `{}`",
+                        &digest[..12],
+                        dup.version
+                    ))));
+                }
+            }
+            let card = match &req.model_card {
+                Some(c) => c.clone(),
+                None => std::fs::read_to_string(PathBuf::from(&req.path).join("README.md")).unwrap_or_default(),
+            };
+            let info = &loaded.info;
+            Ok(VersionRecord {
+                sha256: digest,
+                format: serde_json::to_value(info.format).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                architecture: info.arch.as_str().into(),
+                parameters: info.parameters as u64,
+                model_card: card,
+                ..placeholder.clone()
+            })
+        }
+        .await;
+        match outcome {
+            Ok(record) => {
+                self.record(
+                    &mut reg,
+                    actor,
+                    action(record.clone()),
+                    Value::Null,
+                    json!({"version": record.version, "sha256": record.sha256}),
+                    Ok(()),
+                )
+                .await?;
+                tracing::info!(model, version = %record.version, key = %actor.key_id, "version registered");
+                Ok(record)
+            }
+            Err((msg, e)) => {
+                self.record(
+                    &mut reg,
+                    actor,
+                    action(placeholder),
+                    Value::Null,
+                    Value::Null,
+                    Err(msg),
+                )
+                .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Starts a version's engine and warms it up (one generated token).
+    async fn start_engine(
+        &self,
+        model: &str,
+        record: &VersionRecord,
+        variant: &str,
+    ) -> Result<Engine, ApiError> {
+        let source = record.source.clone();
+        let device = self.device.clone();
+        let loaded = tokio::task::spawn_blocking(move || load_source(&source, &device))
+            .await
+            .map_err(internal)?
+            .map_err(|e| {
+                ApiError::Unavailable(format!("version `{}` failed to load: {e}", record.version))
+            })?;
+        let engine = Engine::spawn(
+            loaded,
+            self.scheduler.clone(),
+            EngineLabels {
+                model: model.to_string(),
+                version: record.version.clone(),
+                variant: variant.to_string(),
+            },
+        )
+        .map_err(internal)?;
+        let prompt = engine
+            .tokenizer()
+            .encode("warm up", true)
+            .map_err(internal)?;
+        let mut rx = engine
+            .submit(Request::greedy(prompt, 1))
+            .map_err(ApiError::from)?;
+        loop {
+            match rx.recv().await {
+                Some(Event::Done(_)) => break,
+                Some(Event::Failed(e)) => {
+                    return Err(ApiError::Unavailable(format!(
+                        "version `{}` failed its warm-up: {e}",
+                        record.version
+                    )));
+                }
+                Some(Event::Token { .. }) => {}
+                None => {
+                    return Err(ApiError::Unavailable(
+                        "the engine stopped during warm-up".into(),
+                    ));
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// The engine of a version, loading it if needed.
+    async fn ensure_loaded(
+        &self,
+        model: &str,
+        record: &VersionRecord,
+        pin: bool,
+    ) -> Result<Engine, ApiError> {
+        let key = (model.to_string(), record.version.clone());
+        if let Some(l) = self.engines().get_mut(&key) {
+            l.pinned |= pin;
+            return Ok(l.engine.clone());
+        }
+        let engine = self.start_engine(model, record, "stable").await?;
+        self.engines().insert(
+            key,
+            Loaded {
+                engine: engine.clone(),
+                pinned: pin,
+            },
+        );
+        Ok(engine)
+    }
+
+    /// Loads a version (and keeps it loaded until unloaded).
+    pub async fn load(&self, actor: &Actor, model: &str, version: &str) -> Result<(), ApiError> {
+        let mut reg = self.registry.lock().await;
+        let action = Action::Load {
+            model: model.into(),
+            version: version.into(),
+        };
+        let Some(record) = reg.state().version(model, version).cloned() else {
+            let e = ApiError::NotFound(format!("model `{model}` has no version `{version}`"));
+            self.record(
+                &mut reg,
+                actor,
+                action,
+                Value::Null,
+                Value::Null,
+                Err(e.to_string()),
+            )
+            .await?;
+            return Err(e);
+        };
+        let was = self
+            .engines()
+            .contains_key(&(model.to_string(), version.to_string()));
+        match self.ensure_loaded(model, &record, true).await {
+            Ok(_) => {
+                self.record(
+                    &mut reg,
+                    actor,
+                    action,
+                    json!({"loaded": was}),
+                    json!({"loaded": true}),
+                    Ok(()),
+                )
+                .await?;
+                Ok(())
+            }
+            Err(e) => {
+                self.record(
+                    &mut reg,
+                    actor,
+                    action,
+                    json!({"loaded": was}),
+                    json!({"loaded": false}),
+                    Err(e.to_string()),
+                )
+                .await?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Unloads a version no alias points at; waits (up to `wait`) until its
+    /// engine has finished in-flight work and freed its memory.
+    pub async fn unload(
+        &self,
+        actor: &Actor,
+        model: &str,
+        version: &str,
+        wait: Duration,
+    ) -> Result<(), ApiError> {
+        let mut reg = self.registry.lock().await;
+        let action = Action::Unload {
+            model: model.into(),
+            version: version.into(),
+        };
+        let refuse = |e: ApiError| e;
+        let check = || -> Result<(), ApiError> {
+            let state = reg.state();
+            if state.version(model, version).is_none() {
+                return Err(ApiError::NotFound(format!(
+                    "model `{model}` has no version `{version}`"
+                )));
+            }
+            if let Some(m) = state.models.get(model) {
+                if let Some((alias, _)) = m.aliases.iter().find(|(_, v)| v.as_str() == version) {
+                    return Err(ApiError::Conflict(format!(
+                        "version `{version}` serves alias `{alias}`; point the alias elsewhere first"
+                    )));
+                }
+            }
+            Ok(())
+        };
+        if let Err(e) = check() {
+            self.record(
+                &mut reg,
+                actor,
+                action,
+                Value::Null,
+                Value::Null,
+                Err(e.to_string()),
+            )
+            .await?;
+            return Err(refuse(e));
+        }
+        let removed = self
+            .engines()
+            .remove(&(model.to_string(), version.to_string()));
+        let was = removed.is_some();
+        if let Some(l) = removed {
+            let watch = l.engine.watch();
+            drop(l);
+            if tokio::time::timeout(wait, watch.stopped(Duration::from_millis(10)))
+                .await
+                .is_err()
+            {
+                tracing::warn!(
+                    model,
+                    version,
+                    "unloaded engine still finishing in-flight requests"
+                );
+            }
+            release_freed_memory();
+        }
+        self.record(
+            &mut reg,
+            actor,
+            action,
+            json!({"loaded": was}),
+            json!({"loaded": false}),
+            Ok(()),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Points `alias` at `version` (or removes it). For `stable` this is the
+    /// hot swap: the new version is loaded and warmed up first, and a failed
+    /// load changes nothing.
+    pub async fn set_alias(
+        &self,
+        actor: &Actor,
+        model: &str,
+        alias: &str,
+        version: Option<&str>,
+    ) -> Result<(), ApiError> {
+        valid_name("alias", alias)?;
+        let mut reg = self.registry.lock().await;
+        let previous = reg.state().alias(model, alias).map(str::to_string);
+        let action = Action::SetAlias {
+            model: model.into(),
+            alias: alias.into(),
+            version: version.map(str::to_string),
+        };
+        let result: Result<Option<Engine>, ApiError> = async {
+            if !reg.state().models.contains_key(model) {
+                return Err(ApiError::NotFound(format!("no model `{model}` is registered")));
+            }
+            let Some(v) = version else {
+                if previous.is_none() {
+                    return Err(ApiError::NotFound(format!("model `{model}` has no alias `{alias}`")));
+                }
+                if alias == "stable" {
+                    return Err(ApiError::Conflict("the `stable` alias cannot be removed while the model is served; point it at another version".into()));
+                }
+                return Ok(None);
+            };
+            let record = reg
+                .state()
+                .version(model, v)
+                .cloned()
+                .ok_or_else(|| ApiError::NotFound(format!("model `{model}` has no version `{v}`")))?;
+            if alias == "stable" {
+                Ok(Some(self.ensure_loaded(model, &record, false).await?))
+            } else {
+                Ok(None)
+            }
+        }
+        .await;
+        let new = json!(version);
+        match result {
+            Err(e) => {
+                self.record(
+                    &mut reg,
+                    actor,
+                    action,
+                    json!(previous),
+                    new,
+                    Err(e.to_string()),
+                )
+                .await?;
+                Err(e)
+            }
+            Ok(engine) => {
+                self.record(&mut reg, actor, action, json!(previous), new, Ok(()))
+                    .await?;
+                if let (Some(engine), Some(v)) = (engine, version) {
+                    self.serve(model, v, engine).await;
+                    tracing::info!(model, from = ?previous, to = v, key = %actor.key_id, "stable alias switched");
+                }
+                self.release_unreferenced(reg.state());
+                Ok(())
+            }
+        }
+    }
+
+    /// Puts `engine` behind `model` in the router (one atomic store).
+    async fn serve(&self, model: &str, version: &str, engine: Engine) {
+        let target = Arc::new(Target {
+            version: version.to_string(),
+            engine,
+        });
+        self.router.update(|cur| {
+            let mut next: DeploymentTable = cur.clone();
+            next.models.insert(
+                model.to_string(),
+                Arc::new(Deployment {
+                    model: model.to_string(),
+                    stable: target.clone(),
+                }),
+            );
+            next
+        });
+        if let Some(h) = &self.health {
+            h.set_service_status(model, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+    }
+
+    /// Drops engines of versions that are neither pinned nor aliased; each
+    /// stops once its in-flight requests finish.
+    fn release_unreferenced(&self, state: &State) {
+        let mut engines = self.engines();
+        engines.retain(|(m, v), l| {
+            let aliased = state
+                .models
+                .get(m)
+                .is_some_and(|e| e.aliases.values().any(|a| a == v));
+            l.pinned || aliased
+        });
+    }
+
+    /// At startup: registers configured models that are new, points `stable`
+    /// at them where the model has none, then loads every stable version.
+    /// Returns the names served.
+    pub async fn restore(
+        &self,
+        configured: &[crate::config::ModelSpec],
+    ) -> anyhow::Result<Vec<String>> {
+        let actor = Actor::startup();
+        for spec in configured {
+            let source = spec
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| EMBEDDED.into());
+            let state = self.state().await;
+            if state.alias(&spec.name, "stable").is_some() {
+                tracing::info!(model = %spec.name, "restoring the registry's stable version (the configured path is registered but not forced)");
+            }
+            let digest = {
+                let s = source.clone();
+                tokio::task::spawn_blocking(move || {
+                    if s == EMBEDDED {
+                        Ok(crate::embedded::digest())
+                    } else {
+                        super::digest_path(std::path::Path::new(&s))
+                    }
+                })
+                .await??
+            };
+            let existing = state
+                .models
+                .get(&spec.name)
+                .and_then(|m| m.versions.values().find(|v| v.sha256 == digest))
+                .map(|v| v.version.clone());
+            let version = match existing {
+                Some(v) => v,
+                None => {
+                    let rec = self
+                        .register(
+                            &actor,
+                            &spec.name,
+                            Register {
+                                path: source.clone(),
+                                version: None,
+                                metadata: Value::Null,
+                                model_card: None,
+                            },
+                        )
+                        .await
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
+                    rec.version
+                }
+            };
+            if self.state().await.alias(&spec.name, "stable").is_none() {
+                self.set_alias(&actor, &spec.name, "stable", Some(&version))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
+            }
+        }
+        // Serve every model with a stable alias.
+        let state = self.state().await;
+        let mut served = vec![];
+        for (name, entry) in &state.models {
+            let Some(v) = entry.aliases.get("stable") else {
+                continue;
+            };
+            let Some(record) = entry.versions.get(v) else {
+                continue;
+            };
+            let engine = self
+                .ensure_loaded(name, record, false)
+                .await
+                .map_err(|e| anyhow::anyhow!("{name} version {v}: {e}"))?;
+            self.serve(name, v, engine).await;
+            tracing::info!(model = %name, version = %v, "serving");
+            served.push(name.clone());
+        }
+        Ok(served)
+    }
+
+    /// What serves each model and which versions are loaded.
+    pub async fn serving(&self) -> Value {
+        let state = self.state().await;
+        let table = self.router.snapshot();
+        let engines = self.engines();
+        let models: Vec<Value> = state
+            .models
+            .iter()
+            .map(|(name, m)| {
+                let loaded: Vec<&String> = m.order.iter().filter(|v| engines.contains_key(&(name.clone(), (*v).clone()))).collect();
+                json!({
+                    "model": name,
+                    "aliases": m.aliases,
+                    "serving": table.models.get(name).map(|d| json!({"version": d.stable.version, "ready": d.stable.engine.is_ready()})),
+                    "loaded": loaded,
+                })
+            })
+            .collect();
+        json!({"models": models})
+    }
+}
+
+/// Returns freed heap pages to the OS after a model is unloaded (glibc keeps
+/// them otherwise), so resident memory reflects what is loaded.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -1,0 +1,683 @@
+//! The registry, admin API and hot swap: zero-drop swaps under load, memory
+//! returned on unload, crash safety under SIGKILL, roles and bad inputs.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use llmops::synth::SynthSpec;
+use serde_json::{Value, json};
+
+use crate::server::TestServer;
+
+const ADMIN: &str = "adm1n";
+const APP: &str = "1nf";
+
+fn keys(a: &mut llmops::config::ServeArgs) {
+    a.api_keys = vec![format!("ops:admin:{ADMIN}"), format!("app:inference:{APP}")];
+}
+
+fn tiny(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let p = dir.join(name);
+    SynthSpec {
+        seed,
+        ..SynthSpec::tiny_llama()
+    }
+    .write(&p, None)
+    .unwrap();
+    p
+}
+
+async fn admin(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+    key: &str,
+) -> (u16, Value) {
+    let mut r = c.request(method, url).bearer_auth(key);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Streams one greedy completion; returns (text, fingerprints seen).
+async fn stream_once(c: &reqwest::Client, s: &TestServer) -> Result<(String, Vec<String>), String> {
+    let body = json!({"model": "tiny", "prompt": "swap", "max_tokens": 24, "temperature": 0, "ignore_eos": true, "stream": true});
+    let resp = c
+        .post(s.url("/v1/completions"))
+        .bearer_auth(APP)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status() != 200 {
+        return Err(format!("status {}", resp.status()));
+    }
+    let mut text = String::new();
+    let mut fps = vec![];
+    let mut buf = String::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.map_err(|e| e.to_string())?));
+        while let Some(i) = buf.find("\n\n") {
+            let ev: String = buf.drain(..i + 2).collect();
+            let data = ev.trim().trim_start_matches("data: ");
+            if data == "[DONE]" {
+                return Ok((text, fps));
+            }
+            let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+            if v.get("error").is_some() {
+                return Err(v.to_string());
+            }
+            fps.push(
+                v["system_fingerprint"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+            text.push_str(v["choices"][0]["text"].as_str().unwrap_or_default());
+        }
+    }
+    Err("stream ended without [DONE]".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switching_stable_ten_times_under_streaming_load_drops_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = tiny(tmp.path(), "b", 777);
+    let s = TestServer::start(keys).await;
+    let c = reqwest::Client::new();
+    let base = |p: &str| s.url(&format!("/admin/v1/models/tiny{p}"));
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::POST,
+        base("/versions"),
+        Some(json!({"path": b, "version": "blue", "reason": "candidate"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = admin(&c, reqwest::Method::GET, base(""), None, ADMIN).await;
+    assert_eq!(st, 200, "{v}");
+    let green = v["aliases"]["stable"].as_str().unwrap().to_string();
+    for version in [&green, &"blue".to_string()] {
+        let (st, v) = admin(
+            &c,
+            reqwest::Method::POST,
+            base(&format!("/versions/{version}/load")),
+            None,
+            ADMIN,
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    // Each version's answer, from the version itself.
+    let mut expected: BTreeMap<String, String> = BTreeMap::new();
+    for version in [&green, &"blue".to_string(), &green] {
+        let (st, v) = admin(
+            &c,
+            reqwest::Method::PUT,
+            base("/aliases/stable"),
+            Some(json!({"version": version})),
+            ADMIN,
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        let (text, fps) = stream_once(&c, &s).await.unwrap();
+        assert!(fps.iter().all(|f| f == version));
+        expected.insert(version.clone(), text);
+    }
+    assert_ne!(
+        expected[&green], expected["blue"],
+        "the two versions must answer differently"
+    );
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let (c, stop) = (c.clone(), stop.clone());
+            let s = &s;
+            async move {
+                let mut out = vec![];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    out.push(stream_once(&c, s).await);
+                }
+                out
+            }
+        })
+        .collect();
+    let switcher = async {
+        let mut last = green.clone();
+        for i in 0..10 {
+            tokio::time::sleep(Duration::from_millis(120)).await;
+            let to = if i % 2 == 0 {
+                "blue".to_string()
+            } else {
+                green.clone()
+            };
+            let (st, v) = admin(
+                &c,
+                reqwest::Method::PUT,
+                base("/aliases/stable"),
+                Some(json!({"version": to, "reason": format!("swap {i}")})),
+                ADMIN,
+            )
+            .await;
+            assert_eq!(st, 200, "{v}");
+            last = to;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        last
+    };
+    let (results, last) = tokio::join!(futures::future::join_all(clients), switcher);
+    let results: Vec<_> = results.into_iter().flatten().collect();
+    assert!(results.len() >= 32, "load ran ({} requests)", results.len());
+    let mut seen = BTreeMap::new();
+    for r in &results {
+        let (text, fps) = r.as_ref().expect("no request fails during swaps");
+        let first = &fps[0];
+        assert!(
+            fps.iter().all(|f| f == first),
+            "a response mixes versions: {fps:?}"
+        );
+        assert_eq!(
+            text, &expected[first],
+            "the text comes entirely from {first}"
+        );
+        *seen.entry(first.clone()).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "both versions served during the run: {seen:?}"
+    );
+    let (_, fps) = stream_once(&c, &s).await.unwrap();
+    assert!(
+        fps.iter().all(|f| *f == last),
+        "new requests hit the last version"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_refuse_inference_keys_and_bad_inputs_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = TestServer::start(keys).await;
+    let c = reqwest::Client::new();
+    let u = |p: &str| s.url(p);
+    use reqwest::Method as M;
+    let routes = [
+        (M::GET, "/admin/v1/serving", None),
+        (M::GET, "/admin/v1/models", None),
+        (M::GET, "/admin/v1/models/tiny", None),
+        (
+            M::POST,
+            "/admin/v1/models/tiny/versions",
+            Some(json!({"path": "/nope"})),
+        ),
+        (M::GET, "/admin/v1/models/tiny/versions/v1", None),
+        (M::POST, "/admin/v1/models/tiny/versions/v1/load", None),
+        (M::POST, "/admin/v1/models/tiny/versions/v1/unload", None),
+        (
+            M::PUT,
+            "/admin/v1/models/tiny/aliases/stable",
+            Some(json!({"version": "v1"})),
+        ),
+        (M::DELETE, "/admin/v1/models/tiny/aliases/canary", None),
+        (M::GET, "/admin/v1/audit", None),
+    ];
+    for (m, path, body) in &routes {
+        let (st, v) = admin(&c, m.clone(), u(path), body.clone(), APP).await;
+        assert_eq!(st, 403, "{m} {path}: {v}");
+        assert_eq!(v["error"]["type"], "permission_error");
+    }
+    // gRPC too.
+    let mut g =
+        llmops::api::grpc::pb::admin_client::AdminClient::connect(format!("http://{}", s.grpc))
+            .await
+            .unwrap();
+    let mut r = tonic::Request::new(llmops::api::grpc::pb::ServingRequest {});
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {APP}").parse().unwrap());
+    assert_eq!(
+        g.serving(r).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    let mut r = tonic::Request::new(llmops::api::grpc::pb::ReadAuditRequest {
+        after: 0,
+        limit: 10,
+    });
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {APP}").parse().unwrap());
+    assert_eq!(
+        g.read_audit(r).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+
+    let models_url = s.url("/admin/v1/models");
+    let state = || {
+        let (c, url) = (c.clone(), models_url.clone());
+        async move { admin(&c, M::GET, url, None, ADMIN).await.1 }
+    };
+    let before = state().await;
+    let corrupt = tiny(tmp.path(), "corrupt", 3);
+    let st_path = corrupt.join("model.safetensors");
+    let bytes = std::fs::read(&st_path).unwrap();
+    std::fs::write(&st_path, &bytes[..bytes.len() / 3]).unwrap();
+    let good = tiny(tmp.path(), "good", 4);
+    let (st, v) = admin(
+        &c,
+        M::POST,
+        u("/admin/v1/models/tiny/versions"),
+        Some(json!({"path": good, "version": "g1"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let before_bad = state().await;
+    assert_ne!(before, before_bad);
+    let bad_rows = [
+        (
+            "missing path",
+            M::POST,
+            "/admin/v1/models/tiny/versions",
+            Some(json!({"path": "/no/such/model"})),
+            400,
+        ),
+        (
+            "corrupt weights",
+            M::POST,
+            "/admin/v1/models/tiny/versions",
+            Some(json!({"path": corrupt})),
+            400,
+        ),
+        (
+            "duplicate version",
+            M::POST,
+            "/admin/v1/models/tiny/versions",
+            Some(json!({"path": tiny(tmp.path(), "other", 5), "version": "g1"})),
+            409,
+        ),
+        (
+            "duplicate weights",
+            M::POST,
+            "/admin/v1/models/tiny/versions",
+            Some(json!({"path": good})),
+            409,
+        ),
+        (
+            "unknown alias",
+            M::DELETE,
+            "/admin/v1/models/tiny/aliases/nope",
+            None,
+            404,
+        ),
+        (
+            "unknown version",
+            M::PUT,
+            "/admin/v1/models/tiny/aliases/stable",
+            Some(json!({"version": "v404"})),
+            404,
+        ),
+        (
+            "unknown model",
+            M::PUT,
+            "/admin/v1/models/ghost/aliases/stable",
+            Some(json!({"version": "v1"})),
+            404,
+        ),
+        (
+            "unload the serving version",
+            M::POST,
+            "/admin/v1/models/tiny/versions/v1/unload",
+            None,
+            409,
+        ),
+        (
+            "invalid version id",
+            M::POST,
+            "/admin/v1/models/tiny/versions",
+            Some(json!({"path": good, "version": "a b"})),
+            400,
+        ),
+    ];
+    for (name, m, path, body, want) in bad_rows {
+        let (st, v) = admin(&c, m, u(path), body, ADMIN).await;
+        assert_eq!(st, want, "{name}: {v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|s| !s.is_empty()),
+            "{name}"
+        );
+        assert_eq!(state().await, before_bad, "{name} changed the registry");
+    }
+    // Failures are audited with their reason.
+    let (_, audit) = admin(&c, M::GET, u("/admin/v1/audit"), None, ADMIN).await;
+    let failed = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["result"] != "ok")
+        .count();
+    assert!(failed >= 7, "failed actions are audited: {audit}");
+    s.stop().await;
+}
+
+// ---- the real binary, for memory and crash tests ----
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc {
+    child: Child,
+    http: u16,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(model: &Path, data: &Path) -> Proc {
+    let (http, grpc) = (free_port(), free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_llmops"))
+        .args([
+            "serve",
+            "--model-name",
+            "tiny",
+            "--api-keys",
+            &format!("ops:admin:{ADMIN}"),
+        ])
+        .arg("--model")
+        .arg(model)
+        .arg("--data-dir")
+        .arg(data)
+        .args([
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc { child, http }
+}
+
+async fn wait_ready(c: &reqwest::Client, p: &Proc) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = c
+            .get(format!("http://127.0.0.1:{}/ready", p.http))
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("server not ready");
+}
+
+async fn rss(c: &reqwest::Client, p: &Proc) -> f64 {
+    let text = c
+        .get(format!("http://127.0.0.1:{}/metrics", p.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("process_resident_memory_bytes"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unloading_a_version_returns_its_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tiny(tmp.path(), "small", 1);
+    let big = tmp.path().join("big");
+    // ~60 MB of f32 weights.
+    SynthSpec {
+        vocab: 8000,
+        hidden: 512,
+        intermediate: 1024,
+        layers: 6,
+        heads: 8,
+        kv_heads: 8,
+        head_dim: 64,
+        std: 0.02,
+        ..SynthSpec::tiny_llama()
+    }
+    .write(&big, None)
+    .unwrap();
+    let model_bytes = std::fs::metadata(big.join("model.safetensors"))
+        .unwrap()
+        .len() as f64;
+    let p = spawn(&small, &tmp.path().join("data"));
+    let c = reqwest::Client::new();
+    wait_ready(&c, &p).await;
+    let url = |s: &str| format!("http://127.0.0.1:{}{s}", p.http);
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::POST,
+        url("/admin/v1/models/tiny/versions"),
+        Some(json!({"path": big, "version": "big"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let before_load = rss(&c, &p).await;
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::POST,
+        url("/admin/v1/models/tiny/versions/big/load"),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let loaded = rss(&c, &p).await;
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::POST,
+        url("/admin/v1/models/tiny/versions/big/unload"),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let after = rss(&c, &p).await;
+    eprintln!(
+        "model {:.0} MB; RSS before load {:.0} MB, loaded {:.0} MB, after unload {:.0} MB",
+        model_bytes / 1e6,
+        before_load / 1e6,
+        loaded / 1e6,
+        after / 1e6
+    );
+    assert!(
+        loaded - before_load > 0.7 * model_bytes,
+        "loading takes roughly the model's size"
+    );
+    assert!(
+        loaded - after > 0.7 * model_bytes,
+        "unloading returns roughly the model's size"
+    );
+}
+
+/// Replays the audit log's successful entries into (versions, aliases).
+fn replay(audit: &Value) -> (BTreeMap<String, String>, BTreeMap<String, String>) {
+    let (mut versions, mut aliases) = (BTreeMap::new(), BTreeMap::new());
+    for e in audit["entries"].as_array().unwrap() {
+        if e["result"] != "ok" {
+            continue;
+        }
+        match e["action"].as_str().unwrap() {
+            "register_version" => {
+                versions.insert(
+                    e["record"]["version"].as_str().unwrap().to_string(),
+                    e["record"]["sha256"].as_str().unwrap().to_string(),
+                );
+            }
+            "set_alias" => match e["version"].as_str() {
+                Some(v) => {
+                    aliases.insert(e["alias"].as_str().unwrap().to_string(), v.to_string());
+                }
+                None => {
+                    aliases.remove(e["alias"].as_str().unwrap());
+                }
+            },
+            _ => {}
+        }
+    }
+    (versions, aliases)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny(tmp.path(), "base", 1);
+    let candidates: Vec<PathBuf> = (0..24)
+        .map(|i| tiny(tmp.path(), &format!("c{i}"), 100 + i))
+        .collect();
+    let data = tmp.path().join("data");
+    let c = reqwest::Client::new();
+    let mut next = 0;
+    for round in 0..8u64 {
+        let p = spawn(&base, &data);
+        wait_ready(&c, &p).await;
+        let url = |s: &str| format!("http://127.0.0.1:{}{s}", p.http);
+        // The registry after restart equals the replay of its audit log.
+        let (_, audit) = admin(
+            &c,
+            reqwest::Method::GET,
+            url("/admin/v1/audit"),
+            None,
+            ADMIN,
+        )
+        .await;
+        let (_, model) = admin(
+            &c,
+            reqwest::Method::GET,
+            url("/admin/v1/models/tiny"),
+            None,
+            ADMIN,
+        )
+        .await;
+        let (versions, aliases) = replay(&audit);
+        let listed: BTreeMap<String, String> = model["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["version"].as_str().unwrap().to_string(),
+                    v["sha256"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed, versions,
+            "round {round}: versions match the audit log"
+        );
+        eprintln!(
+            "round {round}: {} audit entries, {} versions, aliases {aliases:?}",
+            audit["entries"].as_array().unwrap().len(),
+            listed.len()
+        );
+        assert!(
+            listed.values().all(|d| d.len() == 64),
+            "no half-registered version"
+        );
+        let got_aliases: BTreeMap<String, String> =
+            serde_json::from_value(model["aliases"].clone()).unwrap();
+        assert_eq!(
+            got_aliases, aliases,
+            "round {round}: aliases match the audit log"
+        );
+        // What serves is what `stable` says.
+        let (_, serving) = admin(
+            &c,
+            reqwest::Method::GET,
+            url("/admin/v1/serving"),
+            None,
+            ADMIN,
+        )
+        .await;
+        assert_eq!(
+            serving["models"][0]["serving"]["version"],
+            json!(aliases["stable"]),
+            "round {round}"
+        );
+
+        // Hammer the admin API, then kill at a random point.
+        let work = async {
+            loop {
+                // Register the next candidate while any remain, and switch aliases.
+                let ver = if next < candidates.len() {
+                    let path = &candidates[next];
+                    let (st, v) = admin(
+                        &c,
+                        reqwest::Method::POST,
+                        url("/admin/v1/models/tiny/versions"),
+                        Some(json!({"path": path})),
+                        ADMIN,
+                    )
+                    .await;
+                    assert!(st == 201 || st == 409, "{v}");
+                    if st == 201 {
+                        next += 1;
+                    }
+                    v["version"].as_str().map(str::to_string)
+                } else {
+                    next += 1;
+                    Some(format!("v{}", 1 + next % candidates.len()))
+                };
+                if let Some(ver) = ver {
+                    admin(
+                        &c,
+                        reqwest::Method::PUT,
+                        url("/admin/v1/models/tiny/aliases/stable"),
+                        Some(json!({"version": ver})),
+                        ADMIN,
+                    )
+                    .await;
+                    admin(
+                        &c,
+                        reqwest::Method::PUT,
+                        url("/admin/v1/models/tiny/aliases/previous"),
+                        Some(json!({"version": ver})),
+                        ADMIN,
+                    )
+                    .await;
+                }
+            }
+        };
+        let delay = Duration::from_millis(80 + (round * 97) % 400);
+        let _ = tokio::time::timeout(delay, work).await;
+        // SIGKILL (Child::kill) in the middle of whatever it was doing.
+        drop(p);
+    }
+}
