@@ -19,9 +19,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo::rustc-check-cfg=cfg(llmops_embedded)");
     println!("cargo:rerun-if-changed=models/default");
     let dir = std::path::Path::new("models/default");
-    if ["model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"]
-        .iter()
-        .all(|f| dir.join(f).exists())
+    if [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    .iter()
+    .all(|f| dir.join(f).exists())
     {
         println!("cargo:rustc-cfg=llmops_embedded");
     }
