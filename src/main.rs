@@ -53,6 +53,8 @@ enum Command {
     Train(llmops::train::TrainArgs),
     /// Measure engine-only decode throughput at several batch sizes.
     BenchEngine(BenchArgs),
+    /// Manage a running server's registry (admin API client over gRPC).
+    Models(llmops::registry::client::ModelsArgs),
 }
 
 #[derive(clap::Args)]
@@ -213,6 +215,10 @@ fn main() -> anyhow::Result<()> {
             println!("{}", args.out.display());
             Ok(())
         }
+        Command::Models(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(llmops::registry::client::run(args)),
         Command::ExportGguf(args) => {
             llmops::export::export_gguf(&args.model, &args.out, args.r#type)?;
             println!("{}", args.out.display());

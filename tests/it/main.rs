@@ -2,6 +2,8 @@
 
 mod clients;
 mod engine;
+mod gemma;
+mod loadtest;
 mod registry;
 mod scheduler;
 mod server;

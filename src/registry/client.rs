@@ -1,0 +1,244 @@
+//! `llmops models …`: a command-line client for the admin API over gRPC
+//! (`llmops.v1.Admin`). Every command prints JSON on stdout.
+
+use anyhow::Context;
+use serde_json::json;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+use crate::api::grpc::pb;
+use pb::admin_client::AdminClient;
+
+/// Where the server is and who is asking.
+#[derive(clap::Args, Debug)]
+pub struct ModelsArgs {
+    /// The server's gRPC address.
+    #[arg(
+        long,
+        env = "LLMOPS_ADMIN_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub url: String,
+    /// An API key with the admin role (sent as `authorization: Bearer …`).
+    #[arg(long, env = "LLMOPS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Why (recorded in the audit log for changes).
+    #[arg(long, global = true)]
+    pub reason: Option<String>,
+    #[command(subcommand)]
+    pub command: ModelsCommand,
+}
+
+/// The admin operations.
+#[derive(clap::Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// List models with their versions and aliases.
+    List,
+    /// Show one model.
+    Get {
+        /// Model name.
+        model: String,
+    },
+    /// Register a version from a path on the server (validated by loading it).
+    Register {
+        /// Model name.
+        model: String,
+        /// HF folder or GGUF file, as the server sees it.
+        path: String,
+        /// Version name (default: assigned by the server).
+        #[arg(long)]
+        version: Option<String>,
+        /// Free-form metadata as a JSON object.
+        #[arg(long)]
+        metadata: Option<String>,
+        /// A model card file (Markdown) to store with the version.
+        #[arg(long)]
+        card: Option<std::path::PathBuf>,
+    },
+    /// Load a version into memory (it then stays loaded).
+    Load {
+        /// Model name.
+        model: String,
+        /// Version name.
+        version: String,
+    },
+    /// Unload a version (refused while an alias points at it).
+    Unload {
+        /// Model name.
+        model: String,
+        /// Version name.
+        version: String,
+    },
+    /// Point an alias at a version; for `stable` this is the hot swap.
+    Alias {
+        /// Model name.
+        model: String,
+        /// Alias (`stable`, or your own).
+        alias: String,
+        /// Version name.
+        version: String,
+    },
+    /// What each model name serves right now.
+    Serving,
+    /// Read the audit log.
+    Audit {
+        /// Only entries after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+/// Runs one admin command and prints its JSON result.
+pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(args.url.clone())
+        .with_context(|| format!("bad --url {}", args.url))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach {}", args.url))?;
+    let auth = match &args.api_key {
+        Some(k) => Some(
+            MetadataValue::try_from(format!("Bearer {k}"))
+                .context("the API key holds characters a header cannot carry")?,
+        ),
+        None => None,
+    };
+    let mut client = AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(v) = &auth {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    });
+    let reason = args.reason.unwrap_or_default();
+    let status = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
+    let out = match args.command {
+        ModelsCommand::List => {
+            let r = client
+                .list_models(pb::AdminListModelsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            json!(r.models.iter().map(model_json).collect::<Vec<_>>())
+        }
+        ModelsCommand::Get { model } => {
+            let r = client
+                .get_model(pb::GetModelRequest { model })
+                .await
+                .map_err(status)?
+                .into_inner();
+            model_json(&r)
+        }
+        ModelsCommand::Register {
+            model,
+            path,
+            version,
+            metadata,
+            card,
+        } => {
+            let model_card = match card {
+                Some(p) => std::fs::read_to_string(&p)
+                    .with_context(|| format!("reading {}", p.display()))?,
+                None => String::new(),
+            };
+            let r = client
+                .register_version(pb::RegisterVersionRequest {
+                    model,
+                    path,
+                    version: version.unwrap_or_default(),
+                    metadata_json: metadata.unwrap_or_default(),
+                    model_card,
+                    reason,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            version_json(&r)
+        }
+        ModelsCommand::Load { model, version } => {
+            let r = client
+                .load_version(pb::VersionRef {
+                    model,
+                    version,
+                    reason,
+                })
+                .await
+                .map_err(status)?;
+            json!({ "message": r.into_inner().message })
+        }
+        ModelsCommand::Unload { model, version } => {
+            let r = client
+                .unload_version(pb::VersionRef {
+                    model,
+                    version,
+                    reason,
+                })
+                .await
+                .map_err(status)?;
+            json!({ "message": r.into_inner().message })
+        }
+        ModelsCommand::Alias {
+            model,
+            alias,
+            version,
+        } => {
+            let r = client
+                .set_alias(pb::SetAliasRequest {
+                    model,
+                    alias,
+                    version,
+                    reason,
+                })
+                .await
+                .map_err(status)?;
+            json!({ "message": r.into_inner().message })
+        }
+        ModelsCommand::Serving => {
+            let r = client
+                .serving(pb::ServingRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            serde_json::from_str(&r.json).context("the server sent malformed JSON")?
+        }
+        ModelsCommand::Audit { after, limit } => {
+            let r = client
+                .read_audit(pb::ReadAuditRequest { after, limit })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let entries = r
+                .entries_json
+                .iter()
+                .map(|e| serde_json::from_str(e))
+                .collect::<Result<Vec<serde_json::Value>, _>>()
+                .context("the server sent malformed JSON")?;
+            json!(entries)
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+fn version_json(v: &pb::VersionInfo) -> serde_json::Value {
+    json!({
+        "version": v.version,
+        "sha256": v.sha256,
+        "source": v.source,
+        "format": v.format,
+        "architecture": v.architecture,
+        "parameters": v.parameters,
+        "created": v.created,
+        "metadata": serde_json::from_str::<serde_json::Value>(&v.metadata_json)
+            .unwrap_or(serde_json::Value::Null),
+    })
+}
+
+fn model_json(m: &pb::ModelInfo) -> serde_json::Value {
+    json!({
+        "model": m.model,
+        "versions": m.versions.iter().map(version_json).collect::<Vec<_>>(),
+        "aliases": m.aliases,
+    })
+}

@@ -1,0 +1,325 @@
+//! `llmops-loadtest` against a real server on loopback: its counts match the
+//! server's own metrics exactly, and failures are classified by kind.
+//!
+//! Each test serves the model under its own name, so the process-wide
+//! metrics of other tests running at the same time do not mix in.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use llmops_loadtest::workload::Input;
+use llmops_loadtest::{Config, Load, Prompts, Protocol, Report, Workload};
+
+use crate::server::TestServer;
+
+/// Sums of the server's counters for one model.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Counters {
+    success: f64,
+    generation: f64,
+    prompt: f64,
+}
+
+impl std::ops::Sub for Counters {
+    type Output = Counters;
+    fn sub(self, o: Counters) -> Counters {
+        Counters {
+            success: self.success - o.success,
+            generation: self.generation - o.generation,
+            prompt: self.prompt - o.prompt,
+        }
+    }
+}
+
+async fn counters(s: &TestServer, model: &str) -> Counters {
+    let text = reqwest::get(s.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let label = format!("model=\"{model}\"");
+    let sum = |name: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    Counters {
+        success: sum("llmops_request_success_total"),
+        generation: sum("llmops_generation_tokens_total"),
+        prompt: sum("llmops_prompt_tokens_total"),
+    }
+}
+
+/// The counters once `want` requests more than `before` have been counted
+/// (the engine may count a request just after its last chunk leaves).
+async fn counters_after(s: &TestServer, model: &str, before: Counters, want: u64) -> Counters {
+    for _ in 0..100 {
+        let now = counters(s, model).await;
+        if now.success - before.success >= want as f64 {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    counters(s, model).await
+}
+
+async fn serve(
+    model: &'static str,
+    tweak: impl FnOnce(&mut llmops::config::ServeArgs),
+) -> TestServer {
+    TestServer::start(|a| {
+        a.model_names = vec![model.into()];
+        tweak(a);
+    })
+    .await
+}
+
+fn base(model: &str, url: String, protocol: Protocol) -> Config {
+    Config {
+        url,
+        protocol,
+        model: model.into(),
+        prompts: Prompts::Synthetic {
+            tokens: "uniform:4:12".parse().unwrap(),
+            vocab: (10, 250),
+        },
+        max_tokens: "uniform:2:6".parse().unwrap(),
+        ignore_eos: true,
+        temperature: Some(0.0),
+        seed: 11,
+        timeout_s: 60.0,
+        ..Default::default()
+    }
+}
+
+/// Prompt and completion tokens the workload asks for in requests `0..n`.
+fn planned(cfg: &Config, n: u64) -> (u64, u64) {
+    let w = Workload::new(cfg.prompts.clone(), cfg.max_tokens.clone(), cfg.seed).unwrap();
+    (0..n).fold((0, 0), |(p, o), i| {
+        let r = w.request(i, false);
+        let Input::Tokens(ids) = &r.input else {
+            panic!("synthetic prompts are token ids")
+        };
+        (p + ids.len() as u64, o + r.max_tokens as u64)
+    })
+}
+
+fn assert_clean(r: &Report, n: u64) {
+    assert_eq!(
+        (r.ok, r.failed),
+        (n, 0),
+        "errors: {:?} {:?}",
+        r.errors,
+        r.error_examples
+    );
+    assert_eq!(r.usage_missing, 0, "the server reports usage");
+    assert_eq!(r.e2e.count, n);
+    assert_eq!(r.ttft.count, n, "every request generated a token");
+    assert!(
+        r.ttft.p50_ms > 0.0 && r.ttft.p50_ms <= r.e2e.p50_ms + 1e-9,
+        "{:?} {:?}",
+        r.ttft,
+        r.e2e
+    );
+    assert!(r.e2e.max_ms >= r.e2e.p99_ms && r.e2e.p99_ms >= r.e2e.p50_ms);
+    assert!(r.itl.count > 0 && r.tpot.count > 0);
+    assert!(r.requests_per_s > 0.0 && r.output_tokens_per_s > 0.0 && r.duration_s > 0.0);
+    let started: u64 = r.timeline.iter().map(|s| s.started).sum();
+    let ok: u64 = r.timeline.iter().map(|s| s.ok).sum();
+    assert_eq!((started, ok), (n, n), "the timeline covers every request");
+    // The report is JSON-serializable and carries no secret.
+    let json = serde_json::to_value(r).unwrap();
+    assert_eq!(json["ok"], n);
+    assert!(json["config"].get("api_key").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_http_and_open_loop_grpc_counts_match_the_server_metrics() {
+    let model = "lt-counts";
+    let s = serve(model, |a| a.api_keys = vec!["app:inference:lt-key".into()]).await;
+
+    // HTTP, closed loop, 2 warm-up requests then 12 measured.
+    let mut cfg = base(model, format!("http://{}", s.http), Protocol::Http);
+    cfg.api_key = Some("lt-key".into());
+    cfg.load = Load::Closed { concurrency: 3 };
+    cfg.requests = Some(12);
+    cfg.warmup_requests = 2;
+    let before = counters(&s, model).await;
+    let r = llmops_loadtest::run(cfg.clone()).await.unwrap();
+    let delta = counters_after(&s, model, before, 14).await - before;
+    assert_clean(&r, 12);
+    assert_eq!((r.warmup.ok, r.warmup.failed), (2, 0));
+    assert_eq!(delta.success, (r.ok + r.warmup.ok) as f64, "requests");
+    assert_eq!(
+        delta.generation,
+        (r.output_tokens + r.warmup.output_tokens) as f64,
+        "generated tokens"
+    );
+    assert_eq!(
+        delta.prompt,
+        (r.prompt_tokens + r.warmup.prompt_tokens) as f64,
+        "prompt tokens"
+    );
+    // Request i is the same whatever the timing: the totals are the plan's.
+    let (p, o) = planned(&cfg, 14);
+    assert_eq!(
+        (
+            r.prompt_tokens + r.warmup.prompt_tokens,
+            r.output_tokens + r.warmup.output_tokens
+        ),
+        (p, o)
+    );
+
+    // gRPC, open loop.
+    let mut cfg = base(model, format!("http://{}", s.grpc), Protocol::Grpc);
+    cfg.api_key = Some("lt-key".into());
+    cfg.load = Load::Open { rate: 40.0 };
+    cfg.requests = Some(12);
+    cfg.seed = 12;
+    let before = counters(&s, model).await;
+    let r = llmops_loadtest::run(cfg.clone()).await.unwrap();
+    let delta = counters_after(&s, model, before, 12).await - before;
+    assert_clean(&r, 12);
+    assert_eq!(delta.success, r.ok as f64);
+    assert_eq!(delta.generation, r.output_tokens as f64);
+    assert_eq!(delta.prompt, r.prompt_tokens as f64);
+    assert_eq!((r.prompt_tokens, r.output_tokens), planned(&cfg, 12));
+
+    // A wrong key is an error of kind HTTP 401 / gRPC unauthenticated, not a crash.
+    for (protocol, addr, kind) in [
+        (Protocol::Http, s.http, "http_401"),
+        (Protocol::Grpc, s.grpc, "grpc_unauthenticated"),
+    ] {
+        let mut cfg = base(model, format!("http://{addr}"), protocol);
+        cfg.api_key = Some("wrong".into());
+        cfg.requests = Some(3);
+        let r = llmops_loadtest::run(cfg).await.unwrap();
+        assert_eq!((r.ok, r.failed), (0, 3));
+        assert_eq!(r.errors.get(kind), Some(&3), "{:?}", r.errors);
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_over_the_queue_limit_is_counted_as_429s_and_resource_exhausted() {
+    let model = "lt-burst";
+    let s = serve(model, |a| {
+        a.max_waiting = Some(1);
+        a.max_running = Some(1);
+        a.max_batched_tokens = Some(8);
+    })
+    .await;
+    for (protocol, addr, kind) in [
+        (Protocol::Http, s.http, "http_429"),
+        (Protocol::Grpc, s.grpc, "grpc_resource_exhausted"),
+    ] {
+        let mut cfg = base(model, format!("http://{addr}"), protocol);
+        cfg.load = Load::Open { rate: 400.0 };
+        cfg.requests = Some(40);
+        cfg.max_tokens = "24".parse().unwrap();
+        cfg.prompts = Prompts::Synthetic {
+            tokens: "8".parse().unwrap(),
+            vocab: (10, 250),
+        };
+        let before = counters(&s, model).await;
+        let r = llmops_loadtest::run(cfg).await.unwrap();
+        assert_eq!(r.ok + r.failed, 40);
+        assert!(r.ok >= 1, "admitted requests complete: {r:?}");
+        let limited = r.errors.get(kind).copied().unwrap_or(0);
+        assert!(limited >= 1, "{kind} expected: {:?}", r.errors);
+        assert_eq!(
+            limited, r.failed,
+            "only {kind}: {:?} {:?}",
+            r.errors, r.error_examples
+        );
+        let per_second: u64 = r
+            .timeline
+            .iter()
+            .map(|t| t.errors.get(kind).copied().unwrap_or(0))
+            .sum();
+        assert_eq!(per_second, limited, "the timeline has every error");
+        // Refused requests generate nothing: the server counted only the admitted ones.
+        let delta = counters_after(&s, model, before, r.ok).await - before;
+        assert_eq!(delta.success, r.ok as f64);
+        assert_eq!(delta.generation, r.output_tokens as f64);
+        assert_eq!(r.output_tokens, 24 * r.ok);
+        s.wait_idle().await;
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_port_gives_connect_errors_and_a_report() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for protocol in [Protocol::Http, Protocol::Grpc] {
+        let mut cfg = base("none", format!("http://127.0.0.1:{port}"), protocol);
+        cfg.load = Load::Closed { concurrency: 2 };
+        cfg.requests = Some(6);
+        let r = llmops_loadtest::run(cfg).await.unwrap();
+        assert_eq!((r.ok, r.failed), (0, 6), "{protocol:?}");
+        assert_eq!(
+            r.errors.get("connect"),
+            Some(&6),
+            "{protocol:?}: {:?} {:?}",
+            r.errors,
+            r.error_examples
+        );
+        assert_eq!((r.requests_per_s, r.output_tokens), (0.0, 0));
+        assert!(!r.table().is_empty());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_stopped_mid_run_gives_connection_errors_and_a_report() {
+    for protocol in [Protocol::Http, Protocol::Grpc] {
+        let model = "lt-stop";
+        let s = serve(model, |a| a.shutdown_timeout = Some(1)).await;
+        let addr = if protocol == Protocol::Http {
+            s.http
+        } else {
+            s.grpc
+        };
+        let mut cfg = base(model, format!("http://{addr}"), protocol);
+        cfg.load = Load::Closed { concurrency: 2 };
+        cfg.duration_s = Some(2.5);
+        cfg.max_tokens = "uniform:8:40".parse().unwrap();
+        let stopper = async {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            s.stop().await;
+        };
+        let (r, ()) = tokio::join!(llmops_loadtest::run(cfg), stopper);
+        let r = r.unwrap();
+        assert!(
+            r.ok >= 1,
+            "{protocol:?}: requests finished before the stop: {r:?}"
+        );
+        assert!(
+            r.failed >= 1,
+            "{protocol:?}: requests failed after the stop"
+        );
+        let kinds: BTreeSet<&str> = r.errors.keys().map(String::as_str).collect();
+        let allowed: BTreeSet<&str> =
+            ["connect", "disconnect", "http_503", "grpc_unavailable"].into();
+        assert!(
+            kinds.is_subset(&allowed),
+            "{protocol:?}: {:?} {:?}",
+            r.errors,
+            r.error_examples
+        );
+        assert!(
+            kinds.contains("connect") || kinds.contains("disconnect"),
+            "{protocol:?}: {:?}",
+            r.errors
+        );
+        assert!(
+            r.duration_s >= 2.0,
+            "the run went on after the server stopped"
+        );
+    }
+}
