@@ -168,8 +168,8 @@ impl Principal {
                 retry_after: wait,
             })?;
         }
-        if let Some(t) = &self.tokens {
-            if let Err(wait) = t.take(tokens) {
+        if let Some(t) = &self.tokens
+            && let Err(wait) = t.take(tokens) {
                 if let Some(r) = &self.requests {
                     r.refund(1);
                 }
@@ -181,7 +181,6 @@ impl Principal {
                     retry_after: wait,
                 });
             }
-        }
         Ok(())
     }
 

@@ -144,7 +144,7 @@ impl InferenceService {
                 ));
             }
         };
-        let s = r.sampling.clone().unwrap_or_default();
+        let s = r.sampling.unwrap_or_default();
         let sampling = SamplingParams {
             temperature: s.temperature.unwrap_or(0.0),
             top_p: s.top_p.unwrap_or(1.0),

@@ -228,7 +228,7 @@ impl ModelConfig {
                 return Err(bad(field, "must be positive".into()));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
@@ -237,13 +237,13 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(bad(
                 "head_dim",
                 "rotary embeddings need an even head_dim".into(),
             ));
         }
-        if self.layer_windows.iter().any(|w| *w == Some(0)) {
+        if self.layer_windows.contains(&Some(0)) {
             return Err(bad("sliding_window", "must be positive".into()));
         }
         Ok(self)
@@ -264,8 +264,8 @@ impl ModelConfig {
                 message: e.to_string(),
             })?;
         // Multimodal Gemma 3 checkpoints nest the language model's settings.
-        if let Some(text_config) = value.get("text_config").cloned() {
-            if let (Some(obj), Some(outer)) = (value.as_object(), text_config.as_object()) {
+        if let Some(text_config) = value.get("text_config").cloned()
+            && let (Some(obj), Some(outer)) = (value.as_object(), text_config.as_object()) {
                 let mut merged = outer.clone();
                 for key in ["bos_token_id", "eos_token_id", "tie_word_embeddings"] {
                     if let (false, Some(v)) = (merged.contains_key(key), obj.get(key)) {
@@ -277,7 +277,6 @@ impl ModelConfig {
                     .or_insert_with(|| "gemma3_text".into());
                 value = serde_json::Value::Object(merged);
             }
-        }
         let raw: HfConfig = serde_json::from_value(value).map_err(|e| {
             // serde_json names the missing or mistyped field in its message.
             Error::Config {

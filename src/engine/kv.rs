@@ -253,7 +253,7 @@ impl LayerKv {
     ) -> Result<()> {
         let (hk, d, bs) = (shape.kv_heads, shape.head_dim, shape.block_size);
         let heads = params.heads;
-        if hk == 0 || heads % hk != 0 {
+        if hk == 0 || !heads.is_multiple_of(hk) {
             return Err(Error::Internal(format!("{heads} heads over {hk} kv heads")));
         }
         let group = heads / hk;

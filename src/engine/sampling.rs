@@ -91,14 +91,13 @@ impl SamplingParams {
                 return bad(name, format!("must be in [-2, 2], got {v}"));
             }
         }
-        if let Some(n) = self.logprobs {
-            if n > MAX_TOP_LOGPROBS {
+        if let Some(n) = self.logprobs
+            && n > MAX_TOP_LOGPROBS {
                 return bad(
                     "top_logprobs",
                     format!("must be at most {MAX_TOP_LOGPROBS}, got {n}"),
                 );
             }
-        }
         Ok(())
     }
 

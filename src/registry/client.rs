@@ -26,6 +26,7 @@ pub struct ModelsArgs {
     #[arg(long, global = true)]
     pub reason: Option<String>,
     #[command(subcommand)]
+    /// The operation.
     pub command: ModelsCommand,
 }
 

@@ -221,15 +221,14 @@ impl ModelOps {
             .await
             .map_err(|e| fail(internal(e)))?
             .map_err(|e| fail(ApiError::invalid("path", format!("the model cannot be loaded: {e}"))))?;
-            if let Some(m) = reg.state().models.get(model) {
-                if let Some(dup) = m.versions.values().find(|v| v.sha256 == digest) {
+            if let Some(m) = reg.state().models.get(model)
+                && let Some(dup) = m.versions.values().find(|v| v.sha256 == digest) {
                     return Err(fail(ApiError::Conflict(format!(
                         "these weights (sha256 {}) are already registered as `{model}` version `{}`",
                         &digest[..12],
                         dup.version
                     ))));
                 }
-            }
             let card = match &req.model_card {
                 Some(c) => c.clone(),
                 None => std::fs::read_to_string(PathBuf::from(&req.path).join("README.md")).unwrap_or_default(),
@@ -422,13 +421,12 @@ impl ModelOps {
                     "model `{model}` has no version `{version}`"
                 )));
             }
-            if let Some(m) = state.models.get(model) {
-                if let Some((alias, _)) = m.aliases.iter().find(|(_, v)| v.as_str() == version) {
+            if let Some(m) = state.models.get(model)
+                && let Some((alias, _)) = m.aliases.iter().find(|(_, v)| v.as_str() == version) {
                     return Err(ApiError::Conflict(format!(
                         "version `{version}` serves alias `{alias}`; point the alias elsewhere first"
                     )));
                 }
-            }
             Ok(())
         };
         if let Err(e) = check() {

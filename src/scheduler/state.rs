@@ -377,7 +377,6 @@ mod tests {
 
     struct Outcome {
         outputs: Vec<(u64, Vec<u32>)>,
-        steps: usize,
         preemptions: u64,
     }
 
@@ -438,7 +437,6 @@ mod tests {
         outputs.sort();
         Outcome {
             outputs,
-            steps,
             preemptions: st.preemptions_total,
         }
     }

@@ -354,7 +354,7 @@ impl Worker {
                 return;
             }
         };
-        let vocab = if rows > 0 { flat.len() / rows } else { 0 };
+        let vocab = flat.len().checked_div(rows).unwrap_or(0);
         let mut slots: Vec<Option<&mut [f32]>> = vec![];
         slots.resize_with(state.running.len(), || None);
         if vocab > 0 {

@@ -493,8 +493,8 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
         let tps = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
         bar.set_position(step + 1);
         bar.set_message(format!("loss {step_loss:.3} lr {lr:.2e} {tps:.0} tok/s"));
-        if (args.eval_every > 0 && (step + 1) % args.eval_every == 0) || step + 1 == args.steps {
-            if !eval.is_empty() {
+        if ((args.eval_every > 0 && (step + 1) % args.eval_every == 0) || step + 1 == args.steps)
+            && !eval.is_empty() {
                 let el = evaluate(&model, &eval, args, eos, &dev)?;
                 report.eval_losses.push((step + 1, el));
                 let line = format!(
@@ -511,7 +511,6 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
                     bar.println(line);
                 }
             }
-        }
         if args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 {
             checkpoint(&args.out, step + 1, model.vars(), &opt, &report, &meta)?;
         }

@@ -429,11 +429,9 @@ async fn wait_ready(c: &reqwest::Client, p: &Proc) {
             .get(format!("http://127.0.0.1:{}/ready", p.http))
             .send()
             .await
-        {
-            if r.status() == 200 {
+            && r.status() == 200 {
                 return;
             }
-        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("server not ready");

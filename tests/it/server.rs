@@ -58,11 +58,10 @@ impl TestServer {
             _model: dir,
         };
         for _ in 0..200 {
-            if let Ok(r) = reqwest::get(s.url("/ready")).await {
-                if r.status() == 200 {
+            if let Ok(r) = reqwest::get(s.url("/ready")).await
+                && r.status() == 200 {
                     return s;
                 }
-            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("server did not become ready");
