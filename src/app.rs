@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use axum::serve::ListenerExt;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::auth::Authenticator;
 use crate::api::grpc::{self, InferenceService};
@@ -115,20 +116,29 @@ pub async fn run(
         let _ = rx.wait_for(|v| *v).await;
     };
     let http_server = tokio::spawn(
-        axum::serve(listeners.http, http_app.into_make_service())
-            .with_graceful_shutdown(wait(stop_rx.clone()))
-            .into_future(),
+        axum::serve(
+            listeners.http.tap_io(no_delay),
+            http_app.into_make_service(),
+        )
+        .with_graceful_shutdown(wait(stop_rx.clone()))
+        .into_future(),
     );
     let grpc_server = tokio::spawn(
-        axum::serve(listeners.grpc, grpc_app.into_make_service())
-            .with_graceful_shutdown(wait(stop_rx.clone()))
-            .into_future(),
+        axum::serve(
+            listeners.grpc.tap_io(no_delay),
+            grpc_app.into_make_service(),
+        )
+        .with_graceful_shutdown(wait(stop_rx.clone()))
+        .into_future(),
     );
     let metrics_server = listeners.metrics.map(|l| {
         tokio::spawn(
-            axum::serve(l, http::metrics_app(metrics.clone()).into_make_service())
-                .with_graceful_shutdown(wait(stop_rx.clone()))
-                .into_future(),
+            axum::serve(
+                l.tap_io(no_delay),
+                http::metrics_app(metrics.clone()).into_make_service(),
+            )
+            .with_graceful_shutdown(wait(stop_rx.clone()))
+            .into_future(),
         )
     });
 
@@ -183,5 +193,13 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// Streams send one small frame per token: never let Nagle's algorithm hold
+/// one back waiting for the previous frame's ACK.
+fn no_delay(stream: &mut TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set");
     }
 }

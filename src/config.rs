@@ -354,3 +354,34 @@ pub fn default_data_dir() -> PathBuf {
         None => PathBuf::from(".llmops"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn the_shipped_example_config_parses_and_flags_override_it() {
+        let path = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/llmops.toml"));
+        let args = Cli::try_parse_from([
+            "serve",
+            "--config",
+            &path.display().to_string(),
+            "--http-addr",
+            "127.0.0.1:18080",
+        ])
+        .unwrap()
+        .serve;
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!(cfg.server.http_addr.port(), 18080, "flag beats file");
+        assert_eq!(cfg.server.grpc_addr.port(), 50051, "file value kept");
+        assert_eq!(cfg.scheduler.max_running, 64);
+        assert!(cfg.keys.is_empty());
+    }
+}

@@ -133,10 +133,10 @@ struct ExportArgs {
     r#type: llmops::export::GgufType,
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_level: &str) {
     // RUST_LOG-style filtering; prompts and outputs are never logged.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -153,7 +153,13 @@ fn init_tracing(format: LogFormat) {
 fn main() -> anyhow::Result<()> {
     llmops::init_process();
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // A server narrates its life at `info`; one-shot commands print their
+    // result and only speak up when something is wrong.
+    let level = match cli.command {
+        Command::Serve(_) | Command::Train(_) => "info",
+        _ => "warn",
+    };
+    init_tracing(cli.log_format, level);
     match cli.command {
         Command::Serve(args) => {
             let cfg = llmops::config::Config::load(&args)?;

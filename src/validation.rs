@@ -137,12 +137,13 @@ pub fn validate(
     }
     let vocab = engine.tokenizer().vocab_size() as u32;
     if let Input::Tokens(ids) = &spec.input
-        && let Some(bad) = ids.iter().find(|&&t| t >= vocab.max(1)) {
-            return Err(ApiError::invalid(
-                "prompt",
-                format!("token id {bad} is outside the vocabulary ({vocab} tokens)"),
-            ));
-        }
+        && let Some(bad) = ids.iter().find(|&&t| t >= vocab.max(1))
+    {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary ({vocab} tokens)"),
+        ));
+    }
     let ctx = engine.context_length();
     let max_prompt = limits.max_prompt_tokens.unwrap_or(ctx).min(ctx);
     if prompt.len() >= max_prompt {
@@ -164,12 +165,13 @@ pub fn validate(
         }
         Some(m) => {
             if let Some(cap) = limits.max_tokens
-                && m > cap {
-                    return Err(ApiError::invalid(
-                        "max_tokens",
-                        format!("max_tokens is {m}; this server allows at most {cap}"),
-                    ));
-                }
+                && m > cap
+            {
+                return Err(ApiError::invalid(
+                    "max_tokens",
+                    format!("max_tokens is {m}; this server allows at most {cap}"),
+                ));
+            }
             if m > remaining {
                 return Err(ApiError::ContextLength {
                     message: format!(

@@ -169,18 +169,19 @@ impl Principal {
             })?;
         }
         if let Some(t) = &self.tokens
-            && let Err(wait) = t.take(tokens) {
-                if let Some(r) = &self.requests {
-                    r.refund(1);
-                }
-                return Err(ApiError::RateLimited {
-                    message: format!(
-                        "rate limit of key `{}` reached (tokens per minute)",
-                        self.key_id
-                    ),
-                    retry_after: wait,
-                });
+            && let Err(wait) = t.take(tokens)
+        {
+            if let Some(r) = &self.requests {
+                r.refund(1);
             }
+            return Err(ApiError::RateLimited {
+                message: format!(
+                    "rate limit of key `{}` reached (tokens per minute)",
+                    self.key_id
+                ),
+                retry_after: wait,
+            });
+        }
         Ok(())
     }
 

@@ -265,18 +265,19 @@ impl ModelConfig {
             })?;
         // Multimodal Gemma 3 checkpoints nest the language model's settings.
         if let Some(text_config) = value.get("text_config").cloned()
-            && let (Some(obj), Some(outer)) = (value.as_object(), text_config.as_object()) {
-                let mut merged = outer.clone();
-                for key in ["bos_token_id", "eos_token_id", "tie_word_embeddings"] {
-                    if let (false, Some(v)) = (merged.contains_key(key), obj.get(key)) {
-                        merged.insert(key.into(), v.clone());
-                    }
+            && let (Some(obj), Some(outer)) = (value.as_object(), text_config.as_object())
+        {
+            let mut merged = outer.clone();
+            for key in ["bos_token_id", "eos_token_id", "tie_word_embeddings"] {
+                if let (false, Some(v)) = (merged.contains_key(key), obj.get(key)) {
+                    merged.insert(key.into(), v.clone());
                 }
-                merged
-                    .entry("model_type")
-                    .or_insert_with(|| "gemma3_text".into());
-                value = serde_json::Value::Object(merged);
             }
+            merged
+                .entry("model_type")
+                .or_insert_with(|| "gemma3_text".into());
+            value = serde_json::Value::Object(merged);
+        }
         let raw: HfConfig = serde_json::from_value(value).map_err(|e| {
             // serde_json names the missing or mistyped field in its message.
             Error::Config {

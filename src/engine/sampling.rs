@@ -92,12 +92,13 @@ impl SamplingParams {
             }
         }
         if let Some(n) = self.logprobs
-            && n > MAX_TOP_LOGPROBS {
-                return bad(
-                    "top_logprobs",
-                    format!("must be at most {MAX_TOP_LOGPROBS}, got {n}"),
-                );
-            }
+            && n > MAX_TOP_LOGPROBS
+        {
+            return bad(
+                "top_logprobs",
+                format!("must be at most {MAX_TOP_LOGPROBS}, got {n}"),
+            );
+        }
         Ok(())
     }
 

@@ -352,12 +352,14 @@ impl TextStream {
         self.ids.push(id);
         let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let text = tokenizer.decode(&self.ids[self.prefix_offset..])?;
-        if text.len() > prefix.len() && !text.ends_with('\u{FFFD}')
-            && let Some(delta) = text.strip_prefix(prefix.as_str()) {
-                let delta = delta.to_string();
-                self.advance();
-                return Ok(Some(delta));
-            }
+        if text.len() > prefix.len()
+            && !text.ends_with('\u{FFFD}')
+            && let Some(delta) = text.strip_prefix(prefix.as_str())
+        {
+            let delta = delta.to_string();
+            self.advance();
+            return Ok(Some(delta));
+        }
         // Keep the window short when tokens add no text.
         if self.ids.len() - self.prefix_offset > 64 {
             let out = self.flush(tokenizer)?;

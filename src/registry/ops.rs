@@ -203,40 +203,56 @@ impl ModelOps {
         let fail = |e: ApiError| (e.to_string(), e);
         let outcome: Result<VersionRecord, (String, ApiError)> = async {
             if reg.state().version(model, &version).is_some() {
-                return Err(fail(ApiError::Conflict(format!("model `{model}` already has a version `{version}`; versions are immutable"))));
+                return Err(fail(ApiError::Conflict(format!(
+                    "model `{model}` already has a version `{version}`; versions are immutable"
+                ))));
             }
             if req.path != EMBEDDED && !std::path::Path::new(&req.path).exists() {
-                return Err(fail(ApiError::invalid("path", format!("{}: no such file or directory", req.path))));
+                return Err(fail(ApiError::invalid(
+                    "path",
+                    format!("{}: no such file or directory", req.path),
+                )));
             }
             let path = req.path.clone();
             let device = self.device.clone();
-            let (digest, loaded) = tokio::task::spawn_blocking(move || -> anyhow::Result<(String, LoadedModel)> {
-                let digest = if path == EMBEDDED {
-                    crate::embedded::digest()
-                } else {
-                    super::digest_path(std::path::Path::new(&path))?
-                };
-                Ok((digest, load_source(&path, &device)?))
-            })
-            .await
-            .map_err(|e| fail(internal(e)))?
-            .map_err(|e| fail(ApiError::invalid("path", format!("the model cannot be loaded: {e}"))))?;
+            let (digest, loaded) =
+                tokio::task::spawn_blocking(move || -> anyhow::Result<(String, LoadedModel)> {
+                    let digest = if path == EMBEDDED {
+                        crate::embedded::digest()
+                    } else {
+                        super::digest_path(std::path::Path::new(&path))?
+                    };
+                    Ok((digest, load_source(&path, &device)?))
+                })
+                .await
+                .map_err(|e| fail(internal(e)))?
+                .map_err(|e| {
+                    fail(ApiError::invalid(
+                        "path",
+                        format!("the model cannot be loaded: {e}"),
+                    ))
+                })?;
             if let Some(m) = reg.state().models.get(model)
-                && let Some(dup) = m.versions.values().find(|v| v.sha256 == digest) {
-                    return Err(fail(ApiError::Conflict(format!(
-                        "these weights (sha256 {}) are already registered as `{model}` version `{}`",
-                        &digest[..12],
-                        dup.version
-                    ))));
-                }
+                && let Some(dup) = m.versions.values().find(|v| v.sha256 == digest)
+            {
+                return Err(fail(ApiError::Conflict(format!(
+                    "these weights (sha256 {}) are already registered as `{model}` version `{}`",
+                    &digest[..12],
+                    dup.version
+                ))));
+            }
             let card = match &req.model_card {
                 Some(c) => c.clone(),
-                None => std::fs::read_to_string(PathBuf::from(&req.path).join("README.md")).unwrap_or_default(),
+                None => std::fs::read_to_string(PathBuf::from(&req.path).join("README.md"))
+                    .unwrap_or_default(),
             };
             let info = &loaded.info;
             Ok(VersionRecord {
                 sha256: digest,
-                format: serde_json::to_value(info.format).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default(),
+                format: serde_json::to_value(info.format)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
                 architecture: info.arch.as_str().into(),
                 parameters: info.parameters as u64,
                 model_card: card,
@@ -422,11 +438,12 @@ impl ModelOps {
                 )));
             }
             if let Some(m) = state.models.get(model)
-                && let Some((alias, _)) = m.aliases.iter().find(|(_, v)| v.as_str() == version) {
-                    return Err(ApiError::Conflict(format!(
-                        "version `{version}` serves alias `{alias}`; point the alias elsewhere first"
-                    )));
-                }
+                && let Some((alias, _)) = m.aliases.iter().find(|(_, v)| v.as_str() == version)
+            {
+                return Err(ApiError::Conflict(format!(
+                    "version `{version}` serves alias `{alias}`; point the alias elsewhere first"
+                )));
+            }
             Ok(())
         };
         if let Err(e) = check() {

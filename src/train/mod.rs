@@ -494,23 +494,24 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
         bar.set_position(step + 1);
         bar.set_message(format!("loss {step_loss:.3} lr {lr:.2e} {tps:.0} tok/s"));
         if ((args.eval_every > 0 && (step + 1) % args.eval_every == 0) || step + 1 == args.steps)
-            && !eval.is_empty() {
-                let el = evaluate(&model, &eval, args, eos, &dev)?;
-                report.eval_losses.push((step + 1, el));
-                let line = format!(
-                    "step {}: train loss {step_loss:.4}, eval loss {el:.4}, perplexity {:.2}, {tps:.0} tok/s",
-                    step + 1,
-                    (el as f64).exp()
-                );
-                // A bar drawn to a terminal prints above itself; in a log file it is hidden.
-                if bar.is_hidden() {
-                    if !args.quiet {
-                        eprintln!("{line}");
-                    }
-                } else {
-                    bar.println(line);
+            && !eval.is_empty()
+        {
+            let el = evaluate(&model, &eval, args, eos, &dev)?;
+            report.eval_losses.push((step + 1, el));
+            let line = format!(
+                "step {}: train loss {step_loss:.4}, eval loss {el:.4}, perplexity {:.2}, {tps:.0} tok/s",
+                step + 1,
+                (el as f64).exp()
+            );
+            // A bar drawn to a terminal prints above itself; in a log file it is hidden.
+            if bar.is_hidden() {
+                if !args.quiet {
+                    eprintln!("{line}");
                 }
+            } else {
+                bar.println(line);
             }
+        }
         if args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 {
             checkpoint(&args.out, step + 1, model.vars(), &opt, &report, &meta)?;
         }

@@ -1,10 +1,16 @@
 //! The one integration-test binary (one link instead of many).
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, clippy::type_complexity)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    clippy::type_complexity
+)]
 
 mod clients;
 mod engine;
 mod gemma;
 mod loadtest;
+mod metrics;
 mod registry;
 mod scheduler;
 mod server;

@@ -429,9 +429,10 @@ async fn wait_ready(c: &reqwest::Client, p: &Proc) {
             .get(format!("http://127.0.0.1:{}/ready", p.http))
             .send()
             .await
-            && r.status() == 200 {
-                return;
-            }
+            && r.status() == 200
+        {
+            return;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("server not ready");

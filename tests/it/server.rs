@@ -22,14 +22,21 @@ impl TestServer {
     /// Starts a server for the tiny synthetic model named `tiny`; `tweak`
     /// adjusts the flags.
     pub async fn start(tweak: impl FnOnce(&mut ServeArgs)) -> Self {
+        Self::start_with(
+            SynthSpec {
+                seed: 9,
+                ..SynthSpec::tiny_llama()
+            },
+            tweak,
+        )
+        .await
+    }
+
+    /// Like [`TestServer::start`], for another model (still named `tiny`).
+    pub async fn start_with(spec: SynthSpec, tweak: impl FnOnce(&mut ServeArgs)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny");
-        SynthSpec {
-            seed: 9,
-            ..SynthSpec::tiny_llama()
-        }
-        .write(&path, None)
-        .unwrap();
+        spec.write(&path, None).unwrap();
         let mut args = ServeArgs {
             models: vec![path],
             model_names: vec!["tiny".into()],
@@ -59,9 +66,10 @@ impl TestServer {
         };
         for _ in 0..200 {
             if let Ok(r) = reqwest::get(s.url("/ready")).await
-                && r.status() == 200 {
-                    return s;
-                }
+                && r.status() == 200
+            {
+                return s;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("server did not become ready");
@@ -376,11 +384,12 @@ async fn grpc_errors_carry_the_right_status_codes() {
 
     // A deadline shorter than the work ends as DEADLINE_EXCEEDED and frees the sequence.
     let mut slow = req("tiny", "hi");
-    slow.get_mut().max_tokens = 400;
+    slow.get_mut().max_tokens = 480;
     slow.get_mut().ignore_eos = true;
     // The header alone (no client-side timer), so the server's answer is what we see.
+    // 480 tokens take this tiny model ~150 ms on one core; the deadline is 20 ms.
     slow.metadata_mut()
-        .insert("grpc-timeout", "150m".parse().unwrap());
+        .insert("grpc-timeout", "20m".parse().unwrap());
     let (c, _) = code(cl.generate(slow).await).unwrap();
     assert_eq!(c, tonic::Code::DeadlineExceeded);
     s.wait_idle().await;
@@ -454,8 +463,15 @@ async fn a_burst_over_the_queue_limit_gets_fast_429s_while_admitted_requests_com
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_cancels_its_request() {
-    let s = TestServer::start(|_| {}).await;
-    let long = json!({"model": "tiny", "prompt": "hello", "max_tokens": 450, "ignore_eos": true, "temperature": 0});
+    // A long context, so that one request runs for seconds, far beyond the
+    // client's patience below, however fast the machine.
+    let mut spec = SynthSpec {
+        seed: 9,
+        ..SynthSpec::tiny_llama()
+    };
+    spec.max_position_embeddings = 16384;
+    let s = TestServer::start_with(spec, |_| {}).await;
+    let long = json!({"model": "tiny", "prompt": "hello", "max_tokens": 16000, "ignore_eos": true, "temperature": 0});
     // Non-streaming: give up on the response mid-generation.
     let c = reqwest::Client::new();
     let fut = c.post(s.url("/v1/completions")).json(&long).send();

@@ -1,0 +1,232 @@
+//! Micro-benchmarks (criterion): the engine step at batch 1/8/32, sampling
+//! over a 262k vocabulary, scheduler planning with 1k waiting and 256
+//! running, routing lookups, metric recording.
+//!
+//! `cargo bench --bench llmops` (results in BENCHMARKS.md).
+
+#![allow(clippy::expect_used, missing_docs)]
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use llmops::engine::{
+    Batch, BlockAllocator, KvCache, LoadOptions, Logits, Sampler, SamplingParams,
+};
+use llmops::monitor::{EngineMetrics, Protocol};
+use llmops::router::{Deployment, DeploymentTable, Router, Target};
+use llmops::scheduler::state::{Limits, Seq, State};
+use llmops::scheduler::{Engine, EngineLabels, Priority, SchedulerConfig};
+
+/// One decode step of `batch` sequences at position 64 of the 26M random
+/// Llama (the step re-feeds the same position, so every iteration does the
+/// same work).
+fn engine_step(c: &mut Criterion) {
+    llmops::init_process();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("m26");
+    llmops::synth::SynthSpec::preset("26m")
+        .expect("preset")
+        .write(&path, None)
+        .expect("write model");
+    let m = llmops::engine::load(&path, &LoadOptions::default()).expect("load");
+    let mut g = c.benchmark_group("engine_step_26m");
+    for batch in [1usize, 8, 32] {
+        let block = 16;
+        let mut alloc = BlockAllocator::new(batch * 8, block);
+        let mut kv = KvCache::new(m.model.kv_shape(block), batch * 8);
+        let mut tables = vec![vec![]; batch];
+        for t in &mut tables {
+            assert!(alloc.grow(t, 65));
+        }
+        // Fill positions 0..64.
+        let prompt: Vec<u32> = (0..64).map(|i| (i * 7 + 3) % 256).collect();
+        let mut b = Batch::new();
+        for t in &tables {
+            b.push(&prompt, 0, t, Logits::None);
+        }
+        m.model.forward(&b, &mut kv).expect("prefill");
+        drop(b);
+        let tok = [42u32];
+        g.throughput(criterion::Throughput::Elements(batch as u64));
+        g.bench_function(format!("batch_{batch}"), |bench| {
+            bench.iter(|| {
+                let mut b = Batch::new();
+                for t in &tables {
+                    b.push(&tok, 64, t, Logits::Last);
+                }
+                black_box(m.model.forward(&b, &mut kv).expect("step"));
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Sampling one token from 262,144 logits (Gemma 3's vocabulary), on a
+/// Zipf-shaped row (rank r has logit -1.2·ln r, like a language model's
+/// long tail) and on a flat row (the nucleus spans almost the whole
+/// vocabulary: the worst case for top-p).
+fn sampling(c: &mut Criterion) {
+    let vocab = 262_144u64;
+    // A fixed permutation of ranks over token ids.
+    let rank = |i: u64| (i * 2_654_435_761) % vocab + 1;
+    let zipf: Vec<f32> = (0..vocab).map(|i| -1.2 * (rank(i) as f32).ln()).collect();
+    let flat: Vec<f32> = (0..vocab)
+        .map(|i| (rank(i) % 10_007) as f32 / 1000.0 - 5.0)
+        .collect();
+    let mut g = c.benchmark_group("sampling_262k");
+    let top_p = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed: Some(1),
+        ..Default::default()
+    };
+    let mut flat_sampler = Sampler::new(top_p.clone(), &[1, 2, 3, 4, 5]);
+    g.bench_function("temperature_top_p_flat_row", |b| {
+        b.iter_batched_ref(
+            || flat.clone(),
+            |r| black_box(flat_sampler.sample(r).expect("sample")),
+            BatchSize::LargeInput,
+        )
+    });
+    let row = zipf;
+    let cases = [
+        ("greedy", SamplingParams::default()),
+        (
+            "temperature_top_p",
+            SamplingParams {
+                temperature: 0.8,
+                top_p: 0.95,
+                seed: Some(1),
+                ..Default::default()
+            },
+        ),
+        (
+            "top_k_penalties",
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 40,
+                repetition_penalty: 1.1,
+                presence_penalty: 0.5,
+                seed: Some(1),
+                ..Default::default()
+            },
+        ),
+    ];
+    for (name, params) in cases {
+        let mut s = Sampler::new(params, &[1, 2, 3, 4, 5]);
+        g.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || row.clone(),
+                |r| black_box(s.sample(r).expect("sample")),
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+/// Planning one step with 256 running (decoding) and 1,000 waiting.
+fn scheduler_plan(c: &mut Criterion) {
+    let limits = Limits {
+        max_batched_tokens: 2048,
+        max_running: 256,
+    };
+    let mut st: State<()> = State::new(limits, BlockAllocator::new(256 * 40, 16));
+    for id in 0..256u64 {
+        st.enqueue(Seq::new(id, Priority::Normal, vec![1; 100], 500, ()));
+    }
+    // Prefill everyone, then take one decode step so all are decoding.
+    for _ in 0..64 {
+        let plan = st.plan();
+        st.advance(&plan);
+        for e in &plan.entries {
+            if e.sample {
+                st.running[e.index].tokens.push(7);
+            }
+        }
+    }
+    for id in 256..1256u64 {
+        st.enqueue(Seq::new(id, Priority::Normal, vec![1; 100], 500, ()));
+    }
+    assert_eq!(st.running.len(), 256);
+    c.bench_function("scheduler_plan_256_running_1k_waiting", |b| {
+        b.iter(|| black_box(st.plan()))
+    });
+}
+
+/// Routing: the per-request table lookup with 16 models deployed.
+fn routing(c: &mut Criterion) {
+    let m = llmops::embedded::load(&LoadOptions::default()).expect("embedded model");
+    let engine = Engine::spawn(
+        m,
+        SchedulerConfig {
+            kv_cache_bytes: 8 << 20,
+            ..Default::default()
+        },
+        EngineLabels {
+            model: "bench".into(),
+            version: "v1".into(),
+            variant: "stable".into(),
+        },
+    )
+    .expect("engine");
+    let mut table = DeploymentTable::default();
+    for i in 0..16 {
+        let name = format!("model-{i}");
+        table.models.insert(
+            name.clone(),
+            Arc::new(Deployment {
+                model: name,
+                stable: Arc::new(Target {
+                    version: "v1".into(),
+                    engine: engine.clone(),
+                }),
+            }),
+        );
+    }
+    let router = Router::new(table);
+    c.bench_function("router_pick_16_models", |b| {
+        b.iter(|| black_box(router.pick(black_box("model-11")).is_ok()))
+    });
+}
+
+/// Recording per token (the hot path) and per request, into the installed
+/// Prometheus recorder.
+fn metric_recording(c: &mut Criterion) {
+    let _handle = llmops::monitor::exporter::install().expect("recorder");
+    let m = EngineMetrics::new("bench", "v1", "stable");
+    let r = m.requests(Protocol::Http);
+    let mut g = c.benchmark_group("metrics");
+    g.bench_function("per_token_itl_and_counter", |b| {
+        b.iter(|| {
+            r.itl.record(black_box(0.012));
+            r.generation_tokens.increment(1);
+        })
+    });
+    g.bench_function("per_request_all_histograms", |b| {
+        b.iter(|| {
+            r.ttft.record(0.05);
+            r.engine_ttft.record(0.04);
+            r.e2e.record(0.9);
+            r.queue.record(0.001);
+            r.prefill.record(0.03);
+            r.decode.record(0.8);
+            r.prompt_tokens_hist.record(100.0);
+            r.generation_tokens_hist.record(64.0);
+            r.prompt_tokens.increment(100);
+            r.success[1].increment(1);
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(3));
+    targets = engine_step, sampling, scheduler_plan, routing, metric_recording
+}
+criterion_main!(benches);
