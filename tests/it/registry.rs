@@ -568,15 +568,28 @@ async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
         let p = spawn(&base, &data);
         wait_ready(&c, &p).await;
         let url = |s: &str| format!("http://127.0.0.1:{}{s}", p.http);
-        // The registry after restart equals the replay of its audit log.
-        let (_, audit) = admin(
-            &c,
-            reqwest::Method::GET,
-            url("/admin/v1/audit"),
-            None,
-            ADMIN,
-        )
-        .await;
+        // The registry after restart equals the replay of its audit log,
+        // read page by page (a page holds at most 1,000 entries).
+        let mut entries = vec![];
+        loop {
+            let after = entries
+                .last()
+                .map_or(0, |e: &Value| e["seq"].as_u64().unwrap());
+            let (_, page) = admin(
+                &c,
+                reqwest::Method::GET,
+                url(&format!("/admin/v1/audit?after={after}&limit=1000")),
+                None,
+                ADMIN,
+            )
+            .await;
+            let page = page["entries"].as_array().unwrap().clone();
+            if page.is_empty() {
+                break;
+            }
+            entries.extend(page);
+        }
+        let audit = json!({ "entries": entries });
         let (_, model) = admin(
             &c,
             reqwest::Method::GET,

@@ -200,8 +200,13 @@ async fn requests_beyond_the_context_fail_before_queueing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadline_ends_the_request_with_timeout() {
-    let (_tmp, engine) = spawn(&SynthSpec::tiny_llama(), SchedulerConfig::default());
-    let mut req = greedy(vec![256, 1, 2], 400);
+    // A long context, so that the request would run for seconds.
+    let spec = SynthSpec {
+        max_position_embeddings: 16384,
+        ..SynthSpec::tiny_llama()
+    };
+    let (_tmp, engine) = spawn(&spec, SchedulerConfig::default());
+    let mut req = greedy(vec![256, 1, 2], 16000);
     req.deadline = Some(std::time::Instant::now() + Duration::from_millis(30));
     let (_, _, c) = collect(engine.submit(req).unwrap()).await;
     assert_eq!(c.reason, FinishReason::Timeout);
