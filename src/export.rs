@@ -217,7 +217,7 @@ pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
         (key("rope.freq_base"), Value::F32(cfg.rope.theta as f32)),
         (key("vocab_size"), Value::U32(cfg.vocab_size as u32)),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
         (
             "tokenizer.ggml.tokens".into(),
             Value::Array(vocab.tokens.into_iter().map(Value::String).collect()),
@@ -228,7 +228,7 @@ pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
         ),
         (
             "tokenizer.ggml.merges".into(),
-            Value::Array(vocab.merges.into_iter().map(Value::String).collect()),
+            Value::Array(merges_or_placeholder(vocab.merges)),
         ),
         (
             "tokenizer.ggml.add_bos_token".into(),
@@ -348,4 +348,15 @@ fn read_vocab(path: &Path, model_vocab: usize) -> anyhow::Result<Vocab> {
         types,
         merges,
     })
+}
+
+/// llama.cpp refuses a GPT-2 style vocabulary without merges (and an empty
+/// GGUF array has no element type), so a byte-level tokenizer with none gets
+/// one merge of two spaces, whose result is not a token: it never fires, and
+/// both llama.cpp and our loader skip it.
+fn merges_or_placeholder(merges: Vec<String>) -> Vec<Value> {
+    if merges.is_empty() {
+        return vec![Value::String("\u{120} \u{120}".into())];
+    }
+    merges.into_iter().map(Value::String).collect()
 }

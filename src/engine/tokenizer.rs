@@ -193,11 +193,16 @@ impl Tokenizer {
                 tok
             }
             "gpt2" => {
+                // A merge whose parts or result are not tokens can never fire
+                // (llama.cpp skips it too); `tokenizers` would refuse it.
                 let merges: Vec<(String, String)> = string_array(&md, "tokenizer.ggml.merges")?
                     .into_iter()
                     .filter_map(|m| {
                         let (a, b) = m.split_once(' ')?;
-                        Some((a.to_string(), b.to_string()))
+                        let ok = vocab.contains_key(a)
+                            && vocab.contains_key(b)
+                            && vocab.contains_key(&format!("{a}{b}"));
+                        ok.then(|| (a.to_string(), b.to_string()))
                     })
                     .collect();
                 let bpe = BPE::builder()
