@@ -71,6 +71,9 @@ struct BenchArgs {
     /// Decode steps timed.
     #[arg(long, default_value_t = 64)]
     steps: usize,
+    /// Keep GGUF blocks quantized (candle's QMatMul) instead of f16 panels.
+    #[arg(long)]
+    keep_quantized: bool,
 }
 
 #[derive(clap::Args)]
@@ -191,7 +194,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::BenchEngine(args) => {
-            let opts = LoadOptions::default();
+            let opts = LoadOptions {
+                keep_quantized: args.keep_quantized,
+                ..Default::default()
+            };
             let m = match &args.model {
                 Some(p) => engine::load(p, &opts)?,
                 None => llmops::embedded::load(&opts)?,

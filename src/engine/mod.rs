@@ -171,6 +171,10 @@ pub struct LoadOptions {
     pub device: Device,
     /// Template used when the model has none.
     pub fallback_template: String,
+    /// On the CPU, run GGUF block-quantized matrices through candle's
+    /// quantized matmul instead of dequantizing them to f16 panels at load
+    /// (less memory; throughput no longer grows with the batch).
+    pub keep_quantized: bool,
 }
 
 impl Default for LoadOptions {
@@ -178,6 +182,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             fallback_template: chat::FALLBACK_TEMPLATE.to_string(),
+            keep_quantized: false,
         }
     }
 }
@@ -456,7 +461,8 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         .metadata
         .get("tokenizer.chat_template")
         .and_then(|v| v.to_string().ok().cloned());
-    let src = weights::WeightSource::gguf(content, path, cfg.arch, &opts.device)?;
+    let src = weights::WeightSource::gguf(content, path, cfg.arch, &opts.device)?
+        .keep_quantized(opts.keep_quantized);
     let model = Model::load(cfg.clone(), &src, &opts.device)?;
     let info = ModelInfo {
         source: path.display().to_string(),

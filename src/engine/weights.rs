@@ -65,6 +65,27 @@ impl Linear {
         })
     }
 
+    /// A host layer with f16 panels from an f32 `[out, in]` weight on the CPU.
+    fn host_f16(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        let rows = weight
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let bias_host = match &bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let mut l = Linear::host(
+            Arc::new(PackedWeight::pack_f16(&rows, out_features, in_features)),
+            out_features,
+            in_features,
+            bias_host,
+        );
+        l.bias = bias;
+        Ok(l)
+    }
+
     fn quantized(weight: Arc<QTensor>, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
         let bias_host = match &bias {
@@ -414,6 +435,8 @@ pub struct WeightSource {
     /// GGUF conversion already added the one.
     norm_offset: f64,
     naming: Naming,
+    /// Keep GGUF blocks quantized on the CPU (see `host_f16`).
+    keep_quantized: bool,
 }
 
 impl WeightSource {
@@ -449,6 +472,7 @@ impl WeightSource {
             dtype,
             norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
             naming,
+            keep_quantized: false,
         })
     }
 
@@ -476,6 +500,7 @@ impl WeightSource {
             dtype,
             norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
             naming,
+            keep_quantized: false,
         })
     }
 
@@ -507,7 +532,15 @@ impl WeightSource {
                 arch,
                 prefix: String::new(),
             },
+            keep_quantized: false,
         })
+    }
+
+    /// Keeps GGUF blocks quantized on the CPU (candle's `QMatMul`) instead of
+    /// f16 host panels.
+    pub fn keep_quantized(mut self, keep: bool) -> Self {
+        self.keep_quantized = keep;
+        self
     }
 
     /// The naming scheme of this checkpoint.
@@ -579,6 +612,15 @@ impl WeightSource {
         }
     }
 
+    /// Whether block-quantized GGUF matrices become f16 host panels: on the
+    /// CPU, unless [`super::LoadOptions::keep_quantized`]. Candle's quantized
+    /// CPU matmul computes each activation row separately, so its cost grows
+    /// linearly with the batch; the packed GEMM serves the whole batch from
+    /// one pass over the weight, at 2 bytes per parameter.
+    fn host_f16(&self) -> bool {
+        self.device.is_cpu() && self.dtype == DType::F32 && !self.keep_quantized
+    }
+
     /// A linear layer `[out, in]` with an optional `<base>.bias`.
     pub fn linear(&self, base: &str, out_features: usize, in_features: usize) -> Result<Linear> {
         let wname = format!("{base}.weight");
@@ -603,6 +645,12 @@ impl WeightSource {
                             .dequantize(&self.device)
                             .map_err(|e| self.wrap(&wname, e))?;
                         Linear::dense(t.to_dtype(self.dtype)?, bias)
+                    }
+                    _ if self.host_f16() => {
+                        let t = q
+                            .dequantize(&self.device)
+                            .map_err(|e| self.wrap(&wname, e))?;
+                        Linear::host_f16(&t, bias)
                     }
                     _ => Linear::quantized(Arc::new(q), bias),
                 }
@@ -639,6 +687,13 @@ impl WeightSource {
                 if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
                     Embedding::from_dense(t.to_dtype(self.dtype)?)
+                } else if self.host_f16() {
+                    let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
+                    let rows = t.flatten_all()?.to_vec1::<f32>()?;
+                    Ok(Embedding::Host {
+                        table: Arc::new(PackedWeight::pack_f16(&rows, vocab, hidden)),
+                        hidden,
+                    })
                 } else {
                     Ok(Embedding::Quantized(Arc::new(q)))
                 }

@@ -237,24 +237,38 @@ fn gguf_q8_0_export_agrees_with_f32_on_the_top_token() {
     let gguf = tmp.path().join("tiny-q8_0.gguf");
     llmops::export::export_gguf(&path, &gguf, llmops::export::GgufType::Q8_0).unwrap();
     let f32_model = support::load(&path);
-    let q8 = support::load(&gguf);
-    // The GGUF carries its own tokenizer (no tokenizer.json beside it).
-    assert_eq!(
-        q8.tokenizer.encode("hello world", true).unwrap(),
-        f32_model.tokenizer.encode("hello world", true).unwrap()
-    );
     let streams = token_streams(4, 30);
     let a = support::run_teacher_forced(&f32_model, &plans(&streams), 4);
-    let b = support::run_teacher_forced(&q8, &plans(&streams), 4);
-    let (mut same, mut total) = (0, 0);
-    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
-        total += 1;
-        same +=
-            usize::from(llmops::engine::sampling::argmax(x) == llmops::engine::sampling::argmax(y));
+    // Both CPU paths: f16 panels dequantized at load (the default), and
+    // candle's quantized matmul on the blocks.
+    for keep_quantized in [false, true] {
+        let opts = llmops::engine::LoadOptions {
+            keep_quantized,
+            ..Default::default()
+        };
+        let q8 = llmops::engine::load(&gguf, &opts).unwrap();
+        // The GGUF carries its own tokenizer (no tokenizer.json beside it).
+        assert_eq!(
+            q8.tokenizer.encode("hello world", true).unwrap(),
+            f32_model.tokenizer.encode("hello world", true).unwrap()
+        );
+        let b = support::run_teacher_forced(&q8, &plans(&streams), 4);
+        let (mut same, mut total) = (0, 0);
+        for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+            total += 1;
+            same += usize::from(
+                llmops::engine::sampling::argmax(x) == llmops::engine::sampling::argmax(y),
+            );
+        }
+        let rate = same as f64 / total as f64;
+        eprintln!(
+            "Q8_0 (keep_quantized: {keep_quantized}) vs f32 top-1 agreement: {same}/{total} = {rate:.3}"
+        );
+        assert!(
+            rate >= 0.95,
+            "top-1 agreement {rate} (keep_quantized: {keep_quantized})"
+        );
     }
-    let rate = same as f64 / total as f64;
-    eprintln!("Q8_0 vs f32 top-1 agreement: {same}/{total} = {rate:.3}");
-    assert!(rate >= 0.95, "top-1 agreement {rate}");
 }
 
 #[test]

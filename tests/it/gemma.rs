@@ -27,6 +27,16 @@ fn model_path() -> PathBuf {
 /// both sides saw a near tie.
 #[test]
 fn gemma3_270m_predicts_llama_cpp_greedy_tokens() {
+    check(false);
+}
+
+/// The same through candle's quantized matmul on the Q4_K/Q5_0/Q6_K blocks.
+#[test]
+fn gemma3_270m_keeping_blocks_quantized_predicts_llama_cpp_greedy_tokens() {
+    check(true);
+}
+
+fn check(keep_quantized: bool) {
     let path = model_path();
     assert!(
         path.exists(),
@@ -41,7 +51,11 @@ fn gemma3_270m_predicts_llama_cpp_greedy_tokens() {
         .unwrap(),
     )
     .unwrap();
-    let m = llmops::engine::load(&path, &Default::default()).unwrap();
+    let opts = llmops::engine::LoadOptions {
+        keep_quantized,
+        ..Default::default()
+    };
+    let m = llmops::engine::load(&path, &opts).unwrap();
     assert_eq!(m.model.config().arch, llmops::engine::Arch::Gemma3);
 
     let mut plans = vec![];
@@ -102,7 +116,9 @@ fn gemma3_270m_predicts_llama_cpp_greedy_tokens() {
             );
         }
     }
-    eprintln!("{agree} of {total} next-token predictions equal llama.cpp's");
+    eprintln!(
+        "keep_quantized {keep_quantized}: {agree} of {total} next-token predictions equal llama.cpp's"
+    );
     assert!(
         agree * 100 >= total * 95,
         "only {agree} of {total} next-token predictions equal llama.cpp's"
@@ -123,7 +139,7 @@ fn gemma3_270m_predicts_llama_cpp_greedy_tokens() {
     for (((text, _, want, _), got), miss) in cases.iter().zip(&got).zip(&first_miss) {
         let n = want.iter().zip(got).take_while(|(a, b)| a == b).count();
         eprintln!(
-            "{text:?}: free-running greedy agrees for {n} of {} tokens",
+            "keep_quantized {keep_quantized}, {text:?}: free-running greedy agrees for {n} of {} tokens",
             want.len()
         );
         assert!(

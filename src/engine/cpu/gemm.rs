@@ -8,10 +8,14 @@
 //! columns in 12 AVX2 accumulators, enough independent FMA chains to keep
 //! both FMA units busy.
 //!
+//! Panels hold f32, or f16 (half the memory and bandwidth; converted to f32
+//! in registers with F16C), used for weights dequantized from GGUF blocks.
+//!
 //! Work is split over column panels only and every output element is one
 //! FMA chain over `k` in order, so a row's result is bit-identical whatever
 //! else is in the batch.
 
+use half::f16;
 use rayon::prelude::*;
 
 /// Output columns per panel.
@@ -21,47 +25,83 @@ const MR: usize = 6;
 /// Panels per parallel task.
 const PANELS_PER_TASK: usize = 4;
 
+/// Panel storage.
+#[derive(Debug, Clone)]
+enum Panels {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
 /// A weight `[n, k]` regrouped into column panels (see the module docs).
 #[derive(Debug, Clone)]
 pub struct PackedWeight {
-    data: Vec<f32>,
+    data: Panels,
     /// Output features.
     pub n: usize,
     /// Input features.
     pub k: usize,
 }
 
+fn pack_as<T: Copy + Default>(w: &[f32], n: usize, k: usize, conv: impl Fn(f32) -> T) -> Vec<T> {
+    let panels = n.div_ceil(NR);
+    let mut data = vec![T::default(); panels * k * NR];
+    for j in 0..n {
+        let (panel, c) = (j / NR, j % NR);
+        let row = &w[j * k..(j + 1) * k];
+        for (p, &v) in row.iter().enumerate() {
+            data[(panel * k + p) * NR + c] = conv(v);
+        }
+    }
+    data
+}
+
 impl PackedWeight {
     /// Packs a row-major `[n, k]` weight.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0f32; panels * k * NR];
-        for j in 0..n {
-            let (panel, c) = (j / NR, j % NR);
-            let row = &w[j * k..(j + 1) * k];
-            for (p, &v) in row.iter().enumerate() {
-                data[(panel * k + p) * NR + c] = v;
-            }
+        Self {
+            data: Panels::F32(pack_as(w, n, k, |v| v)),
+            n,
+            k,
         }
-        Self { data, n, k }
+    }
+
+    /// Packs a row-major `[n, k]` weight stored as f16.
+    pub fn pack_f16(w: &[f32], n: usize, k: usize) -> Self {
+        Self {
+            data: Panels::F16(pack_as(w, n, k, f16::from_f32)),
+            n,
+            k,
+        }
+    }
+
+    /// Whether panels hold f16.
+    pub fn is_f16(&self) -> bool {
+        matches!(self.data, Panels::F16(_))
     }
 
     /// Row `j` of the original `[n, k]` matrix (an embedding lookup).
     pub fn row_into(&self, j: usize, out: &mut Vec<f32>) {
         let (panel, c) = (j / NR, j % NR);
         let base = panel * self.k * NR + c;
-        out.extend((0..self.k).map(|p| self.data[base + p * NR]));
+        match &self.data {
+            Panels::F32(d) => out.extend((0..self.k).map(|p| d[base + p * NR])),
+            Panels::F16(d) => out.extend((0..self.k).map(|p| d[base + p * NR].to_f32())),
+        }
     }
 
     /// Bytes of storage.
     pub fn size_in_bytes(&self) -> usize {
-        self.data.len() * std::mem::size_of::<f32>()
+        match &self.data {
+            Panels::F32(d) => std::mem::size_of_val(d.as_slice()),
+            Panels::F16(d) => std::mem::size_of_val(d.as_slice()),
+        }
     }
 
-    /// Stacks weights with the same `k` (their rows, in order) into one.
+    /// Stacks weights with the same `k` and storage (their rows, in order) into one.
     pub fn stack(parts: &[&PackedWeight]) -> Option<PackedWeight> {
         let k = parts.first()?.k;
-        if parts.iter().any(|p| p.k != k) {
+        let f16 = parts.first()?.is_f16();
+        if parts.iter().any(|p| p.k != k || p.is_f16() != f16) {
             return None;
         }
         let mut rows = vec![];
@@ -74,7 +114,11 @@ impl PackedWeight {
             }
         }
         let n = parts.iter().map(|p| p.n).sum();
-        Some(PackedWeight::pack(&rows, n, k))
+        Some(if f16 {
+            PackedWeight::pack_f16(&rows, n, k)
+        } else {
+            PackedWeight::pack(&rows, n, k)
+        })
     }
 }
 
@@ -132,10 +176,21 @@ unsafe fn panels_range(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
         {
             // SAFETY: the CPU has the features; the caller upholds the rest.
-            unsafe { avx2::panels_range(x, m, w, lo, hi, bias, out) };
+            unsafe {
+                match &w.data {
+                    Panels::F32(d) => {
+                        avx2::panels_range(x, m, d.as_ptr(), w.n, w.k, lo, hi, bias, out)
+                    }
+                    Panels::F16(d) => {
+                        avx2::panels_range(x, m, d.as_ptr(), w.n, w.k, lo, hi, bias, out)
+                    }
+                }
+            };
             return;
         }
     }
@@ -153,15 +208,19 @@ unsafe fn portable_panels(
     out: *mut f32,
 ) {
     let (n, k) = (w.n, w.k);
+    let weight = |idx: usize| match &w.data {
+        Panels::F32(d) => d[idx],
+        Panels::F16(d) => d[idx].to_f32(),
+    };
     for panel in lo..hi {
-        let pw = &w.data[panel * k * NR..(panel + 1) * k * NR];
+        let base = panel * k * NR;
         let cols = (n - panel * NR).min(NR);
         for i in 0..m {
             let mut acc = [0f32; NR];
             for p in 0..k {
                 let xv = x[i * k + p];
                 for c in 0..NR {
-                    acc[c] = xv.mul_add(pw[p * NR + c], acc[c]);
+                    acc[c] = xv.mul_add(weight(base + p * NR + c), acc[c]);
                 }
             }
             for (c, v) in acc.iter().enumerate().take(cols) {
@@ -177,28 +236,52 @@ unsafe fn portable_panels(
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{MR, NR, PackedWeight};
+    use half::f16;
+
+    use super::{MR, NR};
+
+    /// A panel element the kernel can load 8 of as f32.
+    pub trait Elem: Copy {
+        /// Loads 8 values at `p` as f32.
+        ///
+        /// # Safety
+        /// `p` must point to 8 readable values; the CPU must have AVX2 and F16C.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Elem for f32 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            // SAFETY: forwarded from the caller.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+    }
+
+    impl Elem for f16 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            // SAFETY: forwarded from the caller; f16 is 2 bytes, 8 of them are 128 bits.
+            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+        }
+    }
 
     /// `R` rows × one 16-column panel.
     ///
     /// # Safety
     /// `x` rows must hold `k` values each; `pw` must hold `k * 16`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn micro<const R: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn micro<const R: usize, E: Elem>(
         x: [*const f32; R],
-        pw: *const f32,
+        pw: *const E,
         k: usize,
     ) -> [[__m256; 2]; R] {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for p in 0..k {
             // SAFETY: p < k.
-            let (w0, w1) = unsafe {
-                (
-                    _mm256_loadu_ps(pw.add(p * NR)),
-                    _mm256_loadu_ps(pw.add(p * NR + 8)),
-                )
-            };
+            let (w0, w1) = unsafe { (E::load8(pw.add(p * NR)), E::load8(pw.add(p * NR + 8))) };
             for r in 0..R {
                 // SAFETY: p < k.
                 let xb = unsafe { _mm256_broadcast_ss(&*x[r].add(p)) };
@@ -211,7 +294,7 @@ mod avx2 {
 
     /// Writes `R` rows of one panel, adding the bias and dropping padding columns.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn store<const R: usize>(
         acc: [[__m256; 2]; R],
         out: *mut f32,
@@ -239,30 +322,34 @@ mod avx2 {
         }
     }
 
-    /// See `super::panels_range`.
+    /// See `super::panels_range`; `data` is the panel storage of an `[n, k]` weight.
     ///
     /// # Safety
-    /// As `super::panels_range`, and the CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn panels_range(
+    /// As `super::panels_range`, `data` must hold the weight's panels, and the
+    /// CPU must support AVX2, FMA and F16C.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn panels_range<E: Elem>(
         x: &[f32],
         m: usize,
-        w: &PackedWeight,
+        data: *const E,
+        n: usize,
+        k: usize,
         lo: usize,
         hi: usize,
         bias: Option<&[f32]>,
         out: *mut f32,
     ) {
-        let (n, k) = (w.n, w.k);
         for panel in lo..hi {
-            let pw = w.data[panel * k * NR..].as_ptr();
+            // SAFETY: panel < panels, so the panel's k * 16 values are in bounds.
+            let pw = unsafe { data.add(panel * k * NR) };
             let col0 = panel * NR;
             let row = |i: usize| x[i * k..].as_ptr();
             let mut i = 0;
             while i + MR <= m {
                 // SAFETY: rows i..i+6 exist; the panel holds k * 16 values.
                 unsafe {
-                    let acc = micro::<MR>(std::array::from_fn(|r| row(i + r)), pw, k);
+                    let acc = micro::<MR, E>(std::array::from_fn(|r| row(i + r)), pw, k);
                     store(acc, out, n, i, col0, bias);
                 }
                 i += MR;
@@ -271,9 +358,9 @@ mod avx2 {
             unsafe {
                 match m - i {
                     0 => {}
-                    1 => store(micro::<1>([row(i)], pw, k), out, n, i, col0, bias),
+                    1 => store(micro::<1, E>([row(i)], pw, k), out, n, i, col0, bias),
                     2 => store(
-                        micro::<2>(std::array::from_fn(|r| row(i + r)), pw, k),
+                        micro::<2, E>(std::array::from_fn(|r| row(i + r)), pw, k),
                         out,
                         n,
                         i,
@@ -281,7 +368,7 @@ mod avx2 {
                         bias,
                     ),
                     3 => store(
-                        micro::<3>(std::array::from_fn(|r| row(i + r)), pw, k),
+                        micro::<3, E>(std::array::from_fn(|r| row(i + r)), pw, k),
                         out,
                         n,
                         i,
@@ -289,7 +376,7 @@ mod avx2 {
                         bias,
                     ),
                     4 => store(
-                        micro::<4>(std::array::from_fn(|r| row(i + r)), pw, k),
+                        micro::<4, E>(std::array::from_fn(|r| row(i + r)), pw, k),
                         out,
                         n,
                         i,
@@ -297,7 +384,7 @@ mod avx2 {
                         bias,
                     ),
                     _ => store(
-                        micro::<5>(std::array::from_fn(|r| row(i + r)), pw, k),
+                        micro::<5, E>(std::array::from_fn(|r| row(i + r)), pw, k),
                         out,
                         n,
                         i,
@@ -354,6 +441,28 @@ mod tests {
             let mut row = vec![];
             p.row_into(n - 1, &mut row);
             assert_eq!(row, &w[(n - 1) * k..]);
+        }
+    }
+
+    #[test]
+    fn f16_panels_match_a_naive_product_of_the_rounded_weights() {
+        for &(m, k, n) in &[(1, 8, 4), (7, 100, 300), (13, 64, 33)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+            let rounded: Vec<f32> = w.iter().map(|&v| f16::from_f32(v).to_f32()).collect();
+            let p = PackedWeight::pack_f16(&w, n, k);
+            assert_eq!(p.size_in_bytes(), n.div_ceil(NR) * NR * k * 2);
+            let mut o = vec![0f32; m * n];
+            matmul_xwt(&x, m, &p, None, &mut o);
+            let want = naive(&x, m, k, &rounded, n);
+            for (a, b) in o.iter().zip(want) {
+                assert!((a - b).abs() < 1e-4, "{m}x{k}x{n}: {a} vs {b}");
+            }
+            let mut row = vec![];
+            p.row_into(n - 1, &mut row);
+            assert_eq!(row, &rounded[(n - 1) * k..]);
+            let s = PackedWeight::stack(&[&p, &p]).unwrap();
+            assert!(s.is_f16() && s.n == 2 * n);
         }
     }
 
