@@ -219,8 +219,8 @@ unsafe fn portable_panels(
             let mut acc = [0f32; NR];
             for p in 0..k {
                 let xv = x[i * k + p];
-                for c in 0..NR {
-                    acc[c] = xv.mul_add(weight(base + p * NR + c), acc[c]);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = xv.mul_add(weight(base + p * NR + c), *a);
                 }
             }
             for (c, v) in acc.iter().enumerate().take(cols) {
