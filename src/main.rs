@@ -180,8 +180,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Generate(args) => generate(args),
         Command::Synth(args) => {
-            let mut spec = llmops::synth::SynthSpec::preset(&args.preset)
-                .with_context(|| format!("unknown preset `{}` (tiny, 26m, 116m)", args.preset))?;
+            let mut spec = llmops::synth::SynthSpec::preset(&args.preset).with_context(|| {
+                format!("unknown preset `{}` (micro, tiny, 26m, 116m)", args.preset)
+            })?;
             spec.seed = args.seed;
             let tok = match &args.tokenizer {
                 Some(p) => {

@@ -120,7 +120,8 @@ impl SynthSpec {
         }
     }
 
-    /// Named presets for benchmarks: `tiny`, `26m`, `116m`.
+    /// Named presets for benchmarks: `micro` (one layer, width 16: the
+    /// engine's cost is negligible, for gateway overhead), `tiny`, `26m`, `116m`.
     pub fn preset(name: &str) -> Option<Self> {
         let llama = |vocab, hidden, inter, layers, heads, kv| Self {
             vocab,
@@ -136,6 +137,15 @@ impl SynthSpec {
             ..Self::tiny_llama()
         };
         match name {
+            "micro" => Some(Self {
+                hidden: 16,
+                intermediate: 32,
+                layers: 1,
+                heads: 2,
+                kv_heads: 1,
+                head_dim: 8,
+                ..Self::tiny_llama()
+            }),
             "tiny" => Some(Self::tiny_llama()),
             // 32000·256·2 + 12·(4·256² + 3·256·768 − 2·256·128) ≈ 26.4M.
             "26m" => Some(llama(32000, 256, 768, 12, 8, 4)),
