@@ -44,6 +44,15 @@ pub struct InferenceService {
     pub limits: Arc<LimitsConfig>,
 }
 
+/// How much earlier than the caller's timeout we end a request: a tenth of
+/// it, at least 5 ms (scheduling jitter) and at most 50 ms, never more than
+/// half of it.
+fn deadline_margin(timeout: Duration) -> Duration {
+    (timeout / 10)
+        .clamp(Duration::from_millis(5), Duration::from_millis(50))
+        .min(timeout / 2)
+}
+
 /// Parses a `grpc-timeout` value (`<digits><unit>`, unit one of H M S m u n).
 pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     if v.len() < 2 || v.len() > 9 {
@@ -123,7 +132,7 @@ impl InferenceService {
         // racing its local cancellation.
         let deadline = metadata_str(req, "grpc-timeout")
             .and_then(parse_grpc_timeout)
-            .map(|d| arrival + d.saturating_sub((d / 10).min(Duration::from_millis(50))));
+            .map(|d| arrival + d - deadline_margin(d));
         let r = req.get_ref();
         let input = match &r.input {
             Some(pb::generate_request::Input::Prompt(p)) => Input::Text(p.clone()),

@@ -232,6 +232,11 @@ impl ModelOps {
                         format!("the model cannot be loaded: {e}"),
                     ))
                 })?;
+            // The load only proved the files work: keep what the record
+            // needs and give the memory back now.
+            let info = loaded.info.clone();
+            drop(loaded);
+            release_freed_memory();
             if let Some(m) = reg.state().models.get(model)
                 && let Some(dup) = m.versions.values().find(|v| v.sha256 == digest)
             {
@@ -246,7 +251,6 @@ impl ModelOps {
                 None => std::fs::read_to_string(PathBuf::from(&req.path).join("README.md"))
                     .unwrap_or_default(),
             };
-            let info = &loaded.info;
             Ok(VersionRecord {
                 sha256: digest,
                 format: serde_json::to_value(info.format)

@@ -32,12 +32,7 @@ impl std::ops::Sub for Counters {
 }
 
 async fn counters(s: &TestServer, model: &str) -> Counters {
-    let text = reqwest::get(s.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     let label = format!("model=\"{model}\"");
     let sum = |name: &str| -> f64 {
         text.lines()

@@ -77,12 +77,7 @@ fn traffic(samples: &[Sample], name: &str, with: &[(&str, &str)]) -> f64 {
 }
 
 async fn scrape(s: &TestServer) -> (String, Vec<Sample>) {
-    let text = reqwest::get(s.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.metrics_text().await;
     let samples = parse(&text);
     (text, samples)
 }
