@@ -1,4 +1,5 @@
-//! Micro-benchmarks (criterion): the engine step at batch 1/8/32, sampling
+//! Micro-benchmarks (criterion): the engine step at batch 1/8/32, the packed
+//! GEMM on the 26M model's shapes, sampling
 //! over a 262k vocabulary, scheduler planning with 1k waiting and 256
 //! running, routing lookups, metric recording.
 //!
@@ -58,6 +59,39 @@ fn engine_step(c: &mut Criterion) {
                 black_box(m.model.forward(&b, &mut kv).expect("step"));
             })
         });
+    }
+    g.finish();
+}
+
+/// The packed GEMM alone on the 26M model's shapes at 32 rows (a batch-32
+/// decode step) and 512 rows (a prefill chunk); throughput is in FLOPs.
+fn gemm(c: &mut Criterion) {
+    llmops::init_process();
+    use llmops::engine::cpu::gemm::{PackedWeight, matmul_xwt};
+    let mut g = c.benchmark_group("gemm");
+    for (name, n, k) in [
+        ("qkv", 512usize, 256usize),
+        ("gate_up", 1536, 256),
+        ("down", 256, 768),
+        ("head", 32000, 256),
+    ] {
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+            .collect();
+        let w = PackedWeight::pack(&w, n, k);
+        for m in [32usize, 512] {
+            if name == "head" && m == 512 {
+                continue; // prefill chunks need logits for one row each
+            }
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i % 31) as f32 - 15.0) / 31.0)
+                .collect();
+            let mut out = vec![0f32; m * n];
+            g.throughput(criterion::Throughput::Elements((2 * m * n * k) as u64));
+            g.bench_function(format!("{name}_{m}x{k}x{n}"), |b| {
+                b.iter(|| matmul_xwt(black_box(&x), m, &w, None, &mut out))
+            });
+        }
     }
     g.finish();
 }
@@ -227,6 +261,6 @@ criterion_group! {
         .sample_size(20)
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = engine_step, sampling, scheduler_plan, routing, metric_recording
+    targets = engine_step, gemm, sampling, scheduler_plan, routing, metric_recording
 }
 criterion_main!(benches);

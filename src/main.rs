@@ -74,6 +74,9 @@ struct BenchArgs {
     /// Keep GGUF blocks quantized (candle's QMatMul) instead of f16 panels.
     #[arg(long)]
     keep_quantized: bool,
+    /// Also report milliseconds per step in each part of the forward pass (CPU).
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(clap::Args)]
@@ -195,6 +198,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::BenchEngine(args) => {
+            llmops::engine::cpu::profile::enable(args.profile);
             let opts = LoadOptions {
                 keep_quantized: args.keep_quantized,
                 ..Default::default()

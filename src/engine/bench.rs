@@ -16,6 +16,10 @@ pub struct DecodeBench {
     pub tokens_per_second: f64,
     /// Mean time per step in milliseconds.
     pub step_ms: f64,
+    /// With `cpu::profile` enabled: milliseconds per step in each part of
+    /// the forward pass (the rest of `step_ms` is argmax and batch building).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub profile_ms: Vec<(&'static str, f64)>,
 }
 
 /// Prefills `batch` prompts of `prompt_len` tokens, then times `steps`
@@ -54,15 +58,16 @@ pub fn decode_throughput(
     for (s, row) in seqs.iter_mut().zip(&logits) {
         s.push(sampling::argmax(row));
     }
+    super::cpu::profile::reset();
     let started = Instant::now();
+    let mut flat = vec![];
     for _ in 0..steps {
         let mut b = Batch::new();
         for (s, t) in seqs.iter().zip(&tables) {
             let pos = s.len() - 1;
             b.push(&s[pos..], pos, t, Logits::Last);
         }
-        let logits = m.model.forward(&b, &mut kv)?;
-        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+        m.model.forward_into(&b, &mut kv, &mut flat)?;
         drop(b);
         let v = flat.len() / batch;
         for (s, row) in seqs.iter_mut().zip(flat.chunks(v)) {
@@ -70,10 +75,16 @@ pub fn decode_throughput(
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    let profile_ms = super::cpu::profile::totals()
+        .into_iter()
+        .filter(|(_, t)| !t.is_zero())
+        .map(|(name, t)| (name, t.as_secs_f64() * 1e3 / steps as f64))
+        .collect();
     Ok(DecodeBench {
         batch,
         steps,
         tokens_per_second: (batch * steps) as f64 / secs,
         step_ms: secs * 1e3 / steps as f64,
+        profile_ms,
     })
 }

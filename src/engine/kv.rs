@@ -7,6 +7,9 @@
 
 use rayon::prelude::*;
 
+use super::cpu::attn;
+#[cfg(target_arch = "x86_64")]
+use super::cpu::attn::Run;
 use super::{Error, Result};
 
 /// Hands out block ids. Knows nothing of tensors, so the scheduler can plan
@@ -260,6 +263,8 @@ impl LayerKv {
         out.clear();
         out.resize(q.len(), 0.0);
         let stride = shape.block_stride();
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+        let fast = attn::supported(d);
         out.par_chunks_mut(group * d)
             .enumerate()
             .with_min_len(4)
@@ -294,18 +299,47 @@ impl LayerKv {
                             j = end;
                         }
                     };
+                    #[cfg(target_arch = "x86_64")]
+                    if fast {
+                        RUNS.with(|cell| {
+                            let mut runs = cell.borrow_mut();
+                            runs.clear();
+                            let mut j = lo;
+                            while j <= pos {
+                                let (b, slot) = (j / bs, j % bs);
+                                let end = (pos + 1).min((b + 1) * bs);
+                                let block = seq.blocks[b] as usize;
+                                // The kernels read whole runs unchecked.
+                                assert!((block + 1) * stride <= self.k.len(), "block id");
+                                runs.push(Run {
+                                    base: block * stride + (g * bs + slot) * d,
+                                    len: end - j,
+                                    first: j - lo,
+                                });
+                                j = end;
+                            }
+                            for h in 0..group {
+                                let (q, s) =
+                                    (&qs[h * d..(h + 1) * d], &mut scores[h * n..(h + 1) * n]);
+                                // SAFETY: `fast` checked the CPU and d; every run lies
+                                // inside its block, which lies inside `k` (asserted).
+                                unsafe { attn::scores(q, &self.k, &runs, d, s) };
+                            }
+                            finish_scores(scores, n, group, params.softcap);
+                            // SAFETY: as above, for `v` (same layout and length).
+                            unsafe {
+                                attn::weighted_values(scores, n, &self.v, &runs, d, group, out)
+                            };
+                        });
+                        return;
+                    }
                     for_each_pos(&mut |idx, base| {
                         let kj = &self.k[base..base + d];
                         for h in 0..group {
                             scores[h * n + idx] = dot(&qs[h * d..(h + 1) * d], kj);
                         }
                     });
-                    if let Some(cap) = params.softcap {
-                        scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
-                    }
-                    for h in 0..group {
-                        softmax_in_place(&mut scores[h * n..(h + 1) * n]);
-                    }
+                    finish_scores(scores, n, group, params.softcap);
                     for_each_pos(&mut |idx, base| {
                         let vj = &self.v[base..base + d];
                         for h in 0..group {
@@ -333,6 +367,19 @@ pub fn row_owners(seqs: &[SeqView<'_>], rows: usize, out: &mut Vec<(u32, u32)>) 
 thread_local! {
     /// Per-worker score buffer, reused across tasks and steps.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-worker list of contiguous position runs, reused likewise.
+    #[cfg(target_arch = "x86_64")]
+    static RUNS: std::cell::RefCell<Vec<Run>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Soft-caps (when asked) and normalises each head's `n` scores.
+fn finish_scores(scores: &mut [f32], n: usize, group: usize, softcap: Option<f32>) {
+    if let Some(cap) = softcap {
+        scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+    }
+    for h in 0..group {
+        softmax_in_place(&mut scores[h * n..(h + 1) * n]);
+    }
 }
 
 /// Dot product with eight independent accumulators, which the compiler turns
@@ -371,7 +418,9 @@ pub fn exp_fast(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let bits = ((n as i32 + 127) as u32) << 23;
+    // SAFETY: x is clamped to [-87, 88], so n is an integer in [-126, 127].
+    let n_i = unsafe { n.to_int_unchecked::<i32>() };
+    let bits = ((n_i + 127) as u32) << 23;
     p * f32::from_bits(bits)
 }
 

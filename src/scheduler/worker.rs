@@ -56,6 +56,8 @@ struct Worker {
     next_id: u64,
     /// Exponentially weighted tokens per second, for retry-after estimates.
     throughput: f64,
+    /// The step's logits, reused from step to step.
+    logits: Vec<f32>,
 }
 
 pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: Arc<Shared>) {
@@ -78,6 +80,7 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
         tokenizer,
         next_id: 0,
         throughput: 0.0,
+        logits: vec![],
     };
     let mut drain_deadline: Option<Instant> = None;
     let mut disconnected = false;
@@ -335,25 +338,22 @@ impl Worker {
                 rows += 1;
             }
         }
-        let result = model
-            .forward(&batch, kv)
-            .and_then(|l| Ok(l.flatten_all()?.to_vec1::<f32>()?));
+        let mut flat = std::mem::take(&mut self.logits);
+        let result = model.forward_into(&batch, kv, &mut flat);
         drop(batch);
         state.advance(&plan);
-        let mut flat = match result {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::error!(error = %e, "forward pass failed");
-                let msg = format!("the engine failed: {e}");
-                for entry in &plan.entries {
-                    state.running[entry.index].payload.failed = Some(msg.clone());
-                }
-                for mut s in state.remove_where(|s| s.payload.failed.is_some()) {
-                    self.finish(&mut s);
-                }
-                return;
+        if let Err(e) = result {
+            self.logits = flat;
+            tracing::error!(error = %e, "forward pass failed");
+            let msg = format!("the engine failed: {e}");
+            for entry in &plan.entries {
+                state.running[entry.index].payload.failed = Some(msg.clone());
             }
-        };
+            for mut s in state.remove_where(|s| s.payload.failed.is_some()) {
+                self.finish(&mut s);
+            }
+            return;
+        }
         let vocab = flat.len().checked_div(rows).unwrap_or(0);
         let mut slots: Vec<Option<&mut [f32]>> = vec![];
         slots.resize_with(state.running.len(), || None);
@@ -387,6 +387,7 @@ impl Worker {
                 }
             });
         drop(slots);
+        self.logits = flat;
         let done =
             state.remove_where(|s| s.payload.finished.is_some() || s.payload.failed.is_some());
         for mut s in done {

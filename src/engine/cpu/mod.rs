@@ -6,14 +6,15 @@
 //! depends only on that row and its own sequence's cache, never on what else
 //! is in the batch.
 
+pub mod attn;
 pub mod gemm;
-
-use candle_core::{Device, Tensor};
+pub mod profile;
 
 use super::config::{Activation, RopeStyle};
 use super::kv::{AttnParams, KvCache, exp_fast};
 use super::model::{Batch, GateUp, Model, Qkv};
 use super::{Error, Result};
+use profile::{Laps, Op};
 
 /// Activation buffers of one step, kept between steps.
 #[derive(Default)]
@@ -127,7 +128,12 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
 }
 
 /// One step on the CPU. See [`Model::forward`].
-pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<Tensor> {
+pub(crate) fn forward(
+    m: &Model,
+    batch: &Batch<'_>,
+    kv: &mut KvCache,
+    logits: &mut Vec<f32>,
+) -> Result<()> {
     let cfg = &m.cfg;
     let t = batch.len();
     let (d, hq, hk, hidden) = (
@@ -138,6 +144,7 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
     );
     let eps = cfg.rms_norm_eps as f32;
     let shape = kv.shape();
+    let mut laps = Laps::start();
     {
         let s = &mut kv.scratch;
         m.embed.gather_host(&batch.tokens, &mut s.x)?;
@@ -167,9 +174,11 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
             debug_assert_eq!(cos.len(), t * half);
         }
     }
+    laps.lap(Op::Setup);
     for (li, layer) in m.layers.iter().enumerate() {
         let (cache, s) = kv.split(li)?;
         rms_norm(&s.x, &layer.attn_norm.host, eps, &mut s.h);
+        laps.lap(Op::Norm);
         match &layer.qkv {
             Qkv::Fused(f) => {
                 f.forward_host(&s.h, t, &mut s.qkv)?;
@@ -184,14 +193,18 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
                 v.forward_host(&s.h, t, &mut s.v)?;
             }
         }
+        laps.lap(Op::Qkv);
         if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
             rms_norm_in_place(&mut s.q, &qn.host, eps);
             rms_norm_in_place(&mut s.k, &kn.host, eps);
+            laps.lap(Op::Norm);
         }
         let (cos, sin) = &s.rope[layer.rope];
         rope(&mut s.q, hq, d, cos, sin, cfg.rope_style);
         rope(&mut s.k, hk, d, cos, sin, cfg.rope_style);
+        laps.lap(Op::Rope);
         cache.write(&shape, &batch.seqs, &s.k, &s.v)?;
+        laps.lap(Op::KvWrite);
         let params = AttnParams {
             heads: hq,
             scale: cfg.attn_scale as f32,
@@ -199,13 +212,18 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
             softcap: cfg.attn_logit_softcapping.map(|c| c as f32),
         };
         cache.attend(&shape, &batch.seqs, &s.owner, &s.q, params, &mut s.attn)?;
+        laps.lap(Op::Attention);
         layer.o.forward_host(&s.attn, t, &mut s.y)?;
+        laps.lap(Op::O);
         if let Some(n) = &layer.post_attn_norm {
             rms_norm_in_place(&mut s.y, &n.host, eps);
         }
+        laps.lap(Op::Norm);
         add_in_place(&mut s.x, &s.y);
+        laps.lap(Op::Residual);
 
         rms_norm(&s.x, &layer.ffn_norm.host, eps, &mut s.h);
+        laps.lap(Op::Norm);
         let inter = cfg.intermediate_size;
         s.act.clear();
         s.act.resize(t * inter, 0.0);
@@ -220,6 +238,7 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
                 Some(())
             }
         };
+        laps.lap(Op::GateUp);
         // Rows of (gate, up) pairs, fused or from two buffers.
         for r in 0..t {
             let (g, u) = match gate_and_up {
@@ -235,20 +254,21 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
                 Activation::GeluTanh => gated(g, u, out, gelu_tanh),
             }
         }
+        laps.lap(Op::Activation);
         layer.down.forward_host(&s.act, t, &mut s.y)?;
+        laps.lap(Op::Down);
         if let Some(n) = &layer.post_ffn_norm {
             rms_norm_in_place(&mut s.y, &n.host, eps);
         }
+        laps.lap(Op::Norm);
         add_in_place(&mut s.x, &s.y);
+        laps.lap(Op::Residual);
     }
     let s = &mut kv.scratch;
     let rows = batch.logit_rows.len();
     if rows == 0 {
-        return Ok(Tensor::zeros(
-            (0, cfg.vocab_size),
-            candle_core::DType::F32,
-            &Device::Cpu,
-        )?);
+        logits.clear();
+        return Ok(());
     }
     s.h.clear();
     for &r in &batch.logit_rows {
@@ -262,6 +282,7 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
             .iter_mut()
             .for_each(|l| *l = cap * (*l / cap).tanh());
     }
-    let vocab = m.lm_head.out_features();
-    Ok(Tensor::from_slice(&s.logits, (rows, vocab), &Device::Cpu)?)
+    laps.lap(Op::Head);
+    std::mem::swap(logits, &mut s.logits);
+    Ok(())
 }

@@ -1,0 +1,276 @@
+//! AVX2 kernels for attention over one sequence's paged keys and values.
+//!
+//! The caller walks a sequence's visible positions as *runs*: positions
+//! whose keys (and values) are contiguous in one cache block, `head_dim`
+//! floats apart. Scores are computed eight positions at a time (eight FMA
+//! chains over the head dimension, then one transposing horizontal sum), so
+//! no per-score horizontal reduction is paid; the value sum keeps its
+//! accumulators in registers across every position of the sequence.
+//!
+//! Both kernels only read this sequence's cache and write this row's output,
+//! so a row's result does not depend on what else is in the batch.
+
+/// Contiguous visible positions: cache offset of the first one's key/value
+/// row, how many, and the index of the first one's score.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    /// Offset of the first position's row in the layer's key/value arrays.
+    pub base: usize,
+    /// Positions in the run.
+    pub len: usize,
+    /// Index of the first position among the row's visible positions.
+    pub first: usize,
+}
+
+/// Whether these kernels can run here for `head_dim`.
+pub fn supported(head_dim: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        head_dim.is_multiple_of(8)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = head_dim;
+        false
+    }
+}
+
+/// `scores[idx] = q · k[idx]` for every visible position.
+///
+/// # Safety
+/// [`supported`] must hold for `d`; every run's rows must lie in `keys`;
+/// `q` holds `d` values and `scores` one slot per visible position.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn scores(q: &[f32], keys: &[f32], runs: &[Run], d: usize, scores: &mut [f32]) {
+    // SAFETY: forwarded from the caller.
+    unsafe { avx2::scores(q, keys, runs, d, scores) }
+}
+
+/// `out[h] = Σ p[h][idx] · v[idx]` for `heads` heads whose probabilities are
+/// `n` apart in `p` and whose outputs are `d` apart in `out`.
+///
+/// # Safety
+/// As [`scores`], for `values`; `p` holds `heads * n` and `out` `heads * d`.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn weighted_values(
+    p: &[f32],
+    n: usize,
+    values: &[f32],
+    runs: &[Run],
+    d: usize,
+    heads: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { avx2::weighted_values(p, n, values, runs, d, heads, out) }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::Run;
+
+    /// Lane `i` of the result is the sum of the lanes of `a[i]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum8(a: [__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+        let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+        _mm256_add_ps(lo, hi)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn scores(q: &[f32], keys: &[f32], runs: &[Run], d: usize, out: &mut [f32]) {
+        let kp = keys.as_ptr();
+        let qp = q.as_ptr();
+        for run in runs {
+            let mut i = 0;
+            while i < run.len {
+                let take = (run.len - i).min(8);
+                // Lanes past the run's end re-read its first row; their sums are dropped.
+                let rows: [*const f32; 8] = std::array::from_fn(|j| {
+                    let j = if j < take { i + j } else { i };
+                    // SAFETY: the run's rows lie in `keys` (caller).
+                    unsafe { kp.add(run.base + j * d) }
+                });
+                let mut acc = [_mm256_setzero_ps(); 8];
+                let mut c = 0;
+                while c < d {
+                    // SAFETY: c + 8 <= d (d is a multiple of 8); rows hold d values.
+                    unsafe {
+                        let qv = _mm256_loadu_ps(qp.add(c));
+                        for (a, r) in acc.iter_mut().zip(rows) {
+                            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r.add(c)), *a);
+                        }
+                    }
+                    c += 8;
+                }
+                let mut lanes = [0f32; 8];
+                // SAFETY: lanes holds 8 values.
+                unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), hsum8(acc)) };
+                let at = run.first + i;
+                out[at..at + take].copy_from_slice(&lanes[..take]);
+                i += take;
+            }
+        }
+    }
+
+    /// `G` heads × `W` vectors of one `8W`-wide slice of the head dimension,
+    /// accumulated in registers over every visible position.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn slice<const G: usize, const W: usize>(
+        p: &[f32],
+        n: usize,
+        values: *const f32,
+        runs: &[Run],
+        d: usize,
+        c0: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); W]; G];
+        for run in runs {
+            for i in 0..run.len {
+                // SAFETY: the run's rows lie in `values` and c0 + 8W <= d (caller).
+                let row = unsafe { values.add(run.base + i * d + c0) };
+                let v: [__m256; W] =
+                    std::array::from_fn(|w| unsafe { _mm256_loadu_ps(row.add(w * 8)) });
+                let idx = run.first + i;
+                for (g, a) in acc.iter_mut().enumerate() {
+                    let pb = _mm256_set1_ps(p[g * n + idx]);
+                    for (aw, vw) in a.iter_mut().zip(v) {
+                        *aw = _mm256_fmadd_ps(pb, vw, *aw);
+                    }
+                }
+            }
+        }
+        for (g, a) in acc.iter().enumerate() {
+            let o = &mut out[g * d + c0..g * d + c0 + 8 * W];
+            for (w, aw) in a.iter().enumerate() {
+                // SAFETY: o holds 8W values.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(w * 8), *aw) };
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn weighted_values(
+        p: &[f32],
+        n: usize,
+        values: &[f32],
+        runs: &[Run],
+        d: usize,
+        heads: usize,
+        out: &mut [f32],
+    ) {
+        let vp = values.as_ptr();
+        let mut h = 0;
+        while h < heads {
+            // Heads in groups of 4, 2, 1; each group's slice as wide as 8
+            // accumulators allow and the head dimension divides.
+            let g = match heads - h {
+                4.. => 4,
+                2 | 3 => 2,
+                _ => 1,
+            };
+            let lanes = d / 8;
+            let w = [8usize, 4, 2, 1]
+                .into_iter()
+                .find(|&w| w * g <= 8 && lanes.is_multiple_of(w))
+                .unwrap_or(1);
+            let (p, out) = (&p[h * n..], &mut out[h * d..]);
+            let mut c0 = 0;
+            while c0 < d {
+                // SAFETY: c0 + 8w <= d because w divides d / 8; the rest is the caller's.
+                unsafe {
+                    match (g, w) {
+                        (4, 2) => slice::<4, 2>(p, n, vp, runs, d, c0, out),
+                        (4, _) => slice::<4, 1>(p, n, vp, runs, d, c0, out),
+                        (2, 4) => slice::<2, 4>(p, n, vp, runs, d, c0, out),
+                        (2, 2) => slice::<2, 2>(p, n, vp, runs, d, c0, out),
+                        (2, _) => slice::<2, 1>(p, n, vp, runs, d, c0, out),
+                        (_, 8) => slice::<1, 8>(p, n, vp, runs, d, c0, out),
+                        (_, 4) => slice::<1, 4>(p, n, vp, runs, d, c0, out),
+                        (_, 2) => slice::<1, 2>(p, n, vp, runs, d, c0, out),
+                        _ => slice::<1, 1>(p, n, vp, runs, d, c0, out),
+                    }
+                }
+                c0 += 8 * w;
+            }
+            h += g;
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Runs over a flat key/value array: lengths that cross 8-lane blocks,
+    /// and gaps between runs (as between cache blocks).
+    fn layout(lens: &[usize], d: usize) -> (Vec<Run>, usize) {
+        let (mut runs, mut base, mut first) = (vec![], d * 3, 0);
+        for &len in lens {
+            runs.push(Run { base, len, first });
+            base += (len + 5) * d;
+            first += len;
+        }
+        (runs, base)
+    }
+
+    #[test]
+    fn kernels_match_plain_loops() {
+        for d in [8, 32, 64, 256] {
+            if !supported(d) {
+                return;
+            }
+            for heads in 1..=7 {
+                let (runs, size) = layout(&[1, 7, 16, 3, 9], d);
+                let n: usize = runs.iter().map(|r| r.len).sum();
+                let keys: Vec<f32> = (0..size).map(|i| (i as f32 * 0.37).sin()).collect();
+                let values: Vec<f32> = (0..size).map(|i| (i as f32 * 0.11).cos()).collect();
+                let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.7).cos()).collect();
+                let mut got = vec![0f32; n];
+                // SAFETY: the CPU supports the kernels and every run lies in `keys`.
+                unsafe { scores(&q, &keys, &runs, d, &mut got) };
+                let rows = || {
+                    runs.iter()
+                        .flat_map(|r| (0..r.len).map(move |i| (r.first + i, r.base + i * d)))
+                };
+                for (idx, base) in rows() {
+                    let want: f32 = (0..d).map(|c| q[c] * keys[base + c]).sum();
+                    assert!(
+                        (got[idx] - want).abs() < 1e-4,
+                        "d {d}: {} vs {want}",
+                        got[idx]
+                    );
+                }
+                let p: Vec<f32> = (0..heads * n).map(|i| (i as f32 * 0.3).sin()).collect();
+                let mut out = vec![0f32; heads * d];
+                // SAFETY: as above, for `values`; p and out have the documented sizes.
+                unsafe { weighted_values(&p, n, &values, &runs, d, heads, &mut out) };
+                for h in 0..heads {
+                    for c in 0..d {
+                        let want: f32 = rows()
+                            .map(|(idx, base)| p[h * n + idx] * values[base + c])
+                            .sum();
+                        let got = out[h * d + c];
+                        assert!(
+                            (got - want).abs() < 1e-4,
+                            "d {d} heads {heads}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
