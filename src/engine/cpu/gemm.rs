@@ -277,9 +277,14 @@ mod avx2 {
         x: [*const f32; R],
         pw: *const E,
         k: usize,
+        prefetch: Prefetch<E>,
     ) -> [[__m256; 2]; R] {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for p in 0..k {
+            if p < prefetch.steps {
+                // SAFETY: a prefetch never faults; the address is in the next panel anyway.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(prefetch.at.add(p * NR) as *const i8) };
+            }
             // SAFETY: p < k.
             let (w0, w1) = unsafe { (E::load8(pw.add(p * NR)), E::load8(pw.add(p * NR + 8))) };
             for r in 0..R {
@@ -322,7 +327,47 @@ mod avx2 {
         }
     }
 
+    /// Part of the next panel to pull into cache while this one computes:
+    /// one step of `k` per iteration, `steps` of them from `at`.
+    #[derive(Clone, Copy)]
+    struct Prefetch<E> {
+        at: *const E,
+        steps: usize,
+    }
+
+    /// Row blocks covering `m` rows: blocks of 6, except that a short tail
+    /// (1–3 rows, too few FMA chains to hide the FMA latency) is merged
+    /// with the last full block and split in two (7 → 4 + 3, 8 → 4 + 4,
+    /// 9 → 5 + 4). Every output is still one FMA chain over `k` in order,
+    /// so results do not depend on the blocking.
+    fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
+        let full = m / MR;
+        let tail = m % MR;
+        let (plain, split) = if (1..4).contains(&tail) && full > 0 {
+            (full - 1, MR + tail)
+        } else {
+            (full, tail)
+        };
+        let parts = if split > MR {
+            [split - split / 2, split / 2]
+        } else {
+            [split, 0]
+        };
+        (0..plain)
+            .map(|_| MR)
+            .chain(parts.into_iter().filter(|&r| r > 0))
+            .scan(0, |row, r| {
+                let at = *row;
+                *row += r;
+                Some((at, r))
+            })
+    }
+
     /// See `super::panels_range`; `data` is the panel storage of an `[n, k]` weight.
+    ///
+    /// While a panel computes, the next one is prefetched, spread over the
+    /// panel's row blocks: weights come from memory once per step and the
+    /// hardware prefetcher does not see a panel's first pass coming.
     ///
     /// # Safety
     /// As `super::panels_range`, `data` must hold the weight's panels, and the
@@ -340,57 +385,55 @@ mod avx2 {
         bias: Option<&[f32]>,
         out: *mut f32,
     ) {
+        let blocks = row_blocks(m).count();
+        let share = k.div_ceil(blocks.max(1));
+        let panels = n.div_ceil(NR);
         for panel in lo..hi {
             // SAFETY: panel < panels, so the panel's k * 16 values are in bounds.
             let pw = unsafe { data.add(panel * k * NR) };
             let col0 = panel * NR;
             let row = |i: usize| x[i * k..].as_ptr();
-            let mut i = 0;
-            while i + MR <= m {
-                // SAFETY: rows i..i+6 exist; the panel holds k * 16 values.
-                unsafe {
-                    let acc = micro::<MR, E>(std::array::from_fn(|r| row(i + r)), pw, k);
-                    store(acc, out, n, i, col0, bias);
+            for (b, (i, r)) in row_blocks(m).enumerate() {
+                let start = (b * share).min(k);
+                let prefetch = if panel + 1 < panels {
+                    Prefetch {
+                        // SAFETY: panel + 1 < panels, start <= k: inside the next panel.
+                        at: unsafe { data.add(((panel + 1) * k + start) * NR) },
+                        steps: share.min(k - start),
+                    }
+                } else {
+                    Prefetch {
+                        at: pw,
+                        steps: 0,
+                    }
+                };
+                macro_rules! block {
+                    ($r:literal) => {
+                        // SAFETY: rows i..i+r exist; the panel holds k * 16 values.
+                        unsafe {
+                            store(
+                                micro::<$r, E>(
+                                    std::array::from_fn(|j| row(i + j)),
+                                    pw,
+                                    k,
+                                    prefetch,
+                                ),
+                                out,
+                                n,
+                                i,
+                                col0,
+                                bias,
+                            )
+                        }
+                    };
                 }
-                i += MR;
-            }
-            // SAFETY: as above, for the remaining rows.
-            unsafe {
-                match m - i {
-                    0 => {}
-                    1 => store(micro::<1, E>([row(i)], pw, k), out, n, i, col0, bias),
-                    2 => store(
-                        micro::<2, E>(std::array::from_fn(|r| row(i + r)), pw, k),
-                        out,
-                        n,
-                        i,
-                        col0,
-                        bias,
-                    ),
-                    3 => store(
-                        micro::<3, E>(std::array::from_fn(|r| row(i + r)), pw, k),
-                        out,
-                        n,
-                        i,
-                        col0,
-                        bias,
-                    ),
-                    4 => store(
-                        micro::<4, E>(std::array::from_fn(|r| row(i + r)), pw, k),
-                        out,
-                        n,
-                        i,
-                        col0,
-                        bias,
-                    ),
-                    _ => store(
-                        micro::<5, E>(std::array::from_fn(|r| row(i + r)), pw, k),
-                        out,
-                        n,
-                        i,
-                        col0,
-                        bias,
-                    ),
+                match r {
+                    1 => block!(1),
+                    2 => block!(2),
+                    3 => block!(3),
+                    4 => block!(4),
+                    5 => block!(5),
+                    _ => block!(6),
                 }
             }
         }
