@@ -319,9 +319,18 @@ impl Shared {
     /// Sends one request and records it; true when the connection was refused.
     async fn one(self: &Arc<Self>, t: Ticket) -> bool {
         let spec = self.workload.request(t.index, self.chat);
+        let sent = Instant::now();
         let outcome = self.client.send(&spec).await;
         let refused = matches!(&outcome, Err(f) if f.kind == "connect");
         let mut c = lock(&self.collector);
+        if let (Some(ms), Some(window)) = (self.measure_start(), self.cfg.duration_s) {
+            let sent_s = if sent >= ms {
+                (sent - ms).as_secs_f64()
+            } else {
+                -(ms - sent).as_secs_f64()
+            };
+            c.window(sent_s, window, &outcome);
+        }
         match (t.offset, self.measure_start()) {
             (Some(offset), Some(ms)) => c.record(
                 offset,

@@ -50,6 +50,13 @@ pub struct Report {
     pub output_tokens: u64,
     /// Generated tokens per second.
     pub output_tokens_per_s: f64,
+    /// Steady-state throughput of a duration-bound run: generated tokens
+    /// that reached the client during the measured window (any request's,
+    /// warm-up ones included) per second of the window. Unlike
+    /// `output_tokens_per_s` it does not count the drain at the end, when
+    /// concurrency falls, so it is the figure to compare servers by when a
+    /// request lasts a fair part of the window.
+    pub window_output_tokens_per_s: Option<f64>,
     /// Finished requests whose server reported no usage (tokens counted from chunks).
     pub usage_missing: u64,
     /// Time to first token.
@@ -76,7 +83,11 @@ pub struct Report {
 }
 
 fn per_s(n: u64, s: f64) -> f64 {
-    if s > 0.0 { n as f64 / s } else { 0.0 }
+    per_s_f(n as f64, s)
+}
+
+fn per_s_f(n: f64, s: f64) -> f64 {
+    if s > 0.0 { n / s } else { 0.0 }
 }
 
 impl Report {
@@ -99,6 +110,7 @@ impl Report {
             prompt_tokens: c.prompt_tokens,
             output_tokens: c.output_tokens,
             output_tokens_per_s: per_s(c.output_tokens, duration_s),
+            window_output_tokens_per_s: cfg.duration_s.map(|w| per_s_f(c.window_tokens, w)),
             usage_missing: c.usage_missing,
             ttft: Latency::from_hist(&c.ttft),
             itl: Latency::from_hist(&c.itl),
@@ -172,6 +184,12 @@ impl Report {
                 String::new()
             }
         );
+        if let Some(w) = self.window_output_tokens_per_s {
+            let _ = writeln!(
+                s,
+                "steady    {w:.1} output tok/s inside the measured window (any request's tokens)"
+            );
+        }
         let _ = writeln!(
             s,
             "{:<12}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}",

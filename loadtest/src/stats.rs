@@ -152,6 +152,9 @@ pub struct Collector {
     pub warmup: Warmup,
     /// Offset (from the end of warm-up) of the last measured request's end.
     pub last_end: Option<Duration>,
+    /// Generated tokens that reached the client inside the window (from the
+    /// end of warm-up, `window_s` long), from any request, warm-up or not.
+    pub window_tokens: f64,
     seconds: Vec<SecondAcc>,
 }
 
@@ -171,6 +174,7 @@ impl Default for Collector {
             error_examples: BTreeMap::new(),
             warmup: Warmup::default(),
             last_end: None,
+            window_tokens: 0.0,
             seconds: vec![],
         }
     }
@@ -188,6 +192,26 @@ impl Collector {
             self.seconds.resize_with(s + 1, SecondAcc::default);
         }
         &mut self.seconds[s]
+    }
+
+    /// Counts the tokens of a request sent at `sent_s` (seconds from the end
+    /// of warm-up; negative for warm-up requests) that arrived inside the
+    /// window `[0, window_s]`. Token arrival times are rebuilt from the time
+    /// to first token and the gaps; a chunk carrying several tokens counts
+    /// for its share of the request's total.
+    pub fn window(&mut self, sent_s: f64, window_s: f64, outcome: &Outcome) {
+        let Ok(s) = outcome else { return };
+        let Some(ttft) = s.ttft else { return };
+        let chunks = s.itl.len() + 1;
+        let per_chunk = s.output_tokens as f64 / chunks as f64;
+        let mut t = sent_s + ttft.as_secs_f64();
+        let inside = |t: f64| (0.0..=window_s).contains(&t);
+        let mut n = usize::from(inside(t));
+        for gap in &s.itl {
+            t += gap.as_secs_f64();
+            n += usize::from(inside(t));
+        }
+        self.window_tokens += n as f64 * per_chunk;
     }
 
     /// Records a warm-up request's outcome.
@@ -376,5 +400,38 @@ mod tests {
         assert_eq!((tl[2].ok, tl[2].failed, tl[2].during), (1, 1, true));
         assert!(!tl[0].during);
         assert!((c.last_end.unwrap().as_secs_f64() - 2.95).abs() < 1e-6);
+    }
+
+    #[test]
+    fn window_counts_only_tokens_that_arrive_inside_it() {
+        let mut c = Collector::default();
+        let req = |ttft_ms: u64, gaps: usize, tokens: u64| -> Outcome {
+            Ok(Success {
+                ttft: Some(Duration::from_millis(ttft_ms)),
+                itl: vec![Duration::from_millis(100); gaps],
+                tpot: None,
+                e2e: Duration::from_secs(2),
+                prompt_tokens: 4,
+                output_tokens: tokens,
+                usage_reported: true,
+            })
+        };
+        // Sent 0.55 s before the window: tokens at -0.45, -0.35, ..., 0.45 s → 5 inside.
+        c.window(-0.55, 1.0, &req(100, 9, 10));
+        assert_eq!(c.window_tokens, 5.0);
+        // Sent at 0.75 s: tokens at 0.85, 0.95, 1.05 → 2 inside; two tokens per chunk.
+        c.window(0.75, 1.0, &req(100, 2, 6));
+        assert_eq!(c.window_tokens, 9.0);
+        // Failures and empty streams count nothing.
+        c.window(
+            0.1,
+            1.0,
+            &Err(Failure {
+                kind: "timeout".into(),
+                message: String::new(),
+                elapsed: Duration::ZERO,
+            }),
+        );
+        assert_eq!(c.window_tokens, 9.0);
     }
 }

@@ -402,10 +402,7 @@ mod avx2 {
                         steps: share.min(k - start),
                     }
                 } else {
-                    Prefetch {
-                        at: pw,
-                        steps: 0,
-                    }
+                    Prefetch { at: pw, steps: 0 }
                 };
                 macro_rules! block {
                     ($r:literal) => {
