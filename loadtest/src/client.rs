@@ -24,7 +24,7 @@ pub mod pb {
 pub struct Success {
     /// Send → first generated token (none when nothing was generated).
     pub ttft: Option<Duration>,
-    /// Gaps between consecutive token-bearing chunks.
+    /// Gaps between consecutive token-bearing chunks (see `sse::Chunk::token`).
     pub itl: Vec<Duration>,
     /// (last token − first token) / (tokens − 1), when there are at least 2.
     pub tpot: Option<Duration>,
@@ -243,7 +243,7 @@ impl Client {
                 if let Some(e) = c.error {
                     return Err(("stream_error".into(), truncate(&e, 300)));
                 }
-                if c.text_len > 0 {
+                if c.token {
                     t.token(1);
                 }
                 finished |= c.finished;

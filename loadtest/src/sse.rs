@@ -71,6 +71,11 @@ pub struct Chunk {
     pub done: bool,
     /// Generated text in this chunk (all choices).
     pub text_len: usize,
+    /// The chunk reports a generated token: it carries text, or an empty
+    /// `text` / `delta.content` that is neither the finishing chunk nor a
+    /// chat role announcement (some servers stream one chunk per token even
+    /// when the token's text is held back or empty).
+    pub token: bool,
     /// Some choice carries a finish reason.
     pub finished: bool,
     /// `usage.prompt_tokens`, when present.
@@ -108,10 +113,11 @@ impl Chunk {
                         .and_then(|d| d.get("content"))
                         .and_then(Value::as_str)
                 });
+                let finishing = ch.get("finish_reason").is_some_and(|f| !f.is_null());
+                let role = ch.get("delta").and_then(|d| d.get("role")).is_some();
                 c.text_len += text.map(str::len).unwrap_or(0);
-                if ch.get("finish_reason").is_some_and(|f| !f.is_null()) {
-                    c.finished = true;
-                }
+                c.token |= text.is_some_and(|t| !t.is_empty() || (!finishing && !role));
+                c.finished |= finishing;
             }
         }
         if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
@@ -197,5 +203,29 @@ mod tests {
         assert_eq!(c.error.as_deref(), Some("boom"));
         assert!(Chunk::parse("[DONE]").unwrap().done);
         assert!(Chunk::parse("not json").is_err());
+    }
+
+    #[test]
+    fn empty_token_chunks_count_but_finish_and_role_chunks_do_not() {
+        let token = |data: &str| Chunk::parse(data).unwrap().token;
+        assert!(token(r#"{"choices":[{"text":"","finish_reason":null}]}"#));
+        assert!(token(
+            r#"{"choices":[{"text":"hi","finish_reason":"length"}]}"#
+        ));
+        assert!(!token(
+            r#"{"choices":[{"text":"","finish_reason":"length"}]}"#
+        ));
+        assert!(token(
+            r#"{"choices":[{"delta":{"content":""},"finish_reason":null}]}"#
+        ));
+        assert!(!token(
+            r#"{"choices":[{"delta":{"role":"assistant","content":""}}]}"#
+        ));
+        assert!(!token(
+            r#"{"choices":[{"delta":{"role":"assistant","content":null}}]}"#
+        ));
+        assert!(!token(
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#
+        ));
     }
 }
