@@ -74,6 +74,9 @@ struct BenchArgs {
     /// Keep GGUF blocks quantized (candle's QMatMul) instead of f16 panels.
     #[arg(long)]
     keep_quantized: bool,
+    /// Hold GGUF block-quantized matrices as int8 panels instead of f16 (CPU).
+    #[arg(long)]
+    int8_panels: bool,
     /// Also report milliseconds per step in each part of the forward pass (CPU).
     #[arg(long)]
     profile: bool,
@@ -201,6 +204,7 @@ fn main() -> anyhow::Result<()> {
             llmops::engine::cpu::profile::enable(args.profile);
             let opts = LoadOptions {
                 keep_quantized: args.keep_quantized,
+                int8_panels: args.int8_panels,
                 ..Default::default()
             };
             let m = match &args.model {

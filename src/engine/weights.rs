@@ -14,7 +14,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::Arch;
-use super::cpu::gemm::PackedWeight;
+use super::cpu::gemm::{PackedWeight, PanelFormat};
 use super::{Error, Result};
 
 /// Storage of a linear layer's weight.
@@ -65,8 +65,8 @@ impl Linear {
         })
     }
 
-    /// A host layer with f16 panels from an f32 `[out, in]` weight on the CPU.
-    fn host_f16(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+    /// A host layer with f16 or int8 panels from an f32 `[out, in]` weight on the CPU.
+    fn host_packed(weight: &Tensor, bias: Option<Tensor>, format: PanelFormat) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         let rows = weight
             .flatten_all()?
@@ -77,7 +77,12 @@ impl Linear {
             None => None,
         };
         let mut l = Linear::host(
-            Arc::new(PackedWeight::pack_f16(&rows, out_features, in_features)),
+            Arc::new(PackedWeight::pack_as(
+                &rows,
+                out_features,
+                in_features,
+                format,
+            )),
             out_features,
             in_features,
             bias_host,
@@ -437,6 +442,8 @@ pub struct WeightSource {
     naming: Naming,
     /// Keep GGUF blocks quantized on the CPU (see `host_f16`).
     keep_quantized: bool,
+    /// Host panels for GGUF block-quantized matrices: f16, or int8.
+    panel_format: PanelFormat,
 }
 
 impl WeightSource {
@@ -473,6 +480,7 @@ impl WeightSource {
             norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
             naming,
             keep_quantized: false,
+            panel_format: PanelFormat::F16,
         })
     }
 
@@ -501,6 +509,7 @@ impl WeightSource {
             norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
             naming,
             keep_quantized: false,
+            panel_format: PanelFormat::F16,
         })
     }
 
@@ -533,6 +542,7 @@ impl WeightSource {
                 prefix: String::new(),
             },
             keep_quantized: false,
+            panel_format: PanelFormat::F16,
         })
     }
 
@@ -540,6 +550,17 @@ impl WeightSource {
     /// f16 host panels.
     pub fn keep_quantized(mut self, keep: bool) -> Self {
         self.keep_quantized = keep;
+        self
+    }
+
+    /// Holds GGUF block-quantized matrices as int8 panels (one scale per
+    /// row) instead of f16 on the CPU.
+    pub fn int8_panels(mut self, int8: bool) -> Self {
+        self.panel_format = if int8 {
+            PanelFormat::I8
+        } else {
+            PanelFormat::F16
+        };
         self
     }
 
@@ -650,7 +671,7 @@ impl WeightSource {
                         let t = q
                             .dequantize(&self.device)
                             .map_err(|e| self.wrap(&wname, e))?;
-                        Linear::host_f16(&t, bias)
+                        Linear::host_packed(&t, bias, self.panel_format)
                     }
                     _ => Linear::quantized(Arc::new(q), bias),
                 }
@@ -691,7 +712,12 @@ impl WeightSource {
                     let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
                     let rows = t.flatten_all()?.to_vec1::<f32>()?;
                     Ok(Embedding::Host {
-                        table: Arc::new(PackedWeight::pack_f16(&rows, vocab, hidden)),
+                        table: Arc::new(PackedWeight::pack_as(
+                            &rows,
+                            vocab,
+                            hidden,
+                            self.panel_format,
+                        )),
                         hidden,
                     })
                 } else {

@@ -2,6 +2,7 @@
 //! greedy tokens from llama.cpp (`tests/golden/gemma3-270m-q4_k_m.json`,
 //! produced by `scripts/gemma-goldens`).
 
+use llmops::engine::LoadOptions;
 use std::path::PathBuf;
 
 use crate::support::{self, GenPlan};
@@ -27,16 +28,30 @@ fn model_path() -> PathBuf {
 /// both sides saw a near tie.
 #[test]
 fn gemma3_270m_predicts_llama_cpp_greedy_tokens() {
-    check(false);
+    check(LoadOptions::default(), "f16 panels");
 }
 
 /// The same through candle's quantized matmul on the Q4_K/Q5_0/Q6_K blocks.
 #[test]
 fn gemma3_270m_keeping_blocks_quantized_predicts_llama_cpp_greedy_tokens() {
-    check(true);
+    let opts = LoadOptions {
+        keep_quantized: true,
+        ..Default::default()
+    };
+    check(opts, "QMatMul");
 }
 
-fn check(keep_quantized: bool) {
+/// The same with the blocks requantized to int8 panels (one scale per row).
+#[test]
+fn gemma3_270m_on_int8_panels_predicts_llama_cpp_greedy_tokens() {
+    let opts = LoadOptions {
+        int8_panels: true,
+        ..Default::default()
+    };
+    check(opts, "int8 panels");
+}
+
+fn check(opts: LoadOptions, label: &str) {
     let path = model_path();
     assert!(
         path.exists(),
@@ -51,10 +66,6 @@ fn check(keep_quantized: bool) {
         .unwrap(),
     )
     .unwrap();
-    let opts = llmops::engine::LoadOptions {
-        keep_quantized,
-        ..Default::default()
-    };
     let m = llmops::engine::load(&path, &opts).unwrap();
     assert_eq!(m.model.config().arch, llmops::engine::Arch::Gemma3);
 
@@ -116,9 +127,7 @@ fn check(keep_quantized: bool) {
             );
         }
     }
-    eprintln!(
-        "keep_quantized {keep_quantized}: {agree} of {total} next-token predictions equal llama.cpp's"
-    );
+    eprintln!("{label}: {agree} of {total} next-token predictions equal llama.cpp's");
     assert!(
         agree * 100 >= total * 95,
         "only {agree} of {total} next-token predictions equal llama.cpp's"
@@ -139,7 +148,7 @@ fn check(keep_quantized: bool) {
     for (((text, _, want, _), got), miss) in cases.iter().zip(&got).zip(&first_miss) {
         let n = want.iter().zip(got).take_while(|(a, b)| a == b).count();
         eprintln!(
-            "keep_quantized {keep_quantized}, {text:?}: free-running greedy agrees for {n} of {} tokens",
+            "{label}, {text:?}: free-running greedy agrees for {n} of {} tokens",
             want.len()
         );
         assert!(

@@ -30,6 +30,22 @@ const PANELS_PER_TASK: usize = 4;
 enum Panels {
     F32(Vec<f32>),
     F16(Vec<f16>),
+    /// Symmetric int8 with one f32 scale per output feature (padded to whole panels).
+    I8 {
+        q: Vec<i8>,
+        scale: Vec<f32>,
+    },
+}
+
+/// How a packed weight stores its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PanelFormat {
+    /// f32, exact.
+    F32,
+    /// f16: half the bytes; converted in registers (F16C).
+    F16,
+    /// int8 with a per-row scale: a quarter of the bytes (plus 4 per row).
+    I8,
 }
 
 /// A weight `[n, k]` regrouped into column panels (see the module docs).
@@ -74,6 +90,47 @@ impl PackedWeight {
         }
     }
 
+    /// Packs a row-major `[n, k]` weight as int8, each row scaled by its
+    /// largest magnitude / 127 (round to nearest).
+    pub fn pack_i8(w: &[f32], n: usize, k: usize) -> Self {
+        let mut scale = vec![1f32; n.div_ceil(NR) * NR];
+        let mut scaled = Vec::with_capacity(n * k);
+        for (j, row) in w.chunks_exact(k).take(n).enumerate() {
+            let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if max > 0.0 {
+                scale[j] = max / 127.0;
+            }
+            let inv = 1.0 / scale[j];
+            scaled.extend(row.iter().map(|v| v * inv));
+        }
+        Self {
+            data: Panels::I8 {
+                q: pack_as(&scaled, n, k, |v| v.round().clamp(-127.0, 127.0) as i8),
+                scale,
+            },
+            n,
+            k,
+        }
+    }
+
+    /// Packs a row-major `[n, k]` weight in `format`.
+    pub fn pack_as(w: &[f32], n: usize, k: usize, format: PanelFormat) -> Self {
+        match format {
+            PanelFormat::F32 => Self::pack(w, n, k),
+            PanelFormat::F16 => Self::pack_f16(w, n, k),
+            PanelFormat::I8 => Self::pack_i8(w, n, k),
+        }
+    }
+
+    /// How the panels store values.
+    pub fn format(&self) -> PanelFormat {
+        match self.data {
+            Panels::F32(_) => PanelFormat::F32,
+            Panels::F16(_) => PanelFormat::F16,
+            Panels::I8 { .. } => PanelFormat::I8,
+        }
+    }
+
     /// Whether panels hold f16.
     pub fn is_f16(&self) -> bool {
         matches!(self.data, Panels::F16(_))
@@ -86,6 +143,9 @@ impl PackedWeight {
         match &self.data {
             Panels::F32(d) => out.extend((0..self.k).map(|p| d[base + p * NR])),
             Panels::F16(d) => out.extend((0..self.k).map(|p| d[base + p * NR].to_f32())),
+            Panels::I8 { q, scale } => {
+                out.extend((0..self.k).map(|p| q[base + p * NR] as f32 * scale[j]))
+            }
         }
     }
 
@@ -94,14 +154,15 @@ impl PackedWeight {
         match &self.data {
             Panels::F32(d) => std::mem::size_of_val(d.as_slice()),
             Panels::F16(d) => std::mem::size_of_val(d.as_slice()),
+            Panels::I8 { q, scale } => q.len() + std::mem::size_of_val(scale.as_slice()),
         }
     }
 
     /// Stacks weights with the same `k` and storage (their rows, in order) into one.
     pub fn stack(parts: &[&PackedWeight]) -> Option<PackedWeight> {
         let k = parts.first()?.k;
-        let f16 = parts.first()?.is_f16();
-        if parts.iter().any(|p| p.k != k || p.is_f16() != f16) {
+        let format = parts.first()?.format();
+        if parts.iter().any(|p| p.k != k || p.format() != format) {
             return None;
         }
         let mut rows = vec![];
@@ -114,11 +175,7 @@ impl PackedWeight {
             }
         }
         let n = parts.iter().map(|p| p.n).sum();
-        Some(if f16 {
-            PackedWeight::pack_f16(&rows, n, k)
-        } else {
-            PackedWeight::pack(&rows, n, k)
-        })
+        Some(PackedWeight::pack_as(&rows, n, k, format))
     }
 }
 
@@ -182,12 +239,16 @@ unsafe fn panels_range(
         {
             // SAFETY: the CPU has the features; the caller upholds the rest.
             unsafe {
+                let (n, k) = (w.n, w.k);
                 match &w.data {
                     Panels::F32(d) => {
-                        avx2::panels_range(x, m, d.as_ptr(), w.n, w.k, lo, hi, bias, out)
+                        avx2::panels_range(x, m, d.as_ptr(), n, k, lo, hi, bias, None, out)
                     }
                     Panels::F16(d) => {
-                        avx2::panels_range(x, m, d.as_ptr(), w.n, w.k, lo, hi, bias, out)
+                        avx2::panels_range(x, m, d.as_ptr(), n, k, lo, hi, bias, None, out)
+                    }
+                    Panels::I8 { q, scale } => {
+                        avx2::panels_range(x, m, q.as_ptr(), n, k, lo, hi, bias, Some(scale), out)
                     }
                 }
             };
@@ -211,6 +272,11 @@ unsafe fn portable_panels(
     let weight = |idx: usize| match &w.data {
         Panels::F32(d) => d[idx],
         Panels::F16(d) => d[idx].to_f32(),
+        Panels::I8 { q, .. } => q[idx] as f32,
+    };
+    let scale = |j: usize| match &w.data {
+        Panels::I8 { scale, .. } => scale[j],
+        _ => 1.0,
     };
     for panel in lo..hi {
         let base = panel * k * NR;
@@ -226,7 +292,7 @@ unsafe fn portable_panels(
             for (c, v) in acc.iter().enumerate().take(cols) {
                 let j = panel * NR + c;
                 // SAFETY: i < m, j < n, and this task owns the panel's columns.
-                unsafe { *out.add(i * n + j) = v + bias.map_or(0.0, |b| b[j]) };
+                unsafe { *out.add(i * n + j) = v * scale(j) + bias.map_or(0.0, |b| b[j]) };
             }
         }
     }
@@ -267,6 +333,17 @@ mod avx2 {
         }
     }
 
+    impl Elem for i8 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn load8(p: *const i8) -> __m256 {
+            // SAFETY: forwarded from the caller; 8 bytes are read.
+            unsafe {
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+            }
+        }
+    }
+
     /// `R` rows × one 16-column panel.
     ///
     /// # Safety
@@ -277,13 +354,13 @@ mod avx2 {
         x: [*const f32; R],
         pw: *const E,
         k: usize,
-        prefetch: Prefetch<E>,
+        prefetch: Prefetch,
     ) -> [[__m256; 2]; R] {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for p in 0..k {
             if p < prefetch.steps {
                 // SAFETY: a prefetch never faults; the address is in the next panel anyway.
-                unsafe { _mm_prefetch::<_MM_HINT_T0>(prefetch.at.add(p * NR) as *const i8) };
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(prefetch.at.add(p * prefetch.stride)) };
             }
             // SAFETY: p < k.
             let (w0, w1) = unsafe { (E::load8(pw.add(p * NR)), E::load8(pw.add(p * NR + 8))) };
@@ -300,6 +377,7 @@ mod avx2 {
     /// Writes `R` rows of one panel, adding the bias and dropping padding columns.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn store<const R: usize>(
         acc: [[__m256; 2]; R],
         out: *mut f32,
@@ -307,11 +385,16 @@ mod avx2 {
         row0: usize,
         col0: usize,
         bias: Option<&[f32]>,
+        scale: Option<&[f32]>,
     ) {
         let cols = (n - col0).min(NR);
         let mut bias_v = [0f32; NR];
         if let Some(b) = bias {
             bias_v[..cols].copy_from_slice(&b[col0..col0 + cols]);
+        }
+        let mut scale_v = [1f32; NR];
+        if let Some(s) = scale {
+            scale_v.copy_from_slice(&s[col0..col0 + NR]);
         }
         for (r, a) in acc.iter().enumerate() {
             let mut tmp = [0f32; NR];
@@ -322,7 +405,7 @@ mod avx2 {
             }
             for c in 0..cols {
                 // SAFETY: (row0 + r) < m and col0 + c < n; the caller owns these columns.
-                unsafe { *out.add((row0 + r) * n + col0 + c) = tmp[c] + bias_v[c] };
+                unsafe { *out.add((row0 + r) * n + col0 + c) = tmp[c] * scale_v[c] + bias_v[c] };
             }
         }
     }
@@ -330,8 +413,10 @@ mod avx2 {
     /// Part of the next panel to pull into cache while this one computes:
     /// one step of `k` per iteration, `steps` of them from `at`.
     #[derive(Clone, Copy)]
-    struct Prefetch<E> {
-        at: *const E,
+    struct Prefetch {
+        at: *const i8,
+        /// Bytes per step of `k`.
+        stride: usize,
         steps: usize,
     }
 
@@ -383,55 +468,94 @@ mod avx2 {
         lo: usize,
         hi: usize,
         bias: Option<&[f32]>,
+        scale: Option<&[f32]>,
         out: *mut f32,
     ) {
         let blocks = row_blocks(m).count();
         let share = k.div_ceil(blocks.max(1));
         let panels = n.div_ceil(NR);
+        let stride = NR * std::mem::size_of::<E>();
         for panel in lo..hi {
             // SAFETY: panel < panels, so the panel's k * 16 values are in bounds.
             let pw = unsafe { data.add(panel * k * NR) };
-            let col0 = panel * NR;
-            let row = |i: usize| x[i * k..].as_ptr();
-            for (b, (i, r)) in row_blocks(m).enumerate() {
+            let prefetch = |b: usize| {
                 let start = (b * share).min(k);
-                let prefetch = if panel + 1 < panels {
+                if panel + 1 < panels {
                     Prefetch {
                         // SAFETY: panel + 1 < panels, start <= k: inside the next panel.
-                        at: unsafe { data.add(((panel + 1) * k + start) * NR) },
+                        at: unsafe { data.add(((panel + 1) * k + start) * NR) } as *const i8,
+                        stride,
                         steps: share.min(k - start),
                     }
                 } else {
-                    Prefetch { at: pw, steps: 0 }
+                    Prefetch {
+                        at: pw as *const i8,
+                        stride,
+                        steps: 0,
+                    }
+                }
+            };
+            let panel_out = PanelOut {
+                out,
+                n,
+                col0: panel * NR,
+                bias,
+                scale,
+            };
+            // SAFETY: the panel holds k * 16 values.
+            unsafe { row_blocks_of(x, m, k, pw, &prefetch, &panel_out) };
+        }
+    }
+
+    /// Where one panel's results go.
+    struct PanelOut<'a> {
+        out: *mut f32,
+        n: usize,
+        col0: usize,
+        bias: Option<&'a [f32]>,
+        scale: Option<&'a [f32]>,
+    }
+
+    /// Every row block of `x` against one panel `pw` (`k * 16` values).
+    ///
+    /// # Safety
+    /// As `panels_range`, for this panel.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn row_blocks_of<W: Elem>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        pw: *const W,
+        prefetch: &dyn Fn(usize) -> Prefetch,
+        o: &PanelOut<'_>,
+    ) {
+        let row = |i: usize| x[i * k..].as_ptr();
+        for (b, (i, r)) in row_blocks(m).enumerate() {
+            let pf = prefetch(b);
+            macro_rules! block {
+                ($r:literal) => {
+                    // SAFETY: rows i..i+r exist; the panel holds k * 16 values.
+                    unsafe {
+                        store(
+                            micro::<$r, W>(std::array::from_fn(|j| row(i + j)), pw, k, pf),
+                            o.out,
+                            o.n,
+                            i,
+                            o.col0,
+                            o.bias,
+                            o.scale,
+                        )
+                    }
                 };
-                macro_rules! block {
-                    ($r:literal) => {
-                        // SAFETY: rows i..i+r exist; the panel holds k * 16 values.
-                        unsafe {
-                            store(
-                                micro::<$r, E>(
-                                    std::array::from_fn(|j| row(i + j)),
-                                    pw,
-                                    k,
-                                    prefetch,
-                                ),
-                                out,
-                                n,
-                                i,
-                                col0,
-                                bias,
-                            )
-                        }
-                    };
-                }
-                match r {
-                    1 => block!(1),
-                    2 => block!(2),
-                    3 => block!(3),
-                    4 => block!(4),
-                    5 => block!(5),
-                    _ => block!(6),
-                }
+            }
+            match r {
+                1 => block!(1),
+                2 => block!(2),
+                3 => block!(3),
+                4 => block!(4),
+                5 => block!(5),
+                _ => block!(6),
             }
         }
     }
@@ -503,6 +627,38 @@ mod tests {
             assert_eq!(row, &rounded[(n - 1) * k..]);
             let s = PackedWeight::stack(&[&p, &p]).unwrap();
             assert!(s.is_f16() && s.n == 2 * n);
+        }
+    }
+
+    #[test]
+    fn int8_panels_match_a_naive_product_of_their_dequantized_rows() {
+        for &(m, k, n) in &[(1, 8, 4), (8, 100, 300), (32, 64, 33)] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let mut w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+            w[..k].iter_mut().for_each(|v| *v = 0.0); // an all-zero row
+            let p = PackedWeight::pack_i8(&w, n, k);
+            assert_eq!(p.format(), PanelFormat::I8);
+            let mut deq = vec![];
+            for j in 0..n {
+                p.row_into(j, &mut deq);
+            }
+            // Within half a quantization step of the original.
+            for (j, row) in w.chunks(k).enumerate() {
+                let step = row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                for (a, b) in deq[j * k..(j + 1) * k].iter().zip(row) {
+                    assert!((a - b).abs() <= step * 0.5 + 1e-7);
+                }
+            }
+            let mut o = vec![0f32; m * n];
+            matmul_xwt(&x, m, &p, None, &mut o);
+            let want = naive(&x, m, k, &deq, n);
+            for (a, b) in o.iter().zip(want) {
+                assert!((a - b).abs() < 1e-4, "{m}x{k}x{n}: {a} vs {b}");
+            }
+            // Alone or in the batch: the same bits.
+            let mut one = vec![0f32; n];
+            matmul_xwt(&x[(m - 1) * k..], 1, &p, None, &mut one);
+            assert_eq!(&o[(m - 1) * n..], &one[..]);
         }
     }
 
