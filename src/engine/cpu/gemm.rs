@@ -58,7 +58,12 @@ pub struct PackedWeight {
     pub k: usize,
 }
 
-fn pack_as<T: Copy + Default>(w: &[f32], n: usize, k: usize, conv: impl Fn(f32) -> T) -> Vec<T> {
+fn pack_panels<T: Copy + Default>(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    conv: impl Fn(f32) -> T,
+) -> Vec<T> {
     let panels = n.div_ceil(NR);
     let mut data = vec![T::default(); panels * k * NR];
     for j in 0..n {
@@ -75,7 +80,7 @@ impl PackedWeight {
     /// Packs a row-major `[n, k]` weight.
     pub fn pack(w: &[f32], n: usize, k: usize) -> Self {
         Self {
-            data: Panels::F32(pack_as(w, n, k, |v| v)),
+            data: Panels::F32(pack_panels(w, n, k, |v| v)),
             n,
             k,
         }
@@ -84,7 +89,7 @@ impl PackedWeight {
     /// Packs a row-major `[n, k]` weight stored as f16.
     pub fn pack_f16(w: &[f32], n: usize, k: usize) -> Self {
         Self {
-            data: Panels::F16(pack_as(w, n, k, f16::from_f32)),
+            data: Panels::F16(pack_panels(w, n, k, f16::from_f32)),
             n,
             k,
         }
@@ -105,7 +110,7 @@ impl PackedWeight {
         }
         Self {
             data: Panels::I8 {
-                q: pack_as(&scaled, n, k, |v| v.round().clamp(-127.0, 127.0) as i8),
+                q: pack_panels(&scaled, n, k, |v| v.round().clamp(-127.0, 127.0) as i8),
                 scale,
             },
             n,
@@ -129,11 +134,6 @@ impl PackedWeight {
             Panels::F16(_) => PanelFormat::F16,
             Panels::I8 { .. } => PanelFormat::I8,
         }
-    }
-
-    /// Whether panels hold f16.
-    pub fn is_f16(&self) -> bool {
-        matches!(self.data, Panels::F16(_))
     }
 
     /// Row `j` of the original `[n, k]` matrix (an embedding lookup).
@@ -626,7 +626,7 @@ mod tests {
             p.row_into(n - 1, &mut row);
             assert_eq!(row, &rounded[(n - 1) * k..]);
             let s = PackedWeight::stack(&[&p, &p]).unwrap();
-            assert!(s.is_f16() && s.n == 2 * n);
+            assert!(s.format() == PanelFormat::F16 && s.n == 2 * n);
         }
     }
 
