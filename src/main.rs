@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use llmops::engine::{self, LoadOptions, Message, SamplingParams};
+use llmops::engine::{self, GgufWeights, LoadOptions, Message, SamplingParams};
 use llmops::scheduler::{Engine, EngineLabels, Event, Request, SchedulerConfig};
 
 /// Serve large language models and run their operations.
@@ -71,12 +71,9 @@ struct BenchArgs {
     /// Decode steps timed.
     #[arg(long, default_value_t = 64)]
     steps: usize,
-    /// Keep GGUF blocks quantized (candle's QMatMul) instead of f16 panels.
-    #[arg(long)]
-    keep_quantized: bool,
-    /// Hold GGUF block-quantized matrices as int8 panels instead of f16 (CPU).
-    #[arg(long)]
-    int8_panels: bool,
+    /// How GGUF block-quantized matrices are held on the CPU.
+    #[arg(long, value_enum, default_value_t = GgufWeights::F16)]
+    gguf_weights: GgufWeights,
     /// Also report milliseconds per step in each part of the forward pass (CPU).
     #[arg(long)]
     profile: bool,
@@ -203,8 +200,7 @@ fn main() -> anyhow::Result<()> {
         Command::BenchEngine(args) => {
             llmops::engine::cpu::profile::enable(args.profile);
             let opts = LoadOptions {
-                keep_quantized: args.keep_quantized,
-                int8_panels: args.int8_panels,
+                gguf_weights: args.gguf_weights,
                 ..Default::default()
             };
             let m = match &args.model {

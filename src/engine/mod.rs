@@ -164,6 +164,50 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// How GGUF block-quantized matrices (Q4_K, Q6_K, Q8_0, ...) are held on the
+/// CPU. F32/F16/BF16 tensors in a GGUF file are always exact f32 panels.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum GgufWeights {
+    /// Dequantized once at load into f16 GEMM panels (2 bytes per
+    /// parameter): one pass over each weight serves the whole batch.
+    #[default]
+    F16,
+    /// Dequantized into f32 panels (4 bytes per parameter): exactly the
+    /// file's values, for reference runs.
+    F32,
+    /// Requantized to int8 panels with one scale per row (1 byte per
+    /// parameter): faster single streams, less memory, slower large batches.
+    Int8,
+    /// Kept as blocks, run through candle's quantized matmul (least memory;
+    /// each activation row is a separate pass, so batches do not amortize).
+    Blocks,
+}
+
+impl GgufWeights {
+    /// The panel format, or `None` for blocks kept quantized.
+    pub fn panels(self) -> Option<cpu::gemm::PanelFormat> {
+        use cpu::gemm::PanelFormat;
+        match self {
+            Self::F16 => Some(PanelFormat::F16),
+            Self::F32 => Some(PanelFormat::F32),
+            Self::Int8 => Some(PanelFormat::I8),
+            Self::Blocks => None,
+        }
+    }
+}
+
+impl std::fmt::Display for GgufWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F16 => "f16",
+            Self::F32 => "f32",
+            Self::Int8 => "int8",
+            Self::Blocks => "blocks",
+        })
+    }
+}
+
 /// Options for loading.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -171,14 +215,8 @@ pub struct LoadOptions {
     pub device: Device,
     /// Template used when the model has none.
     pub fallback_template: String,
-    /// On the CPU, run GGUF block-quantized matrices through candle's
-    /// quantized matmul instead of dequantizing them to f16 panels at load
-    /// (less memory; throughput no longer grows with the batch).
-    pub keep_quantized: bool,
-    /// On the CPU, hold GGUF block-quantized matrices as int8 panels with one
-    /// scale per row instead of f16 (about half the bytes: faster single
-    /// streams and less memory, slightly slower large batches).
-    pub int8_panels: bool,
+    /// How GGUF block-quantized matrices are held on the CPU.
+    pub gguf_weights: GgufWeights,
 }
 
 impl Default for LoadOptions {
@@ -186,8 +224,7 @@ impl Default for LoadOptions {
         Self {
             device: Device::Cpu,
             fallback_template: chat::FALLBACK_TEMPLATE.to_string(),
-            keep_quantized: false,
-            int8_panels: false,
+            gguf_weights: GgufWeights::default(),
         }
     }
 }
@@ -467,8 +504,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         .get("tokenizer.chat_template")
         .and_then(|v| v.to_string().ok().cloned());
     let src = weights::WeightSource::gguf(content, path, cfg.arch, &opts.device)?
-        .keep_quantized(opts.keep_quantized)
-        .int8_panels(opts.int8_panels);
+        .gguf_weights(opts.gguf_weights);
     let model = Model::load(cfg.clone(), &src, &opts.device)?;
     let info = ModelInfo {
         source: path.display().to_string(),

@@ -440,10 +440,9 @@ pub struct WeightSource {
     /// GGUF conversion already added the one.
     norm_offset: f64,
     naming: Naming,
-    /// Keep GGUF blocks quantized on the CPU (see `host_f16`).
-    keep_quantized: bool,
-    /// Host panels for GGUF block-quantized matrices: f16, or int8.
-    panel_format: PanelFormat,
+    /// Host panels for GGUF block-quantized matrices, or `None` to keep the
+    /// blocks (see `host_panels`).
+    panel_format: Option<PanelFormat>,
 }
 
 impl WeightSource {
@@ -479,8 +478,7 @@ impl WeightSource {
             dtype,
             norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
             naming,
-            keep_quantized: false,
-            panel_format: PanelFormat::F16,
+            panel_format: Some(PanelFormat::F16),
         })
     }
 
@@ -508,8 +506,7 @@ impl WeightSource {
             dtype,
             norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
             naming,
-            keep_quantized: false,
-            panel_format: PanelFormat::F16,
+            panel_format: Some(PanelFormat::F16),
         })
     }
 
@@ -541,26 +538,13 @@ impl WeightSource {
                 arch,
                 prefix: String::new(),
             },
-            keep_quantized: false,
-            panel_format: PanelFormat::F16,
+            panel_format: Some(PanelFormat::F16),
         })
     }
 
-    /// Keeps GGUF blocks quantized on the CPU (candle's `QMatMul`) instead of
-    /// f16 host panels.
-    pub fn keep_quantized(mut self, keep: bool) -> Self {
-        self.keep_quantized = keep;
-        self
-    }
-
-    /// Holds GGUF block-quantized matrices as int8 panels (one scale per
-    /// row) instead of f16 on the CPU.
-    pub fn int8_panels(mut self, int8: bool) -> Self {
-        self.panel_format = if int8 {
-            PanelFormat::I8
-        } else {
-            PanelFormat::F16
-        };
+    /// How GGUF block-quantized matrices are held on the CPU.
+    pub fn gguf_weights(mut self, w: super::GgufWeights) -> Self {
+        self.panel_format = w.panels();
         self
     }
 
@@ -633,13 +617,14 @@ impl WeightSource {
         }
     }
 
-    /// Whether block-quantized GGUF matrices become f16 host panels: on the
-    /// CPU, unless [`super::LoadOptions::keep_quantized`]. Candle's quantized
-    /// CPU matmul computes each activation row separately, so its cost grows
-    /// linearly with the batch; the packed GEMM serves the whole batch from
-    /// one pass over the weight, at 2 bytes per parameter.
-    fn host_f16(&self) -> bool {
-        self.device.is_cpu() && self.dtype == DType::F32 && !self.keep_quantized
+    /// The host panel format block-quantized GGUF matrices are dequantized
+    /// into: on the CPU, unless [`super::GgufWeights::Blocks`]. Candle's
+    /// quantized CPU matmul computes each activation row separately, so its
+    /// cost grows linearly with the batch; the packed GEMM serves the whole
+    /// batch from one pass over the weight.
+    fn host_panels(&self) -> Option<PanelFormat> {
+        self.panel_format
+            .filter(|_| self.device.is_cpu() && self.dtype == DType::F32)
     }
 
     /// A linear layer `[out, in]` with an optional `<base>.bias`.
@@ -667,11 +652,11 @@ impl WeightSource {
                             .map_err(|e| self.wrap(&wname, e))?;
                         Linear::dense(t.to_dtype(self.dtype)?, bias)
                     }
-                    _ if self.host_f16() => {
+                    _ if let Some(format) = self.host_panels() => {
                         let t = q
                             .dequantize(&self.device)
                             .map_err(|e| self.wrap(&wname, e))?;
-                        Linear::host_packed(&t, bias, self.panel_format)
+                        Linear::host_packed(&t, bias, format)
                     }
                     _ => Linear::quantized(Arc::new(q), bias),
                 }
@@ -708,16 +693,11 @@ impl WeightSource {
                 if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
                     Embedding::from_dense(t.to_dtype(self.dtype)?)
-                } else if self.host_f16() {
+                } else if let Some(format) = self.host_panels() {
                     let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
                     let rows = t.flatten_all()?.to_vec1::<f32>()?;
                     Ok(Embedding::Host {
-                        table: Arc::new(PackedWeight::pack_as(
-                            &rows,
-                            vocab,
-                            hidden,
-                            self.panel_format,
-                        )),
+                        table: Arc::new(PackedWeight::pack_as(&rows, vocab, hidden, format)),
                         hidden,
                     })
                 } else {

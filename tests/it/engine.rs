@@ -4,6 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{gemma3, llama, qwen2};
+use llmops::engine::GgufWeights;
 use llmops::synth::SynthSpec;
 
 use crate::support::{self, GenPlan, Plan, max_abs_diff};
@@ -239,11 +240,16 @@ fn gguf_q8_0_export_agrees_with_f32_on_the_top_token() {
     let f32_model = support::load(&path);
     let streams = token_streams(4, 30);
     let a = support::run_teacher_forced(&f32_model, &plans(&streams), 4);
-    // Both CPU paths: f16 panels dequantized at load (the default), and
-    // candle's quantized matmul on the blocks.
-    for keep_quantized in [false, true] {
+    // Every CPU path: f16 panels dequantized at load (the default), f32 and
+    // int8 panels, and candle's quantized matmul on the blocks.
+    for gguf_weights in [
+        GgufWeights::F16,
+        GgufWeights::F32,
+        GgufWeights::Int8,
+        GgufWeights::Blocks,
+    ] {
         let opts = llmops::engine::LoadOptions {
-            keep_quantized,
+            gguf_weights,
             ..Default::default()
         };
         let q8 = llmops::engine::load(&gguf, &opts).unwrap();
@@ -261,13 +267,8 @@ fn gguf_q8_0_export_agrees_with_f32_on_the_top_token() {
             );
         }
         let rate = same as f64 / total as f64;
-        eprintln!(
-            "Q8_0 (keep_quantized: {keep_quantized}) vs f32 top-1 agreement: {same}/{total} = {rate:.3}"
-        );
-        assert!(
-            rate >= 0.95,
-            "top-1 agreement {rate} (keep_quantized: {keep_quantized})"
-        );
+        eprintln!("Q8_0 ({gguf_weights}) vs f32 top-1 agreement: {same}/{total} = {rate:.3}");
+        assert!(rate >= 0.95, "top-1 agreement {rate} ({gguf_weights})");
     }
 }
 

@@ -1,8 +1,10 @@
 //! Gemma 3 270M Q4_K_M (fetched by `scripts/fetch-gemma`) against golden
-//! greedy tokens from llama.cpp (`tests/golden/gemma3-270m-q4_k_m.json`,
-//! produced by `scripts/gemma-goldens`).
+//! greedy tokens from llama.cpp, produced by `scripts/gemma-goldens`:
+//! `tests/golden/gemma3-270m-q4_k_m.json` (llama.cpp on the Q4_K_M file as
+//! users run it) and `tests/golden/gemma3-270m-q4_k_m-f32.json` (the same
+//! weights dequantized to f32, llama.cpp without activation quantization).
 
-use llmops::engine::LoadOptions;
+use llmops::engine::{GgufWeights, LoadOptions};
 use std::path::PathBuf;
 
 use crate::support::{self, GenPlan};
@@ -20,38 +22,122 @@ fn model_path() -> PathBuf {
     cache.join("gemma3-270m/gemma-3-270m-q4_k_m.gguf")
 }
 
-/// Teacher-forced comparison: our model reads llama.cpp's greedy
-/// continuation and predicts every next token. Two Q4_K_M implementations
-/// round differently (activation quantization, accumulation order), so an
-/// exact free-running match is not the contract; the contract is that our
-/// argmax equals llama.cpp's almost everywhere, and that wherever they differ
-/// both sides saw a near tie.
+/// Teacher-forced comparison against llama.cpp on the Q4_K_M file as users
+/// run it: our model reads llama.cpp's greedy continuation and predicts every
+/// next token. llama.cpp quantizes activations to Q8_K/Q8_0 before each
+/// block matmul and keeps an f16 KV cache, so an exact free-running match is
+/// not the contract here; the contract is that our argmax equals llama.cpp's
+/// almost everywhere, and that wherever they differ both sides saw a near
+/// tie. The exact contract is [`gemma3_270m_f32_follows_llama_cpp_f32_token_for_token`].
 #[test]
 fn gemma3_270m_predicts_llama_cpp_greedy_tokens() {
-    check(LoadOptions::default(), "f16 panels");
+    check(LoadOptions::default(), "f16 panels", &Reference::q4_k_m());
 }
 
 /// The same through candle's quantized matmul on the Q4_K/Q5_0/Q6_K blocks.
 #[test]
 fn gemma3_270m_keeping_blocks_quantized_predicts_llama_cpp_greedy_tokens() {
     let opts = LoadOptions {
-        keep_quantized: true,
+        gguf_weights: GgufWeights::Blocks,
         ..Default::default()
     };
-    check(opts, "QMatMul");
+    check(opts, "QMatMul", &Reference::q4_k_m());
 }
 
 /// The same with the blocks requantized to int8 panels (one scale per row).
 #[test]
 fn gemma3_270m_on_int8_panels_predicts_llama_cpp_greedy_tokens() {
     let opts = LoadOptions {
-        int8_panels: true,
+        gguf_weights: GgufWeights::Int8,
         ..Default::default()
     };
-    check(opts, "int8 panels");
+    check(opts, "int8 panels", &Reference::q4_k_m());
 }
 
-fn check(opts: LoadOptions, label: &str) {
+/// The exact contract: the same Q4_K_M weights dequantized to f32 on both
+/// sides (llama.cpp's `llama-quantize ... F32`; our f32 panels), llama.cpp
+/// with an f32 KV cache and no flash attention. Both forwards are then f32
+/// matmuls differing in summation order, plus ggml's GELU, which reads an
+/// f16 lookup table (vec.h, `GGML_GELU_FP16`): greedy decoding must follow
+/// llama.cpp token for token (all 64 of every prompt, through margins as
+/// small as 0.005) and our top-2 logit gap must equal llama.cpp's within
+/// 0.02 at every step (measured: 0.0103).
+#[test]
+fn gemma3_270m_f32_follows_llama_cpp_f32_token_for_token() {
+    let opts = LoadOptions {
+        gguf_weights: GgufWeights::F32,
+        ..Default::default()
+    };
+    check(opts, "f32 panels", &Reference::f32());
+}
+
+/// The default f16 panels against the f32 reference: rounding the weights to
+/// f16 moves top-2 gaps by up to ~0.02 (measured 0.0167), so a near tie below
+/// 0.05 may flip, and nothing else.
+#[test]
+fn gemma3_270m_f16_panels_follow_llama_cpp_f32_up_to_near_ties() {
+    check(
+        LoadOptions::default(),
+        "f16 panels",
+        &Reference::f32_near_ties(),
+    );
+}
+
+/// A golden file and how closely we must follow it.
+struct Reference {
+    file: &'static str,
+    /// A disagreement is allowed only where both top-2 gaps are below this.
+    near_tie: f32,
+    /// Teacher-forced: at least this share of predictions must agree.
+    min_agreement: f64,
+    /// When set, our top-2 logit gap must equal the golden's
+    /// `top2_logprob_margin` (rounded to 0.001) within this.
+    margin_tolerance: Option<f32>,
+}
+
+impl Reference {
+    fn q4_k_m() -> Self {
+        Self {
+            file: "gemma3-270m-q4_k_m.json",
+            near_tie: 0.5,
+            min_agreement: 0.95,
+            margin_tolerance: None,
+        }
+    }
+
+    fn f32() -> Self {
+        Self {
+            file: "gemma3-270m-q4_k_m-f32.json",
+            near_tie: 0.001,
+            min_agreement: 1.0,
+            margin_tolerance: Some(0.02),
+        }
+    }
+
+    fn f32_near_ties() -> Self {
+        Self {
+            file: "gemma3-270m-q4_k_m-f32.json",
+            near_tie: 0.05,
+            min_agreement: 0.95,
+            margin_tolerance: Some(0.05),
+        }
+    }
+}
+
+/// The top two entries of a row: (argmax, its value, the gap to the second).
+fn top2(row: &[f32]) -> (usize, f32, f32) {
+    let (mut i1, mut v1, mut v2) = (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for (i, &v) in row.iter().enumerate() {
+        if v > v1 {
+            (i1, v2, v1) = (i, v1, v);
+        } else if v > v2 {
+            v2 = v;
+        }
+    }
+    (i1, v1, v1 - v2)
+}
+
+fn check(opts: LoadOptions, label: &str, reference: &Reference) {
     let path = model_path();
     assert!(
         path.exists(),
@@ -59,13 +145,15 @@ fn check(opts: LoadOptions, label: &str) {
         path.display()
     );
     let golden: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/golden/gemma3-270m-q4_k_m.json"
-        ))
+        &std::fs::read_to_string(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/golden")
+                .join(reference.file),
+        )
         .unwrap(),
     )
     .unwrap();
+    let label = format!("{label} vs {}", reference.file);
     let m = llmops::engine::load(&path, &opts).unwrap();
     assert_eq!(m.model.config().arch, llmops::engine::Arch::Gemma3);
 
@@ -80,7 +168,7 @@ fn check(opts: LoadOptions, label: &str) {
             "tokenization of {text:?} (GGUF tokenizer vs llama.cpp)"
         );
         let want: Vec<u32> = serde_json::from_value(p["tokens"].clone()).unwrap();
-        let margins: Vec<f64> = serde_json::from_value(p["top2_logprob_margin"].clone()).unwrap();
+        let margins: Vec<f32> = serde_json::from_value(p["top2_logprob_margin"].clone()).unwrap();
         let mut tokens = prompt.clone();
         tokens.extend_from_slice(&want[..want.len() - 1]);
         plans.push(support::Plan {
@@ -94,33 +182,37 @@ fn check(opts: LoadOptions, label: &str) {
     // All three sequences share every step (chunked prefill, then decode).
     let logits = support::run_teacher_forced(&m, &plans, 16);
 
-    const NEAR_TIE: f32 = 0.5;
+    let near_tie = reference.near_tie;
     let mut first_miss = vec![usize::MAX; cases.len()];
     let (mut total, mut agree) = (0, 0);
+    let mut worst_margin_error = 0f32;
     for (c, ((text, prompt_len, want, margins), rows)) in cases.iter().zip(&logits).enumerate() {
         for (k, &want_tok) in want.iter().enumerate() {
             let row = &rows[prompt_len - 1 + k];
-            let (ours, best) =
-                row.iter()
-                    .copied()
-                    .enumerate()
-                    .fold(
-                        (0, f32::NEG_INFINITY),
-                        |a, (i, v)| if v > a.1 { (i, v) } else { a },
-                    );
+            let (ours, best, our_margin) = top2(row);
             total += 1;
             if ours as u32 == want_tok {
                 agree += 1;
+                let err = (our_margin - margins[k]).abs();
+                worst_margin_error = worst_margin_error.max(err);
+                if let Some(tol) = reference.margin_tolerance {
+                    assert!(
+                        err <= tol,
+                        "{text:?} step {k}: our top-2 gap {our_margin:.4} vs llama.cpp's {:.3}",
+                        margins[k]
+                    );
+                }
                 continue;
             }
             first_miss[c] = first_miss[c].min(k);
             let gap = best - row[want_tok as usize];
             eprintln!(
-                "{text:?} step {k}: ours {ours} vs llama.cpp {want_tok} (our gap {gap:.3}, llama.cpp margin {:.3})",
+                "{label}, {text:?} step {k}: ours {ours} vs llama.cpp {want_tok} \
+                 (our gap {gap:.3}, llama.cpp margin {:.3})",
                 margins[k]
             );
             assert!(
-                gap < NEAR_TIE && (margins[k] as f32) < NEAR_TIE,
+                gap < near_tie && margins[k] < near_tie,
                 "{text:?} step {k}: a disagreement that is not a near tie \
                  (our gap {gap:.3}, llama.cpp margin {:.3})",
                 margins[k]
@@ -128,8 +220,11 @@ fn check(opts: LoadOptions, label: &str) {
         }
     }
     eprintln!("{label}: {agree} of {total} next-token predictions equal llama.cpp's");
+    eprintln!(
+        "{label}: where the argmax agrees, top-2 gaps within {worst_margin_error:.4} of llama.cpp's"
+    );
     assert!(
-        agree * 100 >= total * 95,
+        agree as f64 >= total as f64 * reference.min_agreement,
         "only {agree} of {total} next-token predictions equal llama.cpp's"
     );
 
