@@ -72,6 +72,7 @@ pub async fn run(
         router.clone(),
         cfg.scheduler.clone(),
         device,
+        cfg.server.gguf_weights,
         Some(health.clone()),
     )?);
     tracing::info!(registry = %cfg.server.data_dir.display(), "registry opened");

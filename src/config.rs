@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use serde::Deserialize;
 
 use crate::api::auth::{KeyConfig, Role};
+use crate::engine::GgufWeights;
 use crate::scheduler::SchedulerConfig;
 
 /// Flags of `llmops serve`. Each may also come from its `LLMOPS_*` variable;
@@ -38,6 +39,11 @@ pub struct ServeArgs {
     /// Device: cpu, cuda[:N] or metal [default: cpu].
     #[arg(long, env = "LLMOPS_DEVICE")]
     pub device: Option<String>,
+    /// How GGUF block-quantized weights are held on the CPU: f16 panels
+    /// (fastest batches), int8 panels (half the memory, faster single
+    /// streams), f32 panels (exact), or blocks (least memory) [default: f16].
+    #[arg(long, env = "LLMOPS_GGUF_WEIGHTS", value_enum)]
+    pub gguf_weights: Option<GgufWeights>,
     /// API keys as `id:role:secret` (role: inference or admin), comma-separated.
     /// Secrets are hashed at start and never kept.
     #[arg(
@@ -89,6 +95,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Where the registry lives.
     pub data_dir: PathBuf,
+    /// How every model's GGUF block-quantized weights are held.
+    pub gguf_weights: GgufWeights,
 }
 
 /// Request limits enforced by the front ends.
@@ -152,6 +160,7 @@ struct FileServer {
     shutdown_timeout_secs: Option<u64>,
     data_dir: Option<PathBuf>,
     device: Option<String>,
+    gguf_weights: Option<GgufWeights>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,6 +244,10 @@ impl Config {
                 .clone()
                 .or(file.server.data_dir.clone())
                 .unwrap_or_else(default_data_dir),
+            gguf_weights: args
+                .gguf_weights
+                .or(file.server.gguf_weights)
+                .unwrap_or_default(),
         };
         let limits = LimitsConfig {
             max_body_bytes: args
@@ -382,6 +395,27 @@ mod tests {
         assert_eq!(cfg.server.http_addr.port(), 18080, "flag beats file");
         assert_eq!(cfg.server.grpc_addr.port(), 50051, "file value kept");
         assert_eq!(cfg.scheduler.max_running, 64);
+        assert_eq!(cfg.server.gguf_weights, GgufWeights::F16);
         assert!(cfg.keys.is_empty());
+    }
+
+    #[test]
+    fn gguf_weights_come_from_the_file_unless_a_flag_says_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmops.toml");
+        std::fs::write(&path, "[server]\ngguf_weights = \"int8\"\n").unwrap();
+        let config = path.display().to_string();
+        let load = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--config", &config];
+            argv.extend_from_slice(extra);
+            Config::load(&Cli::try_parse_from(argv).unwrap().serve)
+        };
+        assert_eq!(load(&[]).unwrap().server.gguf_weights, GgufWeights::Int8);
+        let flag = load(&["--gguf-weights", "blocks"]).unwrap();
+        assert_eq!(flag.server.gguf_weights, GgufWeights::Blocks);
+        assert!(Cli::try_parse_from(["serve", "--gguf-weights", "q4"]).is_err());
+        std::fs::write(&path, "[server]\ngguf_weights = \"q4\"\n").unwrap();
+        let err = format!("{:#}", load(&[]).unwrap_err());
+        assert!(err.contains("gguf_weights") || err.contains("q4"), "{err}");
     }
 }

@@ -108,6 +108,9 @@ struct GenerateArgs {
     /// Where to run: cpu, cuda[:N] or metal.
     #[arg(long, default_value = "cpu", env = "LLMOPS_DEVICE")]
     device: String,
+    /// How GGUF block-quantized weights are held on the CPU.
+    #[arg(long, value_enum, default_value_t = GgufWeights::F16, env = "LLMOPS_GGUF_WEIGHTS")]
+    gguf_weights: GgufWeights,
 }
 
 #[derive(clap::Args)]
@@ -247,6 +250,7 @@ fn main() -> anyhow::Result<()> {
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let opts = LoadOptions {
         device: engine::parse_device(&args.device)?,
+        gguf_weights: args.gguf_weights,
         ..Default::default()
     };
     let loaded = match &args.model {

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 
 use super::{Action, AuditEntry, Registry, State, VersionRecord};
 use crate::api::error::ApiError;
-use crate::engine::{self, LoadOptions, LoadedModel};
+use crate::engine::{self, GgufWeights, LoadOptions, LoadedModel};
 use crate::router::{Deployment, DeploymentTable, Router, Target};
 use crate::scheduler::{Engine, EngineLabels, Event, Request, SchedulerConfig};
 
@@ -66,6 +66,7 @@ pub struct ModelOps {
     router: Arc<Router>,
     scheduler: SchedulerConfig,
     device: String,
+    gguf_weights: GgufWeights,
     health: Option<tonic_health::server::HealthReporter>,
 }
 
@@ -95,9 +96,14 @@ fn internal(e: impl std::fmt::Display) -> ApiError {
 }
 
 /// Loads a model from a registry source (blocking).
-fn load_source(source: &str, device: &str) -> anyhow::Result<LoadedModel> {
+fn load_source(
+    source: &str,
+    device: &str,
+    gguf_weights: GgufWeights,
+) -> anyhow::Result<LoadedModel> {
     let opts = LoadOptions {
         device: engine::parse_device(device)?,
+        gguf_weights,
         ..Default::default()
     };
     Ok(if source == EMBEDDED {
@@ -114,6 +120,7 @@ impl ModelOps {
         router: Arc<Router>,
         scheduler: SchedulerConfig,
         device: String,
+        gguf_weights: GgufWeights,
         health: Option<tonic_health::server::HealthReporter>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
@@ -122,6 +129,7 @@ impl ModelOps {
             router,
             scheduler,
             device,
+            gguf_weights,
             health,
         })
     }
@@ -214,7 +222,7 @@ impl ModelOps {
                 )));
             }
             let path = req.path.clone();
-            let device = self.device.clone();
+            let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
             let (digest, loaded) =
                 tokio::task::spawn_blocking(move || -> anyhow::Result<(String, LoadedModel)> {
                     let digest = if path == EMBEDDED {
@@ -222,7 +230,7 @@ impl ModelOps {
                     } else {
                         super::digest_path(std::path::Path::new(&path))?
                     };
-                    Ok((digest, load_source(&path, &device)?))
+                    Ok((digest, load_source(&path, &device, gguf_weights)?))
                 })
                 .await
                 .map_err(|e| fail(internal(e)))?
@@ -301,13 +309,24 @@ impl ModelOps {
         variant: &str,
     ) -> Result<Engine, ApiError> {
         let source = record.source.clone();
-        let device = self.device.clone();
-        let loaded = tokio::task::spawn_blocking(move || load_source(&source, &device))
-            .await
-            .map_err(internal)?
-            .map_err(|e| {
-                ApiError::Unavailable(format!("version `{}` failed to load: {e}", record.version))
-            })?;
+        let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
+        let loaded =
+            tokio::task::spawn_blocking(move || load_source(&source, &device, gguf_weights))
+                .await
+                .map_err(internal)?
+                .map_err(|e| {
+                    ApiError::Unavailable(format!(
+                        "version `{}` failed to load: {e}",
+                        record.version
+                    ))
+                })?;
+        tracing::info!(
+            model,
+            version = %record.version,
+            format = ?loaded.info.format,
+            gguf_weights = %self.gguf_weights,
+            "weights loaded"
+        );
         let engine = Engine::spawn(
             loaded,
             self.scheduler.clone(),
