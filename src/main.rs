@@ -77,6 +77,10 @@ struct BenchArgs {
     /// Also report milliseconds per step in each part of the forward pass (CPU).
     #[arg(long)]
     profile: bool,
+    /// Measure the machine's read bandwidth and FMA throughput before each
+    /// batch and report the fractions of them reached.
+    #[arg(long)]
+    limits: bool,
 }
 
 #[derive(clap::Args)]
@@ -221,8 +225,12 @@ fn main() -> anyhow::Result<()> {
                 rss as f64 / (1 << 20) as f64
             );
             for b in args.batch {
-                let r =
+                let measured = args.limits.then(llmops::engine::cpu::limits::measure);
+                let mut r =
                     llmops::engine::bench::decode_throughput(&m, b, args.prompt_len, args.steps)?;
+                if let Some(l) = measured {
+                    r.against(l, m.model.weight_bytes(), m.info.parameters);
+                }
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())

@@ -3,6 +3,7 @@
 
 use std::time::Instant;
 
+use super::cpu::limits::Limits;
 use super::{Batch, BlockAllocator, KvCache, LoadedModel, Logits, Result, sampling};
 
 /// One measurement.
@@ -20,6 +21,39 @@ pub struct DecodeBench {
     /// the forward pass (the rest of `step_ms` is argmax and batch building).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub profile_ms: Vec<(&'static str, f64)>,
+    /// The machine's limits measured just before this run, and the
+    /// fractions of them reached (see [`DecodeBench::against`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsReached>,
+}
+
+/// Throughput as fractions of the machine's limits (DESIGN.md, "Physical
+/// limits"), measured in the same minute.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LimitsReached {
+    /// What the machine did just before the run.
+    pub measured: Limits,
+    /// Tokens/s over the bandwidth bound: one step reads every matrix
+    /// weight once, so a single stream can do at most read bandwidth /
+    /// weight bytes tokens per second.
+    pub bandwidth_bound_fraction: f64,
+    /// Tokens/s over the FLOP bound, FMA throughput / (2 · parameters).
+    pub flop_bound_fraction: Option<f64>,
+}
+
+impl DecodeBench {
+    /// Adds the fractions of `measured` reached by a model holding
+    /// `weight_bytes` of matrices and `parameters` parameters.
+    pub fn against(&mut self, measured: Limits, weight_bytes: usize, parameters: usize) {
+        let bandwidth_bound = measured.read_bytes_per_s / weight_bytes.max(1) as f64;
+        self.limits = Some(LimitsReached {
+            measured,
+            bandwidth_bound_fraction: self.tokens_per_second / bandwidth_bound,
+            flop_bound_fraction: measured
+                .fma_flop_per_s
+                .map(|f| self.tokens_per_second * 2.0 * parameters as f64 / f),
+        });
+    }
 }
 
 /// Prefills `batch` prompts of `prompt_len` tokens, then times `steps`
@@ -86,5 +120,6 @@ pub fn decode_throughput(
         tokens_per_second: (batch * steps) as f64 / secs,
         step_ms: secs * 1e3 / steps as f64,
         profile_ms,
+        limits: None,
     })
 }

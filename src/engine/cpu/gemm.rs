@@ -6,10 +6,13 @@
 //! the weight on every call, which at decode batch sizes costs as much as the
 //! multiply). The microkernel is an outer product: 6 activation rows × 16
 //! columns in 12 AVX2 accumulators, enough independent FMA chains to keep
-//! both FMA units busy.
+//! both FMA units busy. One or two rows (single streams) take two panels per
+//! call instead, so they too have 4–8 chains in flight and stream weights at
+//! memory speed rather than at one FMA latency per 64 bytes.
 //!
-//! Panels hold f32, or f16 (half the memory and bandwidth; converted to f32
-//! in registers with F16C), used for weights dequantized from GGUF blocks.
+//! Panels hold f32, f16 (half the memory and bandwidth; converted to f32
+//! in registers with F16C) or int8 with one scale per row, the latter two
+//! for weights dequantized from GGUF blocks.
 //!
 //! Work is split over column panels only and every output element is one
 //! FMA chain over `k` in order, so a row's result is bit-identical whatever
@@ -374,6 +377,48 @@ mod avx2 {
         acc
     }
 
+    /// `R` rows × two panels: twice the independent FMA chains of `micro`,
+    /// so one or two rows are not held to one FMA latency per 64 bytes of
+    /// weights. Each output is still one chain over `k` in order: the same
+    /// bits as `micro::<R>`.
+    ///
+    /// # Safety
+    /// `x` rows must hold `k` values each; `pa` and `pb` must hold `k * 16`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn micro_pair<const R: usize, E: Elem>(
+        x: [*const f32; R],
+        pa: *const E,
+        pb: *const E,
+        k: usize,
+        prefetch: [Prefetch; 2],
+    ) -> [[[__m256; 2]; R]; 2] {
+        let mut acc = [[[_mm256_setzero_ps(); 2]; R]; 2];
+        for p in 0..k {
+            for f in &prefetch {
+                if p < f.steps {
+                    // SAFETY: a prefetch never faults.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(f.at.add(p * f.stride)) };
+                }
+            }
+            // SAFETY: p < k for both panels and every row.
+            unsafe {
+                let w = [
+                    [E::load8(pa.add(p * NR)), E::load8(pa.add(p * NR + 8))],
+                    [E::load8(pb.add(p * NR)), E::load8(pb.add(p * NR + 8))],
+                ];
+                for r in 0..R {
+                    let xb = _mm256_broadcast_ss(&*x[r].add(p));
+                    for (a, w) in acc.iter_mut().zip(&w) {
+                        a[r][0] = _mm256_fmadd_ps(xb, w[0], a[r][0]);
+                        a[r][1] = _mm256_fmadd_ps(xb, w[1], a[r][1]);
+                    }
+                }
+            }
+        }
+        acc
+    }
+
     /// Writes `R` rows of one panel, adding the bias and dropping padding columns.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -475,7 +520,45 @@ mod avx2 {
         let share = k.div_ceil(blocks.max(1));
         let panels = n.div_ceil(NR);
         let stride = NR * std::mem::size_of::<E>();
-        for panel in lo..hi {
+        let mut panel = lo;
+        // One or two rows: two panels at a time (see `micro_pair`).
+        while (1..=2).contains(&m) && panel + 1 < hi {
+            let next = |q: usize| {
+                if q < panels {
+                    Prefetch {
+                        // SAFETY: q < panels: the start of a panel of the weight.
+                        at: unsafe { data.add(q * k * NR) } as *const i8,
+                        stride,
+                        steps: k,
+                    }
+                } else {
+                    Prefetch {
+                        at: data as *const i8,
+                        stride,
+                        steps: 0,
+                    }
+                }
+            };
+            let prefetch = [next(panel + 2), next(panel + 3)];
+            // SAFETY: panel + 1 < hi <= panels.
+            let (pa, pb) = unsafe { (data.add(panel * k * NR), data.add((panel + 1) * k * NR)) };
+            let row = |i: usize| x[i * k..].as_ptr();
+            // SAFETY: rows 0..m exist with k values; this task owns both
+            // panels' columns.
+            unsafe {
+                if m == 1 {
+                    let [a, b] = micro_pair::<1, E>([row(0)], pa, pb, k, prefetch);
+                    store(a, out, n, 0, panel * NR, bias, scale);
+                    store(b, out, n, 0, (panel + 1) * NR, bias, scale);
+                } else {
+                    let [a, b] = micro_pair::<2, E>([row(0), row(1)], pa, pb, k, prefetch);
+                    store(a, out, n, 0, panel * NR, bias, scale);
+                    store(b, out, n, 0, (panel + 1) * NR, bias, scale);
+                }
+            }
+            panel += 2;
+        }
+        for panel in panel..hi {
             // SAFETY: panel < panels, so the panel's k * 16 values are in bounds.
             let pw = unsafe { data.add(panel * k * NR) };
             let prefetch = |b: usize| {
@@ -581,6 +664,7 @@ mod tests {
     fn matches_a_naive_product_for_awkward_shapes() {
         for &(m, k, n) in &[
             (1, 8, 4),
+            (1, 64, 70),
             (3, 13, 7),
             (2, 256, 130),
             (33, 64, 65),
@@ -664,16 +748,25 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
+        // 5 panels: one- and two-row products take panels in pairs, plus
+        // a last single panel; batches take them one at a time.
         let (k, n) = (96, 70);
         let x: Vec<f32> = (0..9 * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
-        let p = PackedWeight::pack(&w, n, k);
-        let mut all = vec![0f32; 9 * n];
-        matmul_xwt(&x, 9, &p, None, &mut all);
-        for i in 0..9 {
-            let mut one = vec![0f32; n];
-            matmul_xwt(&x[i * k..(i + 1) * k], 1, &p, None, &mut one);
-            assert_eq!(&all[i * n..(i + 1) * n], &one[..], "row {i}");
+        for format in [PanelFormat::F32, PanelFormat::F16, PanelFormat::I8] {
+            let p = PackedWeight::pack_as(&w, n, k, format);
+            let mut all = vec![0f32; 9 * n];
+            matmul_xwt(&x, 9, &p, None, &mut all);
+            for i in 0..9 {
+                let mut one = vec![0f32; n];
+                matmul_xwt(&x[i * k..(i + 1) * k], 1, &p, None, &mut one);
+                assert_eq!(&all[i * n..(i + 1) * n], &one[..], "{format:?} row {i}");
+            }
+            for i in 0..8 {
+                let mut two = vec![0f32; 2 * n];
+                matmul_xwt(&x[i * k..(i + 2) * k], 2, &p, None, &mut two);
+                assert_eq!(&all[i * n..(i + 2) * n], &two[..], "{format:?} rows {i}..");
+            }
         }
     }
 }

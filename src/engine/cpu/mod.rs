@@ -8,6 +8,7 @@
 
 pub mod attn;
 pub mod gemm;
+pub mod limits;
 pub mod profile;
 
 use super::config::{Activation, RopeStyle};
