@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use llmops::engine::{
-    Batch, BlockAllocator, KvCache, LoadOptions, Logits, Sampler, SamplingParams,
+    Batch, BlockAllocator, KvCache, LoadOptions, Logits, Sampler, SamplingParams, Scratch,
 };
 use llmops::monitor::{EngineMetrics, Protocol};
 use llmops::router::{Deployment, DeploymentTable, Router, Target};
@@ -26,7 +26,7 @@ fn engine_step(c: &mut Criterion) {
     llmops::init_process();
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("m26");
-    llmops::synth::SynthSpec::preset("26m")
+    llmops::engine::synth::SynthSpec::preset("26m")
         .expect("preset")
         .write(&path, None)
         .expect("write model");
@@ -36,6 +36,7 @@ fn engine_step(c: &mut Criterion) {
         let block = 16;
         let mut alloc = BlockAllocator::new(batch * 8, block);
         let mut kv = KvCache::new(m.model.kv_shape(block), batch * 8);
+        let mut scratch = Scratch::default();
         let mut tables = vec![vec![]; batch];
         for t in &mut tables {
             assert!(alloc.grow(t, 65));
@@ -46,7 +47,7 @@ fn engine_step(c: &mut Criterion) {
         for t in &tables {
             b.push(&prompt, 0, t, Logits::None);
         }
-        m.model.forward(&b, &mut kv).expect("prefill");
+        m.model.forward(&b, &mut kv, &mut scratch).expect("prefill");
         drop(b);
         let tok = [42u32];
         g.throughput(criterion::Throughput::Elements(batch as u64));
@@ -56,7 +57,7 @@ fn engine_step(c: &mut Criterion) {
                 for t in &tables {
                     b.push(&tok, 64, t, Logits::Last);
                 }
-                black_box(m.model.forward(&b, &mut kv).expect("step"));
+                black_box(m.model.forward(&b, &mut kv, &mut scratch).expect("step"));
             })
         });
     }
@@ -191,7 +192,7 @@ fn scheduler_plan(c: &mut Criterion) {
 
 /// Routing: the per-request table lookup with 16 models deployed.
 fn routing(c: &mut Criterion) {
-    let m = llmops::embedded::load(&LoadOptions::default()).expect("embedded model");
+    let m = llmops::engine::embedded::load(&LoadOptions::default()).expect("embedded model");
     let engine = Engine::spawn(
         m,
         SchedulerConfig {
@@ -229,7 +230,12 @@ fn routing(c: &mut Criterion) {
 /// Prometheus recorder.
 fn metric_recording(c: &mut Criterion) {
     let _handle = llmops::monitor::exporter::install().expect("recorder");
-    let m = EngineMetrics::new("bench", "v1", "stable");
+    let m = EngineMetrics::new(
+        "bench",
+        "v1",
+        "stable",
+        ["stop", "length", "timeout", "abort"],
+    );
     let r = m.requests(Protocol::Http);
     let mut g = c.benchmark_group("metrics");
     g.bench_function("per_token_itl_and_counter", |b| {

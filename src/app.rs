@@ -11,8 +11,8 @@ use axum::serve::ListenerExt;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::api::auth::Authenticator;
+use crate::api::grpc::AdminService;
 use crate::api::grpc::{self, InferenceService};
-use crate::api::grpc_admin::AdminService;
 use crate::api::http::{self, HttpState};
 use crate::config::Config;
 use crate::registry::ops::ModelOps;
@@ -80,7 +80,7 @@ pub async fn run(
     let served = ops.restore(&cfg.models).await?;
     let limits = Arc::new(cfg.limits.clone());
     health
-        .set_serving::<grpc::pb::inference_server::InferenceServer<InferenceService>>()
+        .set_serving::<crate::proto::inference_server::InferenceServer<InferenceService>>()
         .await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)

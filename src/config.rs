@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
-use crate::api::auth::{KeyConfig, Role};
 use crate::engine::GgufWeights;
 use crate::scheduler::SchedulerConfig;
 
@@ -365,6 +365,71 @@ pub fn default_data_dir() -> PathBuf {
     match std::env::var_os("HOME") {
         Some(h) => PathBuf::from(h).join(".local/share/llmops"),
         None => PathBuf::from(".llmops"),
+    }
+}
+
+/// What a key may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Generation, tokenization, model listing.
+    Inference,
+    /// Everything, including the admin API.
+    Admin,
+}
+
+impl std::str::FromStr for Role {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "inference" => Ok(Role::Inference),
+            "admin" => Ok(Role::Admin),
+            other => anyhow::bail!("unknown role `{other}` (inference, admin)"),
+        }
+    }
+}
+
+/// One key as configured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Name of the key (logged and audited; never the secret).
+    pub id: String,
+    /// Its role.
+    pub role: Role,
+    /// Hex SHA-256 of the secret (`llmops hash-key` prints it).
+    pub sha256: String,
+    /// Requests per minute (absent: unlimited).
+    #[serde(default)]
+    pub requests_per_minute: Option<u32>,
+    /// Prompt + completion tokens per minute (absent: unlimited).
+    #[serde(default)]
+    pub tokens_per_minute: Option<u32>,
+}
+
+/// Hex SHA-256 of a secret.
+pub fn hash_secret(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+impl KeyConfig {
+    /// A key from a plaintext secret, hashed at once.
+    pub fn from_secret(id: &str, role: Role, secret: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            role,
+            sha256: hash_secret(secret),
+            requests_per_minute: None,
+            tokens_per_minute: None,
+        }
+    }
+
+    /// Checks the hash looks like one.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.sha256.len() != 64 || !self.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            anyhow::bail!("key `{}`: sha256 must be 64 hex digits", self.id);
+        }
+        Ok(())
     }
 }
 

@@ -22,15 +22,16 @@
 
 pub mod api;
 pub mod app;
+pub mod cli;
 pub mod config;
-pub mod embedded;
 pub mod engine;
-pub mod export;
+pub mod infer;
 pub mod monitor;
+pub mod proto;
+pub mod quota;
 pub mod registry;
 pub mod router;
 pub mod scheduler;
-pub mod synth;
 pub mod train;
 pub mod validation;
 

@@ -3,7 +3,6 @@
 
 use std::time::Instant;
 
-use crate::api::error::ApiError;
 use crate::config::LimitsConfig;
 use crate::engine::{Message, SamplingParams};
 use crate::monitor::Protocol;
@@ -45,6 +44,37 @@ pub struct GenerationSpec {
     pub protocol: Protocol,
 }
 
+/// Why a request is refused before it reaches an engine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    /// A parameter is malformed or out of range.
+    #[error("{message}")]
+    Invalid {
+        /// The offending parameter.
+        param: String,
+        /// Human-readable reason.
+        message: String,
+    },
+    /// Prompt and completion do not fit the model's context.
+    #[error("{message}")]
+    ContextLength {
+        /// `messages` or `prompt`.
+        param: String,
+        /// Human-readable reason.
+        message: String,
+    },
+}
+
+impl ValidationError {
+    /// An invalid parameter.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            param: param.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
 /// Most choices per request.
 pub const MAX_N: usize = 16;
 /// Most stop strings per request.
@@ -70,22 +100,25 @@ fn input_param(input: &Input) -> &'static str {
 }
 
 /// Tokenizes the input with the engine's tokenizer and chat template.
-pub fn tokenize_input(engine: &Engine, input: &Input) -> Result<Vec<u32>, ApiError> {
+pub fn tokenize_input(engine: &Engine, input: &Input) -> Result<Vec<u32>, ValidationError> {
     let tok = engine.tokenizer();
     match input {
         Input::Text(t) => tok
             .encode(t, true)
-            .map_err(|e| ApiError::invalid("prompt", e.to_string())),
+            .map_err(|e| ValidationError::invalid("prompt", e.to_string())),
         Input::Chat(messages) => {
             if messages.is_empty() {
-                return Err(ApiError::invalid("messages", "messages must not be empty"));
+                return Err(ValidationError::invalid(
+                    "messages",
+                    "messages must not be empty",
+                ));
             }
             for (i, m) in messages.iter().enumerate() {
                 if !matches!(
                     m.role.as_str(),
                     "system" | "user" | "assistant" | "developer"
                 ) {
-                    return Err(ApiError::invalid(
+                    return Err(ValidationError::invalid(
                         "messages",
                         format!(
                             "messages[{i}].role: unknown role `{}` (system, user, assistant)",
@@ -97,10 +130,10 @@ pub fn tokenize_input(engine: &Engine, input: &Input) -> Result<Vec<u32>, ApiErr
             let text = engine
                 .chat_template()
                 .render(messages, true)
-                .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+                .map_err(|e| ValidationError::invalid("messages", e.to_string()))?;
             // The template writes BOS itself where the model wants it.
             tok.encode(&text, false)
-                .map_err(|e| ApiError::invalid("messages", e.to_string()))
+                .map_err(|e| ValidationError::invalid("messages", e.to_string()))
         }
         Input::Tokens(ids) => Ok(ids.clone()),
     }
@@ -111,35 +144,35 @@ pub fn validate(
     spec: GenerationSpec,
     engine: &Engine,
     limits: &LimitsConfig,
-) -> Result<ValidRequest, ApiError> {
+) -> Result<ValidRequest, ValidationError> {
     let param = input_param(&spec.input);
     if spec.n == 0 || spec.n > MAX_N {
-        return Err(ApiError::invalid(
+        return Err(ValidationError::invalid(
             "n",
             format!("n must be between 1 and {MAX_N}, got {}", spec.n),
         ));
     }
     if spec.stop.len() > MAX_STOPS {
-        return Err(ApiError::invalid(
+        return Err(ValidationError::invalid(
             "stop",
             format!("at most {MAX_STOPS} stop strings"),
         ));
     }
     spec.sampling.validate().map_err(|e| match e {
         crate::engine::Error::InvalidParam { param, message } => {
-            ApiError::invalid(&param, format!("{param}: {message}"))
+            ValidationError::invalid(&param, format!("{param}: {message}"))
         }
-        other => ApiError::invalid("sampling", other.to_string()),
+        other => ValidationError::invalid("sampling", other.to_string()),
     })?;
     let prompt = tokenize_input(engine, &spec.input)?;
     if prompt.is_empty() {
-        return Err(ApiError::invalid(param, "the prompt is empty"));
+        return Err(ValidationError::invalid(param, "the prompt is empty"));
     }
     let vocab = engine.tokenizer().vocab_size() as u32;
     if let Input::Tokens(ids) = &spec.input
         && let Some(bad) = ids.iter().find(|&&t| t >= vocab.max(1))
     {
-        return Err(ApiError::invalid(
+        return Err(ValidationError::invalid(
             "prompt",
             format!("token id {bad} is outside the vocabulary ({vocab} tokens)"),
         ));
@@ -147,18 +180,18 @@ pub fn validate(
     let ctx = engine.context_length();
     let max_prompt = limits.max_prompt_tokens.unwrap_or(ctx).min(ctx);
     if prompt.len() >= max_prompt {
-        return Err(ApiError::ContextLength {
+        return Err(ValidationError::ContextLength {
             message: format!(
                 "This model's maximum context length is {ctx} tokens (prompt limit {max_prompt}). However, your {param} has {} tokens. Please shorten it.",
                 prompt.len()
             ),
-            param: Some(param.into()),
+            param: param.into(),
         });
     }
     let remaining = ctx - prompt.len();
     let max_tokens = match spec.max_tokens {
         Some(0) => {
-            return Err(ApiError::invalid(
+            return Err(ValidationError::invalid(
                 "max_tokens",
                 "max_tokens must be at least 1",
             ));
@@ -167,19 +200,19 @@ pub fn validate(
             if let Some(cap) = limits.max_tokens
                 && m > cap
             {
-                return Err(ApiError::invalid(
+                return Err(ValidationError::invalid(
                     "max_tokens",
                     format!("max_tokens is {m}; this server allows at most {cap}"),
                 ));
             }
             if m > remaining {
-                return Err(ApiError::ContextLength {
+                return Err(ValidationError::ContextLength {
                     message: format!(
                         "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the {param}, {m} for the completion). Please reduce the length of the {param} or the completion.",
                         prompt.len() + m,
                         prompt.len()
                     ),
-                    param: Some(param.into()),
+                    param: param.into(),
                 });
             }
             m

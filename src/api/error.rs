@@ -6,7 +6,11 @@ use std::time::Duration;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::infer::InferError;
+use crate::quota::QuotaError;
+use crate::router::RouteError;
 use crate::scheduler::SubmitError;
+use crate::validation::ValidationError;
 
 /// Every error a client can see.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -263,6 +267,60 @@ impl From<SubmitError> for ApiError {
             SubmitError::Unavailable => {
                 ApiError::Unavailable("the model is not accepting requests".into())
             }
+        }
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        match e {
+            ValidationError::Invalid { param, message } => ApiError::BadRequest {
+                message,
+                param: Some(param),
+            },
+            ValidationError::ContextLength { param, message } => ApiError::ContextLength {
+                message,
+                param: Some(param),
+            },
+        }
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        match e {
+            RouteError::ModelNotFound(m) => ApiError::ModelNotFound(m),
+        }
+    }
+}
+
+impl From<QuotaError> for ApiError {
+    fn from(e: QuotaError) -> Self {
+        match e {
+            QuotaError::RateLimited {
+                message,
+                retry_after,
+            } => ApiError::RateLimited {
+                message,
+                retry_after,
+            },
+            QuotaError::NeverFits { message } => ApiError::BadRequest {
+                message,
+                param: Some("max_tokens".into()),
+            },
+        }
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        match e {
+            InferError::Route(e) => e.into(),
+            InferError::Validation(e) => e.into(),
+            InferError::Quota(e) => e.into(),
+            InferError::Submit(e) => e.into(),
+            InferError::Aborted(m) => ApiError::Unavailable(m),
+            InferError::Engine(detail) => ApiError::Internal(detail),
         }
     }
 }

@@ -15,17 +15,16 @@ use axum::{Extension, Json};
 use futures::StreamExt;
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::auth::{Authenticator, Principal};
 use super::error::{ApiError, ErrorType};
-use super::generate::{self, finish_reason_str};
 use super::openai::*;
 use crate::config::LimitsConfig;
 use crate::engine::{TokenLogprob, Tokenizer};
+use crate::infer::{self, Generation};
 use crate::monitor::{Protocol, names};
 use crate::router::{Router, Target};
-use crate::scheduler::Event;
+use crate::scheduler::{Event, FinishReason};
 use crate::validation::{self, GenerationSpec, Input};
 
 /// Shared state of the HTTP handlers.
@@ -178,28 +177,54 @@ impl<T: DeserializeOwned> FromRequest<HttpState> for JsonBody<T> {
                 total.min(DRAIN_CAP)
             )));
         }
-        let de = &mut serde_json::Deserializer::from_slice(&buf);
-        match serde_path_to_error::deserialize(de) {
-            Ok(v) => Ok(JsonBody(v)),
-            Err(e) => {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                let param = if path.is_empty() || path == "." {
-                    None
-                } else {
-                    Some(path.clone())
-                };
-                let message = match inner.classify() {
-                    serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
-                        format!("the body is not valid JSON: {inner}")
-                    }
-                    _ if param.is_some() => format!("invalid value for `{path}`: {inner}"),
-                    _ => format!("invalid request: {inner}"),
-                };
-                Err(ApiError::BadRequest { message, param })
+        parse_json(&buf).map(JsonBody)
+    }
+}
+
+/// Parses a request body, naming the offending field in errors. Fields
+/// flattened into a request (the generation parameters both endpoints share)
+/// are invisible to `serde_path_to_error`, so when an error has no path the
+/// culprit is found by leaving out one top-level key at a time (the first 64
+/// only: this is the error path, and it must stay cheap for hostile bodies).
+pub fn parse_json<T: DeserializeOwned>(buf: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value =
+        serde_json::from_slice(buf).map_err(|e| ApiError::BadRequest {
+            message: format!("the body is not valid JSON: {e}"),
+            param: None,
+        })?;
+    let err = match serde_path_to_error::deserialize::<_, T>(&value) {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let mut path = err.path().to_string();
+    let inner = err.into_inner();
+    if (path.is_empty() || path == ".")
+        && let Some(obj) = value.as_object()
+        && !inner.to_string().starts_with("missing field")
+    {
+        let culprit = obj.keys().take(64).find(|k| {
+            let mut rest = obj.clone();
+            rest.remove(*k);
+            // The culprit is the key whose removal makes this error go away
+            // (not one whose removal only makes a required field missing).
+            match T::deserialize(&serde_json::Value::Object(rest)) {
+                Ok(_) => true,
+                Err(e) => {
+                    let e = e.to_string();
+                    e != inner.to_string() && !e.starts_with(&format!("missing field `{k}`"))
+                }
             }
+        });
+        if let Some(k) = culprit {
+            path = k.clone();
         }
     }
+    let param = (!path.is_empty() && path != ".").then(|| path.clone());
+    let message = match &param {
+        Some(p) => format!("invalid value for `{p}`: {inner}"),
+        None => format!("invalid request: {inner}"),
+    };
+    Err(ApiError::BadRequest { message, param })
 }
 
 fn u64_to_usize(v: Option<u64>, name: &str, max: usize) -> Result<Option<usize>, ApiError> {
@@ -268,6 +293,61 @@ fn completion_logprobs(
     out
 }
 
+/// The request's generation settings in protocol-neutral form, for `input`.
+fn spec(
+    common: &GenerationFields,
+    input: Input,
+    max_tokens: Option<usize>,
+    logprobs: Option<usize>,
+    arrival: Instant,
+) -> Result<GenerationSpec, ApiError> {
+    Ok(GenerationSpec {
+        input,
+        max_tokens,
+        sampling: common.sampling.to_params(logprobs)?,
+        stop: common
+            .stop
+            .clone()
+            .map(StringOrList::into_vec)
+            .unwrap_or_default(),
+        stop_token_ids: common.stop_token_ids.clone(),
+        ignore_eos: common.ignore_eos,
+        n: u64_to_usize(common.n, "n", validation::MAX_N)?.unwrap_or(1),
+        deadline: None,
+        arrival,
+        protocol: Protocol::Http,
+    })
+}
+
+/// What every response and chunk of one request repeats.
+#[derive(Clone)]
+struct Envelope {
+    id: String,
+    created: u64,
+    model: String,
+    /// The serving version.
+    fingerprint: String,
+}
+
+impl Envelope {
+    fn new(prefix: &str, model: &str, target: &Target) -> Self {
+        Self {
+            id: format!("{prefix}-{}", random_id(12)),
+            created: unix_now(),
+            model: model.to_string(),
+            fingerprint: target.version.clone(),
+        }
+    }
+}
+
+fn usage(prompt_tokens: usize, completion_tokens: usize) -> Usage {
+    Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+    }
+}
+
 async fn chat_completions(
     State(st): State<HttpState>,
     Extension(principal): Extension<Arc<Principal>>,
@@ -275,183 +355,76 @@ async fn chat_completions(
     JsonBody(req): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
+    req.common.refuse_unsupported()?;
     let target = st.router.pick(&req.model)?;
     let top = u64_to_usize(
         req.top_logprobs,
         "top_logprobs",
         crate::engine::sampling::MAX_TOP_LOGPROBS,
     )?;
-    let logprobs = if req.logprobs {
-        Some(top.unwrap_or(0))
-    } else if top.is_some() {
-        return Err(ApiError::invalid(
-            "top_logprobs",
-            "top_logprobs requires logprobs: true",
-        ));
-    } else {
-        None
+    let logprobs = match (req.logprobs, top) {
+        (true, top) => Some(top.unwrap_or(0)),
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs requires logprobs: true",
+            ));
+        }
+        (false, None) => None,
     };
-    let messages = flatten_messages(&req.messages)?;
-    let spec = GenerationSpec {
-        input: Input::Chat(messages),
-        max_tokens: u64_to_usize(
-            req.max_completion_tokens.or(req.max_tokens),
-            "max_tokens",
-            usize::MAX,
-        )?,
-        sampling: req.sampling().to_params(logprobs)?,
-        stop: req
-            .stop
-            .clone()
-            .map(StringOrList::into_vec)
-            .unwrap_or_default(),
-        stop_token_ids: req.stop_token_ids.clone(),
-        ignore_eos: req.ignore_eos,
-        n: u64_to_usize(req.n, "n", validation::MAX_N)?.unwrap_or(1),
-        deadline: None,
-        arrival,
-        protocol: Protocol::Http,
-    };
-    let valid = validation::validate(spec, &target.engine, &st.limits)?;
+    let max_tokens = u64_to_usize(
+        req.max_completion_tokens.or(req.common.max_tokens),
+        "max_tokens",
+        usize::MAX,
+    )?;
+    let input = Input::Chat(flatten_messages(&req.messages)?);
+    let spec = spec(&req.common, input, max_tokens, logprobs, arrival)?;
     let span = tracing::info_span!("chat", request_id = %rid.0, model = %req.model, version = %target.version);
     let _e = span.enter();
-    let n = valid.choices.len();
-    let sub = generate::submit(&target, valid, principal)?;
-    let id = format!("chatcmpl-{}", random_id(12));
-    let fingerprint = target.version.clone();
-    let model = req.model.clone();
-    if req.stream {
-        let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
-        return Ok(stream_chat(
-            target,
-            sub,
-            id,
-            model,
-            fingerprint,
-            include_usage,
-            req.logprobs,
-        )
-        .into_response());
+    let valid = infer::validate(&target, vec![spec], &st.limits).await?;
+    let generation = infer::submit(&target, valid, &principal.quota)?;
+    let env = Envelope::new("chatcmpl", &req.model, &target);
+    let tok = target.engine.tokenizer().clone();
+    if req.common.stream {
+        let writer = ChatWriter {
+            env,
+            tok,
+            logprobs: req.logprobs,
+        };
+        return Ok(sse_stream(generation, writer, req.common.include_usage()).into_response());
     }
-    let outs =
-        futures::future::try_join_all(sub.receivers.into_iter().map(generate::collect)).await;
-    let outs = match outs {
-        Ok(o) => o,
-        Err(e) => {
-            sub.principal.refund_tokens(sub.reserved as u64);
-            return Err(e);
-        }
-    };
+    let prompt_tokens = generation.prompt_tokens;
+    let outs = generation.collect().await?;
     let completion_tokens: usize = outs.iter().map(|o| o.completion_tokens).sum();
-    let used = completion_tokens;
-    let tok = target.engine.tokenizer();
     let choices = outs
         .into_iter()
         .enumerate()
         .map(|(i, o)| ChatChoice {
             index: i,
-            logprobs: req.logprobs.then(|| chat_logprobs(tok, &o.logprobs)),
-            finish_reason: o.finish_reason.map(finish_reason_str).unwrap_or("stop"),
+            logprobs: req.logprobs.then(|| chat_logprobs(&tok, &o.logprobs)),
+            finish_reason: o.finish_reason.map_or("stop", FinishReason::as_str),
             message: AssistantMessage {
                 role: "assistant",
                 content: o.text,
             },
         })
-        .collect::<Vec<_>>();
-    debug_assert_eq!(choices.len(), n);
-    let usage = Usage {
-        prompt_tokens: sub.prompt_tokens,
-        completion_tokens,
-        total_tokens: sub.prompt_tokens + completion_tokens,
-    };
-    sub.principal
-        .refund_tokens(sub.reserved.saturating_sub(sub.prompt_tokens + used) as u64);
+        .collect();
     tracing::info!(
-        prompt_tokens = usage.prompt_tokens,
+        prompt_tokens,
         completion_tokens,
         elapsed_ms = arrival.elapsed().as_millis() as u64,
         "chat completion"
     );
     Ok(Json(ChatCompletion {
-        id,
+        id: env.id,
         object: "chat.completion",
-        created: unix_now(),
-        model,
-        system_fingerprint: fingerprint,
+        created: env.created,
+        model: env.model,
+        system_fingerprint: env.fingerprint,
         choices,
-        usage,
+        usage: usage(prompt_tokens, completion_tokens),
     })
     .into_response())
-}
-
-fn sse(data: String) -> Result<SseEvent, Infallible> {
-    Ok(SseEvent::default().data(data))
-}
-
-fn stream_chat(
-    target: Arc<Target>,
-    sub: generate::Submitted,
-    id: String,
-    model: String,
-    fingerprint: String,
-    include_usage: bool,
-    want_logprobs: bool,
-) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
-    let created = unix_now();
-    let n = sub.receivers.len();
-    let prompt_tokens = sub.prompt_tokens;
-    let stream = async_stream::stream! {
-        let chunk = |choices: Vec<ChunkChoice>, usage: Option<Usage>| ChatChunk {
-            id: id.clone(),
-            object: "chat.completion.chunk",
-            created,
-            model: model.clone(),
-            system_fingerprint: fingerprint.clone(),
-            choices,
-            usage,
-        };
-        for i in 0..n {
-            let c = chunk(vec![ChunkChoice { index: i, delta: Delta { role: Some("assistant"), content: Some(String::new()) }, logprobs: None, finish_reason: None }], None);
-            yield sse(serde_json::to_string(&c).unwrap_or_default());
-        }
-        let tok = target.engine.tokenizer().clone();
-        let principal = sub.principal.clone();
-        let reserved = sub.reserved;
-        let mut merged = futures::stream::select_all(
-            sub.receivers.into_iter().enumerate().map(|(i, rx)| ReceiverStream::new(rx).map(move |e| (i, e))),
-        );
-        let mut completion_tokens = 0;
-        while let Some((i, ev)) = merged.next().await {
-            match ev {
-                Event::Token { text, logprob, .. } => {
-                    if text.is_empty() && !(want_logprobs && logprob.is_some()) {
-                        continue;
-                    }
-                    let lp = if want_logprobs { logprob.map(|l| chat_logprobs(&tok, &[l])) } else { None };
-                    let c = chunk(vec![ChunkChoice { index: i, delta: Delta { role: None, content: Some(text) }, logprobs: lp, finish_reason: None }], None);
-                    yield sse(serde_json::to_string(&c).unwrap_or_default());
-                }
-                Event::Done(done) => {
-                    completion_tokens += done.completion_tokens;
-                    let content = (!done.tail.is_empty()).then_some(done.tail);
-                    let c = chunk(vec![ChunkChoice { index: i, delta: Delta { role: None, content }, logprobs: None, finish_reason: Some(finish_reason_str(done.reason)) }], None);
-                    yield sse(serde_json::to_string(&c).unwrap_or_default());
-                }
-                Event::Failed(e) => {
-                    tracing::error!(error = %e, "generation failed mid-stream");
-                    yield sse(ApiError::Internal(e).body().to_string());
-                    break;
-                }
-            }
-        }
-        principal.refund_tokens(reserved.saturating_sub(prompt_tokens + completion_tokens) as u64);
-        if include_usage {
-            let u = Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
-            yield sse(serde_json::to_string(&chunk(vec![], Some(u))).unwrap_or_default());
-        }
-        yield sse("[DONE]".to_string());
-    };
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 async fn completions(
@@ -461,13 +434,14 @@ async fn completions(
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    let target = st.router.pick(&req.model)?;
+    req.common.refuse_unsupported()?;
     if req.echo {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
     if req.suffix.is_some() {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
+    let target = st.router.pick(&req.model)?;
     let logprobs = u64_to_usize(
         req.logprobs,
         "logprobs",
@@ -485,163 +459,257 @@ async fn completions(
             format!("between 1 and {} prompts per request", validation::MAX_N),
         ));
     }
-    let n = u64_to_usize(req.n, "n", validation::MAX_N)?.unwrap_or(1);
+    // OpenAI's default for this endpoint.
+    let max_tokens = u64_to_usize(req.common.max_tokens, "max_tokens", usize::MAX)?.or(Some(16));
+    let specs = inputs
+        .into_iter()
+        .map(|input| spec(&req.common, input, max_tokens, logprobs, arrival))
+        .collect::<Result<Vec<_>, _>>()?;
     let span = tracing::info_span!("completion", request_id = %rid.0, model = %req.model, version = %target.version);
     let _e = span.enter();
-    // Validate every prompt before submitting any.
-    let mut valids = vec![];
-    for input in inputs {
-        let spec = GenerationSpec {
-            input,
-            // OpenAI's default for this endpoint.
-            max_tokens: u64_to_usize(req.max_tokens, "max_tokens", usize::MAX)?.or(Some(16)),
-            sampling: req.sampling().to_params(logprobs)?,
-            stop: req
-                .stop
-                .clone()
-                .map(StringOrList::into_vec)
-                .unwrap_or_default(),
-            stop_token_ids: req.stop_token_ids.clone(),
-            ignore_eos: req.ignore_eos,
-            n,
-            deadline: None,
-            arrival,
-            protocol: Protocol::Http,
+    // Every prompt is validated before any is submitted.
+    let valid = infer::validate(&target, specs, &st.limits).await?;
+    let generation = infer::submit(&target, valid, &principal.quota)?;
+    let env = Envelope::new("cmpl", &req.model, &target);
+    let tok = target.engine.tokenizer().clone();
+    if req.common.stream {
+        let writer = CompletionWriter {
+            env,
+            tok,
+            logprobs: logprobs.is_some(),
+            offsets: vec![0; generation.choices()],
         };
-        valids.push(validation::validate(spec, &target.engine, &st.limits)?);
+        return Ok(sse_stream(generation, writer, req.common.include_usage()).into_response());
     }
-    let mut subs = vec![];
-    for v in valids {
-        subs.push(generate::submit(&target, v, principal.clone())?);
-    }
-    let id = format!("cmpl-{}", random_id(12));
-    let fingerprint = target.version.clone();
-    let model = req.model.clone();
-    if req.stream {
-        let include_usage = req.stream_options.map(|o| o.include_usage).unwrap_or(false);
-        return Ok(stream_completion(
-            target,
-            subs,
-            id,
-            model,
-            fingerprint,
-            include_usage,
-            logprobs.is_some(),
-        )
-        .into_response());
-    }
-    let mut choices = vec![];
-    let mut usage = Usage::default();
-    for mut sub in subs {
-        usage.prompt_tokens += sub.prompt_tokens;
-        let receivers = std::mem::take(&mut sub.receivers);
-        let collected =
-            futures::future::try_join_all(receivers.into_iter().map(generate::collect)).await;
-        let collected = match collected {
-            Ok(c) => c,
-            Err(e) => {
-                sub.principal.refund_tokens(sub.reserved as u64);
-                return Err(e);
-            }
-        };
-        let tok = target.engine.tokenizer();
-        let mut used = 0;
-        for o in collected {
-            used += o.completion_tokens;
-            choices.push(CompletionChoice {
-                index: choices.len(),
-                logprobs: logprobs.map(|_| completion_logprobs(tok, &o.logprobs, 0)),
-                finish_reason: o.finish_reason.map(finish_reason_str),
-                text: o.text,
-            });
-        }
-        usage.completion_tokens += used;
-        sub.principal
-            .refund_tokens(sub.reserved.saturating_sub(sub.prompt_tokens + used) as u64);
-    }
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
+    let prompt_tokens = generation.prompt_tokens;
+    let outs = generation.collect().await?;
+    let completion_tokens: usize = outs.iter().map(|o| o.completion_tokens).sum();
+    let choices = outs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| CompletionChoice {
+            index: i,
+            logprobs: logprobs.map(|_| completion_logprobs(&tok, &o.logprobs, 0)),
+            finish_reason: o.finish_reason.map(FinishReason::as_str),
+            text: o.text,
+        })
+        .collect();
     Ok(Json(Completion {
-        id,
+        id: env.id,
         object: "text_completion",
-        created: unix_now(),
-        model,
-        system_fingerprint: fingerprint,
+        created: env.created,
+        model: env.model,
+        system_fingerprint: env.fingerprint,
         choices,
-        usage: Some(usage),
+        usage: Some(usage(prompt_tokens, completion_tokens)),
     })
     .into_response())
 }
 
-fn stream_completion(
-    target: Arc<Target>,
-    subs: Vec<generate::Submitted>,
-    id: String,
-    model: String,
-    fingerprint: String,
+fn sse(data: String) -> Result<SseEvent, Infallible> {
+    Ok(SseEvent::default().data(data))
+}
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+/// How one endpoint writes its stream chunks; [`sse_stream`] does the rest.
+trait ChunkWriter: Send + 'static {
+    /// Chunks sent before any token.
+    fn opening(&self, _choices: usize) -> Vec<String> {
+        vec![]
+    }
+    /// A token's chunk, or `None` when there is nothing to send.
+    fn token(
+        &mut self,
+        choice: usize,
+        text: String,
+        logprob: Option<TokenLogprob>,
+    ) -> Option<String>;
+    /// A choice's last chunk.
+    fn done(&mut self, choice: usize, tail: String, reason: FinishReason) -> String;
+    /// The final usage chunk.
+    fn usage(&self, usage: Usage) -> String;
+}
+
+/// Streams a generation as server-sent events: the writer's chunks, the
+/// usage chunk when asked, then `[DONE]`. An engine failure, or an engine
+/// that stops without finishing a choice, ends the stream with an error
+/// event and no `[DONE]`, so a client never mistakes it for a complete
+/// answer.
+fn sse_stream(
+    generation: Generation,
+    mut w: impl ChunkWriter,
     include_usage: bool,
-    want_logprobs: bool,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
-    let created = unix_now();
+    let n = generation.choices();
+    let prompt_tokens = generation.prompt_tokens;
     let stream = async_stream::stream! {
-        let chunk = |choices: Vec<CompletionChoice>, usage: Option<Usage>| Completion {
-            id: id.clone(),
-            object: "text_completion",
-            created,
-            model: model.clone(),
-            system_fingerprint: fingerprint.clone(),
-            choices,
-            usage,
-        };
-        let tok = target.engine.tokenizer().clone();
-        let prompt_tokens: usize = subs.iter().map(|s| s.prompt_tokens).sum();
-        let mut settle = vec![];
-        let mut streams = vec![];
-        let mut index = 0;
-        for sub in subs {
-            settle.push((sub.principal.clone(), sub.reserved, sub.prompt_tokens));
-            for rx in sub.receivers {
-                let i = index;
-                index += 1;
-                streams.push(ReceiverStream::new(rx).map(move |e| (i, e)));
-            }
+        for c in w.opening(n) {
+            yield sse(c);
         }
-        let mut merged = futures::stream::select_all(streams);
+        let mut events = generation.events();
         let mut completion_tokens = 0;
-        let mut offsets = vec![0usize; index];
-        while let Some((i, ev)) = merged.next().await {
+        let mut open = n;
+        while let Some((i, ev)) = events.next().await {
             match ev {
                 Event::Token { text, logprob, .. } => {
-                    if text.is_empty() && !(want_logprobs && logprob.is_some()) {
-                        continue;
+                    if let Some(c) = w.token(i, text, logprob) {
+                        yield sse(c);
                     }
-                    let lp = if want_logprobs { logprob.map(|l| completion_logprobs(&tok, &[l], offsets[i])) } else { None };
-                    offsets[i] += text.len();
-                    let c = chunk(vec![CompletionChoice { index: i, text, logprobs: lp, finish_reason: None }], None);
-                    yield sse(serde_json::to_string(&c).unwrap_or_default());
                 }
                 Event::Done(done) => {
+                    open -= 1;
                     completion_tokens += done.completion_tokens;
-                    let c = chunk(vec![CompletionChoice { index: i, text: done.tail, logprobs: None, finish_reason: Some(finish_reason_str(done.reason)) }], None);
-                    yield sse(serde_json::to_string(&c).unwrap_or_default());
+                    yield sse(w.done(i, done.tail, done.reason));
                 }
                 Event::Failed(e) => {
                     tracing::error!(error = %e, "generation failed mid-stream");
                     yield sse(ApiError::Internal(e).body().to_string());
-                    break;
+                    return;
                 }
             }
         }
-        let reserved_total: usize = settle.iter().map(|s| s.1).sum();
-        if let Some((p, _, _)) = settle.first() {
-            p.refund_tokens(reserved_total.saturating_sub(prompt_tokens + completion_tokens) as u64);
+        if open > 0 {
+            let e = ApiError::Internal("the engine stopped before the request finished".into());
+            tracing::error!("an engine stopped mid-stream");
+            yield sse(e.body().to_string());
+            return;
         }
         if include_usage {
-            let u = Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
-            yield sse(serde_json::to_string(&chunk(vec![], Some(u))).unwrap_or_default());
+            yield sse(w.usage(usage(prompt_tokens, completion_tokens)));
         }
         yield sse("[DONE]".to_string());
     };
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// `chat.completion.chunk`s.
+struct ChatWriter {
+    env: Envelope,
+    tok: Tokenizer,
+    logprobs: bool,
+}
+
+impl ChatWriter {
+    fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> String {
+        json(&ChatChunk {
+            id: self.env.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.env.created,
+            model: self.env.model.clone(),
+            system_fingerprint: self.env.fingerprint.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn choice(&self, index: usize, content: Option<String>) -> ChunkChoice {
+        ChunkChoice {
+            index,
+            delta: Delta {
+                role: None,
+                content,
+            },
+            logprobs: None,
+            finish_reason: None,
+        }
+    }
+}
+
+impl ChunkWriter for ChatWriter {
+    fn opening(&self, choices: usize) -> Vec<String> {
+        (0..choices)
+            .map(|i| {
+                let mut c = self.choice(i, Some(String::new()));
+                c.delta.role = Some("assistant");
+                self.chunk(vec![c], None)
+            })
+            .collect()
+    }
+
+    fn token(&mut self, i: usize, text: String, logprob: Option<TokenLogprob>) -> Option<String> {
+        let logprob = logprob.filter(|_| self.logprobs);
+        if text.is_empty() && logprob.is_none() {
+            return None;
+        }
+        let mut c = self.choice(i, Some(text));
+        c.logprobs = logprob.map(|l| chat_logprobs(&self.tok, &[l]));
+        Some(self.chunk(vec![c], None))
+    }
+
+    fn done(&mut self, i: usize, tail: String, reason: FinishReason) -> String {
+        let mut c = self.choice(i, (!tail.is_empty()).then_some(tail));
+        c.finish_reason = Some(reason.as_str());
+        self.chunk(vec![c], None)
+    }
+
+    fn usage(&self, usage: Usage) -> String {
+        self.chunk(vec![], Some(usage))
+    }
+}
+
+/// `text_completion` chunks.
+struct CompletionWriter {
+    env: Envelope,
+    tok: Tokenizer,
+    logprobs: bool,
+    /// Characters streamed so far per choice (logprobs' `text_offset`).
+    offsets: Vec<usize>,
+}
+
+impl CompletionWriter {
+    fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> String {
+        json(&Completion {
+            id: self.env.id.clone(),
+            object: "text_completion",
+            created: self.env.created,
+            model: self.env.model.clone(),
+            system_fingerprint: self.env.fingerprint.clone(),
+            choices,
+            usage,
+        })
+    }
+}
+
+impl ChunkWriter for CompletionWriter {
+    fn token(&mut self, i: usize, text: String, logprob: Option<TokenLogprob>) -> Option<String> {
+        let logprob = logprob.filter(|_| self.logprobs);
+        if text.is_empty() && logprob.is_none() {
+            return None;
+        }
+        let offset = self.offsets.get(i).copied().unwrap_or(0);
+        let logprobs = logprob.map(|l| completion_logprobs(&self.tok, &[l], offset));
+        if let Some(o) = self.offsets.get_mut(i) {
+            *o += text.len();
+        }
+        Some(self.chunk(
+            vec![CompletionChoice {
+                index: i,
+                text,
+                logprobs,
+                finish_reason: None,
+            }],
+            None,
+        ))
+    }
+
+    fn done(&mut self, i: usize, tail: String, reason: FinishReason) -> String {
+        self.chunk(
+            vec![CompletionChoice {
+                index: i,
+                text: tail,
+                logprobs: None,
+                finish_reason: Some(reason.as_str()),
+            }],
+            None,
+        )
+    }
+
+    fn usage(&self, usage: Usage) -> String {
+        self.chunk(vec![], Some(usage))
+    }
 }
 
 async fn list_models(State(st): State<HttpState>) -> Json<serde_json::Value> {
@@ -684,8 +752,10 @@ fn yes() -> bool {
 
 async fn tokenize(
     State(st): State<HttpState>,
+    Extension(principal): Extension<Arc<Principal>>,
     JsonBody(req): JsonBody<TokenizeRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    principal.quota.charge_request()?;
     let target = st.router.pick(&req.model)?;
     let engine = &target.engine;
     let tokens = match (&req.prompt, &req.messages) {

@@ -4,8 +4,6 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
-pub mod generate;
 pub mod grpc;
-pub mod grpc_admin;
 pub mod http;
 pub mod openai;

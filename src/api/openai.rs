@@ -79,9 +79,8 @@ pub struct ChatMessage {
     pub content: Option<Content>,
 }
 
-/// Sampling fields shared by both endpoints (not flattened into the requests,
-/// so deserialization errors can name the field).
-#[derive(Debug, Clone, Default)]
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct SamplingFields {
     /// Temperature (OpenAI default 1; greedy when 0).
     pub temperature: Option<f32>,
@@ -128,18 +127,111 @@ impl SamplingFields {
     }
 }
 
-/// `POST /v1/chat/completions`.
+/// Parameters of the OpenAI API this server does not implement. Each one
+/// present with a value other than its no-op is refused with a 400 naming
+/// it, rather than silently ignored (a client asking for JSON output or
+/// tools must not get plain text and believe it got what it asked for).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Unsupported {
+    /// Structured output.
+    pub response_format: Option<serde_json::Value>,
+    /// Tool calling.
+    pub tools: Option<serde_json::Value>,
+    /// Tool choice.
+    pub tool_choice: Option<serde_json::Value>,
+    /// Parallel tool calls.
+    pub parallel_tool_calls: Option<serde_json::Value>,
+    /// Legacy function calling.
+    pub functions: Option<serde_json::Value>,
+    /// Legacy function choice.
+    pub function_call: Option<serde_json::Value>,
+    /// Logit bias.
+    pub logit_bias: Option<serde_json::Value>,
+    /// Server-side best-of.
+    pub best_of: Option<serde_json::Value>,
+    /// Output modalities.
+    pub modalities: Option<serde_json::Value>,
+    /// Audio output.
+    pub audio: Option<serde_json::Value>,
+    /// Predicted outputs.
+    pub prediction: Option<serde_json::Value>,
+    /// Web search.
+    pub web_search_options: Option<serde_json::Value>,
+    /// Reasoning effort.
+    pub reasoning_effort: Option<serde_json::Value>,
+    /// Guided decoding (vLLM extensions).
+    pub guided_json: Option<serde_json::Value>,
+    /// Guided decoding by regex (vLLM extension).
+    pub guided_regex: Option<serde_json::Value>,
+    /// Guided decoding by choice (vLLM extension).
+    pub guided_choice: Option<serde_json::Value>,
+    /// Guided decoding by grammar (vLLM extension).
+    pub guided_grammar: Option<serde_json::Value>,
+}
+
+impl Unsupported {
+    /// The first parameter given with an effect this server does not have.
+    pub fn refuse(&self) -> Result<(), ApiError> {
+        use serde_json::Value;
+        let noop = |v: &Option<Value>, ok: &dyn Fn(&Value) -> bool| {
+            v.as_ref().is_none_or(|v| v.is_null() || ok(v))
+        };
+        let never = |_: &Value| false;
+        type Check<'a> = (&'a str, &'a Option<Value>, &'a dyn Fn(&Value) -> bool);
+        let checks: [Check; 17] = [
+            ("response_format", &self.response_format, &|v| {
+                v.get("type").and_then(Value::as_str) == Some("text")
+            }),
+            ("tools", &self.tools, &|v| {
+                v.as_array().is_some_and(Vec::is_empty)
+            }),
+            ("tool_choice", &self.tool_choice, &|v| {
+                v.as_str() == Some("none")
+            }),
+            ("parallel_tool_calls", &self.parallel_tool_calls, &|v| {
+                v.is_boolean()
+            }),
+            ("functions", &self.functions, &|v| {
+                v.as_array().is_some_and(Vec::is_empty)
+            }),
+            ("function_call", &self.function_call, &|v| {
+                v.as_str() == Some("none")
+            }),
+            ("logit_bias", &self.logit_bias, &|v| {
+                v.as_object().is_some_and(|m| m.is_empty())
+            }),
+            ("best_of", &self.best_of, &|v| v.as_u64() == Some(1)),
+            ("modalities", &self.modalities, &|v| {
+                *v == serde_json::json!(["text"])
+            }),
+            ("audio", &self.audio, &never),
+            ("prediction", &self.prediction, &never),
+            ("web_search_options", &self.web_search_options, &never),
+            ("reasoning_effort", &self.reasoning_effort, &never),
+            ("guided_json", &self.guided_json, &never),
+            ("guided_regex", &self.guided_regex, &never),
+            ("guided_choice", &self.guided_choice, &never),
+            ("guided_grammar", &self.guided_grammar, &never),
+        ];
+        for (name, value, ok) in checks {
+            if !noop(value, ok) {
+                return Err(ApiError::invalid(
+                    name,
+                    format!("`{name}` is not supported by this server"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Fields both generation endpoints take, declared once and flattened into
+/// each request.
 #[derive(Debug, Clone, Deserialize)]
-pub struct ChatCompletionRequest {
-    /// Model name.
-    pub model: String,
-    /// The conversation.
-    pub messages: Vec<ChatMessage>,
-    /// Completion length (legacy name).
+pub struct GenerationFields {
+    /// Completion length (chat: the legacy name of `max_completion_tokens`).
     pub max_tokens: Option<u64>,
-    /// Completion length.
-    pub max_completion_tokens: Option<u64>,
-    /// Choices.
+    /// Choices (per prompt).
     pub n: Option<u64>,
     /// Stream chunks.
     #[serde(default)]
@@ -148,11 +240,6 @@ pub struct ChatCompletionRequest {
     pub stream_options: Option<StreamOptions>,
     /// Stop strings.
     pub stop: Option<StringOrList>,
-    /// Return log-probabilities.
-    #[serde(default)]
-    pub logprobs: bool,
-    /// Alternatives per token (0–20).
-    pub top_logprobs: Option<u64>,
     /// End-user id.
     pub user: Option<String>,
     /// Extension: keep going past EOS.
@@ -161,22 +248,45 @@ pub struct ChatCompletionRequest {
     /// Extension: extra stop ids.
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
-    /// Temperature (OpenAI default 1; greedy when 0).
-    pub temperature: Option<f32>,
-    /// Nucleus mass.
-    pub top_p: Option<f32>,
-    /// Extension: top-k (0 or -1 disables).
-    pub top_k: Option<i64>,
-    /// Extension: min-p.
-    pub min_p: Option<f32>,
-    /// Extension: repetition penalty.
-    pub repetition_penalty: Option<f32>,
-    /// Presence penalty.
-    pub presence_penalty: Option<f32>,
-    /// Frequency penalty.
-    pub frequency_penalty: Option<f32>,
-    /// Seed.
-    pub seed: Option<i64>,
+    /// Sampling.
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+    /// Parameters refused when they would have an effect.
+    #[serde(flatten)]
+    pub unsupported: Unsupported,
+}
+
+impl GenerationFields {
+    /// Refuses unsupported parameters (see [`Unsupported`]).
+    pub fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        self.unsupported.refuse()
+    }
+
+    /// Whether the stream ends with a usage chunk.
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// Model name.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessage>,
+    /// Completion length.
+    pub max_completion_tokens: Option<u64>,
+    /// Return log-probabilities.
+    #[serde(default)]
+    pub logprobs: bool,
+    /// Alternatives per token (0–20).
+    pub top_logprobs: Option<u64>,
+    /// The rest.
+    #[serde(flatten)]
+    pub common: GenerationFields,
 }
 
 /// `POST /v1/completions`.
@@ -186,17 +296,6 @@ pub struct CompletionRequest {
     pub model: String,
     /// Prompt(s).
     pub prompt: Prompt,
-    /// Completion length (OpenAI default 16).
-    pub max_tokens: Option<u64>,
-    /// Choices per prompt.
-    pub n: Option<u64>,
-    /// Stream chunks.
-    #[serde(default)]
-    pub stream: bool,
-    /// Stream options.
-    pub stream_options: Option<StreamOptions>,
-    /// Stop strings.
-    pub stop: Option<StringOrList>,
     /// Alternatives per token (0–20); absent means none.
     pub logprobs: Option<u64>,
     /// Echo the prompt (unsupported).
@@ -204,30 +303,9 @@ pub struct CompletionRequest {
     pub echo: bool,
     /// Text after the completion (unsupported).
     pub suffix: Option<String>,
-    /// End-user id.
-    pub user: Option<String>,
-    /// Extension: keep going past EOS.
-    #[serde(default)]
-    pub ignore_eos: bool,
-    /// Extension: extra stop ids.
-    #[serde(default)]
-    pub stop_token_ids: Vec<u32>,
-    /// Temperature (OpenAI default 1; greedy when 0).
-    pub temperature: Option<f32>,
-    /// Nucleus mass.
-    pub top_p: Option<f32>,
-    /// Extension: top-k (0 or -1 disables).
-    pub top_k: Option<i64>,
-    /// Extension: min-p.
-    pub min_p: Option<f32>,
-    /// Extension: repetition penalty.
-    pub repetition_penalty: Option<f32>,
-    /// Presence penalty.
-    pub presence_penalty: Option<f32>,
-    /// Frequency penalty.
-    pub frequency_penalty: Option<f32>,
-    /// Seed.
-    pub seed: Option<i64>,
+    /// The rest (`max_tokens` defaults to 16 here, as OpenAI's).
+    #[serde(flatten)]
+    pub common: GenerationFields,
 }
 
 /// Flattens chat messages to role + text.
@@ -433,25 +511,3 @@ pub struct ChatChunk {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
 }
-
-macro_rules! sampling_of {
-    ($t:ty) => {
-        impl $t {
-            /// The sampling fields of the request.
-            pub fn sampling(&self) -> SamplingFields {
-                SamplingFields {
-                    temperature: self.temperature,
-                    top_p: self.top_p,
-                    top_k: self.top_k,
-                    min_p: self.min_p,
-                    repetition_penalty: self.repetition_penalty,
-                    presence_penalty: self.presence_penalty,
-                    frequency_penalty: self.frequency_penalty,
-                    seed: self.seed,
-                }
-            }
-        }
-    };
-}
-sampling_of!(ChatCompletionRequest);
-sampling_of!(CompletionRequest);

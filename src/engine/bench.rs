@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::cpu::limits::Limits;
-use super::{Batch, BlockAllocator, KvCache, LoadedModel, Logits, Result, sampling};
+use super::{Batch, BlockAllocator, KvCache, LoadedModel, Logits, Result, Scratch, sampling};
 
 /// One measurement.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -68,6 +68,7 @@ pub fn decode_throughput(
     let need = (prompt_len + steps + 1).div_ceil(block) * batch;
     let mut alloc = BlockAllocator::new(need, block);
     let mut kv = KvCache::new(m.model.kv_shape(block), need);
+    let mut scratch = Scratch::default();
     let vocab = m.model.config().vocab_size as u32;
     let mut seqs: Vec<Vec<u32>> = (0..batch)
         .map(|s| {
@@ -87,7 +88,10 @@ pub fn decode_throughput(
     for (s, t) in seqs.iter().zip(&tables) {
         b.push(s, 0, t, Logits::Last);
     }
-    let logits = m.model.forward(&b, &mut kv)?.to_vec2::<f32>()?;
+    let logits = m
+        .model
+        .forward(&b, &mut kv, &mut scratch)?
+        .to_vec2::<f32>()?;
     drop(b);
     for (s, row) in seqs.iter_mut().zip(&logits) {
         s.push(sampling::argmax(row));
@@ -101,7 +105,7 @@ pub fn decode_throughput(
             let pos = s.len() - 1;
             b.push(&s[pos..], pos, t, Logits::Last);
         }
-        m.model.forward_into(&b, &mut kv, &mut flat)?;
+        m.model.forward_into(&b, &mut kv, &mut scratch, &mut flat)?;
         drop(b);
         let v = flat.len() / batch;
         for (s, row) in seqs.iter_mut().zip(flat.chunks(v)) {

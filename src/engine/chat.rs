@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Error, Result};
 
+/// The chat template of synthetic and self-trained models.
+pub const DEFAULT_CHAT_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
+
 /// One chat message with its text already flattened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {

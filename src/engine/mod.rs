@@ -4,13 +4,20 @@
 //! Invariant: only this module (and `train/`) knows candle. The scheduler sees
 //! [`LoadedModel::forward`] on a [`Batch`] and gets logits back.
 
+pub mod batch;
 pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod cpu;
+pub mod embedded;
+pub mod export_gguf;
+mod forward;
+mod host;
 pub mod kv;
 pub mod model;
 pub mod sampling;
+pub mod synth;
+mod tensor;
 pub mod tokenizer;
 pub mod weights;
 
@@ -19,10 +26,12 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device};
 
+pub use batch::{Batch, Logits, SeqView};
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, ModelConfig};
+pub use host::Scratch;
 pub use kv::{BlockAllocator, KvCache, KvShape};
-pub use model::{Batch, Logits, Model};
+pub use model::Model;
 pub use sampling::{Sampler, SamplingParams, TokenLogprob};
 pub use tokenizer::{StopMatcher, StopOutcome, TextStream, Tokenizer};
 

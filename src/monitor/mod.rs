@@ -177,8 +177,14 @@ pub struct EngineMetrics {
 }
 
 impl EngineMetrics {
-    /// Registers the handles of one engine.
-    pub fn new(model: &str, version: &str, variant: &str) -> Arc<Self> {
+    /// Registers the handles of one engine. `finish_reasons` are the labels
+    /// of `success`, in the order the caller indexes it.
+    pub fn new(
+        model: &str,
+        version: &str,
+        variant: &str,
+        finish_reasons: [&'static str; 4],
+    ) -> Arc<Self> {
         describe();
         let base = vec![
             Label::new("model", model.to_string()),
@@ -213,12 +219,7 @@ impl EngineMetrics {
                 generation_tokens_hist: h(names::GENERATION_TOKENS_HIST),
                 prompt_tokens: c(names::PROMPT_TOKENS),
                 generation_tokens: c(names::GENERATION_TOKENS),
-                success: [
-                    reason("stop"),
-                    reason("length"),
-                    reason("timeout"),
-                    reason("abort"),
-                ],
+                success: finish_reasons.map(reason),
                 failure: metrics::counter!(names::FAILURE, fl),
             }
         });

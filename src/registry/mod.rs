@@ -8,7 +8,6 @@
 //! last line (never acknowledged), which recovery drops; so the state always
 //! equals what the log says, and a version is registered whole or not at all.
 
-pub mod client;
 pub mod ops;
 
 use std::collections::BTreeMap;

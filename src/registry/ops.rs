@@ -107,7 +107,7 @@ fn load_source(
         ..Default::default()
     };
     Ok(if source == EMBEDDED {
-        crate::embedded::load(&opts)?
+        crate::engine::embedded::load(&opts)?
     } else {
         engine::load(&PathBuf::from(source), &opts)?
     })
@@ -226,7 +226,7 @@ impl ModelOps {
             let (digest, loaded) =
                 tokio::task::spawn_blocking(move || -> anyhow::Result<(String, LoadedModel)> {
                     let digest = if path == EMBEDDED {
-                        crate::embedded::digest()
+                        crate::engine::embedded::digest()
                     } else {
                         super::digest_path(std::path::Path::new(&path))?
                     };
@@ -640,7 +640,7 @@ impl ModelOps {
                 let s = source.clone();
                 tokio::task::spawn_blocking(move || {
                     if s == EMBEDDED {
-                        Ok(crate::embedded::digest())
+                        Ok(crate::engine::embedded::digest())
                     } else {
                         super::digest_path(std::path::Path::new(&s))
                     }

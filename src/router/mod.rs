@@ -9,8 +9,15 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::api::error::ApiError;
 use crate::scheduler::Engine;
+
+/// Why a request cannot be routed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// No deployment has this name.
+    #[error("The model `{0}` does not exist")]
+    ModelNotFound(String),
+}
 
 /// One loaded model version that can take requests.
 #[derive(Clone)]
@@ -62,11 +69,11 @@ impl Router {
     }
 
     /// The target for a request to `model`; the request keeps it to the end.
-    pub fn pick(&self, model: &str) -> Result<Arc<Target>, ApiError> {
+    pub fn pick(&self, model: &str) -> Result<Arc<Target>, RouteError> {
         let table = self.table.load();
         match table.models.get(model) {
             Some(d) => Ok(d.stable.clone()),
-            None => Err(ApiError::ModelNotFound(model.to_string())),
+            None => Err(RouteError::ModelNotFound(model.to_string())),
         }
     }
 

@@ -118,6 +118,19 @@ pub enum FinishReason {
 }
 
 impl FinishReason {
+    /// Every reason, in [`FinishReason::index`] order.
+    pub const ALL: [FinishReason; 4] = [
+        FinishReason::Stop,
+        FinishReason::Length,
+        FinishReason::Timeout,
+        FinishReason::Aborted,
+    ];
+
+    /// Position in [`FinishReason::ALL`] (per-reason counters are arrays).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The label used in metrics and the OpenAI API.
     pub fn as_str(self) -> &'static str {
         match self {

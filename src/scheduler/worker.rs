@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use super::state::{Limits, Seq, State};
 use super::{Completion, Event, FinishReason, Job, Msg, Shared, Timings};
 use crate::engine::{
-    Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, StopMatcher, StopOutcome,
-    TextStream, Tokenizer,
+    Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, Scratch, StopMatcher,
+    StopOutcome, TextStream, Tokenizer,
 };
 use crate::monitor::{EngineMetrics, Protocol, RequestMetrics};
 
@@ -39,15 +39,6 @@ struct Io {
     counted_waiting: bool,
 }
 
-fn reason_index(r: FinishReason) -> usize {
-    match r {
-        FinishReason::Stop => 0,
-        FinishReason::Length => 1,
-        FinishReason::Timeout => 2,
-        FinishReason::Aborted => 3,
-    }
-}
-
 struct Worker {
     shared: Arc<Shared>,
     metrics: Arc<EngineMetrics>,
@@ -58,11 +49,18 @@ struct Worker {
     throughput: f64,
     /// The step's logits, reused from step to step.
     logits: Vec<f32>,
+    /// The forward pass's activation buffers, reused likewise.
+    scratch: Scratch,
 }
 
 pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: Arc<Shared>) {
     let labels = shared.labels.clone();
-    let metrics = EngineMetrics::new(&labels.model, &labels.version, &labels.variant);
+    let metrics = EngineMetrics::new(
+        &labels.model,
+        &labels.version,
+        &labels.variant,
+        FinishReason::ALL.map(FinishReason::as_str),
+    );
     let LoadedModel {
         model, tokenizer, ..
     } = model;
@@ -81,6 +79,7 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
         next_id: 0,
         throughput: 0.0,
         logits: vec![],
+        scratch: Scratch::default(),
     };
     let mut drain_deadline: Option<Instant> = None;
     let mut disconnected = false;
@@ -278,7 +277,7 @@ impl Worker {
                 _ => Duration::ZERO,
             },
         };
-        m.success[reason_index(reason)].increment(1);
+        m.success[reason.index()].increment(1);
         m.prompt_tokens.increment(prompt_len as u64);
         m.prompt_tokens_hist.record(prompt_len as f64);
         m.generation_tokens_hist.record(generated as f64);
@@ -339,7 +338,7 @@ impl Worker {
             }
         }
         let mut flat = std::mem::take(&mut self.logits);
-        let result = model.forward_into(&batch, kv, &mut flat);
+        let result = model.forward_into(&batch, kv, &mut self.scratch, &mut flat);
         drop(batch);
         state.advance(&plan);
         if let Err(e) = result {

@@ -19,8 +19,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use tokenizers::AddedToken;
 
+use crate::engine::chat::DEFAULT_CHAT_TEMPLATE;
+use crate::engine::synth::SynthSpec;
 use crate::engine::{Arch, ModelConfig, Tokenizer};
-use crate::synth::{DEFAULT_CHAT_TEMPLATE, SynthSpec};
 use data::{Corpus, Example, Specials};
 use model::TrainModel;
 use optim::{AdamW, AdamWConfig};

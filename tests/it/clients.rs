@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use llmops::api::auth::hash_secret;
-use llmops::synth::SynthSpec;
+use llmops::config::hash_secret;
+use llmops::engine::synth::SynthSpec;
 
 const PACKAGES: &str = "openai grpcio grpcio-reflection grpcio-health-checking pytest";
 const MODULES: &str = "import openai, grpc, grpc_reflection, grpc_health, pytest";

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{gemma3, llama, qwen2};
 use llmops::engine::GgufWeights;
-use llmops::synth::SynthSpec;
+use llmops::engine::synth::SynthSpec;
 
 use crate::support::{self, GenPlan, Plan, max_abs_diff};
 
@@ -236,7 +236,12 @@ fn gguf_q8_0_export_agrees_with_f32_on_the_top_token() {
     };
     let (tmp, path) = support::write_model(&spec);
     let gguf = tmp.path().join("tiny-q8_0.gguf");
-    llmops::export::export_gguf(&path, &gguf, llmops::export::GgufType::Q8_0).unwrap();
+    llmops::engine::export_gguf::export_gguf(
+        &path,
+        &gguf,
+        llmops::engine::export_gguf::GgufType::Q8_0,
+    )
+    .unwrap();
     let f32_model = support::load(&path);
     let streams = token_streams(4, 30);
     let a = support::run_teacher_forced(&f32_model, &plans(&streams), 4);

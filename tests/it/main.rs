@@ -9,6 +9,7 @@
 mod clients;
 mod engine;
 mod gemma;
+mod layout;
 mod loadtest;
 mod metrics;
 mod registry;

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use llmops::api::grpc::pb;
+use llmops::proto as pb;
 use serde_json::{Value, json};
 
 use crate::server::TestServer;

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use llmops::synth::SynthSpec;
+use llmops::engine::synth::SynthSpec;
 use serde_json::{Value, json};
 
 use crate::server::TestServer;
@@ -240,18 +240,17 @@ async fn admin_routes_refuse_inference_keys_and_bad_inputs_change_nothing() {
         assert_eq!(v["error"]["type"], "permission_error");
     }
     // gRPC too.
-    let mut g =
-        llmops::api::grpc::pb::admin_client::AdminClient::connect(format!("http://{}", s.grpc))
-            .await
-            .unwrap();
-    let mut r = tonic::Request::new(llmops::api::grpc::pb::ServingRequest {});
+    let mut g = llmops::proto::admin_client::AdminClient::connect(format!("http://{}", s.grpc))
+        .await
+        .unwrap();
+    let mut r = tonic::Request::new(llmops::proto::ServingRequest {});
     r.metadata_mut()
         .insert("authorization", format!("Bearer {APP}").parse().unwrap());
     assert_eq!(
         g.serving(r).await.unwrap_err().code(),
         tonic::Code::PermissionDenied
     );
-    let mut r = tonic::Request::new(llmops::api::grpc::pb::ReadAuditRequest {
+    let mut r = tonic::Request::new(llmops::proto::ReadAuditRequest {
         after: 0,
         limit: 10,
     });

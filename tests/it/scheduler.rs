@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use llmops::engine::SamplingParams;
+use llmops::engine::synth::SynthSpec;
 use llmops::scheduler::{
     Completion, Engine, EngineLabels, Event, FinishReason, Request, SchedulerConfig, SubmitError,
 };
-use llmops::synth::SynthSpec;
 
 use crate::support;
 

@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use llmops::api::grpc::pb;
 use llmops::config::{Config, ServeArgs};
-use llmops::synth::SynthSpec;
+use llmops::engine::synth::SynthSpec;
+use llmops::proto as pb;
 use serde_json::{Value, json};
 
 /// A server running in this process on ephemeral ports.

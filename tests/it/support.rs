@@ -3,10 +3,10 @@
 
 use std::path::{Path, PathBuf};
 
+use llmops::engine::synth::SynthSpec;
 use llmops::engine::{
-    Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, SamplingParams,
+    Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, SamplingParams, Scratch,
 };
-use llmops::synth::SynthSpec;
 
 /// Writes `spec` into a fresh temporary folder.
 pub fn write_model(spec: &SynthSpec) -> (tempfile::TempDir, PathBuf) {
@@ -43,6 +43,7 @@ pub fn run_teacher_forced(
     let shape = m.model.kv_shape(block_size);
     let mut alloc = BlockAllocator::new(256, block_size);
     let mut kv = KvCache::new(shape, 256);
+    let mut scratch = Scratch::default();
     let mut tables: Vec<Vec<u32>> = vec![vec![]; plans.len()];
     let mut done = vec![0usize; plans.len()];
     let mut out: Vec<Vec<Vec<f32>>> = vec![vec![]; plans.len()];
@@ -73,7 +74,7 @@ pub fn run_teacher_forced(
         if !batch.is_empty() {
             let logits = m
                 .model
-                .forward(&batch, &mut kv)
+                .forward(&batch, &mut kv, &mut scratch)
                 .unwrap()
                 .to_vec2::<f32>()
                 .unwrap();
@@ -108,6 +109,7 @@ pub fn generate_greedy(
     let shape = m.model.kv_shape(block_size);
     let mut alloc = BlockAllocator::new(512, block_size);
     let mut kv = KvCache::new(shape, 512);
+    let mut scratch = Scratch::default();
     let n = plans.len();
     let mut tables: Vec<Vec<u32>> = vec![vec![]; n];
     let mut seqs: Vec<Vec<u32>> = plans.iter().map(|p| p.prompt.clone()).collect();
@@ -137,7 +139,7 @@ pub fn generate_greedy(
         if !batch.is_empty() {
             let logits = m
                 .model
-                .forward(&batch, &mut kv)
+                .forward(&batch, &mut kv, &mut scratch)
                 .unwrap()
                 .to_vec2::<f32>()
                 .unwrap();

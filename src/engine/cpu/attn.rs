@@ -1,6 +1,8 @@
-//! AVX2 kernels for attention over one sequence's paged keys and values.
+//! Attention over the paged KV cache: every new token attends to its own
+//! sequence's cached keys and values, read through the block table.
 //!
-//! The caller walks a sequence's visible positions as *runs*: positions
+//! On x86-64 with AVX2 and FMA, the inner loops are kernels over *runs*:
+//! the driver walks a sequence's visible positions as *runs*: positions
 //! whose keys (and values) are contiguous in one cache block, `head_dim`
 //! floats apart. Scores are computed eight positions at a time (eight FMA
 //! chains over the head dimension, then one transposing horizontal sum), so
@@ -9,6 +11,163 @@
 //!
 //! Both kernels only read this sequence's cache and write this row's output,
 //! so a row's result does not depend on what else is in the batch.
+
+use rayon::prelude::*;
+
+use super::math::{axpy, dot, softmax_in_place};
+use crate::engine::batch::SeqView;
+use crate::engine::kv::{KvShape, LayerKv};
+use crate::engine::{Error, Result};
+
+/// Attention hyper-parameters of one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnParams {
+    /// Query heads.
+    pub heads: usize,
+    /// Score multiplier.
+    pub scale: f32,
+    /// Tokens visible to each query, itself included (sliding window).
+    pub window: Option<usize>,
+    /// `tanh` soft cap on scores.
+    pub softcap: Option<f32>,
+}
+
+/// Causal (optionally windowed) attention of every new token over its own
+/// sequence's cached keys and values, which must already include the new
+/// tokens. `q` is `[tokens, heads, head_dim]`; `out` gets the same shape.
+/// `owner[row]` is the row's (sequence index, position): see [`row_owners`].
+pub fn attend(
+    cache: &LayerKv,
+    shape: &KvShape,
+    seqs: &[SeqView<'_>],
+    owner: &[(u32, u32)],
+    q: &[f32],
+    params: AttnParams,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    let (hk, d, bs) = (shape.kv_heads, shape.head_dim, shape.block_size);
+    let heads = params.heads;
+    if hk == 0 || !heads.is_multiple_of(hk) {
+        return Err(Error::Internal(format!("{heads} heads over {hk} kv heads")));
+    }
+    let group = heads / hk;
+    out.clear();
+    out.resize(q.len(), 0.0);
+    let stride = shape.block_stride();
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    let fast = supported(d);
+    out.par_chunks_mut(group * d)
+        .enumerate()
+        .with_min_len(4)
+        .for_each(|(task, out)| {
+            let (t, g) = (task / hk, task % hk);
+            let (si, pos) = owner[t];
+            let seq = &seqs[si as usize];
+            let pos = pos as usize;
+            let lo = params.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let n = pos + 1 - lo;
+            let q = &q[(t * heads + g * group) * d..(t * heads + (g + 1) * group) * d];
+            SCRATCH.with(|cell| {
+                let mut buf = cell.borrow_mut();
+                buf.clear();
+                buf.resize(group * d + group * n, 0.0);
+                let (qs, scores) = buf.split_at_mut(group * d);
+                // Fold the score scale into the query once.
+                for (o, &v) in qs.iter_mut().zip(q) {
+                    *o = v * params.scale;
+                }
+                // Walk the visible positions block by block: one table
+                // lookup per block, contiguous keys within it.
+                let for_each_pos = |f: &mut dyn FnMut(usize, usize)| {
+                    let mut j = lo;
+                    while j <= pos {
+                        let (b, slot) = (j / bs, j % bs);
+                        let end = (pos + 1).min((b + 1) * bs);
+                        let base = seq.blocks[b] as usize * stride + (g * bs + slot) * d;
+                        for (i, jj) in (j..end).enumerate() {
+                            f(jj - lo, base + i * d);
+                        }
+                        j = end;
+                    }
+                };
+                #[cfg(target_arch = "x86_64")]
+                if fast {
+                    RUNS.with(|cell| {
+                        let mut runs = cell.borrow_mut();
+                        runs.clear();
+                        let mut j = lo;
+                        while j <= pos {
+                            let (b, slot) = (j / bs, j % bs);
+                            let end = (pos + 1).min((b + 1) * bs);
+                            let block = seq.blocks[b] as usize;
+                            // The kernels read whole runs unchecked.
+                            assert!((block + 1) * stride <= cache.keys().len(), "block id");
+                            runs.push(Run {
+                                base: block * stride + (g * bs + slot) * d,
+                                len: end - j,
+                                first: j - lo,
+                            });
+                            j = end;
+                        }
+                        for h in 0..group {
+                            let (q, s) = (&qs[h * d..(h + 1) * d], &mut scores[h * n..(h + 1) * n]);
+                            // SAFETY: `fast` checked the CPU and d; every run lies
+                            // inside its block, which lies inside `k` (asserted).
+                            unsafe { self::scores(q, cache.keys(), &runs, d, s) };
+                        }
+                        finish_scores(scores, n, group, params.softcap);
+                        // SAFETY: as above, for `v` (same layout and length).
+                        unsafe { weighted_values(scores, n, cache.values(), &runs, d, group, out) };
+                    });
+                    return;
+                }
+                for_each_pos(&mut |idx, base| {
+                    let kj = &cache.keys()[base..base + d];
+                    for h in 0..group {
+                        scores[h * n + idx] = dot(&qs[h * d..(h + 1) * d], kj);
+                    }
+                });
+                finish_scores(scores, n, group, params.softcap);
+                for_each_pos(&mut |idx, base| {
+                    let vj = &cache.values()[base..base + d];
+                    for h in 0..group {
+                        axpy(&mut out[h * d..(h + 1) * d], scores[h * n + idx], vj);
+                    }
+                });
+            });
+        });
+    Ok(())
+}
+
+/// Each row's (sequence index, position), computed once per step and shared
+/// by every layer's attention.
+pub fn row_owners(seqs: &[SeqView<'_>], rows: usize, out: &mut Vec<(u32, u32)>) {
+    out.clear();
+    out.resize(rows, (0, 0));
+    for (si, s) in seqs.iter().enumerate() {
+        for i in 0..s.len {
+            out[s.offset + i] = (si as u32, (s.start_pos + i) as u32);
+        }
+    }
+}
+
+thread_local! {
+    /// Per-worker score buffer, reused across tasks and steps.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Per-worker list of contiguous position runs, reused likewise.
+    #[cfg(target_arch = "x86_64")]
+    static RUNS: std::cell::RefCell<Vec<Run>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Soft-caps (when asked) and normalises each head's `n` scores.
+fn finish_scores(scores: &mut [f32], n: usize, group: usize, softcap: Option<f32>) {
+    if let Some(cap) = softcap {
+        scores.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+    }
+    for h in 0..group {
+        softmax_in_place(&mut scores[h * n..(h + 1) * n]);
+    }
+}
 
 /// Contiguous visible positions: cache offset of the first one's key/value
 /// row, how many, and the index of the first one's score.
@@ -211,10 +370,12 @@ mod avx2 {
     }
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::kv::KvCache;
 
+    #[cfg(target_arch = "x86_64")]
     /// Runs over a flat key/value array: lengths that cross 8-lane blocks,
     /// and gaps between runs (as between cache blocks).
     fn layout(lens: &[usize], d: usize) -> (Vec<Run>, usize) {
@@ -227,6 +388,7 @@ mod tests {
         (runs, base)
     }
 
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn kernels_match_plain_loops() {
         for d in [8, 32, 64, 256] {
@@ -267,6 +429,80 @@ mod tests {
                         assert!(
                             (got - want).abs() < 1e-4,
                             "d {d} heads {heads}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_matches_a_dense_reference() {
+        // Two sequences, GQA with 2 query heads per kv head, blocks of 2.
+        let shape = KvShape {
+            layers: 1,
+            kv_heads: 2,
+            head_dim: 4,
+            block_size: 2,
+        };
+        let mut cache = KvCache::new(shape, 8);
+        let blocks_a = [5u32, 1, 6];
+        let blocks_b = [0u32, 3];
+        let seqs = [
+            SeqView {
+                offset: 0,
+                len: 5,
+                start_pos: 0,
+                blocks: &blocks_a,
+            },
+            SeqView {
+                offset: 5,
+                len: 3,
+                start_pos: 0,
+                blocks: &blocks_b,
+            },
+        ];
+        let t = 8;
+        let val = |i: usize| ((i * 37 % 17) as f32 - 8.0) / 8.0;
+        let k: Vec<f32> = (0..t * 8).map(val).collect();
+        let v: Vec<f32> = (0..t * 8).map(|i| val(i + 5)).collect();
+        let q: Vec<f32> = (0..t * 16).map(|i| val(i + 11)).collect();
+        let layer = cache.layer_mut(0).unwrap();
+        layer.write(&shape, &seqs, &k, &v).unwrap();
+        let params = AttnParams {
+            heads: 4,
+            scale: 0.5,
+            window: Some(3),
+            softcap: None,
+        };
+        let mut owner = vec![];
+        row_owners(&seqs, t, &mut owner);
+        let mut out = vec![];
+        attend(layer, &shape, &seqs, &owner, &q, params, &mut out).unwrap();
+        for s in &seqs {
+            for i in 0..s.len {
+                let row = s.offset + i;
+                for h in 0..4 {
+                    let g = h / 2;
+                    let lo = (i + 1).saturating_sub(3);
+                    let scores: Vec<f32> = (lo..=i)
+                        .map(|j| {
+                            let kr = &k[(s.offset + j) * 8 + g * 4..][..4];
+                            let qr = &q[row * 16 + h * 4..][..4];
+                            qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * 0.5
+                        })
+                        .collect();
+                    let m = scores.iter().copied().fold(f32::MIN, f32::max);
+                    let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let z: f32 = e.iter().sum();
+                    for dd in 0..4 {
+                        let want: f32 = (lo..=i)
+                            .map(|j| e[j - lo] / z * v[(s.offset + j) * 8 + g * 4 + dd])
+                            .sum();
+                        let got = out[row * 16 + h * 4 + dd];
+                        assert!(
+                            (want - got).abs() < 1e-5,
+                            "row {row} head {h}: {want} vs {got}"
                         );
                     }
                 }

@@ -8,10 +8,10 @@ use crate::engine::{self, LoadOptions, LoadedModel};
 
 #[cfg(llmops_embedded)]
 mod files {
-    pub const WEIGHTS: &[u8] = include_bytes!("../models/default/model.safetensors");
-    pub const CONFIG: &str = include_str!("../models/default/config.json");
-    pub const TOKENIZER: &[u8] = include_bytes!("../models/default/tokenizer.json");
-    pub const TOKENIZER_CONFIG: &str = include_str!("../models/default/tokenizer_config.json");
+    pub const WEIGHTS: &[u8] = include_bytes!("../../models/default/model.safetensors");
+    pub const CONFIG: &str = include_str!("../../models/default/config.json");
+    pub const TOKENIZER: &[u8] = include_bytes!("../../models/default/tokenizer.json");
+    pub const TOKENIZER_CONFIG: &str = include_str!("../../models/default/tokenizer_config.json");
 }
 
 /// Whether this build carries the model (`build.rs` checks `models/default/`).

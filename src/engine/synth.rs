@@ -13,6 +13,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::engine::Arch;
+use crate::engine::chat::DEFAULT_CHAT_TEMPLATE;
 
 /// The shape and options of a synthetic model.
 #[derive(Debug, Clone)]
@@ -337,9 +338,6 @@ impl SynthSpec {
         Ok(())
     }
 }
-
-/// The chat template of synthetic and self-trained models.
-pub const DEFAULT_CHAT_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
 
 fn dtype_name(d: DType) -> &'static str {
     match d {

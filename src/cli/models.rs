@@ -6,7 +6,7 @@ use serde_json::json;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use crate::api::grpc::pb;
+use crate::proto as pb;
 use pb::admin_client::AdminClient;
 
 /// Where the server is and who is asking.

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::{Authenticator, Principal};
-use super::error::ApiError;
-use super::grpc::pb;
+use crate::api::auth::{Authenticator, Principal};
+use crate::api::error::ApiError;
+use crate::proto as pb;
 use crate::registry::VersionRecord;
 use crate::registry::ops::{Actor, ModelOps, Register};
 

@@ -1,0 +1,65 @@
+//! `llmops bench-engine`: engine-only decode throughput at several batch
+//! sizes, optionally against the machine's measured limits.
+
+use std::path::PathBuf;
+
+use crate::engine::{self, GgufWeights, LoadOptions};
+
+/// Arguments of `llmops bench-engine`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Model folder or GGUF file; the embedded model when absent.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Batch sizes to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batch: Vec<usize>,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    pub prompt_len: usize,
+    /// Decode steps timed.
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    /// How GGUF block-quantized matrices are held on the CPU.
+    #[arg(long, value_enum, default_value_t = GgufWeights::F16)]
+    pub gguf_weights: GgufWeights,
+    /// Also report milliseconds per step in each part of the forward pass (CPU).
+    #[arg(long)]
+    pub profile: bool,
+    /// Measure the machine's read bandwidth and FMA throughput before each
+    /// batch and report the fractions of them reached.
+    #[arg(long)]
+    pub limits: bool,
+}
+
+/// Loads the model and prints one JSON line per batch size.
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    crate::engine::cpu::profile::enable(args.profile);
+    let opts = LoadOptions {
+        gguf_weights: args.gguf_weights,
+        ..Default::default()
+    };
+    let m = match &args.model {
+        Some(p) => engine::load(p, &opts)?,
+        None => crate::engine::embedded::load(&opts)?,
+    };
+    let rss = crate::monitor::exporter::process_stats()
+        .map(|p| p.rss_bytes)
+        .unwrap_or(0);
+    eprintln!(
+        "{}: {} parameters, {:.1} MB of matrix weights, resident {:.0} MiB",
+        m.info.source,
+        m.info.parameters,
+        m.model.weight_bytes() as f64 / 1e6,
+        rss as f64 / (1 << 20) as f64
+    );
+    for b in args.batch {
+        let measured = args.limits.then(crate::engine::cpu::limits::measure);
+        let mut r = crate::engine::bench::decode_throughput(&m, b, args.prompt_len, args.steps)?;
+        if let Some(l) = measured {
+            r.against(l, m.model.weight_bytes(), m.info.parameters);
+        }
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! The protocol-neutral request path below both front ends: validate a
+//! request against its pinned target (off the async workers), reserve the
+//! caller's tokens, submit every choice, and hand back one stream of events
+//! tagged by choice.
+//!
+//! HTTP and gRPC both come through here, so whatever must happen to every
+//! generation request whatever its protocol (token accounting, mirroring to
+//! a shadow) happens here once.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::LimitsConfig;
+use crate::engine::TokenLogprob;
+use crate::quota::{Quota, QuotaError, Reservation};
+use crate::router::{RouteError, Target};
+use crate::scheduler::{Event, FinishReason, SubmitError};
+use crate::validation::{self, GenerationSpec, ValidRequest, ValidationError};
+
+/// Why a generation request failed, from the front ends' point of view.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferError {
+    /// No such model.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// Refused by validation.
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    /// Over the caller's limits.
+    #[error(transparent)]
+    Quota(#[from] QuotaError),
+    /// Refused by the engine's queue.
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+    /// The server stopped before the request finished.
+    #[error("{0}")]
+    Aborted(String),
+    /// The engine failed; the detail is for logs.
+    #[error("{0}")]
+    Engine(String),
+}
+
+/// Validates `specs` (one per prompt) against the target's engine.
+/// Tokenization and chat templates are CPU work proportional to the body, so
+/// they run on the blocking pool, never on a tokio worker.
+pub async fn validate(
+    target: &Target,
+    specs: Vec<GenerationSpec>,
+    limits: &Arc<LimitsConfig>,
+) -> Result<Vec<ValidRequest>, InferError> {
+    let engine = target.engine.clone();
+    let limits = limits.clone();
+    tokio::task::spawn_blocking(move || {
+        specs
+            .into_iter()
+            .map(|s| validation::validate(s, &engine, &limits))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| InferError::Engine(format!("validation task failed: {e}")))?
+    .map_err(InferError::from)
+}
+
+/// A submitted request: every choice's events and the caller's token
+/// reservation, which settles as choices finish and gives back the rest
+/// when this (or its event stream) is dropped.
+pub struct Generation {
+    receivers: Vec<tokio::sync::mpsc::Receiver<Event>>,
+    /// Prompt tokens, counted once per prompt.
+    pub prompt_tokens: usize,
+    reservation: Reservation,
+}
+
+/// Reserves the worst case (every prompt plus `max_tokens` for every
+/// choice) from `quota`, then submits every choice of every request in
+/// order. Nothing stays queued if a later choice is refused.
+pub fn submit(
+    target: &Target,
+    valid: Vec<ValidRequest>,
+    quota: &Arc<Quota>,
+) -> Result<Generation, InferError> {
+    let prompt_tokens: usize = valid.iter().map(|v| v.prompt.len()).sum();
+    let worst: usize = valid
+        .iter()
+        .map(|v| v.prompt.len() + v.max_tokens * v.choices.len())
+        .sum();
+    let mut reservation = quota.reserve(worst as u64)?;
+    let mut receivers = vec![];
+    for v in valid {
+        for req in v.choices {
+            // On error, dropping `receivers` cancels the choices already
+            // queued and dropping `reservation` refunds all of it.
+            receivers.push(target.engine.submit(req)?);
+        }
+    }
+    reservation.use_tokens(prompt_tokens as u64);
+    Ok(Generation {
+        receivers,
+        prompt_tokens,
+        reservation,
+    })
+}
+
+/// One choice's event, tagged with the choice's index.
+pub type ChoiceEvent = (usize, Event);
+
+/// One finished choice.
+#[derive(Debug, Default, Clone)]
+pub struct ChoiceOutput {
+    /// Generated text.
+    pub text: String,
+    /// Generated ids.
+    pub token_ids: Vec<u32>,
+    /// Log-probabilities when asked.
+    pub logprobs: Vec<TokenLogprob>,
+    /// Why it ended.
+    pub finish_reason: Option<FinishReason>,
+    /// Generated token count.
+    pub completion_tokens: usize,
+}
+
+impl Generation {
+    /// Choices submitted.
+    pub fn choices(&self) -> usize {
+        self.receivers.len()
+    }
+
+    /// Every choice's events, merged in arrival order. Generated tokens are
+    /// counted against the reservation as they pass, so a client that stops
+    /// reading mid-stream is charged for what was generated, no more.
+    pub fn events(self) -> Pin<Box<dyn Stream<Item = ChoiceEvent> + Send>> {
+        let Generation {
+            receivers,
+            mut reservation,
+            ..
+        } = self;
+        let n = receivers.len();
+        let mut merged = futures::stream::select_all(
+            receivers
+                .into_iter()
+                .enumerate()
+                .map(|(i, rx)| ReceiverStream::new(rx).map(move |e| (i, e))),
+        );
+        Box::pin(async_stream::stream! {
+            let mut seen = vec![0u64; n];
+            while let Some((i, ev)) = merged.next().await {
+                match &ev {
+                    Event::Token { .. } => {
+                        seen[i] += 1;
+                        reservation.use_tokens(1);
+                    }
+                    Event::Done(c) => {
+                        reservation.use_tokens((c.completion_tokens as u64).saturating_sub(seen[i]));
+                    }
+                    Event::Failed(_) => {}
+                }
+                yield (i, ev);
+            }
+        })
+    }
+
+    /// Waits for every choice to finish.
+    pub async fn collect(self) -> Result<Vec<ChoiceOutput>, InferError> {
+        let mut outs = vec![ChoiceOutput::default(); self.choices()];
+        let mut events = self.events();
+        while let Some((i, ev)) = events.next().await {
+            let out = &mut outs[i];
+            match ev {
+                Event::Token { id, text, logprob } => {
+                    out.token_ids.push(id);
+                    out.text.push_str(&text);
+                    out.logprobs.extend(logprob);
+                }
+                Event::Done(c) => {
+                    if c.reason == FinishReason::Aborted {
+                        return Err(InferError::Aborted(
+                            "the server stopped before the request finished".into(),
+                        ));
+                    }
+                    out.text.push_str(&c.tail);
+                    out.finish_reason = Some(c.reason);
+                    out.completion_tokens = c.completion_tokens;
+                }
+                Event::Failed(e) => return Err(InferError::Engine(e)),
+            }
+        }
+        if outs.iter().any(|o| o.finish_reason.is_none()) {
+            return Err(InferError::Engine("the engine dropped the request".into()));
+        }
+        Ok(outs)
+    }
+}
