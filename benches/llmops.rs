@@ -15,9 +15,9 @@ use llmops::engine::{
     Batch, BlockAllocator, KvCache, LoadOptions, Logits, Sampler, SamplingParams, Scratch,
 };
 use llmops::monitor::{EngineMetrics, Protocol};
-use llmops::router::{Deployment, DeploymentTable, Router, Target};
+use llmops::router::{Router, Target};
 use llmops::scheduler::state::{Limits, Seq, State};
-use llmops::scheduler::{Engine, EngineLabels, Priority, SchedulerConfig};
+use llmops::scheduler::{EngineHandle, EngineLabels, Priority, SchedulerConfig};
 
 /// One decode step of `batch` sequences at position 64 of the 26M random
 /// Llama (the step re-feeds the same position, so every iteration does the
@@ -193,7 +193,7 @@ fn scheduler_plan(c: &mut Criterion) {
 /// Routing: the per-request table lookup with 16 models deployed.
 fn routing(c: &mut Criterion) {
     let m = llmops::engine::embedded::load(&LoadOptions::default()).expect("embedded model");
-    let engine = Engine::spawn(
+    let engine = EngineHandle::spawn(
         m,
         SchedulerConfig {
             kv_cache_bytes: 8 << 20,
@@ -202,27 +202,26 @@ fn routing(c: &mut Criterion) {
         EngineLabels {
             model: "bench".into(),
             version: "v1".into(),
-            variant: "stable".into(),
         },
     )
     .expect("engine");
-    let mut table = DeploymentTable::default();
+    let router = Router::default();
+    let target = |v: &str| {
+        Arc::new(Target {
+            version: v.into(),
+            engine: engine.clone(),
+        })
+    };
     for i in 0..16 {
-        let name = format!("model-{i}");
-        table.models.insert(
-            name.clone(),
-            Arc::new(Deployment {
-                model: name,
-                stable: Arc::new(Target {
-                    version: "v1".into(),
-                    engine: engine.clone(),
-                }),
-            }),
-        );
+        router.set_stable(&format!("model-{i}"), target("v1"));
     }
-    let router = Router::new(table);
     c.bench_function("router_pick_16_models", |b| {
-        b.iter(|| black_box(router.pick(black_box("model-11")).is_ok()))
+        b.iter(|| black_box(router.pick(black_box("model-11"), black_box("key-42")).is_ok()))
+    });
+    router.set_canary("model-11", target("v2"), 2500);
+    router.set_shadow("model-11", target("v3"), 1000);
+    c.bench_function("router_pick_with_canary_and_shadow", |b| {
+        b.iter(|| black_box(router.pick(black_box("model-11"), black_box("key-42")).is_ok()))
     });
 }
 

@@ -155,6 +155,12 @@ pub async fn run(
     let _ = stop_tx.send(true);
     for d in router.snapshot().models.values() {
         d.stable.engine.drain(timeout);
+        if let Some(c) = &d.canary {
+            c.target.engine.drain(timeout);
+        }
+        if let Some(s) = &d.shadow {
+            s.target.engine.drain(timeout);
+        }
     }
     let servers = async {
         let _ = http_server.await;

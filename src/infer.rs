@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::config::LimitsConfig;
 use crate::engine::TokenLogprob;
 use crate::quota::{Quota, QuotaError, Reservation};
-use crate::router::{RouteError, Target};
+use crate::router::{Picked, RouteError, Target};
 use crate::scheduler::{Event, FinishReason, SubmitError};
 use crate::validation::{self, GenerationSpec, ValidRequest, ValidationError};
 
@@ -76,9 +76,10 @@ pub struct Generation {
 
 /// Reserves the worst case (every prompt plus `max_tokens` for every
 /// choice) from `quota`, then submits every choice of every request in
-/// order. Nothing stays queued if a later choice is refused.
+/// order to the picked target, labelled with its variant. Nothing stays
+/// queued if a later choice is refused.
 pub fn submit(
-    target: &Target,
+    picked: &Picked,
     valid: Vec<ValidRequest>,
     quota: &Arc<Quota>,
 ) -> Result<Generation, InferError> {
@@ -90,10 +91,11 @@ pub fn submit(
     let mut reservation = quota.reserve(worst as u64)?;
     let mut receivers = vec![];
     for v in valid {
-        for req in v.choices {
+        for mut req in v.choices {
+            req.variant = picked.variant;
             // On error, dropping `receivers` cancels the choices already
             // queued and dropping `reservation` refunds all of it.
-            receivers.push(target.engine.submit(req)?);
+            receivers.push(picked.target.engine.submit(req)?);
         }
     }
     reservation.use_tokens(prompt_tokens as u64);

@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::config::LimitsConfig;
 use crate::engine::{Message, SamplingParams};
 use crate::monitor::Protocol;
-use crate::scheduler::{Engine, Priority, Request};
+use crate::scheduler::{EngineHandle, Priority, Request};
 
 /// What the caller wants generated from.
 #[derive(Debug, Clone)]
@@ -100,7 +100,7 @@ fn input_param(input: &Input) -> &'static str {
 }
 
 /// Tokenizes the input with the engine's tokenizer and chat template.
-pub fn tokenize_input(engine: &Engine, input: &Input) -> Result<Vec<u32>, ValidationError> {
+pub fn tokenize_input(engine: &EngineHandle, input: &Input) -> Result<Vec<u32>, ValidationError> {
     let tok = engine.tokenizer();
     match input {
         Input::Text(t) => tok
@@ -142,7 +142,7 @@ pub fn tokenize_input(engine: &Engine, input: &Input) -> Result<Vec<u32>, Valida
 /// Checks a spec against the limits and the model, and builds the requests.
 pub fn validate(
     spec: GenerationSpec,
-    engine: &Engine,
+    engine: &EngineHandle,
     limits: &LimitsConfig,
 ) -> Result<ValidRequest, ValidationError> {
     let param = input_param(&spec.input);
@@ -234,6 +234,8 @@ pub fn validate(
                 deadline: spec.deadline,
                 arrival: spec.arrival,
                 protocol: spec.protocol,
+                // Set by the router's pick, when the request is submitted.
+                variant: Default::default(),
             }
         })
         .collect();

@@ -290,6 +290,11 @@ impl From<RouteError> for ApiError {
     fn from(e: RouteError) -> Self {
         match e {
             RouteError::ModelNotFound(m) => ApiError::ModelNotFound(m),
+            e @ RouteError::VersionNotServed { .. } => ApiError::NotFound(e.to_string()),
+            e @ RouteError::PinningDisabled => ApiError::BadRequest {
+                message: e.to_string(),
+                param: Some("model".into()),
+            },
         }
     }
 }

@@ -319,6 +319,31 @@ fn spec(
     })
 }
 
+/// The key that decides the canary split: the `x-llmops-route-key` header
+/// (a session id the client chooses), else the OpenAI `user` field, else the
+/// API key, else the request id (no stickiness for anonymous callers).
+fn route_key(
+    headers: &HeaderMap,
+    common: &GenerationFields,
+    principal: &Principal,
+    rid: &RequestId,
+) -> String {
+    if let Some(k) = headers
+        .get("x-llmops-route-key")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+    {
+        return k.to_string();
+    }
+    if let Some(u) = common.user.as_ref().filter(|u| !u.is_empty()) {
+        return format!("user:{u}");
+    }
+    if principal.key_id != "anonymous" {
+        return format!("key:{}", principal.key_id);
+    }
+    rid.0.clone()
+}
+
 /// What every response and chunk of one request repeats.
 #[derive(Clone)]
 struct Envelope {
@@ -352,11 +377,15 @@ async fn chat_completions(
     State(st): State<HttpState>,
     Extension(principal): Extension<Arc<Principal>>,
     Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     req.common.refuse_unsupported()?;
-    let target = st.router.pick(&req.model)?;
+    let picked = st
+        .router
+        .pick(&req.model, &route_key(&headers, &req.common, &principal, &rid))?;
+    let target = picked.target.clone();
     let top = u64_to_usize(
         req.top_logprobs,
         "top_logprobs",
@@ -382,7 +411,7 @@ async fn chat_completions(
     let span = tracing::info_span!("chat", request_id = %rid.0, model = %req.model, version = %target.version);
     let _e = span.enter();
     let valid = infer::validate(&target, vec![spec], &st.limits).await?;
-    let generation = infer::submit(&target, valid, &principal.quota)?;
+    let generation = infer::submit(&picked, valid, &principal.quota)?;
     let env = Envelope::new("chatcmpl", &req.model, &target);
     let tok = target.engine.tokenizer().clone();
     if req.common.stream {
@@ -431,6 +460,7 @@ async fn completions(
     State(st): State<HttpState>,
     Extension(principal): Extension<Arc<Principal>>,
     Extension(rid): Extension<RequestId>,
+    headers: HeaderMap,
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
@@ -441,7 +471,10 @@ async fn completions(
     if req.suffix.is_some() {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
-    let target = st.router.pick(&req.model)?;
+    let picked = st
+        .router
+        .pick(&req.model, &route_key(&headers, &req.common, &principal, &rid))?;
+    let target = picked.target.clone();
     let logprobs = u64_to_usize(
         req.logprobs,
         "logprobs",
@@ -469,7 +502,7 @@ async fn completions(
     let _e = span.enter();
     // Every prompt is validated before any is submitted.
     let valid = infer::validate(&target, specs, &st.limits).await?;
-    let generation = infer::submit(&target, valid, &principal.quota)?;
+    let generation = infer::submit(&picked, valid, &principal.quota)?;
     let env = Envelope::new("cmpl", &req.model, &target);
     let tok = target.engine.tokenizer().clone();
     if req.common.stream {
@@ -756,7 +789,7 @@ async fn tokenize(
     JsonBody(req): JsonBody<TokenizeRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.quota.charge_request()?;
-    let target = st.router.pick(&req.model)?;
+    let target = st.router.pick(&req.model, "")?.target;
     let engine = &target.engine;
     let tokens = match (&req.prompt, &req.messages) {
         (Some(p), None) => engine
@@ -793,7 +826,7 @@ async fn detokenize(
     State(st): State<HttpState>,
     JsonBody(req): JsonBody<DetokenizeRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let target = st.router.pick(&req.model)?;
+    let target = st.router.pick(&req.model, "")?.target;
     let vocab = target.engine.tokenizer().vocab_size() as u32;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
         return Err(ApiError::invalid(

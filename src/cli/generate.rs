@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::engine::{self, GgufWeights, LoadOptions, Message, SamplingParams};
-use crate::scheduler::{Engine, EngineLabels, Event, Request, SchedulerConfig};
+use crate::scheduler::{EngineHandle, EngineLabels, Event, Request, SchedulerConfig};
 
 /// Arguments of `llmops generate`.
 #[derive(clap::Args)]
@@ -55,13 +55,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         None => crate::engine::embedded::load(&opts)?,
     };
     let name = loaded.info.source.clone();
-    let engine = Engine::spawn(
+    let engine = EngineHandle::spawn(
         loaded,
         SchedulerConfig::default(),
         EngineLabels {
             model: name,
             version: "cli".into(),
-            variant: "stable".into(),
         },
     )?;
     let prompt = if args.chat {

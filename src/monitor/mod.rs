@@ -1,11 +1,12 @@
 //! Metric names, bucket boundaries and the per-engine metric handles.
 //!
 //! Names follow vLLM's with an `llmops_` prefix. Handles are registered once
-//! per engine (labels: model, version, variant, protocol), so recording on the
-//! hot path is an atomic update: no lock, no label formatting, no allocation
-//! per token.
+//! per engine (labels: model, version; request series also protocol and
+//! variant, which each request carries), so recording on the hot path is an
+//! atomic update: no lock, no label formatting, no allocation per token.
 
 pub mod exporter;
+pub mod window;
 
 use std::sync::Arc;
 
@@ -124,7 +125,40 @@ impl Protocol {
     }
 }
 
-/// Request-level handles for one protocol.
+/// The role of the version a request ran on: a per-request label, so a
+/// promoted canary's series continue under `stable` from the first request
+/// after the promotion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// The version taking the traffic.
+    #[default]
+    Stable,
+    /// A candidate taking a weighted share.
+    Canary,
+    /// A candidate receiving mirrored copies.
+    Shadow,
+}
+
+impl Variant {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Variant::Stable => "stable",
+            Variant::Canary => "canary",
+            Variant::Shadow => "shadow",
+        }
+    }
+
+    /// Every variant, in index order.
+    pub const ALL: [Variant; 3] = [Variant::Stable, Variant::Canary, Variant::Shadow];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Request-level handles for one protocol and variant.
 pub struct RequestMetrics {
     /// See [`names::TTFT`].
     pub ttft: Histogram,
@@ -156,8 +190,8 @@ pub struct RequestMetrics {
 
 /// Every handle an engine records into.
 pub struct EngineMetrics {
-    /// Per protocol.
-    requests: [RequestMetrics; 3],
+    /// Per protocol, then per variant.
+    requests: [[RequestMetrics; 3]; 3],
     /// See [`names::RUNNING`].
     pub running: Gauge,
     /// See [`names::WAITING`].
@@ -179,17 +213,11 @@ pub struct EngineMetrics {
 impl EngineMetrics {
     /// Registers the handles of one engine. `finish_reasons` are the labels
     /// of `success`, in the order the caller indexes it.
-    pub fn new(
-        model: &str,
-        version: &str,
-        variant: &str,
-        finish_reasons: [&'static str; 4],
-    ) -> Arc<Self> {
+    pub fn new(model: &str, version: &str, finish_reasons: [&'static str; 4]) -> Arc<Self> {
         describe();
         let base = vec![
             Label::new("model", model.to_string()),
             Label::new("version", version.to_string()),
-            Label::new("variant", variant.to_string()),
         ];
         let with = |extra: &[(&'static str, &'static str)]| {
             let mut l = base.clone();
@@ -197,7 +225,8 @@ impl EngineMetrics {
             l
         };
         let requests = Protocol::ALL.map(|p| {
-            let l = with(&[("protocol", p.as_str())]);
+            Variant::ALL.map(|v| {
+            let l = with(&[("protocol", p.as_str()), ("variant", v.as_str())]);
             let h = |n: &'static str| metrics::histogram!(n, l.clone());
             let c = |n: &'static str| metrics::counter!(n, l.clone());
             let reason = |r: &'static str| {
@@ -222,6 +251,7 @@ impl EngineMetrics {
                 success: finish_reasons.map(reason),
                 failure: metrics::counter!(names::FAILURE, fl),
             }
+            })
         });
         Arc::new(Self {
             requests,
@@ -243,8 +273,8 @@ impl EngineMetrics {
     }
 
     /// The request handles of a protocol.
-    pub fn requests(&self, p: Protocol) -> &RequestMetrics {
-        &self.requests[p.index()]
+    pub fn requests(&self, p: Protocol, v: Variant) -> &RequestMetrics {
+        &self.requests[p.index()][v.index()]
     }
 }
 

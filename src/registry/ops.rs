@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use super::{Action, AuditEntry, Registry, State, VersionRecord};
 use crate::api::error::ApiError;
 use crate::engine::{self, GgufWeights, LoadOptions, LoadedModel};
-use crate::router::{Deployment, DeploymentTable, Router, Target};
-use crate::scheduler::{Engine, EngineLabels, Event, Request, SchedulerConfig};
+use crate::router::{Router, Target};
+use crate::scheduler::{EngineHandle, EngineLabels, Event, Request, SchedulerConfig};
 
 /// Who acts and why.
 #[derive(Debug, Clone)]
@@ -71,7 +71,7 @@ pub struct ModelOps {
 }
 
 struct Loaded {
-    engine: Engine,
+    engine: EngineHandle,
     /// Loaded explicitly (stays until unloaded) rather than for an alias.
     pinned: bool,
 }
@@ -306,8 +306,7 @@ impl ModelOps {
         &self,
         model: &str,
         record: &VersionRecord,
-        variant: &str,
-    ) -> Result<Engine, ApiError> {
+    ) -> Result<EngineHandle, ApiError> {
         let source = record.source.clone();
         let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
         let loaded =
@@ -327,13 +326,12 @@ impl ModelOps {
             gguf_weights = %self.gguf_weights,
             "weights loaded"
         );
-        let engine = Engine::spawn(
+        let engine = EngineHandle::spawn(
             loaded,
             self.scheduler.clone(),
             EngineLabels {
                 model: model.to_string(),
                 version: record.version.clone(),
-                variant: variant.to_string(),
             },
         )
         .map_err(internal)?;
@@ -370,13 +368,13 @@ impl ModelOps {
         model: &str,
         record: &VersionRecord,
         pin: bool,
-    ) -> Result<Engine, ApiError> {
+    ) -> Result<EngineHandle, ApiError> {
         let key = (model.to_string(), record.version.clone());
         if let Some(l) = self.engines().get_mut(&key) {
             l.pinned |= pin;
             return Ok(l.engine.clone());
         }
-        let engine = self.start_engine(model, record, "stable").await?;
+        let engine = self.start_engine(model, record).await?;
         self.engines().insert(
             key,
             Loaded {
@@ -530,7 +528,7 @@ impl ModelOps {
             alias: alias.into(),
             version: version.map(str::to_string),
         };
-        let result: Result<Option<Engine>, ApiError> = async {
+        let result: Result<Option<EngineHandle>, ApiError> = async {
             if !reg.state().models.contains_key(model) {
                 return Err(ApiError::NotFound(format!("no model `{model}` is registered")));
             }
@@ -583,22 +581,12 @@ impl ModelOps {
     }
 
     /// Puts `engine` behind `model` in the router (one atomic store).
-    async fn serve(&self, model: &str, version: &str, engine: Engine) {
+    async fn serve(&self, model: &str, version: &str, engine: EngineHandle) {
         let target = Arc::new(Target {
             version: version.to_string(),
             engine,
         });
-        self.router.update(|cur| {
-            let mut next: DeploymentTable = cur.clone();
-            next.models.insert(
-                model.to_string(),
-                Arc::new(Deployment {
-                    model: model.to_string(),
-                    stable: target.clone(),
-                }),
-            );
-            next
-        });
+        self.router.set_stable(model, target);
         if let Some(h) = &self.health {
             h.set_service_status(model, tonic_health::ServingStatus::Serving)
                 .await;

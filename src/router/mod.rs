@@ -1,15 +1,21 @@
-//! The deployment table: model name → the version that serves it, held in an
-//! `ArcSwap` snapshot that each request loads once and pins.
+//! The deployment table: for each model name, the stable version, an
+//! optional canary with its weight and an optional shadow with its sample
+//! rate, held in an `ArcSwap` snapshot that each request loads once.
 //!
-//! Invariant: no lock on the request path; writers build a new table and
-//! swap it in whole.
+//! Invariant: no lock on the request path. Writers (the controller) go
+//! through the typed updates below, one at a time, each building a new table
+//! and swapping it in whole; a request keeps the target it picked, so it
+//! finishes on that version whatever the table becomes.
+
+pub mod split;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use crate::scheduler::Engine;
+pub use crate::monitor::Variant;
+use crate::scheduler::EngineHandle;
 
 /// Why a request cannot be routed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -17,6 +23,17 @@ pub enum RouteError {
     /// No deployment has this name.
     #[error("The model `{0}` does not exist")]
     ModelNotFound(String),
+    /// `model@version` names a version that takes no traffic.
+    #[error("model `{model}` serves no version `{version}` (stable, canary or shadow)")]
+    VersionNotServed {
+        /// The model.
+        model: String,
+        /// The version asked for.
+        version: String,
+    },
+    /// `model@version` while pinning is off.
+    #[error("pinning a version (`model@version`) is disabled on this server")]
+    PinningDisabled,
 }
 
 /// One loaded model version that can take requests.
@@ -25,7 +42,25 @@ pub struct Target {
     /// Version id (named in responses as the system fingerprint).
     pub version: String,
     /// Its engine.
-    pub engine: Engine,
+    pub engine: EngineHandle,
+}
+
+/// A canary: a candidate taking `weight_bp` basis points of the traffic.
+#[derive(Clone)]
+pub struct Canary {
+    /// The candidate.
+    pub target: Arc<Target>,
+    /// Share of route keys sent to it, in basis points (0–10,000).
+    pub weight_bp: u32,
+}
+
+/// A shadow: a candidate receiving copies of a sample of the traffic.
+#[derive(Clone)]
+pub struct Shadow {
+    /// The candidate.
+    pub target: Arc<Target>,
+    /// Share of requests mirrored, in basis points (0–10,000).
+    pub rate_bp: u32,
 }
 
 /// What serves one model name.
@@ -33,8 +68,42 @@ pub struct Target {
 pub struct Deployment {
     /// The name clients use.
     pub model: String,
-    /// The version taking traffic.
+    /// The version taking the traffic the canary does not.
     pub stable: Arc<Target>,
+    /// A candidate taking a weighted, sticky share.
+    pub canary: Option<Canary>,
+    /// A candidate receiving mirrored copies.
+    pub shadow: Option<Shadow>,
+}
+
+impl Deployment {
+    /// Serves `stable` alone.
+    pub fn new(model: &str, stable: Arc<Target>) -> Self {
+        Self {
+            model: model.to_string(),
+            stable,
+            canary: None,
+            shadow: None,
+        }
+    }
+
+    /// The target of `version`, whichever role it has here.
+    pub fn version(&self, version: &str) -> Option<(Arc<Target>, Variant)> {
+        if self.stable.version == version {
+            return Some((self.stable.clone(), Variant::Stable));
+        }
+        if let Some(c) = &self.canary
+            && c.target.version == version
+        {
+            return Some((c.target.clone(), Variant::Canary));
+        }
+        if let Some(s) = &self.shadow
+            && s.target.version == version
+        {
+            return Some((s.target.clone(), Variant::Shadow));
+        }
+        None
+    }
 }
 
 /// A snapshot of every deployment.
@@ -44,9 +113,24 @@ pub struct DeploymentTable {
     pub models: BTreeMap<String, Arc<Deployment>>,
 }
 
+/// Where one request goes.
+#[derive(Clone)]
+pub struct Picked {
+    /// The version that serves it.
+    pub target: Arc<Target>,
+    /// Its role, the `variant` label of the request's metrics.
+    pub variant: Variant,
+    /// The shadow to mirror it to, when the request falls in its sample.
+    pub shadow: Option<Arc<Target>>,
+}
+
 /// Routes requests to engines.
 pub struct Router {
     table: ArcSwap<DeploymentTable>,
+    /// Serialises writers (never taken on the request path).
+    writer: Mutex<()>,
+    /// Whether clients may name a version (`model@version`).
+    pinning: bool,
 }
 
 impl Default for Router {
@@ -56,11 +140,20 @@ impl Default for Router {
 }
 
 impl Router {
-    /// A router over `table`.
+    /// A router over `table`, pinning off.
     pub fn new(table: DeploymentTable) -> Self {
         Self {
             table: ArcSwap::from_pointee(table),
+            writer: Mutex::new(()),
+            pinning: false,
         }
+    }
+
+    /// Lets clients pin a version with `model@version` (for debugging and
+    /// evaluation; operators enable it).
+    pub fn with_pinning(mut self, on: bool) -> Self {
+        self.pinning = on;
+        self
     }
 
     /// The current table.
@@ -68,17 +161,158 @@ impl Router {
         self.table.load_full()
     }
 
-    /// The target for a request to `model`; the request keeps it to the end.
-    pub fn pick(&self, model: &str) -> Result<Arc<Target>, RouteError> {
-        let table = self.table.load();
-        match table.models.get(model) {
-            Some(d) => Ok(d.stable.clone()),
-            None => Err(RouteError::ModelNotFound(model.to_string())),
-        }
+    /// The deployment of `model`, if any.
+    pub fn deployment(&self, model: &str) -> Option<Arc<Deployment>> {
+        self.table.load().models.get(model).cloned()
     }
 
-    /// Replaces the table with `f(current)`, atomically with respect to other writers.
-    pub fn update(&self, f: impl Fn(&DeploymentTable) -> DeploymentTable) {
-        self.table.rcu(|cur| Arc::new(f(cur)));
+    /// Where a request to `model` with this route key goes; the request keeps
+    /// the answer to the end. The key (an API key id, a session or user id)
+    /// decides the canary split, so one key sees one variant at a given
+    /// weight; `model@version` pins a version when pinning is on.
+    pub fn pick(&self, model: &str, key: &str) -> Result<Picked, RouteError> {
+        let table = self.table.load();
+        if let Some((name, version)) = model.split_once('@') {
+            if !self.pinning {
+                return Err(RouteError::PinningDisabled);
+            }
+            let d = table
+                .models
+                .get(name)
+                .ok_or_else(|| RouteError::ModelNotFound(name.to_string()))?;
+            let (target, variant) =
+                d.version(version)
+                    .ok_or_else(|| RouteError::VersionNotServed {
+                        model: name.to_string(),
+                        version: version.to_string(),
+                    })?;
+            return Ok(Picked {
+                target,
+                variant,
+                shadow: None,
+            });
+        }
+        let d = table
+            .models
+            .get(model)
+            .ok_or_else(|| RouteError::ModelNotFound(model.to_string()))?;
+        let (target, variant) = match &d.canary {
+            Some(c) if split::to_canary(key, c.weight_bp) => (c.target.clone(), Variant::Canary),
+            _ => (d.stable.clone(), Variant::Stable),
+        };
+        let shadow = d
+            .shadow
+            .as_ref()
+            .filter(|s| split::to_shadow(key, s.rate_bp))
+            .map(|s| s.target.clone());
+        Ok(Picked {
+            target,
+            variant,
+            shadow,
+        })
+    }
+
+    /// Applies `f` to a copy of `model`'s deployment (or creates it) and
+    /// stores the new table.
+    fn write<R>(&self, f: impl FnOnce(&mut BTreeMap<String, Arc<Deployment>>) -> R) -> R {
+        let _one_writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = DeploymentTable::clone(&self.table.load());
+        let r = f(&mut next.models);
+        self.table.store(Arc::new(next));
+        r
+    }
+
+    fn edit<R>(&self, model: &str, f: impl FnOnce(&mut Deployment) -> R) -> Option<R> {
+        self.write(|models| {
+            let d = models.get_mut(model)?;
+            let mut copy = Deployment::clone(d);
+            let r = f(&mut copy);
+            *d = Arc::new(copy);
+            Some(r)
+        })
+    }
+
+    /// Makes `target` the stable version of `model` (the hot swap). A canary
+    /// or shadow of the same version is cleared: it is stable now.
+    pub fn set_stable(&self, model: &str, target: Arc<Target>) {
+        self.write(|models| {
+            let mut d = match models.get(model) {
+                Some(d) => Deployment::clone(d),
+                None => Deployment::new(model, target.clone()),
+            };
+            if d.canary
+                .as_ref()
+                .is_some_and(|c| c.target.version == target.version)
+            {
+                d.canary = None;
+            }
+            if d.shadow
+                .as_ref()
+                .is_some_and(|s| s.target.version == target.version)
+            {
+                d.shadow = None;
+            }
+            d.stable = target;
+            models.insert(model.to_string(), Arc::new(d));
+        });
+    }
+
+    /// Sends `weight_bp` of `model`'s route keys to `target`. False when the
+    /// model has no deployment.
+    pub fn set_canary(&self, model: &str, target: Arc<Target>, weight_bp: u32) -> bool {
+        self.edit(model, |d| {
+            d.canary = Some(Canary {
+                target,
+                weight_bp: weight_bp.min(split::BUCKETS),
+            })
+        })
+        .is_some()
+    }
+
+    /// Changes the canary's weight; false when there is no canary.
+    pub fn set_canary_weight(&self, model: &str, weight_bp: u32) -> bool {
+        self.edit(model, |d| match &mut d.canary {
+            Some(c) => {
+                c.weight_bp = weight_bp.min(split::BUCKETS);
+                true
+            }
+            None => false,
+        })
+        .unwrap_or(false)
+    }
+
+    /// Removes the canary (rollback or abort); returns it.
+    pub fn clear_canary(&self, model: &str) -> Option<Canary> {
+        self.edit(model, |d| d.canary.take()).flatten()
+    }
+
+    /// Makes the canary the stable version; returns the old stable target.
+    pub fn promote(&self, model: &str) -> Option<Arc<Target>> {
+        self.edit(model, |d| {
+            let c = d.canary.take()?;
+            Some(std::mem::replace(&mut d.stable, c.target))
+        })
+        .flatten()
+    }
+
+    /// Mirrors `rate_bp` of `model`'s requests to `target`.
+    pub fn set_shadow(&self, model: &str, target: Arc<Target>, rate_bp: u32) -> bool {
+        self.edit(model, |d| {
+            d.shadow = Some(Shadow {
+                target,
+                rate_bp: rate_bp.min(split::BUCKETS),
+            })
+        })
+        .is_some()
+    }
+
+    /// Stops mirroring; returns the shadow.
+    pub fn clear_shadow(&self, model: &str) -> Option<Shadow> {
+        self.edit(model, |d| d.shadow.take()).flatten()
+    }
+
+    /// Stops serving `model`.
+    pub fn remove(&self, model: &str) -> Option<Arc<Deployment>> {
+        self.write(|models| models.remove(model))
     }
 }

@@ -56,8 +56,6 @@ pub struct EngineLabels {
     pub model: String,
     /// Version id.
     pub version: String,
-    /// stable / canary / shadow.
-    pub variant: String,
 }
 
 /// A generation request, already tokenized and validated by the front end.
@@ -83,6 +81,8 @@ pub struct Request {
     pub arrival: Instant,
     /// Which door it came in by (a metrics label).
     pub protocol: crate::monitor::Protocol,
+    /// The role of this engine's version for this request (a metrics label).
+    pub variant: crate::monitor::Variant,
 }
 
 impl Request {
@@ -99,6 +99,7 @@ impl Request {
             deadline: None,
             arrival: Instant::now(),
             protocol: crate::monitor::Protocol::Internal,
+            variant: crate::monitor::Variant::Stable,
         }
     }
 }
@@ -270,11 +271,34 @@ struct Shared {
     labels: EngineLabels,
     /// Set when the thread has exited (model memory freed).
     stopped: AtomicBool,
+    /// Set when the thread panicked: the engine is down, not draining.
+    panicked: AtomicBool,
+    /// Finished requests, for canary analysis.
+    window: crate::monitor::window::Window,
+}
+
+/// Marks the engine stopped when its thread ends, and failed when it ends by
+/// panicking, so readiness and health tell the truth and new requests are
+/// refused instead of queued for a thread that is gone.
+struct ExitGuard(Arc<Shared>);
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.panicked.store(true, Ordering::Relaxed);
+            tracing::error!(
+                model = %self.0.labels.model,
+                version = %self.0.labels.version,
+                "the engine thread panicked; its requests end with an error"
+            );
+        }
+        self.0.stopped.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A handle to a running engine. Cheap to clone.
 #[derive(Clone)]
-pub struct Engine {
+pub struct EngineHandle {
     tx: std::sync::mpsc::SyncSender<Msg>,
     shared: Arc<Shared>,
     tokenizer: Arc<crate::engine::Tokenizer>,
@@ -282,7 +306,7 @@ pub struct Engine {
     info: Arc<crate::engine::ModelInfo>,
 }
 
-impl Engine {
+impl EngineHandle {
     /// Starts the engine thread for `model`.
     pub fn spawn(
         model: LoadedModel,
@@ -291,7 +315,15 @@ impl Engine {
     ) -> std::io::Result<Self> {
         let kv_shape = model.model.kv_shape(config.block_size);
         let blocks = kv_shape.blocks_in(config.kv_cache_bytes).max(1);
-        let context_length = model.model.config().max_position_embeddings;
+        // A sequence can never outgrow the pool, so the context this engine
+        // serves (and advertises as `max_model_len`) is the smaller of the
+        // two: a long-context model on a small pool serves what fits instead
+        // of refusing every request that leaves `max_tokens` to the default.
+        let context_length = model
+            .model
+            .config()
+            .max_position_embeddings
+            .min(blocks * config.block_size);
         let shared = Arc::new(Shared {
             stats: EngineStats::default(),
             draining: AtomicBool::new(false),
@@ -300,6 +332,8 @@ impl Engine {
             config: config.clone(),
             labels: labels.clone(),
             stopped: AtomicBool::new(false),
+            panicked: AtomicBool::new(false),
+            window: Default::default(),
         });
         shared
             .stats
@@ -312,7 +346,10 @@ impl Engine {
         let thread_shared = shared.clone();
         std::thread::Builder::new()
             .name(format!("engine-{}-{}", labels.model, labels.version))
-            .spawn(move || worker::run(model, blocks, rx, thread_shared))?;
+            .spawn(move || {
+                let _exit = ExitGuard(thread_shared.clone());
+                worker::run(model, blocks, rx, thread_shared)
+            })?;
         Ok(Self {
             tx,
             shared,
@@ -356,6 +393,16 @@ impl Engine {
     pub fn is_ready(&self) -> bool {
         !self.shared.draining.load(Ordering::Relaxed)
             && !self.shared.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Whether the engine thread died by panicking.
+    pub fn has_failed(&self) -> bool {
+        self.shared.panicked.load(Ordering::Relaxed)
+    }
+
+    /// Its finished requests, for analyses over a window of time.
+    pub fn window(&self) -> &crate::monitor::window::Window {
+        &self.shared.window
     }
 
     /// Whether the engine thread has exited and freed its memory.

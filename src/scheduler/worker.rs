@@ -14,7 +14,8 @@ use crate::engine::{
     Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, Scratch, StopMatcher,
     StopOutcome, TextStream, Tokenizer,
 };
-use crate::monitor::{EngineMetrics, Protocol, RequestMetrics};
+use crate::monitor::canary::Sample;
+use crate::monitor::{EngineMetrics, Protocol, RequestMetrics, Variant};
 
 /// Per-sequence state the scheduler carries for the engine thread.
 struct Io {
@@ -26,6 +27,7 @@ struct Io {
     stop_ids: Vec<u32>,
     deadline: Option<Instant>,
     protocol: Protocol,
+    variant: Variant,
     arrival: Instant,
     submitted: Instant,
     admitted: Option<Instant>,
@@ -58,7 +60,6 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
     let metrics = EngineMetrics::new(
         &labels.model,
         &labels.version,
-        &labels.variant,
         FinishReason::ALL.map(FinishReason::as_str),
     );
     let LoadedModel {
@@ -159,6 +160,7 @@ impl Worker {
                     stop_ids,
                     deadline: request.deadline,
                     protocol: request.protocol,
+                    variant: request.variant,
                     arrival: request.arrival,
                     submitted,
                     admitted: None,
@@ -241,9 +243,20 @@ impl Worker {
         let prompt_len = s.prompt_len;
         let preemptions = s.preemptions;
         let io = &mut s.payload;
-        let m = self.metrics.requests(io.protocol);
+        let m = self.metrics.requests(io.protocol, io.variant);
         if let Some(err) = io.failed.take() {
             m.failure.increment(1);
+            self.shared.window.record(
+                io.variant,
+                Sample {
+                    ok: false,
+                    ttft_s: f64::NAN,
+                    itl_s: f64::NAN,
+                    e2e_s: io.arrival.elapsed().as_secs_f64(),
+                    output_tokens: generated as u32,
+                    stopped: false,
+                },
+            );
             let _ = io.events.try_send(Event::Failed(err));
             return;
         }
@@ -289,6 +302,21 @@ impl Worker {
             m.prefill.record(timings.prefill.as_secs_f64());
             m.decode.record(timings.decode.as_secs_f64());
         }
+        self.shared.window.record(
+            io.variant,
+            Sample {
+                ok: !matches!(reason, FinishReason::Aborted | FinishReason::Timeout),
+                ttft_s: first.map_or(f64::NAN, |_| timings.ttft.as_secs_f64()),
+                itl_s: if generated > 1 {
+                    timings.decode.as_secs_f64() / (generated - 1) as f64
+                } else {
+                    f64::NAN
+                },
+                e2e_s: (now - io.arrival).as_secs_f64(),
+                output_tokens: generated as u32,
+                stopped: reason == FinishReason::Stop,
+            },
+        );
         let _ = io.events.try_send(Event::Done(Completion {
             reason,
             prompt_tokens: prompt_len,
@@ -380,7 +408,7 @@ impl Worker {
                         row,
                         tokenizer,
                         ctx,
-                        metrics.requests(s.payload.protocol),
+                        metrics.requests(s.payload.protocol, s.payload.variant),
                         now,
                     );
                 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use llmops::engine::SamplingParams;
 use llmops::engine::synth::SynthSpec;
 use llmops::scheduler::{
-    Completion, Engine, EngineLabels, Event, FinishReason, Request, SchedulerConfig, SubmitError,
+    Completion, EngineHandle, EngineLabels, Event, FinishReason, Request, SchedulerConfig, SubmitError,
 };
 
 use crate::support;
@@ -28,16 +28,15 @@ async fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, Strin
     panic!("event stream ended without a Done");
 }
 
-fn spawn(spec: &SynthSpec, cfg: SchedulerConfig) -> (tempfile::TempDir, Engine) {
+fn spawn(spec: &SynthSpec, cfg: SchedulerConfig) -> (tempfile::TempDir, EngineHandle) {
     let (tmp, path) = support::write_model(spec);
     let m = support::load(&path);
-    let engine = Engine::spawn(
+    let engine = EngineHandle::spawn(
         m,
         cfg,
         EngineLabels {
             model: "tiny".into(),
             version: "v1".into(),
-            variant: "stable".into(),
         },
     )
     .unwrap();
@@ -128,7 +127,7 @@ async fn preemption_under_a_small_kv_pool_keeps_greedy_output_identical() {
 
 /// Waits until the engine reports no running sequence and no used block (the
 /// gauges are published right after the step that sent the last event).
-async fn wait_idle(engine: &Engine) {
+async fn wait_idle(engine: &EngineHandle) {
     let stats = engine.stats();
     for _ in 0..300 {
         if stats.running.load(std::sync::atomic::Ordering::Relaxed) == 0

@@ -113,11 +113,17 @@ impl InferenceService {
         started: Instant,
     ) -> Result<(Arc<Target>, Generation), ApiError> {
         let principal = self.principal(req)?;
-        let target = self.router.pick(&req.get_ref().model)?;
+        // The split's key: a session id the client chooses, else its API key.
+        let key = match metadata_str(req, "x-llmops-route-key") {
+            Some(k) if !k.is_empty() => k.to_string(),
+            _ if principal.key_id != "anonymous" => format!("key:{}", principal.key_id),
+            _ => metadata_str(req, "x-request-id").unwrap_or_default().to_string(),
+        };
+        let picked = self.router.pick(&req.get_ref().model, &key)?;
         let spec = self.spec(req, started)?;
-        let valid = infer::validate(&target, vec![spec], &self.limits).await?;
-        let generation = infer::submit(&target, valid, &principal.quota)?;
-        Ok((target, generation))
+        let valid = infer::validate(&picked.target, vec![spec], &self.limits).await?;
+        let generation = infer::submit(&picked, valid, &principal.quota)?;
+        Ok((picked.target, generation))
     }
 
     fn principal<T>(&self, req: &Request<T>) -> Result<Arc<Principal>, ApiError> {
@@ -315,8 +321,9 @@ impl Inference for InferenceService {
         let r = req.get_ref();
         let target = self
             .router
-            .pick(&r.model)
-            .map_err(|e| fail(route, started, e))?;
+            .pick(&r.model, "")
+            .map_err(|e| fail(route, started, e))?
+            .target;
         let tok = target.engine.tokenizer();
         let ids = tok
             .encode(&r.text, r.add_special_tokens)

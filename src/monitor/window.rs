@@ -1,0 +1,51 @@
+//! Recent finished requests of one engine, for analyses that compare
+//! versions over the same stretch of time (canary rollouts).
+//!
+//! The engine thread records one sample per finished request (not per
+//! token); the controller reads the samples since a point in time. The
+//! mutex is held for a push or a copy, on the engine thread and the
+//! controller's task, never on a tokio request path.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::Variant;
+use super::canary::Sample;
+
+/// Samples kept per engine: a bound on memory, far above what one analysis
+/// interval of one engine produces on this class of machine.
+pub const CAPACITY: usize = 16_384;
+
+/// A bounded ring of `(when, variant, sample)`.
+pub struct Window {
+    samples: Mutex<VecDeque<(Instant, Variant, Sample)>>,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Self {
+            samples: Mutex::new(VecDeque::with_capacity(256)),
+        }
+    }
+}
+
+impl Window {
+    /// Records a finished request; the oldest sample goes when full.
+    pub fn record(&self, variant: Variant, sample: Sample) {
+        let mut s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if s.len() == CAPACITY {
+            s.pop_front();
+        }
+        s.push_back((Instant::now(), variant, sample));
+    }
+
+    /// The samples of `variant` recorded in `[from, to)`.
+    pub fn between(&self, variant: Variant, from: Instant, to: Instant) -> Vec<Sample> {
+        let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        s.iter()
+            .filter(|(at, v, _)| *v == variant && *at >= from && *at < to)
+            .map(|(_, _, x)| *x)
+            .collect()
+    }
+}
