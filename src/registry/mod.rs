@@ -228,6 +228,14 @@ impl State {
 pub struct Registry {
     path: PathBuf,
     file: File,
+    /// Bytes of whole, acknowledged lines: a failed append cuts the file
+    /// back to this, so a partial line never precedes the next one.
+    len: u64,
+    /// Set when a failed append could not be cut back: the log may end in a
+    /// partial line, and appending after it would bury it mid-file, where
+    /// open refuses it. Further appends are refused until a restart repairs
+    /// the tail.
+    broken: Option<String>,
     state: State,
     entries: Vec<AuditEntry>,
 }
@@ -260,7 +268,9 @@ pub fn now_rfc3339() -> String {
 
 impl Registry {
     /// Opens (or creates) the registry in `dir`, replaying its log. A torn
-    /// last line from a crash is cut off; anything else unreadable is an error.
+    /// last line from a crash (no newline) is cut off with a warning; an
+    /// unreadable line before the end is an error, since a crash cannot
+    /// cause one.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         let path = dir.join("audit.jsonl");
@@ -280,29 +290,33 @@ impl Registry {
         let mut good_len = 0u64;
         {
             let mut reader = BufReader::new(&file);
-            let mut line = String::new();
+            // Bytes, not a String: a torn tail can end inside a multi-byte
+            // UTF-8 character, and `read_line` would fail on it.
+            let mut line = Vec::new();
             let mut offset = 0u64;
             loop {
                 line.clear();
-                let n = reader.read_line(&mut line)?;
+                let n = reader.read_until(b'\n', &mut line)?;
                 if n == 0 {
                     break;
                 }
                 offset += n as u64;
-                let complete = line.ends_with('\n');
-                match serde_json::from_str::<AuditEntry>(line.trim_end()) {
-                    Ok(e) if complete => {
+                if line.last() != Some(&b'\n') {
+                    break; // torn tail: never acknowledged
+                }
+                match serde_json::from_slice::<AuditEntry>(&line) {
+                    Ok(e) => {
                         if e.result == "ok" {
                             state.apply(&e.action);
                         }
                         entries.push(e);
                         good_len = offset;
                     }
-                    _ if !complete => break, // torn tail: never acknowledged
-                    Err(err) => {
-                        anyhow::bail!("{}: line {}: {err}", path.display(), entries.len() + 1)
-                    }
-                    Ok(_) => unreachable!("complete handled above"),
+                    Err(err) => anyhow::bail!(
+                        "{}: line {} (byte {good_len}) is corrupt: {err}. A crash only tears the last line, so this log was damaged otherwise: restore it from a backup, or cut it before that line to keep the earlier entries",
+                        path.display(),
+                        entries.len() + 1
+                    ),
                 }
             }
         }
@@ -316,6 +330,8 @@ impl Registry {
         Ok(Self {
             path,
             file,
+            len: good_len,
+            broken: None,
             state,
             entries,
         })
@@ -359,10 +375,31 @@ impl Registry {
                 Err(e) => e,
             },
         };
+        if let Some(why) = &self.broken {
+            anyhow::bail!("the registry log needs a restart to repair its tail ({why})");
+        }
         let mut line = serde_json::to_string(&entry)?;
         line.push('\n');
-        self.file.write_all(line.as_bytes())?;
-        self.file.sync_data()?;
+        let written = self
+            .file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Part of the line may be on disk (disk full, file size limit),
+            // or all of it without the fsync. The action is reported as
+            // failed, so cut the file back to the last acknowledged line;
+            // otherwise the next append would complete a corrupt line.
+            if let Err(cut) = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data())
+            {
+                tracing::error!(path = %self.path.display(), error = %e, truncate_error = %cut, "registry append failed and the partial line could not be cut off; refusing further appends until a restart");
+                self.broken = Some(format!("append failed: {e}; truncate failed: {cut}"));
+            }
+            return Err(e.into());
+        }
+        self.len += line.len() as u64;
         if entry.result == "ok" {
             self.state.apply(&entry.action);
         }
@@ -445,6 +482,63 @@ mod tests {
         assert_eq!(r.state().next_version_id("m"), "v2");
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.ends_with('\n') && !text.contains("\"seq\":4"));
+    }
+
+    fn register(r: &mut Registry, v: &str, card: &str) {
+        let mut rec = record(v);
+        rec.model_card = card.into();
+        rec.sha256 = format!("{v:0>64}");
+        r.append(
+            "k",
+            Action::RegisterVersion {
+                model: "m".into(),
+                record: rec,
+            },
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            None,
+            Ok(()),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_torn_tail_cut_inside_a_utf8_character_is_dropped_and_appends_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        register(&mut Registry::open(dir.path()).unwrap(), "v1", "café");
+        let path = dir.path().join("audit.jsonl");
+        let good = std::fs::read(&path).unwrap();
+        // The same record again, torn after the first byte of `é`.
+        let torn = &good[..good.iter().position(|&b| b == 0xC3).unwrap() + 1];
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(torn).unwrap();
+        drop(f);
+        let mut r = Registry::open(dir.path()).unwrap();
+        assert_eq!(r.entries().len(), 1);
+        assert_eq!(std::fs::read(&path).unwrap(), good, "the tail is cut off");
+        register(&mut r, "v2", "naïve");
+        drop(r);
+        let r = Registry::open(dir.path()).unwrap();
+        assert_eq!(r.state().next_version_id("m"), "v3");
+        assert_eq!(r.state().version("m", "v2").unwrap().model_card, "naïve");
+    }
+
+    #[test]
+    fn a_corrupt_line_before_the_end_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        register(&mut Registry::open(dir.path()).unwrap(), "v1", "");
+        let path = dir.path().join("audit.jsonl");
+        let line = std::fs::read(&path).unwrap();
+        // What a partial append used to leave once the next append completed
+        // it: a whole line that is not JSON, with good lines after it.
+        let mut text = line.clone();
+        text.extend_from_slice(b"{\"seq\":2,\"ti");
+        text.extend_from_slice(&line);
+        text.extend_from_slice(&line);
+        std::fs::write(&path, &text).unwrap();
+        let err = Registry::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("line 2") && err.contains("corrupt"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), text, "nothing is cut");
     }
 
     #[test]

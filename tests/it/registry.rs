@@ -395,8 +395,35 @@ impl Drop for Proc {
 }
 
 fn spawn(model: &Path, data: &Path) -> Proc {
+    spawn_with(model, data, None)
+}
+
+/// [`spawn`], with files the server writes capped at `file_size_limit`
+/// bytes (RLIMIT_FSIZE): a write past it fails as on a full disk.
+fn spawn_with(model: &Path, data: &Path, file_size_limit: Option<u64>) -> Proc {
+    use std::os::unix::process::CommandExt;
     let (http, grpc) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_llmops"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmops"));
+    if let Some(limit) = file_size_limit {
+        // SAFETY: setrlimit and signal are async-signal-safe; nothing else
+        // runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Without this, SIGXFSZ kills the server instead of the
+                // write failing with EFBIG.
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let lim = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = cmd
         .args([
             "serve",
             "--model-name",
@@ -692,4 +719,126 @@ async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
         // SIGKILL (Child::kill) in the middle of whatever it was doing.
         drop(p);
     }
+}
+
+// ---- integrity and robustness (issue 18, item 9) ----
+
+/// An in-process server on the registry in `data`, serving `models`
+/// (name, path); `tweak` adjusts the flags further.
+async fn serve_models(
+    data: &Path,
+    models: &[(&str, &Path)],
+    tweak: impl FnOnce(&mut llmops::config::ServeArgs),
+) -> TestServer {
+    let (names, paths): (Vec<String>, Vec<PathBuf>) = models
+        .iter()
+        .map(|(n, p)| (n.to_string(), p.to_path_buf()))
+        .unzip();
+    let data = data.to_path_buf();
+    TestServer::start(move |a| {
+        keys(a);
+        a.models = paths;
+        a.model_names = names;
+        a.data_dir = Some(data);
+        tweak(a);
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_line_in_the_log_is_dropped_and_the_server_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let base = tiny(tmp.path(), "base", 41);
+    serve_models(&data, &[("tiny", &base)], |_| {})
+        .await
+        .stop()
+        .await;
+    let log = data.join("audit.jsonl");
+    let good = std::fs::read(&log).unwrap();
+    // A crash while writing a record whose model card is not ASCII: the
+    // tail ends inside a UTF-8 character.
+    let mut torn = good.clone();
+    torn.extend_from_slice(b"{\"seq\":99,\"time\":\"2026\",\"model_card\":\"caf\xC3");
+    std::fs::write(&log, &torn).unwrap();
+
+    let s = serve_models(&data, &[("tiny", &base)], |_| {}).await;
+    let c = reqwest::Client::new();
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::PUT,
+        s.url("/admin/v1/models/tiny/aliases/canary"),
+        Some(json!({"version": "v1"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    s.stop().await;
+    let text = std::fs::read(&log).unwrap();
+    assert!(text.starts_with(&good), "the good entries stay");
+    assert!(
+        !text.windows(8).any(|w| w == b"\"seq\":99"),
+        "torn tail cut"
+    );
+    let r = llmops::registry::Registry::open(&data).unwrap();
+    assert_eq!(r.state().alias("tiny", "canary"), Some("v1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny(tmp.path(), "base", 51);
+    let data = tmp.path().join("data");
+    let c = reqwest::Client::new();
+    let p = spawn(&base, &data);
+    wait_ready(&c, &p).await;
+    drop(p);
+    let log = data.join("audit.jsonl");
+    let before = std::fs::read(&log).unwrap();
+
+    // The log may grow by 64 bytes only: the next entry is written in part,
+    // then the write fails, as on a full disk.
+    let p = spawn_with(&base, &data, Some(before.len() as u64 + 64));
+    wait_ready(&c, &p).await;
+    let url = format!(
+        "http://127.0.0.1:{}/admin/v1/models/tiny/aliases/canary",
+        p.http
+    );
+    for _ in 0..2 {
+        let (st, v) = admin(
+            &c,
+            reqwest::Method::PUT,
+            url.clone(),
+            Some(json!({"version": "v1"})),
+            ADMIN,
+        )
+        .await;
+        assert_eq!(st, 500, "{v}");
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            before,
+            "the partial line is cut off"
+        );
+    }
+    drop(p);
+
+    // With room again, the next append lands on a clean line.
+    let p = spawn(&base, &data);
+    wait_ready(&c, &p).await;
+    let url = format!(
+        "http://127.0.0.1:{}/admin/v1/models/tiny/aliases/canary",
+        p.http
+    );
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::PUT,
+        url,
+        Some(json!({"version": "v1"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    drop(p);
+    let r = llmops::registry::Registry::open(&data).unwrap();
+    assert_eq!(r.state().alias("tiny", "canary"), Some("v1"));
 }
