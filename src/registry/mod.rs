@@ -19,9 +19,61 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// Checks, before anything is opened, that `path` is something the server
+/// may read as a model, and returns it resolved (symlinks followed).
+///
+/// It must be a regular file, or a folder whose entries are regular files or
+/// folders: reading a FIFO blocks until a writer comes and `/dev/zero` never
+/// ends, and either would hang the admin plane, which holds the registry lock
+/// while it reads. When `roots` is not empty (canonical paths, see
+/// `--model-root`), the resolved path must also lie under one of them, so the
+/// admin API cannot read arbitrary server files; a path that does not exist
+/// then gets the same answer as one outside, so the check is no existence
+/// oracle. Only `path` itself is held to the roots: links inside a model
+/// folder (a Hugging Face cache snapshot points into `blobs/`) were made by
+/// whoever owns the folder.
+pub fn check_model_path(path: &Path, roots: &[PathBuf]) -> anyhow::Result<PathBuf> {
+    let outside = || {
+        anyhow::anyhow!(
+            "{} is not a file or folder under the model roots",
+            path.display()
+        )
+    };
+    let real = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(_) if !roots.is_empty() => return Err(outside()),
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    };
+    if !roots.is_empty() && !roots.iter().any(|r| real.starts_with(r)) {
+        return Err(outside());
+    }
+    // `metadata` is stat(2): it follows links and opens nothing.
+    let meta = std::fs::metadata(&real).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(&real)? {
+            let p = e?.path();
+            let m = std::fs::metadata(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            if !m.is_file() && !m.is_dir() {
+                anyhow::bail!(
+                    "{}: not a regular file (a model folder may hold only files and folders)",
+                    p.display()
+                );
+            }
+        }
+    } else if !meta.is_file() {
+        anyhow::bail!(
+            "{} is not a regular file or a folder (devices, FIFOs and sockets are refused)",
+            path.display()
+        );
+    }
+    Ok(real)
+}
+
 /// Hex SHA-256 over a model's weights: the GGUF file, or the folder's
-/// safetensors files in name order.
+/// safetensors files in name order. Refuses what [`check_model_path`]
+/// refuses before opening anything.
 pub fn digest_path(path: &Path) -> anyhow::Result<String> {
+    check_model_path(path, &[])?;
     let mut files = vec![];
     if path.is_dir() {
         for e in std::fs::read_dir(path)? {
@@ -539,6 +591,35 @@ mod tests {
         let err = Registry::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("line 2") && err.contains("corrupt"), "{err}");
         assert_eq!(std::fs::read(&path).unwrap(), text, "nothing is cut");
+    }
+
+    #[test]
+    fn only_regular_files_and_folders_of_them_under_the_roots_pass_the_path_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap().join("models");
+        let model = root.join("m");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(model.join("model.safetensors"), b"x").unwrap();
+        let roots = [root.clone()];
+        assert_eq!(check_model_path(&model, &roots).unwrap(), model);
+        assert!(check_model_path(&model.join("model.safetensors"), &roots).is_ok());
+        assert!(check_model_path(Path::new("/dev/zero"), &[]).is_err());
+        assert!(
+            check_model_path(Path::new("/dev"), &[]).is_err(),
+            "a folder of devices"
+        );
+        let outside = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&outside).unwrap();
+        assert!(
+            check_model_path(&outside, &[]).is_ok(),
+            "no roots: anywhere"
+        );
+        let a = check_model_path(&outside, &roots).unwrap_err().to_string();
+        let b = check_model_path(&root.join("../nope"), &roots)
+            .unwrap_err()
+            .to_string();
+        assert!(a.contains("under the model roots") && b.contains("under the model roots"));
+        assert!(check_model_path(&root.join("../elsewhere"), &roots).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! and frees its memory when that last handle drops.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +68,8 @@ pub struct ModelOps {
     device: String,
     gguf_weights: GgufWeights,
     health: Option<tonic_health::server::HealthReporter>,
+    /// Canonical folders registered paths must lie under; empty: anywhere.
+    model_roots: Vec<PathBuf>,
 }
 
 struct Loaded {
@@ -131,7 +133,15 @@ impl ModelOps {
             device,
             gguf_weights,
             health,
+            model_roots: vec![],
         })
+    }
+
+    /// Accepts registrations only under these folders (canonical paths, as
+    /// [`crate::config::ServerConfig::model_roots`] holds them).
+    pub fn with_model_roots(mut self, roots: Vec<PathBuf>) -> Self {
+        self.model_roots = roots;
+        self
     }
 
     fn engines(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Loaded>> {
@@ -215,11 +225,12 @@ impl ModelOps {
                     "model `{model}` already has a version `{version}`; versions are immutable"
                 ))));
             }
-            if req.path != EMBEDDED && !std::path::Path::new(&req.path).exists() {
-                return Err(fail(ApiError::invalid(
-                    "path",
-                    format!("{}: no such file or directory", req.path),
-                )));
+            // File types and roots before anything is opened: a FIFO or
+            // `/dev/zero` would hang the digest below while we hold the lock.
+            if req.path != EMBEDDED
+                && let Err(e) = super::check_model_path(Path::new(&req.path), &self.model_roots)
+            {
+                return Err(fail(ApiError::invalid("path", e.to_string())));
             }
             let path = req.path.clone();
             let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);

@@ -842,3 +842,97 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
     let r = llmops::registry::Registry::open(&data).unwrap();
     assert_eq!(r.state().alias("tiny", "canary"), Some("v1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_and_fifos_are_refused_at_once_and_the_admin_plane_stays_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = TestServer::start(keys).await;
+    let c = reqwest::Client::new();
+    let mkfifo = |p: &Path| {
+        let st = Command::new("mkfifo").arg(p).status().unwrap();
+        assert!(st.success());
+    };
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    // A model folder whose weights file is a FIFO.
+    let folder = tiny(tmp.path(), "fifo-weights", 61);
+    std::fs::remove_file(folder.join("model.safetensors")).unwrap();
+    mkfifo(&folder.join("model.safetensors"));
+    for path in [Path::new("/dev/zero"), &fifo, &folder] {
+        let register = admin(
+            &c,
+            reqwest::Method::POST,
+            s.url("/admin/v1/models/tiny/versions"),
+            Some(json!({"path": path})),
+            ADMIN,
+        );
+        let (st, v) = tokio::time::timeout(Duration::from_secs(10), register)
+            .await
+            .unwrap_or_else(|_| panic!("registering {} hung", path.display()));
+        assert_eq!(st, 400, "{}: {v}", path.display());
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("regular file"), "{msg}");
+    }
+    let serving = admin(
+        &c,
+        reqwest::Method::GET,
+        s.url("/admin/v1/serving"),
+        None,
+        ADMIN,
+    );
+    let (st, _) = tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("the admin lock is free");
+    assert_eq!(st, 200);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_model_roots_only_paths_under_them_can_be_registered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("models");
+    let base = tiny(&root, "base", 70);
+    let inside = tiny(&root, "inside", 71);
+    let outside = tiny(tmp.path(), "outside", 72);
+    let link = root.join("link");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let r = root.clone();
+    let s = serve_models(&tmp.path().join("data"), &[("tiny", &base)], move |a| {
+        a.model_roots = vec![r];
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let register = |path: PathBuf| {
+        let (c, url) = (c.clone(), s.url("/admin/v1/models/tiny/versions"));
+        async move {
+            admin(
+                &c,
+                reqwest::Method::POST,
+                url,
+                Some(json!({"path": path})),
+                ADMIN,
+            )
+            .await
+        }
+    };
+    let mut messages = vec![];
+    for path in [
+        outside.clone(),
+        link,
+        root.join("../outside"),
+        tmp.path().join("no-such-model"),
+    ] {
+        let (st, v) = register(path.clone()).await;
+        assert_eq!(st, 400, "{}: {v}", path.display());
+        let msg = v["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains("under the model roots"), "{msg}");
+        messages.push(msg.replace(&path.display().to_string(), "PATH"));
+    }
+    assert!(
+        messages.iter().all(|m| *m == messages[0]),
+        "missing and outside read the same: {messages:?}"
+    );
+    let (st, v) = register(inside).await;
+    assert_eq!(st, 201, "{v}");
+    s.stop().await;
+}
