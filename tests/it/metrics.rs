@@ -412,6 +412,8 @@ fn shipped_alert_rules_pass_promtool_check_and_unit_tests() {
         STEP_TIME,
         API_REQUESTS,
         API_DURATION,
+        MODEL_LOAD_FAILURES,
+        MODEL_SERVING,
     ];
     let rules = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -442,6 +444,7 @@ fn shipped_alert_rules_pass_promtool_check_and_unit_tests() {
     // no drift metric exists yet).
     for alert in [
         "LlmopsTargetDown",
+        "LlmopsModelNotServing",
         "LlmopsHighErrorRatio",
         "LlmopsTTFTP99High",
         "LlmopsQueueRejecting",

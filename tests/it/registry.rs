@@ -745,6 +745,212 @@ async fn serve_models(
     .await
 }
 
+async fn complete(c: &reqwest::Client, s: &TestServer, model: &str) -> u16 {
+    let body = json!({"model": model, "prompt": "hi", "max_tokens": 2});
+    c.post(s.url("/v1/completions"))
+        .bearer_auth(APP)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The `serving` entry of one model.
+async fn serving_of(c: &reqwest::Client, s: &TestServer, model: &str) -> Value {
+    let (st, v) = admin(
+        c,
+        reqwest::Method::GET,
+        s.url("/admin/v1/serving"),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == model)
+        .cloned()
+        .unwrap_or_else(|| panic!("{model} is not in {v}"))
+}
+
+/// The value of the first exported sample of `name` whose labels contain
+/// every `k="v"` in `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|kv| l.contains(kv)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn replace_weights(from: &Path, to: &Path) {
+    std::fs::copy(from.join("model.safetensors"), to.join("model.safetensors")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_whose_files_changed_is_refused_naming_both_digests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny(tmp.path(), "base", 11);
+    let cand = tiny(tmp.path(), "cand", 12);
+    let s = serve_models(&tmp.path().join("data"), &[("tiny", &base)], |_| {}).await;
+    let c = reqwest::Client::new();
+    let u = |p: &str| s.url(&format!("/admin/v1/models/tiny{p}"));
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::POST,
+        u("/versions"),
+        Some(json!({"path": cand, "version": "changed"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let registered = v["sha256"].as_str().unwrap().to_string();
+    // Other, perfectly loadable weights put in place of the registered ones.
+    replace_weights(&tiny(tmp.path(), "other", 13), &cand);
+    let found = llmops::registry::digest_path(&cand).unwrap();
+    assert_ne!(found, registered);
+    let attempts = [
+        (reqwest::Method::POST, u("/versions/changed/load"), None),
+        (
+            reqwest::Method::PUT,
+            u("/aliases/stable"),
+            Some(json!({"version": "changed"})),
+        ),
+    ];
+    for (m, url, body) in attempts {
+        let (st, v) = admin(&c, m.clone(), url, body, ADMIN).await;
+        assert_eq!(st, 503, "{m}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("`changed`") && msg.contains(&registered) && msg.contains(&found),
+            "{msg}"
+        );
+    }
+    let tiny_now = serving_of(&c, &s, "tiny").await;
+    assert_eq!(tiny_now["serving"]["version"], "v1", "{tiny_now}");
+    assert_eq!(tiny_now["aliases"]["stable"], "v1", "{tiny_now}");
+    let metrics = s.metrics_text().await;
+    let failures = sample(
+        &metrics,
+        "llmops_model_load_failures_total",
+        &["model=\"tiny\"", "version=\"changed\""],
+    );
+    assert_eq!(failures, Some(2.0), "both refusals are counted");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_whose_files_vanished_or_changed_do_not_stop_the_others_from_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let healthy = tiny(tmp.path(), "healthy", 21);
+    let gone = tiny(tmp.path(), "gone", 22);
+    let swapped = tiny(tmp.path(), "swapped", 23);
+    let s = serve_models(
+        &data,
+        &[("tiny", &healthy), ("gone", &gone), ("swapped", &swapped)],
+        |_| {},
+    )
+    .await;
+    s.stop().await;
+    std::fs::remove_dir_all(&gone).unwrap();
+    replace_weights(&tiny(tmp.path(), "other", 24), &swapped);
+
+    // `gone` is still configured (its path is missing now); `swapped` is
+    // only in the registry.
+    let s = serve_models(&data, &[("tiny", &healthy), ("gone", &gone)], |_| {}).await;
+    let c = reqwest::Client::new();
+    assert_eq!(complete(&c, &s, "tiny").await, 200);
+    assert_ne!(complete(&c, &s, "gone").await, 200);
+    assert_ne!(complete(&c, &s, "swapped").await, 200);
+    let ready = reqwest::get(s.url("/ready")).await.unwrap().status();
+    assert_eq!(ready, 200, "ready: the healthy model serves");
+
+    let t = serving_of(&c, &s, "tiny").await;
+    assert_eq!(t["serving"]["version"], "v1", "{t}");
+    assert!(t["failed"].is_null(), "{t}");
+    let g = serving_of(&c, &s, "gone").await;
+    assert!(g["serving"].is_null(), "{g}");
+    assert_eq!(g["failed"]["version"], "v1", "{g}");
+    let reason = g["failed"]["reason"].as_str().unwrap();
+    assert!(reason.contains("failed to load"), "{reason}");
+    let w = serving_of(&c, &s, "swapped").await;
+    let reason = w["failed"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("changed since it was registered"),
+        "{reason}"
+    );
+
+    let metrics = s.metrics_text().await;
+    for (model, want) in [("tiny", 1.0), ("gone", 0.0), ("swapped", 0.0)] {
+        let label = format!("model=\"{model}\"");
+        let got = sample(&metrics, "llmops_model_serving", &[&label]);
+        assert_eq!(got, Some(want), "{model}");
+    }
+    let failures = sample(
+        &metrics,
+        "llmops_model_load_failures_total",
+        &["model=\"gone\"", "version=\"v1\""],
+    );
+    assert!(failures >= Some(1.0), "{failures:?}");
+
+    // Pointing `stable` at good weights brings the model back.
+    let good = tiny(tmp.path(), "good", 25);
+    let url = |p: &str| s.url(&format!("/admin/v1/models/swapped{p}"));
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::POST,
+        url("/versions"),
+        Some(json!({"path": good, "version": "good"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::PUT,
+        url("/aliases/stable"),
+        Some(json!({"version": "good"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(complete(&c, &s, "swapped").await, 200);
+    let w = serving_of(&c, &s, "swapped").await;
+    assert!(w["failed"].is_null(), "{w}");
+    s.stop().await;
+
+    // When not one model can be served, the server refuses to start and
+    // says why.
+    std::fs::remove_dir_all(&healthy).unwrap();
+    std::fs::remove_dir_all(&good).unwrap();
+    let args = llmops::config::ServeArgs {
+        models: vec![healthy.clone()],
+        model_names: vec!["tiny".into()],
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    };
+    let cfg = llmops::config::Config::load(&args).unwrap();
+    let listeners = llmops::app::Listeners {
+        http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        metrics: None,
+    };
+    let run = llmops::app::run(cfg, listeners, std::future::pending());
+    let err = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("it gives up, not hangs")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no model can be served") && err.contains("gone") && err.contains("tiny"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_last_line_in_the_log_is_dropped_and_the_server_restarts() {
     let tmp = tempfile::tempdir().unwrap();
