@@ -67,14 +67,17 @@ pub async fn run(
         .first()
         .map(|m| m.device.clone())
         .unwrap_or_else(|| "cpu".into());
-    let ops = Arc::new(ModelOps::open(
-        &cfg.server.data_dir,
-        router.clone(),
-        cfg.scheduler.clone(),
-        device,
-        cfg.server.gguf_weights,
-        Some(health.clone()),
-    )?);
+    let ops = Arc::new(
+        ModelOps::open(
+            &cfg.server.data_dir,
+            router.clone(),
+            cfg.scheduler.clone(),
+            device,
+            cfg.server.gguf_weights,
+            Some(health.clone()),
+        )?
+        .with_model_roots(cfg.server.model_roots.clone()),
+    );
     tracing::info!(registry = %cfg.server.data_dir.display(), "registry opened");
     // What was serving before a restart is restored before traffic is accepted.
     let served = ops.restore(&cfg.models).await?;

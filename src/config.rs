@@ -80,6 +80,11 @@ pub struct ServeArgs {
     /// Registry folder [default: the user's data directory, llmops/].
     #[arg(long, env = "LLMOPS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Folders that model paths registered through the admin API must lie
+    /// under (after following links); repeat for several. Unset: any path,
+    /// but only regular files and folders (never devices, FIFOs, sockets).
+    #[arg(long = "model-root", env = "LLMOPS_MODEL_ROOTS", value_delimiter = ',')]
+    pub model_roots: Vec<PathBuf>,
 }
 
 /// Listener and process settings.
@@ -97,6 +102,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// How every model's GGUF block-quantized weights are held.
     pub gguf_weights: GgufWeights,
+    /// Canonical folders registered model paths must lie under; empty: any.
+    /// Canonical so a registered path, canonicalized too, is compared
+    /// against where the links really lead.
+    pub model_roots: Vec<PathBuf>,
 }
 
 /// Request limits enforced by the front ends.
@@ -161,6 +170,7 @@ struct FileServer {
     data_dir: Option<PathBuf>,
     device: Option<String>,
     gguf_weights: Option<GgufWeights>,
+    model_roots: Option<Vec<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -248,6 +258,18 @@ impl Config {
                 .gguf_weights
                 .or(file.server.gguf_weights)
                 .unwrap_or_default(),
+            model_roots: if args.model_roots.is_empty() {
+                file.server.model_roots.clone().unwrap_or_default()
+            } else {
+                args.model_roots.clone()
+            }
+            .iter()
+            .map(|r| match std::fs::canonicalize(r) {
+                Ok(c) if c.is_dir() => Ok(c),
+                Ok(_) => bail!("model root {} is not a folder", r.display()),
+                Err(e) => bail!("model root {}: {e}", r.display()),
+            })
+            .collect::<anyhow::Result<_>>()?,
         };
         let limits = LimitsConfig {
             max_body_bytes: args
@@ -482,5 +504,45 @@ mod tests {
         std::fs::write(&path, "[server]\ngguf_weights = \"q4\"\n").unwrap();
         let err = format!("{:#}", load(&[]).unwrap_err());
         assert!(err.contains("gguf_weights") || err.contains("q4"), "{err}");
+    }
+
+    #[test]
+    fn model_roots_come_canonical_from_the_file_unless_flags_replace_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let path = dir.path().join("llmops.toml");
+        // A root given through a `..` still compares as the real folder.
+        let via_b = b.join("../a");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nmodel_roots = [{:?}]\n",
+                via_b.display().to_string()
+            ),
+        )
+        .unwrap();
+        let config = path.display().to_string();
+        let load = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--config", &config];
+            argv.extend_from_slice(extra);
+            Config::load(&Cli::try_parse_from(argv).unwrap().serve)
+        };
+        let canon = |p: &std::path::Path| p.canonicalize().unwrap();
+        assert_eq!(load(&[]).unwrap().server.model_roots, vec![canon(&a)]);
+        let b_flag = b.display().to_string();
+        let flags = load(&["--model-root", &b_flag]).unwrap();
+        assert_eq!(flags.server.model_roots, vec![canon(&b)]);
+        let missing = dir.path().join("missing").display().to_string();
+        let err = format!("{:#}", load(&["--model-root", &missing]).unwrap_err());
+        assert!(err.contains("model root"), "{err}");
+        assert!(
+            Config::load(&ServeArgs::default())
+                .unwrap()
+                .server
+                .model_roots
+                .is_empty()
+        );
     }
 }

@@ -58,6 +58,12 @@ pub mod names {
     pub const API_REQUESTS: &str = "llmops_api_requests_total";
     /// HTTP/gRPC request durations by route.
     pub const API_DURATION: &str = "llmops_api_request_duration_seconds";
+    /// Version loads that failed (files gone or changed, bad weights), by
+    /// model and version.
+    pub const MODEL_LOAD_FAILURES: &str = "llmops_model_load_failures_total";
+    /// Per model: 1 while a version of it serves, 0 when its stable version
+    /// failed to load at start.
+    pub const MODEL_SERVING: &str = "llmops_model_serving";
 }
 
 /// vLLM's TTFT buckets.
@@ -388,6 +394,16 @@ pub fn describe() {
             names::API_DURATION,
             Unit::Seconds,
             "API request duration by protocol and route."
+        );
+        describe_counter!(
+            names::MODEL_LOAD_FAILURES,
+            Unit::Count,
+            "Model version loads that failed (files missing or changed since registration, unloadable weights), by model and version."
+        );
+        describe_gauge!(
+            names::MODEL_SERVING,
+            Unit::Count,
+            "1 while a version of the model serves; 0 when its stable version failed to load at start (see `llmops models serving`)."
         );
     });
 }

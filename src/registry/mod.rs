@@ -18,9 +18,61 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// Checks, before anything is opened, that `path` is something the server
+/// may read as a model, and returns it resolved (symlinks followed).
+///
+/// It must be a regular file, or a folder whose entries are regular files or
+/// folders: reading a FIFO blocks until a writer comes and `/dev/zero` never
+/// ends, and either would hang the admin plane, which holds the registry lock
+/// while it reads. When `roots` is not empty (canonical paths, see
+/// `--model-root`), the resolved path must also lie under one of them, so the
+/// admin API cannot read arbitrary server files; a path that does not exist
+/// then gets the same answer as one outside, so the check is no existence
+/// oracle. Only `path` itself is held to the roots: links inside a model
+/// folder (a Hugging Face cache snapshot points into `blobs/`) were made by
+/// whoever owns the folder.
+pub fn check_model_path(path: &Path, roots: &[PathBuf]) -> anyhow::Result<PathBuf> {
+    let outside = || {
+        anyhow::anyhow!(
+            "{} is not a file or folder under the model roots",
+            path.display()
+        )
+    };
+    let real = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(_) if !roots.is_empty() => return Err(outside()),
+        Err(e) => anyhow::bail!("{}: {e}", path.display()),
+    };
+    if !roots.is_empty() && !roots.iter().any(|r| real.starts_with(r)) {
+        return Err(outside());
+    }
+    // `metadata` is stat(2): it follows links and opens nothing.
+    let meta = std::fs::metadata(&real).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if meta.is_dir() {
+        for e in std::fs::read_dir(&real)? {
+            let p = e?.path();
+            let m = std::fs::metadata(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            if !m.is_file() && !m.is_dir() {
+                anyhow::bail!(
+                    "{}: not a regular file (a model folder may hold only files and folders)",
+                    p.display()
+                );
+            }
+        }
+    } else if !meta.is_file() {
+        anyhow::bail!(
+            "{} is not a regular file or a folder (devices, FIFOs and sockets are refused)",
+            path.display()
+        );
+    }
+    Ok(real)
+}
+
 /// Hex SHA-256 over a model's weights: the GGUF file, or the folder's
-/// safetensors files in name order.
+/// safetensors files in name order. Refuses what [`check_model_path`]
+/// refuses before opening anything.
 pub fn digest_path(path: &Path) -> anyhow::Result<String> {
+    check_model_path(path, &[])?;
     let mut files = vec![];
     if path.is_dir() {
         for e in std::fs::read_dir(path)? {
@@ -227,6 +279,14 @@ impl State {
 pub struct Registry {
     path: PathBuf,
     file: File,
+    /// Bytes of whole, acknowledged lines: a failed append cuts the file
+    /// back to this, so a partial line never precedes the next one.
+    len: u64,
+    /// Set when a failed append could not be cut back: the log may end in a
+    /// partial line, and appending after it would bury it mid-file, where
+    /// open refuses it. Further appends are refused until a restart repairs
+    /// the tail.
+    broken: Option<String>,
     state: State,
     entries: Vec<AuditEntry>,
 }
@@ -259,7 +319,9 @@ pub fn now_rfc3339() -> String {
 
 impl Registry {
     /// Opens (or creates) the registry in `dir`, replaying its log. A torn
-    /// last line from a crash is cut off; anything else unreadable is an error.
+    /// last line from a crash (no newline) is cut off with a warning; an
+    /// unreadable line before the end is an error, since a crash cannot
+    /// cause one.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
         let path = dir.join("audit.jsonl");
@@ -279,29 +341,33 @@ impl Registry {
         let mut good_len = 0u64;
         {
             let mut reader = BufReader::new(&file);
-            let mut line = String::new();
+            // Bytes, not a String: a torn tail can end inside a multi-byte
+            // UTF-8 character, and `read_line` would fail on it.
+            let mut line = Vec::new();
             let mut offset = 0u64;
             loop {
                 line.clear();
-                let n = reader.read_line(&mut line)?;
+                let n = reader.read_until(b'\n', &mut line)?;
                 if n == 0 {
                     break;
                 }
                 offset += n as u64;
-                let complete = line.ends_with('\n');
-                match serde_json::from_str::<AuditEntry>(line.trim_end()) {
-                    Ok(e) if complete => {
+                if line.last() != Some(&b'\n') {
+                    break; // torn tail: never acknowledged
+                }
+                match serde_json::from_slice::<AuditEntry>(&line) {
+                    Ok(e) => {
                         if e.result == "ok" {
                             state.apply(&e.action);
                         }
                         entries.push(e);
                         good_len = offset;
                     }
-                    _ if !complete => break, // torn tail: never acknowledged
-                    Err(err) => {
-                        anyhow::bail!("{}: line {}: {err}", path.display(), entries.len() + 1)
-                    }
-                    Ok(_) => unreachable!("complete handled above"),
+                    Err(err) => anyhow::bail!(
+                        "{}: line {} (byte {good_len}) is corrupt: {err}. A crash only tears the last line, so this log was damaged otherwise: restore it from a backup, or cut it before that line to keep the earlier entries",
+                        path.display(),
+                        entries.len() + 1
+                    ),
                 }
             }
         }
@@ -315,6 +381,8 @@ impl Registry {
         Ok(Self {
             path,
             file,
+            len: good_len,
+            broken: None,
             state,
             entries,
         })
@@ -358,10 +426,31 @@ impl Registry {
                 Err(e) => e,
             },
         };
+        if let Some(why) = &self.broken {
+            anyhow::bail!("the registry log needs a restart to repair its tail ({why})");
+        }
         let mut line = serde_json::to_string(&entry)?;
         line.push('\n');
-        self.file.write_all(line.as_bytes())?;
-        self.file.sync_data()?;
+        let written = self
+            .file
+            .write_all(line.as_bytes())
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Part of the line may be on disk (disk full, file size limit),
+            // or all of it without the fsync. The action is reported as
+            // failed, so cut the file back to the last acknowledged line;
+            // otherwise the next append would complete a corrupt line.
+            if let Err(cut) = self
+                .file
+                .set_len(self.len)
+                .and_then(|()| self.file.sync_data())
+            {
+                tracing::error!(path = %self.path.display(), error = %e, truncate_error = %cut, "registry append failed and the partial line could not be cut off; refusing further appends until a restart");
+                self.broken = Some(format!("append failed: {e}; truncate failed: {cut}"));
+            }
+            return Err(e.into());
+        }
+        self.len += line.len() as u64;
         if entry.result == "ok" {
             self.state.apply(&entry.action);
         }
@@ -444,6 +533,92 @@ mod tests {
         assert_eq!(r.state().next_version_id("m"), "v2");
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.ends_with('\n') && !text.contains("\"seq\":4"));
+    }
+
+    fn register(r: &mut Registry, v: &str, card: &str) {
+        let mut rec = record(v);
+        rec.model_card = card.into();
+        rec.sha256 = format!("{v:0>64}");
+        r.append(
+            "k",
+            Action::RegisterVersion {
+                model: "m".into(),
+                record: rec,
+            },
+            serde_json::Value::Null,
+            serde_json::Value::Null,
+            None,
+            Ok(()),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_torn_tail_cut_inside_a_utf8_character_is_dropped_and_appends_continue() {
+        let dir = tempfile::tempdir().unwrap();
+        register(&mut Registry::open(dir.path()).unwrap(), "v1", "café");
+        let path = dir.path().join("audit.jsonl");
+        let good = std::fs::read(&path).unwrap();
+        // The same record again, torn after the first byte of `é`.
+        let torn = &good[..good.iter().position(|&b| b == 0xC3).unwrap() + 1];
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(torn).unwrap();
+        drop(f);
+        let mut r = Registry::open(dir.path()).unwrap();
+        assert_eq!(r.entries().len(), 1);
+        assert_eq!(std::fs::read(&path).unwrap(), good, "the tail is cut off");
+        register(&mut r, "v2", "naïve");
+        drop(r);
+        let r = Registry::open(dir.path()).unwrap();
+        assert_eq!(r.state().next_version_id("m"), "v3");
+        assert_eq!(r.state().version("m", "v2").unwrap().model_card, "naïve");
+    }
+
+    #[test]
+    fn a_corrupt_line_before_the_end_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        register(&mut Registry::open(dir.path()).unwrap(), "v1", "");
+        let path = dir.path().join("audit.jsonl");
+        let line = std::fs::read(&path).unwrap();
+        // What a partial append used to leave once the next append completed
+        // it: a whole line that is not JSON, with good lines after it.
+        let mut text = line.clone();
+        text.extend_from_slice(b"{\"seq\":2,\"ti");
+        text.extend_from_slice(&line);
+        text.extend_from_slice(&line);
+        std::fs::write(&path, &text).unwrap();
+        let err = Registry::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("line 2") && err.contains("corrupt"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), text, "nothing is cut");
+    }
+
+    #[test]
+    fn only_regular_files_and_folders_of_them_under_the_roots_pass_the_path_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap().join("models");
+        let model = root.join("m");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(model.join("model.safetensors"), b"x").unwrap();
+        let roots = [root.clone()];
+        assert_eq!(check_model_path(&model, &roots).unwrap(), model);
+        assert!(check_model_path(&model.join("model.safetensors"), &roots).is_ok());
+        assert!(check_model_path(Path::new("/dev/zero"), &[]).is_err());
+        assert!(
+            check_model_path(Path::new("/dev"), &[]).is_err(),
+            "a folder of devices"
+        );
+        let outside = dir.path().join("elsewhere");
+        std::fs::create_dir_all(&outside).unwrap();
+        assert!(
+            check_model_path(&outside, &[]).is_ok(),
+            "no roots: anywhere"
+        );
+        let a = check_model_path(&outside, &roots).unwrap_err().to_string();
+        let b = check_model_path(&root.join("../nope"), &roots)
+            .unwrap_err()
+            .to_string();
+        assert!(a.contains("under the model roots") && b.contains("under the model roots"));
+        assert!(check_model_path(&root.join("../elsewhere"), &roots).is_err());
     }
 
     #[test]

@@ -6,8 +6,8 @@
 //! hold their own handle on the old engine, which finishes them, and stops
 //! and frees its memory when that last handle drops.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::{Action, AuditEntry, Registry, State, VersionRecord};
 use crate::api::error::ApiError;
 use crate::engine::{self, GgufWeights, LoadOptions, LoadedModel};
+use crate::monitor::names;
 use crate::router::{Router, Target};
 use crate::scheduler::{EngineHandle, EngineLabels, Event, Request, SchedulerConfig};
 
@@ -68,6 +69,21 @@ pub struct ModelOps {
     device: String,
     gguf_weights: GgufWeights,
     health: Option<tonic_health::server::HealthReporter>,
+    /// Canonical folders registered paths must lie under; empty: anywhere.
+    model_roots: Vec<PathBuf>,
+    /// Models whose stable version failed to load at start, so that
+    /// `serving` shows them broken instead of just absent. Cleared when a
+    /// version of the model serves again.
+    failed: std::sync::Mutex<BTreeMap<String, LoadFailure>>,
+}
+
+/// Why a model is not served.
+#[derive(Debug, Clone, serde::Serialize)]
+struct LoadFailure {
+    /// The stable version that failed, if the model got as far as one.
+    version: Option<String>,
+    /// The error.
+    reason: String,
 }
 
 struct Loaded {
@@ -131,7 +147,21 @@ impl ModelOps {
             device,
             gguf_weights,
             health,
+            model_roots: vec![],
+            failed: std::sync::Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Accepts registrations only under these folders (canonical paths, as
+    /// [`crate::config::ServerConfig::model_roots`] holds them).
+    pub fn with_model_roots(mut self, roots: Vec<PathBuf>) -> Self {
+        self.model_roots = roots;
+        self
+    }
+
+    fn failed(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LoadFailure>> {
+        // Single inserts and removes: a poisoned lock is still consistent.
+        self.failed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn engines(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Loaded>> {
@@ -215,11 +245,12 @@ impl ModelOps {
                     "model `{model}` already has a version `{version}`; versions are immutable"
                 ))));
             }
-            if req.path != EMBEDDED && !std::path::Path::new(&req.path).exists() {
-                return Err(fail(ApiError::invalid(
-                    "path",
-                    format!("{}: no such file or directory", req.path),
-                )));
+            // File types and roots before anything is opened: a FIFO or
+            // `/dev/zero` would hang the digest below while we hold the lock.
+            if req.path != EMBEDDED
+                && let Err(e) = super::check_model_path(Path::new(&req.path), &self.model_roots)
+            {
+                return Err(fail(ApiError::invalid("path", e.to_string())));
             }
             let path = req.path.clone();
             let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
@@ -302,23 +333,35 @@ impl ModelOps {
     }
 
     /// Starts a version's engine and warms it up (one generated token).
+    /// The weights must still have the digest they were registered with.
     async fn start_engine(
         &self,
         model: &str,
         record: &VersionRecord,
     ) -> Result<EngineHandle, ApiError> {
-        let source = record.source.clone();
+        let (source, registered) = (record.source.clone(), record.sha256.clone());
         let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
-        let loaded =
-            tokio::task::spawn_blocking(move || load_source(&source, &device, gguf_weights))
-                .await
-                .map_err(internal)?
-                .map_err(|e| {
-                    ApiError::Unavailable(format!(
-                        "version `{}` failed to load: {e}",
-                        record.version
-                    ))
-                })?;
+        let (model_name, version) = (model.to_string(), record.version.clone());
+        let loaded = tokio::task::spawn_blocking(move || -> Result<LoadedModel, ApiError> {
+            let failed = |e: anyhow::Error| {
+                ApiError::Unavailable(format!("version `{version}` failed to load: {e}"))
+            };
+            // Versions are immutable: files replaced at the same path must not
+            // change what a version (or a rollback to it) serves.
+            let found = if source == EMBEDDED {
+                crate::engine::embedded::digest()
+            } else {
+                super::digest_path(Path::new(&source)).map_err(failed)?
+            };
+            if found != registered {
+                return Err(ApiError::Unavailable(format!(
+                    "version `{version}` of `{model_name}` refused: the weights at {source} changed since it was registered (registered sha256 {registered}, found {found}); register the new weights as a new version"
+                )));
+            }
+            load_source(&source, &device, gguf_weights).map_err(failed)
+        })
+        .await
+        .map_err(internal)??;
         tracing::info!(
             model,
             version = %record.version,
@@ -374,7 +417,14 @@ impl ModelOps {
             l.pinned |= pin;
             return Ok(l.engine.clone());
         }
-        let engine = self.start_engine(model, record).await?;
+        let engine = match self.start_engine(model, record).await {
+            Ok(e) => e,
+            Err(e) => {
+                metrics::counter!(names::MODEL_LOAD_FAILURES, "model" => model.to_string(), "version" => record.version.clone())
+                    .increment(1);
+                return Err(e);
+            }
+        };
         self.engines().insert(
             key,
             Loaded {
@@ -587,8 +637,33 @@ impl ModelOps {
             engine,
         });
         self.router.set_stable(model, target);
+        self.failed().remove(model);
+        metrics::gauge!(names::MODEL_SERVING, "model" => model.to_string()).set(1.0);
         if let Some(h) = &self.health {
             h.set_service_status(model, tonic_health::ServingStatus::Serving)
+                .await;
+        }
+    }
+
+    /// A model that cannot be served at start: logged, counted, shown by
+    /// `serving`, and marked not serving in gRPC health.
+    async fn report_failure(&self, model: &str, version: Option<&str>, reason: String) {
+        tracing::error!(
+            model,
+            version = version.unwrap_or("-"),
+            error = %reason,
+            "model not served: it failed to load at start (the other models are served)"
+        );
+        metrics::gauge!(names::MODEL_SERVING, "model" => model.to_string()).set(0.0);
+        self.failed().insert(
+            model.to_string(),
+            LoadFailure {
+                version: version.map(str::to_string),
+                reason,
+            },
+        );
+        if let Some(h) = &self.health {
+            h.set_service_status(model, tonic_health::ServingStatus::NotServing)
                 .await;
         }
     }
@@ -608,61 +683,19 @@ impl ModelOps {
 
     /// At startup: registers configured models that are new, points `stable`
     /// at them where the model has none, then loads every stable version.
-    /// Returns the names served.
+    /// A model that fails (files gone or changed, a bad configured path) is
+    /// reported and skipped so that the others still serve; only when not
+    /// one model can be served is that an error. Returns the names served.
     pub async fn restore(
         &self,
         configured: &[crate::config::ModelSpec],
     ) -> anyhow::Result<Vec<String>> {
         let actor = Actor::startup();
         for spec in configured {
-            let source = spec
-                .path
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| EMBEDDED.into());
-            let state = self.state().await;
-            if state.alias(&spec.name, "stable").is_some() {
-                tracing::info!(model = %spec.name, "restoring the registry's stable version (the configured path is registered but not forced)");
-            }
-            let digest = {
-                let s = source.clone();
-                tokio::task::spawn_blocking(move || {
-                    if s == EMBEDDED {
-                        Ok(crate::engine::embedded::digest())
-                    } else {
-                        super::digest_path(std::path::Path::new(&s))
-                    }
-                })
-                .await??
-            };
-            let existing = state
-                .models
-                .get(&spec.name)
-                .and_then(|m| m.versions.values().find(|v| v.sha256 == digest))
-                .map(|v| v.version.clone());
-            let version = match existing {
-                Some(v) => v,
-                None => {
-                    let rec = self
-                        .register(
-                            &actor,
-                            &spec.name,
-                            Register {
-                                path: source.clone(),
-                                version: None,
-                                metadata: Value::Null,
-                                model_card: None,
-                            },
-                        )
-                        .await
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
-                    rec.version
-                }
-            };
-            if self.state().await.alias(&spec.name, "stable").is_none() {
-                self.set_alias(&actor, &spec.name, "stable", Some(&version))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", spec.name))?;
+            if let Err(e) = self.restore_configured(&actor, spec).await {
+                // The registry may still hold a stable version that serves.
+                self.report_failure(&spec.name, None, format!("{e:#}"))
+                    .await;
             }
         }
         // Serve every model with a stable alias.
@@ -675,23 +708,92 @@ impl ModelOps {
             let Some(record) = entry.versions.get(v) else {
                 continue;
             };
-            let engine = self
-                .ensure_loaded(name, record, false)
-                .await
-                .map_err(|e| anyhow::anyhow!("{name} version {v}: {e}"))?;
-            self.serve(name, v, engine).await;
-            tracing::info!(model = %name, version = %v, "serving");
-            served.push(name.clone());
+            match self.ensure_loaded(name, record, false).await {
+                Ok(engine) => {
+                    self.serve(name, v, engine).await;
+                    tracing::info!(model = %name, version = %v, "serving");
+                    served.push(name.clone());
+                }
+                Err(e) => self.report_failure(name, Some(v), e.to_string()).await,
+            }
+        }
+        let failed = self.failed().clone();
+        if served.is_empty() && !failed.is_empty() {
+            let why: Vec<String> = failed
+                .iter()
+                .map(|(m, f)| format!("{m}: {}", f.reason))
+                .collect();
+            anyhow::bail!("no model can be served: {}", why.join("; "));
         }
         Ok(served)
     }
 
+    /// Registers a configured model if its weights are new, and points
+    /// `stable` at it if the model has no stable version yet.
+    async fn restore_configured(
+        &self,
+        actor: &Actor,
+        spec: &crate::config::ModelSpec,
+    ) -> anyhow::Result<()> {
+        let source = spec
+            .path
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| EMBEDDED.into());
+        let state = self.state().await;
+        if state.alias(&spec.name, "stable").is_some() {
+            tracing::info!(model = %spec.name, "restoring the registry's stable version (the configured path is registered but not forced)");
+        }
+        let digest = {
+            let s = source.clone();
+            tokio::task::spawn_blocking(move || {
+                if s == EMBEDDED {
+                    Ok(crate::engine::embedded::digest())
+                } else {
+                    super::digest_path(Path::new(&s))
+                }
+            })
+            .await??
+        };
+        let existing = state
+            .models
+            .get(&spec.name)
+            .and_then(|m| m.versions.values().find(|v| v.sha256 == digest))
+            .map(|v| v.version.clone());
+        let version = match existing {
+            Some(v) => v,
+            None => {
+                let rec = self
+                    .register(
+                        actor,
+                        &spec.name,
+                        Register {
+                            path: source.clone(),
+                            version: None,
+                            metadata: Value::Null,
+                            model_card: None,
+                        },
+                    )
+                    .await?;
+                rec.version
+            }
+        };
+        if self.state().await.alias(&spec.name, "stable").is_none() {
+            self.set_alias(actor, &spec.name, "stable", Some(&version))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// What serves each model and which versions are loaded.
+    /// A model whose stable version failed to load at start has `failed`
+    /// set (`{version, reason}`), here and in `llmops models serving`.
     pub async fn serving(&self) -> Value {
         let state = self.state().await;
         let table = self.router.snapshot();
+        let failed = self.failed().clone();
         let engines = self.engines();
-        let models: Vec<Value> = state
+        let mut models: Vec<Value> = state
             .models
             .iter()
             .map(|(name, m)| {
@@ -701,9 +803,19 @@ impl ModelOps {
                     "aliases": m.aliases,
                     "serving": table.models.get(name).map(|d| json!({"version": d.stable.version, "ready": d.stable.engine.is_ready()})),
                     "loaded": loaded,
+                    "failed": failed.get(name),
                 })
             })
             .collect();
+        // A configured model that never got into the registry.
+        for (name, f) in failed
+            .iter()
+            .filter(|(m, _)| !state.models.contains_key(*m))
+        {
+            models.push(
+                json!({"model": name, "aliases": {}, "serving": null, "loaded": [], "failed": f}),
+            );
+        }
         json!({"models": models})
     }
 }

@@ -394,8 +394,35 @@ impl Drop for Proc {
 }
 
 fn spawn(model: &Path, data: &Path) -> Proc {
+    spawn_with(model, data, None)
+}
+
+/// [`spawn`], with files the server writes capped at `file_size_limit`
+/// bytes (RLIMIT_FSIZE): a write past it fails as on a full disk.
+fn spawn_with(model: &Path, data: &Path, file_size_limit: Option<u64>) -> Proc {
+    use std::os::unix::process::CommandExt;
     let (http, grpc) = (free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_llmops"))
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmops"));
+    if let Some(limit) = file_size_limit {
+        // SAFETY: setrlimit and signal are async-signal-safe; nothing else
+        // runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Without this, SIGXFSZ kills the server instead of the
+                // write failing with EFBIG.
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                let lim = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = cmd
         .args([
             "serve",
             "--model-name",
@@ -691,4 +718,426 @@ async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
         // SIGKILL (Child::kill) in the middle of whatever it was doing.
         drop(p);
     }
+}
+
+// ---- integrity and robustness (issue 18, item 9) ----
+
+/// An in-process server on the registry in `data`, serving `models`
+/// (name, path); `tweak` adjusts the flags further.
+async fn serve_models(
+    data: &Path,
+    models: &[(&str, &Path)],
+    tweak: impl FnOnce(&mut llmops::config::ServeArgs),
+) -> TestServer {
+    let (names, paths): (Vec<String>, Vec<PathBuf>) = models
+        .iter()
+        .map(|(n, p)| (n.to_string(), p.to_path_buf()))
+        .unzip();
+    let data = data.to_path_buf();
+    TestServer::start(move |a| {
+        keys(a);
+        a.models = paths;
+        a.model_names = names;
+        a.data_dir = Some(data);
+        tweak(a);
+    })
+    .await
+}
+
+async fn complete(c: &reqwest::Client, s: &TestServer, model: &str) -> u16 {
+    let body = json!({"model": model, "prompt": "hi", "max_tokens": 2});
+    c.post(s.url("/v1/completions"))
+        .bearer_auth(APP)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The `serving` entry of one model.
+async fn serving_of(c: &reqwest::Client, s: &TestServer, model: &str) -> Value {
+    let (st, v) = admin(
+        c,
+        reqwest::Method::GET,
+        s.url("/admin/v1/serving"),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["model"] == model)
+        .cloned()
+        .unwrap_or_else(|| panic!("{model} is not in {v}"))
+}
+
+/// The value of the first exported sample of `name` whose labels contain
+/// every `k="v"` in `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|kv| l.contains(kv)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn replace_weights(from: &Path, to: &Path) {
+    std::fs::copy(from.join("model.safetensors"), to.join("model.safetensors")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_whose_files_changed_is_refused_naming_both_digests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny(tmp.path(), "base", 11);
+    let cand = tiny(tmp.path(), "cand", 12);
+    let s = serve_models(&tmp.path().join("data"), &[("tiny", &base)], |_| {}).await;
+    let c = reqwest::Client::new();
+    let u = |p: &str| s.url(&format!("/admin/v1/models/tiny{p}"));
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::POST,
+        u("/versions"),
+        Some(json!({"path": cand, "version": "changed"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let registered = v["sha256"].as_str().unwrap().to_string();
+    // Other, perfectly loadable weights put in place of the registered ones.
+    replace_weights(&tiny(tmp.path(), "other", 13), &cand);
+    let found = llmops::registry::digest_path(&cand).unwrap();
+    assert_ne!(found, registered);
+    let attempts = [
+        (reqwest::Method::POST, u("/versions/changed/load"), None),
+        (
+            reqwest::Method::PUT,
+            u("/aliases/stable"),
+            Some(json!({"version": "changed"})),
+        ),
+    ];
+    for (m, url, body) in attempts {
+        let (st, v) = admin(&c, m.clone(), url, body, ADMIN).await;
+        assert_eq!(st, 503, "{m}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(
+            msg.contains("`changed`") && msg.contains(&registered) && msg.contains(&found),
+            "{msg}"
+        );
+    }
+    let tiny_now = serving_of(&c, &s, "tiny").await;
+    assert_eq!(tiny_now["serving"]["version"], "v1", "{tiny_now}");
+    assert_eq!(tiny_now["aliases"]["stable"], "v1", "{tiny_now}");
+    let metrics = s.metrics_text().await;
+    let failures = sample(
+        &metrics,
+        "llmops_model_load_failures_total",
+        &["model=\"tiny\"", "version=\"changed\""],
+    );
+    assert_eq!(failures, Some(2.0), "both refusals are counted");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_whose_files_vanished_or_changed_do_not_stop_the_others_from_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let healthy = tiny(tmp.path(), "healthy", 21);
+    let gone = tiny(tmp.path(), "gone", 22);
+    let swapped = tiny(tmp.path(), "swapped", 23);
+    let s = serve_models(
+        &data,
+        &[("tiny", &healthy), ("gone", &gone), ("swapped", &swapped)],
+        |_| {},
+    )
+    .await;
+    s.stop().await;
+    std::fs::remove_dir_all(&gone).unwrap();
+    replace_weights(&tiny(tmp.path(), "other", 24), &swapped);
+
+    // `gone` is still configured (its path is missing now); `swapped` is
+    // only in the registry.
+    let s = serve_models(&data, &[("tiny", &healthy), ("gone", &gone)], |_| {}).await;
+    let c = reqwest::Client::new();
+    assert_eq!(complete(&c, &s, "tiny").await, 200);
+    assert_ne!(complete(&c, &s, "gone").await, 200);
+    assert_ne!(complete(&c, &s, "swapped").await, 200);
+    let ready = reqwest::get(s.url("/ready")).await.unwrap().status();
+    assert_eq!(ready, 200, "ready: the healthy model serves");
+
+    let t = serving_of(&c, &s, "tiny").await;
+    assert_eq!(t["serving"]["version"], "v1", "{t}");
+    assert!(t["failed"].is_null(), "{t}");
+    let g = serving_of(&c, &s, "gone").await;
+    assert!(g["serving"].is_null(), "{g}");
+    assert_eq!(g["failed"]["version"], "v1", "{g}");
+    let reason = g["failed"]["reason"].as_str().unwrap();
+    assert!(reason.contains("failed to load"), "{reason}");
+    let w = serving_of(&c, &s, "swapped").await;
+    let reason = w["failed"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("changed since it was registered"),
+        "{reason}"
+    );
+
+    let metrics = s.metrics_text().await;
+    for (model, want) in [("tiny", 1.0), ("gone", 0.0), ("swapped", 0.0)] {
+        let label = format!("model=\"{model}\"");
+        let got = sample(&metrics, "llmops_model_serving", &[&label]);
+        assert_eq!(got, Some(want), "{model}");
+    }
+    let failures = sample(
+        &metrics,
+        "llmops_model_load_failures_total",
+        &["model=\"gone\"", "version=\"v1\""],
+    );
+    assert!(failures >= Some(1.0), "{failures:?}");
+
+    // Pointing `stable` at good weights brings the model back.
+    let good = tiny(tmp.path(), "good", 25);
+    let url = |p: &str| s.url(&format!("/admin/v1/models/swapped{p}"));
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::POST,
+        url("/versions"),
+        Some(json!({"path": good, "version": "good"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::PUT,
+        url("/aliases/stable"),
+        Some(json!({"version": "good"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(complete(&c, &s, "swapped").await, 200);
+    let w = serving_of(&c, &s, "swapped").await;
+    assert!(w["failed"].is_null(), "{w}");
+    s.stop().await;
+
+    // When not one model can be served, the server refuses to start and
+    // says why.
+    std::fs::remove_dir_all(&healthy).unwrap();
+    std::fs::remove_dir_all(&good).unwrap();
+    let args = llmops::config::ServeArgs {
+        models: vec![healthy.clone()],
+        model_names: vec!["tiny".into()],
+        data_dir: Some(data.clone()),
+        ..Default::default()
+    };
+    let cfg = llmops::config::Config::load(&args).unwrap();
+    let listeners = llmops::app::Listeners {
+        http: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        grpc: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        metrics: None,
+    };
+    let run = llmops::app::run(cfg, listeners, std::future::pending());
+    let err = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("it gives up, not hangs")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no model can be served") && err.contains("gone") && err.contains("tiny"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_line_in_the_log_is_dropped_and_the_server_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let base = tiny(tmp.path(), "base", 41);
+    serve_models(&data, &[("tiny", &base)], |_| {})
+        .await
+        .stop()
+        .await;
+    let log = data.join("audit.jsonl");
+    let good = std::fs::read(&log).unwrap();
+    // A crash while writing a record whose model card is not ASCII: the
+    // tail ends inside a UTF-8 character.
+    let mut torn = good.clone();
+    torn.extend_from_slice(b"{\"seq\":99,\"time\":\"2026\",\"model_card\":\"caf\xC3");
+    std::fs::write(&log, &torn).unwrap();
+
+    let s = serve_models(&data, &[("tiny", &base)], |_| {}).await;
+    let c = reqwest::Client::new();
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::PUT,
+        s.url("/admin/v1/models/tiny/aliases/canary"),
+        Some(json!({"version": "v1"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    s.stop().await;
+    let text = std::fs::read(&log).unwrap();
+    assert!(text.starts_with(&good), "the good entries stay");
+    assert!(
+        !text.windows(8).any(|w| w == b"\"seq\":99"),
+        "torn tail cut"
+    );
+    let r = llmops::registry::Registry::open(&data).unwrap();
+    assert_eq!(r.state().alias("tiny", "canary"), Some("v1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny(tmp.path(), "base", 51);
+    let data = tmp.path().join("data");
+    let c = reqwest::Client::new();
+    let p = spawn(&base, &data);
+    wait_ready(&c, &p).await;
+    drop(p);
+    let log = data.join("audit.jsonl");
+    let before = std::fs::read(&log).unwrap();
+
+    // The log may grow by 64 bytes only: the next entry is written in part,
+    // then the write fails, as on a full disk.
+    let p = spawn_with(&base, &data, Some(before.len() as u64 + 64));
+    wait_ready(&c, &p).await;
+    let url = format!(
+        "http://127.0.0.1:{}/admin/v1/models/tiny/aliases/canary",
+        p.http
+    );
+    for _ in 0..2 {
+        let (st, v) = admin(
+            &c,
+            reqwest::Method::PUT,
+            url.clone(),
+            Some(json!({"version": "v1"})),
+            ADMIN,
+        )
+        .await;
+        assert_eq!(st, 500, "{v}");
+        assert_eq!(
+            std::fs::read(&log).unwrap(),
+            before,
+            "the partial line is cut off"
+        );
+    }
+    drop(p);
+
+    // With room again, the next append lands on a clean line.
+    let p = spawn(&base, &data);
+    wait_ready(&c, &p).await;
+    let url = format!(
+        "http://127.0.0.1:{}/admin/v1/models/tiny/aliases/canary",
+        p.http
+    );
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::PUT,
+        url,
+        Some(json!({"version": "v1"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    drop(p);
+    let r = llmops::registry::Registry::open(&data).unwrap();
+    assert_eq!(r.state().alias("tiny", "canary"), Some("v1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_and_fifos_are_refused_at_once_and_the_admin_plane_stays_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = TestServer::start(keys).await;
+    let c = reqwest::Client::new();
+    let mkfifo = |p: &Path| {
+        let st = Command::new("mkfifo").arg(p).status().unwrap();
+        assert!(st.success());
+    };
+    let fifo = tmp.path().join("fifo");
+    mkfifo(&fifo);
+    // A model folder whose weights file is a FIFO.
+    let folder = tiny(tmp.path(), "fifo-weights", 61);
+    std::fs::remove_file(folder.join("model.safetensors")).unwrap();
+    mkfifo(&folder.join("model.safetensors"));
+    for path in [Path::new("/dev/zero"), &fifo, &folder] {
+        let register = admin(
+            &c,
+            reqwest::Method::POST,
+            s.url("/admin/v1/models/tiny/versions"),
+            Some(json!({"path": path})),
+            ADMIN,
+        );
+        let (st, v) = tokio::time::timeout(Duration::from_secs(10), register)
+            .await
+            .unwrap_or_else(|_| panic!("registering {} hung", path.display()));
+        assert_eq!(st, 400, "{}: {v}", path.display());
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("regular file"), "{msg}");
+    }
+    let serving = admin(
+        &c,
+        reqwest::Method::GET,
+        s.url("/admin/v1/serving"),
+        None,
+        ADMIN,
+    );
+    let (st, _) = tokio::time::timeout(Duration::from_secs(10), serving)
+        .await
+        .expect("the admin lock is free");
+    assert_eq!(st, 200);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_model_roots_only_paths_under_them_can_be_registered() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("models");
+    let base = tiny(&root, "base", 70);
+    let inside = tiny(&root, "inside", 71);
+    let outside = tiny(tmp.path(), "outside", 72);
+    let link = root.join("link");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    let r = root.clone();
+    let s = serve_models(&tmp.path().join("data"), &[("tiny", &base)], move |a| {
+        a.model_roots = vec![r];
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let register = |path: PathBuf| {
+        let (c, url) = (c.clone(), s.url("/admin/v1/models/tiny/versions"));
+        async move {
+            admin(
+                &c,
+                reqwest::Method::POST,
+                url,
+                Some(json!({"path": path})),
+                ADMIN,
+            )
+            .await
+        }
+    };
+    let mut messages = vec![];
+    for path in [
+        outside.clone(),
+        link,
+        root.join("../outside"),
+        tmp.path().join("no-such-model"),
+    ] {
+        let (st, v) = register(path.clone()).await;
+        assert_eq!(st, 400, "{}: {v}", path.display());
+        let msg = v["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains("under the model roots"), "{msg}");
+        messages.push(msg.replace(&path.display().to_string(), "PATH"));
+    }
+    assert!(
+        messages.iter().all(|m| *m == messages[0]),
+        "missing and outside read the same: {messages:?}"
+    );
+    let (st, v) = register(inside).await;
+    assert_eq!(st, 201, "{v}");
+    s.stop().await;
 }
