@@ -15,7 +15,7 @@ use crate::api::grpc::AdminService;
 use crate::api::grpc::{self, InferenceService};
 use crate::api::http::{self, HttpState};
 use crate::config::Config;
-use crate::registry::ops::ModelOps;
+use crate::control::Controller;
 use crate::router::Router;
 
 /// Listeners bound by the caller (tests bind port 0).
@@ -68,7 +68,7 @@ pub async fn run(
         .map(|m| m.device.clone())
         .unwrap_or_else(|| "cpu".into());
     let ops = Arc::new(
-        ModelOps::open(
+        Controller::open(
             &cfg.server.data_dir,
             router.clone(),
             cfg.scheduler.clone(),

@@ -24,6 +24,7 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod engine;
 pub mod infer;
 pub mod monitor;

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use super::auth::Principal;
 use super::error::ApiError;
 use super::http::{HttpState, JsonBody};
-use crate::registry::ops::{Actor, ModelOps, Register};
+use crate::control::{Actor, Controller, Register};
 
 /// Admin routes, mounted behind authentication.
 pub fn routes() -> axum::Router<HttpState> {
@@ -44,7 +44,7 @@ pub fn routes() -> axum::Router<HttpState> {
         .route("/admin/v1/audit", get(audit))
 }
 
-fn ops(st: &HttpState, p: &Principal) -> Result<Arc<ModelOps>, ApiError> {
+fn ops(st: &HttpState, p: &Principal) -> Result<Arc<Controller>, ApiError> {
     p.require_admin()?;
     st.ops
         .clone()

@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
+use crate::control::ControlError;
 use crate::infer::InferError;
 use crate::quota::QuotaError;
 use crate::router::RouteError;
@@ -326,6 +327,21 @@ impl From<InferError> for ApiError {
             InferError::Submit(e) => e.into(),
             InferError::Aborted(m) => ApiError::Unavailable(m),
             InferError::Engine(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        match e {
+            ControlError::Invalid { param, message } => ApiError::BadRequest {
+                message,
+                param: Some(param),
+            },
+            ControlError::NotFound(m) => ApiError::NotFound(m),
+            ControlError::Conflict(m) => ApiError::Conflict(m),
+            ControlError::Unavailable(m) => ApiError::Unavailable(m),
+            ControlError::Internal(m) => ApiError::Internal(m),
         }
     }
 }

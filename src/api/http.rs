@@ -41,7 +41,7 @@ pub struct HttpState {
     /// Prometheus renderer.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Model operations (registry, hot swap) for the admin API.
-    pub ops: Option<Arc<crate::registry::ops::ModelOps>>,
+    pub ops: Option<Arc<crate::control::Controller>>,
 }
 
 /// The request id, accepted from `x-request-id` or generated.

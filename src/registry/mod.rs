@@ -8,7 +8,6 @@
 //! last line (never acknowledged), which recovery drops; so the state always
 //! equals what the log says, and a version is registered whole or not at all.
 
-pub mod ops;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -162,6 +161,20 @@ pub enum Action {
         /// Version.
         version: String,
     },
+    /// A rollout started or changed: its whole status after the change.
+    /// The catalog keeps the latest status per id and knows nothing of its
+    /// shape (the controller's `RolloutStatus`), so this layer stays below
+    /// the controller.
+    Rollout {
+        /// Model name.
+        model: String,
+        /// Rollout id.
+        id: String,
+        /// What happened (`started`, `step`, `promoted`, …).
+        event: String,
+        /// The status after it.
+        status: serde_json::Value,
+    },
 }
 
 impl Action {
@@ -172,6 +185,7 @@ impl Action {
             Action::SetAlias { .. } => "set_alias",
             Action::Load { .. } => "load",
             Action::Unload { .. } => "unload",
+            Action::Rollout { .. } => "rollout",
         }
     }
 }
@@ -215,6 +229,8 @@ pub struct ModelEntry {
 pub struct State {
     /// By model name.
     pub models: BTreeMap<String, ModelEntry>,
+    /// Latest status of every rollout, by id.
+    pub rollouts: BTreeMap<String, serde_json::Value>,
 }
 
 impl State {
@@ -241,6 +257,9 @@ impl State {
                         m.aliases.remove(alias);
                     }
                 }
+            }
+            Action::Rollout { id, status, .. } => {
+                self.rollouts.insert(id.clone(), status.clone());
             }
             Action::Load { .. } | Action::Unload { .. } => {}
         }

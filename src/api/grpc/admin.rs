@@ -9,13 +9,13 @@ use crate::api::auth::{Authenticator, Principal};
 use crate::api::error::ApiError;
 use crate::proto as pb;
 use crate::registry::VersionRecord;
-use crate::registry::ops::{Actor, ModelOps, Register};
+use crate::control::{Actor, Controller, Register};
 
 /// State of the admin service.
 #[derive(Clone)]
 pub struct AdminService {
     /// Operations.
-    pub ops: Arc<ModelOps>,
+    pub ops: Arc<Controller>,
     /// Keys.
     pub auth: Authenticator,
 }

@@ -1,5 +1,6 @@
-//! Model operations: register, load, unload, point aliases (hot swap), and
-//! restore what was serving at startup. Every action is audited.
+//! The controller: register, load, unload, point aliases (hot swap), and
+//! restore what was serving at startup, keeping the catalog (`registry/`),
+//! the engines and the router's table in agreement. Every action is audited.
 //!
 //! Hot swap: the new version loads and warms up while the old one serves;
 //! then the router's table is replaced in one store. Requests already running
@@ -14,12 +15,52 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Action, AuditEntry, Registry, State, VersionRecord};
-use crate::api::error::ApiError;
+use crate::registry::{self, Action, AuditEntry, Registry, State, VersionRecord};
 use crate::engine::{self, GgufWeights, LoadOptions, LoadedModel};
 use crate::monitor::names;
 use crate::router::{Router, Target};
 use crate::scheduler::{EngineHandle, EngineLabels, Event, Request, SchedulerConfig};
+
+/// Why an admin operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ControlError {
+    /// A parameter is malformed or names something unusable.
+    #[error("{message}")]
+    Invalid {
+        /// The parameter.
+        param: String,
+        /// Why.
+        message: String,
+    },
+    /// No such model, version, alias or rollout.
+    #[error("{0}")]
+    NotFound(String),
+    /// The operation contradicts the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// A version failed to load or warm up, or an engine is gone.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an I/O failure; the detail is for logs.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ControlError {
+    /// An invalid parameter.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            param: param.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<crate::scheduler::SubmitError> for ControlError {
+    fn from(e: crate::scheduler::SubmitError) -> Self {
+        ControlError::Unavailable(e.to_string())
+    }
+}
 
 /// Who acts and why.
 #[derive(Debug, Clone)]
@@ -59,9 +100,15 @@ pub struct Register {
 /// The source string of the embedded model.
 pub const EMBEDDED: &str = "embedded";
 
-/// Registry, loaded engines and the router, behind one writer lock.
-pub struct ModelOps {
-    registry: tokio::sync::Mutex<Registry>,
+/// The controller: the catalog (registry), the loaded engines and the
+/// router's table, kept in agreement.
+///
+/// Admin writes take turns (`writes`, held across model loads and
+/// warm-ups); the catalog's own lock is held only to read or append, never
+/// across a load, so admin reads never wait behind one.
+pub struct Controller {
+    registry: std::sync::Mutex<Registry>,
+    writes: tokio::sync::Mutex<()>,
     /// Loaded versions. Only the admin path touches it.
     engines: std::sync::Mutex<HashMap<(String, String), Loaded>>,
     router: Arc<Router>,
@@ -92,14 +139,14 @@ struct Loaded {
     pinned: bool,
 }
 
-fn valid_name(kind: &str, s: &str) -> Result<(), ApiError> {
+fn valid_name(kind: &str, s: &str) -> Result<(), ControlError> {
     if s.is_empty()
         || s.len() > 128
         || !s
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
     {
-        return Err(ApiError::invalid(
+        return Err(ControlError::invalid(
             kind,
             format!("`{s}` is not a valid {kind} (letters, digits, - _ . :)"),
         ));
@@ -107,8 +154,8 @@ fn valid_name(kind: &str, s: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
-    ApiError::Internal(e.to_string())
+fn internal(e: impl std::fmt::Display) -> ControlError {
+    ControlError::Internal(e.to_string())
 }
 
 /// Loads a model from a registry source (blocking).
@@ -129,7 +176,7 @@ fn load_source(
     })
 }
 
-impl ModelOps {
+impl Controller {
     /// Opens the registry in `data_dir`.
     pub fn open(
         data_dir: &std::path::Path,
@@ -140,7 +187,8 @@ impl ModelOps {
         health: Option<tonic_health::server::HealthReporter>,
     ) -> anyhow::Result<Self> {
         Ok(Self {
-            registry: tokio::sync::Mutex::new(Registry::open(data_dir)?),
+            registry: std::sync::Mutex::new(Registry::open(data_dir)?),
+            writes: tokio::sync::Mutex::new(()),
             engines: std::sync::Mutex::new(HashMap::new()),
             router,
             scheduler,
@@ -170,14 +218,20 @@ impl ModelOps {
         self.engines.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn catalog(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // Appends are all-or-nothing (a failed one is cut back), so a
+        // poisoned lock still guards a consistent registry.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// A copy of the registry state.
     pub async fn state(&self) -> State {
-        self.registry.lock().await.state().clone()
+        self.catalog().state().clone()
     }
 
     /// Audit entries with `seq > after`, at most `limit`.
     pub async fn audit(&self, after: u64, limit: usize) -> Vec<AuditEntry> {
-        let r = self.registry.lock().await;
+        let r = self.catalog();
         r.entries()
             .iter()
             .filter(|e| e.seq > after)
@@ -188,14 +242,13 @@ impl ModelOps {
 
     async fn record(
         &self,
-        r: &mut Registry,
         actor: &Actor,
         action: Action,
         previous: Value,
         new: Value,
         result: Result<(), String>,
-    ) -> Result<AuditEntry, ApiError> {
-        r.append(
+    ) -> Result<AuditEntry, ControlError> {
+        self.catalog().append(
             &actor.key_id,
             action,
             previous,
@@ -213,16 +266,16 @@ impl ModelOps {
         actor: &Actor,
         model: &str,
         req: Register,
-    ) -> Result<VersionRecord, ApiError> {
+    ) -> Result<VersionRecord, ControlError> {
         valid_name("model", model)?;
         if let Some(v) = &req.version {
             valid_name("version", v)?;
         }
-        let mut reg = self.registry.lock().await;
+        let _write = self.writes.lock().await;
         let version = req
             .version
             .clone()
-            .unwrap_or_else(|| reg.state().next_version_id(model));
+            .unwrap_or_else(|| self.catalog().state().next_version_id(model));
         let action = |record: VersionRecord| Action::RegisterVersion {
             model: model.to_string(),
             record: Box::new(record),
@@ -234,14 +287,14 @@ impl ModelOps {
             format: String::new(),
             architecture: String::new(),
             parameters: 0,
-            created: super::now_rfc3339(),
+            created: registry::now_rfc3339(),
             metadata: req.metadata.clone(),
             model_card: String::new(),
         };
-        let fail = |e: ApiError| (e.to_string(), e);
-        let outcome: Result<VersionRecord, (String, ApiError)> = async {
-            if reg.state().version(model, &version).is_some() {
-                return Err(fail(ApiError::Conflict(format!(
+        let fail = |e: ControlError| (e.to_string(), e);
+        let outcome: Result<VersionRecord, (String, ControlError)> = async {
+            if self.catalog().state().version(model, &version).is_some() {
+                return Err(fail(ControlError::Conflict(format!(
                     "model `{model}` already has a version `{version}`; versions are immutable"
                 ))));
             }
@@ -250,7 +303,7 @@ impl ModelOps {
             if req.path != EMBEDDED
                 && let Err(e) = super::check_model_path(Path::new(&req.path), &self.model_roots)
             {
-                return Err(fail(ApiError::invalid("path", e.to_string())));
+                return Err(fail(ControlError::invalid("path", e.to_string())));
             }
             let path = req.path.clone();
             let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
@@ -259,14 +312,14 @@ impl ModelOps {
                     let digest = if path == EMBEDDED {
                         crate::engine::embedded::digest()
                     } else {
-                        super::digest_path(std::path::Path::new(&path))?
+                        registry::digest_path(std::path::Path::new(&path))?
                     };
                     Ok((digest, load_source(&path, &device, gguf_weights)?))
                 })
                 .await
                 .map_err(|e| fail(internal(e)))?
                 .map_err(|e| {
-                    fail(ApiError::invalid(
+                    fail(ControlError::invalid(
                         "path",
                         format!("the model cannot be loaded: {e}"),
                     ))
@@ -276,10 +329,10 @@ impl ModelOps {
             let info = loaded.info.clone();
             drop(loaded);
             release_freed_memory();
-            if let Some(m) = reg.state().models.get(model)
+            if let Some(m) = self.catalog().state().models.get(model)
                 && let Some(dup) = m.versions.values().find(|v| v.sha256 == digest)
             {
-                return Err(fail(ApiError::Conflict(format!(
+                return Err(fail(ControlError::Conflict(format!(
                     "these weights (sha256 {}) are already registered as `{model}` version `{}`",
                     &digest[..12],
                     dup.version
@@ -306,7 +359,6 @@ impl ModelOps {
         match outcome {
             Ok(record) => {
                 self.record(
-                    &mut reg,
                     actor,
                     action(record.clone()),
                     Value::Null,
@@ -319,7 +371,6 @@ impl ModelOps {
             }
             Err((msg, e)) => {
                 self.record(
-                    &mut reg,
                     actor,
                     action(placeholder),
                     Value::Null,
@@ -338,23 +389,23 @@ impl ModelOps {
         &self,
         model: &str,
         record: &VersionRecord,
-    ) -> Result<EngineHandle, ApiError> {
+    ) -> Result<EngineHandle, ControlError> {
         let (source, registered) = (record.source.clone(), record.sha256.clone());
         let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
         let (model_name, version) = (model.to_string(), record.version.clone());
-        let loaded = tokio::task::spawn_blocking(move || -> Result<LoadedModel, ApiError> {
+        let loaded = tokio::task::spawn_blocking(move || -> Result<LoadedModel, ControlError> {
             let failed = |e: anyhow::Error| {
-                ApiError::Unavailable(format!("version `{version}` failed to load: {e}"))
+                ControlError::Unavailable(format!("version `{version}` failed to load: {e}"))
             };
             // Versions are immutable: files replaced at the same path must not
             // change what a version (or a rollback to it) serves.
             let found = if source == EMBEDDED {
                 crate::engine::embedded::digest()
             } else {
-                super::digest_path(Path::new(&source)).map_err(failed)?
+                registry::digest_path(Path::new(&source)).map_err(failed)?
             };
             if found != registered {
-                return Err(ApiError::Unavailable(format!(
+                return Err(ControlError::Unavailable(format!(
                     "version `{version}` of `{model_name}` refused: the weights at {source} changed since it was registered (registered sha256 {registered}, found {found}); register the new weights as a new version"
                 )));
             }
@@ -384,19 +435,19 @@ impl ModelOps {
             .map_err(internal)?;
         let mut rx = engine
             .submit(Request::greedy(prompt, 1))
-            .map_err(ApiError::from)?;
+            .map_err(ControlError::from)?;
         loop {
             match rx.recv().await {
                 Some(Event::Done(_)) => break,
                 Some(Event::Failed(e)) => {
-                    return Err(ApiError::Unavailable(format!(
+                    return Err(ControlError::Unavailable(format!(
                         "version `{}` failed its warm-up: {e}",
                         record.version
                     )));
                 }
                 Some(Event::Token { .. }) => {}
                 None => {
-                    return Err(ApiError::Unavailable(
+                    return Err(ControlError::Unavailable(
                         "the engine stopped during warm-up".into(),
                     ));
                 }
@@ -411,7 +462,7 @@ impl ModelOps {
         model: &str,
         record: &VersionRecord,
         pin: bool,
-    ) -> Result<EngineHandle, ApiError> {
+    ) -> Result<EngineHandle, ControlError> {
         let key = (model.to_string(), record.version.clone());
         if let Some(l) = self.engines().get_mut(&key) {
             l.pinned |= pin;
@@ -436,16 +487,15 @@ impl ModelOps {
     }
 
     /// Loads a version (and keeps it loaded until unloaded).
-    pub async fn load(&self, actor: &Actor, model: &str, version: &str) -> Result<(), ApiError> {
-        let mut reg = self.registry.lock().await;
+    pub async fn load(&self, actor: &Actor, model: &str, version: &str) -> Result<(), ControlError> {
+        let _write = self.writes.lock().await;
         let action = Action::Load {
             model: model.into(),
             version: version.into(),
         };
-        let Some(record) = reg.state().version(model, version).cloned() else {
-            let e = ApiError::NotFound(format!("model `{model}` has no version `{version}`"));
+        let Some(record) = self.catalog().state().version(model, version).cloned() else {
+            let e = ControlError::NotFound(format!("model `{model}` has no version `{version}`"));
             self.record(
-                &mut reg,
                 actor,
                 action,
                 Value::Null,
@@ -461,7 +511,6 @@ impl ModelOps {
         match self.ensure_loaded(model, &record, true).await {
             Ok(_) => {
                 self.record(
-                    &mut reg,
                     actor,
                     action,
                     json!({"loaded": was}),
@@ -473,7 +522,6 @@ impl ModelOps {
             }
             Err(e) => {
                 self.record(
-                    &mut reg,
                     actor,
                     action,
                     json!({"loaded": was}),
@@ -494,24 +542,24 @@ impl ModelOps {
         model: &str,
         version: &str,
         wait: Duration,
-    ) -> Result<(), ApiError> {
-        let mut reg = self.registry.lock().await;
+    ) -> Result<(), ControlError> {
+        let _write = self.writes.lock().await;
         let action = Action::Unload {
             model: model.into(),
             version: version.into(),
         };
-        let refuse = |e: ApiError| e;
-        let check = || -> Result<(), ApiError> {
-            let state = reg.state();
+        let refuse = |e: ControlError| e;
+        let check = || -> Result<(), ControlError> {
+            let state = self.catalog().state();
             if state.version(model, version).is_none() {
-                return Err(ApiError::NotFound(format!(
+                return Err(ControlError::NotFound(format!(
                     "model `{model}` has no version `{version}`"
                 )));
             }
             if let Some(m) = state.models.get(model)
                 && let Some((alias, _)) = m.aliases.iter().find(|(_, v)| v.as_str() == version)
             {
-                return Err(ApiError::Conflict(format!(
+                return Err(ControlError::Conflict(format!(
                     "version `{version}` serves alias `{alias}`; point the alias elsewhere first"
                 )));
             }
@@ -519,7 +567,6 @@ impl ModelOps {
         };
         if let Err(e) = check() {
             self.record(
-                &mut reg,
                 actor,
                 action,
                 Value::Null,
@@ -549,7 +596,6 @@ impl ModelOps {
             release_freed_memory();
         }
         self.record(
-            &mut reg,
             actor,
             action,
             json!({"loaded": was}),
@@ -569,33 +615,33 @@ impl ModelOps {
         model: &str,
         alias: &str,
         version: Option<&str>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), ControlError> {
         valid_name("alias", alias)?;
-        let mut reg = self.registry.lock().await;
-        let previous = reg.state().alias(model, alias).map(str::to_string);
+        let _write = self.writes.lock().await;
+        let previous = self.catalog().state().alias(model, alias).map(str::to_string);
         let action = Action::SetAlias {
             model: model.into(),
             alias: alias.into(),
             version: version.map(str::to_string),
         };
-        let result: Result<Option<EngineHandle>, ApiError> = async {
-            if !reg.state().models.contains_key(model) {
-                return Err(ApiError::NotFound(format!("no model `{model}` is registered")));
+        let result: Result<Option<EngineHandle>, ControlError> = async {
+            if !self.catalog().state().models.contains_key(model) {
+                return Err(ControlError::NotFound(format!("no model `{model}` is registered")));
             }
             let Some(v) = version else {
                 if previous.is_none() {
-                    return Err(ApiError::NotFound(format!("model `{model}` has no alias `{alias}`")));
+                    return Err(ControlError::NotFound(format!("model `{model}` has no alias `{alias}`")));
                 }
                 if alias == "stable" {
-                    return Err(ApiError::Conflict("the `stable` alias cannot be removed while the model is served; point it at another version".into()));
+                    return Err(ControlError::Conflict("the `stable` alias cannot be removed while the model is served; point it at another version".into()));
                 }
                 return Ok(None);
             };
-            let record = reg
+            let record = self.catalog()
                 .state()
                 .version(model, v)
                 .cloned()
-                .ok_or_else(|| ApiError::NotFound(format!("model `{model}` has no version `{v}`")))?;
+                .ok_or_else(|| ControlError::NotFound(format!("model `{model}` has no version `{v}`")))?;
             if alias == "stable" {
                 Ok(Some(self.ensure_loaded(model, &record, false).await?))
             } else {
@@ -607,7 +653,6 @@ impl ModelOps {
         match result {
             Err(e) => {
                 self.record(
-                    &mut reg,
                     actor,
                     action,
                     json!(previous),
@@ -618,13 +663,13 @@ impl ModelOps {
                 Err(e)
             }
             Ok(engine) => {
-                self.record(&mut reg, actor, action, json!(previous), new, Ok(()))
+                self.record(actor, action, json!(previous), new, Ok(()))
                     .await?;
                 if let (Some(engine), Some(v)) = (engine, version) {
                     self.serve(model, v, engine).await;
                     tracing::info!(model, from = ?previous, to = v, key = %actor.key_id, "stable alias switched");
                 }
-                self.release_unreferenced(reg.state());
+                self.release_unreferenced(&self.catalog().state().clone());
                 Ok(())
             }
         }
@@ -750,7 +795,7 @@ impl ModelOps {
                 if s == EMBEDDED {
                     Ok(crate::engine::embedded::digest())
                 } else {
-                    super::digest_path(Path::new(&s))
+                    registry::digest_path(Path::new(&s))
                 }
             })
             .await??
