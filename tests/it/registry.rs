@@ -1019,11 +1019,9 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
         )
         .await;
         assert_eq!(st, 500, "{v}");
-        assert_eq!(
-            std::fs::read(&log).unwrap(),
-            before,
-            "the partial line is cut off"
-        );
+        let after = std::fs::read(&log).unwrap();
+        assert_eq!(after.len(), before.len(), "the partial line is cut off");
+        assert!(after == before);
     }
     drop(p);
 
