@@ -14,7 +14,7 @@ use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use llmops::engine::{
     Batch, BlockAllocator, KvCache, LoadOptions, Logits, Sampler, SamplingParams, Scratch,
 };
-use llmops::monitor::{EngineMetrics, Protocol};
+use llmops::monitor::{EngineMetrics, Protocol, Variant};
 use llmops::router::{Router, Target};
 use llmops::scheduler::state::{Limits, Seq, State};
 use llmops::scheduler::{EngineHandle, EngineLabels, Priority, SchedulerConfig};
@@ -216,12 +216,24 @@ fn routing(c: &mut Criterion) {
         router.set_stable(&format!("model-{i}"), target("v1"));
     }
     c.bench_function("router_pick_16_models", |b| {
-        b.iter(|| black_box(router.pick(black_box("model-11"), black_box("key-42")).is_ok()))
+        b.iter(|| {
+            black_box(
+                router
+                    .pick(black_box("model-11"), black_box("key-42"))
+                    .is_ok(),
+            )
+        })
     });
     router.set_canary("model-11", target("v2"), 2500);
     router.set_shadow("model-11", target("v3"), 1000);
     c.bench_function("router_pick_with_canary_and_shadow", |b| {
-        b.iter(|| black_box(router.pick(black_box("model-11"), black_box("key-42")).is_ok()))
+        b.iter(|| {
+            black_box(
+                router
+                    .pick(black_box("model-11"), black_box("key-42"))
+                    .is_ok(),
+            )
+        })
     });
 }
 
@@ -232,10 +244,9 @@ fn metric_recording(c: &mut Criterion) {
     let m = EngineMetrics::new(
         "bench",
         "v1",
-        "stable",
         ["stop", "length", "timeout", "abort"],
     );
-    let r = m.requests(Protocol::Http);
+    let r = m.requests(Protocol::Http, Variant::Stable);
     let mut g = c.benchmark_group("metrics");
     g.bench_function("per_token_itl_and_counter", |b| {
         b.iter(|| {

@@ -1,5 +1,5 @@
 //! The admin API over HTTP (`/admin/v1/…`), admin role only: registry,
-//! loading, aliases (hot swap), what is serving, the audit log.
+//! loading, aliases (hot swap), rollouts, what is serving, the audit log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use super::auth::Principal;
 use super::error::ApiError;
 use super::http::{HttpState, JsonBody};
+use crate::control::rollout::{Command, RolloutSpec};
 use crate::control::{Actor, Controller, Register};
 
 /// Admin routes, mounted behind authentication.
@@ -42,6 +43,9 @@ pub fn routes() -> axum::Router<HttpState> {
             put(set_alias).delete(delete_alias),
         )
         .route("/admin/v1/audit", get(audit))
+        .route("/admin/v1/rollouts", post(start_rollout).get(list_rollouts))
+        .route("/admin/v1/rollouts/{id}", get(get_rollout))
+        .route("/admin/v1/rollouts/{id}/{action}", post(command_rollout))
 }
 
 fn ops(st: &HttpState, p: &Principal) -> Result<Arc<Controller>, ApiError> {
@@ -134,12 +138,6 @@ async fn register(
         .register(&actor(&p, body.reason), &model, body.register)
         .await?;
     Ok((axum::http::StatusCode::CREATED, Json(json!(rec))))
-}
-
-#[derive(Deserialize, Default)]
-struct ReasonBody {
-    #[serde(default)]
-    reason: Option<String>,
 }
 
 /// An optional JSON body: empty is fine.
@@ -252,4 +250,61 @@ async fn audit(
     let q = query(q)?;
     let entries = ops(&st, &p)?.audit(q.after, q.limit.min(10_000)).await;
     Ok(Json(json!({"entries": entries})))
+}
+
+#[derive(Deserialize, Default)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RolloutBody {
+    #[serde(flatten)]
+    spec: RolloutSpec,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn start_rollout(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    JsonBody(body): JsonBody<RolloutBody>,
+) -> Result<Json<Value>, ApiError> {
+    let ops = ops(&st, &p)?;
+    let status = ops
+        .start_rollout(&actor(&p, body.reason), body.spec)
+        .await?;
+    Ok(Json(json!(status)))
+}
+
+async fn list_rollouts(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Result<Json<Value>, ApiError> {
+    let all = ops(&st, &p)?.rollouts().await;
+    Ok(Json(json!({"rollouts": all})))
+}
+
+async fn get_rollout(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(ops(&st, &p)?.rollout(&id).await?)))
+}
+
+async fn command_rollout(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path((id, action)): Path<(String, String)>,
+    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let ops = ops(&st, &p)?;
+    let command: Command = action.parse()?;
+    let status = ops
+        .command_rollout(&actor(&p, q.reason), &id, command)
+        .await?;
+    Ok(Json(json!(status)))
 }

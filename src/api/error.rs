@@ -345,3 +345,9 @@ impl From<ControlError> for ApiError {
         }
     }
 }
+
+impl From<ControlError> for tonic::Status {
+    fn from(e: ControlError) -> Self {
+        ApiError::from(e).into()
+    }
+}

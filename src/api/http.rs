@@ -382,9 +382,10 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
     req.common.refuse_unsupported()?;
-    let picked = st
-        .router
-        .pick(&req.model, &route_key(&headers, &req.common, &principal, &rid))?;
+    let picked = st.router.pick(
+        &req.model,
+        &route_key(&headers, &req.common, &principal, &rid),
+    )?;
     let target = picked.target.clone();
     let top = u64_to_usize(
         req.top_logprobs,
@@ -471,9 +472,10 @@ async fn completions(
     if req.suffix.is_some() {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
-    let picked = st
-        .router
-        .pick(&req.model, &route_key(&headers, &req.common, &principal, &rid))?;
+    let picked = st.router.pick(
+        &req.model,
+        &route_key(&headers, &req.common, &principal, &rid),
+    )?;
     let target = picked.target.clone();
     let logprobs = u64_to_usize(
         req.logprobs,

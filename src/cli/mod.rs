@@ -4,6 +4,7 @@
 pub mod bench_engine;
 pub mod generate;
 pub mod models;
+pub mod rollout;
 pub mod tools;
 
 use clap::{Parser, Subcommand};
@@ -57,6 +58,8 @@ pub enum Command {
     BenchEngine(bench_engine::BenchArgs),
     /// Manage a running server's registry (admin API client over gRPC).
     Models(models::ModelsArgs),
+    /// Start and steer canary rollouts on a running server.
+    Rollout(rollout::RolloutArgs),
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {
@@ -117,6 +120,10 @@ pub fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(models::run(args)),
+        Command::Rollout(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(rollout::run(args)),
         Command::ExportGguf(args) => tools::export_gguf(args),
     }
 }

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use serde_json::json;
+use tonic::codegen::InterceptedService;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
@@ -92,26 +93,42 @@ pub enum ModelsCommand {
     },
 }
 
-/// Runs one admin command and prints its JSON result.
-pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
-    let channel = Channel::from_shared(args.url.clone())
-        .with_context(|| format!("bad --url {}", args.url))?
+/// Adds the API key to every call.
+#[derive(Clone)]
+pub struct Auth(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A client of `llmops.v1.Admin` at `url`, sending `api_key`.
+pub async fn connect(
+    url: &str,
+    api_key: Option<&str>,
+) -> anyhow::Result<AdminClient<InterceptedService<Channel, Auth>>> {
+    let channel = Channel::from_shared(url.to_string())
+        .with_context(|| format!("bad --url {url}"))?
         .connect()
         .await
-        .with_context(|| format!("cannot reach {}", args.url))?;
-    let auth = match &args.api_key {
+        .with_context(|| format!("cannot reach {url}"))?;
+    let auth = match api_key {
         Some(k) => Some(
             MetadataValue::try_from(format!("Bearer {k}"))
                 .context("the API key holds characters a header cannot carry")?,
         ),
         None => None,
     };
-    let mut client = AdminClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        if let Some(v) = &auth {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    });
+    Ok(AdminClient::with_interceptor(channel, Auth(auth)))
+}
+
+/// Runs one admin command and prints its JSON result.
+pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
+    let mut client = connect(&args.url, args.api_key.as_deref()).await?;
     let reason = args.reason.unwrap_or_default();
     let status = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
     let out = match args.command {

@@ -7,6 +7,8 @@
 //! hold their own handle on the old engine, which finishes them, and stops
 //! and frees its memory when that last handle drops.
 
+pub mod rollout;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,9 +17,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::registry::{self, Action, AuditEntry, Registry, State, VersionRecord};
 use crate::engine::{self, GgufWeights, LoadOptions, LoadedModel};
 use crate::monitor::names;
+use crate::registry::{self, Action, AuditEntry, Registry, State, VersionRecord};
 use crate::router::{Router, Target};
 use crate::scheduler::{EngineHandle, EngineLabels, Event, Request, SchedulerConfig};
 
@@ -122,6 +124,10 @@ pub struct Controller {
     /// `serving` shows them broken instead of just absent. Cleared when a
     /// version of the model serves again.
     failed: std::sync::Mutex<BTreeMap<String, LoadFailure>>,
+    /// Running rollouts by model (one per model).
+    rollouts: std::sync::Mutex<HashMap<String, rollout::Running>>,
+    /// Rollout transitions, for whoever listens (hooks, tests).
+    rollout_events: tokio::sync::broadcast::Sender<rollout::RolloutEvent>,
 }
 
 /// Why a model is not served.
@@ -197,6 +203,8 @@ impl Controller {
             health,
             model_roots: vec![],
             failed: std::sync::Mutex::new(BTreeMap::new()),
+            rollouts: std::sync::Mutex::new(HashMap::new()),
+            rollout_events: tokio::sync::broadcast::channel(256).0,
         })
     }
 
@@ -224,6 +232,11 @@ impl Controller {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Rollout transitions as they happen.
+    pub fn rollout_events(&self) -> tokio::sync::broadcast::Receiver<rollout::RolloutEvent> {
+        self.rollout_events.subscribe()
+    }
+
     /// A copy of the registry state.
     pub async fn state(&self) -> State {
         self.catalog().state().clone()
@@ -248,15 +261,16 @@ impl Controller {
         new: Value,
         result: Result<(), String>,
     ) -> Result<AuditEntry, ControlError> {
-        self.catalog().append(
-            &actor.key_id,
-            action,
-            previous,
-            new,
-            actor.reason.clone(),
-            result,
-        )
-        .map_err(|e| internal(format!("cannot write the audit log: {e}")))
+        self.catalog()
+            .append(
+                &actor.key_id,
+                action,
+                previous,
+                new,
+                actor.reason.clone(),
+                result,
+            )
+            .map_err(|e| internal(format!("cannot write the audit log: {e}")))
     }
 
     /// Registers a version: checks the path, computes the digest, loads the
@@ -301,7 +315,7 @@ impl Controller {
             // File types and roots before anything is opened: a FIFO or
             // `/dev/zero` would hang the digest below while we hold the lock.
             if req.path != EMBEDDED
-                && let Err(e) = super::check_model_path(Path::new(&req.path), &self.model_roots)
+                && let Err(e) = registry::check_model_path(Path::new(&req.path), &self.model_roots)
             {
                 return Err(fail(ControlError::invalid("path", e.to_string())));
             }
@@ -487,7 +501,12 @@ impl Controller {
     }
 
     /// Loads a version (and keeps it loaded until unloaded).
-    pub async fn load(&self, actor: &Actor, model: &str, version: &str) -> Result<(), ControlError> {
+    pub async fn load(
+        &self,
+        actor: &Actor,
+        model: &str,
+        version: &str,
+    ) -> Result<(), ControlError> {
         let _write = self.writes.lock().await;
         let action = Action::Load {
             model: model.into(),
@@ -495,14 +514,8 @@ impl Controller {
         };
         let Some(record) = self.catalog().state().version(model, version).cloned() else {
             let e = ControlError::NotFound(format!("model `{model}` has no version `{version}`"));
-            self.record(
-                actor,
-                action,
-                Value::Null,
-                Value::Null,
-                Err(e.to_string()),
-            )
-            .await?;
+            self.record(actor, action, Value::Null, Value::Null, Err(e.to_string()))
+                .await?;
             return Err(e);
         };
         let was = self
@@ -550,7 +563,7 @@ impl Controller {
         };
         let refuse = |e: ControlError| e;
         let check = || -> Result<(), ControlError> {
-            let state = self.catalog().state();
+            let state = self.catalog().state().clone();
             if state.version(model, version).is_none() {
                 return Err(ControlError::NotFound(format!(
                     "model `{model}` has no version `{version}`"
@@ -566,14 +579,8 @@ impl Controller {
             Ok(())
         };
         if let Err(e) = check() {
-            self.record(
-                actor,
-                action,
-                Value::Null,
-                Value::Null,
-                Err(e.to_string()),
-            )
-            .await?;
+            self.record(actor, action, Value::Null, Value::Null, Err(e.to_string()))
+                .await?;
             return Err(refuse(e));
         }
         let removed = self
@@ -618,7 +625,11 @@ impl Controller {
     ) -> Result<(), ControlError> {
         valid_name("alias", alias)?;
         let _write = self.writes.lock().await;
-        let previous = self.catalog().state().alias(model, alias).map(str::to_string);
+        let previous = self
+            .catalog()
+            .state()
+            .alias(model, alias)
+            .map(str::to_string);
         let action = Action::SetAlias {
             model: model.into(),
             alias: alias.into(),
@@ -652,14 +663,8 @@ impl Controller {
         let new = json!(version);
         match result {
             Err(e) => {
-                self.record(
-                    actor,
-                    action,
-                    json!(previous),
-                    new,
-                    Err(e.to_string()),
-                )
-                .await?;
+                self.record(actor, action, json!(previous), new, Err(e.to_string()))
+                    .await?;
                 Err(e)
             }
             Ok(engine) => {
@@ -736,6 +741,9 @@ impl Controller {
         configured: &[crate::config::ModelSpec],
     ) -> anyhow::Result<Vec<String>> {
         let actor = Actor::startup();
+        self.settle_interrupted_rollouts()
+            .await
+            .map_err(|e| anyhow::anyhow!("settling interrupted rollouts: {e}"))?;
         for spec in configured {
             if let Err(e) = self.restore_configured(&actor, spec).await {
                 // The registry may still hold a stable version that serves.

@@ -5,6 +5,7 @@
 //! variant, which each request carries), so recording on the hot path is an
 //! atomic update: no lock, no label formatting, no allocation per token.
 
+pub mod canary;
 pub mod exporter;
 pub mod window;
 
@@ -64,6 +65,14 @@ pub mod names {
     /// Per model: 1 while a version of it serves, 0 when its stable version
     /// failed to load at start.
     pub const MODEL_SERVING: &str = "llmops_model_serving";
+    /// Gauge: a rollout's canary weight in percent (0 when none).
+    pub const ROLLOUT_WEIGHT: &str = "llmops_rollout_canary_weight_percent";
+    /// Counter: rollout analyses by verdict.
+    pub const ROLLOUT_VERDICTS: &str = "llmops_rollout_verdicts_total";
+    /// Counter: rollout transitions by event (started, analysis, promoted, …).
+    pub const ROLLOUT_TRANSITIONS: &str = "llmops_rollout_transitions_total";
+    /// Gauge: the last analysed value of a gate's metric, per variant.
+    pub const ROLLOUT_GATE_VALUE: &str = "llmops_rollout_gate_value";
 }
 
 /// vLLM's TTFT buckets.
@@ -134,7 +143,9 @@ impl Protocol {
 /// The role of the version a request ran on: a per-request label, so a
 /// promoted canary's series continue under `stable` from the first request
 /// after the promotion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Variant {
     /// The version taking the traffic.
@@ -232,31 +243,31 @@ impl EngineMetrics {
         };
         let requests = Protocol::ALL.map(|p| {
             Variant::ALL.map(|v| {
-            let l = with(&[("protocol", p.as_str()), ("variant", v.as_str())]);
-            let h = |n: &'static str| metrics::histogram!(n, l.clone());
-            let c = |n: &'static str| metrics::counter!(n, l.clone());
-            let reason = |r: &'static str| {
-                let mut l = l.clone();
-                l.push(Label::new("finished_reason", r));
-                metrics::counter!(names::SUCCESS, l)
-            };
-            let mut fl = l.clone();
-            fl.push(Label::new("error_type", "engine"));
-            RequestMetrics {
-                ttft: h(names::TTFT),
-                engine_ttft: h(names::ENGINE_TTFT),
-                itl: h(names::ITL),
-                e2e: h(names::E2E),
-                queue: h(names::QUEUE),
-                prefill: h(names::PREFILL),
-                decode: h(names::DECODE),
-                prompt_tokens_hist: h(names::PROMPT_TOKENS_HIST),
-                generation_tokens_hist: h(names::GENERATION_TOKENS_HIST),
-                prompt_tokens: c(names::PROMPT_TOKENS),
-                generation_tokens: c(names::GENERATION_TOKENS),
-                success: finish_reasons.map(reason),
-                failure: metrics::counter!(names::FAILURE, fl),
-            }
+                let l = with(&[("protocol", p.as_str()), ("variant", v.as_str())]);
+                let h = |n: &'static str| metrics::histogram!(n, l.clone());
+                let c = |n: &'static str| metrics::counter!(n, l.clone());
+                let reason = |r: &'static str| {
+                    let mut l = l.clone();
+                    l.push(Label::new("finished_reason", r));
+                    metrics::counter!(names::SUCCESS, l)
+                };
+                let mut fl = l.clone();
+                fl.push(Label::new("error_type", "engine"));
+                RequestMetrics {
+                    ttft: h(names::TTFT),
+                    engine_ttft: h(names::ENGINE_TTFT),
+                    itl: h(names::ITL),
+                    e2e: h(names::E2E),
+                    queue: h(names::QUEUE),
+                    prefill: h(names::PREFILL),
+                    decode: h(names::DECODE),
+                    prompt_tokens_hist: h(names::PROMPT_TOKENS_HIST),
+                    generation_tokens_hist: h(names::GENERATION_TOKENS_HIST),
+                    prompt_tokens: c(names::PROMPT_TOKENS),
+                    generation_tokens: c(names::GENERATION_TOKENS),
+                    success: finish_reasons.map(reason),
+                    failure: metrics::counter!(names::FAILURE, fl),
+                }
             })
         });
         Arc::new(Self {
@@ -404,6 +415,26 @@ pub fn describe() {
             names::MODEL_SERVING,
             Unit::Count,
             "1 while a version of the model serves; 0 when its stable version failed to load at start (see `llmops models serving`)."
+        );
+        describe_gauge!(
+            names::ROLLOUT_WEIGHT,
+            Unit::Percent,
+            "Share of route keys a rollout's canary takes, by model (0 when there is no canary)."
+        );
+        describe_counter!(
+            names::ROLLOUT_VERDICTS,
+            Unit::Count,
+            "Rollout analyses by model and verdict (successful, failed, inconclusive, error)."
+        );
+        describe_counter!(
+            names::ROLLOUT_TRANSITIONS,
+            Unit::Count,
+            "Rollout status changes by model and event (started, analysis, paused, resumed, promoted, rolled_back, aborted)."
+        );
+        describe_gauge!(
+            names::ROLLOUT_GATE_VALUE,
+            Unit::Count,
+            "The last analysed value of each rollout gate's metric, by model, gate and variant (seconds for latencies)."
         );
     });
 }

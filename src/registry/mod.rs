@@ -8,7 +8,6 @@
 //! last line (never acknowledged), which recovery drops; so the state always
 //! equals what the log says, and a version is registered whole or not at all.
 
-
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};

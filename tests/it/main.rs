@@ -13,6 +13,7 @@ mod layout;
 mod loadtest;
 mod metrics;
 mod registry;
+mod rollout;
 mod scheduler;
 mod server;
 mod support;

@@ -5,7 +5,8 @@ use std::time::Duration;
 use llmops::engine::SamplingParams;
 use llmops::engine::synth::SynthSpec;
 use llmops::scheduler::{
-    Completion, EngineHandle, EngineLabels, Event, FinishReason, Request, SchedulerConfig, SubmitError,
+    Completion, EngineHandle, EngineLabels, Event, FinishReason, Request, SchedulerConfig,
+    SubmitError,
 };
 
 use crate::support;

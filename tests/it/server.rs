@@ -2,6 +2,7 @@
 //! client disconnects, deadlines.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use llmops::config::{Config, ServeArgs};
@@ -15,7 +16,7 @@ pub struct TestServer {
     pub grpc: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _model: tempfile::TempDir,
+    _model: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -37,10 +38,26 @@ impl TestServer {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny");
         spec.write(&path, None).unwrap();
+        let data = dir.path().join("registry");
+        Self::launch(&path, &data, tweak, Some(dir)).await
+    }
+
+    /// Serves the model at `model` (named `tiny`) with its registry in
+    /// `data`, so a second server can start where a stopped one left off.
+    pub async fn start_in(model: &Path, data: &Path, tweak: impl FnOnce(&mut ServeArgs)) -> Self {
+        Self::launch(model, data, tweak, None).await
+    }
+
+    async fn launch(
+        model: &Path,
+        data: &Path,
+        tweak: impl FnOnce(&mut ServeArgs),
+        owned: Option<tempfile::TempDir>,
+    ) -> Self {
         let mut args = ServeArgs {
-            models: vec![path],
+            models: vec![model.to_path_buf()],
             model_names: vec!["tiny".into()],
-            data_dir: Some(dir.path().join("registry")),
+            data_dir: Some(data.to_path_buf()),
             ..Default::default()
         };
         tweak(&mut args);
@@ -62,7 +79,7 @@ impl TestServer {
             grpc: grpc_addr,
             stop: Some(tx),
             task: Some(task),
-            _model: dir,
+            _model: owned,
         };
         for _ in 0..200 {
             if let Ok(r) = reqwest::get(s.url("/ready")).await

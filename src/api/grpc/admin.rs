@@ -7,9 +7,11 @@ use tonic::{Request, Response, Status};
 
 use crate::api::auth::{Authenticator, Principal};
 use crate::api::error::ApiError;
+use crate::control::rollout::{Command, OnInconclusive, RolloutSpec, RolloutStatus};
+use crate::control::{Actor, Controller, Register};
+use crate::monitor::canary::{Analysis, Gate};
 use crate::proto as pb;
 use crate::registry::VersionRecord;
-use crate::control::{Actor, Controller, Register};
 
 /// State of the admin service.
 #[derive(Clone)]
@@ -208,5 +210,114 @@ impl pb::admin_server::Admin for AdminService {
                 .filter_map(|e| serde_json::to_string(e).ok())
                 .collect(),
         }))
+    }
+
+    async fn start_rollout(
+        &self,
+        req: Request<pb::StartRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let p = self.admin(&req)?;
+        let r = req.into_inner();
+        let mut analysis = Analysis::default();
+        if !r.gates.is_empty() {
+            analysis.gates = r
+                .gates
+                .iter()
+                .map(|g| g.parse::<Gate>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| ApiError::invalid("gates", e.to_string()))?;
+        }
+        if let Some(m) = r.min_samples {
+            analysis.min_samples = m as usize;
+        }
+        let on_inconclusive = match r.on_inconclusive.as_str() {
+            "" | "hold" => OnInconclusive::Hold,
+            "rollback" => OnInconclusive::Rollback,
+            other => {
+                return Err(ApiError::invalid(
+                    "on_inconclusive",
+                    format!("`{other}` is not hold or rollback"),
+                )
+                .into());
+            }
+        };
+        let spec = RolloutSpec {
+            model: r.model,
+            candidate: r.candidate,
+            steps: if r.steps.is_empty() {
+                vec![5, 25, 50, 100]
+            } else {
+                r.steps
+            },
+            interval_secs: r.interval_seconds.unwrap_or(30.0),
+            analysis,
+            failure_limit: r.failure_limit.unwrap_or(2),
+            successes_per_step: r.successes_per_step.unwrap_or(1),
+            on_inconclusive,
+            dry_run: r.dry_run,
+        };
+        let status = self
+            .ops
+            .start_rollout(&Self::actor(&p, &r.reason), spec)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rollout_pb(&status)))
+    }
+
+    async fn list_rollouts(
+        &self,
+        req: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        self.admin(&req)?;
+        let all = self.ops.rollouts().await;
+        Ok(Response::new(pb::ListRolloutsResponse {
+            rollouts: all.iter().map(rollout_pb).collect(),
+        }))
+    }
+
+    async fn get_rollout(
+        &self,
+        req: Request<pb::GetRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.admin(&req)?;
+        let status = self
+            .ops
+            .rollout(&req.get_ref().id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rollout_pb(&status)))
+    }
+
+    async fn command_rollout(
+        &self,
+        req: Request<pb::CommandRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let p = self.admin(&req)?;
+        let r = req.into_inner();
+        let command: Command = r.action.parse().map_err(ApiError::from)?;
+        let status = self
+            .ops
+            .command_rollout(&Self::actor(&p, &r.reason), &r.id, command)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(rollout_pb(&status)))
+    }
+}
+
+fn rollout_pb(s: &RolloutStatus) -> pb::Rollout {
+    pb::Rollout {
+        id: s.id.clone(),
+        model: s.spec.model.clone(),
+        candidate: s.spec.candidate.clone(),
+        baseline: s.baseline.clone(),
+        phase: serde_json::to_value(s.phase)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        step: s.step as u32,
+        weight_percent: s.weight,
+        failures: s.failures,
+        reason: s.reason.clone(),
+        status_json: serde_json::to_string(s).unwrap_or_default(),
     }
 }

@@ -117,7 +117,9 @@ impl InferenceService {
         let key = match metadata_str(req, "x-llmops-route-key") {
             Some(k) if !k.is_empty() => k.to_string(),
             _ if principal.key_id != "anonymous" => format!("key:{}", principal.key_id),
-            _ => metadata_str(req, "x-request-id").unwrap_or_default().to_string(),
+            _ => metadata_str(req, "x-request-id")
+                .unwrap_or_default()
+                .to_string(),
         };
         let picked = self.router.pick(&req.get_ref().model, &key)?;
         let spec = self.spec(req, started)?;

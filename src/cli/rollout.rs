@@ -1,0 +1,182 @@
+//! `llmops rollout …`: start and steer canary rollouts on a running server
+//! through `llmops.v1.Admin`. Every command prints the rollout as JSON.
+
+use crate::proto as pb;
+
+/// Where the server is and who is asking.
+#[derive(clap::Args, Debug)]
+pub struct RolloutArgs {
+    /// The server's gRPC address.
+    #[arg(
+        long,
+        env = "LLMOPS_ADMIN_URL",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub url: String,
+    /// An API key with the admin role.
+    #[arg(long, env = "LLMOPS_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Why (recorded in the audit log).
+    #[arg(long, global = true)]
+    pub reason: Option<String>,
+    /// The operation.
+    #[command(subcommand)]
+    pub command: RolloutCommand,
+}
+
+/// Rollout operations.
+#[derive(clap::Subcommand, Debug)]
+pub enum RolloutCommand {
+    /// Start a rollout of a registered version.
+    Start {
+        /// Model name.
+        model: String,
+        /// Candidate version.
+        candidate: String,
+        /// Canary weights in percent.
+        #[arg(long, value_delimiter = ',', default_value = "5,25,50,100")]
+        steps: Vec<u32>,
+        /// Seconds between analyses.
+        #[arg(long, default_value_t = 30.0)]
+        interval: f64,
+        /// A gate, e.g. "error_rate <= 0.01", "ttft_p99 < 500ms",
+        /// "e2e_p99 <= 1.2x" (relative to stable); repeat for more. The
+        /// defaults when none is given.
+        #[arg(long = "gate")]
+        gates: Vec<String>,
+        /// Fewer samples than this on either side is inconclusive.
+        #[arg(long)]
+        min_samples: Option<u32>,
+        /// Failed windows before rollback.
+        #[arg(long)]
+        failure_limit: Option<u32>,
+        /// Consecutive successful windows per step.
+        #[arg(long)]
+        successes_per_step: Option<u32>,
+        /// What an inconclusive window does: hold or rollback.
+        #[arg(long, default_value = "hold")]
+        on_inconclusive: String,
+        /// Analyse and report without acting on failures.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show one rollout, or all.
+    Status {
+        /// Rollout id (all when absent).
+        id: Option<String>,
+    },
+    /// Hold the canary's weight.
+    Pause {
+        /// Rollout id.
+        id: String,
+    },
+    /// Continue a paused rollout.
+    Resume {
+        /// Rollout id.
+        id: String,
+    },
+    /// Remove the canary now.
+    Abort {
+        /// Rollout id.
+        id: String,
+    },
+    /// Promote the candidate now.
+    Promote {
+        /// Rollout id.
+        id: String,
+    },
+}
+
+fn status_json(r: &pb::Rollout) -> serde_json::Value {
+    serde_json::from_str(&r.status_json).unwrap_or_else(|_| {
+        serde_json::json!({"id": r.id, "model": r.model, "phase": r.phase, "weight": r.weight_percent, "reason": r.reason})
+    })
+}
+
+/// Runs one rollout command and prints its JSON result.
+pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
+    let mut client = super::models::connect(&args.url, args.api_key.as_deref()).await?;
+    let reason = args.reason.unwrap_or_default();
+    let status = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
+    let command = |id: String, action: &str| pb::CommandRolloutRequest {
+        id,
+        action: action.into(),
+        reason: reason.clone(),
+    };
+    let out = match args.command {
+        RolloutCommand::Start {
+            model,
+            candidate,
+            steps,
+            interval,
+            gates,
+            min_samples,
+            failure_limit,
+            successes_per_step,
+            on_inconclusive,
+            dry_run,
+        } => {
+            let r = client
+                .start_rollout(pb::StartRolloutRequest {
+                    model,
+                    candidate,
+                    steps,
+                    interval_seconds: Some(interval),
+                    gates,
+                    min_samples,
+                    failure_limit,
+                    successes_per_step,
+                    on_inconclusive,
+                    dry_run,
+                    reason: reason.clone(),
+                })
+                .await
+                .map_err(status)?;
+            status_json(r.get_ref())
+        }
+        RolloutCommand::Status { id: Some(id) } => {
+            let r = client
+                .get_rollout(pb::GetRolloutRequest { id })
+                .await
+                .map_err(status)?;
+            status_json(r.get_ref())
+        }
+        RolloutCommand::Status { id: None } => {
+            let r = client
+                .list_rollouts(pb::ListRolloutsRequest {})
+                .await
+                .map_err(status)?;
+            serde_json::json!({"rollouts": r.get_ref().rollouts.iter().map(status_json).collect::<Vec<_>>()})
+        }
+        RolloutCommand::Pause { id } => status_json(
+            client
+                .command_rollout(command(id, "pause"))
+                .await
+                .map_err(status)?
+                .get_ref(),
+        ),
+        RolloutCommand::Resume { id } => status_json(
+            client
+                .command_rollout(command(id, "resume"))
+                .await
+                .map_err(status)?
+                .get_ref(),
+        ),
+        RolloutCommand::Abort { id } => status_json(
+            client
+                .command_rollout(command(id, "abort"))
+                .await
+                .map_err(status)?
+                .get_ref(),
+        ),
+        RolloutCommand::Promote { id } => status_json(
+            client
+                .command_rollout(command(id, "promote"))
+                .await
+                .map_err(status)?
+                .get_ref(),
+        ),
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
