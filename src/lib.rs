@@ -5,20 +5,26 @@
 //!
 //! The modules, in the order a request flows through them:
 //!
+//! - [`cli`]: the command line (`main.rs` only calls it).
 //! - [`config`]: flags, `llmops.toml` and `LLMOPS_*` → a validated config.
-//! - [`app`]: wiring: models, engines, router, servers, graceful shutdown.
-//! - [`api`]: HTTP (OpenAI) and gRPC front ends, keys and rate limits, the
-//!   one error table.
-//! - [`validation`]: wire request → valid request (tokenize, limits).
-//! - [`router`]: the deployment table (model → version), one snapshot per request.
-//! - [`scheduler`]: continuous batching on an engine thread per model version.
+//! - [`app`]: wiring: controller, engines, router, servers, graceful shutdown.
+//! - [`api`]: HTTP (OpenAI) and gRPC front ends, keys, the one error table.
+//! - [`quota`]: per-key limits and token reservations.
+//! - [`router`]: the deployment table (stable, canary, shadow), one snapshot
+//!   and one sticky pick per request.
+//! - [`infer`]: below both front ends: validate, reserve, submit, stream.
+//! - [`validation`]: wire-neutral request → valid request (tokenize, limits).
+//! - [`scheduler`]: continuous batching on an engine thread per version.
 //! - [`engine`]: candle models (Llama family, Gemma 3), weights from
-//!   safetensors or GGUF, the paged KV cache, sampling, detokenization.
-//! - [`monitor`]: metric names, buckets, per-engine handles, the exporter.
+//!   safetensors or GGUF, the paged KV cache, CPU kernels, sampling,
+//!   detokenization, and the model-file tools (synthetic checkpoints, GGUF
+//!   export, the embedded model).
+//! - [`monitor`]: metric names and handles, windows of finished requests,
+//!   canary analysis, the exporter.
 //!
-//! Side paths: [`registry`] (versions, digests), [`train`] (`llmops train`),
-//! [`embedded`] (the default model), [`synth`] and [`export`] (test and
-//! benchmark checkpoints, GGUF export).
+//! Side paths: [`control`] (the controller: load, swap, rollouts),
+//! [`registry`] (the catalog and its audit log), [`proto`] (generated gRPC
+//! code), [`train`] (`llmops train`).
 
 pub mod api;
 pub mod app;

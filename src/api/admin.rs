@@ -119,10 +119,11 @@ async fn get_version(
     Ok(Json(json!(v)))
 }
 
+/// An admin request body with the operator's reason beside it.
 #[derive(Deserialize)]
-struct RegisterBody {
+struct WithReason<T> {
     #[serde(flatten)]
-    register: Register,
+    body: T,
     #[serde(default)]
     reason: Option<String>,
 }
@@ -131,11 +132,11 @@ async fn register(
     State(st): State<HttpState>,
     Extension(p): Extension<Arc<Principal>>,
     Path(model): Path<String>,
-    JsonBody(body): JsonBody<RegisterBody>,
+    JsonBody(body): JsonBody<WithReason<Register>>,
 ) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
     let ops = ops(&st, &p)?;
     let rec = ops
-        .register(&actor(&p, body.reason), &model, body.register)
+        .register(&actor(&p, body.reason), &model, body.body)
         .await?;
     Ok((axum::http::StatusCode::CREATED, Json(json!(rec))))
 }
@@ -258,22 +259,14 @@ struct ReasonBody {
     reason: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct RolloutBody {
-    #[serde(flatten)]
-    spec: RolloutSpec,
-    #[serde(default)]
-    reason: Option<String>,
-}
-
 async fn start_rollout(
     State(st): State<HttpState>,
     Extension(p): Extension<Arc<Principal>>,
-    JsonBody(body): JsonBody<RolloutBody>,
+    JsonBody(body): JsonBody<WithReason<RolloutSpec>>,
 ) -> Result<Json<Value>, ApiError> {
     let ops = ops(&st, &p)?;
     let status = ops
-        .start_rollout(&actor(&p, body.reason), body.spec)
+        .start_rollout(&actor(&p, body.reason), body.body)
         .await?;
     Ok(Json(json!(status)))
 }

@@ -23,7 +23,7 @@ use crate::config::LimitsConfig;
 use crate::engine::{TokenLogprob, Tokenizer};
 use crate::infer::{self, Generation};
 use crate::monitor::{Protocol, names};
-use crate::router::{Router, Target};
+use crate::router::{Picked, Router, Target};
 use crate::scheduler::{Event, FinishReason};
 use crate::validation::{self, GenerationSpec, Input};
 
@@ -344,6 +344,27 @@ fn route_key(
     rid.0.clone()
 }
 
+/// Refuses unsupported parameters, then picks the request's target by its
+/// route key.
+fn pick(
+    st: &HttpState,
+    model: &str,
+    headers: &HeaderMap,
+    common: &GenerationFields,
+    principal: &Principal,
+    rid: &RequestId,
+) -> Result<Picked, ApiError> {
+    common.refuse_unsupported()?;
+    Ok(st
+        .router
+        .pick(model, &route_key(headers, common, principal, rid))?)
+}
+
+/// A count of log-prob alternatives, within the engine's limit.
+fn alternatives(v: Option<u64>, name: &str) -> Result<Option<usize>, ApiError> {
+    u64_to_usize(v, name, crate::engine::sampling::MAX_TOP_LOGPROBS)
+}
+
 /// What every response and chunk of one request repeats.
 #[derive(Clone)]
 struct Envelope {
@@ -381,17 +402,9 @@ async fn chat_completions(
     JsonBody(req): JsonBody<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    req.common.refuse_unsupported()?;
-    let picked = st.router.pick(
-        &req.model,
-        &route_key(&headers, &req.common, &principal, &rid),
-    )?;
+    let picked = pick(&st, &req.model, &headers, &req.common, &principal, &rid)?;
     let target = picked.target.clone();
-    let top = u64_to_usize(
-        req.top_logprobs,
-        "top_logprobs",
-        crate::engine::sampling::MAX_TOP_LOGPROBS,
-    )?;
+    let top = alternatives(req.top_logprobs, "top_logprobs")?;
     let logprobs = match (req.logprobs, top) {
         (true, top) => Some(top.unwrap_or(0)),
         (false, Some(_)) => {
@@ -465,23 +478,15 @@ async fn completions(
     JsonBody(req): JsonBody<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = Instant::now();
-    req.common.refuse_unsupported()?;
     if req.echo {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
     if req.suffix.is_some() {
         return Err(ApiError::invalid("suffix", "suffix is not supported"));
     }
-    let picked = st.router.pick(
-        &req.model,
-        &route_key(&headers, &req.common, &principal, &rid),
-    )?;
+    let picked = pick(&st, &req.model, &headers, &req.common, &principal, &rid)?;
     let target = picked.target.clone();
-    let logprobs = u64_to_usize(
-        req.logprobs,
-        "logprobs",
-        crate::engine::sampling::MAX_TOP_LOGPROBS,
-    )?;
+    let logprobs = alternatives(req.logprobs, "logprobs")?;
     let inputs: Vec<Input> = match req.prompt.clone() {
         Prompt::Text(t) => vec![Input::Text(t)],
         Prompt::Texts(ts) => ts.into_iter().map(Input::Text).collect(),

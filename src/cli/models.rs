@@ -10,9 +10,9 @@ use tonic::transport::Channel;
 use crate::proto as pb;
 use pb::admin_client::AdminClient;
 
-/// Where the server is and who is asking.
+/// Where the admin API is and who is asking (every admin command).
 #[derive(clap::Args, Debug)]
-pub struct ModelsArgs {
+pub struct AdminArgs {
     /// The server's gRPC address.
     #[arg(
         long,
@@ -23,6 +23,21 @@ pub struct ModelsArgs {
     /// An API key with the admin role (sent as `authorization: Bearer …`).
     #[arg(long, env = "LLMOPS_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+}
+
+impl AdminArgs {
+    /// A connected client.
+    pub async fn connect(&self) -> anyhow::Result<AdminClient<InterceptedService<Channel, Auth>>> {
+        connect(&self.url, self.api_key.as_deref()).await
+    }
+}
+
+/// `llmops models` and its operation.
+#[derive(clap::Args, Debug)]
+pub struct ModelsArgs {
+    /// The server.
+    #[command(flatten)]
+    pub admin: AdminArgs,
     /// Why (recorded in the audit log for changes).
     #[arg(long, global = true)]
     pub reason: Option<String>,
@@ -128,7 +143,7 @@ pub async fn connect(
 
 /// Runs one admin command and prints its JSON result.
 pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
-    let mut client = connect(&args.url, args.api_key.as_deref()).await?;
+    let mut client = args.admin.connect().await?;
     let reason = args.reason.unwrap_or_default();
     let status = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
     let out = match args.command {

@@ -3,19 +3,12 @@
 
 use crate::proto as pb;
 
-/// Where the server is and who is asking.
+/// `llmops rollout` and its operation.
 #[derive(clap::Args, Debug)]
 pub struct RolloutArgs {
-    /// The server's gRPC address.
-    #[arg(
-        long,
-        env = "LLMOPS_ADMIN_URL",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    pub url: String,
-    /// An API key with the admin role.
-    #[arg(long, env = "LLMOPS_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// The server.
+    #[command(flatten)]
+    pub admin: super::models::AdminArgs,
     /// Why (recorded in the audit log).
     #[arg(long, global = true)]
     pub reason: Option<String>,
@@ -66,25 +59,20 @@ pub enum RolloutCommand {
         id: Option<String>,
     },
     /// Hold the canary's weight.
-    Pause {
-        /// Rollout id.
-        id: String,
-    },
+    Pause(Id),
     /// Continue a paused rollout.
-    Resume {
-        /// Rollout id.
-        id: String,
-    },
+    Resume(Id),
     /// Remove the canary now.
-    Abort {
-        /// Rollout id.
-        id: String,
-    },
+    Abort(Id),
     /// Promote the candidate now.
-    Promote {
-        /// Rollout id.
-        id: String,
-    },
+    Promote(Id),
+}
+
+/// Which rollout.
+#[derive(clap::Args, Debug)]
+pub struct Id {
+    /// Rollout id.
+    pub id: String,
 }
 
 fn status_json(r: &pb::Rollout) -> serde_json::Value {
@@ -95,14 +83,9 @@ fn status_json(r: &pb::Rollout) -> serde_json::Value {
 
 /// Runs one rollout command and prints its JSON result.
 pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
-    let mut client = super::models::connect(&args.url, args.api_key.as_deref()).await?;
+    let mut client = args.admin.connect().await?;
     let reason = args.reason.unwrap_or_default();
     let status = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
-    let command = |id: String, action: &str| pb::CommandRolloutRequest {
-        id,
-        action: action.into(),
-        reason: reason.clone(),
-    };
     let out = match args.command {
         RolloutCommand::Start {
             model,
@@ -148,35 +131,30 @@ pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
                 .map_err(status)?;
             serde_json::json!({"rollouts": r.get_ref().rollouts.iter().map(status_json).collect::<Vec<_>>()})
         }
-        RolloutCommand::Pause { id } => status_json(
-            client
-                .command_rollout(command(id, "pause"))
-                .await
-                .map_err(status)?
-                .get_ref(),
-        ),
-        RolloutCommand::Resume { id } => status_json(
-            client
-                .command_rollout(command(id, "resume"))
-                .await
-                .map_err(status)?
-                .get_ref(),
-        ),
-        RolloutCommand::Abort { id } => status_json(
-            client
-                .command_rollout(command(id, "abort"))
-                .await
-                .map_err(status)?
-                .get_ref(),
-        ),
-        RolloutCommand::Promote { id } => status_json(
-            client
-                .command_rollout(command(id, "promote"))
-                .await
-                .map_err(status)?
-                .get_ref(),
-        ),
+        RolloutCommand::Pause(Id { id }) => command(&mut client, id, "pause", reason).await?,
+        RolloutCommand::Resume(Id { id }) => command(&mut client, id, "resume", reason).await?,
+        RolloutCommand::Abort(Id { id }) => command(&mut client, id, "abort", reason).await?,
+        RolloutCommand::Promote(Id { id }) => command(&mut client, id, "promote", reason).await?,
     };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
+}
+
+async fn command(
+    client: &mut pb::admin_client::AdminClient<
+        tonic::codegen::InterceptedService<tonic::transport::Channel, super::models::Auth>,
+    >,
+    id: String,
+    action: &str,
+    reason: String,
+) -> anyhow::Result<serde_json::Value> {
+    let r = client
+        .command_rollout(pb::CommandRolloutRequest {
+            id,
+            action: action.into(),
+            reason,
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{:?}: {}", e.code(), e.message()))?;
+    Ok(status_json(r.get_ref()))
 }

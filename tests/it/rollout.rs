@@ -266,8 +266,8 @@ async fn a_good_candidate_is_promoted_through_every_step_with_no_failed_request(
         .as_array()
         .unwrap()
         .iter()
-        .filter(|e| e["action"]["type"] == "rollout")
-        .filter_map(|e| e["action"]["event"].as_str())
+        .filter(|e| e["action"] == "rollout")
+        .filter_map(|e| e["event"].as_str())
         .collect();
     assert_eq!(events.first(), Some(&"started"), "{events:?}");
     assert_eq!(events.last(), Some(&"promoted"), "{events:?}");
@@ -359,10 +359,10 @@ async fn a_slow_candidate_is_rolled_back_within_its_failure_limit_and_the_audit_
         .unwrap()
         .iter()
         .rev()
-        .find(|e| e["action"]["type"] == "rollout")
+        .find(|e| e["action"] == "rollout")
         .unwrap()
         .clone();
-    assert_eq!(last["action"]["event"], "rolled_back", "{last}");
+    assert_eq!(last["event"], "rolled_back", "{last}");
     assert!(
         last["new"]["reason"].as_str().unwrap().contains("e2e_p99"),
         "{last}"
