@@ -276,6 +276,9 @@ struct Scratch {
     blocks: Vec<f64>,
     /// Candidates (token, logit or weight) of top-k and top-p.
     cands: Vec<(u32, f32)>,
+    /// Per block of the row: its largest logit and the sum of its weights
+    /// relative to that logit (`draw_full`).
+    peaks: Vec<(f32, f64)>,
 }
 
 thread_local! {
@@ -316,16 +319,14 @@ fn choose(logits: &[f32], p: &SamplingParams, u: f64, s: &mut Scratch) -> Option
         let target = top_p.map(|tp| tp * s.cands.iter().map(|c| c.1 as f64).sum::<f64>());
         return cut_and_draw(&mut s.cands, target, p.min_p, u);
     }
+    let Some(top_p) = top_p else {
+        return draw_full(logits, scale, p.min_p, u, &mut s.peaks);
+    };
     let max = max_of(logits);
-    // min-p is a floor on the weights unless top-p needs the uncut mass first.
-    let floor = if top_p.is_some() { 0.0 } else { p.min_p };
-    let total = weigh(logits, max, scale, floor, &mut s.weights, &mut s.blocks);
+    let total = weigh(logits, max, scale, &mut s.weights, &mut s.blocks);
     if !(total > 0.0 && total.is_finite()) {
         return None;
     }
-    let Some(top_p) = top_p else {
-        return draw_dense(&s.weights, &s.blocks, u);
-    };
     let target = top_p * total;
     for k in NUCLEUS_TRIES {
         let k = k.min(logits.len());
@@ -417,28 +418,119 @@ fn mass_above(w: &[f32], t: f32) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
-/// Writes the weights 2^((l − max)·scale) of `logits` (0 below `floor`)
-/// into `w` and each block's sum into `blocks`; returns the total.
-fn weigh(
-    logits: &[f32],
-    max: f32,
-    scale: f32,
-    floor: f32,
-    w: &mut Vec<f32>,
-    blocks: &mut Vec<f64>,
-) -> f64 {
+/// Writes the weights 2^((l − max)·scale) of `logits` into `w` and each
+/// block's sum into `blocks`; returns the total.
+fn weigh(logits: &[f32], max: f32, scale: f32, w: &mut Vec<f32>, blocks: &mut Vec<f64>) -> f64 {
     // Every entry is written below; resizing only when the vocabulary
     // changes saves a pass of zeroes.
     w.resize(logits.len(), 0.0);
     blocks.clear();
     for (out, chunk) in w.chunks_mut(BLOCK).zip(logits.chunks(BLOCK)) {
         for (o, &l) in out.iter_mut().zip(chunk) {
-            let e = pow2((l - max) * scale);
-            *o = if e >= floor { e } else { 0.0 };
+            *o = pow2((l - max) * scale);
         }
         blocks.push(sum_f64(out));
     }
     blocks.iter().sum()
+}
+
+/// Draws from the whole distribution (no top-k or top-p; min-p allowed)
+/// without storing weights: per block, its max and its weights' sum
+/// relative to that max, so that the row is read once (each block is
+/// still in L1 for its second look); the draw then recomputes one block.
+/// min-p needs the row's max first, so then every block uses it.
+fn draw_full(
+    logits: &[f32],
+    scale: f32,
+    min_p: f32,
+    u: f64,
+    peaks: &mut Vec<(f32, f64)>,
+) -> Option<u32> {
+    let row_max = (min_p > 0.0).then(|| max_of(logits));
+    let floor = if min_p > 0.0 { min_p } else { 0.0 };
+    peaks.clear();
+    for chunk in logits.chunks(BLOCK) {
+        let m = row_max.unwrap_or_else(|| max_of(chunk));
+        peaks.push((m, block_mass(chunk, m, scale, floor)));
+    }
+    let max = peaks
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &(m, _)| if m > a { m } else { a });
+    // A block's weight relative to the row's max, 0 for a block of
+    // nothing but −∞ or NaN.
+    let factor = |m: f32, sum: f64| {
+        if sum > 0.0 {
+            sum * f64::from(pow2((m - max) * scale))
+        } else {
+            0.0
+        }
+    };
+    let total: f64 = peaks.iter().map(|&(m, sum)| factor(m, sum)).sum();
+    if !(total > 0.0 && total.is_finite()) {
+        return None;
+    }
+    let target = u * total;
+    let mut acc = 0.0;
+    let mut last = None;
+    for (b, &(m, sum)) in peaks.iter().enumerate() {
+        let mass = factor(m, sum);
+        if mass > 0.0 {
+            last = Some(b);
+        }
+        if acc + mass > target {
+            return pick_in_block(logits, b, m, scale, floor, (target - acc) / mass * sum);
+        }
+        acc += mass;
+    }
+    // Rounding: the target sits in the last bits of the total.
+    let b = last?;
+    let (m, sum) = peaks[b];
+    pick_in_block(logits, b, m, scale, floor, sum)
+}
+
+/// Sum of a block's weights 2^((l − m)·scale), those below `floor` left out.
+fn block_mass(chunk: &[f32], m: f32, scale: f32, floor: f32) -> f64 {
+    let mut acc = [0f64; 32];
+    let w = |l: f32| {
+        let e = pow2((l - m) * scale);
+        if e >= floor { e } else { 0.0 }
+    };
+    let mut lanes = chunk.chunks_exact(32);
+    for c in &mut lanes {
+        for (a, &l) in acc.iter_mut().zip(c) {
+            *a += f64::from(w(l));
+        }
+    }
+    let tail: f64 = lanes.remainder().iter().map(|&l| f64::from(w(l))).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// In block `b` (weights relative to `m`), the token where the running sum
+/// first exceeds `target`; the block's last token with weight if rounding
+/// leaves the target just out of reach.
+fn pick_in_block(
+    logits: &[f32],
+    b: usize,
+    m: f32,
+    scale: f32,
+    floor: f32,
+    target: f64,
+) -> Option<u32> {
+    let start = b * BLOCK;
+    let chunk = &logits[start..(start + BLOCK).min(logits.len())];
+    let mut acc = 0.0;
+    let mut last = None;
+    for (i, &l) in chunk.iter().enumerate() {
+        let e = pow2((l - m) * scale);
+        if e >= floor && e > 0.0 {
+            acc += f64::from(e);
+            last = Some(i);
+            if acc > target {
+                return Some((start + i) as u32);
+            }
+        }
+    }
+    last.map(|i| (start + i) as u32)
 }
 
 /// Inverse CDF over dense weights: the token where the running sum first
@@ -922,8 +1014,16 @@ mod tests {
             assert!(w[..1024].iter().sum::<f64>() < tp as f64 * total);
             check_distribution(&row, &p, 30_000);
         }
-        // The full distribution over the same row, for comparison.
+        // The full distribution over the same row, and over one whose
+        // blocks (of 1,024) peak at different heights.
         check_distribution(&row, &params(0.8, 0, 1.0, 0.0), 30_000);
+        let uneven: Vec<f32> = row
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| l - (i / BLOCK) as f32 * 0.7)
+            .collect();
+        check_distribution(&uneven, &params(0.8, 0, 1.0, 0.0), 30_000);
+        check_distribution(&uneven, &params(1.3, 0, 1.0, 0.15), 30_000);
     }
 
     #[test]
