@@ -5,12 +5,13 @@
 //! seed gives the same tokens whatever else shares the batch.
 //!
 //! Cost: nothing here sorts the vocabulary (262,144 entries for Gemma). A
-//! draw from the whole distribution is one pass for the max, one for the
-//! weights e^((l − max)/T) with their per-block sums, and an inverse-CDF
-//! scan that skips whole blocks: one uniform number per token. Top-k
-//! selects with a bounded heap; top-p looks for its nucleus among the best
-//! 64, then 512 weights (sorting only those) and otherwise bisects the
-//! boundary weight over the row; min-p is a threshold.
+//! draw from the whole distribution reads the row once, block by block
+//! (each block's max, then its weights e^((l − max)/T) summed while it is
+//! in L1), then adds block masses and recomputes one block: an inverse-CDF
+//! draw from one uniform number per token. Top-k selects with a bounded
+//! heap; top-p looks for its nucleus among the best 64, 256, then 1,024
+//! weights (sorting only those) and otherwise bisects the boundary weight
+//! over the row; min-p is a threshold.
 
 use std::cell::RefCell;
 use std::cmp::Ordering;
@@ -538,7 +539,7 @@ fn pick_in_block(
 /// walking one block.
 fn draw_dense(w: &[f32], blocks: &[f64], u: f64) -> Option<u32> {
     let total: f64 = blocks.iter().sum();
-    if !(total > 0.0) {
+    if !(total > 0.0 && total.is_finite()) {
         return None;
     }
     let target = u * total;
@@ -693,7 +694,7 @@ fn cut_and_draw(
         cands.retain(|c| c.1 >= min_p);
     }
     let total: f64 = cands.iter().map(|c| c.1 as f64).sum();
-    if !(total > 0.0) {
+    if !(total > 0.0 && total.is_finite()) {
         return None;
     }
     let target = u * total;
