@@ -97,66 +97,110 @@ fn gemm(c: &mut Criterion) {
     g.finish();
 }
 
-/// Sampling one token from 262,144 logits (Gemma 3's vocabulary), on a
-/// Zipf-shaped row (rank r has logit -1.2·ln r, like a language model's
-/// long tail) and on a flat row (the nucleus spans almost the whole
-/// vocabulary: the worst case for top-p).
+/// Sampling from 262,144 logits (Gemma 3's vocabulary) on a Zipf-shaped row
+/// (rank r has logit -1.2·ln r, like a language model's long tail), for
+/// each parameter combination at batch 1 and batch 32. A batch samples as
+/// the engine thread does: rayon over the rows, each sequence with its own
+/// sampler (seed, 512-token prompt, 256 tokens already generated).
+/// Throughput is in tokens drawn. `t0.8_top_p0.95_flat_row` is the worst
+/// case for top-p: a flat row whose nucleus spans most of the vocabulary.
 fn sampling(c: &mut Criterion) {
-    let vocab = 262_144u64;
+    use rayon::prelude::*;
+    llmops::init_process();
+    let vocab = 262_144usize;
     // A fixed permutation of ranks over token ids.
-    let rank = |i: u64| (i * 2_654_435_761) % vocab + 1;
-    let zipf: Vec<f32> = (0..vocab).map(|i| -1.2 * (rank(i) as f32).ln()).collect();
-    let flat: Vec<f32> = (0..vocab)
+    let rank = |i: u64| (i * 2_654_435_761) % vocab as u64 + 1;
+    let zipf: Vec<f32> = (0..vocab as u64)
+        .map(|i| -1.2 * (rank(i) as f32).ln())
+        .collect();
+    let flat: Vec<f32> = (0..vocab as u64)
         .map(|i| (rank(i) % 10_007) as f32 / 1000.0 - 5.0)
         .collect();
-    let mut g = c.benchmark_group("sampling_262k");
-    let top_p = SamplingParams {
+    let prompt: Vec<u32> = (0..512u64).map(|i| (rank(i * 977) - 1) as u32).collect();
+    let t = SamplingParams {
         temperature: 0.8,
-        top_p: 0.95,
-        seed: Some(1),
         ..Default::default()
     };
-    let mut flat_sampler = Sampler::new(top_p.clone(), &[1, 2, 3, 4, 5]);
-    g.bench_function("temperature_top_p_flat_row", |b| {
-        b.iter_batched_ref(
-            || flat.clone(),
-            |r| black_box(flat_sampler.sample(r).expect("sample")),
-            BatchSize::LargeInput,
-        )
-    });
-    let row = zipf;
     let cases = [
-        ("greedy", SamplingParams::default()),
+        ("greedy", SamplingParams::default(), &zipf),
+        ("t0.8", t.clone(), &zipf),
         (
-            "temperature_top_p",
+            "t0.8_top_k40",
             SamplingParams {
-                temperature: 0.8,
-                top_p: 0.95,
-                seed: Some(1),
-                ..Default::default()
+                top_k: 40,
+                ..t.clone()
             },
+            &zipf,
         ),
         (
-            "top_k_penalties",
+            "t0.8_top_p0.95",
             SamplingParams {
-                temperature: 0.7,
-                top_k: 40,
+                top_p: 0.95,
+                ..t.clone()
+            },
+            &zipf,
+        ),
+        (
+            "t0.8_min_p0.05",
+            SamplingParams {
+                min_p: 0.05,
+                ..t.clone()
+            },
+            &zipf,
+        ),
+        (
+            "t0.8_penalties",
+            SamplingParams {
                 repetition_penalty: 1.1,
                 presence_penalty: 0.5,
-                seed: Some(1),
-                ..Default::default()
+                frequency_penalty: 0.5,
+                ..t.clone()
             },
+            &zipf,
+        ),
+        (
+            "t0.8_top_p0.95_flat_row",
+            SamplingParams {
+                top_p: 0.95,
+                ..t.clone()
+            },
+            &flat,
         ),
     ];
-    for (name, params) in cases {
-        let mut s = Sampler::new(params, &[1, 2, 3, 4, 5]);
-        g.bench_function(name, |b| {
-            b.iter_batched_ref(
-                || row.clone(),
-                |r| black_box(s.sample(r).expect("sample")),
-                BatchSize::LargeInput,
-            )
-        });
+    let mut g = c.benchmark_group("sampling_262k");
+    for (name, params, row) in cases {
+        for batch in [1usize, 32] {
+            let mut samplers: Vec<Sampler> = (0..batch as u64)
+                .map(|seed| {
+                    let p = SamplingParams {
+                        seed: Some(seed),
+                        ..params.clone()
+                    };
+                    let mut s = Sampler::new(p, &prompt);
+                    for i in 0..256u64 {
+                        s.observe((rank(i * 31 + seed) - 1) as u32);
+                    }
+                    s
+                })
+                .collect();
+            let rows: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
+            g.throughput(criterion::Throughput::Elements(batch as u64));
+            g.bench_function(format!("{name}/batch_{batch}"), |b| {
+                b.iter_batched_ref(
+                    || rows.clone(),
+                    |rows| {
+                        samplers
+                            .par_iter_mut()
+                            .zip(rows.par_chunks_mut(vocab))
+                            .with_min_len(4)
+                            .for_each(|(s, r)| {
+                                black_box(s.sample(r).expect("sample"));
+                            })
+                    },
+                    BatchSize::LargeInput,
+                )
+            });
+        }
     }
     g.finish();
 }

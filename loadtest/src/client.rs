@@ -65,6 +65,7 @@ struct Inner {
     api_key: Option<String>,
     ignore_eos: bool,
     temperature: Option<f32>,
+    top_p: Option<f32>,
     timeout: Duration,
 }
 
@@ -132,6 +133,7 @@ impl Client {
                 api_key: cfg.api_key.clone().filter(|k| !k.is_empty()),
                 ignore_eos: cfg.ignore_eos,
                 temperature: cfg.temperature,
+                top_p: cfg.top_p,
                 timeout: Duration::from_secs_f64(cfg.timeout_s),
             }),
         })
@@ -207,6 +209,9 @@ impl Client {
         }
         if let Some(temp) = inner.temperature {
             body["temperature"] = json!(temp);
+        }
+        if let Some(top_p) = inner.top_p {
+            body["top_p"] = json!(top_p);
         }
         let mut req = client.post(url).json(&body);
         if let Some(k) = &inner.api_key {
@@ -292,9 +297,12 @@ impl Client {
             input: Some(input),
             max_tokens: spec.max_tokens,
             ignore_eos: inner.ignore_eos,
-            sampling: inner.temperature.map(|temperature| pb::SamplingParams {
-                temperature: Some(temperature),
-                ..Default::default()
+            sampling: (inner.temperature.is_some() || inner.top_p.is_some()).then(|| {
+                pb::SamplingParams {
+                    temperature: inner.temperature,
+                    top_p: inner.top_p,
+                    ..Default::default()
+                }
             }),
             ..Default::default()
         });

@@ -115,6 +115,8 @@ pub struct Config {
     pub ignore_eos: bool,
     /// Sampling temperature (server default when absent).
     pub temperature: Option<f32>,
+    /// Nucleus mass `top_p` (server default when absent).
+    pub top_p: Option<f32>,
     /// Seed of prompts, lengths and arrivals.
     pub seed: u64,
     /// Per-request limit.
@@ -149,6 +151,7 @@ impl Default for Config {
             max_tokens: Dist::Fixed(64),
             ignore_eos: false,
             temperature: None,
+            top_p: None,
             seed: 0,
             timeout_s: 300.0,
             during: None,
@@ -192,6 +195,16 @@ impl Config {
         }
         if !(self.during_at_s.is_finite() && self.during_at_s >= 0.0) {
             anyhow::bail!("the during start must be zero or more seconds");
+        }
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && t >= 0.0)
+        {
+            anyhow::bail!("the temperature must be zero or more");
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            anyhow::bail!("top_p must be in (0, 1]");
         }
         if self.model.is_empty() {
             anyhow::bail!("the model name is empty");

@@ -83,6 +83,9 @@ struct Args {
     /// Sampling temperature [default: the server's].
     #[arg(long)]
     temperature: Option<f32>,
+    /// Nucleus sampling mass top_p [default: the server's].
+    #[arg(long)]
+    top_p: Option<f32>,
     /// Seed of prompts, lengths and arrivals.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -166,6 +169,7 @@ fn config(a: Args) -> anyhow::Result<(Config, bool, Option<PathBuf>)> {
         max_tokens: a.max_tokens,
         ignore_eos: a.ignore_eos,
         temperature: a.temperature,
+        top_p: a.top_p,
         seed: a.seed,
         timeout_s: a.timeout,
         during: a.during,
