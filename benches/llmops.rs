@@ -285,11 +285,7 @@ fn routing(c: &mut Criterion) {
 /// Prometheus recorder.
 fn metric_recording(c: &mut Criterion) {
     let _handle = llmops::monitor::exporter::install().expect("recorder");
-    let m = EngineMetrics::new(
-        "bench",
-        "v1",
-        ["stop", "length", "timeout", "abort"],
-    );
+    let m = EngineMetrics::new("bench", "v1", ["stop", "length", "timeout", "abort"]);
     let r = m.requests(Protocol::Http, Variant::Stable);
     let mut g = c.benchmark_group("metrics");
     g.bench_function("per_token_itl_and_counter", |b| {

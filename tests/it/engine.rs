@@ -40,6 +40,7 @@ fn plans(streams: &[Vec<u32>]) -> Vec<Plan> {
 }
 
 fn vb(path: &std::path::Path) -> VarBuilder<'static> {
+    // SAFETY: the test wrote the file and nothing changes it while mapped.
     unsafe {
         VarBuilder::from_mmaped_safetensors(
             &[path.join("model.safetensors")],

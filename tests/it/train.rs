@@ -149,6 +149,7 @@ fn a_trained_model_loads_in_the_engine_and_matches_candle_transformers() {
     let cfg: llama::LlamaConfig =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     let cfg = cfg.into_config(false);
+    // SAFETY: the trainer wrote the file and nothing changes it while mapped.
     let vb = unsafe {
         VarBuilder::from_mmaped_safetensors(
             &[out.join("model.safetensors")],

@@ -301,8 +301,11 @@ mod avx2 {
             for i in 0..run.len {
                 // SAFETY: the run's rows lie in `values` and c0 + 8W <= d (caller).
                 let row = unsafe { values.add(run.base + i * d + c0) };
-                let v: [__m256; W] =
-                    std::array::from_fn(|w| unsafe { _mm256_loadu_ps(row.add(w * 8)) });
+                let v: [__m256; W] = std::array::from_fn(|w| {
+                    // SAFETY: lane `w * 8 .. w * 8 + 8` lies within the row's
+                    // `d` values, since c0 + 8W <= d.
+                    unsafe { _mm256_loadu_ps(row.add(w * 8)) }
+                });
                 let idx = run.first + i;
                 for (g, a) in acc.iter_mut().enumerate() {
                     let pb = _mm256_set1_ps(p[g * n + idx]);
