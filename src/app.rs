@@ -60,7 +60,7 @@ pub async fn run(
             "NO API KEYS CONFIGURED: the server is open to anyone who can reach it (set LLMOPS_API_KEYS or [auth] in the config)"
         );
     }
-    let router = Arc::new(Router::default());
+    let router = Arc::new(Router::default().with_pinning(cfg.server.allow_version_pinning));
     let (health, health_service) = tonic_health::server::health_reporter();
     let device = cfg
         .models
@@ -81,6 +81,7 @@ pub async fn run(
     tracing::info!(registry = %cfg.server.data_dir.display(), "registry opened");
     // What was serving before a restart is restored before traffic is accepted.
     let served = ops.restore(&cfg.models).await?;
+    ops.watch_engines();
     let limits = Arc::new(cfg.limits.clone());
     health
         .set_serving::<crate::proto::inference_server::InferenceServer<InferenceService>>()

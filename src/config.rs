@@ -85,6 +85,10 @@ pub struct ServeArgs {
     /// but only regular files and folders (never devices, FIFOs, sockets).
     #[arg(long = "model-root", env = "LLMOPS_MODEL_ROOTS", value_delimiter = ',')]
     pub model_roots: Vec<PathBuf>,
+    /// Let clients pin a version by asking for `model@version` (debugging,
+    /// evaluation); off by default, so clients cannot bypass a rollout.
+    #[arg(long, env = "LLMOPS_ALLOW_VERSION_PINNING")]
+    pub allow_version_pinning: bool,
 }
 
 /// Listener and process settings.
@@ -106,6 +110,8 @@ pub struct ServerConfig {
     /// Canonical so a registered path, canonicalized too, is compared
     /// against where the links really lead.
     pub model_roots: Vec<PathBuf>,
+    /// Whether clients may ask for `model@version`.
+    pub allow_version_pinning: bool,
 }
 
 /// Request limits enforced by the front ends.
@@ -171,6 +177,7 @@ struct FileServer {
     device: Option<String>,
     gguf_weights: Option<GgufWeights>,
     model_roots: Option<Vec<PathBuf>>,
+    allow_version_pinning: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -270,6 +277,8 @@ impl Config {
                 Err(e) => bail!("model root {}: {e}", r.display()),
             })
             .collect::<anyhow::Result<_>>()?,
+            allow_version_pinning: args.allow_version_pinning
+                || file.server.allow_version_pinning.unwrap_or(false),
         };
         let limits = LimitsConfig {
             max_body_bytes: args

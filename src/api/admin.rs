@@ -16,7 +16,8 @@ use super::http::{HttpState, JsonBody};
 use crate::control::rollout::{Command, RolloutSpec};
 use crate::control::{Actor, Controller, Register};
 
-/// Admin routes, mounted behind authentication.
+/// Admin routes, mounted behind authentication. The role is checked before
+/// any handler runs, so a caller without it never gets a body read.
 pub fn routes() -> axum::Router<HttpState> {
     axum::Router::new()
         .route("/admin/v1/serving", get(serving))
@@ -46,6 +47,19 @@ pub fn routes() -> axum::Router<HttpState> {
         .route("/admin/v1/rollouts", post(start_rollout).get(list_rollouts))
         .route("/admin/v1/rollouts/{id}", get(get_rollout))
         .route("/admin/v1/rollouts/{id}/{action}", post(command_rollout))
+        .route_layer(axum::middleware::from_fn(admins_only))
+}
+
+/// Refuses every key without the admin role before the body is read.
+async fn admins_only(
+    Extension(p): Extension<Arc<Principal>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    match p.require_admin() {
+        Ok(()) => next.run(req).await,
+        Err(e) => axum::response::IntoResponse::into_response(e),
+    }
 }
 
 fn ops(st: &HttpState, p: &Principal) -> Result<Arc<Controller>, ApiError> {
@@ -141,8 +155,18 @@ async fn register(
     Ok((axum::http::StatusCode::CREATED, Json(json!(rec))))
 }
 
+/// A body read under the server's limit (errors in the OpenAI shape).
+type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
+
 /// An optional JSON body: empty is fine.
-async fn reason_of(body: axum::body::Bytes) -> Result<Option<String>, ApiError> {
+async fn reason_of(body: Body) -> Result<Option<String>, ApiError> {
+    let body = body.map_err(|e| match e.status() {
+        axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
+            "the request body is over the limit: {}",
+            e.body_text()
+        )),
+        _ => ApiError::invalid("body", e.body_text()),
+    })?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
@@ -155,7 +179,7 @@ async fn load(
     State(st): State<HttpState>,
     Extension(p): Extension<Arc<Principal>>,
     Path((model, version)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let ops = ops(&st, &p)?;
     ops.load(&actor(&p, reason_of(body).await?), &model, &version)
@@ -169,7 +193,7 @@ async fn unload(
     State(st): State<HttpState>,
     Extension(p): Extension<Arc<Principal>>,
     Path((model, version)): Path<(String, String)>,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let ops = ops(&st, &p)?;
     ops.unload(

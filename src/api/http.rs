@@ -87,7 +87,11 @@ pub fn app(state: HttpState, admin: Option<axum::Router<HttpState>>) -> axum::Ro
         })
         .layer(middleware::from_fn(track))
         .layer(middleware::from_fn(request_id))
-        .layer(axum::extract::DefaultBodyLimit::disable())
+        // `JsonBody` reads under this limit itself (draining the rest for a
+        // clean 413); every other extractor that reads a body obeys it.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.limits.max_body_bytes,
+        ))
         .with_state(state)
 }
 

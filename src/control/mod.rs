@@ -702,7 +702,7 @@ impl Controller {
             model,
             version = version.unwrap_or("-"),
             error = %reason,
-            "model not served: it failed to load at start (the other models are served)"
+            "model not served (the other models are)"
         );
         metrics::gauge!(names::MODEL_SERVING, "model" => model.to_string()).set(0.0);
         self.failed().insert(
@@ -716,6 +716,51 @@ impl Controller {
             h.set_service_status(model, tonic_health::ServingStatus::NotServing)
                 .await;
         }
+    }
+
+    /// Checks the served engines every quarter second, for as long as the
+    /// controller lives: an engine whose thread panicked is audited once, and
+    /// when it was the stable version its model turns NOT_SERVING in health
+    /// and shows as failed in `serving` (`/ready` already sees it). A rollout
+    /// notices a failed canary by itself.
+    pub fn watch_engines(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut reported = std::collections::HashSet::new();
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let Some(me) = weak.upgrade() else { return };
+                for d in me.router.snapshot().models.values() {
+                    let mut targets = vec![(d.stable.clone(), true)];
+                    targets.extend(d.canary.as_ref().map(|c| (c.target.clone(), false)));
+                    for (t, stable) in targets {
+                        let key = (d.model.clone(), t.version.clone());
+                        if !t.engine.has_failed() || !reported.insert(key) {
+                            continue;
+                        }
+                        let actor = Actor {
+                            key_id: "engine".into(),
+                            reason: Some("the engine thread panicked".into()),
+                        };
+                        let action = Action::EngineFailed {
+                            model: d.model.clone(),
+                            version: t.version.clone(),
+                        };
+                        let _ = me
+                            .record(&actor, action, Value::Null, Value::Null, Ok(()))
+                            .await;
+                        if stable {
+                            me.report_failure(
+                                &d.model,
+                                Some(&t.version),
+                                "the engine thread panicked".into(),
+                            )
+                            .await;
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Drops engines of versions that are neither pinned nor aliased; each

@@ -160,6 +160,13 @@ pub enum Action {
         /// Version.
         version: String,
     },
+    /// A version's engine thread died (panicked); it serves nothing more.
+    EngineFailed {
+        /// Model name.
+        model: String,
+        /// Version.
+        version: String,
+    },
     /// A rollout started or changed: its whole status after the change.
     /// The catalog keeps the latest status per id and knows nothing of its
     /// shape (the controller's `RolloutStatus`), so this layer stays below
@@ -185,6 +192,7 @@ impl Action {
             Action::Load { .. } => "load",
             Action::Unload { .. } => "unload",
             Action::Rollout { .. } => "rollout",
+            Action::EngineFailed { .. } => "engine_failed",
         }
     }
 }
@@ -260,7 +268,7 @@ impl State {
             Action::Rollout { id, status, .. } => {
                 self.rollouts.insert(id.clone(), status.clone());
             }
-            Action::Load { .. } | Action::Unload { .. } => {}
+            Action::Load { .. } | Action::Unload { .. } | Action::EngineFailed { .. } => {}
         }
     }
 

@@ -254,6 +254,8 @@ impl EngineStats {
 enum Msg {
     Job(Box<Job>),
     Drain(Instant),
+    /// Fault injection for tests: the engine thread panics at intake.
+    Panic,
 }
 
 struct Job {
@@ -523,6 +525,14 @@ impl EngineHandle {
         self.shared.draining.store(true, Ordering::Relaxed);
         // A full queue only delays the message; the flag already stops intake.
         let _ = self.tx.send(Msg::Drain(Instant::now() + timeout));
+    }
+
+    /// Makes the engine thread panic, as a bug in a kernel would: for tests
+    /// of what clients, readiness, health and rollouts see when an engine
+    /// dies. Not part of the API.
+    #[doc(hidden)]
+    pub fn inject_panic(&self) {
+        let _ = self.tx.send(Msg::Panic);
     }
 
     /// Waits until the engine thread has exited (after [`Engine::drain`] or the

@@ -143,6 +143,9 @@ impl Worker {
     fn intake(&mut self, msg: Msg, state: &mut State<Io>, drain: &mut Option<Instant>) {
         match msg {
             Msg::Drain(deadline) => *drain = Some(deadline),
+            // Deliberate: the test of a dying engine needs a real panic.
+            #[allow(clippy::panic)]
+            Msg::Panic => panic!("panic injected by a test"),
             Msg::Job(job) => {
                 let Job {
                     request,

@@ -8,6 +8,7 @@
 
 mod clients;
 mod engine;
+mod faults;
 mod gemma;
 mod layout;
 mod loadtest;
