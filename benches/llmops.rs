@@ -311,12 +311,36 @@ fn metric_recording(c: &mut Criterion) {
     g.finish();
 }
 
+/// One rollout analysis (the controller runs one per model per interval):
+/// default gates and the Mann–Whitney test over `n` samples a side.
+fn rollout_analysis(c: &mut Criterion) {
+    use llmops::monitor::canary::{Analysis, Sample, analyse};
+    let sample = |i: usize, slow: f64| Sample {
+        ok: i % 97 != 0,
+        ttft_s: 0.05 * slow * (1.0 + (i % 13) as f64 / 13.0),
+        itl_s: 0.01 * slow * (1.0 + (i % 7) as f64 / 7.0),
+        e2e_s: 0.5 * slow * (1.0 + (i % 17) as f64 / 17.0),
+        output_tokens: 32 + (i % 64) as u32,
+        stopped: i % 3 == 0,
+    };
+    let analysis = Analysis::default();
+    let mut g = c.benchmark_group("rollout_analysis");
+    for n in [100, 1_000, 10_000] {
+        let stable: Vec<Sample> = (0..n).map(|i| sample(i, 1.0)).collect();
+        let canary: Vec<Sample> = (0..n).map(|i| sample(i * 7 + 3, 1.05)).collect();
+        g.bench_function(format!("{n}_samples_a_side"), |b| {
+            b.iter(|| black_box(analyse(&analysis, black_box(&stable), black_box(&canary))))
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(20)
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = engine_step, gemm, sampling, scheduler_plan, routing, metric_recording
+    targets = engine_step, gemm, sampling, scheduler_plan, routing, metric_recording, rollout_analysis
 }
 criterion_main!(benches);

@@ -56,8 +56,10 @@ pub struct RolloutSpec {
     pub model: String,
     /// The candidate version (registered).
     pub candidate: String,
-    /// Canary weights in percent, ascending; the last is normally 100,
-    /// after which the candidate is promoted.
+    /// Canary weights in percent, ascending. Each step below 100 is
+    /// analysed; once the last one passes, or the next one is 100 (stable
+    /// would have no traffic left to compare with), the candidate is
+    /// promoted through the hot swap.
     #[serde(default = "default_steps")]
     pub steps: Vec<u32>,
     /// Seconds between analyses.
@@ -585,15 +587,31 @@ impl Controller {
                 status.successes += 1;
                 if status.successes >= status.spec.successes_per_step {
                     status.successes = 0;
-                    if status.step + 1 < status.spec.steps.len() {
-                        status.step += 1;
-                        status.weight = status.spec.steps[status.step];
-                        self.router.set_canary_weight(&model, status.weight * 100);
-                        status.reason =
-                            format!("step {} passed; weight now {}%", status.step, status.weight);
-                    } else if status.weight >= 100 || !dry {
-                        let why = format!("every step passed (last: {})", report.reason);
-                        return self.promote(status, why, system).await;
+                    let next = status.spec.steps.get(status.step + 1).copied();
+                    match next {
+                        // A step below 100%: more traffic, analysed again.
+                        Some(w) if w < 100 => {
+                            status.step += 1;
+                            status.weight = w;
+                            self.router.set_canary_weight(&model, w * 100);
+                            status.reason = format!("step {} passed; weight now {w}%", status.step);
+                        }
+                        // The next step sends everything to the candidate,
+                        // or there is none: nothing is left to compare with,
+                        // so the candidate becomes stable through the swap.
+                        _ if !dry => {
+                            if next.is_some() {
+                                status.step += 1;
+                            }
+                            let why = format!("every step passed (last: {})", report.reason);
+                            return self.promote(status, why, system).await;
+                        }
+                        _ => {
+                            status.reason = format!(
+                                "dry run: every step passed, the candidate would be promoted ({})",
+                                report.reason
+                            );
+                        }
                     }
                 }
             }

@@ -475,6 +475,8 @@ impl From<Gate> for String {
 pub const DEFAULT_MIN_SAMPLES: usize = 20;
 /// Default for [`Analysis::mann_whitney_alpha`].
 pub const DEFAULT_MANN_WHITNEY_ALPHA: f64 = 0.01;
+/// Default for [`Analysis::mann_whitney_min_effect`].
+pub const DEFAULT_MANN_WHITNEY_MIN_EFFECT: f64 = 0.2;
 
 /// The analysis settings of a rollout.
 ///
@@ -491,6 +493,13 @@ pub struct Analysis {
     /// canary stochastically slower than stable at this significance fails
     /// the window. None disables. Default Some(0.01).
     pub mann_whitney_alpha: Option<f64>,
+    /// How much slower (canary median / stable median − 1) a significant
+    /// difference must also be to fail the window: with thousands of
+    /// samples a window, the rank test finds differences of a few percent
+    /// that no user notices (two engines batching differently on shared
+    /// cores), so significance alone is not an effect (as Kayenta pairs its
+    /// test with an effect size). Default 0.2.
+    pub mann_whitney_min_effect: f64,
 }
 
 impl Default for Analysis {
@@ -512,6 +521,7 @@ impl Default for Analysis {
             ],
             min_samples: DEFAULT_MIN_SAMPLES,
             mann_whitney_alpha: Some(DEFAULT_MANN_WHITNEY_ALPHA),
+            mann_whitney_min_effect: DEFAULT_MANN_WHITNEY_MIN_EFFECT,
         }
     }
 }
@@ -579,7 +589,10 @@ pub struct TestResult {
     pub z: f64,
     /// One-sided p-value of "canary tends to be slower".
     pub p_value: f64,
-    /// `p_value >= alpha`.
+    /// Canary median over stable median.
+    #[serde(default)]
+    pub median_ratio: f64,
+    /// False when `p_value < alpha` and `median_ratio > 1 + min_effect`.
     pub passed: bool,
 }
 
@@ -619,7 +632,9 @@ pub fn analyse(analysis: &Analysis, stable: &[Sample], canary: &[Sample]) -> Rep
     let alpha = analysis.mann_whitney_alpha;
     let alpha_ok = alpha.is_none_or(|a| a > 0.0 && a < 1.0);
     let tests = match alpha {
-        Some(alpha) if alpha_ok => latency_tests(stable, canary, alpha),
+        Some(alpha) if alpha_ok => {
+            latency_tests(stable, canary, alpha, analysis.mann_whitney_min_effect)
+        }
         _ => Vec::new(),
     };
     let (verdict, reason) = decide(analysis, stable.len(), canary.len(), &gates, &tests);
@@ -690,11 +705,12 @@ fn decide(
             Verdict::Failed,
             format!(
                 "canary {} is stochastically greater than stable: Mann–Whitney U = {:.1}, \
-                 z = {:.2}, one-sided p = {:.2e} < alpha {alpha}{more}",
+                 z = {:.2}, one-sided p = {:.2e} < alpha {alpha}, median {:.2}× stable{more}",
                 test_label(t.metric),
                 t.u,
                 t.z,
-                t.p_value
+                t.p_value,
+                t.median_ratio
             ),
         );
     }
@@ -841,7 +857,12 @@ fn judge(
     )
 }
 
-fn latency_tests(stable: &[Sample], canary: &[Sample], alpha: f64) -> Vec<TestResult> {
+fn latency_tests(
+    stable: &[Sample],
+    canary: &[Sample],
+    alpha: f64,
+    min_effect: f64,
+) -> Vec<TestResult> {
     type Pick = fn(&Sample) -> f64;
     let picks: [(Metric, Pick); 2] = [
         (Metric::E2eP99, |s| s.e2e_s),
@@ -858,17 +879,23 @@ fn latency_tests(stable: &[Sample], canary: &[Sample], alpha: f64) -> Vec<TestRe
     picks
         .into_iter()
         .filter_map(|(metric, pick)| {
-            let (c, s) = (values(canary, pick), values(stable, pick));
+            let (mut c, mut s) = (values(canary, pick), values(stable, pick));
             if c.len() < MANN_WHITNEY_MIN_VALUES || s.len() < MANN_WHITNEY_MIN_VALUES {
                 return None;
             }
             let (u, z, p_value) = mann_whitney_greater(&c, &s)?;
+            let median_ratio = match (percentile(&mut c, 50.0), percentile(&mut s, 50.0)) {
+                (Some(a), Some(b)) if b > 0.0 => a / b,
+                (Some(a), Some(_)) if a > 0.0 => f64::INFINITY,
+                _ => 1.0,
+            };
             Some(TestResult {
                 metric,
                 u,
                 z,
                 p_value,
-                passed: p_value >= alpha,
+                median_ratio,
+                passed: !(p_value < alpha && median_ratio > 1.0 + min_effect),
             })
         })
         .collect()
@@ -1050,6 +1077,23 @@ mod tests {
     }
 
     #[test]
+    fn a_significant_but_small_slowdown_is_not_an_effect() {
+        // 1.05× slower over thousands of samples: the rank test is sure of
+        // it, and nobody would notice it.
+        let report = analyse(
+            &Analysis::default(),
+            &window(1, 4000, 1.0),
+            &window(2, 4000, 1.05),
+        );
+        let e2e = report.tests.iter().find(|t| t.metric == Metric::E2eP99);
+        assert!(
+            e2e.is_some_and(|t| t.p_value < 0.01 && t.passed),
+            "{report:?}"
+        );
+        assert_eq!(report.verdict, Verdict::Successful, "{}", report.reason);
+    }
+
+    #[test]
     fn disabling_the_test_lets_a_mildly_slower_canary_pass_its_gates() {
         let analysis = Analysis {
             mann_whitney_alpha: None,
@@ -1119,6 +1163,7 @@ mod tests {
             gates: vec![],
             min_samples: 0,
             mann_whitney_alpha: Some(0.01),
+            ..Analysis::default()
         };
         let report = analyse(&tests_only, &window(1, 3, 1.0), &window(2, 3, 1.0));
         assert_eq!(report.verdict, Verdict::Inconclusive, "{}", report.reason);
@@ -1224,6 +1269,7 @@ mod tests {
             gates: vec![],
             min_samples: 20,
             mann_whitney_alpha: None,
+            ..Analysis::default()
         };
         let report = analyse(&empty, &window(1, 100, 1.0), &window(2, 100, 1.0));
         assert_eq!(report.verdict, Verdict::Error);

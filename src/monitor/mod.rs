@@ -298,8 +298,10 @@ impl EngineMetrics {
 /// HELP lines for every metric (idempotent).
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
+    // Not once per process: an engine started before the recorder was
+    // installed (tests, the CLI) described to no recorder, and the exporter
+    // describes again when it installs.
+    {
         describe_histogram!(
             names::TTFT,
             Unit::Seconds,
@@ -436,5 +438,5 @@ pub fn describe() {
             Unit::Count,
             "The last analysed value of each rollout gate's metric, by model, gate and variant (seconds for latencies)."
         );
-    });
+    }
 }

@@ -60,7 +60,7 @@ async fn a_panicking_engine_ends_its_streams_with_an_error_and_turns_ready_off()
     );
 
     // A long stream, then the engine dies under it.
-    let body = json!({"model": "tiny", "prompt": "x", "max_tokens": 4000, "temperature": 0, "ignore_eos": true, "stream": true});
+    let body = json!({"model": "tiny", "prompt": "x", "max_tokens": 480, "temperature": 0, "ignore_eos": true, "stream": true});
     let resp = c
         .post(format!("{base}/v1/completions"))
         .json(&body)

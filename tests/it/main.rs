@@ -10,6 +10,7 @@ mod clients;
 mod engine;
 mod faults;
 mod gemma;
+mod hardening;
 mod layout;
 mod loadtest;
 mod metrics;

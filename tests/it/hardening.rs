@@ -1,0 +1,213 @@
+//! The hardening review's findings, one test each: long-context models on a
+//! small KV pool, unsupported OpenAI parameters, token budgets that settle
+//! when a client leaves, and requests that can never fit a key's quota.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use llmops::config::hash_secret;
+use llmops::engine::synth::SynthSpec;
+use serde_json::{Value, json};
+
+use crate::server::TestServer;
+
+async fn post(
+    c: &reqwest::Client,
+    s: &TestServer,
+    path: &str,
+    key: Option<&str>,
+    body: Value,
+) -> (u16, Value) {
+    let mut r = c.post(s.url(path)).json(&body);
+    if let Some(k) = key {
+        r = r.bearer_auth(k);
+    }
+    let resp = r.send().await.unwrap();
+    let st = resp.status().as_u16();
+    (st, resp.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_context_model_on_a_small_pool_serves_default_requests_and_reports_what_fits() {
+    let spec = SynthSpec {
+        max_position_embeddings: 32_768,
+        ..SynthSpec::tiny_llama()
+    };
+    let s = TestServer::start_with(spec, |a| a.kv_cache_mb = Some(1)).await;
+    let c = reqwest::Client::new();
+    let models: Value = c
+        .get(s.url("/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let max_len = models["data"][0]["max_model_len"].as_u64().unwrap();
+    assert!(
+        max_len < 32_768,
+        "max_model_len must be what the pool holds: {models}"
+    );
+    // What the official SDK sends by default: no max_tokens.
+    let (st, v) = post(
+        &c,
+        &s,
+        "/v1/chat/completions",
+        None,
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, "stop": ["\n"]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let used = v["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used <= max_len, "{v}");
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_openai_parameters_are_refused_by_name_and_their_no_ops_accepted() {
+    let s = TestServer::start(|_| {}).await;
+    let c = reqwest::Client::new();
+    let base =
+        json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    };
+    for (param, value) in [
+        ("response_format", json!({"type": "json_object"})),
+        (
+            "tools",
+            json!([{"type": "function", "function": {"name": "f"}}]),
+        ),
+        ("tool_choice", json!("required")),
+        ("logit_bias", json!({"42": 100})),
+        ("best_of", json!(3)),
+        ("functions", json!([{"name": "f"}])),
+    ] {
+        let (st, v) = post(&c, &s, "/v1/chat/completions", None, with(param, value)).await;
+        assert_eq!(st, 400, "{param}: {v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(param),
+            "{v}"
+        );
+    }
+    for (param, value) in [
+        ("response_format", json!({"type": "text"})),
+        ("tools", json!([])),
+        ("tool_choice", json!("none")),
+        ("logit_bias", json!({})),
+        ("best_of", json!(1)),
+    ] {
+        let (st, v) = post(&c, &s, "/v1/chat/completions", None, with(param, value)).await;
+        assert_eq!(st, 200, "{param}: {v}");
+    }
+    // The completions endpoint shares the check.
+    let (st, v) = post(
+        &c,
+        &s,
+        "/v1/completions",
+        None,
+        json!({"model": "tiny", "prompt": "x", "max_tokens": 2, "logit_bias": {"1": 5}}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    s.stop().await;
+}
+
+fn limited_keys(tpm: u32) -> impl FnOnce(&mut llmops::config::ServeArgs) {
+    move |a| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let path = dir.join("keys.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[[auth.keys]]\nid = \"app\"\nrole = \"inference\"\nsha256 = \"{}\"\ntokens_per_minute = {tpm}\n",
+                hash_secret("s3cret")
+            ),
+        )
+        .unwrap();
+        a.config = Some(path);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_stream_is_charged_only_for_what_was_generated() {
+    let spec = SynthSpec {
+        max_position_embeddings: 2048,
+        ..SynthSpec::tiny_llama()
+    };
+    let s = TestServer::start_with(spec, limited_keys(1000)).await;
+    let c = reqwest::Client::new();
+    let body = json!({"model": "tiny", "prompt": "go", "max_tokens": 900, "temperature": 0, "ignore_eos": true, "stream": true});
+    // Reserves ~900 of the key's 1000 tokens, reads a little, and leaves.
+    let resp = c
+        .post(s.url("/v1/completions"))
+        .bearer_auth("s3cret")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    for _ in 0..3 {
+        stream.next().await.unwrap().unwrap();
+    }
+    drop(stream);
+    // The unused part comes back at once, not after a minute: the same
+    // request fits again (the first one used only a few tokens).
+    let mut last = (0, Value::Null);
+    for _ in 0..50 {
+        let mut b = body.clone();
+        b["stream"] = json!(false);
+        b["max_tokens"] = json!(800);
+        last = post(&c, &s, "/v1/completions", Some("s3cret"), b).await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        last.0, 200,
+        "the disconnected request's reservation was not returned: {}",
+        last.1
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_larger_than_a_minute_of_the_keys_tokens_is_a_400_not_a_429() {
+    let s = TestServer::start(limited_keys(100)).await;
+    let c = reqwest::Client::new();
+    let (st, v) = post(
+        &c,
+        &s,
+        "/v1/completions",
+        Some("s3cret"),
+        json!({"model": "tiny", "prompt": "go", "max_tokens": 500}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "max_tokens", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("100 tokens per minute"),
+        "{v}"
+    );
+    // Over gRPC the same refusal is INVALID_ARGUMENT, not RESOURCE_EXHAUSTED.
+    let mut g = s.grpc_client().await;
+    let mut req = tonic::Request::new(llmops::proto::GenerateRequest {
+        model: "tiny".into(),
+        input: Some(llmops::proto::generate_request::Input::Prompt("go".into())),
+        max_tokens: 500,
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer s3cret".parse().unwrap());
+    let e = g.generate(req).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    s.stop().await;
+}
