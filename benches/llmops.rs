@@ -316,12 +316,12 @@ fn metric_recording(c: &mut Criterion) {
 fn rollout_analysis(c: &mut Criterion) {
     use llmops::monitor::canary::{Analysis, Sample, analyse};
     let sample = |i: usize, slow: f64| Sample {
-        ok: i % 97 != 0,
+        ok: !i.is_multiple_of(97),
         ttft_s: 0.05 * slow * (1.0 + (i % 13) as f64 / 13.0),
         itl_s: 0.01 * slow * (1.0 + (i % 7) as f64 / 7.0),
         e2e_s: 0.5 * slow * (1.0 + (i % 17) as f64 / 17.0),
         output_tokens: 32 + (i % 64) as u32,
-        stopped: i % 3 == 0,
+        stopped: i.is_multiple_of(3),
     };
     let analysis = Analysis::default();
     let mut g = c.benchmark_group("rollout_analysis");
