@@ -15,7 +15,7 @@ use llmops::engine::{
     Batch, BlockAllocator, KvCache, LoadOptions, Logits, Sampler, SamplingParams, Scratch,
 };
 use llmops::monitor::{EngineMetrics, Protocol, Variant};
-use llmops::router::{Router, Target};
+use llmops::router::{RouteKey, Router, StickyKey, Target};
 use llmops::scheduler::state::{Limits, Seq, State};
 use llmops::scheduler::{EngineHandle, EngineLabels, Priority, SchedulerConfig};
 
@@ -259,25 +259,14 @@ fn routing(c: &mut Criterion) {
     for i in 0..16 {
         router.set_stable(&format!("model-{i}"), target("v1"));
     }
+    let key = RouteKey::session("key-42");
     c.bench_function("router_pick_16_models", |b| {
-        b.iter(|| {
-            black_box(
-                router
-                    .pick(black_box("model-11"), black_box("key-42"))
-                    .is_ok(),
-            )
-        })
+        b.iter(|| black_box(router.pick(black_box("model-11"), black_box(&key)).is_ok()))
     });
-    router.set_canary("model-11", target("v2"), 2500);
+    router.set_canary("model-11", target("v2"), 2500, StickyKey::Session);
     router.set_shadow("model-11", target("v3"), 1000);
     c.bench_function("router_pick_with_canary_and_shadow", |b| {
-        b.iter(|| {
-            black_box(
-                router
-                    .pick(black_box("model-11"), black_box("key-42"))
-                    .is_ok(),
-            )
-        })
+        b.iter(|| black_box(router.pick(black_box("model-11"), black_box(&key)).is_ok()))
     });
 }
 

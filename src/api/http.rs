@@ -23,7 +23,7 @@ use crate::config::LimitsConfig;
 use crate::engine::{TokenLogprob, Tokenizer};
 use crate::infer::{self, Generation};
 use crate::monitor::{Protocol, names};
-use crate::router::{Picked, Router, Target};
+use crate::router::{Picked, RouteKey, Router, Target};
 use crate::scheduler::{Event, FinishReason};
 use crate::validation::{self, GenerationSpec, Input};
 
@@ -323,29 +323,25 @@ fn spec(
     })
 }
 
-/// The key that decides the canary split: the `x-llmops-route-key` header
-/// (a session id the client chooses), else the OpenAI `user` field, else the
-/// API key, else the request id (no stickiness for anonymous callers).
+/// The request's identities for the canary split: the `x-llmops-route-key`
+/// header (a session id the client chooses), the OpenAI `user` field, the
+/// API key, the request id.
 fn route_key(
     headers: &HeaderMap,
     common: &GenerationFields,
     principal: &Principal,
     rid: &RequestId,
-) -> String {
-    if let Some(k) = headers
-        .get("x-llmops-route-key")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty())
-    {
-        return k.to_string();
+) -> RouteKey {
+    RouteKey {
+        session: headers
+            .get("x-llmops-route-key")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .map(str::to_string),
+        user: common.user.clone().filter(|u| !u.is_empty()),
+        api_key: (principal.key_id != "anonymous").then(|| principal.key_id.clone()),
+        request: rid.0.clone(),
     }
-    if let Some(u) = common.user.as_ref().filter(|u| !u.is_empty()) {
-        return format!("user:{u}");
-    }
-    if principal.key_id != "anonymous" {
-        return format!("key:{}", principal.key_id);
-    }
-    rid.0.clone()
 }
 
 /// Refuses unsupported parameters, then picks the request's target by its
@@ -800,7 +796,7 @@ async fn tokenize(
     JsonBody(req): JsonBody<TokenizeRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.quota.charge_request()?;
-    let target = st.router.pick(&req.model, "")?.target;
+    let target = st.router.pick(&req.model, &RouteKey::default())?.target;
     let engine = &target.engine;
     let tokens = match (&req.prompt, &req.messages) {
         (Some(p), None) => engine
@@ -837,7 +833,7 @@ async fn detokenize(
     State(st): State<HttpState>,
     JsonBody(req): JsonBody<DetokenizeRequest>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let target = st.router.pick(&req.model, "")?.target;
+    let target = st.router.pick(&req.model, &RouteKey::default())?.target;
     let vocab = target.engine.tokenizer().vocab_size() as u32;
     if let Some(bad) = req.tokens.iter().find(|&&t| t >= vocab) {
         return Err(ApiError::invalid(

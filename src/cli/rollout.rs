@@ -52,6 +52,10 @@ pub enum RolloutCommand {
         /// Analyse and report without acting on failures.
         #[arg(long)]
         dry_run: bool,
+        /// Which identity keeps a client on one side: session, user,
+        /// api_key or request.
+        #[arg(long, default_value = "session")]
+        sticky_key: String,
     },
     /// Show one rollout, or all.
     Status {
@@ -98,6 +102,7 @@ pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
             successes_per_step,
             on_inconclusive,
             dry_run,
+            sticky_key,
         } => {
             let r = client
                 .start_rollout(pb::StartRolloutRequest {
@@ -112,6 +117,7 @@ pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
                     on_inconclusive,
                     dry_run,
                     reason: reason.clone(),
+                    sticky_key,
                 })
                 .await
                 .map_err(status)?;

@@ -24,6 +24,7 @@ use crate::monitor::Variant;
 use crate::monitor::canary::{self, Analysis, Report, Verdict};
 use crate::monitor::names;
 use crate::registry::Action;
+use crate::router::StickyKey;
 
 /// What to do when a window has too few samples to judge.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +81,9 @@ pub struct RolloutSpec {
     /// Analyse and report only: failures are recorded, never acted on.
     #[serde(default)]
     pub dry_run: bool,
+    /// Which identity keeps a client on one side within a step.
+    #[serde(default)]
+    pub sticky_key: StickyKey,
 }
 
 impl RolloutSpec {
@@ -398,7 +402,8 @@ impl Controller {
             history: vec![],
             spec,
         };
-        self.router.set_canary(&model, target, status.weight * 100);
+        self.router
+            .set_canary(&model, target, status.weight * 100, status.spec.sticky_key);
         self.record_rollout(actor, &mut status, "started").await?;
         tracing::info!(model, id = %status.id, candidate = %status.spec.candidate, weight = status.weight, key = %actor.key_id, "rollout started");
         let (tx, rx) = mpsc::channel(8);

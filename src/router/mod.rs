@@ -36,6 +36,65 @@ pub enum RouteError {
     PinningDisabled,
 }
 
+/// Which of a request's identities keeps it on one variant of a canary.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StickyKey {
+    /// The session the client names (`x-llmops-route-key`), else the user,
+    /// else the API key.
+    #[default]
+    Session,
+    /// The end user (OpenAI `user`), else the session, else the API key.
+    User,
+    /// The API key: every request of an application on one side.
+    ApiKey,
+    /// Nothing: each request is split on its own.
+    Request,
+}
+
+/// The identities a request carries, for the split.
+#[derive(Debug, Clone, Default)]
+pub struct RouteKey {
+    /// A session id the client chose.
+    pub session: Option<String>,
+    /// The end user.
+    pub user: Option<String>,
+    /// The API key's id (not the secret).
+    pub api_key: Option<String>,
+    /// The request id: the fallback, sticky to nothing.
+    pub request: String,
+}
+
+impl RouteKey {
+    /// A key that is only a session (tests, benchmarks, the CLI).
+    pub fn session(s: &str) -> Self {
+        Self {
+            session: Some(s.to_string()),
+            ..Self::default()
+        }
+    }
+
+    /// The string the split hashes under `sticky`, namespaced so that a user
+    /// id and a session id that happen to be equal are different keys.
+    fn for_split(&self, sticky: StickyKey) -> String {
+        let (s, u, k) = (
+            self.session.as_deref().map(|v| ("session", v)),
+            self.user.as_deref().map(|v| ("user", v)),
+            self.api_key.as_deref().map(|v| ("key", v)),
+        );
+        let pick = match sticky {
+            StickyKey::Session => s.or(u).or(k),
+            StickyKey::User => u.or(s).or(k),
+            StickyKey::ApiKey => k,
+            StickyKey::Request => None,
+        };
+        match pick {
+            Some((kind, v)) => format!("{kind}:{v}"),
+            None => format!("request:{}", self.request),
+        }
+    }
+}
+
 /// One loaded model version that can take requests.
 #[derive(Clone)]
 pub struct Target {
@@ -52,6 +111,8 @@ pub struct Canary {
     pub target: Arc<Target>,
     /// Share of route keys sent to it, in basis points (0–10,000).
     pub weight_bp: u32,
+    /// Which identity keeps a request on one side.
+    pub sticky: StickyKey,
 }
 
 /// A shadow: a candidate receiving copies of a sample of the traffic.
@@ -166,11 +227,13 @@ impl Router {
         self.table.load().models.get(model).cloned()
     }
 
-    /// Where a request to `model` with this route key goes; the request keeps
-    /// the answer to the end. The key (an API key id, a session or user id)
-    /// decides the canary split, so one key sees one variant at a given
-    /// weight; `model@version` pins a version when pinning is on.
-    pub fn pick(&self, model: &str, key: &str) -> Result<Picked, RouteError> {
+    /// Where a request to `model` with these identities goes; the request
+    /// keeps the answer to the end. The canary's sticky key picks which
+    /// identity decides the split, so one session (or user, or API key) sees
+    /// one variant at a given weight; the shadow samples requests, not keys
+    /// (a rerun of the same request id samples alike). `model@version` pins
+    /// a version when pinning is on.
+    pub fn pick(&self, model: &str, key: &RouteKey) -> Result<Picked, RouteError> {
         let table = self.table.load();
         if let Some((name, version)) = model.split_once('@') {
             if !self.pinning {
@@ -197,13 +260,15 @@ impl Router {
             .get(model)
             .ok_or_else(|| RouteError::ModelNotFound(model.to_string()))?;
         let (target, variant) = match &d.canary {
-            Some(c) if split::to_canary(key, c.weight_bp) => (c.target.clone(), Variant::Canary),
+            Some(c) if split::to_canary(&key.for_split(c.sticky), c.weight_bp) => {
+                (c.target.clone(), Variant::Canary)
+            }
             _ => (d.stable.clone(), Variant::Stable),
         };
         let shadow = d
             .shadow
             .as_ref()
-            .filter(|s| split::to_shadow(key, s.rate_bp))
+            .filter(|s| split::to_shadow(&key.for_split(StickyKey::Request), s.rate_bp))
             .map(|s| s.target.clone());
         Ok(Picked {
             target,
@@ -257,13 +322,20 @@ impl Router {
         });
     }
 
-    /// Sends `weight_bp` of `model`'s route keys to `target`. False when the
-    /// model has no deployment.
-    pub fn set_canary(&self, model: &str, target: Arc<Target>, weight_bp: u32) -> bool {
+    /// Sends `weight_bp` of `model`'s route keys (by `sticky`) to `target`.
+    /// False when the model has no deployment.
+    pub fn set_canary(
+        &self,
+        model: &str,
+        target: Arc<Target>,
+        weight_bp: u32,
+        sticky: StickyKey,
+    ) -> bool {
         self.edit(model, |d| {
             d.canary = Some(Canary {
                 target,
                 weight_bp: weight_bp.min(split::BUCKETS),
+                sticky,
             })
         })
         .is_some()

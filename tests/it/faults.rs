@@ -88,6 +88,14 @@ async fn a_panicking_engine_ends_its_streams_with_an_error_and_turns_ready_off()
     let err: serde_json::Value = serde_json::from_str(last).unwrap();
     assert_eq!(err["error"]["type"], "server_error", "{err}");
 
+    // The thread marks itself failed as it finishes unwinding, just after
+    // the streams it held were closed.
+    for _ in 0..200 {
+        if engine.has_failed() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(engine.has_failed());
     let ready = c.get(format!("{base}/ready")).send().await.unwrap();
     assert_eq!(ready.status(), 503);

@@ -610,3 +610,116 @@ async fn a_restart_in_the_middle_of_a_rollout_leaves_it_rolled_back_not_half_app
     assert_eq!(again["phase"], "progressing", "{again}");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollout_sticky_by_user_keeps_each_user_on_one_side_whatever_the_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let other = write(
+        tmp.path(),
+        "other",
+        SynthSpec {
+            seed: 8,
+            ..SynthSpec::tiny_llama()
+        },
+    );
+    let s = TestServer::start(keys).await;
+    let c = reqwest::Client::new();
+    register(&c, &s, &other, "other").await;
+    start(
+        &c,
+        &s,
+        json!({"model": "tiny", "candidate": "other", "steps": [50, 100], "interval_secs": 3600.0, "sticky_key": "user"}),
+    )
+    .await;
+    let mut canary_users = 0;
+    for u in 0..12 {
+        let mut seen = std::collections::BTreeSet::new();
+        for session in 0..5 {
+            let body =
+                json!({"model": "tiny", "prompt": "x", "max_tokens": 2, "user": format!("u{u}")});
+            let v: Value = c
+                .post(s.url("/v1/completions"))
+                .bearer_auth(APP)
+                .header("x-llmops-route-key", format!("s{u}-{session}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            seen.insert(v["system_fingerprint"].as_str().unwrap().to_string());
+        }
+        assert_eq!(seen.len(), 1, "user u{u} saw {seen:?}");
+        canary_users += usize::from(seen.contains("other"));
+    }
+    assert!(
+        (1..12).contains(&canary_users),
+        "both sides used: {canary_users}"
+    );
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pinning_a_version_needs_the_server_flag_and_reaches_that_version() {
+    let tmp = tempfile::tempdir().unwrap();
+    let other = write(
+        tmp.path(),
+        "other",
+        SynthSpec {
+            seed: 4,
+            ..SynthSpec::tiny_llama()
+        },
+    );
+    let body = |model: &str| json!({"model": model, "prompt": "x", "max_tokens": 2});
+    let s = TestServer::start(keys).await;
+    let c = reqwest::Client::new();
+    let (st, v) = call(
+        &c,
+        reqwest::Method::POST,
+        s.url("/v1/completions"),
+        Some(body("tiny@v1")),
+        APP,
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "model", "{v}");
+    s.stop().await;
+
+    let s = TestServer::start(|a| {
+        keys(a);
+        a.allow_version_pinning = true;
+    })
+    .await;
+    register(&c, &s, &other, "other").await;
+    start(
+        &c,
+        &s,
+        json!({"model": "tiny", "candidate": "other", "steps": [10, 100], "interval_secs": 3600.0}),
+    )
+    .await;
+    for (model, want) in [("tiny@v1", "v1"), ("tiny@other", "other")] {
+        for _ in 0..5 {
+            let (st, v) = call(
+                &c,
+                reqwest::Method::POST,
+                s.url("/v1/completions"),
+                Some(body(model)),
+                APP,
+            )
+            .await;
+            assert_eq!(st, 200, "{v}");
+            assert_eq!(v["system_fingerprint"], want, "{v}");
+        }
+    }
+    let (st, v) = call(
+        &c,
+        reqwest::Method::POST,
+        s.url("/v1/completions"),
+        Some(body("tiny@v9")),
+        APP,
+    )
+    .await;
+    assert_eq!(st, 404, "{v}");
+    s.stop().await;
+}

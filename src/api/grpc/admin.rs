@@ -12,6 +12,7 @@ use crate::control::{Actor, Controller, Register};
 use crate::monitor::canary::{Analysis, Gate};
 use crate::proto as pb;
 use crate::registry::VersionRecord;
+use crate::router::StickyKey;
 
 /// State of the admin service.
 #[derive(Clone)]
@@ -255,6 +256,19 @@ impl pb::admin_server::Admin for AdminService {
             successes_per_step: r.successes_per_step.unwrap_or(1),
             on_inconclusive,
             dry_run: r.dry_run,
+            sticky_key: match r.sticky_key.as_str() {
+                "" | "session" => StickyKey::Session,
+                "user" => StickyKey::User,
+                "api_key" => StickyKey::ApiKey,
+                "request" => StickyKey::Request,
+                other => {
+                    return Err(ApiError::invalid(
+                        "sticky_key",
+                        format!("`{other}` is not session, user, api_key or request"),
+                    )
+                    .into());
+                }
+            },
         };
         let status = self
             .ops

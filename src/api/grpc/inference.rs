@@ -13,7 +13,7 @@ use crate::config::LimitsConfig;
 use crate::engine::{Message, SamplingParams, TokenLogprob, Tokenizer};
 use crate::infer::{self, Generation};
 use crate::monitor::{Protocol, names};
-use crate::router::{Router, Target};
+use crate::router::{RouteKey, Router, Target};
 use crate::scheduler::{Event, FinishReason};
 use crate::validation::{GenerationSpec, Input};
 
@@ -113,11 +113,13 @@ impl InferenceService {
         started: Instant,
     ) -> Result<(Arc<Target>, Generation), ApiError> {
         let principal = self.principal(req)?;
-        // The split's key: a session id the client chooses, else its API key.
-        let key = match metadata_str(req, "x-llmops-route-key") {
-            Some(k) if !k.is_empty() => k.to_string(),
-            _ if principal.key_id != "anonymous" => format!("key:{}", principal.key_id),
-            _ => metadata_str(req, "x-request-id")
+        let key = RouteKey {
+            session: metadata_str(req, "x-llmops-route-key")
+                .filter(|k| !k.is_empty())
+                .map(str::to_string),
+            user: None,
+            api_key: (principal.key_id != "anonymous").then(|| principal.key_id.clone()),
+            request: metadata_str(req, "x-request-id")
                 .unwrap_or_default()
                 .to_string(),
         };
@@ -323,7 +325,7 @@ impl Inference for InferenceService {
         let r = req.get_ref();
         let target = self
             .router
-            .pick(&r.model, "")
+            .pick(&r.model, &RouteKey::default())
             .map_err(|e| fail(route, started, e))?
             .target;
         let tok = target.engine.tokenizer();
