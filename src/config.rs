@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// Largest request body in bytes [default: 4 MiB].
     #[arg(long, env = "LLMOPS_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Longest an HTTP generation request may run, in seconds, unless it
+    /// asks for less with `x-request-timeout` [default: 900].
+    #[arg(long, env = "LLMOPS_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<f64>,
     /// Longest prompt in tokens [default: the model's context].
     #[arg(long, env = "LLMOPS_MAX_PROMPT_TOKENS")]
     pub max_prompt_tokens: Option<usize>,
@@ -123,6 +127,8 @@ pub struct LimitsConfig {
     pub max_prompt_tokens: Option<usize>,
     /// Largest max_tokens; the model's context when absent.
     pub max_tokens: Option<usize>,
+    /// Longest an HTTP generation request runs (gRPC has `grpc-timeout`).
+    pub request_timeout: Duration,
 }
 
 /// One model to serve at start.
@@ -186,6 +192,7 @@ struct FileLimits {
     max_body_bytes: Option<usize>,
     max_prompt_tokens: Option<usize>,
     max_tokens: Option<usize>,
+    request_timeout_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -287,6 +294,16 @@ impl Config {
                 .unwrap_or(4 << 20),
             max_prompt_tokens: args.max_prompt_tokens.or(file.limits.max_prompt_tokens),
             max_tokens: args.max_tokens_limit.or(file.limits.max_tokens),
+            request_timeout: {
+                let secs = args
+                    .request_timeout_secs
+                    .or(file.limits.request_timeout_secs)
+                    .unwrap_or(900.0);
+                if !(secs.is_finite() && secs > 0.0) {
+                    bail!("request_timeout_secs must be a positive number of seconds, got {secs}");
+                }
+                Duration::from_secs_f64(secs)
+            },
         };
         let d = SchedulerConfig::default();
         let fs = &file.scheduler;

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::auth::Principal;
 use super::error::ApiError;
-use super::http::{HttpState, JsonBody};
+use super::http::{HttpState, JsonBody, OptionalJsonBody};
 use crate::control::rollout::{Command, RolloutSpec};
 use crate::control::{Actor, Controller, Register};
 
@@ -155,34 +155,14 @@ async fn register(
     Ok((axum::http::StatusCode::CREATED, Json(json!(rec))))
 }
 
-/// A body read under the server's limit (errors in the OpenAI shape).
-type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
-
-/// An optional JSON body: empty is fine.
-async fn reason_of(body: Body) -> Result<Option<String>, ApiError> {
-    let body = body.map_err(|e| match e.status() {
-        axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge(format!(
-            "the request body is over the limit: {}",
-            e.body_text()
-        )),
-        _ => ApiError::invalid("body", e.body_text()),
-    })?;
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Ok(None);
-    }
-    let b: ReasonBody = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid("reason", format!("invalid body: {e}")))?;
-    Ok(b.reason)
-}
-
 async fn load(
     State(st): State<HttpState>,
     Extension(p): Extension<Arc<Principal>>,
     Path((model, version)): Path<(String, String)>,
-    body: Body,
+    OptionalJsonBody(body): OptionalJsonBody<ReasonBody>,
 ) -> Result<Json<Value>, ApiError> {
     let ops = ops(&st, &p)?;
-    ops.load(&actor(&p, reason_of(body).await?), &model, &version)
+    ops.load(&actor(&p, body.and_then(|b| b.reason)), &model, &version)
         .await?;
     Ok(Json(
         json!({"model": model, "version": version, "loaded": true}),
@@ -193,11 +173,11 @@ async fn unload(
     State(st): State<HttpState>,
     Extension(p): Extension<Arc<Principal>>,
     Path((model, version)): Path<(String, String)>,
-    body: Body,
+    OptionalJsonBody(body): OptionalJsonBody<ReasonBody>,
 ) -> Result<Json<Value>, ApiError> {
     let ops = ops(&st, &p)?;
     ops.unload(
-        &actor(&p, reason_of(body).await?),
+        &actor(&p, body.and_then(|b| b.reason)),
         &model,
         &version,
         Duration::from_secs(30),

@@ -158,31 +158,54 @@ impl<T: DeserializeOwned> FromRequest<HttpState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, st: &HttpState) -> Result<Self, ApiError> {
-        let limit = st.limits.max_body_bytes;
-        let mut body = req.into_body();
-        let mut buf: Vec<u8> = vec![];
-        let mut total = 0usize;
-        while let Some(frame) = body.frame().await {
-            let frame = frame
-                .map_err(|e| ApiError::invalid("body", format!("could not read the body: {e}")))?;
-            if let Ok(data) = frame.into_data() {
-                total += data.len();
-                if total <= limit {
-                    buf.extend_from_slice(&data);
-                } else if total > DRAIN_CAP {
-                    break;
-                }
-            }
-        }
-        if total > limit {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "the request body is {}{} bytes; the limit is {limit}",
-                if total > DRAIN_CAP { "over " } else { "" },
-                total.min(DRAIN_CAP)
-            )));
-        }
+        let buf = read_body(req, st.limits.max_body_bytes).await?;
         parse_json(&buf).map(JsonBody)
     }
+}
+
+/// Like [`JsonBody`], for routes whose body is optional: an empty (or
+/// all-whitespace) body is `None`.
+pub struct OptionalJsonBody<T>(pub Option<T>);
+
+impl<T: DeserializeOwned> FromRequest<HttpState> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &HttpState) -> Result<Self, ApiError> {
+        let buf = read_body(req, st.limits.max_body_bytes).await?;
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(None));
+        }
+        parse_json(&buf).map(|v| OptionalJsonBody(Some(v)))
+    }
+}
+
+/// Reads a body under `limit`. An oversized body is read to the end (up to
+/// a hard cap) before the 413, so the client sees the answer rather than a
+/// reset connection.
+async fn read_body(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut body = req.into_body();
+    let mut buf: Vec<u8> = vec![];
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::invalid("body", format!("could not read the body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if total <= limit {
+                buf.extend_from_slice(&data);
+            } else if total > DRAIN_CAP {
+                break;
+            }
+        }
+    }
+    if total > limit {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "the request body is {}{} bytes; the limit is {limit}",
+            if total > DRAIN_CAP { "over " } else { "" },
+            total.min(DRAIN_CAP)
+        )));
+    }
+    Ok(buf)
 }
 
 /// Parses a request body, naming the offending field in errors. Fields
@@ -297,6 +320,34 @@ fn completion_logprobs(
     out
 }
 
+/// When the request must end: the server's request timeout, or less when
+/// the client asks for less with `x-request-timeout` (seconds).
+fn deadline(
+    headers: &HeaderMap,
+    limits: &LimitsConfig,
+    arrival: Instant,
+) -> Result<Instant, ApiError> {
+    let asked = match headers.get("x-request-timeout") {
+        None => None,
+        Some(v) => {
+            let secs = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s > 0.0)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "x-request-timeout",
+                        "x-request-timeout must be a positive number of seconds",
+                    )
+                })?;
+            Some(Duration::from_secs_f64(secs.min(1e6)))
+        }
+    };
+    let timeout = asked.map_or(limits.request_timeout, |a| a.min(limits.request_timeout));
+    Ok(arrival + timeout)
+}
+
 /// The request's generation settings in protocol-neutral form, for `input`.
 fn spec(
     common: &GenerationFields,
@@ -304,6 +355,7 @@ fn spec(
     max_tokens: Option<usize>,
     logprobs: Option<usize>,
     arrival: Instant,
+    deadline: Instant,
 ) -> Result<GenerationSpec, ApiError> {
     Ok(GenerationSpec {
         input,
@@ -317,7 +369,7 @@ fn spec(
         stop_token_ids: common.stop_token_ids.clone(),
         ignore_eos: common.ignore_eos,
         n: u64_to_usize(common.n, "n", validation::MAX_N)?.unwrap_or(1),
-        deadline: None,
+        deadline: Some(deadline),
         arrival,
         protocol: Protocol::Http,
     })
@@ -421,7 +473,8 @@ async fn chat_completions(
         usize::MAX,
     )?;
     let input = Input::Chat(flatten_messages(&req.messages)?);
-    let spec = spec(&req.common, input, max_tokens, logprobs, arrival)?;
+    let until = deadline(&headers, &st.limits, arrival)?;
+    let spec = spec(&req.common, input, max_tokens, logprobs, arrival, until)?;
     let span = tracing::info_span!("chat", request_id = %rid.0, model = %req.model, version = %target.version);
     let _e = span.enter();
     let valid = infer::validate(&target, vec![spec], &st.limits).await?;
@@ -437,7 +490,7 @@ async fn chat_completions(
         return Ok(sse_stream(generation, writer, req.common.include_usage()).into_response());
     }
     let prompt_tokens = generation.prompt_tokens;
-    let outs = generation.collect().await?;
+    let outs = within_deadline(generation.collect().await?)?;
     let completion_tokens: usize = outs.iter().map(|o| o.completion_tokens).sum();
     let choices = outs
         .into_iter()
@@ -501,9 +554,10 @@ async fn completions(
     }
     // OpenAI's default for this endpoint.
     let max_tokens = u64_to_usize(req.common.max_tokens, "max_tokens", usize::MAX)?.or(Some(16));
+    let until = deadline(&headers, &st.limits, arrival)?;
     let specs = inputs
         .into_iter()
-        .map(|input| spec(&req.common, input, max_tokens, logprobs, arrival))
+        .map(|input| spec(&req.common, input, max_tokens, logprobs, arrival, until))
         .collect::<Result<Vec<_>, _>>()?;
     let span = tracing::info_span!("completion", request_id = %rid.0, model = %req.model, version = %target.version);
     let _e = span.enter();
@@ -522,7 +576,7 @@ async fn completions(
         return Ok(sse_stream(generation, writer, req.common.include_usage()).into_response());
     }
     let prompt_tokens = generation.prompt_tokens;
-    let outs = generation.collect().await?;
+    let outs = within_deadline(generation.collect().await?)?;
     let completion_tokens: usize = outs.iter().map(|o| o.completion_tokens).sum();
     let choices = outs
         .into_iter()
@@ -544,6 +598,23 @@ async fn completions(
         usage: Some(usage(prompt_tokens, completion_tokens)),
     })
     .into_response())
+}
+
+/// A generation whose deadline passed is an error (504), not a short answer.
+fn within_deadline(outs: Vec<infer::ChoiceOutput>) -> Result<Vec<infer::ChoiceOutput>, ApiError> {
+    if outs
+        .iter()
+        .any(|o| o.finish_reason == Some(FinishReason::Timeout))
+    {
+        return Err(deadline_passed());
+    }
+    Ok(outs)
+}
+
+fn deadline_passed() -> ApiError {
+    ApiError::DeadlineExceeded(
+        "the request's deadline passed before it finished (see x-request-timeout)".into(),
+    )
 }
 
 fn sse(data: String) -> Result<SseEvent, Infallible> {
@@ -598,6 +669,10 @@ fn sse_stream(
                     if let Some(c) = w.token(i, text, logprob) {
                         yield sse(c);
                     }
+                }
+                Event::Done(done) if done.reason == FinishReason::Timeout => {
+                    yield sse(deadline_passed().body().to_string());
+                    return;
                 }
                 Event::Done(done) => {
                     open -= 1;

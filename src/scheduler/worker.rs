@@ -55,6 +55,16 @@ struct Worker {
     scratch: Scratch,
 }
 
+/// Events a client may leave unread before its sequence is cancelled: a
+/// client that keeps the connection open but stops reading fills the socket,
+/// then this many events, and then costs nothing more (no generation for
+/// nobody, no unbounded buffering).
+const UNREAD_LIMIT: usize = 1024;
+
+fn unread(events: &tokio::sync::mpsc::Sender<Event>) -> usize {
+    events.max_capacity() - events.capacity()
+}
+
 pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: Arc<Shared>) {
     let labels = shared.labels.clone();
     let metrics = EngineMetrics::new(
@@ -218,11 +228,15 @@ impl Worker {
     fn reap(&mut self, state: &mut State<Io>) {
         let now = Instant::now();
         let gone = state.remove_where(|s| {
-            s.payload.events.is_closed() || s.payload.deadline.is_some_and(|d| now >= d)
+            s.payload.events.is_closed()
+                || s.payload.deadline.is_some_and(|d| now >= d)
+                || unread(&s.payload.events) > UNREAD_LIMIT
         });
         for mut s in gone {
             self.uncount_waiting(&mut s);
-            if !s.payload.events.is_closed() {
+            if unread(&s.payload.events) > UNREAD_LIMIT {
+                tracing::info!(seq = s.id, "client stopped reading; sequence cancelled");
+            } else if !s.payload.events.is_closed() {
                 s.payload.finished = Some(FinishReason::Timeout);
                 self.finish(&mut s);
             } else {

@@ -41,6 +41,7 @@ async fn a_panicking_engine_ends_its_streams_with_an_error_and_turns_ready_off()
             max_body_bytes: 1 << 20,
             max_prompt_tokens: None,
             max_tokens: None,
+            request_timeout: Duration::from_secs(60),
         }),
         expected_models: Arc::new(vec!["tiny".into()]),
         metrics: None,

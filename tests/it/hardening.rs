@@ -211,3 +211,70 @@ async fn a_request_larger_than_a_minute_of_the_keys_tokens_is_a_400_not_a_429() 
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_end_at_their_deadline_with_an_error_not_a_short_answer() {
+    let spec = SynthSpec {
+        max_position_embeddings: 4096,
+        ..SynthSpec::tiny_llama()
+    };
+    let s = TestServer::start_with(spec, |_| {}).await;
+    let c = reqwest::Client::new();
+    let long = json!({"model": "tiny", "prompt": "go", "max_tokens": 4000, "temperature": 0, "ignore_eos": true});
+    let t0 = std::time::Instant::now();
+    let r = c
+        .post(s.url("/v1/completions"))
+        .header("x-request-timeout", "0.2")
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("deadline"),
+        "{v}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // Streaming: the stream ends with the error, never [DONE].
+    let mut b = long.clone();
+    b["stream"] = json!(true);
+    let text = c
+        .post(s.url("/v1/completions"))
+        .header("x-request-timeout", "0.2")
+        .json(&b)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert!(
+        text.trim_end().ends_with('}') && text.contains("deadline"),
+        "{}",
+        &text[text.len().saturating_sub(300)..]
+    );
+    // A bad header is a 400 naming it.
+    let (st, v) = {
+        let r = c
+            .post(s.url("/v1/completions"))
+            .header("x-request-timeout", "soon")
+            .json(&long)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "x-request-timeout", "{v}");
+    // The engine is idle again: the timed-out sequences were freed.
+    for _ in 0..100 {
+        if s.running().await == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.running().await, 0.0);
+    s.stop().await;
+}

@@ -144,7 +144,8 @@ impl InferenceService {
         // racing its local cancellation.
         let deadline = metadata_str(req, "grpc-timeout")
             .and_then(parse_grpc_timeout)
-            .map(|d| arrival + d - deadline_margin(d));
+            .map(|d| arrival + d - deadline_margin(d))
+            .or(Some(arrival + self.limits.request_timeout));
         let r = req.get_ref();
         let input = match &r.input {
             Some(pb::generate_request::Input::Prompt(p)) => Input::Text(p.clone()),
