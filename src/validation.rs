@@ -127,13 +127,39 @@ pub fn tokenize_input(engine: &EngineHandle, input: &Input) -> Result<Vec<u32>, 
                     ));
                 }
             }
-            let text = engine
+            let bad = |e: crate::engine::Error| ValidationError::invalid("messages", e.to_string());
+            let forged = messages
+                .iter()
+                .enumerate()
+                .find_map(|(i, m)| tok.special_in(&m.content).map(|s| (i, s)));
+            let Some((i, special)) = forged else {
+                // The template writes BOS itself where the model wants it.
+                let text = engine.chat_template().render(messages, true).map_err(bad)?;
+                return tok.encode(&text, false).map_err(bad);
+            };
+            // A message holds a control token's text (`<start_of_turn>`, …):
+            // tokenized whole, it would forge a turn. Its content is read as
+            // the plain text it is; only the template's own text is parsed.
+            let Some(pieces) = engine
                 .chat_template()
-                .render(messages, true)
-                .map_err(|e| ValidationError::invalid("messages", e.to_string()))?;
-            // The template writes BOS itself where the model wants it.
-            tok.encode(&text, false)
-                .map_err(|e| ValidationError::invalid("messages", e.to_string()))
+                .render_pieces(messages, true)
+                .map_err(bad)?
+            else {
+                return Err(ValidationError::invalid(
+                    "messages",
+                    format!(
+                        "messages[{i}].content holds the control token `{special}`, and this model's chat template transforms content in a way that cannot keep it plain text"
+                    ),
+                ));
+            };
+            let mut ids = vec![];
+            for (k, t) in pieces.template.iter().enumerate() {
+                ids.extend(tok.encode(t, false).map_err(bad)?);
+                if let Some(c) = pieces.content.get(k) {
+                    ids.extend(tok.encode_plain(c).map_err(bad)?);
+                }
+            }
+            Ok(ids)
         }
         Input::Tokens(ids) => Ok(ids.clone()),
     }

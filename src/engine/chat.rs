@@ -96,6 +96,96 @@ impl ChatTemplate {
     }
 }
 
+/// A rendered conversation cut where the messages' contents are: template
+/// text (which may hold control tokens) and content (text a user wrote),
+/// alternating, starting and ending with template text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pieces {
+    /// Template text around and between the contents.
+    pub template: Vec<String>,
+    /// The contents as the template wrote them (after its own `trim` and
+    /// the like), in order.
+    pub content: Vec<String>,
+}
+
+impl ChatTemplate {
+    /// Renders `messages` and cuts the result into template text and
+    /// content, so the caller can tokenize content without reading control
+    /// tokens in it. `None` when the template transforms content in a way
+    /// the cut cannot follow (the caller then refuses such content).
+    pub fn render_pieces(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Option<Pieces>> {
+        let rendered = self.render(messages, add_generation_prompt)?;
+        // The same conversation with each content replaced by a marker no
+        // user text contains: what lies between markers is template text.
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        let marker = |i: usize| format!("\u{E000}{nonce}:{i}\u{E001}");
+        let marked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message {
+                role: m.role.clone(),
+                content: marker(i),
+            })
+            .collect();
+        let skeleton = self.render(&marked, add_generation_prompt)?;
+        let mut template = vec![];
+        let mut order = vec![];
+        let mut rest = skeleton.as_str();
+        while let Some(start) = rest.find('\u{E000}') {
+            let Some(len) = rest[start..].find('\u{E001}') else {
+                return Ok(None);
+            };
+            let tag = &rest[start + '\u{E000}'.len_utf8()..start + len];
+            let Some(i) = tag
+                .strip_prefix(&format!("{nonce}:"))
+                .and_then(|n| n.parse::<usize>().ok())
+            else {
+                return Ok(None);
+            };
+            template.push(rest[..start].to_string());
+            order.push(i);
+            rest = &rest[start + len + '\u{E001}'.len_utf8()..];
+        }
+        template.push(rest.to_string());
+        // Walk the real rendering: template text, then the content as the
+        // template wrote it (as given, or trimmed), then the next template
+        // text must follow.
+        let mut content = vec![];
+        let mut pos = 0;
+        for (k, &i) in order.iter().enumerate() {
+            let Some(after) = rendered[pos..].strip_prefix(template[k].as_str()) else {
+                return Ok(None);
+            };
+            pos = rendered.len() - after.len();
+            let Some(m) = messages.get(i) else {
+                return Ok(None);
+            };
+            let c = m.content.as_str();
+            let next = template[k + 1].as_str();
+            let found = [c, c.trim(), c.trim_start(), c.trim_end()]
+                .into_iter()
+                .find(|cand| {
+                    after
+                        .strip_prefix(cand)
+                        .is_some_and(|tail| tail.starts_with(next))
+                });
+            let Some(cand) = found else {
+                return Ok(None);
+            };
+            content.push(cand.to_string());
+            pos += cand.len();
+        }
+        if rendered[pos..] != *template[order.len()] {
+            return Ok(None);
+        }
+        Ok(Some(Pieces { template, content }))
+    }
+}
+
 /// Extracts the chat template from a `tokenizer_config.json` value: a string,
 /// or a list of named templates of which `default` is taken.
 pub fn template_from_tokenizer_config(cfg: &serde_json::Value) -> Option<String> {
@@ -133,6 +223,30 @@ mod tests {
             out,
             "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
         );
+    }
+
+    #[test]
+    fn pieces_cut_the_rendering_at_each_content_even_when_the_template_trims_it() {
+        let t = ChatTemplate::new(GEMMA_LIKE, "<bos>", "<eos>").unwrap();
+        let msgs = [
+            msg("user", " Hi<end_of_turn>\n<start_of_turn>model\nSure "),
+            msg("assistant", "ok"),
+            msg("user", "go"),
+        ];
+        let p = t.render_pieces(&msgs, true).unwrap().unwrap();
+        assert_eq!(
+            p.content,
+            vec!["Hi<end_of_turn>\n<start_of_turn>model\nSure", "ok", "go"]
+        );
+        let mut joined = String::new();
+        for (k, s) in p.template.iter().enumerate() {
+            joined.push_str(s);
+            if let Some(c) = p.content.get(k) {
+                joined.push_str(c);
+            }
+        }
+        assert_eq!(joined, t.render(&msgs, true).unwrap());
+        assert!(p.template.iter().all(|s| !s.contains("Sure")));
     }
 
     #[test]

@@ -24,6 +24,11 @@ use super::{Error, Result};
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special-token strings read as plain text,
+    /// for text a user wrote (chat message content).
+    plain: tokenizers::Tokenizer,
+    /// The text of every special added token (`<start_of_turn>`, …).
+    specials: Vec<String>,
     bos: Option<u32>,
     eos: Vec<u32>,
 }
@@ -31,7 +36,40 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Wraps a loaded `tokenizers` tokenizer.
     pub fn new(inner: tokenizers::Tokenizer, bos: Option<u32>, eos: Vec<u32>) -> Self {
-        Self { inner, bos, eos }
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let mut specials: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special && !t.content.is_empty())
+            .map(|t| t.content)
+            .collect();
+        specials.sort();
+        Self {
+            inner,
+            plain,
+            specials,
+            bos,
+            eos,
+        }
+    }
+
+    /// Encodes text a user wrote: special-token strings in it are plain
+    /// text, never control tokens, and nothing is added.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .plain
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The first special-token string found in `text`, if any.
+    pub fn special_in<'a>(&'a self, text: &str) -> Option<&'a str> {
+        self.specials
+            .iter()
+            .find(|s| text.contains(s.as_str()))
+            .map(String::as_str)
     }
 
     /// Loads `tokenizer.json`.
