@@ -194,13 +194,13 @@ pub fn validate(
     if prompt.is_empty() {
         return Err(ValidationError::invalid(param, "the prompt is empty"));
     }
-    let vocab = engine.tokenizer().vocab_size() as u32;
-    if let Input::Tokens(ids) = &spec.input
-        && let Some(bad) = ids.iter().find(|&&t| t >= vocab.max(1))
-    {
+    // Ids the model cannot embed would fail the whole batch's forward pass:
+    // given ones, and ones a tokenizer larger than the embedding produced.
+    let rows = engine.embedding_rows().min(engine.tokenizer().vocab_size()) as u32;
+    if let Some(bad) = prompt.iter().find(|&&t| t >= rows.max(1)) {
         return Err(ValidationError::invalid(
-            "prompt",
-            format!("token id {bad} is outside the vocabulary ({vocab} tokens)"),
+            param,
+            format!("token id {bad} is outside the model's vocabulary ({rows} tokens)"),
         ));
     }
     let ctx = engine.context_length();

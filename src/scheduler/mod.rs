@@ -269,6 +269,8 @@ struct Shared {
     draining: AtomicBool,
     config: SchedulerConfig,
     context_length: usize,
+    /// Rows of the embedding: the ids a forward pass can take.
+    embedding_rows: usize,
     kv_capacity_tokens: usize,
     labels: EngineLabels,
     /// Set when the thread has exited (model memory freed).
@@ -330,6 +332,7 @@ impl EngineHandle {
             stats: EngineStats::default(),
             draining: AtomicBool::new(false),
             context_length,
+            embedding_rows: model.model.config().vocab_size,
             kv_capacity_tokens: blocks * config.block_size,
             config: config.clone(),
             labels: labels.clone(),
@@ -379,6 +382,12 @@ impl EngineHandle {
     /// Longest context (prompt + generation).
     pub fn context_length(&self) -> usize {
         self.shared.context_length
+    }
+
+    /// The token ids the model can take: its embedding's rows, which a
+    /// tokenizer may exceed (the loader allows a larger vocabulary).
+    pub fn embedding_rows(&self) -> usize {
+        self.shared.embedding_rows
     }
 
     /// The labels it was started with.
