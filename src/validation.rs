@@ -190,6 +190,23 @@ pub fn validate(
         }
         other => ValidationError::invalid("sampling", other.to_string()),
     })?;
+    // A prompt too long by its bytes alone is refused before any of it is
+    // tokenized (tokenizing a multi-MiB body is the expensive part).
+    let ctx = engine.context_length();
+    let bytes = match &spec.input {
+        Input::Text(t) => t.len(),
+        Input::Chat(m) => m.iter().map(|m| m.content.len()).sum(),
+        Input::Tokens(_) => 0,
+    };
+    let at_least = engine.tokenizer().min_tokens_for(bytes);
+    if at_least >= ctx {
+        return Err(ValidationError::ContextLength {
+            message: format!(
+                "This model's maximum context length is {ctx} tokens. However, your {param} has {bytes} bytes, which is at least {at_least} tokens. Please shorten it."
+            ),
+            param: param.into(),
+        });
+    }
     let prompt = tokenize_input(engine, &spec.input)?;
     if prompt.is_empty() {
         return Err(ValidationError::invalid(param, "the prompt is empty"));
@@ -203,7 +220,6 @@ pub fn validate(
             format!("token id {bad} is outside the model's vocabulary ({rows} tokens)"),
         ));
     }
-    let ctx = engine.context_length();
     let max_prompt = limits.max_prompt_tokens.unwrap_or(ctx).min(ctx);
     if prompt.len() >= max_prompt {
         return Err(ValidationError::ContextLength {

@@ -25,10 +25,15 @@ use super::{Error, Result};
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// The same tokenizer with special-token strings read as plain text,
-    /// for text a user wrote (chat message content).
-    plain: tokenizers::Tokenizer,
+    /// for text a user wrote (chat message content). Made on first use:
+    /// most conversations never need it, and a large vocabulary costs
+    /// memory twice.
+    plain: std::sync::Arc<std::sync::OnceLock<tokenizers::Tokenizer>>,
     /// The text of every special added token (`<start_of_turn>`, …).
     specials: Vec<String>,
+    /// Bytes one token can cover at most (its text's characters × 4, as
+    /// UTF-8 allows): text longer than this × N holds more than N tokens.
+    max_token_bytes: usize,
     bos: Option<u32>,
     eos: Vec<u32>,
 }
@@ -36,8 +41,6 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Wraps a loaded `tokenizers` tokenizer.
     pub fn new(inner: tokenizers::Tokenizer, bos: Option<u32>, eos: Vec<u32>) -> Self {
-        let mut plain = inner.clone();
-        plain.set_encode_special_tokens(true);
         let mut specials: Vec<String> = inner
             .get_added_tokens_decoder()
             .into_values()
@@ -45,20 +48,41 @@ impl Tokenizer {
             .map(|t| t.content)
             .collect();
         specials.sort();
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(|k| k.chars().count() * 4)
+            .max()
+            .unwrap_or(4)
+            .max(4);
         Self {
             inner,
-            plain,
+            plain: Default::default(),
             specials,
+            max_token_bytes,
             bos,
             eos,
         }
     }
 
+    /// A lower bound on the tokens `bytes` bytes of text encode to, without
+    /// encoding them (0 when the tokenizer normalizes, which may drop text).
+    pub fn min_tokens_for(&self, bytes: usize) -> usize {
+        if self.inner.get_normalizer().is_some() {
+            return 0;
+        }
+        bytes / self.max_token_bytes
+    }
+
     /// Encodes text a user wrote: special-token strings in it are plain
     /// text, never control tokens, and nothing is added.
     pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .plain
+        let plain = self.plain.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            t
+        });
+        let enc = plain
             .encode(text, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())

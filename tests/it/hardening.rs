@@ -317,3 +317,45 @@ async fn control_tokens_typed_in_a_message_are_text_not_turns() {
     assert_eq!(st, 200, "{v}");
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_too_long_by_its_bytes_is_refused_before_it_is_tokenized() {
+    let s = TestServer::start(|_| {}).await;
+    let c = reqwest::Client::new();
+    let huge = "a".repeat(1 << 20);
+    let (st, v) = post(
+        &c,
+        &s,
+        "/v1/completions",
+        None,
+        json!({"model": "tiny", "prompt": huge, "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bytes, which is at least"),
+        "{v}"
+    );
+    // A prompt that fits by its bytes is tokenized and judged on its tokens.
+    let (st, v) = post(
+        &c,
+        &s,
+        "/v1/completions",
+        None,
+        json!({"model": "tiny", "prompt": "a".repeat(2000), "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        !v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bytes, which is at least"),
+        "{v}"
+    );
+    s.stop().await;
+}
