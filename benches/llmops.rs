@@ -264,7 +264,18 @@ fn routing(c: &mut Criterion) {
         b.iter(|| black_box(router.pick(black_box("model-11"), black_box(&key)).is_ok()))
     });
     router.set_canary("model-11", target("v2"), 2500, StickyKey::Session);
-    router.set_shadow("model-11", target("v3"), 1000);
+    let spec = llmops::shadow::ShadowSpec {
+        version: "v3".into(),
+        rate: 0.1,
+        mode: Default::default(),
+        max_concurrent: 8,
+        tokens_per_second: None,
+        timeout_secs: 60.0,
+        top_k: 8,
+        samples: Default::default(),
+    };
+    let mirror = llmops::shadow::Mirror::new("model-11", spec, engine.clone()).expect("mirror");
+    router.set_shadow("model-11", target("v3"), 1000, Arc::new(mirror));
     c.bench_function("router_pick_with_canary_and_shadow", |b| {
         b.iter(|| black_box(router.pick(black_box("model-11"), black_box(&key)).is_ok()))
     });

@@ -18,6 +18,7 @@ use crate::engine::TokenLogprob;
 use crate::quota::{Quota, QuotaError, Reservation};
 use crate::router::{Picked, RouteError, Target};
 use crate::scheduler::{Event, FinishReason, SubmitError};
+use crate::shadow::Tee;
 use crate::validation::{self, GenerationSpec, ValidRequest, ValidationError};
 
 /// Why a generation request failed, from the front ends' point of view.
@@ -72,12 +73,18 @@ pub struct Generation {
     /// Prompt tokens, counted once per prompt.
     pub prompt_tokens: usize,
     reservation: Reservation,
+    /// The shadow's view of the first choice, when the request is mirrored.
+    tee: Option<Tee>,
 }
 
 /// Reserves the worst case (every prompt plus `max_tokens` for every
 /// choice) from `quota`, then submits every choice of every request in
 /// order to the picked target, labelled with its variant. Nothing stays
 /// queued if a later choice is refused.
+///
+/// When the route mirrors this request to a shadow, the first choice is
+/// copied once it is admitted; the copy is not charged to `quota`, and
+/// nothing of it reaches the caller.
 pub fn submit(
     picked: &Picked,
     valid: Vec<ValidRequest>,
@@ -89,10 +96,26 @@ pub fn submit(
         .map(|v| v.prompt.len() + v.max_tokens * v.choices.len())
         .sum();
     let mut reservation = quota.reserve(worst as u64)?;
+    let mut ticket = None;
+    let mut client_logprobs = None;
+    if let (Some(mirror), Some(first)) = (
+        &picked.shadow,
+        valid.first().and_then(|v| v.choices.first()),
+    ) {
+        ticket = mirror.ticket(&picked.target.version, first);
+        client_logprobs = first.sampling.logprobs;
+    }
     let mut receivers = vec![];
     for v in valid {
         for mut req in v.choices {
             req.variant = picked.variant;
+            if receivers.is_empty()
+                && let Some(k) = ticket.as_ref().and_then(|t| t.primary_logprobs())
+            {
+                // Score mode compares distributions: the primary reports
+                // its top-k for the shadow (the tee trims them back).
+                req.sampling.logprobs = Some(k.max(client_logprobs.unwrap_or(0)));
+            }
             // On error, dropping `receivers` cancels the choices already
             // queued and dropping `reservation` refunds all of it.
             receivers.push(picked.target.engine.submit(req)?);
@@ -103,6 +126,7 @@ pub fn submit(
         receivers,
         prompt_tokens,
         reservation,
+        tee: ticket.map(|t| t.start(client_logprobs)),
     })
 }
 
@@ -137,6 +161,7 @@ impl Generation {
         let Generation {
             receivers,
             mut reservation,
+            mut tee,
             ..
         } = self;
         let n = receivers.len();
@@ -148,14 +173,20 @@ impl Generation {
         );
         Box::pin(async_stream::stream! {
             let mut seen = vec![0u64; n];
-            while let Some((i, ev)) = merged.next().await {
-                match &ev {
-                    Event::Token { .. } => {
+            while let Some((i, mut ev)) = merged.next().await {
+                match &mut ev {
+                    Event::Token { id, logprob, .. } => {
                         seen[i] += 1;
                         reservation.use_tokens(1);
+                        if i == 0 && let Some(t) = tee.as_mut() {
+                            *logprob = t.token(*id, logprob.take());
+                        }
                     }
                     Event::Done(c) => {
                         reservation.use_tokens((c.completion_tokens as u64).saturating_sub(seen[i]));
+                        if i == 0 && let Some(t) = tee.as_mut() {
+                            t.done(c);
+                        }
                     }
                     Event::Failed(_) => {}
                 }

@@ -39,6 +39,7 @@ pub mod quota;
 pub mod registry;
 pub mod router;
 pub mod scheduler;
+pub mod shadow;
 pub mod train;
 pub mod validation;
 

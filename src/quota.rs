@@ -56,6 +56,17 @@ impl RateLimiter {
         }
     }
 
+    /// `per_second` units per second, bursting up to `burst` worth of them.
+    pub fn per_second(per_second: u32, burst: Duration) -> Self {
+        let interval = 1_000_000_000 / u64::from(per_second.max(1));
+        Self {
+            interval: interval.max(1),
+            burst: (burst.as_nanos() as u64).max(interval),
+            tat: AtomicU64::new(0),
+            origin: Instant::now(),
+        }
+    }
+
     /// The most units one take can ask for (a full bucket).
     pub fn capacity(&self) -> u64 {
         self.burst / self.interval.max(1)

@@ -273,6 +273,7 @@ pub fn validate(
                 stop_token_ids: spec.stop_token_ids.clone(),
                 ignore_eos: spec.ignore_eos,
                 priority: Priority::Normal,
+                score: None,
                 deadline: spec.deadline,
                 arrival: spec.arrival,
                 protocol: spec.protocol,

@@ -1,5 +1,6 @@
 //! The admin API over HTTP (`/admin/v1/…`), admin role only: registry,
-//! loading, aliases (hot swap), rollouts, what is serving, the audit log.
+//! loading, aliases (hot swap), rollouts, shadows, what is serving, the
+//! audit log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +43,14 @@ pub fn routes() -> axum::Router<HttpState> {
         .route(
             "/admin/v1/models/{model}/aliases/{alias}",
             put(set_alias).delete(delete_alias),
+        )
+        .route(
+            "/admin/v1/models/{model}/shadow",
+            put(set_shadow).get(get_shadow).delete(clear_shadow),
+        )
+        .route(
+            "/admin/v1/models/{model}/shadow/samples",
+            get(shadow_samples),
         )
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/rollouts", post(start_rollout).get(list_rollouts))
@@ -304,4 +313,54 @@ async fn command_rollout(
         .command_rollout(&actor(&p, q.reason), &id, command)
         .await?;
     Ok(Json(json!(status)))
+}
+
+/// `PUT /admin/v1/models/{model}/shadow`: the shadow's settings
+/// (`ShadowSpec`) plus an optional `reason`.
+async fn set_shadow(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+    JsonBody(mut body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let ops = ops(&st, &p)?;
+    let reason = body
+        .as_object_mut()
+        .and_then(|o| o.remove("reason"))
+        .and_then(|r| r.as_str().map(str::to_string));
+    let spec: crate::shadow::ShadowSpec = serde_path_to_error::deserialize(body)
+        .map_err(|e| ApiError::invalid(&e.path().to_string(), e.inner().to_string()))?;
+    Ok(Json(
+        ops.set_shadow(&actor(&p, reason), &model, spec).await?,
+    ))
+}
+
+async fn get_shadow(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.shadow(&model)?))
+}
+
+async fn clear_shadow(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    ops(&st, &p)?
+        .clear_shadow(&actor(&p, q.reason), &model)
+        .await?;
+    Ok(Json(json!({"model": model, "shadow": null})))
+}
+
+async fn shadow_samples(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let samples = ops(&st, &p)?.shadow_samples(&model)?;
+    Ok(Json(json!({"model": model, "samples": samples})))
 }

@@ -8,6 +8,7 @@
 //! and frees its memory when that last handle drops.
 
 pub mod rollout;
+pub mod shadow;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -583,6 +584,7 @@ impl Controller {
                 .await?;
             return Err(refuse(e));
         }
+        self.unload_shadow_candidate(actor, model, version).await?;
         let removed = self
             .engines()
             .remove(&(model.to_string(), version.to_string()));
@@ -763,8 +765,8 @@ impl Controller {
         });
     }
 
-    /// Drops engines of versions that are neither pinned nor aliased; each
-    /// stops once its in-flight requests finish.
+    /// Drops engines of versions that are neither pinned, aliased nor a
+    /// shadow's candidate; each stops once its in-flight requests finish.
     fn release_unreferenced(&self, state: &State) {
         let mut engines = self.engines();
         engines.retain(|(m, v), l| {
@@ -772,7 +774,12 @@ impl Controller {
                 .models
                 .get(m)
                 .is_some_and(|e| e.aliases.values().any(|a| a == v));
-            l.pinned || aliased
+            let shadowing = state
+                .shadows
+                .get(m)
+                .and_then(|s| s.get("version"))
+                .is_some_and(|s| s == v.as_str());
+            l.pinned || aliased || shadowing
         });
     }
 
@@ -815,6 +822,7 @@ impl Controller {
                 Err(e) => self.report_failure(name, Some(v), e.to_string()).await,
             }
         }
+        self.restore_shadows().await;
         let failed = self.failed().clone();
         if served.is_empty() && !failed.is_empty() {
             let why: Vec<String> = failed

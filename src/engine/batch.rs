@@ -22,8 +22,15 @@ pub enum Logits {
     None,
     /// The last row's (the next-token distribution).
     Last,
-    /// Every row's (scoring, tests).
+    /// Every row's (tests).
     All,
+    /// Rows `from..to` of the tokens pushed (teacher-forced scoring).
+    Span {
+        /// First row, relative to the sequence's tokens in this step.
+        from: usize,
+        /// One past the last.
+        to: usize,
+    },
 }
 
 impl<'a> Batch<'a> {
@@ -53,6 +60,9 @@ impl<'a> Batch<'a> {
             Logits::All => self
                 .logit_rows
                 .extend((offset..offset + tokens.len()).map(|r| r as u32)),
+            Logits::Span { from, to } => self.logit_rows.extend(
+                (offset + from.min(tokens.len())..offset + to.min(tokens.len())).map(|r| r as u32),
+            ),
         }
     }
 

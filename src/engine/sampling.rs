@@ -797,6 +797,31 @@ fn top_logprobs(logits: &[f32], n: usize) -> (f32, Vec<(u32, f32)>) {
     (lse, top.into_iter().map(|(t, l)| (t, l - lse)).collect())
 }
 
+/// One position of a teacher-forced score: how likely the model found the
+/// token that was actually there, what it would have picked, and its
+/// log-probabilities of a few other tokens (a reference's top-k).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PositionScore {
+    /// Log-probability of the given token.
+    pub logprob: f32,
+    /// The model's most likely token here.
+    pub top1: u32,
+    /// Log-probabilities of the probe tokens, in the order asked.
+    pub probes: Vec<f32>,
+}
+
+/// Scores `token` (and `probes`) against one row of raw logits: the model's
+/// own log-probabilities, before any penalty or temperature.
+pub fn score_row(row: &[f32], token: u32, probes: &[u32]) -> PositionScore {
+    let (lse, top) = top_logprobs(row, 1);
+    let at = |t: u32| row.get(t as usize).map_or(f32::NEG_INFINITY, |l| l - lse);
+    PositionScore {
+        logprob: at(token),
+        top1: top.first().map_or(0, |t| t.0),
+        probes: probes.iter().map(|&t| at(t)).collect(),
+    }
+}
+
 /// Counts sorts and selections in tests, to show which paths avoid them.
 #[cfg(test)]
 fn count_ordered_work() {

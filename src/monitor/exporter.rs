@@ -14,6 +14,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     if let Some(h) = HANDLE.get() {
         return Ok(h.clone());
     }
+    use super::shadow::names as shadow;
     let mut b = PrometheusBuilder::new();
     for (name, buckets) in [
         (names::TTFT, super::TTFT_BUCKETS),
@@ -29,6 +30,13 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         (names::STEP_TOKENS, super::TOKEN_BUCKETS),
         (names::STEP_TIME, super::STEP_BUCKETS),
         (names::API_DURATION, super::API_BUCKETS),
+        (shadow::AGREEMENT, super::shadow::SHARE_BUCKETS),
+        (shadow::TOP1_AGREEMENT, super::shadow::SHARE_BUCKETS),
+        (shadow::LENGTH_RATIO, super::shadow::RATIO_BUCKETS),
+        (shadow::TTFT_DELTA, super::shadow::DELTA_BUCKETS),
+        (shadow::E2E_DELTA, super::shadow::DELTA_BUCKETS),
+        (shadow::LOGPROB_GAP, super::shadow::NATS_BUCKETS),
+        (shadow::KL, super::shadow::NATS_BUCKETS),
     ] {
         b = b.set_buckets_for_metric(Matcher::Full(name.to_string()), buckets)?;
     }

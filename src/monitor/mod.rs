@@ -7,6 +7,7 @@
 
 pub mod canary;
 pub mod exporter;
+pub mod shadow;
 pub mod window;
 
 use std::sync::Arc;
@@ -439,4 +440,5 @@ pub fn describe() {
             "The last analysed value of each rollout gate's metric, by model, gate and variant (seconds for latencies)."
         );
     }
+    shadow::describe();
 }

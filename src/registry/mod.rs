@@ -181,6 +181,15 @@ pub enum Action {
         /// The status after it.
         status: serde_json::Value,
     },
+    /// A shadow route was set (its settings) or cleared (`None`). The
+    /// settings are the controller's `ShadowSpec`, kept as JSON like a
+    /// rollout's status.
+    Shadow {
+        /// Model name.
+        model: String,
+        /// The settings, or none when cleared.
+        spec: Option<serde_json::Value>,
+    },
 }
 
 impl Action {
@@ -193,6 +202,7 @@ impl Action {
             Action::Unload { .. } => "unload",
             Action::Rollout { .. } => "rollout",
             Action::EngineFailed { .. } => "engine_failed",
+            Action::Shadow { .. } => "shadow",
         }
     }
 }
@@ -238,6 +248,8 @@ pub struct State {
     pub models: BTreeMap<String, ModelEntry>,
     /// Latest status of every rollout, by id.
     pub rollouts: BTreeMap<String, serde_json::Value>,
+    /// Shadow settings, by model.
+    pub shadows: BTreeMap<String, serde_json::Value>,
 }
 
 impl State {
@@ -268,6 +280,14 @@ impl State {
             Action::Rollout { id, status, .. } => {
                 self.rollouts.insert(id.clone(), status.clone());
             }
+            Action::Shadow { model, spec } => match spec {
+                Some(s) => {
+                    self.shadows.insert(model.clone(), s.clone());
+                }
+                None => {
+                    self.shadows.remove(model);
+                }
+            },
             Action::Load { .. } | Action::Unload { .. } | Action::EngineFailed { .. } => {}
         }
     }

@@ -122,6 +122,8 @@ pub struct Shadow {
     pub target: Arc<Target>,
     /// Share of requests mirrored, in basis points (0–10,000).
     pub rate_bp: u32,
+    /// The copies' settings, in-flight count and comparisons.
+    pub mirror: Arc<crate::shadow::Mirror>,
 }
 
 /// What serves one model name.
@@ -182,7 +184,7 @@ pub struct Picked {
     /// Its role, the `variant` label of the request's metrics.
     pub variant: Variant,
     /// The shadow to mirror it to, when the request falls in its sample.
-    pub shadow: Option<Arc<Target>>,
+    pub shadow: Option<Arc<crate::shadow::Mirror>>,
 }
 
 /// Routes requests to engines.
@@ -269,7 +271,7 @@ impl Router {
             .shadow
             .as_ref()
             .filter(|s| split::to_shadow(&key.for_split(StickyKey::Request), s.rate_bp))
-            .map(|s| s.target.clone());
+            .map(|s| s.mirror.clone());
         Ok(Picked {
             target,
             variant,
@@ -367,12 +369,19 @@ impl Router {
         .flatten()
     }
 
-    /// Mirrors `rate_bp` of `model`'s requests to `target`.
-    pub fn set_shadow(&self, model: &str, target: Arc<Target>, rate_bp: u32) -> bool {
+    /// Mirrors `rate_bp` of `model`'s requests to `target` through `mirror`.
+    pub fn set_shadow(
+        &self,
+        model: &str,
+        target: Arc<Target>,
+        rate_bp: u32,
+        mirror: Arc<crate::shadow::Mirror>,
+    ) -> bool {
         self.edit(model, |d| {
             d.shadow = Some(Shadow {
                 target,
                 rate_bp: rate_bp.min(split::BUCKETS),
+                mirror,
             })
         })
         .is_some()

@@ -7,6 +7,7 @@
 //! A closed token receiver means the client left: the sequence is removed at
 //! the next step and its blocks freed.
 
+pub mod governor;
 pub mod state;
 mod worker;
 
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::engine::{LoadedModel, SamplingParams, TokenLogprob};
+use crate::engine::{LoadedModel, PositionScore, SamplingParams, TokenLogprob};
 pub use state::Priority;
 
 /// Scheduler settings.
@@ -83,6 +84,21 @@ pub struct Request {
     pub protocol: crate::monitor::Protocol,
     /// The role of this engine's version for this request (a metrics label).
     pub variant: crate::monitor::Variant,
+    /// Score these tokens after the prompt instead of generating (`max_tokens`
+    /// must then be their count): one teacher-forced prefill, no decode.
+    pub score: Option<Arc<ScoreJob>>,
+}
+
+/// A teacher-forced scoring job: the log-probability the model gives each
+/// of `tokens` after the prompt and what precedes it, and its
+/// log-probabilities of each position's `probes`.
+#[derive(Debug, Clone, Default)]
+pub struct ScoreJob {
+    /// The continuation to score.
+    pub tokens: Vec<u32>,
+    /// Per position (same length as `tokens`, or empty): extra tokens whose
+    /// log-probabilities are wanted there.
+    pub probes: Vec<Vec<u32>>,
 }
 
 impl Request {
@@ -100,6 +116,7 @@ impl Request {
             arrival: Instant::now(),
             protocol: crate::monitor::Protocol::Internal,
             variant: crate::monitor::Variant::Stable,
+            score: None,
         }
     }
 }
@@ -171,6 +188,8 @@ pub struct Completion {
     pub preemptions: u32,
     /// Where the time went.
     pub timings: Timings,
+    /// A scoring job's result, one entry per scored token.
+    pub scores: Option<Vec<PositionScore>>,
 }
 
 /// What a request's receiver gets.
@@ -433,6 +452,16 @@ impl EngineHandle {
             return Err(SubmitError::Invalid {
                 param: "max_tokens".into(),
                 message: "must be at least 1".into(),
+            });
+        }
+        if let Some(job) = &req.score
+            && (job.tokens.len() != req.max_tokens
+                || !(job.probes.is_empty() || job.probes.len() == job.tokens.len()))
+        {
+            return Err(SubmitError::Invalid {
+                param: "score".into(),
+                message: "a scoring job scores max_tokens tokens, with probes for each or none"
+                    .into(),
             });
         }
         if let Err(e) = req.sampling.validate() {

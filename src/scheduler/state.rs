@@ -33,6 +33,15 @@ pub enum Priority {
     Normal,
 }
 
+/// Most prompt tokens a low-priority sequence feeds per step: background
+/// steps stay short, so a foreground request arriving during one waits
+/// little, and a scoring job's logits rows per step stay few.
+pub const LOW_PRIORITY_CHUNK: usize = 16;
+
+/// Share of the KV pool (one part in this many) a low-priority admission
+/// must leave free: background work takes only spare cache.
+pub const LOW_PRIORITY_KV_RESERVE: usize = 10;
+
 /// Limits of one step and of the running set.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -93,6 +102,14 @@ impl<T> Seq<T> {
     /// Tokens generated so far.
     pub fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
+    }
+
+    /// Most tokens it feeds in one step.
+    fn chunk_cap(&self) -> usize {
+        match self.priority {
+            Priority::Low => LOW_PRIORITY_CHUNK,
+            Priority::Normal => usize::MAX,
+        }
     }
 
     /// Whether all tokens but the last sampled one are cached.
@@ -179,6 +196,12 @@ impl<T> State<T> {
     /// Sequences waiting.
     pub fn waiting_len(&self) -> usize {
         self.waiting_normal.len() + self.waiting_low.len()
+    }
+
+    /// Whether any normal-priority sequence waits or runs.
+    pub fn has_foreground(&self) -> bool {
+        !self.waiting_normal.is_empty()
+            || self.running.iter().any(|s| s.priority == Priority::Normal)
     }
 
     /// Whether nothing waits or runs.
@@ -304,7 +327,7 @@ impl<T> State<T> {
                 break;
             }
             let s = &self.running[index];
-            let len = budget.min(s.tokens.len() - s.computed);
+            let len = budget.min(s.tokens.len() - s.computed).min(s.chunk_cap());
             plan.entries.push(PlanEntry {
                 index,
                 start: s.computed,
@@ -325,7 +348,11 @@ impl<T> State<T> {
             let Some(head) = queue.front() else {
                 break;
             };
-            if self.alloc.blocks_for(head.tokens.len()) > self.alloc.free() {
+            let reserve = match head.priority {
+                Priority::Low => self.alloc.total() / LOW_PRIORITY_KV_RESERVE,
+                Priority::Normal => 0,
+            };
+            if self.alloc.blocks_for(head.tokens.len()) + reserve > self.alloc.free() {
                 break;
             }
             let Some(mut s) = queue.pop_front() else {
@@ -337,7 +364,7 @@ impl<T> State<T> {
             }
             self.admissions += 1;
             s.admitted = self.admissions;
-            let len = budget.min(s.tokens.len());
+            let len = budget.min(s.tokens.len()).min(s.chunk_cap());
             plan.entries.push(PlanEntry {
                 index: self.running.len(),
                 start: 0,

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use tokio::sync::mpsc;
 
+use super::governor;
 use super::state::{Limits, Seq, State};
-use super::{Completion, Event, FinishReason, Job, Msg, Shared, Timings};
+use super::{Completion, Event, FinishReason, Job, Msg, ScoreJob, Shared, Timings};
 use crate::engine::{
-    Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, Scratch, StopMatcher,
-    StopOutcome, TextStream, Tokenizer,
+    Batch, BlockAllocator, KvCache, LoadedModel, Logits, PositionScore, Sampler, Scratch,
+    StopMatcher, StopOutcome, TextStream, Tokenizer,
 };
 use crate::monitor::canary::Sample;
 use crate::monitor::{EngineMetrics, Protocol, RequestMetrics, Variant};
@@ -39,6 +40,29 @@ struct Io {
     text_closed: bool,
     /// Counted in the submit-side waiting gauges until first admitted.
     counted_waiting: bool,
+    /// Its prompt tokens in those gauges (as submitted).
+    counted_tokens: usize,
+    /// A scoring job instead of generation.
+    score: Option<Scoring>,
+}
+
+/// A scoring job in progress.
+struct Scoring {
+    job: Arc<ScoreJob>,
+    /// Position whose logits score the job's first token (the prompt's last).
+    first: usize,
+    /// Scores by position of the job's tokens; a preempted job recomputes
+    /// and overwrites them.
+    out: Vec<Option<PositionScore>>,
+}
+
+impl Scoring {
+    /// The logits rows a step feeding `start..start + len` must return.
+    fn span(&self, start: usize, len: usize) -> Option<(usize, usize)> {
+        let lo = start.max(self.first);
+        let hi = (start + len).min(self.first + self.job.tokens.len());
+        (lo < hi).then(|| (lo - start, hi - start))
+    }
 }
 
 struct Worker {
@@ -94,6 +118,8 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
     };
     let mut drain_deadline: Option<Instant> = None;
     let mut disconnected = false;
+    // Released when this function returns or unwinds.
+    let mut claim = governor::GLOBAL.claim();
     tracing::info!(model = %labels.model, version = %labels.version, blocks, "engine started");
     loop {
         // Intake: block while idle, otherwise take whatever has arrived.
@@ -124,8 +150,21 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
             break;
         }
         w.reap(&mut state);
+        claim.set(state.has_foreground());
         if !state.is_idle() {
+            if !state.has_foreground() && claim.others_busy() {
+                // Only background work here, and another engine has
+                // foreground work: the cores are its. Wait, taking intake.
+                w.publish(&state);
+                match rx.recv_timeout(governor::BACKGROUND_POLL) {
+                    Ok(msg) => w.intake(msg, &mut state, &mut drain_deadline),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => disconnected = true,
+                }
+                continue;
+            }
             w.step(&model, &mut kv, &mut state);
+            claim.set(state.has_foreground());
         }
         w.publish(&state);
         if state.running.is_empty() && state.waiting_len() > 0 {
@@ -162,6 +201,19 @@ impl Worker {
                     events,
                     submitted,
                 } = *job;
+                let score = request.score.clone().map(|job| Scoring {
+                    first: request.prompt.len() - 1,
+                    out: vec![None; job.tokens.len()],
+                    job,
+                });
+                let mut tokens = request.prompt.clone();
+                let mut max_new_tokens = request.max_tokens;
+                if let Some(sc) = &score {
+                    // Scored in one prefill: the job's tokens follow the
+                    // prompt and nothing is generated.
+                    tokens.extend_from_slice(&sc.job.tokens);
+                    max_new_tokens = 1;
+                }
                 let mut stop_ids = request.stop_token_ids.clone();
                 if !request.ignore_eos {
                     stop_ids.extend_from_slice(self.tokenizer.eos());
@@ -183,14 +235,16 @@ impl Worker {
                     failed: None,
                     text_closed: false,
                     counted_waiting: true,
+                    counted_tokens: request.prompt.len(),
+                    score,
                     events,
                 };
                 self.next_id += 1;
                 state.enqueue(Seq::new(
                     self.next_id,
                     request.priority,
-                    request.prompt,
-                    request.max_tokens,
+                    tokens,
+                    max_new_tokens,
                     io,
                 ));
             }
@@ -202,7 +256,8 @@ impl Worker {
             s.payload.counted_waiting = false;
             let st = &self.shared.stats;
             st.waiting.fetch_sub(1, Ordering::Relaxed);
-            st.waiting_tokens.fetch_sub(s.prompt_len, Ordering::Relaxed);
+            st.waiting_tokens
+                .fetch_sub(s.payload.counted_tokens, Ordering::Relaxed);
         }
     }
 
@@ -334,6 +389,10 @@ impl Worker {
                 stopped: reason == FinishReason::Stop,
             },
         );
+        let scores = io
+            .score
+            .take()
+            .map(|sc| sc.out.into_iter().flatten().collect());
         let _ = io.events.try_send(Event::Done(Completion {
             reason,
             prompt_tokens: prompt_len,
@@ -341,6 +400,7 @@ impl Worker {
             tail,
             preemptions,
             timings,
+            scores,
         }));
     }
 
@@ -366,22 +426,31 @@ impl Worker {
             }
         }
         let mut batch = Batch::new();
-        let mut row_of = vec![None; state.running.len()];
-        let mut rows = 0;
+        // Logits rows of each entry, in plan order (the order they come back).
+        let mut entry_rows = Vec::with_capacity(plan.entries.len());
+        let mut sampled = 0;
         for e in &plan.entries {
             let s = &state.running[e.index];
-            let logits = if e.sample { Logits::Last } else { Logits::None };
+            let (logits, n) = match &s.payload.score {
+                Some(sc) => match sc.span(e.start, e.len) {
+                    Some((from, to)) => (Logits::Span { from, to }, to - from),
+                    None => (Logits::None, 0),
+                },
+                None if e.sample => (Logits::Last, 1),
+                None => (Logits::None, 0),
+            };
             batch.push(
                 &s.tokens[e.start..e.start + e.len],
                 e.start,
                 &s.blocks,
                 logits,
             );
-            if e.sample {
-                row_of[e.index] = Some(rows);
-                rows += 1;
+            entry_rows.push(n);
+            if s.payload.score.is_none() {
+                sampled += n;
             }
         }
+        let rows: usize = entry_rows.iter().sum();
         let mut flat = std::mem::take(&mut self.logits);
         let result = model.forward_into(&batch, kv, &mut self.scratch, &mut flat);
         drop(batch);
@@ -399,14 +468,30 @@ impl Worker {
             return;
         }
         let vocab = flat.len().checked_div(rows).unwrap_or(0);
-        let mut slots: Vec<Option<&mut [f32]>> = vec![];
+        // Each sequence's rows: one to sample from, or a scoring job's span
+        // (with the position of its first row).
+        let mut slots: Vec<Option<(&mut [f32], usize)>> = vec![];
         slots.resize_with(state.running.len(), || None);
         if vocab > 0 {
-            let mut chunks: Vec<Option<&mut [f32]>> = flat.chunks_mut(vocab).map(Some).collect();
-            for (i, r) in row_of.iter().enumerate() {
-                if let Some(r) = r {
-                    slots[i] = chunks[*r].take();
+            let mut rest = flat.as_mut_slice();
+            for (e, &n) in plan.entries.iter().zip(&entry_rows) {
+                let (mine, tail) = rest.split_at_mut(n * vocab);
+                rest = tail;
+                if n > 0 {
+                    let first_pos = state.running[e.index]
+                        .payload
+                        .score
+                        .as_ref()
+                        .map_or(0, |sc| e.start.max(sc.first));
+                    slots[e.index] = Some((mine, first_pos));
                 }
+            }
+        }
+        // A scoring job that fed its last token is done.
+        for e in &plan.entries {
+            let s = &mut state.running[e.index];
+            if s.payload.score.is_some() && s.computed == s.tokens.len() {
+                s.payload.finished = Some(FinishReason::Stop);
             }
         }
         let tokenizer = &self.tokenizer;
@@ -418,18 +503,20 @@ impl Worker {
             .par_iter_mut()
             .zip(slots.par_iter_mut())
             .with_min_len(4)
-            .for_each(|(s, slot)| {
-                if let Some(row) = slot.as_deref_mut() {
-                    emit_token(
+            .for_each(
+                |(s, slot)| match (slot.as_mut(), s.payload.score.as_mut()) {
+                    (Some((rows, first_pos)), Some(sc)) => score_rows(sc, rows, vocab, *first_pos),
+                    (Some((row, _)), None) => emit_token(
                         s,
                         row,
                         tokenizer,
                         ctx,
                         metrics.requests(s.payload.protocol, s.payload.variant),
                         now,
-                    );
-                }
-            });
+                    ),
+                    (None, _) => {}
+                },
+            );
         drop(slots);
         self.logits = flat;
         let done =
@@ -442,7 +529,7 @@ impl Worker {
         let st = &self.shared.stats;
         st.steps.fetch_add(1, Ordering::Relaxed);
         st.generated_tokens
-            .fetch_add(rows as u64, Ordering::Relaxed);
+            .fetch_add(sampled as u64, Ordering::Relaxed);
         let tps = plan.tokens() as f64 / elapsed.as_secs_f64().max(1e-6);
         self.throughput = if self.throughput == 0.0 {
             tps
@@ -459,6 +546,19 @@ impl Worker {
             .step_decode_tokens
             .record(plan.decode_tokens as f64);
         self.metrics.step_time.record(elapsed.as_secs_f64());
+    }
+}
+
+/// Scores a scoring job's rows: `rows` holds consecutive positions from
+/// `first_pos`, each predicting the token after it.
+fn score_rows(sc: &mut Scoring, rows: &mut [f32], vocab: usize, first_pos: usize) {
+    for (i, row) in rows.chunks(vocab).enumerate() {
+        let k = first_pos + i - sc.first;
+        let (Some(&token), Some(slot)) = (sc.job.tokens.get(k), sc.out.get_mut(k)) else {
+            continue;
+        };
+        let probes = sc.job.probes.get(k).map_or(&[][..], |p| p.as_slice());
+        *slot = Some(crate::engine::score_row(row, token, probes));
     }
 }
 

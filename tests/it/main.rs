@@ -18,6 +18,7 @@ mod registry;
 mod rollout;
 mod scheduler;
 mod server;
+mod shadow;
 mod support;
 mod train;
 
