@@ -254,15 +254,11 @@ pub fn parse_json<T: DeserializeOwned>(buf: &[u8]) -> Result<T, ApiError> {
     Err(ApiError::BadRequest { message, param })
 }
 
-fn u64_to_usize(v: Option<u64>, name: &str, max: usize) -> Result<Option<usize>, ApiError> {
-    match v {
-        None => Ok(None),
-        Some(x) if x as u128 > max as u128 => Err(ApiError::invalid(
-            name,
-            format!("{name} is {x}; at most {max} is allowed"),
-        )),
-        Some(x) => Ok(Some(x as usize)),
-    }
+/// A count from the wire as a `usize`: ranges are validation's to decide
+/// (one rule, one message for both protocols), so a value past `usize`
+/// saturates rather than failing here.
+fn count(v: Option<u64>) -> Option<usize> {
+    v.map(|x| usize::try_from(x).unwrap_or(usize::MAX))
 }
 
 fn token_str(tok: &Tokenizer, id: u32) -> String {
@@ -368,7 +364,7 @@ fn spec(
             .unwrap_or_default(),
         stop_token_ids: common.stop_token_ids.clone(),
         ignore_eos: common.ignore_eos,
-        n: u64_to_usize(common.n, "n", validation::MAX_N)?.unwrap_or(1),
+        n: count(common.n).unwrap_or(1),
         deadline: Some(deadline),
         arrival,
         protocol: Protocol::Http,
@@ -412,9 +408,18 @@ fn pick(
         .pick(model, &route_key(headers, common, principal, rid))?)
 }
 
-/// A count of log-prob alternatives, within the engine's limit.
+/// A count of log-prob alternatives, within the engine's limit (checked
+/// here because the completions API calls it `logprobs`, and the engine's
+/// check would name `top_logprobs`).
 fn alternatives(v: Option<u64>, name: &str) -> Result<Option<usize>, ApiError> {
-    u64_to_usize(v, name, crate::engine::sampling::MAX_TOP_LOGPROBS)
+    let max = crate::engine::sampling::MAX_TOP_LOGPROBS;
+    match count(v) {
+        Some(x) if x > max => Err(ApiError::invalid(
+            name,
+            format!("{name} is {x}; at most {max} is allowed"),
+        )),
+        v => Ok(v),
+    }
 }
 
 /// What every response and chunk of one request repeats.
@@ -467,11 +472,7 @@ async fn chat_completions(
         }
         (false, None) => None,
     };
-    let max_tokens = u64_to_usize(
-        req.max_completion_tokens.or(req.common.max_tokens),
-        "max_tokens",
-        usize::MAX,
-    )?;
+    let max_tokens = count(req.max_completion_tokens.or(req.common.max_tokens));
     let input = Input::Chat(flatten_messages(&req.messages)?);
     let until = deadline(&headers, &st.limits, arrival)?;
     let spec = spec(&req.common, input, max_tokens, logprobs, arrival, until)?;
@@ -553,7 +554,7 @@ async fn completions(
         ));
     }
     // OpenAI's default for this endpoint.
-    let max_tokens = u64_to_usize(req.common.max_tokens, "max_tokens", usize::MAX)?.or(Some(16));
+    let max_tokens = count(req.common.max_tokens).or(Some(16));
     let until = deadline(&headers, &st.limits, arrival)?;
     let specs = inputs
         .into_iter()
