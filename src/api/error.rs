@@ -369,10 +369,13 @@ mod tests {
         Option<&'static str>,
     );
 
+    /// A case's name, how to make its error, and what the client sees.
+    type Case = (&'static str, fn() -> ApiError, Seen);
+
     /// Every layer's errors through `From`, and the ones only the front ends
     /// raise, with what the client must see.
     #[rustfmt::skip] // one row a case
-    const CASES: &[(&str, fn() -> ApiError, Seen)] = &[
+    const CASES: &[Case] = &[
         ("validation: invalid", || ValidationError::invalid("top_p", "top_p: must be in (0, 1]").into(),
             (400, "invalid_request_error", None, Some("top_p"), Code::InvalidArgument, "invalid_request", None)),
         ("validation: context", || ValidationError::ContextLength { param: "messages".into(), message: "too long".into() }.into(),
