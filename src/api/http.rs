@@ -967,3 +967,65 @@ pub fn metrics_app(handle: metrics_exporter_prometheus::PrometheusHandle) -> axu
         }),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server's limit in these cases: 900 s.
+    fn limits() -> LimitsConfig {
+        LimitsConfig {
+            max_body_bytes: 1 << 20,
+            max_prompt_tokens: None,
+            max_tokens: None,
+            request_timeout: Duration::from_secs(900),
+        }
+    }
+
+    /// (case, `x-request-timeout`, the deadline after arrival in ms, or the
+    /// request refused).
+    #[rustfmt::skip] // one row a case
+    const DEADLINES: &[(&str, Option<&str>, Option<u64>)] = &[
+        ("no header: the server's limit", None, Some(900_000)),
+        ("less than the limit", Some("2.5"), Some(2_500)),
+        ("white space around it", Some(" 30 "), Some(30_000)),
+        ("more than the limit is capped", Some("3600"), Some(900_000)),
+        ("absurdly large is capped", Some("1e300"), Some(900_000)),
+        ("zero", Some("0"), None),
+        ("negative", Some("-1"), None),
+        ("not a number", Some("soon"), None),
+        ("not finite", Some("inf"), None),
+        ("NaN", Some("NaN"), None),
+    ];
+
+    #[test]
+    fn a_request_deadline_is_the_servers_limit_or_less_when_the_client_asks() {
+        let arrival = Instant::now();
+        for &(case, header, want) in DEADLINES {
+            let mut headers = HeaderMap::new();
+            if let Some(h) = header {
+                headers.insert("x-request-timeout", h.parse().unwrap());
+            }
+            match (deadline(&headers, &limits(), arrival), want) {
+                (Ok(at), Some(ms)) => {
+                    assert_eq!(at - arrival, Duration::from_millis(ms), "{case}")
+                }
+                (Err(e), None) => {
+                    assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{case}");
+                    assert_eq!(e.body()["error"]["param"], "x-request-timeout", "{case}");
+                }
+                (got, want) => panic!("{case}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn counts_past_usize_saturate_for_validation_to_refuse() {
+        assert_eq!(count(None), None);
+        assert_eq!(count(Some(7)), Some(7));
+        assert_eq!(
+            count(Some(u64::MAX)),
+            Some(usize::try_from(u64::MAX).unwrap_or(usize::MAX))
+        );
+    }
+}
