@@ -235,48 +235,56 @@ pub const EMBEDDED_MODEL_NAME: &str = "default";
 impl Config {
     /// Merges defaults, the config file, the environment and the flags.
     pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
-        let file: FileConfig = match &args.config {
-            Some(p) => {
-                let text =
-                    std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("{}: invalid config", p.display()))?
-            }
+        let file = match &args.config {
+            Some(p) => FileConfig::read(p)?,
             None => FileConfig::default(),
         };
-        let device = args
-            .device
+        Ok(Config {
+            server: server_config(args, &file.server)?,
+            limits: limits_config(args, &file.limits)?,
+            scheduler: scheduler_config(args, &file.scheduler)?,
+            models: models(args, &file)?,
+            keys: keys(args, &file.auth)?,
+        })
+    }
+}
+
+impl FileConfig {
+    fn read(p: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid config", p.display()))
+    }
+}
+
+/// `[server]` under the flags.
+fn server_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<ServerConfig> {
+    let model_roots = if args.model_roots.is_empty() {
+        file.model_roots.clone().unwrap_or_default()
+    } else {
+        args.model_roots.clone()
+    };
+    Ok(ServerConfig {
+        http_addr: args
+            .http_addr
+            .or(file.http_addr)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+        grpc_addr: args
+            .grpc_addr
+            .or(file.grpc_addr)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
+        metrics_addr: args.metrics_addr.or(file.metrics_addr),
+        shutdown_timeout: Duration::from_secs(
+            args.shutdown_timeout
+                .or(file.shutdown_timeout_secs)
+                .unwrap_or(30),
+        ),
+        data_dir: args
+            .data_dir
             .clone()
-            .or(file.server.device.clone())
-            .unwrap_or_else(|| "cpu".into());
-        let server = ServerConfig {
-            http_addr: args
-                .http_addr
-                .or(file.server.http_addr)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
-            grpc_addr: args
-                .grpc_addr
-                .or(file.server.grpc_addr)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 50051))),
-            metrics_addr: args.metrics_addr.or(file.server.metrics_addr),
-            shutdown_timeout: Duration::from_secs(
-                args.shutdown_timeout
-                    .or(file.server.shutdown_timeout_secs)
-                    .unwrap_or(30),
-            ),
-            data_dir: args
-                .data_dir
-                .clone()
-                .or(file.server.data_dir.clone())
-                .unwrap_or_else(default_data_dir),
-            gguf_weights: args
-                .gguf_weights
-                .or(file.server.gguf_weights)
-                .unwrap_or_default(),
-            model_roots: if args.model_roots.is_empty() {
-                file.server.model_roots.clone().unwrap_or_default()
-            } else {
-                args.model_roots.clone()
-            }
+            .or(file.data_dir.clone())
+            .unwrap_or_else(default_data_dir),
+        gguf_weights: args.gguf_weights.or(file.gguf_weights).unwrap_or_default(),
+        model_roots: model_roots
             .iter()
             .map(|r| match std::fs::canonicalize(r) {
                 Ok(c) if c.is_dir() => Ok(c),
@@ -284,125 +292,138 @@ impl Config {
                 Err(e) => bail!("model root {}: {e}", r.display()),
             })
             .collect::<anyhow::Result<_>>()?,
-            allow_version_pinning: args.allow_version_pinning
-                || file.server.allow_version_pinning.unwrap_or(false),
-        };
-        let limits = LimitsConfig {
-            max_body_bytes: args
-                .max_body_bytes
-                .or(file.limits.max_body_bytes)
-                .unwrap_or(4 << 20),
-            max_prompt_tokens: args.max_prompt_tokens.or(file.limits.max_prompt_tokens),
-            max_tokens: args.max_tokens_limit.or(file.limits.max_tokens),
-            request_timeout: {
-                let secs = args
-                    .request_timeout_secs
-                    .or(file.limits.request_timeout_secs)
-                    .unwrap_or(900.0);
-                if !(secs.is_finite() && secs > 0.0) {
-                    bail!("request_timeout_secs must be a positive number of seconds, got {secs}");
-                }
-                Duration::from_secs_f64(secs)
-            },
-        };
-        let d = SchedulerConfig::default();
-        let fs = &file.scheduler;
-        let scheduler = SchedulerConfig {
-            max_batched_tokens: args
-                .max_batched_tokens
-                .or(fs.max_batched_tokens)
-                .unwrap_or(d.max_batched_tokens),
-            max_running: args.max_running.or(fs.max_running).unwrap_or(d.max_running),
-            max_waiting: args.max_waiting.or(fs.max_waiting).unwrap_or(d.max_waiting),
-            max_waiting_tokens: fs.max_waiting_tokens.unwrap_or(d.max_waiting_tokens),
-            kv_cache_bytes: args
-                .kv_cache_mb
-                .or(fs.kv_cache_mb)
-                .map(|mb| mb << 20)
-                .unwrap_or(d.kv_cache_bytes),
-            block_size: fs.block_size.unwrap_or(d.block_size),
-        };
-        if scheduler.max_batched_tokens == 0
-            || scheduler.max_running == 0
-            || scheduler.block_size == 0
-        {
-            bail!("scheduler limits must be positive");
+        allow_version_pinning: args.allow_version_pinning
+            || file.allow_version_pinning.unwrap_or(false),
+    })
+}
+
+/// `[limits]` under the flags.
+fn limits_config(args: &ServeArgs, file: &FileLimits) -> anyhow::Result<LimitsConfig> {
+    let secs = args
+        .request_timeout_secs
+        .or(file.request_timeout_secs)
+        .unwrap_or(900.0);
+    if !(secs.is_finite() && secs > 0.0) {
+        bail!("request_timeout_secs must be a positive number of seconds, got {secs}");
+    }
+    Ok(LimitsConfig {
+        max_body_bytes: args
+            .max_body_bytes
+            .or(file.max_body_bytes)
+            .unwrap_or(4 << 20),
+        max_prompt_tokens: args.max_prompt_tokens.or(file.max_prompt_tokens),
+        max_tokens: args.max_tokens_limit.or(file.max_tokens),
+        request_timeout: Duration::from_secs_f64(secs),
+    })
+}
+
+/// `[scheduler]` under the flags, checked for limits no engine can run with.
+fn scheduler_config(args: &ServeArgs, fs: &FileScheduler) -> anyhow::Result<SchedulerConfig> {
+    let d = SchedulerConfig::default();
+    let scheduler = SchedulerConfig {
+        max_batched_tokens: args
+            .max_batched_tokens
+            .or(fs.max_batched_tokens)
+            .unwrap_or(d.max_batched_tokens),
+        max_running: args.max_running.or(fs.max_running).unwrap_or(d.max_running),
+        max_waiting: args.max_waiting.or(fs.max_waiting).unwrap_or(d.max_waiting),
+        max_waiting_tokens: fs.max_waiting_tokens.unwrap_or(d.max_waiting_tokens),
+        kv_cache_bytes: args
+            .kv_cache_mb
+            .or(fs.kv_cache_mb)
+            .map(|mb| mb << 20)
+            .unwrap_or(d.kv_cache_bytes),
+        block_size: fs.block_size.unwrap_or(d.block_size),
+    };
+    if scheduler.max_batched_tokens == 0 || scheduler.max_running == 0 || scheduler.block_size == 0
+    {
+        bail!("scheduler limits must be positive");
+    }
+    if scheduler.max_running > scheduler.max_batched_tokens {
+        bail!(
+            "max_running ({}) cannot exceed max_batched_tokens ({}): every running sequence needs a token per step",
+            scheduler.max_running,
+            scheduler.max_batched_tokens
+        );
+    }
+    Ok(scheduler)
+}
+
+/// The models to serve: the flags' (or environment's) list replaces the
+/// file's; neither gives the embedded model. The device is server-wide
+/// unless the file names one per model.
+fn models(args: &ServeArgs, file: &FileConfig) -> anyhow::Result<Vec<ModelSpec>> {
+    let device = args
+        .device
+        .clone()
+        .or(file.server.device.clone())
+        .unwrap_or_else(|| "cpu".into());
+    let models: Vec<ModelSpec> = if !args.models.is_empty() {
+        if args.model_names.len() > args.models.len() {
+            bail!("more --model-name values than --model values");
         }
-        if scheduler.max_running > scheduler.max_batched_tokens {
-            bail!(
-                "max_running ({}) cannot exceed max_batched_tokens ({}): every running sequence needs a token per step",
-                scheduler.max_running,
-                scheduler.max_batched_tokens
-            );
-        }
-        // Models: flags/env replace the file's list.
-        let models: Vec<ModelSpec> = if !args.models.is_empty() {
-            if args.model_names.len() > args.models.len() {
-                bail!("more --model-name values than --model values");
-            }
-            args.models
-                .iter()
-                .enumerate()
-                .map(|(i, p)| ModelSpec {
-                    name: args
-                        .model_names
-                        .get(i)
-                        .cloned()
-                        .unwrap_or_else(|| default_model_name(p)),
-                    path: Some(p.clone()),
-                    device: device.clone(),
-                })
-                .collect()
-        } else if !file.models.is_empty() {
-            file.models
-                .iter()
-                .map(|m| ModelSpec {
-                    name: m.name.clone().unwrap_or_else(|| match &m.path {
-                        Some(p) => default_model_name(p),
-                        None => EMBEDDED_MODEL_NAME.into(),
-                    }),
-                    path: m.path.clone(),
-                    device: m.device.clone().unwrap_or_else(|| device.clone()),
-                })
-                .collect()
-        } else {
-            vec![ModelSpec {
+        args.models
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ModelSpec {
                 name: args
                     .model_names
-                    .first()
+                    .get(i)
                     .cloned()
-                    .unwrap_or_else(|| EMBEDDED_MODEL_NAME.into()),
-                path: None,
+                    .unwrap_or_else(|| default_model_name(p)),
+                path: Some(p.clone()),
                 device: device.clone(),
-            }]
-        };
-        let mut seen = std::collections::HashSet::new();
-        for m in &models {
-            if !seen.insert(m.name.clone()) {
-                bail!("model name `{}` is used twice", m.name);
-            }
+            })
+            .collect()
+    } else if !file.models.is_empty() {
+        file.models
+            .iter()
+            .map(|m| ModelSpec {
+                name: m.name.clone().unwrap_or_else(|| match &m.path {
+                    Some(p) => default_model_name(p),
+                    None => EMBEDDED_MODEL_NAME.into(),
+                }),
+                path: m.path.clone(),
+                device: m.device.clone().unwrap_or_else(|| device.clone()),
+            })
+            .collect()
+    } else {
+        vec![ModelSpec {
+            name: args
+                .model_names
+                .first()
+                .cloned()
+                .unwrap_or_else(|| EMBEDDED_MODEL_NAME.into()),
+            path: None,
+            device: device.clone(),
+        }]
+    };
+    let mut seen = std::collections::HashSet::new();
+    for m in &models {
+        if !seen.insert(m.name.clone()) {
+            bail!("model name `{}` is used twice", m.name);
         }
-        let mut keys = file.auth.keys.clone();
-        for spec in &args.api_keys {
-            let mut parts = spec.splitn(3, ':');
-            let (Some(id), Some(role), Some(secret)) = (parts.next(), parts.next(), parts.next())
-            else {
-                bail!("LLMOPS_API_KEYS entries are id:role:secret");
-            };
-            let role: Role = role.parse()?;
-            keys.push(KeyConfig::from_secret(id, role, secret));
-        }
-        for k in &keys {
-            k.validate()?;
-        }
-        Ok(Config {
-            server,
-            limits,
-            keys,
-            scheduler,
-            models,
-        })
     }
+    Ok(models)
+}
+
+/// Keys from the file, then from `--api-keys` (`id:role:secret`), each
+/// checked.
+fn keys(args: &ServeArgs, file: &FileAuth) -> anyhow::Result<Vec<KeyConfig>> {
+    let mut keys = file.keys.clone();
+    for spec in &args.api_keys {
+        let mut parts = spec.splitn(3, ':');
+        let (Some(id), Some(role), Some(secret)) = (parts.next(), parts.next(), parts.next())
+        else {
+            bail!("LLMOPS_API_KEYS entries are id:role:secret");
+        };
+        let role: Role = role.parse()?;
+        keys.push(KeyConfig::from_secret(id, role, secret));
+    }
+    for k in &keys {
+        k.validate()?;
+    }
+    Ok(keys)
 }
 
 /// `$XDG_DATA_HOME/llmops` or `~/.local/share/llmops`.

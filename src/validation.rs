@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::config::LimitsConfig;
 use crate::engine::{Message, SamplingParams};
 use crate::monitor::Protocol;
+use crate::scheduler::length::{self, LengthCaps, LengthError};
 use crate::scheduler::{EngineHandle, Priority, Request};
 
 /// What the caller wants generated from.
@@ -71,6 +72,18 @@ impl ValidationError {
         Self::Invalid {
             param: param.to_string(),
             message: message.into(),
+        }
+    }
+}
+
+impl From<LengthError> for ValidationError {
+    fn from(e: LengthError) -> Self {
+        let param = e.param().to_string();
+        let message = e.to_string();
+        if e.is_context() {
+            ValidationError::ContextLength { param, message }
+        } else {
+            ValidationError::Invalid { param, message }
         }
     }
 }
@@ -192,25 +205,15 @@ pub fn validate(
     })?;
     // A prompt too long by its bytes alone is refused before any of it is
     // tokenized (tokenizing a multi-MiB body is the expensive part).
-    let ctx = engine.context_length();
+    let context = engine.context_length();
     let bytes = match &spec.input {
         Input::Text(t) => t.len(),
         Input::Chat(m) => m.iter().map(|m| m.content.len()).sum(),
         Input::Tokens(_) => 0,
     };
     let at_least = engine.tokenizer().min_tokens_for(bytes);
-    if at_least >= ctx {
-        return Err(ValidationError::ContextLength {
-            message: format!(
-                "This model's maximum context length is {ctx} tokens. However, your {param} has {bytes} bytes, which is at least {at_least} tokens. Please shorten it."
-            ),
-            param: param.into(),
-        });
-    }
+    length::check_prompt_bytes(context, param, bytes, at_least)?;
     let prompt = tokenize_input(engine, &spec.input)?;
-    if prompt.is_empty() {
-        return Err(ValidationError::invalid(param, "the prompt is empty"));
-    }
     // Ids the model cannot embed would fail the whole batch's forward pass:
     // given ones, and ones a tokenizer larger than the embedding produced.
     let rows = engine.embedding_rows().min(engine.tokenizer().vocab_size()) as u32;
@@ -220,47 +223,11 @@ pub fn validate(
             format!("token id {bad} is outside the model's vocabulary ({rows} tokens)"),
         ));
     }
-    let max_prompt = limits.max_prompt_tokens.unwrap_or(ctx).min(ctx);
-    if prompt.len() >= max_prompt {
-        return Err(ValidationError::ContextLength {
-            message: format!(
-                "This model's maximum context length is {ctx} tokens (prompt limit {max_prompt}). However, your {param} has {} tokens. Please shorten it.",
-                prompt.len()
-            ),
-            param: param.into(),
-        });
-    }
-    let remaining = ctx - prompt.len();
-    let max_tokens = match spec.max_tokens {
-        Some(0) => {
-            return Err(ValidationError::invalid(
-                "max_tokens",
-                "max_tokens must be at least 1",
-            ));
-        }
-        Some(m) => {
-            if let Some(cap) = limits.max_tokens
-                && m > cap
-            {
-                return Err(ValidationError::invalid(
-                    "max_tokens",
-                    format!("max_tokens is {m}; this server allows at most {cap}"),
-                ));
-            }
-            if m > remaining {
-                return Err(ValidationError::ContextLength {
-                    message: format!(
-                        "This model's maximum context length is {ctx} tokens. However, you requested {} tokens ({} in the {param}, {m} for the completion). Please reduce the length of the {param} or the completion.",
-                        prompt.len() + m,
-                        prompt.len()
-                    ),
-                    param: param.into(),
-                });
-            }
-            m
-        }
-        None => remaining.min(limits.max_tokens.unwrap_or(usize::MAX)),
+    let caps = LengthCaps {
+        prompt_tokens: limits.max_prompt_tokens,
+        max_tokens: limits.max_tokens,
     };
+    let max_tokens = length::max_new_tokens(context, caps, param, prompt.len(), spec.max_tokens)?;
     let choices = (0..spec.n)
         .map(|i| {
             let mut sampling = spec.sampling.clone();
@@ -287,4 +254,242 @@ pub fn validate(
         choices,
         max_tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::synth::SynthSpec;
+    use crate::scheduler::{EngineLabels, SchedulerConfig};
+
+    /// A real engine over the tiny synthetic Llama (context 512, 320 ids).
+    fn engine() -> (tempfile::TempDir, EngineHandle) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model");
+        SynthSpec::tiny_llama().write(&path, None).unwrap();
+        let model = crate::engine::load(&path, &Default::default()).unwrap();
+        let labels = EngineLabels {
+            model: "tiny".into(),
+            version: "v1".into(),
+        };
+        let engine = EngineHandle::spawn(model, SchedulerConfig::default(), labels).unwrap();
+        (dir, engine)
+    }
+
+    /// Twelve tokens asking for four, one choice, no server caps.
+    fn base() -> (GenerationSpec, LimitsConfig) {
+        let spec = GenerationSpec {
+            input: Input::Tokens(vec![5; 12]),
+            max_tokens: Some(4),
+            sampling: SamplingParams::default(),
+            stop: vec![],
+            stop_token_ids: vec![],
+            ignore_eos: false,
+            n: 1,
+            deadline: None,
+            arrival: Instant::now(),
+            protocol: Protocol::Internal,
+        };
+        let limits = LimitsConfig {
+            max_body_bytes: 1 << 20,
+            max_prompt_tokens: None,
+            max_tokens: None,
+            request_timeout: std::time::Duration::from_secs(60),
+        };
+        (spec, limits)
+    }
+
+    fn user(content: String) -> Message {
+        Message {
+            role: "user".into(),
+            content,
+        }
+    }
+
+    /// What a case expects: the completion length granted, or the error's
+    /// kind, parameter and a piece of its message.
+    #[derive(Debug)]
+    enum Want {
+        MaxTokens(usize),
+        Invalid(&'static str, &'static str),
+        Context(&'static str, &'static str),
+    }
+
+    type Case = (
+        &'static str,
+        fn(&mut GenerationSpec, &mut LimitsConfig),
+        Want,
+    );
+
+    const CASES: &[Case] = &[
+        ("the base request", |_, _| {}, Want::MaxTokens(4)),
+        (
+            "absent max_tokens takes the rest of the context",
+            |s, _| s.max_tokens = None,
+            Want::MaxTokens(500),
+        ),
+        (
+            "absent max_tokens is capped by the server",
+            |s, l| (s.max_tokens, l.max_tokens) = (None, Some(64)),
+            Want::MaxTokens(64),
+        ),
+        (
+            "max_tokens filling the context exactly",
+            |s, _| s.max_tokens = Some(500),
+            Want::MaxTokens(500),
+        ),
+        (
+            "max_tokens one past the context",
+            |s, _| s.max_tokens = Some(501),
+            Want::Context(
+                "prompt",
+                "you requested 513 tokens (12 in the prompt, 501 for the completion)",
+            ),
+        ),
+        (
+            "max_tokens zero",
+            |s, _| s.max_tokens = Some(0),
+            Want::Invalid("max_tokens", "max_tokens must be at least 1"),
+        ),
+        (
+            "max_tokens over the server's cap",
+            |s, l| (s.max_tokens, l.max_tokens) = (Some(65), Some(64)),
+            Want::Invalid("max_tokens", "this server allows at most 64"),
+        ),
+        (
+            "max_tokens as large as the wire allows",
+            |s, _| s.max_tokens = Some(usize::MAX),
+            Want::Context("prompt", "maximum context length is 512"),
+        ),
+        (
+            "a prompt filling the context",
+            |s, _| s.input = Input::Tokens(vec![5; 512]),
+            Want::Context("prompt", "your prompt has 512 tokens"),
+        ),
+        (
+            "a prompt at the server's prompt limit",
+            |_, l| l.max_prompt_tokens = Some(12),
+            Want::Context("prompt", "(prompt limit 12)"),
+        ),
+        (
+            "an empty prompt",
+            |s, _| s.input = Input::Tokens(vec![]),
+            Want::Invalid("prompt", "the prompt is empty"),
+        ),
+        (
+            "an id outside the embedding",
+            |s, _| s.input = Input::Tokens(vec![5, 320]),
+            Want::Invalid("prompt", "token id 320 is outside"),
+        ),
+        (
+            "a text prompt too long by its bytes",
+            |s, _| s.input = Input::Text("a".repeat(1 << 16)),
+            Want::Context("prompt", "bytes, which is at least"),
+        ),
+        (
+            "a conversation too long by its bytes",
+            |s, _| s.input = Input::Chat(vec![user("a".repeat(1 << 16))]),
+            Want::Context("messages", "bytes, which is at least"),
+        ),
+        (
+            "a conversation and max_tokens past the context",
+            |s, _| (s.input, s.max_tokens) = (Input::Chat(vec![user("a".repeat(300))]), Some(300)),
+            Want::Context("messages", "in the messages, 300 for the completion"),
+        ),
+        (
+            "an empty conversation",
+            |s, _| s.input = Input::Chat(vec![]),
+            Want::Invalid("messages", "messages must not be empty"),
+        ),
+        (
+            "an unknown role",
+            |s, _| {
+                s.input = Input::Chat(vec![Message {
+                    role: "wizard".into(),
+                    content: "hi".into(),
+                }])
+            },
+            Want::Invalid("messages", "messages[0].role: unknown role `wizard`"),
+        ),
+        (
+            "n zero",
+            |s, _| s.n = 0,
+            Want::Invalid("n", "n must be between 1 and 16, got 0"),
+        ),
+        (
+            "n past the most choices",
+            |s, _| s.n = MAX_N + 1,
+            Want::Invalid("n", "got 17"),
+        ),
+        (
+            "too many stop strings",
+            |s, _| s.stop = vec!["x".into(); MAX_STOPS + 1],
+            Want::Invalid("stop", "at most 16 stop strings"),
+        ),
+        (
+            "a negative temperature",
+            |s, _| s.sampling.temperature = -0.5,
+            Want::Invalid("temperature", "temperature: "),
+        ),
+        (
+            "top_p over one",
+            |s, _| s.sampling.top_p = 1.5,
+            Want::Invalid("top_p", "top_p: "),
+        ),
+    ];
+
+    #[test]
+    fn every_request_is_judged_as_the_table_says() {
+        let (_dir, engine) = engine();
+        for (case, edit, want) in CASES {
+            let (mut spec, mut limits) = base();
+            edit(&mut spec, &mut limits);
+            match (validate(spec, &engine, &limits), want) {
+                (Ok(v), Want::MaxTokens(m)) => {
+                    assert_eq!(v.max_tokens, *m, "{case}");
+                    assert!(v.choices.iter().all(|c| c.max_tokens == *m), "{case}");
+                }
+                (Err(ValidationError::Invalid { param, message }), Want::Invalid(p, text))
+                | (
+                    Err(ValidationError::ContextLength { param, message }),
+                    Want::Context(p, text),
+                ) => {
+                    assert_eq!(param, *p, "{case}: param of `{message}`");
+                    assert!(message.contains(text), "{case}: `{message}` lacks `{text}`");
+                }
+                (got, want) => panic!("{case}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn each_choice_gets_its_own_seed_and_the_same_prompt() {
+        let (_dir, engine) = engine();
+        let (mut spec, limits) = base();
+        (spec.n, spec.sampling.seed) = (3, Some(u64::MAX));
+        let v = validate(spec, &engine, &limits).unwrap();
+        let seeds: Vec<_> = v.choices.iter().map(|c| c.sampling.seed).collect();
+        assert_eq!(seeds, [Some(u64::MAX), Some(0), Some(1)]);
+        assert!(v.choices.iter().all(|c| c.prompt == v.prompt));
+        assert_eq!(v.prompt, vec![5; 12]);
+    }
+
+    #[test]
+    fn the_engine_refuses_an_oversized_request_with_validations_message() {
+        let (_dir, engine) = engine();
+        let cases: &[(&str, usize, usize)] = &[
+            ("prompt and completion past the context", 12, 501),
+            ("a prompt filling the context", 512, 1),
+            ("max_tokens zero", 12, 0),
+            ("an empty prompt", 0, 1),
+        ];
+        for &(case, prompt, max_tokens) in cases {
+            let (mut spec, limits) = base();
+            (spec.input, spec.max_tokens) = (Input::Tokens(vec![5; prompt]), Some(max_tokens));
+            let validation = validate(spec, &engine, &limits).unwrap_err().to_string();
+            let req = Request::greedy(vec![5; prompt], max_tokens);
+            let submit = engine.check(&req).unwrap_err().to_string();
+            assert_eq!(submit, validation, "{case}");
+        }
+    }
 }

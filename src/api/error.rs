@@ -262,7 +262,7 @@ impl From<SubmitError> for ApiError {
                 param: None,
             },
             SubmitError::Invalid { param, message } => ApiError::BadRequest {
-                message: format!("{param}: {message}"),
+                message,
                 param: Some(param),
             },
             SubmitError::Unavailable => {
@@ -349,5 +349,130 @@ impl From<ControlError> for ApiError {
 impl From<ControlError> for tonic::Status {
     fn from(e: ControlError) -> Self {
         ApiError::from(e).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    /// What a client sees of one error: HTTP status, OpenAI `type`, `code`
+    /// and `param`, gRPC code, metric label, Retry-After seconds.
+    type Seen = (
+        u16,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+        Code,
+        &'static str,
+        Option<&'static str>,
+    );
+
+    /// A case's name, how to make its error, and what the client sees.
+    type Case = (&'static str, fn() -> ApiError, Seen);
+
+    /// Every layer's errors through `From`, and the ones only the front ends
+    /// raise, with what the client must see.
+    #[rustfmt::skip] // one row a case
+    const CASES: &[Case] = &[
+        ("validation: invalid", || ValidationError::invalid("top_p", "top_p: must be in (0, 1]").into(),
+            (400, "invalid_request_error", None, Some("top_p"), Code::InvalidArgument, "invalid_request", None)),
+        ("validation: context", || ValidationError::ContextLength { param: "messages".into(), message: "too long".into() }.into(),
+            (400, "invalid_request_error", Some("context_length_exceeded"), Some("messages"), Code::InvalidArgument, "context_length_exceeded", None)),
+        ("submit: overloaded", || SubmitError::Overloaded { reason: "queue full".into(), retry_after: Duration::from_millis(1500) }.into(),
+            (429, "rate_limit_error", Some("server_overloaded"), None, Code::ResourceExhausted, "overloaded", Some("2"))),
+        ("submit: context", || SubmitError::ContextLength { message: "too long".into() }.into(),
+            (400, "invalid_request_error", Some("context_length_exceeded"), None, Code::InvalidArgument, "context_length_exceeded", None)),
+        ("submit: invalid", || SubmitError::Invalid { param: "max_tokens".into(), message: "max_tokens must be at least 1".into() }.into(),
+            (400, "invalid_request_error", None, Some("max_tokens"), Code::InvalidArgument, "invalid_request", None)),
+        ("submit: unavailable", || SubmitError::Unavailable.into(),
+            (503, "server_error", None, None, Code::Unavailable, "unavailable", None)),
+        ("route: no model", || RouteError::ModelNotFound("nope".into()).into(),
+            (404, "invalid_request_error", Some("model_not_found"), Some("model"), Code::NotFound, "model_not_found", None)),
+        ("route: version not served", || RouteError::VersionNotServed { model: "m".into(), version: "v9".into() }.into(),
+            (404, "invalid_request_error", None, None, Code::NotFound, "not_found", None)),
+        ("route: pinning disabled", || RouteError::PinningDisabled.into(),
+            (400, "invalid_request_error", None, Some("model"), Code::InvalidArgument, "invalid_request", None)),
+        ("quota: rate limited", || QuotaError::RateLimited { message: "slow down".into(), retry_after: Duration::from_millis(10) }.into(),
+            (429, "rate_limit_error", Some("rate_limit_exceeded"), None, Code::ResourceExhausted, "rate_limited", Some("1"))),
+        ("quota: never fits", || QuotaError::NeverFits { message: "over a minute of tokens".into() }.into(),
+            (400, "invalid_request_error", None, Some("max_tokens"), Code::InvalidArgument, "invalid_request", None)),
+        ("infer: aborted", || InferError::Aborted("shutting down".into()).into(),
+            (503, "server_error", None, None, Code::Unavailable, "unavailable", None)),
+        ("infer: engine failure", || InferError::Engine("secret detail".into()).into(),
+            (500, "server_error", None, None, Code::Internal, "internal", None)),
+        ("infer: wraps validation", || InferError::Validation(ValidationError::invalid("n", "n must be between 1 and 16, got 0")).into(),
+            (400, "invalid_request_error", None, Some("n"), Code::InvalidArgument, "invalid_request", None)),
+        ("control: invalid", || ControlError::Invalid { param: "weight".into(), message: "weight is 2".into() }.into(),
+            (400, "invalid_request_error", None, Some("weight"), Code::InvalidArgument, "invalid_request", None)),
+        ("control: not found", || ControlError::NotFound("no version v9".into()).into(),
+            (404, "invalid_request_error", None, None, Code::NotFound, "not_found", None)),
+        ("control: conflict", || ControlError::Conflict("exists".into()).into(),
+            (409, "invalid_request_error", None, None, Code::AlreadyExists, "conflict", None)),
+        ("control: unavailable", || ControlError::Unavailable("load failed".into()).into(),
+            (503, "server_error", None, None, Code::Unavailable, "unavailable", None)),
+        ("control: internal", || ControlError::Internal("secret detail".into()).into(),
+            (500, "server_error", None, None, Code::Internal, "internal", None)),
+        ("no key", || ApiError::Unauthenticated("missing API key".into()),
+            (401, "authentication_error", Some("invalid_api_key"), None, Code::Unauthenticated, "unauthenticated", None)),
+        ("role too low", || ApiError::Forbidden("admin role required".into()),
+            (403, "permission_error", None, None, Code::PermissionDenied, "permission_denied", None)),
+        ("body too large", || ApiError::PayloadTooLarge("over 4 MiB".into()),
+            (413, "invalid_request_error", None, None, Code::InvalidArgument, "payload_too_large", None)),
+        ("deadline", || ApiError::DeadlineExceeded("the request timed out".into()),
+            (504, "server_error", None, None, Code::DeadlineExceeded, "deadline_exceeded", None)),
+        ("client left", || ApiError::Cancelled,
+            (499, "server_error", None, None, Code::Cancelled, "cancelled", None)),
+    ];
+
+    #[test]
+    fn every_error_maps_to_its_status_type_code_and_label() {
+        for (case, make, want) in CASES {
+            let (status, kind, code, param, grpc, label, retry) = *want;
+            let e = make();
+            let body = e.body();
+            let err = &body["error"];
+            assert_eq!(e.status().as_u16(), status, "{case}: status");
+            assert_eq!(err["type"], kind, "{case}: type");
+            assert_eq!(err["code"].as_str(), code, "{case}: code");
+            assert_eq!(err["param"].as_str(), param, "{case}: param");
+            assert_eq!(e.grpc_code(), grpc, "{case}: gRPC code");
+            assert_eq!(e.error_type(), label, "{case}: label");
+            let message = err["message"].as_str().unwrap_or_default();
+            assert!(!message.is_empty(), "{case}: message");
+            assert!(!message.contains("secret"), "{case}: `{message}` leaks");
+
+            let resp = e.clone().into_response();
+            assert_eq!(resp.status().as_u16(), status, "{case}: response status");
+            let header = |r: &Response| {
+                r.headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            assert_eq!(header(&resp).as_deref(), retry, "{case}: Retry-After");
+            let tagged = resp.extensions().get::<ErrorType>().map(|t| t.0);
+            assert_eq!(tagged, Some(label), "{case}: response label");
+
+            let s = tonic::Status::from(e);
+            assert_eq!(s.code(), grpc, "{case}: status code");
+            assert!(!s.message().contains("secret"), "{case}: gRPC leaks");
+            let meta = s
+                .metadata()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok());
+            assert_eq!(meta, retry, "{case}: gRPC retry-after");
+        }
+    }
+
+    #[test]
+    fn a_length_error_keeps_its_message_through_both_layers() {
+        let e = crate::scheduler::LengthError::ZeroMaxTokens;
+        let via_validation = ApiError::from(ValidationError::from(e.clone()));
+        let via_submit = ApiError::from(SubmitError::from(e.clone()));
+        assert_eq!(via_validation.to_string(), e.to_string());
+        assert_eq!(via_submit.to_string(), e.to_string());
+        assert_eq!(via_validation.body(), via_submit.body());
     }
 }

@@ -254,15 +254,11 @@ pub fn parse_json<T: DeserializeOwned>(buf: &[u8]) -> Result<T, ApiError> {
     Err(ApiError::BadRequest { message, param })
 }
 
-fn u64_to_usize(v: Option<u64>, name: &str, max: usize) -> Result<Option<usize>, ApiError> {
-    match v {
-        None => Ok(None),
-        Some(x) if x as u128 > max as u128 => Err(ApiError::invalid(
-            name,
-            format!("{name} is {x}; at most {max} is allowed"),
-        )),
-        Some(x) => Ok(Some(x as usize)),
-    }
+/// A count from the wire as a `usize`: ranges are validation's to decide
+/// (one rule, one message for both protocols), so a value past `usize`
+/// saturates rather than failing here.
+fn count(v: Option<u64>) -> Option<usize> {
+    v.map(|x| usize::try_from(x).unwrap_or(usize::MAX))
 }
 
 fn token_str(tok: &Tokenizer, id: u32) -> String {
@@ -368,7 +364,7 @@ fn spec(
             .unwrap_or_default(),
         stop_token_ids: common.stop_token_ids.clone(),
         ignore_eos: common.ignore_eos,
-        n: u64_to_usize(common.n, "n", validation::MAX_N)?.unwrap_or(1),
+        n: count(common.n).unwrap_or(1),
         deadline: Some(deadline),
         arrival,
         protocol: Protocol::Http,
@@ -412,9 +408,18 @@ fn pick(
         .pick(model, &route_key(headers, common, principal, rid))?)
 }
 
-/// A count of log-prob alternatives, within the engine's limit.
+/// A count of log-prob alternatives, within the engine's limit (checked
+/// here because the completions API calls it `logprobs`, and the engine's
+/// check would name `top_logprobs`).
 fn alternatives(v: Option<u64>, name: &str) -> Result<Option<usize>, ApiError> {
-    u64_to_usize(v, name, crate::engine::sampling::MAX_TOP_LOGPROBS)
+    let max = crate::engine::sampling::MAX_TOP_LOGPROBS;
+    match count(v) {
+        Some(x) if x > max => Err(ApiError::invalid(
+            name,
+            format!("{name} is {x}; at most {max} is allowed"),
+        )),
+        v => Ok(v),
+    }
 }
 
 /// What every response and chunk of one request repeats.
@@ -467,11 +472,7 @@ async fn chat_completions(
         }
         (false, None) => None,
     };
-    let max_tokens = u64_to_usize(
-        req.max_completion_tokens.or(req.common.max_tokens),
-        "max_tokens",
-        usize::MAX,
-    )?;
+    let max_tokens = count(req.max_completion_tokens.or(req.common.max_tokens));
     let input = Input::Chat(flatten_messages(&req.messages)?);
     let until = deadline(&headers, &st.limits, arrival)?;
     let spec = spec(&req.common, input, max_tokens, logprobs, arrival, until)?;
@@ -553,7 +554,7 @@ async fn completions(
         ));
     }
     // OpenAI's default for this endpoint.
-    let max_tokens = u64_to_usize(req.common.max_tokens, "max_tokens", usize::MAX)?.or(Some(16));
+    let max_tokens = count(req.common.max_tokens).or(Some(16));
     let until = deadline(&headers, &st.limits, arrival)?;
     let specs = inputs
         .into_iter()
@@ -965,4 +966,66 @@ pub fn metrics_app(handle: metrics_exporter_prometheus::PrometheusHandle) -> axu
             }
         }),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The server's limit in these cases: 900 s.
+    fn limits() -> LimitsConfig {
+        LimitsConfig {
+            max_body_bytes: 1 << 20,
+            max_prompt_tokens: None,
+            max_tokens: None,
+            request_timeout: Duration::from_secs(900),
+        }
+    }
+
+    /// (case, `x-request-timeout`, the deadline after arrival in ms, or the
+    /// request refused).
+    #[rustfmt::skip] // one row a case
+    const DEADLINES: &[(&str, Option<&str>, Option<u64>)] = &[
+        ("no header: the server's limit", None, Some(900_000)),
+        ("less than the limit", Some("2.5"), Some(2_500)),
+        ("white space around it", Some(" 30 "), Some(30_000)),
+        ("more than the limit is capped", Some("3600"), Some(900_000)),
+        ("absurdly large is capped", Some("1e300"), Some(900_000)),
+        ("zero", Some("0"), None),
+        ("negative", Some("-1"), None),
+        ("not a number", Some("soon"), None),
+        ("not finite", Some("inf"), None),
+        ("NaN", Some("NaN"), None),
+    ];
+
+    #[test]
+    fn a_request_deadline_is_the_servers_limit_or_less_when_the_client_asks() {
+        let arrival = Instant::now();
+        for &(case, header, want) in DEADLINES {
+            let mut headers = HeaderMap::new();
+            if let Some(h) = header {
+                headers.insert("x-request-timeout", h.parse().unwrap());
+            }
+            match (deadline(&headers, &limits(), arrival), want) {
+                (Ok(at), Some(ms)) => {
+                    assert_eq!(at - arrival, Duration::from_millis(ms), "{case}")
+                }
+                (Err(e), None) => {
+                    assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{case}");
+                    assert_eq!(e.body()["error"]["param"], "x-request-timeout", "{case}");
+                }
+                (got, want) => panic!("{case}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn counts_past_usize_saturate_for_validation_to_refuse() {
+        assert_eq!(count(None), None);
+        assert_eq!(count(Some(7)), Some(7));
+        assert_eq!(
+            count(Some(u64::MAX)),
+            Some(usize::try_from(u64::MAX).unwrap_or(usize::MAX))
+        );
+    }
 }

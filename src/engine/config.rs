@@ -355,43 +355,42 @@ impl ModelConfig {
         if let Some(eot) = md.opt_usize("tokenizer.ggml.eot_token_id")? {
             eos.push(eot as u32);
         }
+        // The Llama family's settings; Gemma 3 overrides its own below.
+        let llama = ModelConfig {
+            arch,
+            vocab_size,
+            hidden_size,
+            intermediate_size: md.usize(&key("feed_forward_length"))?,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: eps,
+            rope: Rope {
+                theta: rope_theta,
+                scaling,
+            },
+            rope_local: None,
+            // llama.cpp's converter permutes q/k of Llama checkpoints into
+            // interleaved pairs; Qwen2 keeps the NEOX layout.
+            rope_style: if arch_name == "qwen2" {
+                RopeStyle::Half
+            } else {
+                RopeStyle::Interleaved
+            },
+            max_position_embeddings: context,
+            tie_word_embeddings: tie,
+            layer_windows: vec![md.opt_usize(&key("attention.sliding_window"))?; num_layers],
+            attn_scale: 1.0 / (head_dim as f64).sqrt(),
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            activation: Activation::Silu,
+            scale_embeddings: false,
+            bos_token_id: bos,
+            eos_token_ids: eos,
+        };
         let cfg = match arch {
-            Arch::Llama => {
-                let window = md.opt_usize(&key("attention.sliding_window"))?;
-                ModelConfig {
-                    arch,
-                    vocab_size,
-                    hidden_size,
-                    intermediate_size: md.usize(&key("feed_forward_length"))?,
-                    num_layers,
-                    num_heads,
-                    num_kv_heads,
-                    head_dim,
-                    rms_norm_eps: eps,
-                    rope: Rope {
-                        theta: rope_theta,
-                        scaling,
-                    },
-                    rope_local: None,
-                    // llama.cpp's converter permutes q/k of Llama checkpoints into
-                    // interleaved pairs; Qwen2 keeps the NEOX layout.
-                    rope_style: if arch_name == "qwen2" {
-                        RopeStyle::Half
-                    } else {
-                        RopeStyle::Interleaved
-                    },
-                    max_position_embeddings: context,
-                    tie_word_embeddings: tie,
-                    layer_windows: vec![window; num_layers],
-                    attn_scale: 1.0 / (head_dim as f64).sqrt(),
-                    attn_logit_softcapping: None,
-                    final_logit_softcapping: None,
-                    activation: Activation::Silu,
-                    scale_embeddings: false,
-                    bos_token_id: bos,
-                    eos_token_ids: eos,
-                }
-            }
+            Arch::Llama => llama,
             Arch::Gemma3 => {
                 let window = md.usize(&key("attention.sliding_window"))?;
                 let pattern = md
@@ -404,34 +403,18 @@ impl ModelConfig {
                     .opt_f64(&key("attention.query_pre_attn_scalar"))?
                     .unwrap_or(head_dim as f64);
                 ModelConfig {
-                    arch,
-                    vocab_size,
-                    hidden_size,
-                    intermediate_size: md.usize(&key("feed_forward_length"))?,
-                    num_layers,
-                    num_heads,
-                    num_kv_heads,
-                    head_dim,
-                    rms_norm_eps: eps,
-                    rope: Rope {
-                        theta: rope_theta,
-                        scaling,
-                    },
                     rope_local: Some(Rope {
                         theta: local_theta,
                         scaling: None,
                     }),
                     rope_style: RopeStyle::Half,
-                    max_position_embeddings: context,
-                    tie_word_embeddings: tie,
                     layer_windows: gemma_windows(num_layers, window, pattern),
                     attn_scale: 1.0 / scalar.sqrt(),
                     attn_logit_softcapping: md.opt_f64(&key("attn_logit_softcapping"))?,
                     final_logit_softcapping: md.opt_f64(&key("final_logit_softcapping"))?,
                     activation: Activation::GeluTanh,
                     scale_embeddings: true,
-                    bos_token_id: bos,
-                    eos_token_ids: eos,
+                    ..llama
                 }
             }
         };
@@ -586,42 +569,42 @@ impl HfConfig {
         };
         let max_pos = self.max_position_embeddings.unwrap_or(4096);
         let eps = self.rms_norm_eps.unwrap_or(1e-6);
+        // The Llama family's settings; Gemma 3 overrides its own below.
+        let window = match (model_type.as_str(), self.use_sliding_window) {
+            // Qwen2 ships a sliding_window value but disables it unless asked.
+            ("qwen2" | "Qwen2ForCausalLM", Some(true)) => self.sliding_window,
+            ("qwen2" | "Qwen2ForCausalLM", _) => None,
+            _ => self.sliding_window,
+        };
+        let llama = ModelConfig {
+            arch,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: eps,
+            rope: Rope {
+                theta: self.rope_theta.unwrap_or(10_000.0),
+                scaling,
+            },
+            rope_local: None,
+            rope_style: RopeStyle::Half,
+            max_position_embeddings: max_pos,
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            layer_windows: vec![window; self.num_hidden_layers],
+            attn_scale: 1.0 / (head_dim as f64).sqrt(),
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            activation,
+            scale_embeddings: false,
+            bos_token_id: self.bos_token_id,
+            eos_token_ids,
+        };
         let cfg = match arch {
-            Arch::Llama => {
-                let window = match (model_type.as_str(), self.use_sliding_window) {
-                    // Qwen2 ships a sliding_window value but disables it unless asked.
-                    ("qwen2" | "Qwen2ForCausalLM", Some(true)) => self.sliding_window,
-                    ("qwen2" | "Qwen2ForCausalLM", _) => None,
-                    _ => self.sliding_window,
-                };
-                ModelConfig {
-                    arch,
-                    vocab_size: self.vocab_size,
-                    hidden_size: self.hidden_size,
-                    intermediate_size: self.intermediate_size,
-                    num_layers: self.num_hidden_layers,
-                    num_heads: self.num_attention_heads,
-                    num_kv_heads,
-                    head_dim,
-                    rms_norm_eps: eps,
-                    rope: Rope {
-                        theta: self.rope_theta.unwrap_or(10_000.0),
-                        scaling,
-                    },
-                    rope_local: None,
-                    rope_style: RopeStyle::Half,
-                    max_position_embeddings: max_pos,
-                    tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-                    layer_windows: vec![window; self.num_hidden_layers],
-                    attn_scale: 1.0 / (head_dim as f64).sqrt(),
-                    attn_logit_softcapping: None,
-                    final_logit_softcapping: None,
-                    activation,
-                    scale_embeddings: false,
-                    bos_token_id: self.bos_token_id,
-                    eos_token_ids,
-                }
-            }
+            Arch::Llama => llama,
             Arch::Gemma3 => {
                 let window = self.sliding_window.unwrap_or(4096);
                 let layer_windows = match &self.layer_types {
@@ -649,15 +632,6 @@ impl HfConfig {
                     ),
                 };
                 ModelConfig {
-                    arch,
-                    vocab_size: self.vocab_size,
-                    hidden_size: self.hidden_size,
-                    intermediate_size: self.intermediate_size,
-                    num_layers: self.num_hidden_layers,
-                    num_heads: self.num_attention_heads,
-                    num_kv_heads,
-                    head_dim,
-                    rms_norm_eps: eps,
                     rope: Rope {
                         theta: self.rope_theta.unwrap_or(1_000_000.0),
                         scaling,
@@ -666,17 +640,13 @@ impl HfConfig {
                         theta: self.rope_local_base_freq.unwrap_or(10_000.0),
                         scaling: None,
                     }),
-                    rope_style: RopeStyle::Half,
-                    max_position_embeddings: max_pos,
                     tie_word_embeddings: self.tie_word_embeddings.unwrap_or(true),
                     layer_windows,
                     attn_scale: 1.0 / self.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
                     attn_logit_softcapping: self.attn_logit_softcapping,
                     final_logit_softcapping: self.final_logit_softcapping,
-                    activation,
                     scale_embeddings: true,
-                    bos_token_id: self.bos_token_id,
-                    eos_token_ids,
+                    ..llama
                 }
             }
         };

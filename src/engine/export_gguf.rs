@@ -58,164 +58,169 @@ pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
     )?;
     let qwen = raw.get("model_type").and_then(|v| v.as_str()) == Some("qwen2");
     let arch = if qwen { "qwen2" } else { "llama" };
-
-    let mut files = vec![];
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.extension().and_then(|x| x.to_str()) == Some("safetensors") {
-            files.push(p);
-        }
-    }
-    files.sort();
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for f in &files {
-        tensors.extend(candle_core::safetensors::load(f, &Device::Cpu)?);
+    for f in crate::engine::safetensors_files(dir)? {
+        tensors.extend(candle_core::safetensors::load(&f, &Device::Cpu)?);
     }
+    let out_tensors = gguf_tensors(&cfg, &tensors, qwen, ty)?;
+    let md = metadata(dir, &cfg, arch, ty)?;
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = out_tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(out).with_context(|| format!("create {}", out.display()))?,
+    );
+    gguf_file::write(&mut f, &md_refs, &t_refs)?;
+    Ok(())
+}
+
+/// How a tensor is written.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A norm weight: always f32.
+    Norm,
+    /// A matrix in the export's type.
+    Matrix,
+    /// A matrix whose rows llama.cpp expects in interleaved rotary pairs
+    /// (q and k of the `llama` architecture), over this many heads.
+    Rotary(fn(&ModelConfig) -> usize),
+    /// A q/k/v bias, present only in Qwen2 checkpoints: f32.
+    Bias,
+}
+
+/// A layer's tensors: GGUF name, Hugging Face name (under `model.layers.N`),
+/// kind; in the order llama.cpp's converter writes them.
+const LAYER_TENSORS: &[(&str, &str, Kind)] = &[
+    ("attn_norm.weight", "input_layernorm.weight", Kind::Norm),
+    (
+        "ffn_norm.weight",
+        "post_attention_layernorm.weight",
+        Kind::Norm,
+    ),
+    (
+        "attn_q.weight",
+        "self_attn.q_proj.weight",
+        Kind::Rotary(|c| c.num_heads),
+    ),
+    (
+        "attn_k.weight",
+        "self_attn.k_proj.weight",
+        Kind::Rotary(|c| c.num_kv_heads),
+    ),
+    ("attn_v.weight", "self_attn.v_proj.weight", Kind::Matrix),
+    (
+        "attn_output.weight",
+        "self_attn.o_proj.weight",
+        Kind::Matrix,
+    ),
+    ("attn_q.bias", "self_attn.q_proj.bias", Kind::Bias),
+    ("attn_k.bias", "self_attn.k_proj.bias", Kind::Bias),
+    ("attn_v.bias", "self_attn.v_proj.bias", Kind::Bias),
+    ("ffn_gate.weight", "mlp.gate_proj.weight", Kind::Matrix),
+    ("ffn_up.weight", "mlp.up_proj.weight", Kind::Matrix),
+    ("ffn_down.weight", "mlp.down_proj.weight", Kind::Matrix),
+];
+
+/// The checkpoint's tensors under their GGUF names, matrices in `ty`.
+fn gguf_tensors(
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    qwen: bool,
+    ty: GgufType,
+) -> anyhow::Result<Vec<(String, QTensor)>> {
     let get = |name: &str| -> anyhow::Result<Tensor> {
         Ok(tensors
             .get(name)
             .with_context(|| format!("tensor {name} missing"))?
             .to_dtype(DType::F32)?)
     };
-
-    let mut out_tensors: Vec<(String, QTensor)> = vec![];
-    let mut push = |name: String, t: Tensor, matrix: bool| -> anyhow::Result<()> {
-        let q = if matrix {
-            QTensor::quantize(&t, ty.ggml())?
-        } else {
-            QTensor::quantize(&t, GgmlDType::F32)?
+    let mut out: Vec<(String, QTensor)> = vec![];
+    let mut push = |name: String, t: Tensor, kind: Kind| -> anyhow::Result<()> {
+        let t = match kind {
+            Kind::Rotary(heads) if !qwen => permute_rows(&t, heads(cfg))?,
+            _ => t,
         };
-        out_tensors.push((name, q));
+        let dtype = match kind {
+            Kind::Norm | Kind::Bias => GgmlDType::F32,
+            Kind::Matrix | Kind::Rotary(_) => ty.ggml(),
+        };
+        out.push((name, QTensor::quantize(&t, dtype)?));
         Ok(())
     };
     push(
         "token_embd.weight".into(),
         get("model.embed_tokens.weight")?,
-        true,
+        Kind::Matrix,
     )?;
     push(
         "output_norm.weight".into(),
         get("model.norm.weight")?,
-        false,
+        Kind::Norm,
     )?;
     if tensors.contains_key("lm_head.weight") && !cfg.tie_word_embeddings {
-        push("output.weight".into(), get("lm_head.weight")?, true)?;
+        push("output.weight".into(), get("lm_head.weight")?, Kind::Matrix)?;
     }
     for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        let b = format!("blk.{l}");
-        let permute_q = |t: Tensor, heads: usize| -> anyhow::Result<Tensor> {
-            if qwen {
-                return Ok(t);
-            }
-            permute_rows(&t, heads)
-        };
-        push(
-            format!("{b}.attn_norm.weight"),
-            get(&format!("{p}.input_layernorm.weight"))?,
-            false,
-        )?;
-        push(
-            format!("{b}.ffn_norm.weight"),
-            get(&format!("{p}.post_attention_layernorm.weight"))?,
-            false,
-        )?;
-        push(
-            format!("{b}.attn_q.weight"),
-            permute_q(get(&format!("{p}.self_attn.q_proj.weight"))?, cfg.num_heads)?,
-            true,
-        )?;
-        push(
-            format!("{b}.attn_k.weight"),
-            permute_q(
-                get(&format!("{p}.self_attn.k_proj.weight"))?,
-                cfg.num_kv_heads,
-            )?,
-            true,
-        )?;
-        push(
-            format!("{b}.attn_v.weight"),
-            get(&format!("{p}.self_attn.v_proj.weight"))?,
-            true,
-        )?;
-        push(
-            format!("{b}.attn_output.weight"),
-            get(&format!("{p}.self_attn.o_proj.weight"))?,
-            true,
-        )?;
-        for (hf, gg) in [
-            ("q_proj", "attn_q"),
-            ("k_proj", "attn_k"),
-            ("v_proj", "attn_v"),
-        ] {
-            let name = format!("{p}.self_attn.{hf}.bias");
-            if tensors.contains_key(&name) {
+        for &(gguf, hf, kind) in LAYER_TENSORS {
+            let name = format!("model.layers.{l}.{hf}");
+            if matches!(kind, Kind::Bias) {
+                if !tensors.contains_key(&name) {
+                    continue;
+                }
                 if !qwen {
                     bail!("q/k/v biases are only exported for qwen2 models");
                 }
-                push(format!("{b}.{gg}.bias"), get(&name)?, false)?;
             }
+            push(format!("blk.{l}.{gguf}"), get(&name)?, kind)?;
         }
-        push(
-            format!("{b}.ffn_gate.weight"),
-            get(&format!("{p}.mlp.gate_proj.weight"))?,
-            true,
-        )?;
-        push(
-            format!("{b}.ffn_up.weight"),
-            get(&format!("{p}.mlp.up_proj.weight"))?,
-            true,
-        )?;
-        push(
-            format!("{b}.ffn_down.weight"),
-            get(&format!("{p}.mlp.down_proj.weight"))?,
-            true,
-        )?;
     }
+    Ok(out)
+}
 
-    let vocab = read_vocab(&dir.join("tokenizer.json"), cfg.vocab_size)?;
-    let key = |k: &str| format!("{arch}.{k}");
+/// The GGUF metadata: architecture, shape, rotary settings, vocabulary,
+/// special tokens and the chat template.
+fn metadata(
+    dir: &Path,
+    cfg: &ModelConfig,
+    arch: &str,
+    ty: GgufType,
+) -> anyhow::Result<Vec<(String, Value)>> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut md: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(arch.into())),
-        (
-            "general.name".into(),
-            Value::String(
-                dir.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            ),
-        ),
+        ("general.name".into(), Value::String(name)),
         ("general.file_type".into(), Value::U32(ty.file_type())),
+    ];
+    let shape = [
+        ("context_length", cfg.max_position_embeddings),
+        ("embedding_length", cfg.hidden_size),
+        ("block_count", cfg.num_layers),
+        ("feed_forward_length", cfg.intermediate_size),
+        ("rope.dimension_count", cfg.head_dim),
+        ("attention.head_count", cfg.num_heads),
+        ("attention.head_count_kv", cfg.num_kv_heads),
+        ("attention.key_length", cfg.head_dim),
+        ("attention.value_length", cfg.head_dim),
+    ];
+    for (k, v) in shape {
+        md.push((format!("{arch}.{k}"), Value::U32(v as u32)));
+    }
+    let vocab = read_vocab(&dir.join("tokenizer.json"), cfg.vocab_size)?;
+    md.extend([
         (
-            key("context_length"),
-            Value::U32(cfg.max_position_embeddings as u32),
-        ),
-        (key("embedding_length"), Value::U32(cfg.hidden_size as u32)),
-        (key("block_count"), Value::U32(cfg.num_layers as u32)),
-        (
-            key("feed_forward_length"),
-            Value::U32(cfg.intermediate_size as u32),
-        ),
-        (key("rope.dimension_count"), Value::U32(cfg.head_dim as u32)),
-        (
-            key("attention.head_count"),
-            Value::U32(cfg.num_heads as u32),
-        ),
-        (
-            key("attention.head_count_kv"),
-            Value::U32(cfg.num_kv_heads as u32),
-        ),
-        (key("attention.key_length"), Value::U32(cfg.head_dim as u32)),
-        (
-            key("attention.value_length"),
-            Value::U32(cfg.head_dim as u32),
-        ),
-        (
-            key("attention.layer_norm_rms_epsilon"),
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
             Value::F32(cfg.rms_norm_eps as f32),
         ),
-        (key("rope.freq_base"), Value::F32(cfg.rope.theta as f32)),
-        (key("vocab_size"), Value::U32(cfg.vocab_size as u32)),
+        (
+            format!("{arch}.rope.freq_base"),
+            Value::F32(cfg.rope.theta as f32),
+        ),
+        (
+            format!("{arch}.vocab_size"),
+            Value::U32(cfg.vocab_size as u32),
+        ),
         ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), Value::String("gpt-2".into())),
         (
@@ -235,7 +240,7 @@ pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
             Value::Bool(cfg.bos_token_id.is_some()),
         ),
         ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
-    ];
+    ]);
     if let Some(b) = cfg.bos_token_id {
         md.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
     }
@@ -249,13 +254,7 @@ pub fn export_gguf(dir: &Path, out: &Path, ty: GgufType) -> anyhow::Result<()> {
             md.push(("tokenizer.chat_template".into(), Value::String(t)));
         }
     }
-    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let t_refs: Vec<(&str, &QTensor)> = out_tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(out).with_context(|| format!("create {}", out.display()))?,
-    );
-    gguf_file::write(&mut f, &md_refs, &t_refs)?;
-    Ok(())
+    Ok(md)
 }
 
 /// llama.cpp's permutation of q/k rows from "rotate half" pairs to interleaved pairs.

@@ -286,8 +286,8 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 /// The safetensors files of a folder: the shards named by the index, or the
-/// single `model.safetensors`.
-fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// single `model.safetensors`, or else every `*.safetensors` in name order.
+pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let v = read_json(&index)?;

@@ -8,6 +8,7 @@
 //! the next step and its blocks freed.
 
 pub mod governor;
+pub mod length;
 pub mod state;
 mod worker;
 
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::engine::{LoadedModel, PositionScore, SamplingParams, TokenLogprob};
+pub use length::{LengthCaps, LengthError};
 pub use state::Priority;
 
 /// Scheduler settings.
@@ -228,16 +230,31 @@ pub enum SubmitError {
         message: String,
     },
     /// An invalid request.
-    #[error("{param}: {message}")]
+    #[error("{message}")]
     Invalid {
         /// The parameter.
         param: String,
-        /// What is wrong.
+        /// What is wrong, naming the parameter.
         message: String,
     },
     /// The engine is draining or gone.
     #[error("the model is not accepting requests (shutting down)")]
     Unavailable,
+}
+
+impl From<LengthError> for SubmitError {
+    fn from(e: LengthError) -> Self {
+        if e.is_context() {
+            SubmitError::ContextLength {
+                message: e.to_string(),
+            }
+        } else {
+            SubmitError::Invalid {
+                param: e.param().into(),
+                message: e.to_string(),
+            }
+        }
+    }
 }
 
 /// Counters and gauges shared with the handle, written only by the engine
@@ -287,10 +304,11 @@ struct Shared {
     stats: EngineStats,
     draining: AtomicBool,
     config: SchedulerConfig,
+    /// The model's context or the KV pool's capacity, the smaller: a
+    /// request that fits it fits the pool.
     context_length: usize,
     /// Rows of the embedding: the ids a forward pass can take.
     embedding_rows: usize,
-    kv_capacity_tokens: usize,
     labels: EngineLabels,
     /// Set when the thread has exited (model memory freed).
     stopped: AtomicBool,
@@ -352,7 +370,6 @@ impl EngineHandle {
             draining: AtomicBool::new(false),
             context_length,
             embedding_rows: model.model.config().vocab_size,
-            kv_capacity_tokens: blocks * config.block_size,
             config: config.clone(),
             labels: labels.clone(),
             stopped: AtomicBool::new(false),
@@ -440,60 +457,41 @@ impl EngineHandle {
         self.shared.stopped.load(Ordering::Relaxed)
     }
 
-    /// Checks a request against the model's limits without queueing it.
+    /// Checks a request against the model's limits without queueing it: the
+    /// same rule, and the same messages, as validation (without the server's
+    /// caps).
     pub fn check(&self, req: &Request) -> Result<(), SubmitError> {
-        if req.prompt.is_empty() {
-            return Err(SubmitError::Invalid {
-                param: "prompt".into(),
-                message: "the prompt is empty".into(),
-            });
-        }
-        if req.max_tokens == 0 {
-            return Err(SubmitError::Invalid {
-                param: "max_tokens".into(),
-                message: "must be at least 1".into(),
-            });
-        }
         if let Some(job) = &req.score
             && (job.tokens.len() != req.max_tokens
                 || !(job.probes.is_empty() || job.probes.len() == job.tokens.len()))
         {
             return Err(SubmitError::Invalid {
                 param: "score".into(),
-                message: "a scoring job scores max_tokens tokens, with probes for each or none"
-                    .into(),
+                message:
+                    "score: a scoring job scores max_tokens tokens, with probes for each or none"
+                        .into(),
             });
         }
         if let Err(e) = req.sampling.validate() {
             return Err(match e {
-                crate::engine::Error::InvalidParam { param, message } => {
-                    SubmitError::Invalid { param, message }
-                }
+                crate::engine::Error::InvalidParam { param, message } => SubmitError::Invalid {
+                    message: format!("{param}: {message}"),
+                    param,
+                },
                 other => SubmitError::Invalid {
                     param: "sampling".into(),
                     message: other.to_string(),
                 },
             });
         }
-        let ctx = self.shared.context_length;
-        let total = req.prompt.len() + req.max_tokens;
-        if req.prompt.len() >= ctx || total > ctx {
-            return Err(SubmitError::ContextLength {
-                message: format!(
-                    "This model's maximum context length is {ctx} tokens. However, you requested {total} tokens ({} in the prompt, {} for the completion). Please reduce the prompt or max_tokens.",
-                    req.prompt.len(),
-                    req.max_tokens
-                ),
-            });
-        }
-        if total > self.shared.kv_capacity_tokens {
-            return Err(SubmitError::ContextLength {
-                message: format!(
-                    "the request needs {total} tokens of KV cache but the pool holds {}",
-                    self.shared.kv_capacity_tokens
-                ),
-            });
-        }
+        let context = self.shared.context_length;
+        length::max_new_tokens(
+            context,
+            LengthCaps::default(),
+            "prompt",
+            req.prompt.len(),
+            Some(req.max_tokens),
+        )?;
         Ok(())
     }
 

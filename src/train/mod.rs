@@ -297,196 +297,55 @@ fn save_vars(vars: &[(String, Var)], path: &Path) -> anyhow::Result<()> {
 pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
     let dev = Device::Cpu;
     let corpus = Corpus::load(&args.data)?;
-    // Model shape, tokenizer and initial weights.
-    let (config_json, tokenizer_json, mut vars, tokenizer_config) = match &args.base {
-        Some(base) => {
-            let cfg_text =
-                std::fs::read_to_string(base.join("config.json")).context("base config.json")?;
-            let cfg = ModelConfig::from_hf_json(&cfg_text, &base.join("config.json"))?;
-            if cfg.arch != Arch::Llama {
-                bail!("fine-tuning supports Llama-family models");
-            }
-            let tok = std::fs::read_to_string(base.join("tokenizer.json"))
-                .context("base tokenizer.json")?;
-            let tk_cfg = std::fs::read_to_string(base.join("tokenizer_config.json"))
-                .unwrap_or_else(|_| "{}".into());
-            let mut files = vec![];
-            for e in std::fs::read_dir(base)? {
-                let p = e?.path();
-                if p.extension().and_then(|x| x.to_str()) == Some("safetensors") {
-                    files.push(p);
-                }
-            }
-            files.sort();
-            let mut vars = vec![];
-            for f in files {
-                vars.extend(load_vars(&f)?);
-            }
-            (
-                serde_json::from_str::<serde_json::Value>(&cfg_text)?,
-                tok,
-                vars,
-                tk_cfg,
-            )
-        }
-        None => {
-            let mut spec = preset(&args.preset)?;
-            spec.layers = args.layers.unwrap_or(spec.layers);
-            spec.hidden = args.hidden.unwrap_or(spec.hidden);
-            spec.heads = args.heads.unwrap_or(spec.heads);
-            spec.kv_heads = args.kv_heads.unwrap_or(spec.kv_heads);
-            spec.head_dim = spec.hidden / spec.heads;
-            spec.intermediate = args.intermediate.unwrap_or(spec.intermediate);
-            spec.max_position_embeddings = args.context.unwrap_or(spec.max_position_embeddings);
-            spec.vocab = args.vocab_size.unwrap_or(spec.vocab);
-            spec.seed = args.seed;
-            let tok = match &args.tokenizer {
-                Some(p) => std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
-                None => train_tokenizer(&corpus.texts(), spec.vocab)?,
-            };
-            let probe = tokenizers::Tokenizer::from_bytes(tok.as_bytes())
-                .map_err(|e| anyhow::anyhow!(e))?;
-            spec.vocab = spec.vocab.max(probe.get_vocab_size(true));
-            spec.bos_token_id = probe.token_to_id("<s>").context("tokenizer has no <s>")?;
-            spec.eos_token_id = probe.token_to_id("</s>").context("tokenizer has no </s>")?;
-            let vars = spec
-                .tensors()?
-                .into_iter()
-                .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let tk_cfg = serde_json::json!({
-                "bos_token": "<s>",
-                "eos_token": "</s>",
-                "add_bos_token": true,
-                "chat_template": DEFAULT_CHAT_TEMPLATE,
-            })
-            .to_string();
-            (spec.config_json(), tok, vars, tk_cfg)
-        }
+    let mut start = match &args.base {
+        Some(base) => Start::from_base(base)?,
+        None => Start::from_scratch(args, &corpus)?,
     };
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
-    let cfg = ModelConfig::from_hf_json(&config_json.to_string(), Path::new("config.json"))?;
-    let bos = cfg.bos_token_id.context("config has no bos_token_id")?;
-    let eos = *cfg
-        .eos_token_ids
-        .first()
-        .context("config has no eos_token_id")?;
-    let tokenizer = Tokenizer::from_bytes(
-        tokenizer_json.as_bytes(),
-        "tokenizer.json",
-        Some(bos),
-        vec![eos],
-    )?;
-    let all = data::examples(&corpus, &tokenizer, Specials { bos, eos }, args.seq_len)?;
-    let (train, eval) = data::split(all, args.eval_fraction, args.seed);
-    if train.is_empty() {
-        bail!("no training examples");
-    }
-    let train_tokens: usize = train
-        .iter()
-        .map(|e| e.mask.iter().filter(|m| **m > 0.0).count())
-        .sum();
-    let parameters: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
+    start.vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let cfg = ModelConfig::from_hf_json(&start.config.to_string(), Path::new("config.json"))?;
+    let (train, eval, eos) = examples(&start.tokenizer, &cfg, &corpus, args)?;
+    let parameters: usize = start.vars.iter().map(|(_, v)| v.elem_count()).sum();
     if !args.quiet {
+        let targets: usize = train
+            .iter()
+            .map(|e| e.mask.iter().filter(|m| **m > 0.0).count())
+            .sum();
         eprintln!(
-            "training {} parameters on {} examples ({} target tokens), {} held out",
-            parameters,
+            "training {parameters} parameters on {} examples ({targets} target tokens), {} held out",
             train.len(),
-            train_tokens,
             eval.len()
         );
     }
 
-    let mut opt = AdamW::new(
-        AdamWConfig {
-            weight_decay: args.weight_decay,
-            ..Default::default()
-        },
-        &vars,
-    )?;
-    let mut report = TrainReport {
-        parameters,
+    let adamw = AdamWConfig {
+        weight_decay: args.weight_decay,
         ..Default::default()
     };
-    let mut start_step = 0;
-    if let Some(ck) = &args.resume {
-        let state: CheckpointState = serde_json::from_str(
-            &std::fs::read_to_string(ck.join("state.json")).context("checkpoint state.json")?,
-        )?;
-        let saved = load_vars(&ck.join("model.safetensors"))?;
-        let saved: HashMap<String, Var> = saved.into_iter().collect();
-        for (n, v) in &vars {
-            let s = saved
-                .get(n)
-                .with_context(|| format!("checkpoint lacks {n}"))?;
-            v.set(s.as_tensor())?;
-        }
-        let moments = candle_core::safetensors::load(ck.join("optimizer.safetensors"), &dev)?;
-        for (n, (m, v)) in opt.moments.iter_mut() {
-            *m = moments
-                .get(&format!("m.{n}"))
-                .cloned()
-                .context("checkpoint moments")?;
-            *v = moments
-                .get(&format!("v.{n}"))
-                .cloned()
-                .context("checkpoint moments")?;
-        }
-        opt.t = state.adam_t;
-        start_step = state.step;
-        report = state.report;
-    }
-    let model = TrainModel::new(cfg.clone(), vars.clone(), &dev)?;
+    let mut opt = AdamW::new(adamw, &start.vars)?;
+    let (start_step, mut report) = match &args.resume {
+        Some(ck) => resume(ck, &start.vars, &mut opt, &dev)?,
+        None => (0, TrainReport::default()),
+    };
+    report.parameters = parameters;
+    let model = TrainModel::new(cfg.clone(), start.vars.clone(), &dev)?;
     std::fs::create_dir_all(&args.out)?;
     // Everything but the weights is known now; writing it first makes every
     // checkpoint a servable folder.
     let meta = Metadata {
-        config: serde_json::to_string_pretty(&config_json)?,
-        tokenizer: tokenizer_json.clone(),
-        tokenizer_config: tokenizer_config.clone(),
+        config: serde_json::to_string_pretty(&start.config)?,
+        tokenizer: start.tokenizer,
+        tokenizer_config: start.tokenizer_config,
     };
     meta.write(&args.out)?;
 
-    let bar = if args.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let b = indicatif::ProgressBar::new(args.steps);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_position(start_step);
-        b
-    };
+    let bar = progress_bar(args, start_step);
     let last = args.stop_after.unwrap_or(args.steps).min(args.steps);
     let started = Instant::now();
     let mut tokens_seen = 0usize;
     for step in start_step..last {
         let lr = optim::cosine_lr(step, args.lr, args.warmup, args.steps, args.min_lr_ratio);
-        let mut grads: HashMap<String, Tensor> = HashMap::new();
-        let mut step_loss = 0f32;
-        for micro in 0..args.grad_accum.max(1) {
-            let ms = step * args.grad_accum.max(1) as u64 + micro as u64;
-            let idx = data::batch_indices(train.len(), args.batch_size, ms, args.seed);
-            let batch: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
-            let (ids, tg, mask) = batch_tensors(&batch, eos, &dev)?;
-            let (loss, n) = model.loss(&ids, &tg, &mask)?;
-            tokens_seen += n as usize;
-            step_loss += loss.to_scalar::<f32>()? / args.grad_accum.max(1) as f32;
-            let scaled = (loss / args.grad_accum.max(1) as f64)?;
-            let g = scaled.backward()?;
-            for (name, var) in model.vars() {
-                if let Some(gv) = g.get(var.as_tensor()) {
-                    let acc = match grads.remove(name) {
-                        Some(prev) => (prev + gv)?,
-                        None => gv.clone(),
-                    };
-                    grads.insert(name.clone(), acc);
-                }
-            }
-        }
+        let (step_loss, mut grads, tokens) = gradients(&model, &train, args, step, eos, &dev)?;
+        tokens_seen += tokens;
         optim::clip_grad_norm(&mut grads, args.clip)?;
         opt.step(model.vars(), &grads, lr)?;
         report.losses.push((step + 1, step_loss));
@@ -505,12 +364,10 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
                 (el as f64).exp()
             );
             // A bar drawn to a terminal prints above itself; in a log file it is hidden.
-            if bar.is_hidden() {
-                if !args.quiet {
-                    eprintln!("{line}");
-                }
-            } else {
-                bar.println(line);
+            match (bar.is_hidden(), args.quiet) {
+                (false, _) => bar.println(line),
+                (true, false) => eprintln!("{line}"),
+                (true, true) => {}
             }
         }
         if args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 {
@@ -526,17 +383,221 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
     if args.stop_after.is_some_and(|s| s < args.steps) {
         checkpoint(&args.out, report.steps, model.vars(), &opt, &report, &meta)?;
     }
-    // The servable folder.
+    write_servable(args, &model, &cfg, &corpus, &report)?;
+    Ok(report)
+}
+
+/// Tokenizes the corpus into training examples and splits off the held-out
+/// ones; returns them with the end-of-sequence id (also the padding).
+fn examples(
+    tokenizer_json: &str,
+    cfg: &ModelConfig,
+    corpus: &Corpus,
+    args: &TrainArgs,
+) -> anyhow::Result<(Vec<Example>, Vec<Example>, u32)> {
+    let bos = cfg.bos_token_id.context("config has no bos_token_id")?;
+    let eos = *cfg
+        .eos_token_ids
+        .first()
+        .context("config has no eos_token_id")?;
+    let tokenizer = Tokenizer::from_bytes(
+        tokenizer_json.as_bytes(),
+        "tokenizer.json",
+        Some(bos),
+        vec![eos],
+    )?;
+    let all = data::examples(corpus, &tokenizer, Specials { bos, eos }, args.seq_len)?;
+    let (train, eval) = data::split(all, args.eval_fraction, args.seed);
+    if train.is_empty() {
+        bail!("no training examples");
+    }
+    Ok((train, eval, eos))
+}
+
+/// The servable folder's weights, model card and report (the metadata is
+/// written before training starts).
+fn write_servable(
+    args: &TrainArgs,
+    model: &TrainModel,
+    cfg: &ModelConfig,
+    corpus: &Corpus,
+    report: &TrainReport,
+) -> anyhow::Result<()> {
     save_vars(model.vars(), &args.out.join("model.safetensors"))?;
     std::fs::write(
         args.out.join("README.md"),
-        model_card(args, &cfg, &corpus, &report),
+        model_card(args, cfg, corpus, report),
     )?;
     std::fs::write(
         args.out.join("train_report.json"),
-        serde_json::to_string_pretty(&report)?,
+        serde_json::to_string_pretty(report)?,
     )?;
-    Ok(report)
+    Ok(())
+}
+
+/// What training starts from: the model's shape, its tokenizer and its
+/// initial weights.
+struct Start {
+    /// `config.json`.
+    config: serde_json::Value,
+    /// `tokenizer.json`.
+    tokenizer: String,
+    /// `tokenizer_config.json`.
+    tokenizer_config: String,
+    vars: Vec<(String, Var)>,
+}
+
+impl Start {
+    /// A Hugging Face Llama-family folder to fine-tune.
+    fn from_base(base: &Path) -> anyhow::Result<Self> {
+        let cfg_text =
+            std::fs::read_to_string(base.join("config.json")).context("base config.json")?;
+        let cfg = ModelConfig::from_hf_json(&cfg_text, &base.join("config.json"))?;
+        if cfg.arch != Arch::Llama {
+            bail!("fine-tuning supports Llama-family models");
+        }
+        let tokenizer =
+            std::fs::read_to_string(base.join("tokenizer.json")).context("base tokenizer.json")?;
+        let tokenizer_config = std::fs::read_to_string(base.join("tokenizer_config.json"))
+            .unwrap_or_else(|_| "{}".into());
+        let mut vars = vec![];
+        for f in crate::engine::safetensors_files(base)? {
+            vars.extend(load_vars(&f)?);
+        }
+        Ok(Self {
+            config: serde_json::from_str(&cfg_text)?,
+            tokenizer,
+            tokenizer_config,
+            vars,
+        })
+    }
+
+    /// The preset's shape with the flags' overrides, seeded weights, and a
+    /// BPE tokenizer trained on the corpus unless one is given.
+    fn from_scratch(args: &TrainArgs, corpus: &Corpus) -> anyhow::Result<Self> {
+        let mut spec = preset(&args.preset)?;
+        spec.layers = args.layers.unwrap_or(spec.layers);
+        spec.hidden = args.hidden.unwrap_or(spec.hidden);
+        spec.heads = args.heads.unwrap_or(spec.heads);
+        spec.kv_heads = args.kv_heads.unwrap_or(spec.kv_heads);
+        spec.head_dim = spec.hidden / spec.heads;
+        spec.intermediate = args.intermediate.unwrap_or(spec.intermediate);
+        spec.max_position_embeddings = args.context.unwrap_or(spec.max_position_embeddings);
+        spec.vocab = args.vocab_size.unwrap_or(spec.vocab);
+        spec.seed = args.seed;
+        let tokenizer = match &args.tokenizer {
+            Some(p) => std::fs::read_to_string(p).with_context(|| p.display().to_string())?,
+            None => train_tokenizer(&corpus.texts(), spec.vocab)?,
+        };
+        let probe = tokenizers::Tokenizer::from_bytes(tokenizer.as_bytes())
+            .map_err(|e| anyhow::anyhow!(e))?;
+        spec.vocab = spec.vocab.max(probe.get_vocab_size(true));
+        spec.bos_token_id = probe.token_to_id("<s>").context("tokenizer has no <s>")?;
+        spec.eos_token_id = probe.token_to_id("</s>").context("tokenizer has no </s>")?;
+        let vars = spec
+            .tensors()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, Var::from_tensor(&t)?)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let tokenizer_config = serde_json::json!({
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "add_bos_token": true,
+            "chat_template": DEFAULT_CHAT_TEMPLATE,
+        })
+        .to_string();
+        Ok(Self {
+            config: spec.config_json(),
+            tokenizer,
+            tokenizer_config,
+            vars,
+        })
+    }
+}
+
+/// Loads a checkpoint's weights into `vars` and its moments into `opt`;
+/// returns the step to continue from and the report so far.
+fn resume(
+    ck: &Path,
+    vars: &[(String, Var)],
+    opt: &mut AdamW,
+    dev: &Device,
+) -> anyhow::Result<(u64, TrainReport)> {
+    let state: CheckpointState = serde_json::from_str(
+        &std::fs::read_to_string(ck.join("state.json")).context("checkpoint state.json")?,
+    )?;
+    let saved: HashMap<String, Var> = load_vars(&ck.join("model.safetensors"))?
+        .into_iter()
+        .collect();
+    for (n, v) in vars {
+        let s = saved
+            .get(n)
+            .with_context(|| format!("checkpoint lacks {n}"))?;
+        v.set(s.as_tensor())?;
+    }
+    let moments = candle_core::safetensors::load(ck.join("optimizer.safetensors"), dev)?;
+    let moment = |kind: &str, n: &str| {
+        moments
+            .get(&format!("{kind}.{n}"))
+            .cloned()
+            .context("checkpoint moments")
+    };
+    for (n, (m, v)) in opt.moments.iter_mut() {
+        (*m, *v) = (moment("m", n)?, moment("v", n)?);
+    }
+    opt.t = state.adam_t;
+    Ok((state.step, state.report))
+}
+
+/// One optimizer step's gradients, summed over its micro-batches: returns
+/// the step's mean loss, the gradients by name, and the target tokens seen.
+fn gradients(
+    model: &TrainModel,
+    train: &[Example],
+    args: &TrainArgs,
+    step: u64,
+    pad: u32,
+    dev: &Device,
+) -> anyhow::Result<(f32, HashMap<String, Tensor>, usize)> {
+    let accum = args.grad_accum.max(1);
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let (mut step_loss, mut tokens) = (0f32, 0usize);
+    for micro in 0..accum {
+        let ms = step * accum as u64 + micro as u64;
+        let idx = data::batch_indices(train.len(), args.batch_size, ms, args.seed);
+        let batch: Vec<&Example> = idx.iter().map(|&i| &train[i]).collect();
+        let (ids, tg, mask) = batch_tensors(&batch, pad, dev)?;
+        let (loss, n) = model.loss(&ids, &tg, &mask)?;
+        tokens += n as usize;
+        step_loss += loss.to_scalar::<f32>()? / accum as f32;
+        let g = (loss / accum as f64)?.backward()?;
+        for (name, var) in model.vars() {
+            if let Some(gv) = g.get(var.as_tensor()) {
+                let acc = match grads.remove(name) {
+                    Some(prev) => (prev + gv)?,
+                    None => gv.clone(),
+                };
+                grads.insert(name.clone(), acc);
+            }
+        }
+    }
+    Ok((step_loss, grads, tokens))
+}
+
+/// A progress bar on a terminal, hidden when quiet.
+fn progress_bar(args: &TrainArgs, start_step: u64) -> indicatif::ProgressBar {
+    if args.quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(args.steps);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b.set_position(start_step);
+    b
 }
 
 /// The non-weight files of a model folder.
