@@ -5,6 +5,7 @@ pub mod bench_engine;
 pub mod generate;
 pub mod models;
 pub mod rollout;
+pub mod shadow;
 pub mod tools;
 
 use clap::{Parser, Subcommand};
@@ -60,6 +61,8 @@ pub enum Command {
     Models(models::ModelsArgs),
     /// Start and steer canary rollouts on a running server.
     Rollout(rollout::RolloutArgs),
+    /// Mirror live traffic to a candidate and compare (shadow evaluation).
+    Shadow(shadow::ShadowArgs),
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {
@@ -124,6 +127,10 @@ pub fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(rollout::run(args)),
+        Command::Shadow(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(shadow::run(args)),
         Command::ExportGguf(args) => tools::export_gguf(args),
     }
 }

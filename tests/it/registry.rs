@@ -232,6 +232,14 @@ async fn admin_routes_refuse_inference_keys_and_bad_inputs_change_nothing() {
             Some(json!({"version": "v1"})),
         ),
         (M::DELETE, "/admin/v1/models/tiny/aliases/canary", None),
+        (
+            M::PUT,
+            "/admin/v1/models/tiny/shadow",
+            Some(json!({"version": "v1"})),
+        ),
+        (M::GET, "/admin/v1/models/tiny/shadow", None),
+        (M::DELETE, "/admin/v1/models/tiny/shadow", None),
+        (M::GET, "/admin/v1/models/tiny/shadow/samples", None),
         (M::GET, "/admin/v1/audit", None),
     ];
     for (m, path, body) in &routes {

@@ -613,3 +613,87 @@ async fn planted_personal_data_never_reaches_samples_or_logs() {
         assert!(!logged.contains(secret), "{secret} logged");
     }
 }
+
+/// Runs `llmops shadow …` against `s`'s gRPC admin service; returns its JSON.
+fn cli(s: &TestServer, args: &[&str]) -> Result<Value, String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmops"))
+        .arg("shadow")
+        .args(["--url", &format!("http://{}", s.grpc), "--api-key", ADMIN])
+        .args(args)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).to_string());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_sets_reads_and_clears_a_shadow_over_grpc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let other = write(
+        tmp.path(),
+        "other",
+        SynthSpec {
+            seed: 5,
+            ..SynthSpec::tiny_llama()
+        },
+    );
+    let s = TestServer::start(keys).await;
+    let base = s.url("");
+    let c = reqwest::Client::new();
+    register(&c, &base, &other, "other").await;
+    let set = cli(
+        &s,
+        &[
+            "set", "tiny", "other", "--mode", "score", "--rate", "0.5", "--reason", "cli",
+        ],
+    )
+    .unwrap();
+    assert_eq!(set["spec"]["mode"], "score", "{set}");
+    assert_eq!(set["spec"]["rate"], 0.5, "{set}");
+    // Refusals come back as gRPC statuses with the reason.
+    let e = cli(&s, &["set", "tiny", "v1"]).unwrap_err();
+    assert!(e.contains("stable version"), "{e}");
+    let e = cli(&s, &["set", "tiny", "other", "--mode", "loud"]).unwrap_err();
+    assert!(e.contains("InvalidArgument") && e.contains("loud"), "{e}");
+    let e = cli(&s, &["samples", "tiny"]).unwrap_err();
+    assert!(e.contains("samples.enabled"), "{e}");
+    // The rate samples requests by id: about half of 40 are copied.
+    for i in 0..40 {
+        complete(&c, &base, &format!("request {i}"), json!({"max_tokens": 2})).await;
+    }
+    let t0 = Instant::now();
+    let status = loop {
+        let st = cli(&s, &["status", "tiny"]).unwrap();
+        let v1 = &st["by_primary_version"]["v1"];
+        if v1["score"]["compared"].as_u64().unwrap_or(0)
+            + v1["dropped"]
+                .as_object()
+                .map_or(0, |d| d.values().filter_map(Value::as_u64).sum())
+            >= v1["mirrored"].as_u64().unwrap_or(u64::MAX)
+        {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "{st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mirrored = status["by_primary_version"]["v1"]["mirrored"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (10..=30).contains(&mirrored),
+        "{mirrored} of 40 mirrored at rate 0.5: {status}"
+    );
+    let cleared = cli(&s, &["clear", "tiny", "--reason", "done"]).unwrap();
+    assert!(
+        cleared["message"].as_str().unwrap().contains("cleared"),
+        "{cleared}"
+    );
+    assert!(
+        cli(&s, &["status", "tiny"])
+            .unwrap_err()
+            .contains("NotFound")
+    );
+    s.stop().await;
+}

@@ -13,6 +13,7 @@ use crate::monitor::canary::{Analysis, Gate};
 use crate::proto as pb;
 use crate::registry::VersionRecord;
 use crate::router::StickyKey;
+use crate::shadow::{Mode, SampleSpec, ShadowSpec};
 
 /// State of the admin service.
 #[derive(Clone)]
@@ -316,6 +317,111 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(ApiError::from)?;
         Ok(Response::new(rollout_pb(&status)))
     }
+
+    async fn set_shadow(
+        &self,
+        req: Request<pb::SetShadowRequest>,
+    ) -> Result<Response<pb::ShadowStatus>, Status> {
+        let p = self.admin(&req)?;
+        let r = req.into_inner();
+        let spec = shadow_spec(&r)?;
+        let status = self
+            .ops
+            .set_shadow(&Self::actor(&p, &r.reason), &r.model, spec)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(shadow_pb(&r.model, status)))
+    }
+
+    async fn get_shadow(
+        &self,
+        req: Request<pb::ShadowRef>,
+    ) -> Result<Response<pb::ShadowStatus>, Status> {
+        self.admin(&req)?;
+        let model = &req.get_ref().model;
+        let status = self.ops.shadow(model).map_err(ApiError::from)?;
+        Ok(Response::new(shadow_pb(model, status)))
+    }
+
+    async fn clear_shadow(
+        &self,
+        req: Request<pb::ShadowRef>,
+    ) -> Result<Response<pb::AdminResponse>, Status> {
+        let p = self.admin(&req)?;
+        let r = req.into_inner();
+        self.ops
+            .clear_shadow(&Self::actor(&p, &r.reason), &r.model)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::AdminResponse {
+            message: format!("{} shadow cleared", r.model),
+        }))
+    }
+
+    async fn list_shadow_samples(
+        &self,
+        req: Request<pb::ShadowRef>,
+    ) -> Result<Response<pb::ShadowSamples>, Status> {
+        self.admin(&req)?;
+        let samples = self
+            .ops
+            .shadow_samples(&req.get_ref().model)
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ShadowSamples {
+            samples_json: samples
+                .iter()
+                .filter_map(|s| serde_json::to_string(s).ok())
+                .collect(),
+        }))
+    }
+}
+
+fn shadow_pb(model: &str, status: serde_json::Value) -> pb::ShadowStatus {
+    let spec = &status["spec"];
+    pb::ShadowStatus {
+        model: model.to_string(),
+        candidate: spec["version"].as_str().unwrap_or_default().to_string(),
+        mode: spec["mode"].as_str().unwrap_or_default().to_string(),
+        rate: spec["rate"].as_f64().unwrap_or_default(),
+        inflight: status["inflight"].as_u64().unwrap_or_default() as u32,
+        status_json: status.to_string(),
+    }
+}
+
+/// The settings a `SetShadowRequest` asks for, defaults where it is silent.
+fn shadow_spec(r: &pb::SetShadowRequest) -> Result<ShadowSpec, ApiError> {
+    let mode = match r.mode.as_str() {
+        "" | "generate" => Mode::Generate,
+        "score" => Mode::Score,
+        other => {
+            return Err(ApiError::invalid(
+                "mode",
+                format!("`{other}` is not generate or score"),
+            ));
+        }
+    };
+    let d: ShadowSpec = serde_json::from_value(serde_json::json!({"version": r.version}))
+        .map_err(|e| ApiError::invalid("version", e.to_string()))?;
+    let samples = SampleSpec {
+        enabled: r.samples,
+        capacity: r
+            .samples_capacity
+            .map_or(d.samples.capacity, |c| c as usize),
+        retention_secs: r
+            .samples_retention_seconds
+            .unwrap_or(d.samples.retention_secs),
+        redact: r.redact.clone(),
+    };
+    Ok(ShadowSpec {
+        rate: r.rate.unwrap_or(d.rate),
+        mode,
+        max_concurrent: r.max_concurrent.map_or(d.max_concurrent, |c| c as usize),
+        tokens_per_second: r.tokens_per_second,
+        timeout_secs: r.timeout_seconds.unwrap_or(d.timeout_secs),
+        top_k: r.top_k.map_or(d.top_k, |k| k as usize),
+        samples,
+        ..d
+    })
 }
 
 fn rollout_pb(s: &RolloutStatus) -> pb::Rollout {
