@@ -19,6 +19,7 @@ mod rollout;
 mod scheduler;
 mod server;
 mod support;
+mod tls;
 mod train;
 
 /// Runs before any test (and any thread they start).
