@@ -387,16 +387,9 @@ impl Worker {
         drop(batch);
         state.advance(&plan);
         if let Err(e) = result {
+            tracing::error!(error = %e, sequences = plan.entries.len(), "forward pass failed; running its sequences one by one");
             self.logits = flat;
-            tracing::error!(error = %e, "forward pass failed");
-            let msg = format!("the engine failed: {e}");
-            for entry in &plan.entries {
-                state.running[entry.index].payload.failed = Some(msg.clone());
-            }
-            for mut s in state.remove_where(|s| s.payload.failed.is_some()) {
-                self.finish(&mut s);
-            }
-            return;
+            flat = self.isolate_failures(model, kv, state, &plan, &mut row_of, rows);
         }
         let vocab = flat.len().checked_div(rows).unwrap_or(0);
         let mut slots: Vec<Option<&mut [f32]>> = vec![];
@@ -459,6 +452,56 @@ impl Worker {
             .step_decode_tokens
             .record(plan.decode_tokens as f64);
         self.metrics.step_time.record(elapsed.as_secs_f64());
+    }
+}
+
+impl Worker {
+    /// After a batched forward failed: runs each sequence of the step alone,
+    /// fails only those that fail alone (their error is theirs), and returns
+    /// the others' logits in the step's rows (zeros for the failed). Running
+    /// a sequence again is safe: its forward rewrites the KV of its own
+    /// positions only, with the same values whatever else was in the batch.
+    fn isolate_failures(
+        &mut self,
+        model: &crate::engine::Model,
+        kv: &mut KvCache,
+        state: &mut State<Io>,
+        plan: &super::state::Plan,
+        row_of: &mut [Option<usize>],
+        rows: usize,
+    ) -> Vec<f32> {
+        let (mut out, mut one) = (Vec::new(), Vec::new());
+        for e in &plan.entries {
+            let s = &state.running[e.index];
+            let mut batch = Batch::new();
+            let logits = if e.sample { Logits::Last } else { Logits::None };
+            batch.push(
+                &s.tokens[e.start..e.start + e.len],
+                e.start,
+                &s.blocks,
+                logits,
+            );
+            match model.forward_into(&batch, kv, &mut self.scratch, &mut one) {
+                Ok(()) => {
+                    if let Some(r) = row_of[e.index] {
+                        let vocab = one.len();
+                        if out.is_empty() {
+                            out = vec![0.0; rows * vocab];
+                        }
+                        if let Some(dst) = out.get_mut(r * vocab..(r + 1) * vocab) {
+                            dst.copy_from_slice(&one);
+                        }
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "a sequence fails the forward pass alone; failing it only");
+                    state.running[e.index].payload.failed =
+                        Some(format!("the engine failed on this request: {err}"));
+                    row_of[e.index] = None;
+                }
+            }
+        }
+        out
     }
 }
 
