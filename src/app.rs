@@ -120,22 +120,22 @@ pub async fn run(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|v| *v).await;
     };
-    let http_server = tokio::spawn(
-        axum::serve(
-            listeners.http.tap_io(no_delay),
-            http_app.into_make_service(),
-        )
-        .with_graceful_shutdown(wait(stop_rx.clone()))
-        .into_future(),
-    );
-    let grpc_server = tokio::spawn(
-        axum::serve(
-            listeners.grpc.tap_io(no_delay),
-            grpc_app.into_make_service(),
-        )
-        .with_graceful_shutdown(wait(stop_rx.clone()))
-        .into_future(),
-    );
+    let tls = cfg
+        .server
+        .tls
+        .as_ref()
+        .map(crate::api::tls::Tls::load)
+        .transpose()?;
+    if let Some(t) = &tls {
+        tracing::info!(?t, "serving HTTP and gRPC over TLS");
+    }
+    let http_server = tokio::spawn(serve(
+        listeners.http,
+        tls.clone(),
+        http_app,
+        wait(stop_rx.clone()),
+    ));
+    let grpc_server = tokio::spawn(serve(listeners.grpc, tls, grpc_app, wait(stop_rx.clone())));
     let metrics_server = listeners.metrics.map(|l| {
         tokio::spawn(
             axum::serve(
@@ -204,6 +204,26 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+/// Serves `app` on `listener`, over TLS when configured, until `shutdown`.
+async fn serve(
+    listener: TcpListener,
+    tls: Option<crate::api::tls::Tls>,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    match tls {
+        Some(tls) => crate::api::tls::serve(listener, tls, app, shutdown).await,
+        None => {
+            let served = axum::serve(listener.tap_io(no_delay), app.into_make_service())
+                .with_graceful_shutdown(shutdown)
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "server stopped");
+            }
+        }
     }
 }
 

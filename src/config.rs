@@ -93,6 +93,19 @@ pub struct ServeArgs {
     /// evaluation); off by default, so clients cannot bypass a rollout.
     #[arg(long, env = "LLMOPS_ALLOW_VERSION_PINNING")]
     pub allow_version_pinning: bool,
+    /// Serve HTTP and gRPC over TLS with this certificate chain (PEM);
+    /// needs --tls-key.
+    #[arg(long, env = "LLMOPS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "LLMOPS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that admin clients' certificates must chain
+    /// to: with it, the admin API (HTTP /admin/, gRPC llmops.v1.Admin) is
+    /// refused on connections without such a certificate; inference clients
+    /// need none. Needs TLS.
+    #[arg(long, env = "LLMOPS_ADMIN_CLIENT_CA")]
+    pub admin_client_ca: Option<PathBuf>,
 }
 
 /// Listener and process settings.
@@ -116,6 +129,20 @@ pub struct ServerConfig {
     pub model_roots: Vec<PathBuf>,
     /// Whether clients may ask for `model@version`.
     pub allow_version_pinning: bool,
+    /// TLS for the HTTP and gRPC listeners; plain TCP when absent.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS files, read when the server starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM), leaf first.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// CA (PEM) that admin clients' certificates must chain to; when set,
+    /// admin routes need such a certificate on the connection.
+    pub admin_client_ca: Option<PathBuf>,
 }
 
 /// Request limits enforced by the front ends.
@@ -184,6 +211,9 @@ struct FileServer {
     gguf_weights: Option<GgufWeights>,
     model_roots: Option<Vec<PathBuf>>,
     allow_version_pinning: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    admin_client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -294,6 +324,7 @@ fn server_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<ServerCo
             .collect::<anyhow::Result<_>>()?,
         allow_version_pinning: args.allow_version_pinning
             || file.allow_version_pinning.unwrap_or(false),
+        tls: tls_config(args, file)?,
     })
 }
 
@@ -426,6 +457,38 @@ fn keys(args: &ServeArgs, file: &FileAuth) -> anyhow::Result<Vec<KeyConfig>> {
     Ok(keys)
 }
 
+/// The TLS files: flags (or `LLMOPS_*`) over the file, checked for pairs.
+fn tls_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<Option<TlsConfig>> {
+    // A flag pair replaces the file's pair whole: never a flag's key with
+    // the file's certificate.
+    let (cert, key) = if args.tls_cert.is_some() || args.tls_key.is_some() {
+        (args.tls_cert.clone(), args.tls_key.clone())
+    } else {
+        (file.tls_cert.clone(), file.tls_key.clone())
+    };
+    let ca = args
+        .admin_client_ca
+        .clone()
+        .or_else(|| file.admin_client_ca.clone());
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsConfig {
+            cert,
+            key,
+            admin_client_ca: ca,
+        })),
+        (None, None) => match ca {
+            Some(_) => bail!(
+                "admin_client_ca needs TLS: set tls_cert and tls_key (--tls-cert, --tls-key) too"
+            ),
+            None => Ok(None),
+        },
+        (Some(_), None) => bail!("tls_cert is set but tls_key is not (--tls-key, LLMOPS_TLS_KEY)"),
+        (None, Some(_)) => {
+            bail!("tls_key is set but tls_cert is not (--tls-cert, LLMOPS_TLS_CERT)")
+        }
+    }
+}
+
 /// `$XDG_DATA_HOME/llmops` or `~/.local/share/llmops`.
 pub fn default_data_dir() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
@@ -551,6 +614,49 @@ mod tests {
         std::fs::write(&path, "[server]\ngguf_weights = \"q4\"\n").unwrap();
         let err = format!("{:#}", load(&[]).unwrap_err());
         assert!(err.contains("gguf_weights") || err.contains("q4"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs_and_flags_replace_the_files_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmops.toml");
+        let config = path.display().to_string();
+        let load = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--config", &config];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| Config::load(&c.serve))
+        };
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(load(&[]).unwrap().unwrap().server.tls, None);
+        assert!(load(&["--tls-cert", "c.pem"]).is_err(), "a flag alone");
+        let err = load(&["--admin-client-ca", "ca.pem"]).unwrap().unwrap_err();
+        assert!(format!("{err:#}").contains("needs TLS"), "{err:#}");
+        std::fs::write(
+            &path,
+            "[server]\ntls_cert = \"f.crt\"\ntls_key = \"f.key\"\nadmin_client_ca = \"ca.pem\"\n",
+        )
+        .unwrap();
+        let tls = load(&[]).unwrap().unwrap().server.tls.unwrap();
+        assert_eq!(
+            (tls.cert.to_str(), tls.key.to_str()),
+            (Some("f.crt"), Some("f.key"))
+        );
+        assert_eq!(
+            tls.admin_client_ca.as_deref().and_then(|p| p.to_str()),
+            Some("ca.pem")
+        );
+        let tls = load(&["--tls-cert", "a.crt", "--tls-key", "a.key"])
+            .unwrap()
+            .unwrap()
+            .server
+            .tls
+            .unwrap();
+        assert_eq!(
+            (tls.cert.to_str(), tls.key.to_str()),
+            (Some("a.crt"), Some("a.key"))
+        );
+        std::fs::write(&path, "[server]\ntls_key = \"f.key\"\n").unwrap();
+        assert!(load(&[]).unwrap().is_err(), "a key without a certificate");
     }
 
     #[test]

@@ -23,12 +23,45 @@ pub struct AdminArgs {
     /// An API key with the admin role (sent as `authorization: Bearer …`).
     #[arg(long, env = "LLMOPS_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// CA certificate (PEM) to verify a TLS server with (`https://` URLs);
+    /// the system's roots are not used.
+    #[arg(long, env = "LLMOPS_ADMIN_CA")]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a server with `admin_client_ca`.
+    #[arg(long, env = "LLMOPS_ADMIN_CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, env = "LLMOPS_ADMIN_CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<std::path::PathBuf>,
 }
 
 impl AdminArgs {
     /// A connected client.
     pub async fn connect(&self) -> anyhow::Result<AdminClient<InterceptedService<Channel, Auth>>> {
-        connect(&self.url, self.api_key.as_deref()).await
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+        };
+        let tls = if self.url.starts_with("https://") {
+            let mut tls = tonic::transport::ClientTlsConfig::new();
+            if let Some(ca) = &self.ca_cert {
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+                tls = tls.identity(tonic::transport::Identity::from_pem(
+                    read(cert)?,
+                    read(key)?,
+                ));
+            }
+            Some(tls)
+        } else if self.ca_cert.is_some() || self.client_cert.is_some() {
+            anyhow::bail!(
+                "--ca-cert and --client-cert need an https:// --url (got {})",
+                self.url
+            );
+        } else {
+            None
+        };
+        connect_with(&self.url, self.api_key.as_deref(), tls).await
     }
 }
 
@@ -126,8 +159,23 @@ pub async fn connect(
     url: &str,
     api_key: Option<&str>,
 ) -> anyhow::Result<AdminClient<InterceptedService<Channel, Auth>>> {
-    let channel = Channel::from_shared(url.to_string())
-        .with_context(|| format!("bad --url {url}"))?
+    connect_with(url, api_key, None).await
+}
+
+/// [`connect`], over TLS when `tls` is given.
+pub async fn connect_with(
+    url: &str,
+    api_key: Option<&str>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> anyhow::Result<AdminClient<InterceptedService<Channel, Auth>>> {
+    let mut endpoint =
+        Channel::from_shared(url.to_string()).with_context(|| format!("bad --url {url}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("TLS settings for the admin client")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach {url}"))?;

@@ -428,6 +428,7 @@ impl Worker {
         let mut batch = Batch::new();
         // Logits rows of each entry, in plan order (the order they come back).
         let mut entry_rows = Vec::with_capacity(plan.entries.len());
+        let mut entry_logits = Vec::with_capacity(plan.entries.len());
         let mut sampled = 0;
         for e in &plan.entries {
             let s = &state.running[e.index];
@@ -446,6 +447,7 @@ impl Worker {
                 logits,
             );
             entry_rows.push(n);
+            entry_logits.push(logits);
             if s.payload.score.is_none() {
                 sampled += n;
             }
@@ -456,16 +458,9 @@ impl Worker {
         drop(batch);
         state.advance(&plan);
         if let Err(e) = result {
+            tracing::error!(error = %e, sequences = plan.entries.len(), "forward pass failed; running its sequences one by one");
             self.logits = flat;
-            tracing::error!(error = %e, "forward pass failed");
-            let msg = format!("the engine failed: {e}");
-            for entry in &plan.entries {
-                state.running[entry.index].payload.failed = Some(msg.clone());
-            }
-            for mut s in state.remove_where(|s| s.payload.failed.is_some()) {
-                self.finish(&mut s);
-            }
-            return;
+            flat = self.isolate_failures(model, kv, state, &plan, &entry_logits, &entry_rows);
         }
         let vocab = flat.len().checked_div(rows).unwrap_or(0);
         // Each sequence's rows: one to sample from, or a scoring job's span
@@ -477,7 +472,7 @@ impl Worker {
             for (e, &n) in plan.entries.iter().zip(&entry_rows) {
                 let (mine, tail) = rest.split_at_mut(n * vocab);
                 rest = tail;
-                if n > 0 {
+                if n > 0 && state.running[e.index].payload.failed.is_none() {
                     let first_pos = state.running[e.index]
                         .payload
                         .score
@@ -559,6 +554,57 @@ fn score_rows(sc: &mut Scoring, rows: &mut [f32], vocab: usize, first_pos: usize
         };
         let probes = sc.job.probes.get(k).map_or(&[][..], |p| p.as_slice());
         *slot = Some(crate::engine::score_row(row, token, probes));
+    }
+}
+
+impl Worker {
+    /// After a batched forward failed: runs each entry of the step alone,
+    /// fails only the sequences that fail alone (their error is theirs), and
+    /// returns the others' logits rows where the batch would have put them
+    /// (zeros for the failed). Running a sequence again is safe: its forward
+    /// rewrites the KV of its own positions only, with the same values
+    /// whatever else was in the batch.
+    fn isolate_failures(
+        &mut self,
+        model: &crate::engine::Model,
+        kv: &mut KvCache,
+        state: &mut State<Io>,
+        plan: &super::state::Plan,
+        entry_logits: &[Logits],
+        entry_rows: &[usize],
+    ) -> Vec<f32> {
+        let rows: usize = entry_rows.iter().sum();
+        let (mut out, mut one) = (Vec::new(), Vec::new());
+        let mut offset = 0;
+        for ((e, &logits), &n) in plan.entries.iter().zip(entry_logits).zip(entry_rows) {
+            let s = &state.running[e.index];
+            let mut batch = Batch::new();
+            batch.push(
+                &s.tokens[e.start..e.start + e.len],
+                e.start,
+                &s.blocks,
+                logits,
+            );
+            match model.forward_into(&batch, kv, &mut self.scratch, &mut one) {
+                Ok(()) if n > 0 => {
+                    let vocab = one.len() / n;
+                    if out.is_empty() {
+                        out = vec![0.0; rows * vocab];
+                    }
+                    if let Some(dst) = out.get_mut(offset * vocab..(offset + n) * vocab) {
+                        dst.copy_from_slice(&one);
+                    }
+                }
+                Ok(()) => {}
+                Err(err) => {
+                    tracing::error!(error = %err, "a sequence fails the forward pass alone; failing it only");
+                    state.running[e.index].payload.failed =
+                        Some(format!("the engine failed on this request: {err}"));
+                }
+            }
+            offset += n;
+        }
+        out
     }
 }
 

@@ -20,6 +20,7 @@ mod scheduler;
 mod server;
 mod shadow;
 mod support;
+mod tls;
 mod train;
 
 /// Runs before any test (and any thread they start).

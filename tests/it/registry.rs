@@ -1005,6 +1005,16 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
     let c = reqwest::Client::new();
     let p = spawn(&base, &data);
     wait_ready(&c, &p).await;
+    let cand = tiny(tmp.path(), "cand", 52);
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::POST,
+        format!("http://127.0.0.1:{}/admin/v1/models/tiny/versions", p.http),
+        Some(json!({"path": cand, "version": "v2"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
     drop(p);
     let log = data.join("audit.jsonl");
     let before = std::fs::read(&log).unwrap();
@@ -1031,6 +1041,51 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
         assert_eq!(after.len(), before.len(), "the partial line is cut off");
         assert!(after == before);
     }
+    // A hot swap whose audit entry cannot be written is refused to the
+    // caller and changes nothing: v1 still serves, and inference goes on.
+    let base_url = |s: &str| format!("http://127.0.0.1:{}{s}", p.http);
+    let (st, v) = admin(
+        &c,
+        reqwest::Method::PUT,
+        base_url("/admin/v1/models/tiny/aliases/stable"),
+        Some(json!({"version": "v2"})),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(st, 500, "{v}");
+    assert_eq!(v["error"]["type"], "server_error", "{v}");
+    let (_, model) = admin(
+        &c,
+        reqwest::Method::GET,
+        base_url("/admin/v1/models/tiny"),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(model["aliases"], json!({"stable": "v1"}), "{model}");
+    let (_, serving) = admin(
+        &c,
+        reqwest::Method::GET,
+        base_url("/admin/v1/serving"),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(
+        serving["models"][0]["serving"]["version"], "v1",
+        "{serving}"
+    );
+    for _ in 0..3 {
+        let r = c
+            .post(base_url("/v1/completions"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"model": "tiny", "prompt": "hi", "max_tokens": 4}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "inference goes on with the disk full");
+    }
+    assert!(std::fs::read(&log).unwrap() == before, "no partial line");
     drop(p);
 
     // With room again, the next append lands on a clean line.
@@ -1146,4 +1201,208 @@ async fn with_model_roots_only_paths_under_them_can_be_registered() {
     let (st, v) = register(inside).await;
     assert_eq!(st, 201, "{v}");
     s.stop().await;
+}
+
+// ---- crash faults during loads, unloads and rollouts (issue 18, "Faults") ----
+
+/// Every audit entry, page by page.
+async fn audit_entries(c: &reqwest::Client, http: u16) -> Vec<Value> {
+    let mut entries: Vec<Value> = vec![];
+    loop {
+        let after = entries.last().map_or(0, |e| e["seq"].as_u64().unwrap());
+        let (st, page) = admin(
+            c,
+            reqwest::Method::GET,
+            format!("http://127.0.0.1:{http}/admin/v1/audit?after={after}&limit=1000"),
+            None,
+            ADMIN,
+        )
+        .await;
+        assert_eq!(st, 200, "{page}");
+        let page = page["entries"].as_array().unwrap().clone();
+        if page.is_empty() {
+            return entries;
+        }
+        entries.extend(page);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny(tmp.path(), "base", 61);
+    let cands: Vec<PathBuf> = (0..3)
+        .map(|i| tiny(tmp.path(), &format!("k{i}"), 62 + i))
+        .collect();
+    let data = tmp.path().join("data");
+    let c = reqwest::Client::new();
+    {
+        let p = spawn(&base, &data);
+        wait_ready(&c, &p).await;
+        for (i, path) in cands.iter().enumerate() {
+            let (st, v) = admin(
+                &c,
+                reqwest::Method::POST,
+                format!("http://127.0.0.1:{}/admin/v1/models/tiny/versions", p.http),
+                Some(json!({"path": path, "version": format!("k{i}")})),
+                ADMIN,
+            )
+            .await;
+            assert_eq!(st, 201, "{v}");
+        }
+    }
+    let mut rolled_back_by_restart = std::collections::BTreeSet::new();
+    for round in 0..6u64 {
+        let p = spawn(&base, &data);
+        wait_ready(&c, &p).await;
+        let url = |s: &str| format!("http://127.0.0.1:{}{s}", p.http);
+
+        // The catalog is the replay of the log: versions, aliases, rollouts.
+        let entries = audit_entries(&c, p.http).await;
+        let (versions, aliases) = replay(&json!({ "entries": entries }));
+        let (_, model) = admin(
+            &c,
+            reqwest::Method::GET,
+            url("/admin/v1/models/tiny"),
+            None,
+            ADMIN,
+        )
+        .await;
+        let listed: BTreeMap<String, String> = model["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["version"].as_str().unwrap().into(),
+                    v["sha256"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed, versions,
+            "round {round}: versions match the audit log"
+        );
+        let got_aliases: BTreeMap<String, String> =
+            serde_json::from_value(model["aliases"].clone()).unwrap();
+        assert_eq!(
+            got_aliases, aliases,
+            "round {round}: aliases match the audit log"
+        );
+        let mut last_status: BTreeMap<String, Value> = BTreeMap::new();
+        for e in &entries {
+            if e["action"] == "rollout" && e["result"] == "ok" {
+                last_status.insert(e["id"].as_str().unwrap().into(), e["status"].clone());
+            }
+        }
+        let (st, rollouts) = admin(
+            &c,
+            reqwest::Method::GET,
+            url("/admin/v1/rollouts"),
+            None,
+            ADMIN,
+        )
+        .await;
+        assert_eq!(st, 200, "{rollouts}");
+        for r in rollouts["rollouts"].as_array().unwrap() {
+            let id = r["id"].as_str().unwrap();
+            let phase = r["phase"].as_str().unwrap();
+            assert!(
+                !matches!(phase, "progressing" | "paused"),
+                "round {round}: rollout {id} still {phase} after a restart: {r}"
+            );
+            assert_eq!(
+                last_status.get(id).map(|s| &s["phase"]),
+                Some(&r["phase"]),
+                "round {round}: rollout {id} is what its last audit entry says"
+            );
+            if r["reason"].as_str().unwrap_or("").contains("restarted") {
+                rolled_back_by_restart.insert(id.to_string());
+            }
+        }
+        // What serves is `stable`, with no canary left, and it answers.
+        let (_, serving) = admin(
+            &c,
+            reqwest::Method::GET,
+            url("/admin/v1/serving"),
+            None,
+            ADMIN,
+        )
+        .await;
+        assert_eq!(
+            serving["models"][0]["serving"]["version"],
+            json!(aliases["stable"]),
+            "round {round}: {serving}"
+        );
+        let r = c
+            .post(url("/v1/completions"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"model": "tiny", "prompt": "hi", "max_tokens": 2}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "round {round}: the restarted server serves"
+        );
+
+        // Start a rollout (it stays in progress: a long interval), then load
+        // and unload the other versions until the kill.
+        let cand = format!("k{}", round % 3);
+        let (st, ro) = admin(
+            &c,
+            reqwest::Method::POST,
+            url("/admin/v1/rollouts"),
+            Some(json!({"model": "tiny", "candidate": cand, "steps": [50, 100], "interval_secs": 3600.0})),
+            ADMIN,
+        )
+        .await;
+        assert_eq!(st, 200, "round {round}: {ro}");
+        assert_eq!(ro["phase"], "progressing", "{ro}");
+        let id = ro["id"].as_str().unwrap().to_string();
+        let work = async {
+            for i in 0u64.. {
+                let other = format!("k{}", (round + 1 + i % 2) % 3);
+                for op in ["load", "unload"] {
+                    let (st, v) = admin(
+                        &c,
+                        reqwest::Method::POST,
+                        url(&format!("/admin/v1/models/tiny/versions/{other}/{op}")),
+                        None,
+                        ADMIN,
+                    )
+                    .await;
+                    assert!(st == 200 || st == 409, "{op} {other}: {st} {v}");
+                }
+                // Odd rounds: abort and start again, so the kill may land
+                // inside a rollout's own writes too.
+                if round % 2 == 1 && i % 3 == 2 {
+                    admin(
+                        &c,
+                        reqwest::Method::POST,
+                        url(&format!("/admin/v1/rollouts/{id}/abort")),
+                        None,
+                        ADMIN,
+                    )
+                    .await;
+                    admin(
+                        &c,
+                        reqwest::Method::POST,
+                        url("/admin/v1/rollouts"),
+                        Some(json!({"model": "tiny", "candidate": cand, "steps": [50, 100], "interval_secs": 3600.0})),
+                        ADMIN,
+                    )
+                    .await;
+                }
+            }
+        };
+        let delay = Duration::from_millis(150 + (round * 131) % 500);
+        let _ = tokio::time::timeout(delay, work).await;
+        drop(p); // SIGKILL
+    }
+    assert!(
+        rolled_back_by_restart.len() >= 3,
+        "rollouts in flight at a kill are rolled back at the next start: {rolled_back_by_restart:?}"
+    );
 }

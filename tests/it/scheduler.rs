@@ -266,3 +266,59 @@ async fn drain_finishes_running_work_then_stops() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_that_fails_the_forward_pass_fails_alone_and_the_others_go_on() {
+    let (_tmp, engine) = spawn(
+        &SynthSpec {
+            seed: 31,
+            ..SynthSpec::tiny_llama()
+        },
+        SchedulerConfig::default(),
+    );
+    let ps = prompts(3);
+    let max_tokens = 48;
+    let mut solo = vec![];
+    for p in &ps {
+        solo.push(
+            collect(engine.submit(greedy(p.clone(), max_tokens)).unwrap())
+                .await
+                .0,
+        );
+    }
+    // The good requests are decoding (each has streamed a token) when the
+    // bad one arrives, so its prefill shares a step with their decodes.
+    let mut good = vec![];
+    for p in &ps {
+        let mut rx = engine.submit(greedy(p.clone(), max_tokens)).unwrap();
+        let first = match rx.recv().await {
+            Some(Event::Token { id, .. }) => id,
+            other => panic!("expected a first token, got {other:?}"),
+        };
+        good.push((first, rx));
+    }
+    // A token id past the embedding: the front ends refuse it, so it stands
+    // for any input that makes one sequence's forward fail.
+    let mut bad_prompt = ps[1].clone();
+    bad_prompt.push(engine.embedding_rows() as u32 + 7);
+    let mut bad = engine.submit(greedy(bad_prompt, max_tokens)).unwrap();
+    let failure = loop {
+        match bad.recv().await {
+            Some(Event::Failed(e)) => break e,
+            Some(Event::Token { .. }) => continue,
+            other => panic!("the bad request did not fail: {other:?}"),
+        }
+    };
+    assert!(failure.contains("outside the embedding"), "{failure}");
+    for (i, (first, rx)) in good.into_iter().enumerate() {
+        let (rest, _, done) = collect(rx).await;
+        let mut ids = vec![first];
+        ids.extend(rest);
+        assert_eq!(ids, solo[i], "request {i} went on as if alone");
+        assert_eq!(done.reason, FinishReason::Length);
+    }
+    // The engine stays up and serves the next request.
+    assert!(engine.is_ready() && !engine.has_failed());
+    let (again, _, _) = collect(engine.submit(greedy(ps[2].clone(), max_tokens)).unwrap()).await;
+    assert_eq!(again, solo[2]);
+}

@@ -1,0 +1,264 @@
+//! TLS for the HTTP and gRPC listeners (rustls with ring): the certificate
+//! and key from PEM files, ALPN `h2` and `http/1.1`, and optional client
+//! certificates for the admin API.
+//!
+//! With an admin client CA, every connection may present a client
+//! certificate; one that does not chain to the CA fails the handshake, and a
+//! connection without one is served as usual except for the admin API
+//! (`/admin/…` over HTTP, `llmops.v1.Admin` over gRPC), which it is refused
+//! (403 in the OpenAI shape, PERMISSION_DENIED). The admin API key is still
+//! required on top: the certificate says which machine, the key which role.
+//!
+//! A client that speaks plain HTTP to a TLS port gets a `400` saying so
+//! (as nginx answers) and the connection is closed; the server carries on.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::response::IntoResponse;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+use tower::ServiceExt;
+
+use crate::api::error::ApiError;
+use crate::config::TlsConfig;
+
+/// A handshake (or the first byte of one) must arrive within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The first byte of a TLS record carrying a handshake.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// The loaded TLS settings, shared by both listeners.
+#[derive(Clone)]
+pub struct Tls {
+    acceptor: TlsAcceptor,
+    admin_needs_client_cert: bool,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("admin_needs_client_cert", &self.admin_needs_client_cert)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Reads and checks the PEM files; an error names the file.
+    pub fn load(cfg: &TlsConfig) -> anyhow::Result<Self> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
+            .with_context(|| format!("tls_cert {}", cfg.cert.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("tls_cert {}", cfg.cert.display()))?;
+        if certs.is_empty() {
+            bail!("tls_cert {} holds no certificate", cfg.cert.display());
+        }
+        let key = PrivateKeyDer::from_pem_file(&cfg.key)
+            .with_context(|| format!("tls_key {}: no private key", cfg.key.display()))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?;
+        let builder = match &cfg.admin_client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_file_iter(ca)
+                    .with_context(|| format!("admin_client_ca {}", ca.display()))?
+                {
+                    let c = c.with_context(|| format!("admin_client_ca {}", ca.display()))?;
+                    roots
+                        .add(c)
+                        .with_context(|| format!("admin_client_ca {}", ca.display()))?;
+                }
+                if roots.is_empty() {
+                    bail!("admin_client_ca {} holds no certificate", ca.display());
+                }
+                // Optional: inference clients connect without one; a
+                // certificate that is presented must chain to the CA.
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .allow_unauthenticated()
+                .build()
+                .with_context(|| format!("admin_client_ca {}", ca.display()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(certs, key).with_context(|| {
+            format!(
+                "tls_cert {} and tls_key {} do not make a pair",
+                cfg.cert.display(),
+                cfg.key.display()
+            )
+        })?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+            admin_needs_client_cert: cfg.admin_client_ca.is_some(),
+        })
+    }
+}
+
+/// Whether a request path belongs to the admin API, on either protocol.
+fn is_admin_path(path: &str) -> bool {
+    path.starts_with("/admin/") || path.starts_with("/llmops.v1.Admin/")
+}
+
+/// The refusal of an admin request on a connection without a client
+/// certificate: gRPC's status for gRPC paths, the OpenAI shape otherwise.
+fn refuse_admin(path: &str) -> axum::response::Response {
+    let e = ApiError::Forbidden(
+        "the admin API needs a client certificate signed by the admin client CA".into(),
+    );
+    if path.starts_with("/llmops.v1.Admin/") {
+        tonic::Status::from(e)
+            .into_http::<axum::body::Body>()
+            .into_response()
+    } else {
+        e.into_response()
+    }
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` resolves, then lets
+/// open connections finish (HTTP/2 GOAWAY, HTTP/1 after the response).
+pub async fn serve(
+    listener: TcpListener,
+    tls: Tls,
+    app: axum::Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Each connection holds a sender; all gone = all connections closed.
+    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let (tls, app, mut stop_rx, open) =
+            (tls.clone(), app.clone(), stop_rx.clone(), open_tx.clone());
+        tokio::spawn(async move {
+            let _open = open;
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, &tls)).await {
+                Ok(Ok(Some(s))) => s,
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let has_client_cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|c| !c.is_empty());
+            let guard = tls.admin_needs_client_cert && !has_client_cert;
+            let svc = tower::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
+                let app = app.clone();
+                async move {
+                    if guard && is_admin_path(req.uri().path()) {
+                        return Ok::<_, Infallible>(refuse_admin(req.uri().path()));
+                    }
+                    app.oneshot(req.map(axum::body::Body::new)).await
+                }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(
+                TokioIo::new(stream),
+                hyper_util::service::TowerToHyperService::new(svc),
+            );
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { stop_rx.wait_for(|v| *v).await.map(|_| ()) } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    let _ = stop_tx.send(true);
+    drop(open_tx);
+    let _ = open_rx.recv().await;
+}
+
+/// The TLS handshake, or `None` when the client spoke plain HTTP (answered
+/// with a 400 that says so) or went away first.
+async fn handshake(
+    mut tcp: TcpStream,
+    tls: &Tls,
+) -> std::io::Result<Option<tokio_rustls::server::TlsStream<TcpStream>>> {
+    let mut first = [0u8; 1];
+    if tcp.peek(&mut first).await? == 0 {
+        return Ok(None);
+    }
+    if first[0] != TLS_HANDSHAKE {
+        let body = "This port speaks TLS: use https:// (or a TLS gRPC channel).\n";
+        let reply = format!(
+            "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = tcp.write_all(reply.as_bytes()).await;
+        let _ = tcp.shutdown().await;
+        // Lingering close: read what the client already sent (briefly, a
+        // bounded amount) so closing does not reset the connection before
+        // the client has read the answer.
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut left = 64usize << 10;
+            while left > 0 {
+                match tcp.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+        return Ok(None);
+    }
+    tls.acceptor.accept(tcp).await.map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_paths_are_recognised_on_both_protocols() {
+        assert!(is_admin_path("/admin/v1/models"));
+        assert!(is_admin_path("/llmops.v1.Admin/Load"));
+        assert!(!is_admin_path("/v1/chat/completions"));
+        assert!(!is_admin_path("/llmops.v1.Inference/Generate"));
+        assert!(!is_admin_path("/administrator"));
+    }
+}
