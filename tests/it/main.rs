@@ -9,6 +9,7 @@
 mod clients;
 mod engine;
 mod faults;
+mod fuzz;
 mod gemma;
 mod hardening;
 mod layout;
@@ -18,6 +19,7 @@ mod registry;
 mod rollout;
 mod scheduler;
 mod server;
+mod soak;
 mod support;
 mod train;
 
