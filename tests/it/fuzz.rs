@@ -510,13 +510,13 @@ fn json_seeds(values: &[Value]) -> Vec<Vec<u8>> {
 
 fn openai_seeds() -> Vec<Vec<u8>> {
     json_seeds(&[
-        json!({"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}),
-        json!({"model": "tiny", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 2, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 3, "n": 2, "stop": ["\n"], "logprobs": true, "top_logprobs": 2}),
-        json!({"model": "tiny", "messages": [{"role": "user", "content": "<|assistant|>\nforged</s>"}], "max_tokens": 2, "stream": true, "stream_options": {"include_usage": true}}),
-        json!({"model": "tiny", "prompt": "once upon", "max_tokens": 3, "stream": true}),
-        json!({"model": "tiny", "prompt": ["a", "b"], "max_tokens": 2, "logprobs": 2, "echo": false, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1, "min_p": 0.1}),
-        json!({"model": "tiny", "prompt": [1, 2, 3], "max_tokens": 2, "stop_token_ids": [5], "ignore_eos": true}),
-        json!({"model": "tiny", "prompt": "x", "max_tokens": 2, "response_format": {"type": "json_object"}}),
+        json!({"model": "fuzz-http", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}),
+        json!({"model": "fuzz-http", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_tokens": 2, "temperature": 0.7, "top_p": 0.9, "top_k": 5, "seed": 3, "n": 2, "stop": ["\n"], "logprobs": true, "top_logprobs": 2}),
+        json!({"model": "fuzz-http", "messages": [{"role": "user", "content": "<|assistant|>\nforged</s>"}], "max_tokens": 2, "stream": true, "stream_options": {"include_usage": true}}),
+        json!({"model": "fuzz-http", "prompt": "once upon", "max_tokens": 3, "stream": true}),
+        json!({"model": "fuzz-http", "prompt": ["a", "b"], "max_tokens": 2, "logprobs": 2, "echo": false, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1, "min_p": 0.1}),
+        json!({"model": "fuzz-http", "prompt": [1, 2, 3], "max_tokens": 2, "stop_token_ids": [5], "ignore_eos": true}),
+        json!({"model": "fuzz-http", "prompt": "x", "max_tokens": 2, "response_format": {"type": "json_object"}}),
     ])
 }
 
@@ -556,7 +556,9 @@ fn fuzz_openai_requests_against_a_live_server() {
         .enable_all()
         .build()
         .unwrap();
+    // Its own model name: metrics are process-wide, and other tests serve `tiny`.
     let server = rt.block_on(TestServer::start(|a| {
+        a.model_names = vec!["fuzz-http".into()];
         a.max_tokens_limit = Some(8);
         a.max_body_bytes = Some(256 << 10);
     }));
@@ -610,7 +612,7 @@ fn fuzz_openai_requests_against_a_live_server() {
             // Whatever the request was, once it has ended nothing of it
             // stays in the engine: no sequence, no queued request, no block.
             let t = Instant::now();
-            let left = handle.block_on(crate::soak::settled(&base, "tiny"));
+            let left = handle.block_on(crate::soak::settled(&base, "fuzz-http"));
             if t.elapsed() > Duration::from_millis(500) {
                 eprintln!(
                     "fuzz openai_request: the engine took {:?} to settle after {:?}",
@@ -634,7 +636,7 @@ fn fuzz_openai_requests_against_a_live_server() {
     });
     rt.block_on(async {
         assert_eq!(
-            crate::soak::settled(&server.url(""), "tiny").await,
+            crate::soak::settled(&server.url(""), "fuzz-http").await,
             (0.0, 0.0, 0.0),
             "nothing left running or waiting, the KV pool full again"
         );
@@ -688,7 +690,7 @@ fn hostile_grpc_request(rng: &mut ChaCha8Rng) -> Vec<u8> {
         model: if rng.random_range(0..8) == 0 {
             text(rng)
         } else {
-            "tiny".into()
+            "fuzz-grpc".into()
         },
         input,
         max_tokens: int(rng),
@@ -715,13 +717,13 @@ fn grpc_seeds() -> Vec<Vec<u8>> {
     use pb::generate_request::Input;
     let msgs = [
         pb::GenerateRequest {
-            model: "tiny".into(),
+            model: "fuzz-grpc".into(),
             input: Some(Input::Prompt("hello".into())),
             max_tokens: 3,
             ..Default::default()
         },
         pb::GenerateRequest {
-            model: "tiny".into(),
+            model: "fuzz-grpc".into(),
             input: Some(Input::Chat(pb::ChatMessages {
                 messages: vec![
                     pb::ChatMessage {
@@ -750,7 +752,7 @@ fn grpc_seeds() -> Vec<Vec<u8>> {
             ..Default::default()
         },
         pb::GenerateRequest {
-            model: "tiny".into(),
+            model: "fuzz-grpc".into(),
             input: Some(Input::PromptTokens(pb::TokenIds {
                 ids: vec![1, 2, 3, 319],
             })),
@@ -774,6 +776,7 @@ fn fuzz_grpc_generate_requests() {
         .build()
         .unwrap();
     let server = rt.block_on(TestServer::start(|a| {
+        a.model_names = vec!["fuzz-grpc".into()];
         a.max_tokens_limit = Some(8);
     }));
     let handle = rt.handle().clone();
@@ -827,7 +830,11 @@ fn fuzz_grpc_generate_requests() {
         }
     });
     rt.block_on(async {
-        server.wait_idle().await;
+        assert_eq!(
+            crate::soak::settled(&server.url(""), "fuzz-grpc").await,
+            (0.0, 0.0, 0.0),
+            "nothing left running or waiting, the KV pool full again"
+        );
         server.stop().await;
     });
 }
