@@ -231,12 +231,32 @@ impl IntoResponse for ApiError {
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorType(pub &'static str);
 
+/// Longest `grpc-message` sent, in bytes before percent-encoding.
+pub const GRPC_MESSAGE_MAX: usize = 1024;
+
+/// An error message cut to [`GRPC_MESSAGE_MAX`] bytes (at a character
+/// boundary). Messages echo what the client sent (a model name, a role), and
+/// `grpc-message` travels percent-encoded in a trailer: a 20 KB model name
+/// made a trailer larger than clients accept, so they saw INTERNAL instead of
+/// NOT_FOUND (found by `tests/it/fuzz.rs`).
+pub fn grpc_message(mut message: String) -> String {
+    if message.len() > GRPC_MESSAGE_MAX {
+        let mut end = GRPC_MESSAGE_MAX - '…'.len_utf8();
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push('…');
+    }
+    message
+}
+
 impl From<ApiError> for tonic::Status {
     fn from(e: ApiError) -> Self {
         if let ApiError::Internal(detail) = &e {
             tracing::error!(detail = %detail, "internal error");
         }
-        let mut status = tonic::Status::new(e.grpc_code(), e.to_string());
+        let mut status = tonic::Status::new(e.grpc_code(), grpc_message(e.to_string()));
         if let Some(wait) = e.retry_after() {
             let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
             if let Ok(v) = secs.to_string().parse() {

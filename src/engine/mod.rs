@@ -496,7 +496,17 @@ pub fn load_from_memory(
 
 fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| Error::Load {
+    // candle's header reader panics on some hostile headers (a
+    // `general.alignment` of 0 divides by zero; found by `tests/it/fuzz.rs`):
+    // a file's bytes must give an error, never take the caller down.
+    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        gguf_file::Content::read(&mut file)
+    }));
+    let content = match read {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("the GGUF header is malformed (the reader panicked)".to_string()),
+    }
+    .map_err(|e| Error::Load {
         path: path.to_path_buf(),
         message: format!("not a readable GGUF file: {e}"),
     })?;

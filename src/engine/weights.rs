@@ -608,6 +608,24 @@ impl WeightSource {
     fn quantized(&self, name: &str) -> candle_core::Result<QTensor> {
         match &self.store {
             Store::Gguf { content, file } => {
+                // A header can declare dimensions whose product overflows:
+                // candle's reader then sizes the data by the wrapped count
+                // and its dequantization asks for an impossible allocation
+                // (a panic; found by `tests/it/fuzz.rs`). Refuse those here.
+                if let Some(info) = content.tensor_infos.get(name) {
+                    let elems = info
+                        .shape
+                        .dims()
+                        .iter()
+                        .try_fold(1usize, |a, &d| a.checked_mul(d));
+                    let dequantized = elems.and_then(|n| n.checked_mul(4));
+                    if dequantized.is_none_or(|b| b > isize::MAX as usize) {
+                        candle_core::bail!(
+                            "the header declares shape {:?}, too large to exist",
+                            info.shape.dims()
+                        );
+                    }
+                }
                 let mut f = file
                     .lock()
                     .map_err(|_| candle_core::Error::Msg("weight file lock poisoned".into()))?;

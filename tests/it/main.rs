@@ -9,6 +9,7 @@
 mod clients;
 mod engine;
 mod faults;
+mod fuzz;
 mod gemma;
 mod hardening;
 mod layout;
@@ -19,6 +20,7 @@ mod rollout;
 mod scheduler;
 mod server;
 mod shadow;
+mod soak;
 mod support;
 mod tls;
 mod train;
