@@ -56,6 +56,11 @@ pub enum RolloutCommand {
         /// api_key or request.
         #[arg(long, default_value = "session")]
         sticky_key: String,
+        /// A condition on the model's shadow comparisons of the candidate,
+        /// checked before the canary starts, e.g. "top1_agreement >= 0.95";
+        /// repeat for more.
+        #[arg(long = "shadow-gate")]
+        shadow_gates: Vec<String>,
     },
     /// Show one rollout, or all.
     Status {
@@ -103,6 +108,7 @@ pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
             on_inconclusive,
             dry_run,
             sticky_key,
+            shadow_gates,
         } => {
             let r = client
                 .start_rollout(pb::StartRolloutRequest {
@@ -118,6 +124,7 @@ pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
                     dry_run,
                     reason: reason.clone(),
                     sticky_key,
+                    shadow_gates,
                 })
                 .await
                 .map_err(status)?;

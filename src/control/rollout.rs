@@ -84,6 +84,11 @@ pub struct RolloutSpec {
     /// Which identity keeps a client on one side within a step.
     #[serde(default)]
     pub sticky_key: StickyKey,
+    /// Conditions on the model's shadow comparisons of this candidate
+    /// against the stable version (at least `min_samples` of them), checked
+    /// before the canary takes any traffic: shadow first, then canary.
+    #[serde(default)]
+    pub shadow_gates: Vec<crate::shadow::ShadowGate>,
 }
 
 impl RolloutSpec {
@@ -377,6 +382,7 @@ impl Controller {
                 "model `{model}` already has a canary; abort it first"
             )));
         }
+        self.check_shadow_gates(&spec, &deployment)?;
         let was_loaded = self
             .engines()
             .contains_key(&(model.clone(), spec.candidate.clone()));
@@ -415,6 +421,47 @@ impl Controller {
         let running = status.clone();
         tokio::spawn(async move { me.drive(running, rx).await });
         Ok(status)
+    }
+
+    /// A rollout with shadow gates starts only when the model's shadow of
+    /// this candidate has compared it with the stable version enough times
+    /// and every gate holds.
+    fn check_shadow_gates(
+        &self,
+        spec: &RolloutSpec,
+        deployment: &crate::router::Deployment,
+    ) -> Result<(), ControlError> {
+        if spec.shadow_gates.is_empty() {
+            return Ok(());
+        }
+        let Some(shadow) = deployment
+            .shadow
+            .as_ref()
+            .filter(|s| s.target.version == spec.candidate)
+        else {
+            return Err(ControlError::Conflict(format!(
+                "the rollout has shadow gates but `{}` is not shadowing `{}`: set a shadow first",
+                spec.candidate, spec.model
+            )));
+        };
+        let totals = shadow
+            .mirror
+            .aggregate(&deployment.stable.version)
+            .unwrap_or_default();
+        let min = spec.analysis.min_samples as u64;
+        let failed: Vec<String> = spec
+            .shadow_gates
+            .iter()
+            .filter_map(|g| g.check(&totals, min).err())
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(ControlError::Conflict(format!(
+                "shadow gates not met: {}",
+                failed.join("; ")
+            )))
+        }
     }
 
     /// Sends an operator's command to the model's running rollout.

@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::engine::{PositionScore, TokenLogprob};
-use crate::scheduler::FinishReason;
 
 /// Metric names of the shadow.
 pub mod names {
@@ -165,8 +164,8 @@ pub const NATS_BUCKETS: &[f64] = &[
 pub struct Answer {
     /// Generated token ids.
     pub tokens: Vec<u32>,
-    /// Why it ended.
-    pub finish: FinishReason,
+    /// Why it ended (the finish reason's label).
+    pub finish: &'static str,
     /// Arrival to first token, seconds.
     pub ttft_s: f64,
     /// Arrival to last token, seconds.
@@ -424,7 +423,7 @@ impl Aggregate {
 mod tests {
     use super::*;
 
-    fn answer(tokens: &[u32], finish: FinishReason) -> Answer {
+    fn answer(tokens: &[u32], finish: &'static str) -> Answer {
         Answer {
             tokens: tokens.to_vec(),
             finish,
@@ -486,11 +485,7 @@ mod tests {
             ("nothing shared", &[1, 2], &[3, 4], false, 0.0, 0.0, 1.0),
         ];
         for &(name, a, b, exact, prefix, f1, ratio) in cases {
-            let g = compare_generated(
-                &answer(a, FinishReason::Stop),
-                &answer(b, FinishReason::Stop),
-                true,
-            );
+            let g = compare_generated(&answer(a, "stop"), &answer(b, "stop"), true);
             assert_eq!(g.exact, exact, "{name}: exact");
             assert!(
                 (g.prefix_share - prefix).abs() < 1e-12,

@@ -179,6 +179,109 @@ impl ShadowSpec {
     }
 }
 
+/// A condition on a shadow's comparisons that a rollout of its candidate
+/// needs before it starts, written `metric op value`: e.g.
+/// `exact_match >= 0.9`, `top1_agreement >= 0.95`, `logprob_gap <= 0.1`.
+/// Generate-mode metrics: `exact_match`, `prefix_agreement`, `token_f1`,
+/// `length_ratio`, `finish_agreement`; score-mode: `top1_agreement`,
+/// `logprob_gap`, `kl_divergence`, `candidate_mean_logprob`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ShadowGate {
+    /// The metric.
+    pub metric: String,
+    /// How the value compares with the limit.
+    pub op: crate::monitor::canary::Op,
+    /// The limit.
+    pub value: f64,
+}
+
+/// Metric name → (mode section, key in [`Aggregate::summary`]).
+const GATE_METRICS: &[(&str, &str, &str)] = &[
+    ("exact_match", "generate", "exact_match_rate"),
+    ("prefix_agreement", "generate", "prefix_agreement"),
+    ("token_f1", "generate", "token_f1"),
+    ("length_ratio", "generate", "length_ratio"),
+    ("finish_agreement", "generate", "finish_agreement"),
+    ("top1_agreement", "score", "top1_agreement"),
+    ("logprob_gap", "score", "logprob_gap"),
+    ("kl_divergence", "score", "kl_divergence"),
+    ("candidate_mean_logprob", "score", "candidate_mean_logprob"),
+];
+
+impl TryFrom<String> for ShadowGate {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<ShadowGate> for String {
+    fn from(g: ShadowGate) -> String {
+        format!("{} {} {}", g.metric, g.op, g.value)
+    }
+}
+
+impl std::str::FromStr for ShadowGate {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split_whitespace().collect();
+        let [metric, op, value] = parts[..] else {
+            return Err(format!(
+                "shadow gate `{s}`: expected `metric op value`, e.g. `top1_agreement >= 0.95`"
+            ));
+        };
+        if !GATE_METRICS.iter().any(|m| m.0 == metric) {
+            let known: Vec<&str> = GATE_METRICS.iter().map(|m| m.0).collect();
+            return Err(format!(
+                "shadow gate `{s}`: unknown metric `{metric}`, expected one of {}",
+                known.join(", ")
+            ));
+        }
+        Ok(Self {
+            metric: metric.to_string(),
+            op: op.parse().map_err(|e| format!("shadow gate `{s}`: {e}"))?,
+            value: value
+                .parse()
+                .map_err(|_| format!("shadow gate `{s}`: `{value}` is not a number"))?,
+        })
+    }
+}
+
+impl ShadowGate {
+    /// Checks the gate against a shadow's totals, which must hold at least
+    /// `min_compared` comparisons of the gate's mode. Returns the value.
+    pub fn check(&self, totals: &Aggregate, min_compared: u64) -> Result<f64, String> {
+        let Some(&(_, mode, key)) = GATE_METRICS.iter().find(|m| m.0 == self.metric) else {
+            return Err(format!("unknown metric `{}`", self.metric));
+        };
+        let summary = totals.summary();
+        let compared = summary[mode]["compared"].as_u64().unwrap_or(0);
+        if compared < min_compared {
+            return Err(format!(
+                "{}: {compared} {mode}-mode comparisons, {min_compared} needed",
+                String::from(self.clone())
+            ));
+        }
+        let Some(v) = summary[mode][key].as_f64() else {
+            return Err(format!(
+                "{}: no value yet (for exact_match, greedy requests are needed)",
+                String::from(self.clone())
+            ));
+        };
+        if self.op.holds(v, self.value) {
+            Ok(v)
+        } else {
+            Err(format!(
+                "{}: the shadow measured {v:.4}",
+                String::from(self.clone())
+            ))
+        }
+    }
+}
+
 /// A stored disagreement, redacted.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoredSample {
@@ -510,7 +613,7 @@ async fn collect(
 fn answer(tokens: Vec<u32>, c: &Completion) -> Answer {
     Answer {
         tokens,
-        finish: c.reason,
+        finish: c.reason.as_str(),
         ttft_s: c.timings.ttft.as_secs_f64(),
         e2e_s: (c.timings.ttft + c.timings.decode).as_secs_f64(),
     }
@@ -703,6 +806,66 @@ impl Mirror {
         s.push_back(sample);
         while s.len() > self.spec.samples.capacity {
             s.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::monitor::shadow::{Generated, Scored};
+
+    #[test]
+    fn shadow_gates_parse_and_judge_the_totals() {
+        let mut totals = Aggregate::default();
+        for exact in [true, true, true, false] {
+            totals.add_generated(&Generated {
+                greedy: true,
+                exact,
+                prefix_share: if exact { 1.0 } else { 0.5 },
+                f1: 1.0,
+                length_ratio: 1.0,
+                finish_agrees: true,
+                ttft_delta_s: 0.0,
+                e2e_delta_s: 0.0,
+            });
+        }
+        totals.add_scored(&Scored {
+            tokens: 10,
+            candidate_logprob_sum: -12.0,
+            primary_logprob_sum: -10.0,
+            top1_agreements: 9,
+            kl_sum: 0.5,
+        });
+        let cases = [
+            ("exact_match >= 0.75", 4, Ok(0.75)),
+            ("exact_match > 0.75", 4, Err("measured 0.7500")),
+            ("prefix_agreement >= 0.8", 4, Ok(0.875)),
+            ("top1_agreement >= 0.9", 1, Ok(0.9)),
+            ("logprob_gap <= 0.1", 1, Err("measured 0.2000")),
+            ("logprob_gap <= 0.25", 1, Ok(0.2)),
+            (
+                "top1_agreement >= 0.5",
+                2,
+                Err("1 score-mode comparisons, 2 needed"),
+            ),
+        ];
+        for (text, min, want) in cases {
+            let gate: ShadowGate = text.parse().unwrap();
+            assert_eq!(String::from(gate.clone()), text);
+            match (gate.check(&totals, min), want) {
+                (Ok(v), Ok(w)) => assert!((v - w).abs() < 1e-9, "{text}: {v}"),
+                (Err(e), Err(w)) => assert!(e.contains(w), "{text}: {e}"),
+                (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+            }
+        }
+        for bad in [
+            "agreement >= 1",
+            "top1_agreement => 1",
+            "top1_agreement >= x",
+            "top1_agreement",
+        ] {
+            assert!(bad.parse::<ShadowGate>().is_err(), "{bad}");
         }
     }
 }

@@ -225,6 +225,29 @@ async fn a_candidate_with_the_primarys_weights_matches_exactly_and_scores_no_gap
     assert_eq!(score["top1_agreement"], 1.0, "{sc}");
     assert!(score["kl_divergence"].as_f64().unwrap() < 1e-4, "{sc}");
 
+    // Shadow first, then canary: a rollout gated on these comparisons starts.
+    let (st, ro) = call(
+        &c,
+        reqwest::Method::POST,
+        format!("{base}/admin/v1/rollouts"),
+        Some(
+            json!({"model": "tiny", "candidate": "twin", "interval_secs": 60.0,
+            "analysis": {"min_samples": 5},
+            "shadow_gates": ["top1_agreement >= 0.95", "logprob_gap <= 0.01"]}),
+        ),
+    )
+    .await;
+    assert_eq!(st, 200, "{ro}");
+    let id = ro["id"].as_str().unwrap();
+    let (st, _) = call(
+        &c,
+        reqwest::Method::POST,
+        format!("{base}/admin/v1/rollouts/{id}/abort"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+
     // Published, labelled, audited.
     let m = s.metrics_text().await;
     for needle in [
@@ -338,6 +361,24 @@ async fn a_different_candidate_disagrees_and_its_cross_log_likelihood_is_the_eng
     let top1 = sc["score"]["top1_agreement"].as_f64().unwrap();
     assert!(top1 < 0.8, "random weights rarely agree: {sc}");
     assert!(sc["score"]["logprob_gap"].as_f64().unwrap() > 0.1, "{sc}");
+
+    // A rollout gated on agreement does not start on these comparisons.
+    let (st, v) = call(
+        &c,
+        reqwest::Method::POST,
+        format!("{base}/admin/v1/rollouts"),
+        Some(
+            json!({"model": "tiny", "candidate": "other", "analysis": {"min_samples": 1},
+            "shadow_gates": ["top1_agreement >= 0.95"]}),
+        ),
+    )
+    .await;
+    assert_eq!(st, 409, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("top1_agreement >= 0.95") && msg.contains("measured"),
+        "{msg}"
+    );
 
     set_shadow(&c, &base, json!({"version": "other", "mode": "generate"})).await;
     for p in PROMPTS {

@@ -270,6 +270,12 @@ impl pb::admin_server::Admin for AdminService {
                     .into());
                 }
             },
+            shadow_gates: r
+                .shadow_gates
+                .iter()
+                .map(|g| g.parse())
+                .collect::<Result<_, String>>()
+                .map_err(|e| ApiError::invalid("shadow_gates", e))?,
         };
         let status = self
             .ops
