@@ -873,30 +873,38 @@ async fn tokenize(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     principal.quota.charge_request()?;
     let target = st.router.pick(&req.model, &RouteKey::default())?.target;
-    let engine = &target.engine;
-    let tokens = match (&req.prompt, &req.messages) {
-        (Some(p), None) => engine
-            .tokenizer()
-            .encode(p, req.add_special_tokens)
-            .map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
-        (None, Some(m)) => validation::tokenize_input(engine, &Input::Chat(flatten_messages(m)?))?,
-        _ => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "give exactly one of `prompt` or `messages`",
-            ));
-        }
-    };
-    let strs: Vec<String> = tokens
-        .iter()
-        .map(|&t| engine.tokenizer().token_text(t).unwrap_or_default())
-        .collect();
-    Ok(Json(serde_json::json!({
-        "tokens": tokens,
-        "token_strs": strs,
-        "count": tokens.len(),
-        "max_model_len": engine.context_length(),
-    })))
+    // Tokenizing and templating are CPU work proportional to the body: on
+    // the blocking pool, never on a tokio worker.
+    tokio::task::spawn_blocking(move || {
+        let engine = &target.engine;
+        let tokens = match (&req.prompt, &req.messages) {
+            (Some(p), None) => engine
+                .tokenizer()
+                .encode(p, req.add_special_tokens)
+                .map_err(|e| ApiError::invalid("prompt", e.to_string()))?,
+            (None, Some(m)) => {
+                validation::tokenize_input(engine, &Input::Chat(flatten_messages(m)?))?
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "give exactly one of `prompt` or `messages`",
+                ));
+            }
+        };
+        let strs: Vec<String> = tokens
+            .iter()
+            .map(|&t| engine.tokenizer().token_text(t).unwrap_or_default())
+            .collect();
+        Ok(Json(serde_json::json!({
+            "tokens": tokens,
+            "token_strs": strs,
+            "count": tokens.len(),
+            "max_model_len": engine.context_length(),
+        })))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("tokenize task failed: {e}")))?
 }
 
 #[derive(serde::Deserialize)]
@@ -917,10 +925,9 @@ async fn detokenize(
             format!("token id {bad} is outside the vocabulary ({vocab} tokens)"),
         ));
     }
-    let text = target
-        .engine
-        .tokenizer()
-        .decode(&req.tokens)
+    let text = tokio::task::spawn_blocking(move || target.engine.tokenizer().decode(&req.tokens))
+        .await
+        .map_err(|e| ApiError::Internal(format!("detokenize task failed: {e}")))?
         .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
     Ok(Json(serde_json::json!({"prompt": text})))
 }

@@ -323,20 +323,33 @@ impl Inference for InferenceService {
             .quota
             .charge_request()
             .map_err(|e| fail(route, started, e))?;
-        let r = req.get_ref();
+        let r = req.into_inner();
         let target = self
             .router
             .pick(&r.model, &RouteKey::default())
             .map_err(|e| fail(route, started, e))?
             .target;
-        let tok = target.engine.tokenizer();
-        let ids = tok
-            .encode(&r.text, r.add_special_tokens)
-            .map_err(|e| fail(route, started, ApiError::invalid("text", e.to_string())))?;
-        let tokens = ids
-            .iter()
-            .map(|&t| tok.token_text(t).unwrap_or_default())
-            .collect();
+        // CPU work proportional to the text: on the blocking pool.
+        let (ids, tokens) = tokio::task::spawn_blocking(move || {
+            let tok = target.engine.tokenizer();
+            let ids = tok
+                .encode(&r.text, r.add_special_tokens)
+                .map_err(|e| ApiError::invalid("text", e.to_string()))?;
+            let tokens: Vec<String> = ids
+                .iter()
+                .map(|&t| tok.token_text(t).unwrap_or_default())
+                .collect();
+            Ok::<_, ApiError>((ids, tokens))
+        })
+        .await
+        .map_err(|e| {
+            fail(
+                route,
+                started,
+                ApiError::Internal(format!("tokenize task failed: {e}")),
+            )
+        })?
+        .map_err(|e| fail(route, started, e))?;
         record(route, started, tonic::Code::Ok);
         Ok(Response::new(pb::TokenizeResponse {
             token_ids: ids,
