@@ -56,10 +56,32 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
                 "User and system CPU time of the llmops process."
             );
             let _ = HANDLE.set(handle.clone());
+            spawn_upkeep(handle.clone());
             Ok(handle)
         }
         // Another recorder (a test harness) won the race: render what we can.
         Err(_) => Ok(HANDLE.get().cloned().unwrap_or(handle)),
+    }
+}
+
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets every few seconds.
+/// A recorder from `build_recorder` keeps every sample until something
+/// drains it; without this thread that happens only when `/metrics` is
+/// scraped, so a server nobody scrapes grows by every token's latency.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no metrics upkeep thread: histograms drain only when scraped");
     }
 }
 
