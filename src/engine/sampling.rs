@@ -113,7 +113,8 @@ impl SamplingParams {
         Ok(())
     }
 
-    fn is_greedy(&self) -> bool {
+    /// Whether the draw is the argmax (temperature 0 or top-k 1).
+    pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0 || self.top_k == 1
     }
 

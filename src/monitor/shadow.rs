@@ -309,16 +309,16 @@ fn kl_over(p: &[(u32, f32)], q: &[f32]) -> f64 {
     if n == 0 {
         return 0.0;
     }
-    let lse = |xs: &mut dyn Iterator<Item = f64>| {
-        let v: Vec<f64> = xs.collect();
-        let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    // log Σ e^x over the first n values, without allocating per position.
+    let lse = |x: &dyn Fn(usize) -> f64| {
+        let m = (0..n).map(x).fold(f64::NEG_INFINITY, f64::max);
         if !m.is_finite() {
             return m;
         }
-        m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+        m + (0..n).map(|i| (x(i) - m).exp()).sum::<f64>().ln()
     };
-    let lp = lse(&mut p[..n].iter().map(|t| f64::from(t.1)));
-    let lq = lse(&mut q[..n].iter().map(|&x| f64::from(x)));
+    let lp = lse(&|i| f64::from(p[i].1));
+    let lq = lse(&|i| f64::from(q[i]));
     let mut kl = 0.0;
     for i in 0..n {
         let log_p = f64::from(p[i].1) - lp;

@@ -444,7 +444,7 @@ impl Slot {
                 (n < cap).then_some(n + 1)
             })
             .ok()?;
-        metrics::gauge!(names::INFLIGHT, &mirror.labels("")[..1]).increment(1.0);
+        metrics::gauge!(names::INFLIGHT, "model" => mirror.model.clone()).increment(1.0);
         Some(Self(mirror.clone()))
     }
 }
@@ -452,7 +452,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::AcqRel);
-        metrics::gauge!(names::INFLIGHT, &self.0.labels("")[..1]).decrement(1.0);
+        metrics::gauge!(names::INFLIGHT, "model" => self.0.model.clone()).decrement(1.0);
     }
 }
 
@@ -679,7 +679,7 @@ async fn run_copy(
         Err(reason) => return drop_as(reason),
     };
     let labels = mirror.labels(&primary_version).to_vec();
-    let greedy = request.sampling.temperature == 0.0 || request.sampling.top_k == 1;
+    let greedy = request.sampling.is_greedy();
     let (scores, disagrees, candidate_tokens) = match mirror.spec.mode {
         Mode::Generate => {
             let g = compare::compare_generated(
