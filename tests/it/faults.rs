@@ -16,7 +16,14 @@ use crate::support;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_engine_ends_its_streams_with_an_error_and_turns_ready_off() {
-    let (_tmp, path) = support::write_model(&SynthSpec::tiny_llama());
+    // A long context, so the stream below outlasts the panic's way through
+    // the intake queue by seconds even on a loaded machine: with 480 tokens
+    // the tiny model could finish before the panic was taken.
+    let spec = SynthSpec {
+        max_position_embeddings: 8192,
+        ..SynthSpec::tiny_llama()
+    };
+    let (_tmp, path) = support::write_model(&spec);
     let engine = EngineHandle::spawn(
         support::load(&path),
         SchedulerConfig::default(),
@@ -61,7 +68,7 @@ async fn a_panicking_engine_ends_its_streams_with_an_error_and_turns_ready_off()
     );
 
     // A long stream, then the engine dies under it.
-    let body = json!({"model": "tiny", "prompt": "x", "max_tokens": 480, "temperature": 0, "ignore_eos": true, "stream": true});
+    let body = json!({"model": "tiny", "prompt": "x", "max_tokens": 8000, "temperature": 0, "ignore_eos": true, "stream": true});
     let resp = c
         .post(format!("{base}/v1/completions"))
         .json(&body)
