@@ -182,6 +182,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Models to serve.
     pub models: Vec<ModelSpec>,
+    /// Hooks from `[[hooks]]` (checked, secrets resolved, at load).
+    pub hooks: Vec<crate::hooks::HookSpec>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -197,6 +199,8 @@ struct FileConfig {
     models: Vec<FileModel>,
     #[serde(default)]
     auth: FileAuth,
+    #[serde(default)]
+    hooks: Vec<crate::hooks::HookSpec>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,8 +279,23 @@ impl Config {
             scheduler: scheduler_config(args, &file.scheduler)?,
             models: models(args, &file)?,
             keys: keys(args, &file.auth)?,
+            hooks: hooks(&file.hooks)?,
         })
     }
+}
+
+/// `[[hooks]]`: each checked (and its `secret_env` read) now, so a bad hook
+/// stops the server at start rather than failing its first delivery.
+fn hooks(file: &[crate::hooks::HookSpec]) -> anyhow::Result<Vec<crate::hooks::HookSpec>> {
+    let mut seen = std::collections::HashSet::new();
+    for h in file {
+        h.resolve()
+            .map_err(|e| anyhow::anyhow!("[[hooks]] `{}`: {e}", h.name))?;
+        if !seen.insert(h.name.as_str()) {
+            bail!("[[hooks]]: two hooks are named `{}`", h.name);
+        }
+    }
+    Ok(file.to_vec())
 }
 
 impl FileConfig {

@@ -5,7 +5,7 @@
 //!
 //! HTTP and gRPC both come through here, so whatever must happen to every
 //! generation request whatever its protocol (token accounting, mirroring to
-//! a shadow) happens here once.
+//! a shadow, capture for retraining) happens here once.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,13 +13,14 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::capture::{Capture, Captured, Prompt};
 use crate::config::LimitsConfig;
 use crate::engine::TokenLogprob;
 use crate::quota::{Quota, QuotaError, Reservation};
 use crate::router::{Picked, RouteError, Target};
 use crate::scheduler::{Event, FinishReason, SubmitError};
 use crate::shadow::Tee;
-use crate::validation::{self, GenerationSpec, ValidRequest, ValidationError};
+use crate::validation::{self, GenerationSpec, Input, ValidRequest, ValidationError};
 
 /// Why a generation request failed, from the front ends' point of view.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -75,6 +76,45 @@ pub struct Generation {
     reservation: Reservation,
     /// The shadow's view of the first choice, when the request is mirrored.
     tee: Option<Tee>,
+    /// The first choice of each prompt, when the model captures.
+    capture: Option<CaptureTee>,
+}
+
+/// What capture collects while a request streams: per prompt, its first
+/// choice's text, handed to the capture's writer when that choice is done.
+struct CaptureTee {
+    capture: Arc<Capture>,
+    version: String,
+    /// (choice index, prompt, text so far).
+    choices: Vec<(usize, Option<Prompt>, String)>,
+}
+
+impl CaptureTee {
+    fn token(&mut self, i: usize, text: &str) {
+        if let Some(c) = self.choices.iter_mut().find(|c| c.0 == i) {
+            c.2.push_str(text);
+        }
+    }
+
+    fn done(&mut self, i: usize, c: &crate::scheduler::Completion) {
+        let Some(choice) = self.choices.iter_mut().find(|x| x.0 == i) else {
+            return;
+        };
+        let Some(prompt) = choice.1.take() else {
+            return;
+        };
+        if c.reason == FinishReason::Aborted {
+            return;
+        }
+        let mut completion = std::mem::take(&mut choice.2);
+        completion.push_str(&c.tail);
+        self.capture.offer(Captured {
+            prompt,
+            completion,
+            finish_reason: c.reason.as_str(),
+            version: self.version.clone(),
+        });
+    }
 }
 
 /// Reserves the worst case (every prompt plus `max_tokens` for every
@@ -106,7 +146,23 @@ pub fn submit(
         client_logprobs = first.sampling.logprobs;
     }
     let mut receivers = vec![];
+    let mut capture = picked.capture.as_ref().map(|c| CaptureTee {
+        capture: c.clone(),
+        version: picked.target.version.clone(),
+        choices: vec![],
+    });
     for v in valid {
+        if let Some(cap) = capture.as_mut() {
+            // Token-id prompts have no text to train on.
+            let prompt = match v.input {
+                Input::Text(t) => Some(Prompt::Text(t)),
+                Input::Chat(m) => Some(Prompt::Chat(m)),
+                Input::Tokens(_) => None,
+            };
+            if let Some(p) = prompt {
+                cap.choices.push((receivers.len(), Some(p), String::new()));
+            }
+        }
         for mut req in v.choices {
             req.variant = picked.variant;
             if receivers.is_empty()
@@ -127,6 +183,7 @@ pub fn submit(
         prompt_tokens,
         reservation,
         tee: ticket.map(|t| t.start(client_logprobs)),
+        capture,
     })
 }
 
@@ -162,6 +219,7 @@ impl Generation {
             receivers,
             mut reservation,
             mut tee,
+            mut capture,
             ..
         } = self;
         let n = receivers.len();
@@ -175,17 +233,23 @@ impl Generation {
             let mut seen = vec![0u64; n];
             while let Some((i, mut ev)) = merged.next().await {
                 match &mut ev {
-                    Event::Token { id, logprob, .. } => {
+                    Event::Token { id, logprob, text } => {
                         seen[i] += 1;
                         reservation.use_tokens(1);
                         if i == 0 && let Some(t) = tee.as_mut() {
                             *logprob = t.token(*id, logprob.take());
+                        }
+                        if let Some(c) = capture.as_mut() {
+                            c.token(i, text);
                         }
                     }
                     Event::Done(c) => {
                         reservation.use_tokens((c.completion_tokens as u64).saturating_sub(seen[i]));
                         if i == 0 && let Some(t) = tee.as_mut() {
                             t.done(c);
+                        }
+                        if let Some(cap) = capture.as_mut() {
+                            cap.done(i, c);
                         }
                     }
                     Event::Failed(_) => {}

@@ -23,19 +23,24 @@
 //!   canary analysis, the exporter.
 //!
 //! Side paths: [`control`] (the controller: load, swap, rollouts),
-//! [`registry`] (the catalog and its audit log), [`proto`] (generated gRPC
-//! code), [`train`] (`llmops train`).
+//! [`registry`] (the catalog and its audit log), [`hooks`] (events to
+//! webhooks and commands), [`capture`] (finished requests, redacted, for
+//! retraining), [`redact`] (the personal-data patterns), [`proto`]
+//! (generated gRPC code), [`train`] (`llmops train`).
 
 pub mod api;
 pub mod app;
+pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod engine;
+pub mod hooks;
 pub mod infer;
 pub mod monitor;
 pub mod proto;
 pub mod quota;
+pub mod redact;
 pub mod registry;
 pub mod router;
 pub mod scheduler;

@@ -102,6 +102,9 @@ pub struct ValidRequest {
     pub choices: Vec<Request>,
     /// The completion length asked of each choice.
     pub max_tokens: usize,
+    /// What the caller sent, moved here from the spec (no copy), for
+    /// capture.
+    pub input: Input,
 }
 
 /// Which parameter an input error refers to.
@@ -253,6 +256,7 @@ pub fn validate(
         prompt,
         choices,
         max_tokens,
+        input: spec.input,
     })
 }
 

@@ -1,6 +1,6 @@
 //! The admin API over HTTP (`/admin/v1/…`), admin role only: registry,
-//! loading, aliases (hot swap), rollouts, shadows, what is serving, the
-//! audit log.
+//! loading, aliases (hot swap), rollouts, shadows, hooks, capture, what is
+//! serving, the audit log.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +51,19 @@ pub fn routes() -> axum::Router<HttpState> {
         .route(
             "/admin/v1/models/{model}/shadow/samples",
             get(shadow_samples),
+        )
+        .route(
+            "/admin/v1/models/{model}/capture",
+            put(set_capture).get(get_capture).delete(clear_capture),
+        )
+        .route(
+            "/admin/v1/models/{model}/capture/export",
+            get(export_capture),
+        )
+        .route("/admin/v1/hooks", get(list_hooks))
+        .route(
+            "/admin/v1/hooks/{name}",
+            put(set_hook).get(get_hook).delete(delete_hook),
         )
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/rollouts", post(start_rollout).get(list_rollouts))
@@ -363,4 +376,125 @@ async fn shadow_samples(
 ) -> Result<Json<Value>, ApiError> {
     let samples = ops(&st, &p)?.shadow_samples(&model)?;
     Ok(Json(json!({"model": model, "samples": samples})))
+}
+
+/// Takes the operator's `reason` out of a JSON body.
+fn take_reason(body: &mut Value) -> Option<String> {
+    body.as_object_mut()
+        .and_then(|o| o.remove("reason"))
+        .and_then(|r| r.as_str().map(str::to_string))
+}
+
+/// Parses a settings body, naming the offending field.
+fn settings<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body)
+        .map_err(|e| ApiError::invalid(&e.path().to_string(), e.inner().to_string()))
+}
+
+/// `PUT /admin/v1/models/{model}/capture`: turn capture on or change its
+/// settings (`CaptureSpec`) plus an optional `reason`.
+async fn set_capture(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+    JsonBody(mut body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let ops = ops(&st, &p)?;
+    let reason = take_reason(&mut body);
+    let spec: crate::capture::CaptureSpec = settings(body)?;
+    Ok(Json(
+        ops.set_capture(&actor(&p, reason), &model, spec).await?,
+    ))
+}
+
+async fn get_capture(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.capture(&model)?))
+}
+
+#[derive(Deserialize)]
+struct ClearCaptureQuery {
+    #[serde(default)]
+    reason: Option<String>,
+    /// Delete what was captured too.
+    #[serde(default)]
+    purge: bool,
+}
+
+async fn clear_capture(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+    q: Result<Query<ClearCaptureQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let out = ops(&st, &p)?
+        .clear_capture(&actor(&p, q.reason), &model, q.purge)
+        .await?;
+    Ok(Json(out))
+}
+
+/// `GET /admin/v1/models/{model}/capture/export`: every captured record,
+/// oldest first, as the JSONL `llmops train` reads, streamed a segment at
+/// a time.
+async fn export_capture(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let dir = ops(&st, &p)?.capture_export(&model)?;
+    let body = axum::body::Body::from_stream(crate::capture::export(dir));
+    Ok(axum::response::Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/x-ndjson")
+        .header(
+            axum::http::header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{model}-capture.jsonl\""),
+        )
+        .body(body)
+        .map_err(|e| ApiError::Internal(e.to_string()))?)
+}
+
+async fn list_hooks(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.list_hooks()))
+}
+
+async fn get_hook(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.hook(&name)?))
+}
+
+/// `PUT /admin/v1/hooks/{name}`: a hook's settings (`HookSpec`) plus an
+/// optional `reason`. The answer never holds the secret.
+async fn set_hook(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(name): Path<String>,
+    JsonBody(mut body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let ops = ops(&st, &p)?;
+    let reason = take_reason(&mut body);
+    let spec: crate::hooks::HookSpec = settings(body)?;
+    Ok(Json(ops.set_hook(&actor(&p, reason), &name, spec).await?))
+}
+
+async fn delete_hook(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(name): Path<String>,
+    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    ops(&st, &p)?
+        .delete_hook(&actor(&p, q.reason), &name)
+        .await?;
+    Ok(Json(json!({"hook": name, "removed": true})))
 }

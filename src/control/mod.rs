@@ -7,6 +7,8 @@
 //! hold their own handle on the old engine, which finishes them, and stops
 //! and frees its memory when that last handle drops.
 
+pub mod capture;
+pub mod hooks;
 pub mod rollout;
 pub mod shadow;
 
@@ -19,6 +21,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::engine::{self, GgufWeights, LoadOptions, LoadedModel};
+use crate::hooks::{Event as HookEvent, EventKind, Hooks};
 use crate::monitor::names;
 use crate::registry::{self, Action, AuditEntry, Registry, State, VersionRecord};
 use crate::router::{Router, Target};
@@ -110,7 +113,8 @@ pub const EMBEDDED: &str = "embedded";
 /// warm-ups); the catalog's own lock is held only to read or append, never
 /// across a load, so admin reads never wait behind one.
 pub struct Controller {
-    registry: std::sync::Mutex<Registry>,
+    /// Shared with the hooks, which audit their deliveries.
+    registry: Arc<std::sync::Mutex<Registry>>,
     writes: tokio::sync::Mutex<()>,
     /// Loaded versions. Only the admin path touches it.
     engines: std::sync::Mutex<HashMap<(String, String), Loaded>>,
@@ -127,8 +131,14 @@ pub struct Controller {
     failed: std::sync::Mutex<BTreeMap<String, LoadFailure>>,
     /// Running rollouts by model (one per model).
     rollouts: std::sync::Mutex<HashMap<String, rollout::Running>>,
-    /// Rollout transitions, for whoever listens (hooks, tests).
+    /// Rollout transitions, for whoever listens (tests).
     rollout_events: tokio::sync::broadcast::Sender<rollout::RolloutEvent>,
+    /// Events to the configured webhooks and commands.
+    hooks: Hooks,
+    /// Where the registry, capture and hook secrets live.
+    data_dir: PathBuf,
+    /// How often a running shadow's comparisons go out as `shadow_report`.
+    shadow_report_every: Duration,
 }
 
 /// Why a model is not served.
@@ -193,8 +203,12 @@ impl Controller {
         gguf_weights: GgufWeights,
         health: Option<tonic_health::server::HealthReporter>,
     ) -> anyhow::Result<Self> {
+        let registry = Arc::new(std::sync::Mutex::new(Registry::open(data_dir)?));
         Ok(Self {
-            registry: std::sync::Mutex::new(Registry::open(data_dir)?),
+            hooks: Hooks::new(Some(registry.clone())),
+            registry,
+            data_dir: data_dir.to_path_buf(),
+            shadow_report_every: Duration::from_secs(300),
             writes: tokio::sync::Mutex::new(()),
             engines: std::sync::Mutex::new(HashMap::new()),
             router,
@@ -214,6 +228,19 @@ impl Controller {
     pub fn with_model_roots(mut self, roots: Vec<PathBuf>) -> Self {
         self.model_roots = roots;
         self
+    }
+
+    /// Sends a running shadow's comparisons as a `shadow_report` event this
+    /// often (default five minutes).
+    pub fn with_shadow_report_every(mut self, every: Duration) -> Self {
+        self.shadow_report_every = every;
+        self
+    }
+
+    /// The hooks events go to (the drift monitor and the retrain loop emit
+    /// through it too).
+    pub fn hooks(&self) -> &Hooks {
+        &self.hooks
     }
 
     fn failed(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LoadFailure>> {
@@ -382,6 +409,16 @@ impl Controller {
                 )
                 .await?;
                 tracing::info!(model, version = %record.version, key = %actor.key_id, "version registered");
+                self.hooks.emit(HookEvent::new(
+                    model,
+                    Some(&record.version),
+                    EventKind::VersionRegistered {
+                        sha256: record.sha256.clone(),
+                        source: record.source.clone(),
+                        format: record.format.clone(),
+                        parameters: record.parameters,
+                    },
+                ));
                 Ok(record)
             }
             Err((msg, e)) => {
@@ -721,17 +758,23 @@ impl Controller {
     }
 
     /// Checks the served engines every quarter second, for as long as the
-    /// controller lives: an engine whose thread panicked is audited once, and
-    /// when it was the stable version its model turns NOT_SERVING in health
-    /// and shows as failed in `serving` (`/ready` already sees it). A rollout
-    /// notices a failed canary by itself.
+    /// controller lives: an engine whose thread panicked is audited once and
+    /// sent to the hooks (`engine_failed`), and when it was the stable
+    /// version its model turns NOT_SERVING in health and shows as failed in
+    /// `serving` (`/ready` already sees it). A rollout notices a failed
+    /// canary by itself. Running shadows' reports go out from here too.
     pub fn watch_engines(self: &Arc<Self>) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut reported = std::collections::HashSet::new();
+            let mut last_report = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 let Some(me) = weak.upgrade() else { return };
+                if last_report.elapsed() >= me.shadow_report_every {
+                    last_report = tokio::time::Instant::now();
+                    me.report_shadows();
+                }
                 for d in me.router.snapshot().models.values() {
                     let mut targets = vec![(d.stable.clone(), true)];
                     targets.extend(d.canary.as_ref().map(|c| (c.target.clone(), false)));
@@ -751,6 +794,11 @@ impl Controller {
                         let _ = me
                             .record(&actor, action, Value::Null, Value::Null, Ok(()))
                             .await;
+                        me.hooks.emit(HookEvent::engine_failed(
+                            &d.model,
+                            &t.version,
+                            "the engine thread panicked",
+                        ));
                         if stable {
                             me.report_failure(
                                 &d.model,
@@ -823,6 +871,8 @@ impl Controller {
             }
         }
         self.restore_shadows().await;
+        self.restore_hooks();
+        self.restore_captures();
         let failed = self.failed().clone();
         if served.is_empty() && !failed.is_empty() {
             let why: Vec<String> = failed

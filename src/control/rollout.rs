@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{Actor, ControlError, Controller};
+use crate::hooks::EventKind;
 use crate::monitor::Variant;
 use crate::monitor::canary::{self, Analysis, Report, Verdict};
 use crate::monitor::names;
@@ -246,7 +247,8 @@ pub(super) struct Running {
     tx: mpsc::Sender<(Command, Actor)>,
 }
 
-/// What the controller announces (the hooks deliver these to webhooks).
+/// What the controller announces in process (the hooks get the same
+/// transitions as `rollout_*` events).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum RolloutEvent {
@@ -316,7 +318,7 @@ impl Controller {
                 model: status.spec.model.clone(),
                 id: status.id.clone(),
                 event: event.to_string(),
-                status: value,
+                status: value.clone(),
             },
             serde_json::Value::Null,
             serde_json::json!({"phase": status.phase, "weight": status.weight, "reason": status.reason}),
@@ -329,13 +331,30 @@ impl Controller {
         metrics::counter!(names::ROLLOUT_TRANSITIONS, "model" => model, "event" => event.to_string())
             .increment(1);
         let boxed = Box::new(status.clone());
-        let ev = match status.phase {
-            Phase::Promoted => RolloutEvent::RolloutPromoted { status: boxed },
-            Phase::RolledBack | Phase::Aborted => RolloutEvent::RolloutRolledBack { status: boxed },
-            _ if event == "started" => RolloutEvent::RolloutStarted { status: boxed },
-            _ => RolloutEvent::RolloutStep { status: boxed },
+        let (ev, hook) = match status.phase {
+            Phase::Promoted => (
+                RolloutEvent::RolloutPromoted { status: boxed },
+                EventKind::RolloutPromoted { rollout: value },
+            ),
+            Phase::RolledBack | Phase::Aborted => (
+                RolloutEvent::RolloutRolledBack { status: boxed },
+                EventKind::RolloutRolledBack { rollout: value },
+            ),
+            _ if event == "started" => (
+                RolloutEvent::RolloutStarted { status: boxed },
+                EventKind::RolloutStarted { rollout: value },
+            ),
+            _ => (
+                RolloutEvent::RolloutStep { status: boxed },
+                EventKind::RolloutStep { rollout: value },
+            ),
         };
         let _ = self.rollout_events.send(ev);
+        self.hooks.emit(crate::hooks::Event::new(
+            &status.spec.model,
+            Some(&status.spec.candidate),
+            hook,
+        ));
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::{Actor, ControlError, Controller};
+use crate::hooks::{Event as HookEvent, EventKind};
 use crate::registry::Action;
 use crate::router::Target;
 use crate::shadow::{Mirror, ShadowSpec, StoredSample};
@@ -127,10 +128,37 @@ impl Controller {
         };
         self.record(&actor, action, previous, Value::Null, Ok(()))
             .await?;
-        self.router.clear_shadow(model);
+        if let Some(s) = self.router.clear_shadow(model) {
+            self.hooks.emit(HookEvent::new(
+                model,
+                Some(&s.target.version),
+                EventKind::ShadowReport {
+                    report: s.mirror.status(),
+                    last: true,
+                },
+            ));
+        }
         self.release_unreferenced(&self.catalog().state().clone());
         tracing::info!(model, key = %actor.key_id, "shadow cleared");
         Ok(())
+    }
+
+    /// Sends every running shadow's comparisons so far as a
+    /// `shadow_report` event (the engine watcher calls this every
+    /// `shadow_report_every`).
+    pub(super) fn report_shadows(&self) {
+        for d in self.router.snapshot().models.values() {
+            if let Some(s) = &d.shadow {
+                self.hooks.emit(HookEvent::new(
+                    &d.model,
+                    Some(&s.target.version),
+                    EventKind::ShadowReport {
+                        report: s.mirror.status(),
+                        last: false,
+                    },
+                ));
+            }
+        }
     }
 
     /// The model's shadow: settings, copies in flight, comparisons.

@@ -30,6 +30,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         (names::STEP_TOKENS, super::TOKEN_BUCKETS),
         (names::STEP_TIME, super::STEP_BUCKETS),
         (names::API_DURATION, super::API_BUCKETS),
+        (names::HOOK_LATENCY, super::API_BUCKETS),
         (shadow::AGREEMENT, super::shadow::SHARE_BUCKETS),
         (shadow::TOP1_AGREEMENT, super::shadow::SHARE_BUCKETS),
         (shadow::LENGTH_RATIO, super::shadow::RATIO_BUCKETS),

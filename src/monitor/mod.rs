@@ -74,6 +74,16 @@ pub mod names {
     pub const ROLLOUT_TRANSITIONS: &str = "llmops_rollout_transitions_total";
     /// Gauge: the last analysed value of a gate's metric, per variant.
     pub const ROLLOUT_GATE_VALUE: &str = "llmops_rollout_gate_value";
+    /// Counter: hook deliveries by hook, event type and outcome (delivered,
+    /// failed, suppressed, dropped).
+    pub const HOOK_DELIVERIES: &str = "llmops_hook_deliveries_total";
+    /// Histogram: a hook delivery's time, every attempt and pause included.
+    pub const HOOK_LATENCY: &str = "llmops_hook_delivery_duration_seconds";
+    /// Counter: captured requests by model and outcome (written, dropped,
+    /// skipped).
+    pub const CAPTURE_RECORDS: &str = "llmops_capture_records_total";
+    /// Gauge: bytes of a model's capture on disk.
+    pub const CAPTURE_BYTES: &str = "llmops_capture_bytes";
 }
 
 /// vLLM's TTFT buckets.
@@ -438,6 +448,26 @@ pub fn describe() {
             names::ROLLOUT_GATE_VALUE,
             Unit::Count,
             "The last analysed value of each rollout gate's metric, by model, gate and variant (seconds for latencies)."
+        );
+        describe_counter!(
+            names::HOOK_DELIVERIES,
+            Unit::Count,
+            "Hook deliveries by hook, event type and outcome (delivered, failed, suppressed, dropped)."
+        );
+        describe_histogram!(
+            names::HOOK_LATENCY,
+            Unit::Seconds,
+            "Time to deliver an event to a hook, every attempt and backoff included."
+        );
+        describe_counter!(
+            names::CAPTURE_RECORDS,
+            Unit::Count,
+            "Captured requests by model and outcome (written, dropped when the writer is behind, skipped)."
+        );
+        describe_gauge!(
+            names::CAPTURE_BYTES,
+            Unit::Bytes,
+            "Bytes of a model's captured traffic on disk."
         );
     }
     shadow::describe();

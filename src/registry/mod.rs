@@ -190,6 +190,38 @@ pub enum Action {
         /// The settings, or none when cleared.
         spec: Option<serde_json::Value>,
     },
+    /// A hook was set through the admin API (its settings, secret left
+    /// out) or removed (`None`). Hooks from `llmops.toml` are not recorded:
+    /// the file is their record.
+    Hook {
+        /// The hook's name.
+        name: String,
+        /// The settings, or none when removed.
+        spec: Option<serde_json::Value>,
+    },
+    /// One event's delivery to one hook ended: delivered, failed after its
+    /// retries, suppressed (duplicate or within the cooldown) or dropped
+    /// (the hook's queue was full). Changes no state.
+    HookDelivery {
+        /// The hook's name (`*` for events dropped before any hook).
+        hook: String,
+        /// The event's id (the `Idempotency-Key` sent).
+        event_id: String,
+        /// The event's type.
+        event: String,
+        /// The event's model.
+        model: String,
+        /// `delivered`, `failed`, `suppressed` or `dropped`.
+        outcome: String,
+    },
+    /// Capture of a model's traffic was turned on or changed (its settings)
+    /// or turned off (`None`).
+    Capture {
+        /// Model name.
+        model: String,
+        /// The settings, or none when turned off.
+        spec: Option<serde_json::Value>,
+    },
 }
 
 impl Action {
@@ -203,6 +235,9 @@ impl Action {
             Action::Rollout { .. } => "rollout",
             Action::EngineFailed { .. } => "engine_failed",
             Action::Shadow { .. } => "shadow",
+            Action::Hook { .. } => "hook",
+            Action::HookDelivery { .. } => "hook_delivery",
+            Action::Capture { .. } => "capture",
         }
     }
 }
@@ -250,6 +285,10 @@ pub struct State {
     pub rollouts: BTreeMap<String, serde_json::Value>,
     /// Shadow settings, by model.
     pub shadows: BTreeMap<String, serde_json::Value>,
+    /// Hooks set through the admin API, by name (secrets not included).
+    pub hooks: BTreeMap<String, serde_json::Value>,
+    /// Capture settings of the models that capture, by model.
+    pub captures: BTreeMap<String, serde_json::Value>,
 }
 
 impl State {
@@ -288,7 +327,26 @@ impl State {
                     self.shadows.remove(model);
                 }
             },
-            Action::Load { .. } | Action::Unload { .. } | Action::EngineFailed { .. } => {}
+            Action::Hook { name, spec } => match spec {
+                Some(s) => {
+                    self.hooks.insert(name.clone(), s.clone());
+                }
+                None => {
+                    self.hooks.remove(name);
+                }
+            },
+            Action::Capture { model, spec } => match spec {
+                Some(s) => {
+                    self.captures.insert(model.clone(), s.clone());
+                }
+                None => {
+                    self.captures.remove(model);
+                }
+            },
+            Action::Load { .. }
+            | Action::Unload { .. }
+            | Action::EngineFailed { .. }
+            | Action::HookDelivery { .. } => {}
         }
     }
 

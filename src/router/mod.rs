@@ -137,6 +137,8 @@ pub struct Deployment {
     pub canary: Option<Canary>,
     /// A candidate receiving mirrored copies.
     pub shadow: Option<Shadow>,
+    /// Where finished requests are captured, when capture is on.
+    pub capture: Option<Arc<crate::capture::Capture>>,
 }
 
 impl Deployment {
@@ -147,6 +149,7 @@ impl Deployment {
             stable,
             canary: None,
             shadow: None,
+            capture: None,
         }
     }
 
@@ -185,6 +188,8 @@ pub struct Picked {
     pub variant: Variant,
     /// The shadow to mirror it to, when the request falls in its sample.
     pub shadow: Option<Arc<crate::shadow::Mirror>>,
+    /// Where to capture it, when the model captures.
+    pub capture: Option<Arc<crate::capture::Capture>>,
 }
 
 /// Routes requests to engines.
@@ -255,6 +260,7 @@ impl Router {
                 target,
                 variant,
                 shadow: None,
+                capture: d.capture.clone(),
             });
         }
         let d = table
@@ -276,6 +282,7 @@ impl Router {
             target,
             variant,
             shadow,
+            capture: d.capture.clone(),
         })
     }
 
@@ -390,6 +397,17 @@ impl Router {
     /// Stops mirroring; returns the shadow.
     pub fn clear_shadow(&self, model: &str) -> Option<Shadow> {
         self.edit(model, |d| d.shadow.take()).flatten()
+    }
+
+    /// Captures `model`'s finished requests there (`None`: stops); returns
+    /// the capture it had (none, too, when the model is not served).
+    pub fn set_capture(
+        &self,
+        model: &str,
+        capture: Option<Arc<crate::capture::Capture>>,
+    ) -> Option<Arc<crate::capture::Capture>> {
+        self.edit(model, |d| std::mem::replace(&mut d.capture, capture))
+            .flatten()
     }
 
     /// Stops serving `model`.

@@ -21,7 +21,6 @@
 //! ends at its deadline and is counted as dropped; nothing of it reaches
 //! the client, whose token budget it is not charged to.
 
-pub mod redact;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,7 +38,7 @@ use crate::quota::RateLimiter;
 use crate::scheduler::{
     Completion, EngineHandle, Event, FinishReason, Priority, Request, ScoreJob, SubmitError,
 };
-use redact::Redactor;
+use crate::redact::Redactor;
 
 /// What the candidate does with a copy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
-//! Redaction of personal data before a shadow sample is stored: e-mail
-//! addresses, phone numbers, card numbers, IP addresses and API-key-like
-//! strings, plus the operator's own patterns. Each match becomes a
-//! bracketed tag naming what was there, never a partial copy of it.
+//! Redaction of personal data before text is stored (shadow samples,
+//! captured traffic): e-mail addresses, phone numbers, card numbers, IP
+//! addresses and API-key-like strings, plus the operator's own patterns.
+//! Each match becomes a bracketed tag naming what was there, never a
+//! partial copy of it.
 
 use regex::Regex;
 
