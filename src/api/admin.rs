@@ -52,6 +52,10 @@ pub fn routes() -> axum::Router<HttpState> {
             "/admin/v1/models/{model}/shadow/samples",
             get(shadow_samples),
         )
+        .route(
+            "/admin/v1/models/{model}/retrain",
+            post(start_retrain).get(get_retrain).delete(cancel_retrain),
+        )
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/rollouts", post(start_rollout).get(list_rollouts))
         .route("/admin/v1/rollouts/{id}", get(get_rollout))
@@ -363,4 +367,43 @@ async fn shadow_samples(
 ) -> Result<Json<Value>, ApiError> {
     let samples = ops(&st, &p)?.shadow_samples(&model)?;
     Ok(Json(json!({"model": model, "samples": samples})))
+}
+
+/// `POST /admin/v1/models/{model}/retrain`: fine-tune the stable version
+/// (`RetrainSpec` plus an optional `reason`); 202 with the job's status,
+/// 409 while another retrain of the model runs.
+async fn start_retrain(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+    JsonBody(mut body): JsonBody<Value>,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let ops = ops(&st, &p)?;
+    let reason = body
+        .as_object_mut()
+        .and_then(|o| o.remove("reason"))
+        .and_then(|r| r.as_str().map(str::to_string));
+    let spec: crate::control::retrain::RetrainSpec = serde_path_to_error::deserialize(body)
+        .map_err(|e| ApiError::invalid(&e.path().to_string(), e.inner().to_string()))?;
+    let h = crate::control::retrain::start(&ops, &actor(&p, reason), &model, spec).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(h.status())))
+}
+
+/// `GET /admin/v1/models/{model}/retrain`: the latest retrain's progress
+/// and, once it ended, its outcome.
+async fn get_retrain(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.retrain(&model)?.status()))
+}
+
+/// `DELETE /admin/v1/models/{model}/retrain`: cancels the running retrain.
+async fn cancel_retrain(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.cancel_retrain(&model)?.status()))
 }

@@ -7,6 +7,7 @@
 //! hold their own handle on the old engine, which finishes them, and stops
 //! and frees its memory when that last handle drops.
 
+pub mod retrain;
 pub mod rollout;
 pub mod shadow;
 
@@ -129,6 +130,11 @@ pub struct Controller {
     rollouts: std::sync::Mutex<HashMap<String, rollout::Running>>,
     /// Rollout transitions, for whoever listens (hooks, tests).
     rollout_events: tokio::sync::broadcast::Sender<rollout::RolloutEvent>,
+    /// The registry's folder; retrained versions are written under it.
+    data_dir: PathBuf,
+    /// The latest retrain job per model, running or finished (one runs
+    /// per model at a time).
+    retrains: std::sync::Mutex<HashMap<String, retrain::RetrainHandle>>,
 }
 
 /// Why a model is not served.
@@ -206,6 +212,8 @@ impl Controller {
             failed: std::sync::Mutex::new(BTreeMap::new()),
             rollouts: std::sync::Mutex::new(HashMap::new()),
             rollout_events: tokio::sync::broadcast::channel(256).0,
+            data_dir: data_dir.to_path_buf(),
+            retrains: std::sync::Mutex::new(HashMap::new()),
         })
     }
 

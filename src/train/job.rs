@@ -63,7 +63,10 @@ impl CpuBudget {
             return Err(format!("duty must be in (0, 1], got {}", self.duty));
         }
         if self.threads > 1024 {
-            return Err(format!("threads must be at most 1024, got {}", self.threads));
+            return Err(format!(
+                "threads must be at most 1024, got {}",
+                self.threads
+            ));
         }
         if !(0..=19).contains(&self.nice) {
             return Err(format!("nice must be in 0..=19, got {}", self.nice));
@@ -173,10 +176,8 @@ impl Shared {
         self.first_step.store(first_step, Ordering::Relaxed);
         self.step.store(first_step, Ordering::Relaxed);
         self.steps.store(steps, Ordering::Relaxed);
-        self.training_from_ms.store(
-            self.started.elapsed().as_millis() as u64,
-            Ordering::Relaxed,
-        );
+        self.training_from_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.set_phase(Phase::Training);
     }
 
@@ -198,8 +199,7 @@ impl Shared {
         let first = self.first_step.load(Ordering::Relaxed);
         let loss = f32::from_bits(self.loss.load(Ordering::Relaxed));
         let elapsed = self.started.elapsed().as_secs_f64();
-        let training =
-            elapsed - self.training_from_ms.load(Ordering::Relaxed) as f64 / 1000.0;
+        let training = elapsed - self.training_from_ms.load(Ordering::Relaxed) as f64 / 1000.0;
         let done = step.saturating_sub(first);
         let eta = (done > 0 && !phase.is_final())
             .then(|| training / done as f64 * steps.saturating_sub(step) as f64);

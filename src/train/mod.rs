@@ -377,7 +377,10 @@ pub fn run_with(args: &TrainArgs, ctl: &job::Control) -> anyhow::Result<TrainRep
         }
     };
     if !(0.0..1.0).contains(&args.replay_share) {
-        bail!("--replay-share must be in [0, 1), got {}", args.replay_share);
+        bail!(
+            "--replay-share must be in [0, 1), got {}",
+            args.replay_share
+        );
     }
     let corpus = Corpus::load(&args.data)?;
     let replay = match args.replay.is_empty() {
@@ -422,10 +425,11 @@ pub fn run_with(args: &TrainArgs, ctl: &job::Control) -> anyhow::Result<TrainRep
     let model = TrainModel::new(cfg.clone(), start.vars.clone(), &dev)?;
     // The starting weights are the parent's: their held-out losses are the
     // baseline the result is compared with.
-    let held_out_sets: Vec<(&str, &Vec<Example>)> = [("window", eval), ("reference", &sets.reference)]
-        .into_iter()
-        .filter(|(_, s)| !s.is_empty())
-        .collect();
+    let held_out_sets: Vec<(&str, &Vec<Example>)> =
+        [("window", eval), ("reference", &sets.reference)]
+            .into_iter()
+            .filter(|(_, s)| !s.is_empty())
+            .collect();
     let mut baseline = vec![];
     if args.base.is_some() && args.resume.is_none() {
         ctl.shared.set_phase(job::Phase::Evaluating);
@@ -561,8 +565,8 @@ fn examples(
         let fraction = args.replay_eval_fraction.unwrap_or(args.eval_fraction);
         let (pool, held) = data::split(all, fraction, args.seed);
         reference = held;
-        let want = (train.len() as f64 * args.replay_share / (1.0 - args.replay_share)).round()
-            as usize;
+        let want =
+            (train.len() as f64 * args.replay_share / (1.0 - args.replay_share)).round() as usize;
         if want > 0 && pool.is_empty() {
             bail!("the replay data has no examples to train on");
         }
