@@ -60,6 +60,10 @@ pub fn routes() -> axum::Router<HttpState> {
             "/admin/v1/models/{model}/capture/export",
             get(export_capture),
         )
+        .route(
+            "/admin/v1/models/{model}/retrain",
+            post(start_retrain).get(get_retrain).delete(cancel_retrain),
+        )
         .route("/admin/v1/hooks", get(list_hooks))
         .route(
             "/admin/v1/hooks/{name}",
@@ -497,4 +501,39 @@ async fn delete_hook(
         .delete_hook(&actor(&p, q.reason), &name)
         .await?;
     Ok(Json(json!({"hook": name, "removed": true})))
+}
+
+/// `POST /admin/v1/models/{model}/retrain`: fine-tune the stable version
+/// (`RetrainSpec` plus an optional `reason`); 202 with the job's status,
+/// 409 while another retrain of the model runs.
+async fn start_retrain(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+    JsonBody(mut body): JsonBody<Value>,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let ops = ops(&st, &p)?;
+    let reason = take_reason(&mut body);
+    let spec: crate::control::retrain::RetrainSpec = settings(body)?;
+    let h = crate::control::retrain::start(&ops, &actor(&p, reason), &model, spec).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(h.status())))
+}
+
+/// `GET /admin/v1/models/{model}/retrain`: the latest retrain's progress
+/// and, once it ended, its outcome.
+async fn get_retrain(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.retrain(&model)?.status()))
+}
+
+/// `DELETE /admin/v1/models/{model}/retrain`: cancels the running retrain.
+async fn cancel_retrain(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.cancel_retrain(&model)?.status()))
 }

@@ -4,6 +4,7 @@
 pub mod bench_engine;
 pub mod generate;
 pub mod models;
+pub mod retrain;
 pub mod rollout;
 pub mod shadow;
 pub mod tools;
@@ -63,6 +64,9 @@ pub enum Command {
     Rollout(rollout::RolloutArgs),
     /// Mirror live traffic to a candidate and compare (shadow evaluation).
     Shadow(shadow::ShadowArgs),
+    /// Fine-tune a model's stable version on captured traffic, gate it and
+    /// register it (on a running server).
+    Retrain(retrain::RetrainArgs),
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {
@@ -131,6 +135,10 @@ pub fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(shadow::run(args)),
+        Command::Retrain(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(retrain::run(args)),
         Command::ExportGguf(args) => tools::export_gguf(args),
     }
 }

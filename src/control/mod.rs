@@ -9,6 +9,7 @@
 
 pub mod capture;
 pub mod hooks;
+pub mod retrain;
 pub mod rollout;
 pub mod shadow;
 
@@ -139,6 +140,9 @@ pub struct Controller {
     data_dir: PathBuf,
     /// How often a running shadow's comparisons go out as `shadow_report`.
     shadow_report_every: Duration,
+    /// The latest retrain job per model, running or finished (one runs
+    /// per model at a time).
+    retrains: std::sync::Mutex<HashMap<String, retrain::RetrainHandle>>,
 }
 
 /// Why a model is not served.
@@ -220,6 +224,7 @@ impl Controller {
             failed: std::sync::Mutex::new(BTreeMap::new()),
             rollouts: std::sync::Mutex::new(HashMap::new()),
             rollout_events: tokio::sync::broadcast::channel(256).0,
+            retrains: std::sync::Mutex::new(HashMap::new()),
         })
     }
 

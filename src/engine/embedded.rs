@@ -40,6 +40,36 @@ pub fn load(opts: &LoadOptions) -> Result<LoadedModel, engine::Error> {
     }
 }
 
+/// The embedded model's files, for fine-tuning it (`llmops train --base
+/// embedded`); `None` in a build without it.
+pub struct Files {
+    /// `model.safetensors`.
+    pub weights: &'static [u8],
+    /// `config.json`.
+    pub config: &'static str,
+    /// `tokenizer.json`.
+    pub tokenizer: &'static [u8],
+    /// `tokenizer_config.json`.
+    pub tokenizer_config: &'static str,
+}
+
+/// The embedded files, when this build has them.
+pub fn files() -> Option<Files> {
+    #[cfg(llmops_embedded)]
+    {
+        Some(Files {
+            weights: files::WEIGHTS,
+            config: files::CONFIG,
+            tokenizer: files::TOKENIZER,
+            tokenizer_config: files::TOKENIZER_CONFIG,
+        })
+    }
+    #[cfg(not(llmops_embedded))]
+    {
+        None
+    }
+}
+
 /// Hex SHA-256 of the embedded weights.
 pub fn digest() -> String {
     #[cfg(llmops_embedded)]

@@ -181,6 +181,42 @@ pub enum Action {
         /// The status after it.
         status: serde_json::Value,
     },
+    /// A retrain job started fine-tuning a model's stable version; `new`
+    /// holds its settings.
+    TrainingStarted {
+        /// Model name.
+        model: String,
+        /// Job id.
+        job: String,
+        /// The version it fine-tunes.
+        parent: String,
+    },
+    /// A retrain job's result was registered as `version`; `new` holds the
+    /// offline gate's report. A candidate that failed the gate is
+    /// registered all the same (for inspection) with `gate_passed: false`,
+    /// and nothing should shadow or canary it.
+    TrainingFinished {
+        /// Model name.
+        model: String,
+        /// Job id.
+        job: String,
+        /// The registered version.
+        version: String,
+        /// SHA-256 of its `model_card.json`.
+        card_sha256: String,
+        /// Whether the held-out perplexities stayed within the threshold.
+        gate_passed: bool,
+    },
+    /// A retrain job ended without a version (failed or cancelled); its
+    /// files were removed.
+    TrainingFailed {
+        /// Model name.
+        model: String,
+        /// Job id.
+        job: String,
+        /// Stopped by an operator rather than by an error.
+        cancelled: bool,
+    },
     /// A shadow route was set (its settings) or cleared (`None`). The
     /// settings are the controller's `ShadowSpec`, kept as JSON like a
     /// rollout's status.
@@ -238,6 +274,9 @@ impl Action {
             Action::Hook { .. } => "hook",
             Action::HookDelivery { .. } => "hook_delivery",
             Action::Capture { .. } => "capture",
+            Action::TrainingStarted { .. } => "training_started",
+            Action::TrainingFinished { .. } => "training_finished",
+            Action::TrainingFailed { .. } => "training_failed",
         }
     }
 }
@@ -346,7 +385,10 @@ impl State {
             Action::Load { .. }
             | Action::Unload { .. }
             | Action::EngineFailed { .. }
-            | Action::HookDelivery { .. } => {}
+            | Action::HookDelivery { .. }
+            | Action::TrainingStarted { .. }
+            | Action::TrainingFinished { .. }
+            | Action::TrainingFailed { .. } => {}
         }
     }
 

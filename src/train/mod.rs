@@ -7,6 +7,7 @@
 //! moments and the step, so a resumed run repeats the uninterrupted one.
 
 pub mod data;
+pub mod job;
 pub mod model;
 pub mod optim;
 
@@ -38,9 +39,21 @@ pub struct TrainArgs {
     /// Output folder (config.json, model.safetensors, tokenizer, model card).
     #[arg(long)]
     pub out: PathBuf,
-    /// Fine-tune this Hugging Face Llama-family folder instead of starting from scratch.
+    /// Fine-tune this Hugging Face Llama-family folder (or `embedded`, the
+    /// built-in model) instead of starting from scratch.
     #[arg(long)]
     pub base: Option<PathBuf>,
+    /// Replay data mixed into the training set (the base's original data,
+    /// to limit forgetting); its held-out split is the reference set.
+    #[arg(long = "replay-data", num_args = 1..)]
+    pub replay: Vec<PathBuf>,
+    /// Share of the training examples drawn from the replay data, in [0, 1).
+    #[arg(long, default_value_t = 0.2)]
+    pub replay_share: f64,
+    /// Fraction of the replay data held out as the reference set (default:
+    /// --eval-fraction); use the base's own to hold out what it held out.
+    #[arg(long)]
+    pub replay_eval_fraction: Option<f64>,
     /// Shape preset when training from scratch: nano, small.
     #[arg(long, default_value = "small")]
     pub preset: String,
@@ -121,6 +134,24 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
+impl TrainArgs {
+    /// The command line's defaults for `data` and `out`, for callers that
+    /// train as a library call (one source of defaults: the flags').
+    pub fn new(data: Vec<PathBuf>, out: PathBuf) -> anyhow::Result<Self> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        let mut argv: Vec<std::ffi::OsString> = vec!["train".into(), "--data".into()];
+        argv.extend(data.iter().map(|d| d.clone().into_os_string()));
+        argv.push("--out".into());
+        argv.push(out.into_os_string());
+        Ok(Wrap::try_parse_from(argv)?.args)
+    }
+}
+
 /// What a run measured.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TrainReport {
@@ -134,6 +165,42 @@ pub struct TrainReport {
     pub parameters: usize,
     /// Steps completed.
     pub steps: u64,
+    /// Training examples (replay included) and how many came from replay.
+    #[serde(default)]
+    pub train_examples: usize,
+    /// Training examples drawn from the replay data.
+    #[serde(default)]
+    pub replay_examples: usize,
+    /// Held-out sets when fine-tuning: the loss of the base (before the
+    /// first step) and of the result on each.
+    #[serde(default)]
+    pub held_out: Vec<HeldOut>,
+}
+
+/// One held-out set's loss before and after fine-tuning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeldOut {
+    /// `window` (held out of the training data) or `reference` (held out of
+    /// the replay data).
+    pub name: String,
+    /// Examples evaluated.
+    pub examples: usize,
+    /// Mean loss of the starting weights (the parent).
+    pub base_loss: f32,
+    /// Mean loss of the trained weights.
+    pub loss: f32,
+}
+
+impl HeldOut {
+    /// Perplexity of the parent.
+    pub fn base_perplexity(&self) -> f64 {
+        (self.base_loss as f64).exp()
+    }
+
+    /// Perplexity of the result.
+    pub fn perplexity(&self) -> f64 {
+        (self.loss as f64).exp()
+    }
 }
 
 impl TrainReport {
@@ -293,17 +360,42 @@ fn save_vars(vars: &[(String, Var)], path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `llmops train`.
+/// Runs `llmops train` on the calling thread with no budget.
 pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
+    run_with(args, &job::Control::unlimited())
+}
+
+/// The training loop, reporting to and stopped by `ctl` (see
+/// [`job::TrainJob`]): cancellation is checked before every step and every
+/// evaluation, and returns [`job::Cancelled`].
+pub fn run_with(args: &TrainArgs, ctl: &job::Control) -> anyhow::Result<TrainReport> {
     let dev = Device::Cpu;
+    let check = || -> anyhow::Result<()> {
+        match ctl.shared.cancelled() {
+            true => Err(job::Cancelled.into()),
+            false => Ok(()),
+        }
+    };
+    if !(0.0..1.0).contains(&args.replay_share) {
+        bail!(
+            "--replay-share must be in [0, 1), got {}",
+            args.replay_share
+        );
+    }
     let corpus = Corpus::load(&args.data)?;
+    let replay = match args.replay.is_empty() {
+        true => None,
+        false => Some(Corpus::load(&args.replay)?),
+    };
     let mut start = match &args.base {
+        Some(base) if base.as_os_str() == "embedded" => Start::embedded()?,
         Some(base) => Start::from_base(base)?,
         None => Start::from_scratch(args, &corpus)?,
     };
     start.vars.sort_by(|a, b| a.0.cmp(&b.0));
     let cfg = ModelConfig::from_hf_json(&start.config.to_string(), Path::new("config.json"))?;
-    let (train, eval, eos) = examples(&start.tokenizer, &cfg, &corpus, args)?;
+    let sets = examples(&start.tokenizer, &cfg, &corpus, replay.as_ref(), args)?;
+    let (train, eval, eos) = (&sets.train, &sets.eval, sets.eos);
     let parameters: usize = start.vars.iter().map(|(_, v)| v.elem_count()).sum();
     if !args.quiet {
         let targets: usize = train
@@ -311,8 +403,9 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
             .map(|e| e.mask.iter().filter(|m| **m > 0.0).count())
             .sum();
         eprintln!(
-            "training {parameters} parameters on {} examples ({targets} target tokens), {} held out",
+            "training {parameters} parameters on {} examples ({targets} target tokens, {} replayed), {} held out",
             train.len(),
+            sets.replayed,
             eval.len()
         );
     }
@@ -327,7 +420,24 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
         None => (0, TrainReport::default()),
     };
     report.parameters = parameters;
+    report.train_examples = train.len();
+    report.replay_examples = sets.replayed;
     let model = TrainModel::new(cfg.clone(), start.vars.clone(), &dev)?;
+    // The starting weights are the parent's: their held-out losses are the
+    // baseline the result is compared with.
+    let held_out_sets: Vec<(&str, &Vec<Example>)> =
+        [("window", eval), ("reference", &sets.reference)]
+            .into_iter()
+            .filter(|(_, s)| !s.is_empty())
+            .collect();
+    let mut baseline = vec![];
+    if args.base.is_some() && args.resume.is_none() {
+        ctl.shared.set_phase(job::Phase::Evaluating);
+        for (name, set) in &held_out_sets {
+            check()?;
+            baseline.push((*name, evaluate(&model, set, args, eos, &dev)?));
+        }
+    }
     std::fs::create_dir_all(&args.out)?;
     // Everything but the weights is known now; writing it first makes every
     // checkpoint a servable folder.
@@ -340,23 +450,30 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
 
     let bar = progress_bar(args, start_step);
     let last = args.stop_after.unwrap_or(args.steps).min(args.steps);
+    ctl.shared.begin(start_step, last);
     let started = Instant::now();
     let mut tokens_seen = 0usize;
     for step in start_step..last {
+        check()?;
+        let step_started = Instant::now();
         let lr = optim::cosine_lr(step, args.lr, args.warmup, args.steps, args.min_lr_ratio);
-        let (step_loss, mut grads, tokens) = gradients(&model, &train, args, step, eos, &dev)?;
+        let (step_loss, mut grads, tokens) = gradients(&model, train, args, step, eos, &dev)?;
         tokens_seen += tokens;
         optim::clip_grad_norm(&mut grads, args.clip)?;
         opt.step(model.vars(), &grads, lr)?;
         report.losses.push((step + 1, step_loss));
         report.steps = step + 1;
+        let busy = step_started.elapsed();
+        ctl.rest(busy);
         let tps = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        ctl.shared.stepped(step + 1, step_loss, tps);
         bar.set_position(step + 1);
         bar.set_message(format!("loss {step_loss:.3} lr {lr:.2e} {tps:.0} tok/s"));
         if ((args.eval_every > 0 && (step + 1) % args.eval_every == 0) || step + 1 == args.steps)
             && !eval.is_empty()
         {
-            let el = evaluate(&model, &eval, args, eos, &dev)?;
+            check()?;
+            let el = evaluate(&model, eval, args, eos, &dev)?;
             report.eval_losses.push((step + 1, el));
             let line = format!(
                 "step {}: train loss {step_loss:.4}, eval loss {el:.4}, perplexity {:.2}, {tps:.0} tok/s",
@@ -375,26 +492,56 @@ pub fn run(args: &TrainArgs) -> anyhow::Result<TrainReport> {
         }
     }
     bar.finish_and_clear();
+    check()?;
+    ctl.shared.set_phase(job::Phase::Evaluating);
     if !eval.is_empty() && report.eval_losses.last().map(|e| e.0) != Some(report.steps) {
-        let el = evaluate(&model, &eval, args, eos, &dev)?;
+        let el = evaluate(&model, eval, args, eos, &dev)?;
         report.eval_losses.push((report.steps, el));
+    }
+    for ((name, set), (_, base_loss)) in held_out_sets.iter().zip(&baseline) {
+        check()?;
+        let loss = match (*name, report.eval_losses.last()) {
+            ("window", Some(&(s, l))) if s == report.steps => l,
+            _ => evaluate(&model, set, args, eos, &dev)?,
+        };
+        report.held_out.push(HeldOut {
+            name: name.to_string(),
+            examples: set.len().min(args.batch_size * args.eval_batches.max(1)),
+            base_loss: *base_loss,
+            loss,
+        });
     }
     report.tokens_per_second = tokens_seen as f64 / started.elapsed().as_secs_f64().max(1e-9);
     if args.stop_after.is_some_and(|s| s < args.steps) {
         checkpoint(&args.out, report.steps, model.vars(), &opt, &report, &meta)?;
     }
-    write_servable(args, &model, &cfg, &corpus, &report)?;
+    check()?;
+    ctl.shared.set_phase(job::Phase::Writing);
+    write_servable(args, &model, &cfg, &corpus, &report, &meta.tokenizer)?;
     Ok(report)
 }
 
+/// The tokenized data: training examples (replay mixed in), the held-out
+/// window, the reference set (held out of the replay data), and the
+/// end-of-sequence id (also the padding).
+struct Sets {
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    reference: Vec<Example>,
+    replayed: usize,
+    eos: u32,
+}
+
 /// Tokenizes the corpus into training examples and splits off the held-out
-/// ones; returns them with the end-of-sequence id (also the padding).
+/// ones; with replay data, holds out its reference set and mixes in enough
+/// of the rest that it makes `replay_share` of the training examples.
 fn examples(
     tokenizer_json: &str,
     cfg: &ModelConfig,
     corpus: &Corpus,
+    replay: Option<&Corpus>,
     args: &TrainArgs,
-) -> anyhow::Result<(Vec<Example>, Vec<Example>, u32)> {
+) -> anyhow::Result<Sets> {
     let bos = cfg.bos_token_id.context("config has no bos_token_id")?;
     let eos = *cfg
         .eos_token_ids
@@ -406,22 +553,46 @@ fn examples(
         Some(bos),
         vec![eos],
     )?;
-    let all = data::examples(corpus, &tokenizer, Specials { bos, eos }, args.seq_len)?;
-    let (train, eval) = data::split(all, args.eval_fraction, args.seed);
+    let sp = Specials { bos, eos };
+    let all = data::examples(corpus, &tokenizer, sp, args.seq_len)?;
+    let (mut train, eval) = data::split(all, args.eval_fraction, args.seed);
     if train.is_empty() {
         bail!("no training examples");
     }
-    Ok((train, eval, eos))
+    let (mut reference, mut replayed) = (vec![], 0);
+    if let Some(replay) = replay {
+        let all = data::examples(replay, &tokenizer, sp, args.seq_len)?;
+        let fraction = args.replay_eval_fraction.unwrap_or(args.eval_fraction);
+        let (pool, held) = data::split(all, fraction, args.seed);
+        reference = held;
+        let want =
+            (train.len() as f64 * args.replay_share / (1.0 - args.replay_share)).round() as usize;
+        if want > 0 && pool.is_empty() {
+            bail!("the replay data has no examples to train on");
+        }
+        let picks = data::batch_indices(pool.len(), want, 0, args.seed ^ 0x7e91_a7);
+        replayed = picks.len();
+        train.extend(picks.into_iter().map(|i| pool[i].clone()));
+    }
+    Ok(Sets {
+        train,
+        eval,
+        reference,
+        replayed,
+        eos,
+    })
 }
 
-/// The servable folder's weights, model card and report (the metadata is
-/// written before training starts).
+/// The servable folder's weights, model cards (README.md for people,
+/// `model_card.json` for machines) and report (the metadata is written
+/// before training starts).
 fn write_servable(
     args: &TrainArgs,
     model: &TrainModel,
     cfg: &ModelConfig,
     corpus: &Corpus,
     report: &TrainReport,
+    tokenizer_json: &str,
 ) -> anyhow::Result<()> {
     save_vars(model.vars(), &args.out.join("model.safetensors"))?;
     std::fs::write(
@@ -429,10 +600,82 @@ fn write_servable(
         model_card(args, cfg, corpus, report),
     )?;
     std::fs::write(
+        args.out.join(CARD_FILE),
+        serde_json::to_string_pretty(&card_json(args, corpus, report, tokenizer_json))?,
+    )?;
+    std::fs::write(
         args.out.join("train_report.json"),
         serde_json::to_string_pretty(report)?,
     )?;
     Ok(())
+}
+
+/// The machine-readable model card's file name, beside the weights.
+pub const CARD_FILE: &str = "model_card.json";
+
+fn absolute(paths: &[PathBuf]) -> Vec<String> {
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::canonicalize(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string()
+        })
+        .collect()
+}
+
+/// What `llmops train` knows about its result: the data (absolute paths,
+/// so a fine-tune can replay it), the settings that decide the held-out
+/// split, the tokenizer's digest, the losses. A retrain adds its parent,
+/// window and gate to it.
+fn card_json(
+    args: &TrainArgs,
+    corpus: &Corpus,
+    r: &TrainReport,
+    tokenizer_json: &str,
+) -> serde_json::Value {
+    use sha2::Digest;
+    serde_json::json!({
+        "created_at": crate::registry::now_rfc3339(),
+        "trainer": "llmops train",
+        "base": args.base.as_ref().map(|b| b.display().to_string()),
+        "data": {
+            "files": absolute(&args.data),
+            "records": corpus.records.len(),
+            "bytes": corpus.bytes,
+            "eval_fraction": args.eval_fraction,
+            "seq_len": args.seq_len,
+            "seed": args.seed,
+        },
+        "replay": (!args.replay.is_empty()).then(|| serde_json::json!({
+            "files": absolute(&args.replay),
+            "share": args.replay_share,
+            "eval_fraction": args.replay_eval_fraction.unwrap_or(args.eval_fraction),
+            "examples": r.replay_examples,
+        })),
+        "tokenizer": {
+            "sha256": hex::encode(sha2::Sha256::digest(tokenizer_json.as_bytes())),
+        },
+        "training": {
+            "steps": r.steps,
+            "train_examples": r.train_examples,
+            "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum,
+            "lr": args.lr,
+            "warmup": args.warmup,
+            "weight_decay": args.weight_decay,
+            "tokens_per_second": r.tokens_per_second,
+            "parameters": r.parameters,
+        },
+        "losses": {
+            "train_final": r.losses.last().map(|l| l.1),
+            "held_out_final": r.final_eval_loss(),
+            "train": r.losses,
+            "held_out": r.eval_losses,
+        },
+        "held_out": r.held_out,
+    })
 }
 
 /// What training starts from: the model's shape, its tokenizer and its
@@ -450,6 +693,12 @@ struct Start {
 impl Start {
     /// A Hugging Face Llama-family folder to fine-tune.
     fn from_base(base: &Path) -> anyhow::Result<Self> {
+        if base.is_file() {
+            bail!(
+                "{}: fine-tuning starts from a Hugging Face folder (safetensors) or the embedded model, not a single file such as a GGUF",
+                base.display()
+            );
+        }
         let cfg_text =
             std::fs::read_to_string(base.join("config.json")).context("base config.json")?;
         let cfg = ModelConfig::from_hf_json(&cfg_text, &base.join("config.json"))?;
@@ -468,6 +717,24 @@ impl Start {
             config: serde_json::from_str(&cfg_text)?,
             tokenizer,
             tokenizer_config,
+            vars,
+        })
+    }
+
+    /// The model compiled into the binary (`--base embedded`).
+    fn embedded() -> anyhow::Result<Self> {
+        let f = crate::engine::embedded::files()
+            .context("this build has no embedded model to fine-tune")?;
+        let mut vars: Vec<(String, Var)> =
+            candle_core::safetensors::load_buffer(f.weights, &Device::Cpu)?
+                .into_iter()
+                .map(|(n, t)| Ok((n, Var::from_tensor(&t.to_dtype(DType::F32)?)?)))
+                .collect::<candle_core::Result<_>>()?;
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self {
+            config: serde_json::from_str(f.config)?,
+            tokenizer: String::from_utf8(f.tokenizer.to_vec())?,
+            tokenizer_config: f.tokenizer_config.to_string(),
             vars,
         })
     }

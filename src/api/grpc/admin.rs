@@ -364,6 +364,62 @@ impl pb::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn start_retrain(
+        &self,
+        req: Request<pb::StartRetrainRequest>,
+    ) -> Result<Response<pb::RetrainStatus>, Status> {
+        use crate::control::retrain::RetrainSpec;
+        let p = self.admin(&req)?;
+        let r = req.into_inner();
+        let d = RetrainSpec::default();
+        let spec = RetrainSpec {
+            data: r.data.iter().map(std::path::PathBuf::from).collect(),
+            replay_data: (!r.replay_data.is_empty())
+                .then(|| r.replay_data.iter().map(std::path::PathBuf::from).collect()),
+            replay_share: r.replay_share.unwrap_or(d.replay_share),
+            steps: r.steps.unwrap_or(d.steps),
+            lr: r.lr.unwrap_or(d.lr),
+            batch_size: r.batch_size.map_or(d.batch_size, |b| b as usize),
+            max_regression: r.max_regression.unwrap_or(d.max_regression),
+            budget: crate::train::job::CpuBudget {
+                threads: r.threads.map_or(d.budget.threads, |t| t as usize),
+                duty: r.duty.unwrap_or(d.budget.duty),
+                ..d.budget
+            },
+            version: reason(&r.version),
+            ..d
+        };
+        let h =
+            crate::control::retrain::start(&self.ops, &Self::actor(&p, &r.reason), &r.model, spec)
+                .await
+                .map_err(ApiError::from)?;
+        Ok(Response::new(retrain_pb(&h)))
+    }
+
+    async fn get_retrain(
+        &self,
+        req: Request<pb::RetrainRef>,
+    ) -> Result<Response<pb::RetrainStatus>, Status> {
+        self.admin(&req)?;
+        let h = self
+            .ops
+            .retrain(&req.get_ref().model)
+            .map_err(ApiError::from)?;
+        Ok(Response::new(retrain_pb(&h)))
+    }
+
+    async fn cancel_retrain(
+        &self,
+        req: Request<pb::RetrainRef>,
+    ) -> Result<Response<pb::RetrainStatus>, Status> {
+        self.admin(&req)?;
+        let h = self
+            .ops
+            .cancel_retrain(&req.get_ref().model)
+            .map_err(ApiError::from)?;
+        Ok(Response::new(retrain_pb(&h)))
+    }
+
     async fn list_shadow_samples(
         &self,
         req: Request<pb::ShadowRef>,
@@ -379,6 +435,15 @@ impl pb::admin_server::Admin for AdminService {
                 .filter_map(|s| serde_json::to_string(s).ok())
                 .collect(),
         }))
+    }
+}
+
+fn retrain_pb(h: &crate::control::retrain::RetrainHandle) -> pb::RetrainStatus {
+    pb::RetrainStatus {
+        model: h.model.clone(),
+        id: h.id.clone(),
+        running: h.is_running(),
+        status_json: h.status().to_string(),
     }
 }
 
