@@ -182,6 +182,8 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Models to serve.
     pub models: Vec<ModelSpec>,
+    /// `[drift]`: drift detection, with per-model overrides.
+    pub drift: crate::monitor::drift::DriftSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -197,6 +199,8 @@ struct FileConfig {
     models: Vec<FileModel>,
     #[serde(default)]
     auth: FileAuth,
+    /// Checked by [`crate::monitor::drift::DriftSettings::from_value`].
+    drift: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,6 +279,13 @@ impl Config {
             scheduler: scheduler_config(args, &file.scheduler)?,
             models: models(args, &file)?,
             keys: keys(args, &file.auth)?,
+            drift: match &file.drift {
+                None => Default::default(),
+                Some(t) => {
+                    crate::monitor::drift::DriftSettings::from_value(serde_json::to_value(t)?)
+                        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?
+                }
+            },
         })
     }
 }

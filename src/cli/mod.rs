@@ -2,6 +2,7 @@
 //! its arguments and calling into the library. `main.rs` only calls [`main`].
 
 pub mod bench_engine;
+pub mod drift;
 pub mod generate;
 pub mod models;
 pub mod rollout;
@@ -63,6 +64,8 @@ pub enum Command {
     Rollout(rollout::RolloutArgs),
     /// Mirror live traffic to a candidate and compare (shadow evaluation).
     Shadow(shadow::ShadowArgs),
+    /// Read a running server's drift detection.
+    Drift(drift::DriftArgs),
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {
@@ -131,6 +134,10 @@ pub fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(shadow::run(args)),
+        Command::Drift(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(drift::run(args)),
         Command::ExportGguf(args) => tools::export_gguf(args),
     }
 }

@@ -7,6 +7,7 @@
 //! hold their own handle on the old engine, which finishes them, and stops
 //! and frees its memory when that last handle drops.
 
+pub mod drift;
 pub mod rollout;
 pub mod shadow;
 
@@ -129,6 +130,12 @@ pub struct Controller {
     rollouts: std::sync::Mutex<HashMap<String, rollout::Running>>,
     /// Rollout transitions, for whoever listens (hooks, tests).
     rollout_events: tokio::sync::broadcast::Sender<rollout::RolloutEvent>,
+    /// `[drift]` and the per-model overrides (admin API included).
+    drift: std::sync::Mutex<crate::monitor::drift::DriftSettings>,
+    /// Drift state changes of every version.
+    drift_events: tokio::sync::broadcast::Sender<crate::monitor::drift::DriftTransition>,
+    /// Where frozen drift references are kept (beside the audit log).
+    drift_dir: PathBuf,
 }
 
 /// Why a model is not served.
@@ -206,7 +213,16 @@ impl Controller {
             failed: std::sync::Mutex::new(BTreeMap::new()),
             rollouts: std::sync::Mutex::new(HashMap::new()),
             rollout_events: tokio::sync::broadcast::channel(256).0,
+            drift: Default::default(),
+            drift_events: tokio::sync::broadcast::channel(256).0,
+            drift_dir: data_dir.join("drift"),
         })
+    }
+
+    /// Drift settings (`[drift]`, per-model overrides).
+    pub fn with_drift(self, settings: crate::monitor::drift::DriftSettings) -> Self {
+        *self.drift_settings() = settings;
+        self
     }
 
     /// Accepts registrations only under these folders (canonical paths, as
@@ -444,6 +460,7 @@ impl Controller {
             },
         )
         .map_err(internal)?;
+        self.attach_drift(model, record, &engine).await;
         let prompt = engine
             .tokenizer()
             .encode("warm up", true)
