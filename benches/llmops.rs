@@ -1,7 +1,8 @@
 //! Micro-benchmarks (criterion): the engine step at batch 1/8/32, the packed
 //! GEMM on the 26M model's shapes, sampling
 //! over a 262k vocabulary, scheduler planning with 1k waiting and 256
-//! running, routing lookups, metric recording.
+//! running, routing lookups, metric recording, drift signals per request
+//! and per token.
 //!
 //! `cargo bench --bench llmops` (results in BENCHMARKS.md).
 
@@ -335,12 +336,68 @@ fn rollout_analysis(c: &mut Criterion) {
     g.finish();
 }
 
+/// Drift: what one finished request costs the engine thread (the recorder's
+/// update, windows closing and being evaluated every 200 requests
+/// included), what each generated token costs (the entropy of its row, at
+/// the tiny model's and Gemma's vocabularies), and the script mix of a
+/// prompt's text (validation, on the blocking pool).
+fn drift(c: &mut Criterion) {
+    use llmops::monitor::drift::{DriftConfig, Observation, Recorder, TextProfile, stats};
+    let mut g = c.benchmark_group("drift");
+    for tokens in [16usize, 256] {
+        let r = Recorder::new("bench", "v1");
+        r.configure(DriftConfig::default(), None);
+        let prompt: Vec<u32> = (0..tokens as u32).map(|i| i * 7919 % 262_144).collect();
+        let profile: TextProfile = [300, 4, 12, 60, 0, 0, 2];
+        let mut i = 0u32;
+        let mut obs = move || {
+            i = i.wrapping_add(1);
+            Observation {
+                prompt_len: tokens as u32,
+                output_len: 16 + i % 48,
+                finish: Some((i % 5 == 0) as usize),
+                error: false,
+                ttft_s: 0.05 + f64::from(i % 17) * 1e-3,
+                e2e_s: 0.5 + f64::from(i % 13) * 1e-2,
+                entropy: Some(2.0 + f64::from(i % 11) * 0.1),
+            }
+        };
+        // Freeze the reference first: the bench measures live windows.
+        for _ in 0..500 {
+            r.record(&obs(), &prompt, &profile);
+        }
+        g.throughput(criterion::Throughput::Elements(tokens as u64));
+        g.bench_function(format!("record_request_{tokens}_prompt_tokens"), |b| {
+            b.iter(|| r.record(black_box(&obs()), black_box(&prompt), &profile))
+        });
+    }
+    g.throughput(criterion::Throughput::Elements(1));
+    for vocab in [320usize, 262_144] {
+        let row: Vec<f32> = (0..vocab)
+            .map(|i| ((i * 37) % 1000) as f32 * 0.01)
+            .collect();
+        g.bench_function(format!("entropy_per_token_vocab_{vocab}"), |b| {
+            b.iter(|| black_box(stats::row_entropy(black_box(&row))))
+        });
+    }
+    let text = "The ship sailed across a quiet sea while old sailors sang of home. ".repeat(15);
+    g.throughput(criterion::Throughput::Bytes(text.len() as u64));
+    g.bench_function("script_mix_1kb_prompt", |b| {
+        b.iter(|| {
+            let mut p = TextProfile::default();
+            stats::add_text(&mut p, black_box(&text));
+            black_box(p)
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(20)
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = engine_step, gemm, sampling, scheduler_plan, routing, metric_recording, rollout_analysis
+    targets = engine_step, gemm, sampling, scheduler_plan, routing, metric_recording, rollout_analysis, drift
 }
 criterion_main!(benches);

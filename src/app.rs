@@ -77,7 +77,8 @@ pub async fn run(
             Some(health.clone()),
         )?
         .with_model_roots(cfg.server.model_roots.clone())
-        .with_hooks(&cfg.hooks)?,
+        .with_hooks(&cfg.hooks)?
+        .with_drift(cfg.drift.clone()),
     );
     tracing::info!(registry = %cfg.server.data_dir.display(), "registry opened");
     // What was serving before a restart is restored before traffic is accepted.

@@ -184,6 +184,8 @@ pub struct Config {
     pub models: Vec<ModelSpec>,
     /// Hooks from `[[hooks]]` (checked, secrets resolved, at load).
     pub hooks: Vec<crate::hooks::HookSpec>,
+    /// `[drift]`: drift detection, with per-model overrides.
+    pub drift: crate::monitor::drift::DriftSettings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,6 +203,8 @@ struct FileConfig {
     auth: FileAuth,
     #[serde(default)]
     hooks: Vec<crate::hooks::HookSpec>,
+    /// Checked by [`crate::monitor::drift::DriftSettings::from_value`].
+    drift: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -280,6 +284,13 @@ impl Config {
             models: models(args, &file)?,
             keys: keys(args, &file.auth)?,
             hooks: hooks(&file.hooks)?,
+            drift: match &file.drift {
+                None => Default::default(),
+                Some(t) => {
+                    crate::monitor::drift::DriftSettings::from_value(serde_json::to_value(t)?)
+                        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?
+                }
+            },
         })
     }
 }

@@ -231,6 +231,15 @@ pub fn validate(
         max_tokens: limits.max_tokens,
     };
     let max_tokens = length::max_new_tokens(context, caps, param, prompt.len(), spec.max_tokens)?;
+    // Drift's script mix: the text a caller wrote, one pass, no allocation.
+    let mut text_profile = crate::monitor::drift::TextProfile::default();
+    match &spec.input {
+        Input::Text(t) => crate::monitor::drift::stats::add_text(&mut text_profile, t),
+        Input::Chat(m) => m
+            .iter()
+            .for_each(|m| crate::monitor::drift::stats::add_text(&mut text_profile, &m.content)),
+        Input::Tokens(_) => {}
+    }
     let choices = (0..spec.n)
         .map(|i| {
             let mut sampling = spec.sampling.clone();
@@ -249,6 +258,7 @@ pub fn validate(
                 protocol: spec.protocol,
                 // Set by the router's pick, when the request is submitted.
                 variant: Default::default(),
+                text_profile,
             }
         })
         .collect();

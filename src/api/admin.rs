@@ -69,6 +69,14 @@ pub fn routes() -> axum::Router<HttpState> {
             "/admin/v1/hooks/{name}",
             put(set_hook).get(get_hook).delete(delete_hook),
         )
+        .route(
+            "/admin/v1/models/{model}/drift",
+            get(get_drift).put(set_drift),
+        )
+        .route(
+            "/admin/v1/models/{model}/versions/{version}/drift/reset",
+            post(reset_drift),
+        )
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/rollouts", post(start_rollout).get(list_rollouts))
         .route("/admin/v1/rollouts/{id}", get(get_rollout))
@@ -536,4 +544,48 @@ async fn cancel_retrain(
     Path(model): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(ops(&st, &p)?.cancel_retrain(&model)?.status()))
+}
+
+async fn get_drift(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.drift_status(&model).await?))
+}
+
+/// Body of `PUT …/drift`: the model's overrides of `[drift]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriftBody {
+    /// Keys of `[drift]` to override (replacing earlier overrides).
+    settings: serde_json::Map<String, Value>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn set_drift(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+    JsonBody(body): JsonBody<DriftBody>,
+) -> Result<Json<Value>, ApiError> {
+    let ops = ops(&st, &p)?;
+    let actor = actor(&p, body.reason);
+    Ok(Json(
+        ops.set_drift_config(&model, body.settings, &actor).await?,
+    ))
+}
+
+async fn reset_drift(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path((model, version)): Path<(String, String)>,
+    OptionalJsonBody(body): OptionalJsonBody<ReasonBody>,
+) -> Result<Json<Value>, ApiError> {
+    let ops = ops(&st, &p)?;
+    let actor = actor(&p, body.and_then(|b| b.reason));
+    Ok(Json(
+        ops.reset_drift_reference(&model, &version, &actor).await?,
+    ))
 }

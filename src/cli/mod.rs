@@ -2,6 +2,7 @@
 //! its arguments and calling into the library. `main.rs` only calls [`main`].
 
 pub mod bench_engine;
+pub mod drift;
 pub mod generate;
 pub mod models;
 pub mod retrain;
@@ -67,6 +68,8 @@ pub enum Command {
     /// Fine-tune a model's stable version on captured traffic, gate it and
     /// register it (on a running server).
     Retrain(retrain::RetrainArgs),
+    /// Read a running server's drift detection.
+    Drift(drift::DriftArgs),
 }
 
 fn init_tracing(format: LogFormat, default_level: &str) {
@@ -139,6 +142,10 @@ pub fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(retrain::run(args)),
+        Command::Drift(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(drift::run(args)),
         Command::ExportGguf(args) => tools::export_gguf(args),
     }
 }

@@ -10,6 +10,7 @@
 pub mod capture;
 pub mod hooks;
 pub mod retrain;
+pub mod drift;
 pub mod rollout;
 pub mod shadow;
 
@@ -143,6 +144,12 @@ pub struct Controller {
     /// The latest retrain job per model, running or finished (one runs
     /// per model at a time).
     retrains: std::sync::Mutex<HashMap<String, retrain::RetrainHandle>>,
+    /// `[drift]` and the per-model overrides (admin API included).
+    drift: std::sync::Mutex<crate::monitor::drift::DriftSettings>,
+    /// Drift state changes of every version.
+    drift_events: tokio::sync::broadcast::Sender<crate::monitor::drift::DriftTransition>,
+    /// Where frozen drift references are kept (beside the audit log).
+    drift_dir: PathBuf,
 }
 
 /// Why a model is not served.
@@ -225,7 +232,16 @@ impl Controller {
             rollouts: std::sync::Mutex::new(HashMap::new()),
             rollout_events: tokio::sync::broadcast::channel(256).0,
             retrains: std::sync::Mutex::new(HashMap::new()),
+            drift: Default::default(),
+            drift_events: tokio::sync::broadcast::channel(256).0,
+            drift_dir: data_dir.join("drift"),
         })
+    }
+
+    /// Drift settings (`[drift]`, per-model overrides).
+    pub fn with_drift(self, settings: crate::monitor::drift::DriftSettings) -> Self {
+        *self.drift_settings() = settings;
+        self
     }
 
     /// Accepts registrations only under these folders (canonical paths, as
@@ -486,6 +502,7 @@ impl Controller {
             },
         )
         .map_err(internal)?;
+        self.attach_drift(model, record, &engine).await;
         let prompt = engine
             .tokenizer()
             .encode("warm up", true)

@@ -6,6 +6,7 @@
 //! atomic update: no lock, no label formatting, no allocation per token.
 
 pub mod canary;
+pub mod drift;
 pub mod exporter;
 pub mod shadow;
 pub mod window;
@@ -471,4 +472,5 @@ pub fn describe() {
         );
     }
     shadow::describe();
+    drift::describe();
 }

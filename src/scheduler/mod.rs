@@ -89,6 +89,9 @@ pub struct Request {
     /// Score these tokens after the prompt instead of generating (`max_tokens`
     /// must then be their count): one teacher-forced prefill, no decode.
     pub score: Option<Arc<ScoreJob>>,
+    /// The prompt text's characters by class, counted by validation (which
+    /// has the text) for drift detection; zeros for token prompts.
+    pub text_profile: crate::monitor::drift::TextProfile,
 }
 
 /// A teacher-forced scoring job: the log-probability the model gives each
@@ -119,6 +122,7 @@ impl Request {
             protocol: crate::monitor::Protocol::Internal,
             variant: crate::monitor::Variant::Stable,
             score: None,
+            text_profile: Default::default(),
         }
     }
 }
@@ -316,6 +320,8 @@ struct Shared {
     panicked: AtomicBool,
     /// Finished requests, for canary analysis.
     window: crate::monitor::window::Window,
+    /// Drift signals of its stable client requests.
+    drift: Arc<crate::monitor::drift::Recorder>,
 }
 
 /// Marks the engine stopped when its thread ends, and failed when it ends by
@@ -375,6 +381,10 @@ impl EngineHandle {
             stopped: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
             window: Default::default(),
+            drift: Arc::new(crate::monitor::drift::Recorder::new(
+                &labels.model,
+                &labels.version,
+            )),
         });
         shared
             .stats
@@ -455,6 +465,11 @@ impl EngineHandle {
     /// Whether the engine thread has exited and freed its memory.
     pub fn is_stopped(&self) -> bool {
         self.shared.stopped.load(Ordering::Relaxed)
+    }
+
+    /// Its drift recorder (reference, live windows, state).
+    pub fn drift(&self) -> &Arc<crate::monitor::drift::Recorder> {
+        &self.shared.drift
     }
 
     /// Checks a request against the model's limits without queueing it: the

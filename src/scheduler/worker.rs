@@ -9,13 +9,14 @@ use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::governor;
-use super::state::{Limits, Seq, State};
+use super::state::{Limits, Priority, Seq, State};
 use super::{Completion, Event, FinishReason, Job, Msg, ScoreJob, Shared, Timings};
 use crate::engine::{
     Batch, BlockAllocator, KvCache, LoadedModel, Logits, PositionScore, Sampler, Scratch,
     StopMatcher, StopOutcome, TextStream, Tokenizer,
 };
 use crate::monitor::canary::Sample;
+use crate::monitor::drift::{Observation, TextProfile};
 use crate::monitor::{EngineMetrics, Protocol, RequestMetrics, Variant};
 
 /// Per-sequence state the scheduler carries for the engine thread.
@@ -44,7 +45,27 @@ struct Io {
     counted_tokens: usize,
     /// A scoring job instead of generation.
     score: Option<Scoring>,
+    /// What drift detection measures of it; `None` when it is not recorded
+    /// (shadow copies, canary traffic, internal requests, scoring jobs).
+    drift: Option<DriftIo>,
+    /// Set on a drift probe: a scoring job of a client's prompt that this
+    /// thread queued itself. Nobody reads its events (the receiver is kept
+    /// here so the sequence is not taken for abandoned); its result goes to
+    /// the drift recorder.
+    probe: Option<mpsc::Receiver<Event>>,
 }
+
+/// A request's drift measurements, accumulated in place.
+struct DriftIo {
+    profile: TextProfile,
+    /// Measure the entropy of each generated token's distribution.
+    entropy: bool,
+    entropy_sum: f64,
+    entropy_n: u32,
+}
+
+/// How long a drift probe may wait for spare capacity before it is given up.
+const PROBE_DEADLINE: Duration = Duration::from_secs(120);
 
 /// A scoring job in progress.
 struct Scoring {
@@ -218,6 +239,24 @@ impl Worker {
                 if !request.ignore_eos {
                     stop_ids.extend_from_slice(self.tokenizer.eos());
                 }
+                // Drift watches the traffic a version serves as stable.
+                let eligible = request.score.is_none()
+                    && request.variant == Variant::Stable
+                    && request.protocol != Protocol::Internal;
+                let admission = if eligible {
+                    self.shared.drift.admit()
+                } else {
+                    Default::default()
+                };
+                let drift = admission.record.then_some(DriftIo {
+                    profile: request.text_profile,
+                    entropy: admission.entropy,
+                    entropy_sum: 0.0,
+                    entropy_n: 0,
+                });
+                if admission.prompt_logprob && request.prompt.len() >= 2 {
+                    self.enqueue_probe(&request.prompt, state);
+                }
                 let io = Io {
                     sampler: Sampler::new(request.sampling.clone(), &request.prompt),
                     text: TextStream::new(&request.prompt),
@@ -238,6 +277,8 @@ impl Worker {
                     counted_tokens: request.prompt.len(),
                     score,
                     events,
+                    drift,
+                    probe: None,
                 };
                 self.next_id += 1;
                 state.enqueue(Seq::new(
@@ -249,6 +290,53 @@ impl Worker {
                 ));
             }
         }
+    }
+
+    /// Queues a drift probe: the model's log-prob of each token of `prompt`
+    /// after its first, as a low-priority scoring job (spare capacity only,
+    /// at most a small prefill chunk a step, preempted first).
+    fn enqueue_probe(&mut self, prompt: &[u32], state: &mut State<Io>) {
+        let job = Arc::new(ScoreJob {
+            tokens: prompt[1..].to_vec(),
+            probes: vec![],
+        });
+        let (events, rx) = mpsc::channel(2);
+        let now = Instant::now();
+        let io = Io {
+            sampler: Sampler::new(Default::default(), &prompt[..1]),
+            text: TextStream::new(&prompt[..1]),
+            stop: StopMatcher::new(vec![]),
+            stop_ids: vec![],
+            deadline: Some(now + PROBE_DEADLINE),
+            protocol: Protocol::Internal,
+            variant: Variant::Shadow,
+            arrival: now,
+            submitted: now,
+            admitted: None,
+            first_token: None,
+            last_token: None,
+            finished: None,
+            failed: None,
+            text_closed: false,
+            counted_waiting: false,
+            counted_tokens: 0,
+            score: Some(Scoring {
+                first: 0,
+                out: vec![None; job.tokens.len()],
+                job,
+            }),
+            events,
+            drift: None,
+            probe: Some(rx),
+        };
+        self.next_id += 1;
+        state.enqueue(Seq::new(
+            self.next_id,
+            Priority::Low,
+            prompt.to_vec(),
+            1,
+            io,
+        ));
     }
 
     fn uncount_waiting(&self, s: &mut Seq<Io>) {
@@ -315,7 +403,50 @@ impl Worker {
         let prompt_len = s.prompt_len;
         let preemptions = s.preemptions;
         let io = &mut s.payload;
+        if io.probe.take().is_some() {
+            // A drift probe: only a complete result counts (one preempted
+            // past its deadline, or failed, is dropped).
+            if io.failed.is_none()
+                && let Some(sc) = io.score.take()
+            {
+                let (sum, n) = sc.out.iter().flatten().fold((0.0f64, 0usize), |(s, n), p| {
+                    (s + f64::from(p.logprob), n + 1)
+                });
+                if n > 0 && n == sc.out.len() {
+                    self.shared.drift.record_prompt_logprob(sum / n as f64);
+                }
+            }
+            return;
+        }
         let m = self.metrics.requests(io.protocol, io.variant);
+        if let Some(d) = &io.drift {
+            let reason = io.finished;
+            let failed = io.failed.is_some();
+            let obs = Observation {
+                prompt_len: prompt_len as u32,
+                output_len: generated as u32,
+                finish: if failed {
+                    None
+                } else {
+                    Some(reason.unwrap_or(FinishReason::Aborted).index())
+                },
+                error: failed
+                    || matches!(
+                        reason,
+                        None | Some(FinishReason::Aborted | FinishReason::Timeout)
+                    ),
+                ttft_s: io
+                    .first_token
+                    .map_or(f64::NAN, |f| (f - io.arrival).as_secs_f64()),
+                e2e_s: io.arrival.elapsed().as_secs_f64(),
+                entropy: (d.entropy_n > 0).then(|| d.entropy_sum / f64::from(d.entropy_n)),
+            };
+            self.shared.drift.record(
+                &obs,
+                &s.tokens[..prompt_len.min(s.tokens.len())],
+                &d.profile,
+            );
+        }
         if let Some(err) = io.failed.take() {
             m.failure.increment(1);
             self.shared.window.record(
@@ -618,6 +749,14 @@ fn emit_token(
     m: &RequestMetrics,
     now: Instant,
 ) {
+    // The model's own distribution, before penalties and temperature touch
+    // the row: one more pass over it, for requests drift samples.
+    if let Some(d) = s.payload.drift.as_mut()
+        && d.entropy
+    {
+        d.entropy_sum += f64::from(crate::monitor::drift::stats::row_entropy(row));
+        d.entropy_n += 1;
+    }
     let (token, logprob) = match s.payload.sampler.sample(row) {
         Ok(t) => t,
         Err(e) => {

@@ -7,6 +7,7 @@
 )]
 
 mod clients;
+mod drift;
 mod engine;
 mod faults;
 mod fuzz;

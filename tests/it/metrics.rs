@@ -362,6 +362,7 @@ fn shipped_alert_rules_pass_promtool_check_and_unit_tests() {
         API_DURATION,
         MODEL_LOAD_FAILURES,
         MODEL_SERVING,
+        llmops::monitor::drift::names::STATE,
     ];
     let rules = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -349,6 +349,21 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(shadow_pb(model, status)))
     }
 
+    async fn get_drift(
+        &self,
+        req: Request<pb::DriftRef>,
+    ) -> Result<Response<pb::DriftStatus>, Status> {
+        self.admin(&req)?;
+        let status = self
+            .ops
+            .drift_status(&req.get_ref().model)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::DriftStatus {
+            json: status.to_string(),
+        }))
+    }
+
     async fn clear_shadow(
         &self,
         req: Request<pb::ShadowRef>,
