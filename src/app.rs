@@ -84,6 +84,7 @@ pub async fn run(
     // What was serving before a restart is restored before traffic is accepted.
     let served = ops.restore(&cfg.models).await?;
     ops.watch_engines();
+    ops.start_autopilot(cfg.autopilot.clone());
     let limits = Arc::new(cfg.limits.clone());
     health
         .set_serving::<crate::proto::inference_server::InferenceServer<InferenceService>>()

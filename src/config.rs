@@ -186,6 +186,8 @@ pub struct Config {
     pub hooks: Vec<crate::hooks::HookSpec>,
     /// `[drift]`: drift detection, with per-model overrides.
     pub drift: crate::monitor::drift::DriftSettings,
+    /// `[autopilot]`: what drift of a stable version sets off.
+    pub autopilot: crate::control::autopilot::AutopilotSpec,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -205,6 +207,8 @@ struct FileConfig {
     hooks: Vec<crate::hooks::HookSpec>,
     /// Checked by [`crate::monitor::drift::DriftSettings::from_value`].
     drift: Option<toml::Value>,
+    /// Checked by [`crate::control::autopilot::AutopilotSpec::validate`].
+    autopilot: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -291,8 +295,24 @@ impl Config {
                         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?
                 }
             },
+            autopilot: autopilot(file.autopilot.as_ref())?,
         })
     }
+}
+
+/// `[autopilot]`, checked now so a bad policy stops the server at start.
+fn autopilot(
+    file: Option<&toml::Value>,
+) -> anyhow::Result<crate::control::autopilot::AutopilotSpec> {
+    let Some(t) = file else {
+        return Ok(Default::default());
+    };
+    let spec: crate::control::autopilot::AutopilotSpec =
+        serde_path_to_error::deserialize(serde_json::to_value(t)?)
+            .map_err(|e| anyhow::anyhow!("invalid config: autopilot.{}: {}", e.path(), e.inner()))?;
+    spec.validate()
+        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+    Ok(spec)
 }
 
 /// `[[hooks]]`: each checked (and its `secret_env` read) now, so a bad hook

@@ -77,6 +77,7 @@ pub fn routes() -> axum::Router<HttpState> {
             "/admin/v1/models/{model}/versions/{version}/drift/reset",
             post(reset_drift),
         )
+        .route("/admin/v1/autopilot", get(get_autopilot))
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/rollouts", post(start_rollout).get(list_rollouts))
         .route("/admin/v1/rollouts/{id}", get(get_rollout))
@@ -588,4 +589,13 @@ async fn reset_drift(
     Ok(Json(
         ops.reset_drift_reference(&model, &version, &actor).await?,
     ))
+}
+
+/// `GET /admin/v1/autopilot`: the loop's settings and what each model's
+/// running loop is doing.
+async fn get_autopilot(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(ops(&st, &p)?.autopilot_status()))
 }

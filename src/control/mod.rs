@@ -7,6 +7,7 @@
 //! hold their own handle on the old engine, which finishes them, and stops
 //! and frees its memory when that last handle drops.
 
+pub mod autopilot;
 pub mod capture;
 pub mod hooks;
 pub mod retrain;
@@ -144,6 +145,10 @@ pub struct Controller {
     /// The latest retrain job per model, running or finished (one runs
     /// per model at a time).
     retrains: std::sync::Mutex<HashMap<String, retrain::RetrainHandle>>,
+    /// `[autopilot]`: what drift of a stable version sets off.
+    autopilot: std::sync::Mutex<autopilot::AutopilotSpec>,
+    /// Each model's last and running loop.
+    loops: std::sync::Mutex<autopilot::Loops>,
     /// `[drift]` and the per-model overrides (admin API included).
     drift: std::sync::Mutex<crate::monitor::drift::DriftSettings>,
     /// Drift state changes of every version.
@@ -232,6 +237,8 @@ impl Controller {
             rollouts: std::sync::Mutex::new(HashMap::new()),
             rollout_events: tokio::sync::broadcast::channel(256).0,
             retrains: std::sync::Mutex::new(HashMap::new()),
+            autopilot: Default::default(),
+            loops: Default::default(),
             drift: Default::default(),
             drift_events: tokio::sync::broadcast::channel(256).0,
             drift_dir: data_dir.join("drift"),

@@ -513,6 +513,11 @@ pub async fn start(
         return Err(e);
     }
     tracing::info!(model, job = %id, parent = %parent_version, "retrain started");
+    ctl.hooks().emit(crate::hooks::Event::training_started(
+        model,
+        Some(&parent_version),
+        json!({"id": id, "spec": spec}),
+    ));
     let ctx = Finish {
         ctl: ctl.clone(),
         actor: actor.clone(),
@@ -582,6 +587,12 @@ impl Finish {
                     )
                     .await;
                 tracing::warn!(model = %self.model, job = %self.id, error = %e, "retrain ended without a version");
+                self.ctl.hooks().emit(crate::hooks::Event::training_failed(
+                    &self.model,
+                    Some(&self.parent.version),
+                    json!({"id": self.id, "cancelled": cancelled}),
+                    &e.to_string(),
+                ));
                 match cancelled {
                     true => RetrainOutcome::Cancelled,
                     false => RetrainOutcome::Failed {
@@ -665,6 +676,11 @@ impl Finish {
             .await
             .map_err(|e| failed(e.to_string()))?;
         tracing::info!(model = %self.model, job = %self.id, version = %record.version, gate = gate.passed, "retrain registered");
+        self.ctl.hooks().emit(crate::hooks::Event::training_finished(
+            &self.model,
+            Some(&record.version),
+            json!({"id": self.id, "parent": self.parent.version, "gate": gate, "card_sha256": card_sha256}),
+        ));
         Ok(match gate.passed {
             true => RetrainOutcome::Registered {
                 version: record.version,

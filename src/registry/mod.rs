@@ -217,6 +217,16 @@ pub enum Action {
         /// Stopped by an operator rather than by an error.
         cancelled: bool,
     },
+    /// A step of the drift → retrain → shadow → canary loop (the detail
+    /// is the entry's `new` value).
+    Autopilot {
+        /// Model name.
+        model: String,
+        /// `notified`, `started`, `training`, `trained`, `gate_failed`,
+        /// `shadowing`, `shadowed`, `awaiting_operator`, `canary`,
+        /// `promoted`, `rolled_back` or `stopped`.
+        step: String,
+    },
     /// A shadow route was set (its settings) or cleared (`None`). The
     /// settings are the controller's `ShadowSpec`, kept as JSON like a
     /// rollout's status.
@@ -277,6 +287,7 @@ impl Action {
             Action::TrainingStarted { .. } => "training_started",
             Action::TrainingFinished { .. } => "training_finished",
             Action::TrainingFailed { .. } => "training_failed",
+            Action::Autopilot { .. } => "autopilot",
         }
     }
 }
@@ -388,7 +399,8 @@ impl State {
             | Action::HookDelivery { .. }
             | Action::TrainingStarted { .. }
             | Action::TrainingFinished { .. }
-            | Action::TrainingFailed { .. } => {}
+            | Action::TrainingFailed { .. }
+            | Action::Autopilot { .. } => {}
         }
     }
 

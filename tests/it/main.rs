@@ -6,6 +6,7 @@
     clippy::type_complexity
 )]
 
+mod autopilot;
 mod clients;
 mod drift;
 mod engine;

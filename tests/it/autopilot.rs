@@ -1,0 +1,232 @@
+//! The closed loop on a real server, end to end on a tiny model trained by
+//! `llmops train`: in-distribution traffic freezes the stable version's
+//! drift reference; shifted traffic (another script, longer prompts) turns
+//! its state to drift; the `drift_detected` hook reaches a receiver; the
+//! autopilot fine-tunes the stable version on the captured traffic,
+//! registers the result, shadows it, canaries it and promotes it. With a
+//! canary gate the candidate cannot meet, the same loop rolls it back.
+//! Clients send requests throughout and none fails; the audit log lists
+//! every step in order.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::retrain::{LINES, parent};
+use crate::server::TestServer;
+
+const ADMIN: &str = "adm1n";
+
+/// Prompts unlike the reference: Cyrillic and CJK, three times as long.
+const SHIFTED: [&str; 4] = [
+    "Старый моряк пел о долгом путешествии, пока ветер гнал волны к берегу и чайки кричали над мачтой.",
+    "灯塔在海湾上守望，渔夫在岸边修补渔网，潮水把小船带过礁石，雨整夜落在港口。",
+    "Капитан читал карту при свете лампы, а колокол звонил над старым городом до самого утра.",
+    "冷风从北方的山上吹下来，所有的船在暴风雨之前驶回家，鲸鱼在灰色的海下游动。",
+];
+
+/// Drift on small windows, the full loop, a canary with `gates`, and a
+/// webhook to the test's receiver.
+fn config(dir: &Path, gates: &str, hook: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[drift]
+reference_requests = 24
+window_requests = 12
+min_window_requests = 6
+window_secs = 600
+consecutive = 2
+prompt_logprob_rate = 0.0
+signals = ["prompt_length", "prompt_script", "prompt_tokens"]
+
+[autopilot]
+policy = "full"
+cooldown_secs = 3600
+
+[autopilot.retrain]
+steps = 8
+lr = 3e-3
+batch_size = 4
+replay_share = 0.5
+eval_fraction = 0.2
+max_regression = 0.5
+budget = {{ threads = 1, duty = 1.0, nice = 0 }}
+
+[autopilot.shadow]
+rate = 1.0
+mode = "score"
+min_samples = 6
+wait_secs = 120
+
+[autopilot.rollout]
+steps = [50]
+interval_secs = 0.5
+failure_limit = 1
+analysis = {{ min_samples = 4, gates = [{gates}] }}
+
+[[hooks]]
+name = "receiver"
+url = "{hook}"
+events = ["drift_detected", "training_finished", "rollout_promoted", "rollout_rolled_back"]
+retries = 0
+"#
+    );
+    let p = dir.join("llmops.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// A webhook receiver: the types of the events it got, in order.
+async fn receiver() -> (String, Arc<Mutex<Vec<String>>>) {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let sink = sink.clone();
+            async move {
+                let kind = body["type"].as_str().unwrap_or_default().to_string();
+                sink.lock().unwrap().push(kind);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, got)
+}
+
+async fn call(c: &reqwest::Client, method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut r = c.request(method, url).bearer_auth(ADMIN);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// One completion; whether it succeeded.
+async fn complete(c: &reqwest::Client, s: &TestServer, prompt: &str) -> bool {
+    let r = c
+        .post(s.url("/v1/completions"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0}))
+        .send()
+        .await;
+    matches!(r, Ok(r) if r.status().is_success())
+}
+
+/// Runs the loop until the autopilot has no loop running and its last
+/// audited step is one of the ends; returns the autopilot steps audited.
+async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value) {
+    let tmp = tempfile::tempdir().unwrap();
+    let parent = parent(tmp.path());
+    let (hook, events) = receiver().await;
+    let cfg = config(tmp.path(), gates, &hook);
+    let s = TestServer::start_in(&parent, &tmp.path().join("registry"), |a| {
+        a.api_keys = vec![format!("ops:admin:{ADMIN}")];
+        a.config = Some(cfg);
+    })
+    .await;
+    let c = reqwest::Client::new();
+    let (st, v) = call(&c, reqwest::Method::PUT, s.url("/admin/v1/models/tiny/capture"), Some(json!({}))).await;
+    assert_eq!(st, 200, "{v}");
+
+    // The reference: 24 requests like the parent's corpus.
+    for l in LINES.iter().cycle().take(24) {
+        assert!(complete(&c, &s, l).await);
+    }
+    // Shifted traffic from two clients until the loop ends; none may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut clients = vec![];
+    for k in 0..2 {
+        let (c, stop, sent, failed, url) = (c.clone(), stop.clone(), sent.clone(), failed.clone(), s.url("/v1/completions"));
+        clients.push(tokio::spawn(async move {
+            let mut i = k;
+            while !stop.load(Ordering::Relaxed) {
+                let ok = c
+                    .post(&url)
+                    .bearer_auth(ADMIN)
+                    .json(&json!({"model": "tiny", "prompt": SHIFTED[i % SHIFTED.len()], "max_tokens": 6, "temperature": 0}))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                sent.fetch_add(1, Ordering::Relaxed);
+                if !ok {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 2;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    let t0 = Instant::now();
+    let ends = ["promoted", "rolled_back", "stopped", "gate_failed", "awaiting_operator"];
+    let steps = loop {
+        let (_, audit) = call(&c, reqwest::Method::GET, s.url("/admin/v1/audit?limit=100000"), None).await;
+        let steps: Vec<String> = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == "autopilot")
+            .map(|e| e["step"].as_str().unwrap().to_string())
+            .collect();
+        let (_, status) = call(&c, reqwest::Method::GET, s.url("/admin/v1/autopilot"), None).await;
+        let idle = status["running"].as_object().is_some_and(|r| r.is_empty());
+        if idle && steps.last().is_some_and(|l| ends.contains(&l.as_str())) {
+            break steps;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(240), "the loop did not end: {steps:?} {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    for h in clients {
+        h.await.unwrap();
+    }
+    assert!(sent.load(Ordering::Relaxed) > 30);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "client requests failed during the loop");
+    // The receiver got its events (deliveries are asynchronous).
+    for _ in 0..50 {
+        if events.lock().unwrap().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = events.lock().unwrap().clone();
+    let (_, serving) = call(&c, reqwest::Method::GET, s.url("/admin/v1/serving"), None).await;
+    s.stop().await;
+    (steps, got, serving)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_retrains_shadows_canaries_and_promotes_by_itself() {
+    let (steps, events, serving) =
+        run_loop(r#""error_rate <= 5%""#).await;
+    assert_eq!(
+        steps,
+        ["started", "training", "trained", "shadowing", "shadowed", "canary", "promoted"],
+    );
+    assert_eq!(serving["models"][0]["serving"]["version"], "v2", "{serving}");
+    for e in ["drift_detected", "training_finished", "rollout_promoted"] {
+        assert!(events.iter().any(|g| g == e), "{e} not received: {events:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_failing_the_canary_gate_is_rolled_back() {
+    // The canary would have to be a hundred times faster than stable.
+    let (steps, events, serving) =
+        run_loop(r#""error_rate <= 5%", "e2e_p99 <= 0.01x""#).await;
+    assert_eq!(
+        steps,
+        ["started", "training", "trained", "shadowing", "shadowed", "canary", "rolled_back"],
+    );
+    assert_eq!(serving["models"][0]["serving"]["version"], "v1", "{serving}");
+    assert!(events.iter().any(|g| g == "rollout_rolled_back"), "{events:?}");
+}
