@@ -16,6 +16,7 @@ mod layout;
 mod loadtest;
 mod metrics;
 mod registry;
+mod retrain;
 mod rollout;
 mod scheduler;
 mod server;
