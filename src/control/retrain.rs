@@ -112,7 +112,7 @@ impl RetrainSpec {
         if self.batch_size == 0 || self.batch_size > 4096 {
             return Err(ControlError::invalid("batch_size", "must be in 1..=4096"));
         }
-        if self.seq_len.is_some_and(|s| s < 2 || s > 1 << 16) {
+        if self.seq_len.is_some_and(|s| !(2..=1 << 16).contains(&s)) {
             return Err(ControlError::invalid("seq_len", "must be in 2..=65536"));
         }
         if !(self.eval_fraction > 0.0 && self.eval_fraction < 1.0) {
