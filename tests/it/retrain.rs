@@ -123,6 +123,25 @@ async fn until_done(c: &reqwest::Client, s: &TestServer) -> (Value, u64) {
     }
 }
 
+/// `llmops retrain` against the server's gRPC port; its JSON output.
+async fn cli(s: &TestServer, args: Vec<String>) -> Result<Value, String> {
+    let url = format!("http://{}", s.grpc);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_llmops"))
+            .arg("retrain")
+            .args(["--url", &url, "--api-key", ADMIN])
+            .args(args)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).to_string());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
 fn budget() -> Value {
     json!({"threads": 1, "duty": 1.0, "nice": 0})
 }
@@ -160,19 +179,39 @@ async fn retrain_registers_a_gated_version_that_serves_and_cancels_cleanly() {
     .await;
     assert_eq!(st, 400, "{v}");
 
-    // 1. A sensible fine-tune: registered, gate passed, card complete.
-    let (st, v) = call(
-        &c,
-        reqwest::Method::POST,
-        url.clone(),
-        Some(json!({
-            "data": [window], "steps": 12, "lr": 3e-3, "batch_size": 4, "replay_share": 0.5,
-            "eval_fraction": 0.2, "max_regression": 0.1, "budget": budget(), "reason": "test",
-        })),
-    )
-    .await;
-    assert_eq!(st, 202, "{v}");
-    assert_eq!(v["parent"], "v1");
+    // 1. A sensible fine-tune, started with `llmops retrain … --wait` over
+    // gRPC: registered, gate passed, card complete.
+    let args: Vec<String> = [
+        "tiny",
+        "--data",
+        window.to_str().unwrap(),
+        "--steps",
+        "12",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "4",
+        "--replay",
+        "0.5",
+        "--max-regression",
+        "0.1",
+        "--threads",
+        "1",
+        "--duty",
+        "1",
+        "--reason",
+        "test",
+        "--wait",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let printed = cli(&s, args).await.unwrap();
+    assert_eq!(printed["parent"], "v1", "{printed}");
+    assert!(
+        !printed["running"].as_bool().unwrap(),
+        "--wait waits: {printed}"
+    );
     let (done, _) = until_done(&c, &s).await;
     let o = &done["outcome"];
     assert_eq!(o["result"], "registered", "{done}");
@@ -278,6 +317,14 @@ async fn retrain_registers_a_gated_version_that_serves_and_cancels_cleanly() {
         None,
     )
     .await;
+    let status = cli(&s, vec!["tiny".into(), "--status".into()])
+        .await
+        .unwrap();
+    assert_eq!(status["outcome"]["result"], "gate_failed", "{status}");
+    let refused = cli(&s, vec!["tiny".into(), "--cancel".into()])
+        .await
+        .unwrap_err();
+    assert!(refused.contains("already ended"), "{refused}");
     assert_eq!(rec["metadata"]["retrain"]["gate"]["passed"], false);
 
     // 3. A long job under a duty cycle: progress while it runs, one job per
@@ -313,7 +360,13 @@ async fn retrain_registers_a_gated_version_that_serves_and_cancels_cleanly() {
     )
     .await;
     assert_eq!(st, 409, "{v}");
-    let (st, v) = call(&c, reqwest::Method::DELETE, url.clone(), None).await;
+    let (st, v) = call(
+        &c,
+        reqwest::Method::DELETE,
+        format!("{url}?reason=enough"),
+        None,
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     let (done, _) = until_done(&c, &s).await;
     assert_eq!(done["outcome"]["result"], "cancelled", "{done}");
@@ -362,7 +415,10 @@ async fn retrain_registers_a_gated_version_that_serves_and_cancels_cleanly() {
                 e["version"].as_str().unwrap(),
                 e["gate_passed"]
             ),
-            "training_failed" => format!("training_failed:cancelled={}", e["cancelled"]),
+            "training_failed" => format!(
+                "training_failed:cancelled={}:{}",
+                e["cancelled"], e["reason"]
+            ),
             other => other.to_string(),
         })
         .collect();
@@ -376,7 +432,7 @@ async fn retrain_registers_a_gated_version_that_serves_and_cancels_cleanly() {
             "register_version",
             "training_finished:v3:false",
             "training_started",
-            "training_failed:cancelled=true",
+            "training_failed:cancelled=true:\"enough\"",
         ],
         "{audit}"
     );
