@@ -543,8 +543,11 @@ async fn cancel_retrain(
     State(st): State<HttpState>,
     Extension(p): Extension<Arc<Principal>>,
     Path(model): Path<String>,
+    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    Ok(Json(ops(&st, &p)?.cancel_retrain(&model)?.status()))
+    let q = query(q)?;
+    let h = ops(&st, &p)?.cancel_retrain(&actor(&p, q.reason), &model)?;
+    Ok(Json(h.status()))
 }
 
 async fn get_drift(

@@ -112,7 +112,7 @@ impl RetrainSpec {
         if self.batch_size == 0 || self.batch_size > 4096 {
             return Err(ControlError::invalid("batch_size", "must be in 1..=4096"));
         }
-        if self.seq_len.is_some_and(|s| s < 2 || s > 1 << 16) {
+        if self.seq_len.is_some_and(|s| !(2..=1 << 16).contains(&s)) {
             return Err(ControlError::invalid("seq_len", "must be in 2..=65536"));
         }
         if !(self.eval_fraction > 0.0 && self.eval_fraction < 1.0) {
@@ -263,6 +263,8 @@ pub struct RetrainHandle {
     pub spec: RetrainSpec,
     job: JobHandle,
     outcome: tokio::sync::watch::Receiver<Option<RetrainOutcome>>,
+    /// Who cancelled it, for the audit entry.
+    cancelled_by: Arc<std::sync::Mutex<Option<Actor>>>,
 }
 
 impl RetrainHandle {
@@ -281,9 +283,11 @@ impl RetrainHandle {
         self.outcome.borrow().is_none()
     }
 
-    /// Asks the job to stop; a job past training is registered anyway
-    /// only if the request came too late to stop it.
-    pub fn cancel(&self) {
+    /// Asks the job to stop (before its next step, or before its result
+    /// is registered); `actor` is named in the `training_failed` entry.
+    pub fn cancel(&self, actor: &Actor) {
+        let mut by = self.cancelled_by.lock().unwrap_or_else(|p| p.into_inner());
+        by.get_or_insert_with(|| actor.clone());
         self.job.cancel();
     }
 
@@ -487,6 +491,7 @@ pub async fn start(
             spec: spec.clone(),
             job: job.handle(),
             outcome: rx,
+            cancelled_by: Arc::new(std::sync::Mutex::new(None)),
         };
         jobs.insert(model.to_string(), handle.clone());
         (handle, job)
@@ -506,7 +511,7 @@ pub async fn start(
         )
         .await;
     if let Err(e) = started {
-        handle.cancel();
+        handle.cancel(actor);
         let _ = tx.send(Some(RetrainOutcome::Failed {
             error: e.to_string(),
         }));
@@ -569,10 +574,20 @@ impl Finish {
             Err(e) => {
                 let _ = tokio::fs::remove_dir_all(&self.out).await;
                 let cancelled = matches!(e, JobError::Cancelled);
+                let by = self
+                    .handle
+                    .cancelled_by
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                let actor = match (cancelled, by) {
+                    (true, Some(a)) => a,
+                    _ => self.actor.clone(),
+                };
                 let _ = self
                     .ctl
                     .record(
-                        &self.actor,
+                        &actor,
                         Action::TrainingFailed {
                             model: self.model.clone(),
                             job: self.id.clone(),
@@ -613,7 +628,10 @@ impl Finish {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_else(|| json!({}));
-        let window = window_of(&self.spec.data);
+        let files = self.spec.data.clone();
+        let window = tokio::task::spawn_blocking(move || window_of(&files))
+            .await
+            .unwrap_or(Value::Null);
         card["model"] = json!(self.model);
         card["job"] = json!(self.id);
         card["parent"] = json!({
@@ -707,8 +725,13 @@ impl Controller {
             .ok_or_else(|| ControlError::NotFound(format!("no retrain of `{model}` has run")))
     }
 
-    /// Cancels the running retrain of `model`.
-    pub fn cancel_retrain(&self, model: &str) -> Result<RetrainHandle, ControlError> {
+    /// Cancels the running retrain of `model`; the `training_failed` entry
+    /// names `actor`.
+    pub fn cancel_retrain(
+        &self,
+        actor: &Actor,
+        model: &str,
+    ) -> Result<RetrainHandle, ControlError> {
         let h = self.retrain(model)?;
         if !h.is_running() {
             return Err(ControlError::Conflict(format!(
@@ -716,7 +739,7 @@ impl Controller {
                 h.id
             )));
         }
-        h.cancel();
+        h.cancel(actor);
         Ok(h)
     }
 }

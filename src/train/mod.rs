@@ -570,7 +570,7 @@ fn examples(
         if want > 0 && pool.is_empty() {
             bail!("the replay data has no examples to train on");
         }
-        let picks = data::batch_indices(pool.len(), want, 0, args.seed ^ 0x7e91_a7);
+        let picks = data::batch_indices(pool.len(), want, 0, args.seed ^ 0x007e_91a7);
         replayed = picks.len();
         train.extend(picks.into_iter().map(|i| pool[i].clone()));
     }

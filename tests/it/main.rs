@@ -18,6 +18,7 @@ mod layout;
 mod loadtest;
 mod metrics;
 mod registry;
+mod retrain;
 mod rollout;
 mod scheduler;
 mod server;

@@ -427,10 +427,11 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         req: Request<pb::RetrainRef>,
     ) -> Result<Response<pb::RetrainStatus>, Status> {
-        self.admin(&req)?;
+        let p = self.admin(&req)?;
+        let r = req.get_ref();
         let h = self
             .ops
-            .cancel_retrain(&req.get_ref().model)
+            .cancel_retrain(&Self::actor(&p, &r.reason), &r.model)
             .map_err(ApiError::from)?;
         Ok(Response::new(retrain_pb(&h)))
     }
