@@ -6,12 +6,14 @@
     clippy::type_complexity
 )]
 
+mod capture;
 mod clients;
 mod engine;
 mod faults;
 mod fuzz;
 mod gemma;
 mod hardening;
+mod hooks;
 mod layout;
 mod loadtest;
 mod metrics;
