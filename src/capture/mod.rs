@@ -415,7 +415,9 @@ impl Writer {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::error!(path = %path.display(), error = %e, "capture: cannot delete a segment"),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "capture: cannot delete a segment")
+            }
         }
         self.stats.deleted.fetch_add(1, Ordering::Relaxed);
     }
@@ -449,8 +451,8 @@ mod tests {
         let cap = Capture::start("m", spec, tmp.path().join("c")).unwrap();
         for i in 0..200 {
             cap.offer(Captured {
-                prompt: Prompt::Text(format!("prompt {i} {}", "x".repeat(100))),
-                completion: "y".repeat(50),
+                prompt: Prompt::Text(format!("prompt {i} {}", "x ".repeat(50))),
+                completion: "yes ".repeat(12),
                 finish_reason: "stop",
                 version: "v1".into(),
             });
@@ -479,7 +481,7 @@ mod tests {
         assert!(text.contains("prompt 199 ") && !text.contains("prompt 0 "));
         for line in text.lines() {
             let v: Value = serde_json::from_str(line).unwrap();
-            assert_eq!(v["completion"], "y".repeat(50));
+            assert_eq!(v["completion"], "yes ".repeat(12));
             assert_eq!(v["model"], "m");
         }
     }
@@ -508,7 +510,12 @@ mod tests {
         }
         let v: Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(v["messages"][1]["role"], "assistant");
-        assert!(v["messages"][1]["content"].as_str().unwrap().contains("[PHONE]"));
+        assert!(
+            v["messages"][1]["content"]
+                .as_str()
+                .unwrap()
+                .contains("[PHONE]")
+        );
         assert_eq!(v["finish_reason"], "length");
     }
 }

@@ -70,7 +70,11 @@ impl Controller {
     /// either way.
     pub fn capture(&self, model: &str) -> Result<Value, ControlError> {
         folder_name(model)?;
-        if let Some(c) = self.router.deployment(model).and_then(|d| d.capture.clone()) {
+        if let Some(c) = self
+            .router
+            .deployment(model)
+            .and_then(|d| d.capture.clone())
+        {
             return Ok(c.status());
         }
         if !self.catalog().state().models.contains_key(model) {

@@ -55,9 +55,7 @@ impl Controller {
             std::fs::rename(&tmp, &path)?;
             std::fs::File::open(&self.data_dir)?.sync_all()
         };
-        write().map_err(|e| {
-            ControlError::Internal(format!("cannot write {}: {e}", path.display()))
-        })
+        write().map_err(|e| ControlError::Internal(format!("cannot write {}: {e}", path.display())))
     }
 
     /// Every hook (secrets never shown).

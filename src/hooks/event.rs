@@ -223,18 +223,30 @@ mod tests {
         let back: Event = serde_json::from_value(v).unwrap();
         assert_eq!(back, e);
         let kinds = [
-            Kind::DriftDetected { details: Value::Null },
-            Kind::DriftResolved { details: Value::Null },
+            Kind::DriftDetected {
+                details: Value::Null,
+            },
+            Kind::DriftResolved {
+                details: Value::Null,
+            },
             Kind::VersionRegistered {
                 sha256: String::new(),
                 source: String::new(),
                 format: String::new(),
                 parameters: 0,
             },
-            Kind::RolloutStarted { rollout: Value::Null },
-            Kind::RolloutStep { rollout: Value::Null },
-            Kind::RolloutPromoted { rollout: Value::Null },
-            Kind::RolloutRolledBack { rollout: Value::Null },
+            Kind::RolloutStarted {
+                rollout: Value::Null,
+            },
+            Kind::RolloutStep {
+                rollout: Value::Null,
+            },
+            Kind::RolloutPromoted {
+                rollout: Value::Null,
+            },
+            Kind::RolloutRolledBack {
+                rollout: Value::Null,
+            },
             Kind::ShadowReport {
                 report: Value::Null,
                 last: true,

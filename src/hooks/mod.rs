@@ -560,8 +560,7 @@ mod tests {
             bad(json!({"name": "h", "url": "http://x", "command": ["true"]})).starts_with("url")
         );
         assert!(
-            bad(json!({"name": "h", "url": "http://x", "events": ["drift"]}))
-                .starts_with("events")
+            bad(json!({"name": "h", "url": "http://x", "events": ["drift"]})).starts_with("events")
         );
         assert!(bad(json!({"name": "a b", "url": "http://x"})).contains("hook name"));
         assert!(
@@ -574,8 +573,10 @@ mod tests {
         );
         assert!(bad(json!({"name": "h", "command": []})).starts_with("command"));
         assert!(
-            serde_json::from_value::<HookSpec>(json!({"name": "h", "url": "http://x", "sekret": 1}))
-                .is_err(),
+            serde_json::from_value::<HookSpec>(
+                json!({"name": "h", "url": "http://x", "sekret": 1})
+            )
+            .is_err(),
             "unknown fields are refused"
         );
     }

@@ -21,7 +21,6 @@
 //! ends at its deadline and is counted as dropped; nothing of it reaches
 //! the client, whose token budget it is not charged to.
 
-
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,10 +34,10 @@ use crate::engine::TokenLogprob;
 use crate::monitor::shadow::{self as compare, Aggregate, Answer, names};
 use crate::monitor::{Protocol, Variant};
 use crate::quota::RateLimiter;
+use crate::redact::Redactor;
 use crate::scheduler::{
     Completion, EngineHandle, Event, FinishReason, Priority, Request, ScoreJob, SubmitError,
 };
-use crate::redact::Redactor;
 
 /// What the candidate does with a copy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -7,6 +7,7 @@
 )]
 
 mod autopilot;
+mod capture;
 mod clients;
 mod drift;
 mod engine;
@@ -14,6 +15,7 @@ mod faults;
 mod fuzz;
 mod gemma;
 mod hardening;
+mod hooks;
 mod layout;
 mod loadtest;
 mod metrics;
