@@ -355,7 +355,7 @@ fn drift(c: &mut Criterion) {
             Observation {
                 prompt_len: tokens as u32,
                 output_len: 16 + i % 48,
-                finish: Some((i % 5 == 0) as usize),
+                finish: Some(usize::from(i.is_multiple_of(5))),
                 error: false,
                 ttft_s: 0.05 + f64::from(i % 17) * 1e-3,
                 e2e_s: 0.5 + f64::from(i % 13) * 1e-2,
@@ -377,7 +377,7 @@ fn drift(c: &mut Criterion) {
             .map(|i| ((i * 37) % 1000) as f32 * 0.01)
             .collect();
         g.bench_function(format!("entropy_per_token_vocab_{vocab}"), |b| {
-            b.iter(|| black_box(stats::row_entropy(black_box(&row))))
+            b.iter(|| black_box(llmops::engine::row_entropy(black_box(&row))))
         });
     }
     let text = "The ship sailed across a quiet sea while old sailors sang of home. ".repeat(15);

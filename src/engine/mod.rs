@@ -32,7 +32,7 @@ pub use config::{Arch, ModelConfig};
 pub use host::Scratch;
 pub use kv::{BlockAllocator, KvCache, KvShape};
 pub use model::Model;
-pub use sampling::{PositionScore, Sampler, SamplingParams, TokenLogprob, score_row};
+pub use sampling::{PositionScore, Sampler, SamplingParams, TokenLogprob, row_entropy, score_row};
 pub use tokenizer::{StopMatcher, StopOutcome, TextStream, Tokenizer};
 
 /// Errors of the engine layer.

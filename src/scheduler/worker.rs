@@ -754,7 +754,7 @@ fn emit_token(
     if let Some(d) = s.payload.drift.as_mut()
         && d.entropy
     {
-        d.entropy_sum += f64::from(crate::monitor::drift::stats::row_entropy(row));
+        d.entropy_sum += f64::from(crate::engine::row_entropy(row));
         d.entropy_n += 1;
     }
     let (token, logprob) = match s.payload.sampler.sample(row) {

@@ -2,8 +2,9 @@
 //! counts, the Jensen–Shannon distance between categorical mixes, the
 //! two-sample Kolmogorov–Smirnov statistic, a NannyML-style band over
 //! reference chunks, and the per-request feature extractors (hashed token
-//! buckets, character classes, the entropy of a logits row). Nothing here
-//! allocates except the functions that build a reference's summary.
+//! buckets, character classes; the entropy of a logits row is
+//! `engine::row_entropy`, beside the sampler). Nothing here allocates
+//! except the functions that build a reference's summary.
 
 /// Buckets of the hashed prompt-token histogram.
 pub const TOKEN_BUCKETS: usize = 64;
@@ -246,26 +247,6 @@ impl Band {
     }
 }
 
-/// Entropy (nats) of softmax(`row`): log Z − Σ p·x, in two passes over the
-/// row (its max, then the weighted sums), allocation-free.
-pub fn row_entropy(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    if !max.is_finite() {
-        return 0.0;
-    }
-    let (mut z, mut zx) = (0.0f32, 0.0f32);
-    for &x in row {
-        let d = x - max;
-        let e = d.exp();
-        z += e;
-        zx += e * d;
-    }
-    if z <= 0.0 {
-        return 0.0;
-    }
-    (z.ln() - zx / z).max(0.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,19 +343,6 @@ mod tests {
             .collect();
         let d = Band::of(&drifting, 10).unwrap();
         assert!(d.chunk_sigma.powi(2) * d.chunk_size > d.value_var);
-    }
-
-    #[test]
-    fn entropy_of_a_row_is_the_softmax_entropy() {
-        assert!((row_entropy(&[0.0; 8]) - 8f32.ln()).abs() < 1e-6);
-        assert!(row_entropy(&[100.0, 0.0, 0.0]) < 1e-6);
-        let row = [1.0f32, 2.0, 3.0];
-        let z: f32 = row.iter().map(|x| x.exp()).sum();
-        let want: f32 = row
-            .iter()
-            .map(|x| -(x.exp() / z) * (x.exp() / z).ln())
-            .sum();
-        assert!((row_entropy(&row) - want).abs() < 1e-5);
     }
 
     #[test]
