@@ -308,8 +308,9 @@ fn autopilot(
         return Ok(Default::default());
     };
     let spec: crate::control::autopilot::AutopilotSpec =
-        serde_path_to_error::deserialize(serde_json::to_value(t)?)
-            .map_err(|e| anyhow::anyhow!("invalid config: autopilot.{}: {}", e.path(), e.inner()))?;
+        serde_path_to_error::deserialize(serde_json::to_value(t)?).map_err(|e| {
+            anyhow::anyhow!("invalid config: autopilot.{}: {}", e.path(), e.inner())
+        })?;
     spec.validate()
         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
     Ok(spec)

@@ -260,9 +260,10 @@ impl Controller {
                 return;
             }
             loops.began.insert(t.model.clone(), Instant::now());
-            loops
-                .running
-                .insert(t.model.clone(), json!({"step": "started", "reason": reason}));
+            loops.running.insert(
+                t.model.clone(),
+                json!({"step": "started", "reason": reason}),
+            );
         }
         let me = self.clone();
         let model = t.model.clone();
@@ -357,7 +358,12 @@ impl Controller {
         self.step(model, "shadowing", reason, json!({"version": candidate}))
             .await;
         let compared = self
-            .await_comparisons(model, &candidate, spec.shadow.min_samples, spec.shadow.wait_secs)
+            .await_comparisons(
+                model,
+                &candidate,
+                spec.shadow.min_samples,
+                spec.shadow.wait_secs,
+            )
             .await;
         if compared < spec.shadow.min_samples {
             return Ok((
@@ -437,7 +443,13 @@ impl Controller {
 
     /// Waits until the model's shadow of `candidate` has compared `min`
     /// requests (or `wait_secs` pass); returns how many it compared.
-    async fn await_comparisons(&self, model: &str, candidate: &str, min: u64, wait_secs: f64) -> u64 {
+    async fn await_comparisons(
+        &self,
+        model: &str,
+        candidate: &str,
+        min: u64,
+        wait_secs: f64,
+    ) -> u64 {
         let deadline = Instant::now() + Duration::from_secs_f64(wait_secs);
         loop {
             let compared = self

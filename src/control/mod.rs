@@ -9,9 +9,9 @@
 
 pub mod autopilot;
 pub mod capture;
+pub mod drift;
 pub mod hooks;
 pub mod retrain;
-pub mod drift;
 pub mod rollout;
 pub mod shadow;
 

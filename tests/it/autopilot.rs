@@ -100,7 +100,12 @@ async fn receiver() -> (String, Arc<Mutex<Vec<String>>>) {
     (url, got)
 }
 
-async fn call(c: &reqwest::Client, method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+async fn call(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut r = c.request(method, url).bearer_auth(ADMIN);
     if let Some(b) = body {
         r = r.json(&b);
@@ -134,7 +139,13 @@ async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value) {
     })
     .await;
     let c = reqwest::Client::new();
-    let (st, v) = call(&c, reqwest::Method::PUT, s.url("/admin/v1/models/tiny/capture"), Some(json!({}))).await;
+    let (st, v) = call(
+        &c,
+        reqwest::Method::PUT,
+        s.url("/admin/v1/models/tiny/capture"),
+        Some(json!({})),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
 
     // The reference: 24 requests like the parent's corpus.
@@ -146,7 +157,13 @@ async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value) {
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut clients = vec![];
     for k in 0..2 {
-        let (c, stop, sent, failed, url) = (c.clone(), stop.clone(), sent.clone(), failed.clone(), s.url("/v1/completions"));
+        let (c, stop, sent, failed, url) = (
+            c.clone(),
+            stop.clone(),
+            sent.clone(),
+            failed.clone(),
+            s.url("/v1/completions"),
+        );
         clients.push(tokio::spawn(async move {
             let mut i = k;
             while !stop.load(Ordering::Relaxed) {
@@ -167,9 +184,21 @@ async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value) {
         }));
     }
     let t0 = Instant::now();
-    let ends = ["promoted", "rolled_back", "stopped", "gate_failed", "awaiting_operator"];
+    let ends = [
+        "promoted",
+        "rolled_back",
+        "stopped",
+        "gate_failed",
+        "awaiting_operator",
+    ];
     let steps = loop {
-        let (_, audit) = call(&c, reqwest::Method::GET, s.url("/admin/v1/audit?limit=100000"), None).await;
+        let (_, audit) = call(
+            &c,
+            reqwest::Method::GET,
+            s.url("/admin/v1/audit?limit=100000"),
+            None,
+        )
+        .await;
         let steps: Vec<String> = audit["entries"]
             .as_array()
             .unwrap()
@@ -182,7 +211,10 @@ async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value) {
         if idle && steps.last().is_some_and(|l| ends.contains(&l.as_str())) {
             break steps;
         }
-        assert!(t0.elapsed() < Duration::from_secs(240), "the loop did not end: {steps:?} {status}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(240),
+            "the loop did not end: {steps:?} {status}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     stop.store(true, Ordering::Relaxed);
@@ -190,7 +222,11 @@ async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value) {
         h.await.unwrap();
     }
     assert!(sent.load(Ordering::Relaxed) > 30);
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "client requests failed during the loop");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "client requests failed during the loop"
+    );
     // The receiver got its events (deliveries are asynchronous).
     for _ in 0..50 {
         if events.lock().unwrap().len() >= 3 {
@@ -206,27 +242,53 @@ async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_retrains_shadows_canaries_and_promotes_by_itself() {
-    let (steps, events, serving) =
-        run_loop(r#""error_rate <= 5%""#).await;
+    let (steps, events, serving) = run_loop(r#""error_rate <= 5%""#).await;
     assert_eq!(
         steps,
-        ["started", "training", "trained", "shadowing", "shadowed", "canary", "promoted"],
+        [
+            "started",
+            "training",
+            "trained",
+            "shadowing",
+            "shadowed",
+            "canary",
+            "promoted"
+        ],
     );
-    assert_eq!(serving["models"][0]["serving"]["version"], "v2", "{serving}");
+    assert_eq!(
+        serving["models"][0]["serving"]["version"], "v2",
+        "{serving}"
+    );
     for e in ["drift_detected", "training_finished", "rollout_promoted"] {
-        assert!(events.iter().any(|g| g == e), "{e} not received: {events:?}");
+        assert!(
+            events.iter().any(|g| g == e),
+            "{e} not received: {events:?}"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_candidate_failing_the_canary_gate_is_rolled_back() {
     // The canary would have to be a hundred times faster than stable.
-    let (steps, events, serving) =
-        run_loop(r#""error_rate <= 5%", "e2e_p99 <= 0.01x""#).await;
+    let (steps, events, serving) = run_loop(r#""error_rate <= 5%", "e2e_p99 <= 0.01x""#).await;
     assert_eq!(
         steps,
-        ["started", "training", "trained", "shadowing", "shadowed", "canary", "rolled_back"],
+        [
+            "started",
+            "training",
+            "trained",
+            "shadowing",
+            "shadowed",
+            "canary",
+            "rolled_back"
+        ],
     );
-    assert_eq!(serving["models"][0]["serving"]["version"], "v1", "{serving}");
-    assert!(events.iter().any(|g| g == "rollout_rolled_back"), "{events:?}");
+    assert_eq!(
+        serving["models"][0]["serving"]["version"], "v1",
+        "{serving}"
+    );
+    assert!(
+        events.iter().any(|g| g == "rollout_rolled_back"),
+        "{events:?}"
+    );
 }

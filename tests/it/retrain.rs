@@ -17,7 +17,7 @@ use crate::server::TestServer;
 
 const ADMIN: &str = "adm1n";
 
-const LINES: [&str; 12] = [
+pub(crate) const LINES: [&str; 12] = [
     "The whale swam under the grey sea at dawn.",
     "All the ships sailed home before the storm.",
     "A quiet bell rang over the old town.",
@@ -32,7 +32,7 @@ const LINES: [&str; 12] = [
     "The lighthouse kept its watch over the bay.",
 ];
 
-fn parent(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn parent(dir: &Path) -> std::path::PathBuf {
     let data = dir.join("corpus.txt");
     let mut text = String::new();
     for i in 0..6 {
