@@ -76,7 +76,8 @@ pub async fn run(
             cfg.server.gguf_weights,
             Some(health.clone()),
         )?
-        .with_model_roots(cfg.server.model_roots.clone()),
+        .with_model_roots(cfg.server.model_roots.clone())
+        .with_engine_path(cfg.server.engine_path),
     );
     tracing::info!(registry = %cfg.server.data_dir.display(), "registry opened");
     // What was serving before a restart is restored before traffic is accepted.

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::engine::{self, GgufWeights, LoadOptions, LoadedModel};
+use crate::engine::{self, EnginePath, GgufWeights, LoadOptions, LoadedModel};
 use crate::monitor::names;
 use crate::registry::{self, Action, AuditEntry, Registry, State, VersionRecord};
 use crate::router::{Router, Target};
@@ -118,6 +118,8 @@ pub struct Controller {
     scheduler: SchedulerConfig,
     device: String,
     gguf_weights: GgufWeights,
+    /// Which implementation runs steps; `None`: the device's default.
+    engine_path: Option<EnginePath>,
     health: Option<tonic_health::server::HealthReporter>,
     /// Canonical folders registered paths must lie under; empty: anywhere.
     model_roots: Vec<PathBuf>,
@@ -170,10 +172,12 @@ fn load_source(
     source: &str,
     device: &str,
     gguf_weights: GgufWeights,
+    engine_path: Option<EnginePath>,
 ) -> anyhow::Result<LoadedModel> {
     let opts = LoadOptions {
         device: engine::parse_device(device)?,
         gguf_weights,
+        engine_path,
         ..Default::default()
     };
     Ok(if source == EMBEDDED {
@@ -201,12 +205,20 @@ impl Controller {
             scheduler,
             device,
             gguf_weights,
+            engine_path: None,
             health,
             model_roots: vec![],
             failed: std::sync::Mutex::new(BTreeMap::new()),
             rollouts: std::sync::Mutex::new(HashMap::new()),
             rollout_events: tokio::sync::broadcast::channel(256).0,
         })
+    }
+
+    /// Runs every model it loads on this engine path (`None`: the
+    /// device's default, [`engine::EnginePath::resolve`]).
+    pub fn with_engine_path(mut self, path: Option<EnginePath>) -> Self {
+        self.engine_path = path;
+        self
     }
 
     /// Accepts registrations only under these folders (canonical paths, as
@@ -321,7 +333,8 @@ impl Controller {
                 return Err(fail(ControlError::invalid("path", e.to_string())));
             }
             let path = req.path.clone();
-            let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
+            let (device, gguf_weights, engine_path) =
+                (self.device.clone(), self.gguf_weights, self.engine_path);
             let (digest, loaded) =
                 tokio::task::spawn_blocking(move || -> anyhow::Result<(String, LoadedModel)> {
                     let digest = if path == EMBEDDED {
@@ -329,7 +342,10 @@ impl Controller {
                     } else {
                         registry::digest_path(std::path::Path::new(&path))?
                     };
-                    Ok((digest, load_source(&path, &device, gguf_weights)?))
+                    Ok((
+                        digest,
+                        load_source(&path, &device, gguf_weights, engine_path)?,
+                    ))
                 })
                 .await
                 .map_err(|e| fail(internal(e)))?
@@ -406,7 +422,8 @@ impl Controller {
         record: &VersionRecord,
     ) -> Result<EngineHandle, ControlError> {
         let (source, registered) = (record.source.clone(), record.sha256.clone());
-        let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
+        let (device, gguf_weights, engine_path) =
+            (self.device.clone(), self.gguf_weights, self.engine_path);
         let (model_name, version) = (model.to_string(), record.version.clone());
         let loaded = tokio::task::spawn_blocking(move || -> Result<LoadedModel, ControlError> {
             let failed = |e: anyhow::Error| {
@@ -424,7 +441,7 @@ impl Controller {
                     "version `{version}` of `{model_name}` refused: the weights at {source} changed since it was registered (registered sha256 {registered}, found {found}); register the new weights as a new version"
                 )));
             }
-            load_source(&source, &device, gguf_weights).map_err(failed)
+            load_source(&source, &device, gguf_weights, engine_path).map_err(failed)
         })
         .await
         .map_err(internal)??;
@@ -433,6 +450,7 @@ impl Controller {
             version = %record.version,
             format = ?loaded.info.format,
             gguf_weights = %self.gguf_weights,
+            engine_path = %loaded.model.engine_path(),
             "weights loaded"
         );
         let engine = EngineHandle::spawn(
