@@ -608,6 +608,40 @@ mod tests {
     }
 
     #[test]
+    fn the_engine_path_comes_from_the_file_unless_a_flag_says_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmops.toml");
+        let config = path.display().to_string();
+        let load = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--config", &config];
+            argv.extend_from_slice(extra);
+            Config::load(&Cli::try_parse_from(argv).unwrap().serve)
+        };
+        std::fs::write(&path, "[server]\n").unwrap();
+        assert_eq!(
+            load(&[]).unwrap().server.engine_path,
+            None,
+            "the device decides"
+        );
+        std::fs::write(&path, "[server]\nengine_path = \"tensor\"\n").unwrap();
+        assert_eq!(
+            load(&[]).unwrap().server.engine_path,
+            Some(EnginePath::Tensor)
+        );
+        let flag = load(&["--engine-path", "host"]).unwrap();
+        assert_eq!(flag.server.engine_path, Some(EnginePath::Host));
+        assert!(Cli::try_parse_from(["serve", "--engine-path", "gpu"]).is_err());
+        std::fs::write(&path, "[server]\nengine_path = \"gpu\"\n").unwrap();
+        let err = format!("{:#}", load(&[]).unwrap_err());
+        assert!(err.contains("engine_path") || err.contains("gpu"), "{err}");
+        // The host path is the CPU's default and runs only there.
+        let cpu = crate::engine::parse_device("cpu").unwrap();
+        assert_eq!(EnginePath::resolve(None, &cpu).unwrap(), EnginePath::Host);
+        let tensor = EnginePath::resolve(Some(EnginePath::Tensor), &cpu).unwrap();
+        assert_eq!(tensor, EnginePath::Tensor);
+    }
+
+    #[test]
     fn gguf_weights_come_from_the_file_unless_a_flag_says_otherwise() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("llmops.toml");
