@@ -78,7 +78,8 @@ pub async fn run(
         )?
         .with_model_roots(cfg.server.model_roots.clone())
         .with_hooks(&cfg.hooks)?
-        .with_drift(cfg.drift.clone()),
+        .with_drift(cfg.drift.clone())
+        .with_engine_path(cfg.server.engine_path),
     );
     tracing::info!(registry = %cfg.server.data_dir.display(), "registry opened");
     // What was serving before a restart is restored before traffic is accepted.

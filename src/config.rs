@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::engine::GgufWeights;
+use crate::engine::{EnginePath, GgufWeights};
 use crate::scheduler::SchedulerConfig;
 
 /// Flags of `llmops serve`. Each may also come from its `LLMOPS_*` variable;
@@ -44,6 +44,12 @@ pub struct ServeArgs {
     /// streams), f32 panels (exact), or blocks (least memory) [default: f16].
     #[arg(long, env = "LLMOPS_GGUF_WEIGHTS", value_enum)]
     pub gguf_weights: Option<GgufWeights>,
+    /// Which implementation runs the engine: `host` (our CPU kernels over
+    /// host memory; CPU only) or `tensor` (candle ops on the device, KV
+    /// cache and attention included: the GPU path, which also runs on the
+    /// CPU) [default: host on cpu, tensor on cuda and metal].
+    #[arg(long, env = "LLMOPS_ENGINE_PATH", value_enum)]
+    pub engine_path: Option<EnginePath>,
     /// API keys as `id:role:secret` (role: inference or admin), comma-separated.
     /// Secrets are hashed at start and never kept.
     #[arg(
@@ -123,6 +129,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// How every model's GGUF block-quantized weights are held.
     pub gguf_weights: GgufWeights,
+    /// Which implementation runs every model's steps; `None`: the device's
+    /// default ([`EnginePath::resolve`]).
+    pub engine_path: Option<EnginePath>,
     /// Canonical folders registered model paths must lie under; empty: any.
     /// Canonical so a registered path, canonicalized too, is compared
     /// against where the links really lead.
@@ -221,6 +230,7 @@ struct FileServer {
     data_dir: Option<PathBuf>,
     device: Option<String>,
     gguf_weights: Option<GgufWeights>,
+    engine_path: Option<EnginePath>,
     model_roots: Option<Vec<PathBuf>>,
     allow_version_pinning: Option<bool>,
     tls_cert: Option<PathBuf>,
@@ -365,6 +375,7 @@ fn server_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<ServerCo
             .or(file.data_dir.clone())
             .unwrap_or_else(default_data_dir),
         gguf_weights: args.gguf_weights.or(file.gguf_weights).unwrap_or_default(),
+        engine_path: args.engine_path.or(file.engine_path),
         model_roots: model_roots
             .iter()
             .map(|r| match std::fs::canonicalize(r) {
@@ -645,6 +656,40 @@ mod tests {
         assert_eq!(cfg.scheduler.max_running, 64);
         assert_eq!(cfg.server.gguf_weights, GgufWeights::F16);
         assert!(cfg.keys.is_empty());
+    }
+
+    #[test]
+    fn the_engine_path_comes_from_the_file_unless_a_flag_says_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmops.toml");
+        let config = path.display().to_string();
+        let load = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--config", &config];
+            argv.extend_from_slice(extra);
+            Config::load(&Cli::try_parse_from(argv).unwrap().serve)
+        };
+        std::fs::write(&path, "[server]\n").unwrap();
+        assert_eq!(
+            load(&[]).unwrap().server.engine_path,
+            None,
+            "the device decides"
+        );
+        std::fs::write(&path, "[server]\nengine_path = \"tensor\"\n").unwrap();
+        assert_eq!(
+            load(&[]).unwrap().server.engine_path,
+            Some(EnginePath::Tensor)
+        );
+        let flag = load(&["--engine-path", "host"]).unwrap();
+        assert_eq!(flag.server.engine_path, Some(EnginePath::Host));
+        assert!(Cli::try_parse_from(["serve", "--engine-path", "gpu"]).is_err());
+        std::fs::write(&path, "[server]\nengine_path = \"gpu\"\n").unwrap();
+        let err = format!("{:#}", load(&[]).unwrap_err());
+        assert!(err.contains("engine_path") || err.contains("gpu"), "{err}");
+        // The host path is the CPU's default and runs only there.
+        let cpu = crate::engine::parse_device("cpu").unwrap();
+        assert_eq!(EnginePath::resolve(None, &cpu).unwrap(), EnginePath::Host);
+        let tensor = EnginePath::resolve(Some(EnginePath::Tensor), &cpu).unwrap();
+        assert_eq!(tensor, EnginePath::Tensor);
     }
 
     #[test]

@@ -844,6 +844,7 @@ async fn list_models(State(st): State<HttpState>) -> Json<serde_json::Value> {
                 "architecture": info.arch,
                 "format": info.format,
                 "parameters": info.parameters,
+                "engine_path": info.engine_path,
                 "max_model_len": d.stable.engine.context_length(),
             })
         })

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::engine::{self, GgufWeights, LoadOptions};
+use crate::engine::{self, EnginePath, GgufWeights, LoadOptions};
 
 /// Arguments of `llmops bench-engine`.
 #[derive(clap::Args)]
@@ -23,6 +23,11 @@ pub struct BenchArgs {
     /// How GGUF block-quantized matrices are held on the CPU.
     #[arg(long, value_enum, default_value_t = GgufWeights::F16)]
     pub gguf_weights: GgufWeights,
+    /// Which implementation runs the steps: host (our CPU kernels) or
+    /// tensor (candle ops, KV cache and attention on the device) [default:
+    /// host on the CPU].
+    #[arg(long, value_enum)]
+    pub engine_path: Option<EnginePath>,
     /// Also report milliseconds per step in each part of the forward pass (CPU).
     #[arg(long)]
     pub profile: bool,
@@ -37,6 +42,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     crate::engine::cpu::profile::enable(args.profile);
     let opts = LoadOptions {
         gguf_weights: args.gguf_weights,
+        engine_path: args.engine_path,
         ..Default::default()
     };
     let m = match &args.model {
@@ -47,11 +53,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|p| p.rss_bytes)
         .unwrap_or(0);
     eprintln!(
-        "{}: {} parameters, {:.1} MB of matrix weights, resident {:.0} MiB",
+        "{}: {} parameters, {:.1} MB of matrix weights, resident {:.0} MiB, {} path",
         m.info.source,
         m.info.parameters,
         m.model.weight_bytes() as f64 / 1e6,
-        rss as f64 / (1 << 20) as f64
+        rss as f64 / (1 << 20) as f64,
+        m.model.engine_path()
     );
     for b in args.batch {
         let measured = args.limits.then(crate::engine::cpu::limits::measure);

@@ -23,7 +23,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::engine::{self, GgufWeights, LoadOptions, LoadedModel};
+use crate::engine::{self, EnginePath, GgufWeights, LoadOptions, LoadedModel};
 use crate::hooks::{Event as HookEvent, EventKind, Hooks};
 use crate::monitor::names;
 use crate::registry::{self, Action, AuditEntry, Registry, State, VersionRecord};
@@ -125,6 +125,8 @@ pub struct Controller {
     scheduler: SchedulerConfig,
     device: String,
     gguf_weights: GgufWeights,
+    /// Which implementation runs steps; `None`: the device's default.
+    engine_path: Option<EnginePath>,
     health: Option<tonic_health::server::HealthReporter>,
     /// Canonical folders registered paths must lie under; empty: anywhere.
     model_roots: Vec<PathBuf>,
@@ -196,10 +198,12 @@ fn load_source(
     source: &str,
     device: &str,
     gguf_weights: GgufWeights,
+    engine_path: Option<EnginePath>,
 ) -> anyhow::Result<LoadedModel> {
     let opts = LoadOptions {
         device: engine::parse_device(device)?,
         gguf_weights,
+        engine_path,
         ..Default::default()
     };
     Ok(if source == EMBEDDED {
@@ -231,6 +235,7 @@ impl Controller {
             scheduler,
             device,
             gguf_weights,
+            engine_path: None,
             health,
             model_roots: vec![],
             failed: std::sync::Mutex::new(BTreeMap::new()),
@@ -248,6 +253,13 @@ impl Controller {
     /// Drift settings (`[drift]`, per-model overrides).
     pub fn with_drift(self, settings: crate::monitor::drift::DriftSettings) -> Self {
         *self.drift_settings() = settings;
+        self
+    }
+
+    /// Runs every model it loads on this engine path (`None`: the
+    /// device's default, [`engine::EnginePath::resolve`]).
+    pub fn with_engine_path(mut self, path: Option<EnginePath>) -> Self {
+        self.engine_path = path;
         self
     }
 
@@ -376,7 +388,8 @@ impl Controller {
                 return Err(fail(ControlError::invalid("path", e.to_string())));
             }
             let path = req.path.clone();
-            let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
+            let (device, gguf_weights, engine_path) =
+                (self.device.clone(), self.gguf_weights, self.engine_path);
             let (digest, loaded) =
                 tokio::task::spawn_blocking(move || -> anyhow::Result<(String, LoadedModel)> {
                     let digest = if path == EMBEDDED {
@@ -384,7 +397,10 @@ impl Controller {
                     } else {
                         registry::digest_path(std::path::Path::new(&path))?
                     };
-                    Ok((digest, load_source(&path, &device, gguf_weights)?))
+                    Ok((
+                        digest,
+                        load_source(&path, &device, gguf_weights, engine_path)?,
+                    ))
                 })
                 .await
                 .map_err(|e| fail(internal(e)))?
@@ -471,7 +487,8 @@ impl Controller {
         record: &VersionRecord,
     ) -> Result<EngineHandle, ControlError> {
         let (source, registered) = (record.source.clone(), record.sha256.clone());
-        let (device, gguf_weights) = (self.device.clone(), self.gguf_weights);
+        let (device, gguf_weights, engine_path) =
+            (self.device.clone(), self.gguf_weights, self.engine_path);
         let (model_name, version) = (model.to_string(), record.version.clone());
         let loaded = tokio::task::spawn_blocking(move || -> Result<LoadedModel, ControlError> {
             let failed = |e: anyhow::Error| {
@@ -489,7 +506,7 @@ impl Controller {
                     "version `{version}` of `{model_name}` refused: the weights at {source} changed since it was registered (registered sha256 {registered}, found {found}); register the new weights as a new version"
                 )));
             }
-            load_source(&source, &device, gguf_weights).map_err(failed)
+            load_source(&source, &device, gguf_weights, engine_path).map_err(failed)
         })
         .await
         .map_err(internal)??;
@@ -498,6 +515,7 @@ impl Controller {
             version = %record.version,
             format = ?loaded.info.format,
             gguf_weights = %self.gguf_weights,
+            engine_path = %loaded.model.engine_path(),
             "weights loaded"
         );
         let engine = EngineHandle::spawn(

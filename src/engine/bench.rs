@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::cpu::limits::Limits;
-use super::{Batch, BlockAllocator, KvCache, LoadedModel, Logits, Result, Scratch, sampling};
+use super::{Batch, BlockAllocator, EnginePath, LoadedModel, Logits, Result, Scratch, sampling};
 
 /// One measurement.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -67,7 +67,7 @@ pub fn decode_throughput(
     let block = 16;
     let need = (prompt_len + steps + 1).div_ceil(block) * batch;
     let mut alloc = BlockAllocator::new(need, block);
-    let mut kv = KvCache::new(m.model.kv_shape(block), need);
+    let mut kv = m.model.kv_cache(block, need);
     let mut scratch = Scratch::default();
     let vocab = m.model.config().vocab_size as u32;
     let mut seqs: Vec<Vec<u32>> = (0..batch)
@@ -104,6 +104,15 @@ pub fn decode_throughput(
         for (s, t) in seqs.iter().zip(&tables) {
             let pos = s.len() - 1;
             b.push(&s[pos..], pos, t, Logits::Last);
+        }
+        if m.model.engine_path() == EnginePath::Tensor {
+            // As the server does for greedy rows: the argmax on the device.
+            let ids = m.model.forward_greedy(&b, &mut kv, &mut scratch)?;
+            drop(b);
+            for (s, id) in seqs.iter_mut().zip(ids) {
+                s.push(id);
+            }
+            continue;
         }
         m.model.forward_into(&b, &mut kv, &mut scratch, &mut flat)?;
         drop(b);

@@ -3,8 +3,14 @@
 //! `cpu::attn`, and the forward pass's buffers live beside it
 //! ([`super::Scratch`]), not inside it.
 //!
-//! Layout of one layer's keys (values alike): `[block][kv_head][slot][dim]`, so
-//! the keys one head reads within a block are contiguous.
+//! Layout of one layer's keys (values alike) in host memory (the host path):
+//! `[block][kv_head][slot][dim]`, so the keys one head reads within a block
+//! are contiguous. On a device (the tensor path): one tensor per layer of
+//! `[block * block_size + slot, kv_heads * head_dim]` rows, written by a
+//! scatter and read by gathering a sequence's rows (`tensor.rs`). The block
+//! accounting ([`BlockAllocator`], block tables) is the same for both.
+
+use candle_core::{DType, Device, Tensor};
 
 use super::batch::SeqView;
 use super::{Error, Result};
@@ -119,11 +125,22 @@ pub struct LayerKv {
     v: Vec<f32>,
 }
 
-/// The block pool's memory: one [`LayerKv`] per layer.
+/// The block pool's memory: one [`LayerKv`] per layer in host memory, or
+/// one pair of tensors per layer on a device.
 pub struct KvCache {
     shape: KvShape,
     blocks: usize,
-    layers: Vec<LayerKv>,
+    storage: Storage,
+}
+
+enum Storage {
+    Host(Vec<LayerKv>),
+    /// Keys and values per layer, `[blocks * block_size, kv_heads *
+    /// head_dim]` f32; empty until the first step allocates them.
+    Device {
+        device: Device,
+        layers: Vec<(Tensor, Tensor)>,
+    },
 }
 
 impl KvCache {
@@ -140,8 +157,51 @@ impl KvCache {
         Self {
             shape,
             blocks,
-            layers,
+            storage: Storage::Host(layers),
         }
+    }
+
+    /// A cache of `blocks` blocks as tensors on `device`, for the tensor
+    /// path. Nothing is allocated until the first [`KvCache::device_layer`].
+    pub fn on_device(shape: KvShape, blocks: usize, device: &Device) -> Self {
+        Self {
+            shape,
+            blocks,
+            storage: Storage::Device {
+                device: device.clone(),
+                layers: vec![],
+            },
+        }
+    }
+
+    /// Whether the cache is device tensors (the tensor path's).
+    pub fn is_device(&self) -> bool {
+        matches!(self.storage, Storage::Device { .. })
+    }
+
+    /// One layer's keys and values as device tensors, `[blocks *
+    /// block_size, kv_heads * head_dim]` f32 (allocating every layer on
+    /// first use). Written in place by the tensor path.
+    pub fn device_layer(&mut self, layer: usize) -> Result<(&Tensor, &Tensor)> {
+        let shape = self.shape;
+        let rows = self.blocks * shape.block_size;
+        let Storage::Device { device, layers } = &mut self.storage else {
+            return Err(Error::Internal(
+                "the KV cache is in host memory; the tensor path needs one on the device".into(),
+            ));
+        };
+        if layers.is_empty() {
+            let width = shape.kv_heads * shape.head_dim;
+            for _ in 0..shape.layers {
+                let k = Tensor::zeros((rows, width), DType::F32, device)?;
+                let v = Tensor::zeros((rows, width), DType::F32, device)?;
+                layers.push((k, v));
+            }
+        }
+        let (k, v) = layers
+            .get(layer)
+            .ok_or_else(|| Error::Internal(format!("no KV layer {layer}")))?;
+        Ok((k, v))
     }
 
     /// The cache's shape.
@@ -154,9 +214,14 @@ impl KvCache {
         self.blocks
     }
 
-    /// One layer's storage.
+    /// One layer's host storage (the host path).
     pub fn layer_mut(&mut self, layer: usize) -> Result<&mut LayerKv> {
-        self.layers
+        let Storage::Host(layers) = &mut self.storage else {
+            return Err(Error::Internal(
+                "the KV cache is on the device; the host path needs one in host memory".into(),
+            ));
+        };
+        layers
             .get_mut(layer)
             .ok_or_else(|| Error::Internal(format!("no KV layer {layer}")))
     }

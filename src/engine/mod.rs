@@ -135,6 +135,8 @@ pub struct ModelInfo {
     pub parameters: usize,
     /// Longest context.
     pub context_length: usize,
+    /// Which implementation runs its steps.
+    pub engine_path: EnginePath,
 }
 
 /// A model with everything needed to serve it.
@@ -175,6 +177,9 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 
 /// How GGUF block-quantized matrices (Q4_K, Q6_K, Q8_0, ...) are held on the
 /// CPU. F32/F16/BF16 tensors in a GGUF file are always exact f32 panels.
+/// On the tensor path ([`EnginePath::Tensor`]) the blocks are kept and run
+/// through candle's quantized matmul, except with `f32`, which dequantizes
+/// them into dense tensors of the compute dtype (the exact reference).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum GgufWeights {
@@ -217,6 +222,46 @@ impl std::fmt::Display for GgufWeights {
     }
 }
 
+/// Which implementation runs a step.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum EnginePath {
+    /// Our own kernels over host memory (`host.rs`, `cpu/`): the CPU's
+    /// fastest path. Only on the CPU device.
+    Host,
+    /// candle tensor ops on the model's device, the KV cache and attention
+    /// included (`tensor.rs`): the GPU path, which also runs on candle's
+    /// CPU device (how CI proves it).
+    Tensor,
+}
+
+impl EnginePath {
+    /// The path asked for, or the device's default (host on the CPU,
+    /// tensor on CUDA and Metal); the host path on a GPU is an error.
+    pub fn resolve(asked: Option<EnginePath>, device: &Device) -> Result<EnginePath> {
+        match asked {
+            Some(EnginePath::Host) if !device.is_cpu() => Err(Error::InvalidParam {
+                param: "engine_path".into(),
+                message: "the host path runs only on the cpu device".into(),
+            }),
+            Some(p) => Ok(p),
+            None if device.is_cpu() => Ok(EnginePath::Host),
+            None => Ok(EnginePath::Tensor),
+        }
+    }
+}
+
+impl std::fmt::Display for EnginePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Host => "host",
+            Self::Tensor => "tensor",
+        })
+    }
+}
+
 /// Options for loading.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -226,6 +271,9 @@ pub struct LoadOptions {
     pub fallback_template: String,
     /// How GGUF block-quantized matrices are held on the CPU.
     pub gguf_weights: GgufWeights,
+    /// Which path runs steps; `None`: the device's default
+    /// ([`EnginePath::resolve`]).
+    pub engine_path: Option<EnginePath>,
 }
 
 impl Default for LoadOptions {
@@ -234,7 +282,15 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             fallback_template: chat::FALLBACK_TEMPLATE.to_string(),
             gguf_weights: GgufWeights::default(),
+            engine_path: None,
         }
+    }
+}
+
+impl LoadOptions {
+    /// Whether weights go to host memory for the host path.
+    fn host(&self) -> Result<bool> {
+        Ok(EnginePath::resolve(self.engine_path, &self.device)? == EnginePath::Host)
     }
 }
 
@@ -421,7 +477,8 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         cfg.arch,
         &opts.device,
         compute_dtype(&opts.device),
-    )?;
+    )?
+    .host(opts.host()?);
     let tk_cfg = read_tokenizer_config(dir)?;
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
@@ -442,6 +499,7 @@ fn load_hf_dir(dir: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         arch: cfg.arch,
         parameters: cfg.parameter_count(),
         context_length: cfg.max_position_embeddings,
+        engine_path: model.engine_path(),
     };
     assemble(model, tokenizer, tk_cfg.template, tk_cfg.eos, opts, info)
 }
@@ -463,7 +521,8 @@ pub fn load_from_memory(
         cfg.arch,
         &opts.device,
         compute_dtype(&opts.device),
-    )?;
+    )?
+    .host(opts.host()?);
     let model = Model::load(cfg.clone(), &src, &opts.device)?;
     let tk: serde_json::Value =
         serde_json::from_str(tokenizer_config_json).map_err(|e| Error::Config {
@@ -483,6 +542,7 @@ pub fn load_from_memory(
         arch: cfg.arch,
         parameters: cfg.parameter_count(),
         context_length: cfg.max_position_embeddings,
+        engine_path: model.engine_path(),
     };
     assemble(
         model,
@@ -523,7 +583,8 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         .get("tokenizer.chat_template")
         .and_then(|v| v.to_string().ok().cloned());
     let src = weights::WeightSource::gguf(content, path, cfg.arch, &opts.device)?
-        .gguf_weights(opts.gguf_weights);
+        .gguf_weights(opts.gguf_weights)
+        .host(opts.host()?);
     let model = Model::load(cfg.clone(), &src, &opts.device)?;
     let info = ModelInfo {
         source: path.display().to_string(),
@@ -531,6 +592,7 @@ fn load_gguf(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         arch: cfg.arch,
         parameters: cfg.parameter_count(),
         context_length: cfg.max_position_embeddings,
+        engine_path: model.engine_path(),
     };
     assemble(model, tokenizer, template, None, opts, info)
 }

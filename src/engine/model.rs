@@ -8,10 +8,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::Result;
 use super::config::{ModelConfig, Rope};
-use super::kv::KvShape;
+use super::kv::{KvCache, KvShape};
 use super::weights::{Embedding, Linear, Role, WeightSource};
+use super::{EnginePath, Result};
 
 /// A norm weight, as a tensor (device path) and host values (CPU path).
 pub(crate) struct Norm {
@@ -72,6 +72,8 @@ pub struct Model {
     /// layers refer to them by index.
     pub(crate) ropes: Vec<Vec<f32>>,
     pub(crate) device: Device,
+    /// Which implementation runs its steps (its weights are laid out for it).
+    pub(crate) path: EnginePath,
     weight_bytes: usize,
 }
 
@@ -159,6 +161,11 @@ impl Model {
             lm_head,
             ropes: ropes.into_iter().map(|(_, f)| f).collect(),
             device: device.clone(),
+            path: if src.is_host() {
+                EnginePath::Host
+            } else {
+                EnginePath::Tensor
+            },
             weight_bytes,
         })
     }
@@ -176,6 +183,23 @@ impl Model {
     /// Bytes of matrix weights read by one decode step.
     pub fn weight_bytes(&self) -> usize {
         self.weight_bytes
+    }
+
+    /// Which implementation runs its steps.
+    pub fn engine_path(&self) -> EnginePath {
+        self.path
+    }
+
+    /// A KV cache of `blocks` blocks for this model: host memory for the
+    /// host path, tensors on the model's device for the tensor path
+    /// (allocated by the first step, so an allocation failure is that
+    /// step's error).
+    pub fn kv_cache(&self, block_size: usize, blocks: usize) -> KvCache {
+        let shape = self.kv_shape(block_size);
+        match self.path {
+            EnginePath::Host => KvCache::new(shape, blocks),
+            EnginePath::Tensor => KvCache::on_device(shape, blocks, &self.device),
+        }
     }
 
     /// The KV cache shape this model needs.

@@ -113,6 +113,13 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Whether the argmax of the model's raw logits is all a draw needs:
+    /// greedy, no penalty changes the logits, no log-probabilities asked
+    /// (so the tensor path may pick on the device and copy back only ids).
+    pub fn argmax_suffices(&self) -> bool {
+        self.is_greedy() && !self.has_penalties() && self.logprobs.is_none()
+    }
+
     /// Whether the draw is the argmax (temperature 0 or top-k 1).
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0 || self.top_k == 1
@@ -182,7 +189,8 @@ impl Sampler {
     }
 
     /// Records a token that was generated without being sampled here (e.g.
-    /// replayed after preemption), so penalties see it.
+    /// replayed after preemption, or picked on the device when
+    /// [`SamplingParams::argmax_suffices`]), so penalties see it.
     pub fn observe(&mut self, token: u32) {
         if !self.params.has_penalties() {
             return;

@@ -1,41 +1,56 @@
 //! The tensor path: one step as candle ops on the model's device (CUDA,
-//! Metal, or candle's CPU device), for every op but attention, which runs
-//! on the host over the paged cache.
+//! Metal, or candle's CPU device), attention over the device-resident paged
+//! KV cache included, so a step moves only token ids, positions, slot
+//! indices and masks to the device and logits (or sampled ids) back.
+//!
+//! Attention: the new rows' keys and values are scattered into their slots
+//! of the layer's cache tensor (`scatter_set`); each sequence then gathers
+//! the slots it can see (`index_select` through its block table) and attends
+//! with batched matmuls and a masked softmax, in f32. Sequences decoding one
+//! token are attended together as one padded batch; a prefill chunk is
+//! attended alone. What a row computes depends only on its own sequence
+//! (padding is masked out), so a row's result does not depend on the batch.
+//! The indices and masks are built once per step on the host, one set per
+//! distinct attention window, and shared by every layer.
 
-use candle_core::{DType, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 
-use super::Result;
 use super::batch::{Batch, SeqView};
 use super::config::{Activation, RopeStyle};
-use super::cpu::attn::{AttnParams, attend, row_owners};
 use super::kv::{KvCache, KvShape};
 use super::model::{GateUp, Model, Qkv};
+use super::{Error, Result};
 
-/// One step as candle tensor ops on the model's device, for everything but
-/// attention. See [`Model::forward`].
+/// One step as candle tensor ops on the model's device. Returns
+/// `[batch.logit_rows.len(), vocab]` f32 logits on the device.
 pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<Tensor> {
     let t = batch.len();
     let cfg = &m.cfg;
     let (d, hq, hk) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-    let ids = Tensor::from_slice(&batch.tokens, t, &m.device)?;
+    if hk == 0 || !hq.is_multiple_of(hk) {
+        return Err(Error::Internal(format!("{hq} heads over {hk} kv heads")));
+    }
+    let dev = &m.device;
+    let ids = Tensor::from_slice(&batch.tokens, t, dev)?;
     let mut x = m.embed.forward(&ids)?.to_dtype(DType::F32)?;
     if cfg.scale_embeddings {
         x = (x * (cfg.hidden_size as f64).sqrt())?;
     }
     // cos/sin per row for each distinct rotary table: [t, 1, d/2].
     let pos: Vec<f32> = batch.positions.iter().map(|&p| p as f32).collect();
-    let pos = Tensor::from_vec(pos, (t, 1), &m.device)?;
+    let pos = Tensor::from_vec(pos, (t, 1), dev)?;
     let mut tables = Vec::with_capacity(m.ropes.len());
     for inv in &m.ropes {
-        let inv = Tensor::from_slice(inv, (1, inv.len()), &m.device)?;
+        let inv = Tensor::from_slice(inv, (1, inv.len()), dev)?;
         let freqs = pos.matmul(&inv)?;
         tables.push((
             freqs.cos()?.reshape((t, 1, d / 2))?,
             freqs.sin()?.reshape((t, 1, d / 2))?,
         ));
     }
-    let eps = cfg.rms_norm_eps as f32;
     let kv_shape = kv.shape();
+    let plan = AttnPlan::new(m, batch, &kv_shape, dev)?;
+    let eps = cfg.rms_norm_eps as f32;
     for (li, layer) in m.layers.iter().enumerate() {
         let residual = &x;
         let hs = candle_nn::ops::rms_norm(&x, &layer.attn_norm.t, eps)?;
@@ -67,14 +82,16 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
             sin,
             cfg.rope_style,
         )?;
-        let v = v.contiguous()?;
-        let params = AttnParams {
-            heads: hq,
-            scale: cfg.attn_scale as f32,
-            window: layer.window,
-            softcap: cfg.attn_logit_softcapping.map(|c| c as f32),
-        };
-        let attn = attention(kv, li, &kv_shape, &batch.seqs, &q, &k, &v, params)?;
+        let (kc, vc) = kv.device_layer(li)?;
+        let width = hk * d;
+        let k = k.reshape((t, width))?.to_dtype(DType::F32)?.contiguous()?;
+        let v = v.to_dtype(DType::F32)?.contiguous()?;
+        kc.scatter_set(&plan.write, &k, 0)?;
+        vc.scatter_set(&plan.write, &v, 0)?;
+        let q = q.reshape((t, hq, d))?.to_dtype(DType::F32)?;
+        let q = (q * cfg.attn_scale)?;
+        let softcap = cfg.attn_logit_softcapping;
+        let attn = plan.attend(layer.window, &q, kc, vc, (hk, d), softcap)?;
         let mut y = layer.o.forward(&attn.reshape((t, hq * d))?)?;
         if let Some(n) = &layer.post_attn_norm {
             y = candle_nn::ops::rms_norm(&y, &n.t, eps)?;
@@ -101,12 +118,12 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
         x = (residual + y)?;
     }
     if batch.logit_rows.is_empty() {
-        return Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, &m.device)?);
+        return Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, dev)?);
     }
     let x = if batch.logit_rows.len() == t {
         x
     } else {
-        let rows = Tensor::from_slice(&batch.logit_rows, batch.logit_rows.len(), &m.device)?;
+        let rows = Tensor::from_slice(&batch.logit_rows, batch.logit_rows.len(), dev)?;
         x.index_select(&rows, 0)?
     };
     let x = candle_nn::ops::rms_norm(&x, &m.final_norm.t, eps)?;
@@ -125,30 +142,224 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tens
     })
 }
 
-/// Writes `k`/`v` into the cache and attends. On the CPU this runs the fused
-/// paged kernel over the cache's memory directly.
-#[allow(clippy::too_many_arguments)] // one call site; the arguments are the layer's state
-fn attention(
-    kv: &mut KvCache,
-    layer: usize,
-    shape: &KvShape,
-    seqs: &[SeqView<'_>],
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    params: AttnParams,
-) -> Result<Tensor> {
-    let dims = q.dims().to_vec();
-    let qv = cpu_f32(q)?;
-    let kv_ = kv.layer_mut(layer)?;
-    kv_.write(shape, seqs, &cpu_f32(k)?, &cpu_f32(v)?)?;
-    let mut owner = vec![];
-    row_owners(seqs, dims[0], &mut owner);
-    let mut out = vec![];
-    attend(kv_, shape, seqs, &owner, &qv, params, &mut out)?;
-    Ok(Tensor::from_vec(out, dims, q.device())?)
+/// The device-side indices of one step's attention, built once and shared
+/// by every layer.
+struct AttnPlan {
+    /// Where each new row's keys and values go: the row's cache slot,
+    /// repeated across the row's `kv_heads * head_dim` columns (the shape
+    /// `scatter_set` wants), `[rows, width]` u32.
+    write: Tensor,
+    /// Groups of rows attended together, per distinct window of the model.
+    windows: Vec<(Option<usize>, Vec<Group>)>,
+    /// Maps the groups' concatenated output back to row order (`None` when
+    /// the groups already are in row order).
+    order: Option<Tensor>,
 }
 
-fn cpu_f32(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+/// Rows attended in one padded batch: `b` sequences of `l` new rows each,
+/// over `n` gathered cache slots each.
+struct Group {
+    b: usize,
+    l: usize,
+    n: usize,
+    /// Which rows of the step's queries (`[b * l]`), or a contiguous run.
+    rows: Rows,
+    /// Cache slots to gather, `[b * n]` u32 (padding repeats a real slot).
+    slots: Tensor,
+    /// Additive mask, 0 or −∞, `[b, 1, 1, l, n]` f32.
+    mask: Tensor,
+}
+
+enum Rows {
+    Run { offset: usize, len: usize },
+    Pick(Tensor),
+}
+
+impl AttnPlan {
+    fn new(m: &Model, batch: &Batch<'_>, shape: &KvShape, dev: &Device) -> Result<Self> {
+        let bs = shape.block_size;
+        let width = shape.kv_heads * shape.head_dim;
+        let t = batch.len();
+        let slot = |s: &SeqView<'_>, p: usize| s.blocks[p / bs] * bs as u32 + (p % bs) as u32;
+        let mut write = Vec::with_capacity(t * width);
+        for s in &batch.seqs {
+            if s.blocks.len() * bs < s.start_pos + s.len {
+                return Err(Error::Internal(format!(
+                    "block table of {} blocks cannot hold position {}",
+                    s.blocks.len(),
+                    s.start_pos + s.len - 1
+                )));
+            }
+            for p in s.start_pos..s.start_pos + s.len {
+                write.extend(std::iter::repeat_n(slot(s, p), width));
+            }
+        }
+        if write.len() != t * width {
+            return Err(Error::Internal("sequences do not cover the step".into()));
+        }
+        let write = Tensor::from_vec(write, (t, width), dev)?;
+        // Sequences decoding one token share a padded group; each longer
+        // chunk is a group of its own. Groups keep their rows in row order.
+        let decodes: Vec<usize> = (0..batch.seqs.len())
+            .filter(|&i| batch.seqs[i].len == 1)
+            .collect();
+        let mut members: Vec<Vec<usize>> = vec![];
+        if !decodes.is_empty() {
+            members.push(decodes);
+        }
+        members.extend(
+            (0..batch.seqs.len())
+                .filter(|&i| batch.seqs[i].len > 1)
+                .map(|i| vec![i]),
+        );
+        let row_order: Vec<u32> = members
+            .iter()
+            .flatten()
+            .flat_map(|&i| {
+                let s = &batch.seqs[i];
+                (s.offset..s.offset + s.len).map(|r| r as u32)
+            })
+            .collect();
+        let order = if row_order.iter().enumerate().all(|(i, &r)| i == r as usize) {
+            None
+        } else {
+            let mut inverse = vec![0u32; t];
+            for (i, &r) in row_order.iter().enumerate() {
+                inverse[r as usize] = i as u32;
+            }
+            Some(Tensor::from_vec(inverse, t, dev)?)
+        };
+        let mut distinct: Vec<Option<usize>> = vec![];
+        for l in &m.layers {
+            if !distinct.contains(&l.window) {
+                distinct.push(l.window);
+            }
+        }
+        let mut windows = Vec::with_capacity(distinct.len());
+        for w in distinct {
+            let mut groups = Vec::with_capacity(members.len());
+            for ids in &members {
+                let seqs: Vec<&SeqView<'_>> = ids.iter().map(|&i| &batch.seqs[i]).collect();
+                // Visible positions of a sequence: from what its first new
+                // row can see to its last new row.
+                let lo = |s: &SeqView<'_>| w.map_or(0, |w| (s.start_pos + 1).saturating_sub(w));
+                let n = seqs
+                    .iter()
+                    .map(|s| s.start_pos + s.len - lo(s))
+                    .max()
+                    .unwrap_or(0);
+                let (b, l) = (seqs.len(), seqs[0].len);
+                let mut slots = Vec::with_capacity(b * n);
+                let mut mask = Vec::with_capacity(b * l * n);
+                for s in &seqs {
+                    let lo = lo(s);
+                    let end = s.start_pos + s.len;
+                    for j in 0..n {
+                        slots.push(slot(s, (lo + j).min(end - 1)));
+                    }
+                    for i in 0..l {
+                        let p = s.start_pos + i;
+                        let first = w.map_or(0, |w| (p + 1).saturating_sub(w));
+                        for j in 0..n {
+                            let kp = lo + j;
+                            let visible = kp <= p && kp >= first;
+                            mask.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+                        }
+                    }
+                }
+                let rows = if b == 1 {
+                    Rows::Run {
+                        offset: seqs[0].offset,
+                        len: l,
+                    }
+                } else {
+                    let pick: Vec<u32> = seqs.iter().map(|s| s.offset as u32).collect();
+                    Rows::Pick(Tensor::from_vec(pick, b, dev)?)
+                };
+                groups.push(Group {
+                    b,
+                    l,
+                    n,
+                    rows,
+                    slots: Tensor::from_vec(slots, b * n, dev)?,
+                    mask: Tensor::from_vec(mask, (b, 1, 1, l, n), dev)?,
+                });
+            }
+            windows.push((w, groups));
+        }
+        Ok(Self {
+            write,
+            windows,
+            order,
+        })
+    }
+
+    /// Attention of every row (`q`: `[rows, heads, head_dim]` f32, already
+    /// scaled) over the layer's cache, which holds the new rows already.
+    fn attend(
+        &self,
+        window: Option<usize>,
+        q: &Tensor,
+        kc: &Tensor,
+        vc: &Tensor,
+        (hk, d): (usize, usize),
+        softcap: Option<f64>,
+    ) -> Result<Tensor> {
+        let (_, groups) = self
+            .windows
+            .iter()
+            .find(|(w, _)| *w == window)
+            .ok_or_else(|| Error::Internal("no attention plan for this window".into()))?;
+        let hq = q.dim(1)?;
+        let group = hq / hk;
+        let mut outs = Vec::with_capacity(groups.len());
+        for g in groups {
+            let (b, l, n) = (g.b, g.l, g.n);
+            let q = match &g.rows {
+                Rows::Run { offset, len } => q.narrow(0, *offset, *len)?,
+                Rows::Pick(rows) => q.index_select(rows, 0)?,
+            };
+            // [b, l, hk, group, d] → [b, hk, group · l, d]
+            let q = q
+                .reshape((b, l, hk, group, d))?
+                .permute((0, 2, 3, 1, 4))?
+                .contiguous()?
+                .reshape((b, hk, group * l, d))?;
+            let gather = |c: &Tensor| -> Result<Tensor> {
+                Ok(c.index_select(&g.slots, 0)?
+                    .reshape((b, n, hk, d))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let (k, v) = (gather(kc)?, gather(vc)?);
+            let mut scores = q.matmul(&k.t()?)?;
+            if let Some(cap) = softcap {
+                scores = ((scores / cap)?.tanh()? * cap)?;
+            }
+            let scores = scores
+                .reshape((b, hk, group, l, n))?
+                .broadcast_add(&g.mask)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs.reshape((b, hk, group * l, n))?.matmul(&v)?;
+            // [b, hk, group, l, d] → [b · l, hq, d]
+            let out = out
+                .reshape((b, hk, group, l, d))?
+                .permute((0, 3, 1, 2, 4))?
+                .contiguous()?
+                .reshape((b * l, hq, d))?;
+            outs.push(out);
+        }
+        let out = Tensor::cat(&outs, 0)?;
+        Ok(match &self.order {
+            Some(order) => out.index_select(order, 0)?,
+            None => out,
+        })
+    }
+}
+
+/// The greedy choice of each row of `logits` (`[rows, vocab]` on the
+/// device): the index of the largest logit, lowest index on ties (as the
+/// host sampler). Only the ids come back.
+pub(crate) fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
 }

@@ -40,8 +40,14 @@ impl Linear {
     /// Builds a dense layer from a `[out, in]` weight; f32 weights on the CPU
     /// move to host memory for the CPU kernels.
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::dense_for(weight, bias, true)
+    }
+
+    /// As [`Linear::dense`]; with `host` false the weight stays a candle
+    /// tensor even on the CPU (the tensor path).
+    fn dense_for(weight: Tensor, bias: Option<Tensor>, host: bool) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
-        let host = weight.device().is_cpu() && weight.dtype() == DType::F32;
+        let host = host && weight.device().is_cpu() && weight.dtype() == DType::F32;
         let bias_host = match (&bias, host) {
             (Some(b), true) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             _ => None,
@@ -164,7 +170,19 @@ impl Linear {
     /// Applies the layer to `[tokens, in]` as tensors (the device path).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
-            LinearWeight::Candle(q) => q.forward(x)?,
+            LinearWeight::Candle(q) => {
+                // A dense weight in the compute dtype (bf16 on a GPU) takes
+                // its input in that dtype; activations stay f32 between layers.
+                let wdt = match q {
+                    QMatMul::Tensor(w) | QMatMul::TensorF16(w) => w.dtype(),
+                    QMatMul::QTensor(_) => x.dtype(),
+                };
+                if wdt == x.dtype() {
+                    q.forward(x)?
+                } else {
+                    q.forward(&x.to_dtype(wdt)?)?.to_dtype(x.dtype())?
+                }
+            }
             LinearWeight::Host(w) => {
                 let mut rows = Vec::with_capacity(w.n * w.k);
                 for j in 0..w.n {
@@ -175,7 +193,7 @@ impl Linear {
             }
         };
         Ok(match (&self.bias, &self.bias_host) {
-            (Some(b), _) => y.broadcast_add(b)?,
+            (Some(b), _) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             (None, Some(b)) => y.broadcast_add(&Tensor::from_slice(b, b.len(), x.device())?)?,
             (None, None) => y,
         })
@@ -244,8 +262,8 @@ pub enum Embedding {
 }
 
 impl Embedding {
-    fn from_dense(t: Tensor) -> Result<Self> {
-        if t.device().is_cpu() && t.dtype() == DType::F32 {
+    fn from_dense(t: Tensor, host: bool) -> Result<Self> {
+        if host && t.device().is_cpu() && t.dtype() == DType::F32 {
             let (vocab, hidden) = t.dims2()?;
             let rows = t.flatten_all()?.to_vec1::<f32>()?;
             Ok(Embedding::Host {
@@ -304,7 +322,7 @@ impl Embedding {
             Embedding::Host { table, hidden } => {
                 Ok(Linear::host(table.clone(), table.n, *hidden, None))
             }
-            Embedding::Dense(w) => Linear::dense(w.clone(), None),
+            Embedding::Dense(w) => Linear::dense_for(w.clone(), None, false),
             Embedding::Quantized(q) => Linear::quantized(q.clone(), None),
         }
     }
@@ -443,6 +461,9 @@ pub struct WeightSource {
     /// Host panels for GGUF block-quantized matrices, or `None` to keep the
     /// blocks (see `host_panels`).
     panel_format: Option<PanelFormat>,
+    /// Whether f32 weights on the CPU go to host memory for the host path
+    /// (else they stay candle tensors and quantized blocks stay blocks).
+    host: bool,
 }
 
 impl WeightSource {
@@ -479,6 +500,7 @@ impl WeightSource {
             norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
             naming,
             panel_format: Some(PanelFormat::F16),
+            host: device.is_cpu(),
         })
     }
 
@@ -507,6 +529,7 @@ impl WeightSource {
             norm_offset: if arch == Arch::Gemma3 { 1.0 } else { 0.0 },
             naming,
             panel_format: Some(PanelFormat::F16),
+            host: device.is_cpu(),
         })
     }
 
@@ -539,6 +562,7 @@ impl WeightSource {
                 prefix: String::new(),
             },
             panel_format: Some(PanelFormat::F16),
+            host: device.is_cpu(),
         })
     }
 
@@ -546,6 +570,18 @@ impl WeightSource {
     pub fn gguf_weights(mut self, w: super::GgufWeights) -> Self {
         self.panel_format = w.panels();
         self
+    }
+
+    /// Whether weights are laid out for the host path (the default on the
+    /// CPU) or kept as candle tensors for the tensor path.
+    pub fn host(mut self, host: bool) -> Self {
+        self.host = host && self.device.is_cpu();
+        self
+    }
+
+    /// Whether weights go to host memory (the host path).
+    pub fn is_host(&self) -> bool {
+        self.host
     }
 
     /// The naming scheme of this checkpoint.
@@ -642,7 +678,15 @@ impl WeightSource {
     /// batch from one pass over the weight.
     fn host_panels(&self) -> Option<PanelFormat> {
         self.panel_format
-            .filter(|_| self.device.is_cpu() && self.dtype == DType::F32)
+            .filter(|_| self.host && self.dtype == DType::F32)
+    }
+
+    /// Whether GGUF block-quantized matrices are dequantized into dense
+    /// tensors for the tensor path: with [`super::GgufWeights::F32`] (the
+    /// exact reference); otherwise the tensor path keeps the blocks and runs
+    /// them through candle's quantized matmul.
+    fn dense_on_device(&self) -> bool {
+        !self.host && self.panel_format == Some(PanelFormat::F32)
     }
 
     /// A linear layer `[out, in]` with an optional `<base>.bias`.
@@ -668,7 +712,7 @@ impl WeightSource {
                         let t = q
                             .dequantize(&self.device)
                             .map_err(|e| self.wrap(&wname, e))?;
-                        Linear::dense(t.to_dtype(self.dtype)?, bias)
+                        Linear::dense_for(t.to_dtype(self.dtype)?, bias, self.host)
                     }
                     _ if let Some(format) = self.host_panels() => {
                         let t = q
@@ -676,13 +720,19 @@ impl WeightSource {
                             .map_err(|e| self.wrap(&wname, e))?;
                         Linear::host_packed(&t, bias, format)
                     }
+                    _ if self.dense_on_device() => {
+                        let t = q
+                            .dequantize(&self.device)
+                            .map_err(|e| self.wrap(&wname, e))?;
+                        Linear::dense_for(t.to_dtype(self.dtype)?, bias, false)
+                    }
                     _ => Linear::quantized(Arc::new(q), bias),
                 }
             }
             _ => {
                 let w = self.dense(&wname)?;
                 self.check_shape(&wname, w.dims(), &[out_features, in_features])?;
-                Linear::dense(w, bias)
+                Linear::dense_for(w, bias, self.host)
             }
         }
     }
@@ -710,7 +760,7 @@ impl WeightSource {
                 self.check_shape(name, q.shape().dims(), &[vocab, hidden])?;
                 if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
-                    Embedding::from_dense(t.to_dtype(self.dtype)?)
+                    Embedding::from_dense(t.to_dtype(self.dtype)?, self.host)
                 } else if let Some(format) = self.host_panels() {
                     let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
                     let rows = t.flatten_all()?.to_vec1::<f32>()?;
@@ -718,6 +768,9 @@ impl WeightSource {
                         table: Arc::new(PackedWeight::pack_as(&rows, vocab, hidden, format)),
                         hidden,
                     })
+                } else if self.dense_on_device() {
+                    let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
+                    Ok(Embedding::Dense(t.to_dtype(self.dtype)?))
                 } else {
                     Ok(Embedding::Quantized(Arc::new(q)))
                 }
@@ -725,7 +778,7 @@ impl WeightSource {
             _ => {
                 let w = self.dense(name)?;
                 self.check_shape(name, w.dims(), &[vocab, hidden])?;
-                Embedding::from_dense(w)
+                Embedding::from_dense(w, self.host)
             }
         }
     }

@@ -12,8 +12,8 @@ use super::governor;
 use super::state::{Limits, Priority, Seq, State};
 use super::{Completion, Event, FinishReason, Job, Msg, ScoreJob, Shared, Timings};
 use crate::engine::{
-    Batch, BlockAllocator, KvCache, LoadedModel, Logits, PositionScore, Sampler, Scratch,
-    StopMatcher, StopOutcome, TextStream, Tokenizer,
+    Batch, BlockAllocator, EnginePath, KvCache, LoadedModel, Logits, PositionScore, Sampler,
+    Scratch, StopMatcher, StopOutcome, TextStream, Tokenizer,
 };
 use crate::monitor::canary::Sample;
 use crate::monitor::drift::{Observation, TextProfile};
@@ -121,7 +121,7 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
         model, tokenizer, ..
     } = model;
     let cfg = shared.config.clone();
-    let mut kv = KvCache::new(model.kv_shape(cfg.block_size), blocks);
+    let mut kv = model.kv_cache(cfg.block_size, blocks);
     let limits = Limits {
         max_batched_tokens: cfg.max_batched_tokens.max(1),
         max_running: cfg.max_running.clamp(1, cfg.max_batched_tokens.max(1)),
@@ -585,7 +585,33 @@ impl Worker {
         }
         let rows: usize = entry_rows.iter().sum();
         let mut flat = std::mem::take(&mut self.logits);
-        let result = model.forward_into(&batch, kv, &mut self.scratch, &mut flat);
+        // On the tensor path, a step whose every row is a plain greedy pick
+        // takes the argmax on the device and copies back only the ids.
+        let greedy = model.engine_path() == EnginePath::Tensor
+            && rows > 0
+            && plan.entries.iter().zip(&entry_rows).all(|(e, &n)| {
+                let p = &state.running[e.index].payload;
+                n == 0 || (p.score.is_none() && p.sampler.params().argmax_suffices())
+            });
+        let mut picked = None;
+        if greedy {
+            match model.forward_greedy(&batch, kv, &mut self.scratch) {
+                Ok(ids) if ids.len() == rows => picked = Some(ids),
+                Ok(_) => tracing::error!("the device greedy step returned the wrong number of ids"),
+                Err(e) => {
+                    tracing::error!(error = %e, "the device greedy step failed; running the step again")
+                }
+            }
+        }
+        // (A failed greedy step is run again: each sequence rewrites the KV
+        // of its own positions with the same values.)
+        let result = match picked {
+            Some(_) => {
+                flat.clear();
+                Ok(())
+            }
+            None => model.forward_into(&batch, kv, &mut self.scratch, &mut flat),
+        };
         drop(batch);
         state.advance(&plan);
         if let Err(e) = result {
@@ -594,6 +620,19 @@ impl Worker {
             flat = self.isolate_failures(model, kv, state, &plan, &entry_logits, &entry_rows);
         }
         let vocab = flat.len().checked_div(rows).unwrap_or(0);
+        // Each sequence's device-picked token.
+        let mut picks: Vec<Option<u32>> = vec![None; state.running.len()];
+        if let Some(ids) = &picked {
+            let mut ids = ids.iter();
+            for (e, &n) in plan.entries.iter().zip(&entry_rows) {
+                if n > 0
+                    && let Some(&id) = ids.next()
+                    && state.running[e.index].payload.failed.is_none()
+                {
+                    picks[e.index] = Some(id);
+                }
+            }
+        }
         // Each sequence's rows: one to sample from, or a scoring job's span
         // (with the position of its first row).
         let mut slots: Vec<Option<(&mut [f32], usize)>> = vec![];
@@ -628,21 +667,21 @@ impl Worker {
             .running
             .par_iter_mut()
             .zip(slots.par_iter_mut())
+            .zip(picks.par_iter())
             .with_min_len(4)
-            .for_each(
-                |(s, slot)| match (slot.as_mut(), s.payload.score.as_mut()) {
-                    (Some((rows, first_pos)), Some(sc)) => score_rows(sc, rows, vocab, *first_pos),
-                    (Some((row, _)), None) => emit_token(
-                        s,
-                        row,
-                        tokenizer,
-                        ctx,
-                        metrics.requests(s.payload.protocol, s.payload.variant),
-                        now,
-                    ),
-                    (None, _) => {}
-                },
-            );
+            .for_each(|((s, slot), pick)| {
+                let m = metrics.requests(s.payload.protocol, s.payload.variant);
+                match (slot.as_mut(), s.payload.score.as_mut(), pick) {
+                    (Some((rows, first_pos)), Some(sc), _) => {
+                        score_rows(sc, rows, vocab, *first_pos)
+                    }
+                    (Some((row, _)), None, _) => {
+                        emit_token(s, Pick::Row(row), tokenizer, ctx, m, now)
+                    }
+                    (None, None, Some(id)) => emit_token(s, Pick::Id(*id), tokenizer, ctx, m, now),
+                    (None, _, _) => {}
+                }
+            });
         drop(slots);
         self.logits = flat;
         let done =
@@ -739,29 +778,46 @@ impl Worker {
     }
 }
 
+/// Where a sequence's next token comes from.
+enum Pick<'a> {
+    /// Sampled here from its logits row.
+    Row(&'a mut [f32]),
+    /// Already chosen on the device (a plain greedy pick).
+    Id(u32),
+}
+
 /// Samples one sequence's next token, streams its text and decides whether
 /// it is finished. Runs in parallel across sequences.
 fn emit_token(
     s: &mut Seq<Io>,
-    row: &mut [f32],
+    pick: Pick<'_>,
     tokenizer: &Tokenizer,
     ctx: usize,
     m: &RequestMetrics,
     now: Instant,
 ) {
-    // The model's own distribution, before penalties and temperature touch
-    // the row: one more pass over it, for requests drift samples.
-    if let Some(d) = s.payload.drift.as_mut()
-        && d.entropy
-    {
-        d.entropy_sum += f64::from(crate::engine::row_entropy(row));
-        d.entropy_n += 1;
-    }
-    let (token, logprob) = match s.payload.sampler.sample(row) {
-        Ok(t) => t,
-        Err(e) => {
-            s.payload.failed = Some(format!("sampling failed: {e}"));
-            return;
+    let (token, logprob) = match pick {
+        Pick::Row(row) => {
+            // The model's own distribution, before penalties and temperature
+            // touch the row: one more pass over it, for requests drift
+            // samples. (A step greedy on the device has no row: no entropy.)
+            if let Some(d) = s.payload.drift.as_mut()
+                && d.entropy
+            {
+                d.entropy_sum += f64::from(crate::engine::row_entropy(row));
+                d.entropy_n += 1;
+            }
+            match s.payload.sampler.sample(row) {
+                Ok(t) => t,
+                Err(e) => {
+                    s.payload.failed = Some(format!("sampling failed: {e}"));
+                    return;
+                }
+            }
+        }
+        Pick::Id(id) => {
+            s.payload.sampler.observe(id);
+            (id, None)
         }
     };
     s.tokens.push(token);

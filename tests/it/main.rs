@@ -27,6 +27,7 @@ mod server;
 mod shadow;
 mod soak;
 mod support;
+mod tensor_path;
 mod tls;
 mod train;
 
