@@ -20,6 +20,10 @@ pub struct BenchArgs {
     /// Decode steps timed.
     #[arg(long, default_value_t = 64)]
     pub steps: usize,
+    /// Where to run: cpu, cuda[:N] or metal (not cpu: candle's tensor path,
+    /// weights in bf16).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// How GGUF block-quantized matrices are held on the CPU.
     #[arg(long, value_enum, default_value_t = GgufWeights::F16)]
     pub gguf_weights: GgufWeights,
@@ -41,6 +45,7 @@ pub struct BenchArgs {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     crate::engine::cpu::profile::enable(args.profile);
     let opts = LoadOptions {
+        device: engine::parse_device(&args.device)?,
         gguf_weights: args.gguf_weights,
         engine_path: args.engine_path,
         ..Default::default()
@@ -53,8 +58,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         .map(|p| p.rss_bytes)
         .unwrap_or(0);
     eprintln!(
-        "{}: {} parameters, {:.1} MB of matrix weights, resident {:.0} MiB, {} path",
+        "{} on {}: {} parameters, {:.1} MB of matrix weights, resident {:.0} MiB, {} path",
         m.info.source,
+        args.device,
         m.info.parameters,
         m.model.weight_bytes() as f64 / 1e6,
         rss as f64 / (1 << 20) as f64,
