@@ -147,7 +147,7 @@ async fn post(
         }
         Err(e) if e.is_timeout() => Attempt::Retry(format!("timed out after {timeout:?}")),
         Err(e) if e.is_builder() => Attempt::Fail(format!("bad request: {e}")),
-        Err(e) => Attempt::Retry(format!("{}", error_chain(&e))),
+        Err(e) => Attempt::Retry(error_chain(&e)),
     }
 }
 
