@@ -63,9 +63,9 @@ wait_secs = 120
 
 [autopilot.rollout]
 steps = [50]
-interval_secs = 0.5
+interval_secs = 1.0
 failure_limit = 1
-analysis = {{ min_samples = 4, gates = [{gates}] }}
+analysis = {{ min_samples = 3, gates = [{gates}] }}
 
 [[hooks]]
 name = "receiver"
@@ -156,7 +156,7 @@ async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value) {
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut clients = vec![];
-    for k in 0..2 {
+    for k in 0..3 {
         let (c, stop, sent, failed, url) = (
             c.clone(),
             stop.clone(),
@@ -167,9 +167,12 @@ async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value) {
         clients.push(tokio::spawn(async move {
             let mut i = k;
             while !stop.load(Ordering::Relaxed) {
+                // A route key per request, so the canary's split sees
+                // both sides (one API key would keep every request on one).
                 let ok = c
                     .post(&url)
                     .bearer_auth(ADMIN)
+                    .header("x-llmops-route-key", format!("client-{k}-{i}"))
                     .json(&json!({"model": "tiny", "prompt": SHIFTED[i % SHIFTED.len()], "max_tokens": 6, "temperature": 0}))
                     .send()
                     .await
@@ -178,7 +181,7 @@ async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value) {
                 if !ok {
                     failed.fetch_add(1, Ordering::Relaxed);
                 }
-                i += 2;
+                i += 3;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }));
