@@ -123,7 +123,8 @@ async fn shifted_traffic_turns_the_drift_state_to_drift_and_the_metric_shows_it(
     std::fs::write(
         &config,
         "[drift]\nreference_requests = 200\nwindow_requests = 100\nmin_window_requests = 50\n\
-         window_secs = 600\nconsecutive = 2\nlength_bins = 4\nprompt_logprob_rate = 0.2\n",
+         window_secs = 600\nconsecutive = 2\nlength_bins = 4\nprompt_logprob_rate = 0.2\n\
+         entropy_rate = 1.0\n",
     )
     .unwrap();
     let data = dir.path().join("registry");

@@ -259,7 +259,10 @@ impl Default for DriftConfig {
             ks_p_drift: 0.01,
             sigma_warn: 2.0,
             sigma_drift: 3.0,
-            entropy_rate: 1.0,
+            // A vectorized pass over the row per token: ~0.7 ms on Gemma's
+            // 262k vocabulary on the loaded 2-core VM (BENCHMARKS.md), a few
+            // percent of a step, so a sample of requests by default.
+            entropy_rate: 0.1,
             prompt_logprob_rate: 0.1,
             signals: vec![
                 Signal::PromptLength,
