@@ -460,14 +460,14 @@ async fn export_capture(
 ) -> Result<axum::response::Response, ApiError> {
     let dir = ops(&st, &p)?.capture_export(&model)?;
     let body = axum::body::Body::from_stream(crate::capture::export(dir));
-    Ok(axum::response::Response::builder()
+    axum::response::Response::builder()
         .header(axum::http::header::CONTENT_TYPE, "application/x-ndjson")
         .header(
             axum::http::header::CONTENT_DISPOSITION,
             format!("attachment; filename=\"{model}-capture.jsonl\""),
         )
         .body(body)
-        .map_err(|e| ApiError::Internal(e.to_string()))?)
+        .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
 async fn list_hooks(
