@@ -85,7 +85,10 @@ pub async fn run(
     // What was serving before a restart is restored before traffic is accepted.
     let served = ops.restore(&cfg.models).await?;
     ops.watch_engines();
-    ops.start_autopilot(cfg.autopilot.clone());
+    ops.start_autopilot(
+        crate::control::autopilot::AutopilotSpec::from_config(cfg.autopilot.as_ref())
+            .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?,
+    );
     let limits = Arc::new(cfg.limits.clone());
     health
         .set_serving::<crate::proto::inference_server::InferenceServer<InferenceService>>()

@@ -195,8 +195,10 @@ pub struct Config {
     pub hooks: Vec<crate::hooks::HookSpec>,
     /// `[drift]`: drift detection, with per-model overrides.
     pub drift: crate::monitor::drift::DriftSettings,
-    /// `[autopilot]`: what drift of a stable version sets off.
-    pub autopilot: crate::control::autopilot::AutopilotSpec,
+    /// `[autopilot]` as written (what drift of a stable version sets off):
+    /// the controller parses and checks it at start, so `config` does not
+    /// depend on `control`.
+    pub autopilot: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -305,25 +307,13 @@ impl Config {
                         .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?
                 }
             },
-            autopilot: autopilot(file.autopilot.as_ref())?,
+            autopilot: file
+                .autopilot
+                .as_ref()
+                .map(serde_json::to_value)
+                .transpose()?,
         })
     }
-}
-
-/// `[autopilot]`, checked now so a bad policy stops the server at start.
-fn autopilot(
-    file: Option<&toml::Value>,
-) -> anyhow::Result<crate::control::autopilot::AutopilotSpec> {
-    let Some(t) = file else {
-        return Ok(Default::default());
-    };
-    let spec: crate::control::autopilot::AutopilotSpec =
-        serde_path_to_error::deserialize(serde_json::to_value(t)?).map_err(|e| {
-            anyhow::anyhow!("invalid config: autopilot.{}: {}", e.path(), e.inner())
-        })?;
-    spec.validate()
-        .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
-    Ok(spec)
 }
 
 /// `[[hooks]]`: each checked (and its `secret_env` read) now, so a bad hook

@@ -123,6 +123,17 @@ impl Default for AutopilotSpec {
 }
 
 impl AutopilotSpec {
+    /// Parses and checks `[autopilot]` (absent: the defaults, `notify`).
+    pub fn from_config(value: Option<&Value>) -> Result<Self, String> {
+        let Some(v) = value else {
+            return Ok(Self::default());
+        };
+        let spec: Self = serde_path_to_error::deserialize(v.clone())
+            .map_err(|e| format!("autopilot.{}: {}", e.path(), e.inner()))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
     /// Checks what can be checked before any drift: the rollout template
     /// must make a valid rollout.
     pub fn validate(&self) -> Result<(), String> {
