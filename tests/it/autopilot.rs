@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::process::{ADMIN, call};
 use crate::retrain::{LINES, parent};
 use crate::server::TestServer;
-
-const ADMIN: &str = "adm1n";
 
 /// Prompts unlike the reference: Cyrillic and CJK, three times as long.
 const SHIFTED: [&str; 4] = [
@@ -98,21 +97,6 @@ async fn receiver() -> (String, Arc<Mutex<Vec<String>>>) {
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, got)
-}
-
-async fn call(
-    c: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut r = c.request(method, url).bearer_auth(ADMIN);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 /// One completion; whether it succeeded.

@@ -8,24 +8,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use crate::process::{ADMIN, Served, call};
 use crate::server::TestServer;
-
-const ADMIN: &str = "adm1n";
-
-async fn call(
-    c: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut r = c.request(method, url).bearer_auth(ADMIN);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
 
 /// Waits until `n` records were written (or dropped) by the capture.
 async fn until_written(c: &reqwest::Client, base: &str, n: u64) -> Value {
@@ -58,23 +42,6 @@ fn files(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn planted_personal_data_never_reaches_capture_files_exports_or_logs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -87,44 +54,12 @@ async fn planted_personal_data_never_reaches_capture_files_exports_or_logs() {
     .unwrap();
     let data = tmp.path().join("registry");
     let log_path = tmp.path().join("server.log");
-    let (http, grpc) = (free_port(), free_port());
-    let _server = Proc(
-        std::process::Command::new(env!("CARGO_BIN_EXE_llmops"))
-            .args([
-                "serve",
-                "--model-name",
-                "tiny",
-                "--api-keys",
-                &format!("ops:admin:{ADMIN}"),
-            ])
-            .arg("--model")
-            .arg(&model)
-            .arg("--data-dir")
-            .arg(&data)
-            .args([
-                "--http-addr",
-                &format!("127.0.0.1:{http}"),
-                "--grpc-addr",
-                &format!("127.0.0.1:{grpc}"),
-            ])
-            .env("RUST_LOG", "debug")
-            .stdout(std::fs::File::create(tmp.path().join("stdout.log")).unwrap())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{http}");
+    let mut server = Served::spawn(&model, &data, &log_path, |cmd| {
+        cmd.env("RUST_LOG", "debug");
+    });
+    server.ready().await;
+    let base = server.url("");
     let c = reqwest::Client::new();
-    let t0 = Instant::now();
-    while !c
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(t0.elapsed() < Duration::from_secs(60), "server not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     let (st, v) = call(
         &c,
         reqwest::Method::PUT,
@@ -198,8 +133,7 @@ async fn planted_personal_data_never_reaches_capture_files_exports_or_logs() {
     ] {
         assert!(export.contains(tag), "{tag} missing: {export}");
     }
-    let logged = std::fs::read_to_string(&log_path).unwrap()
-        + &std::fs::read_to_string(tmp.path().join("stdout.log")).unwrap();
+    let logged = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         logged.contains("capture on"),
         "the server logged at debug: {logged}"

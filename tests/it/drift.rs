@@ -9,9 +9,8 @@ use futures::StreamExt;
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 
+use crate::process::ADMIN;
 use crate::server::TestServer;
-
-const ADMIN: &str = "adm1n";
 
 const ENGLISH: &[&str] = &[
     "the", "ship", "sailed", "across", "a", "quiet", "sea", "while", "old", "sailors", "sang",
@@ -73,7 +72,7 @@ async fn send(c: &reqwest::Client, base: &str, prompts: Vec<String>) {
             async move {
                 c.post(url)
                     .bearer_auth(ADMIN)
-                    .json(&json!({"model": "tiny", "prompt": p, "max_tokens": 4}))
+                    .json(&json!({"model": "drifty", "prompt": p, "max_tokens": 4}))
                     .send()
                     .await
                     .map(|r| r.status().as_u16())
@@ -88,7 +87,7 @@ async fn send(c: &reqwest::Client, base: &str, prompts: Vec<String>) {
 
 async fn drift(c: &reqwest::Client, base: &str) -> Value {
     let r = c
-        .get(format!("{base}/admin/v1/models/tiny/drift"))
+        .get(format!("{base}/admin/v1/models/drifty/drift"))
         .bearer_auth(ADMIN)
         .send()
         .await
@@ -135,7 +134,10 @@ async fn shifted_traffic_turns_the_drift_state_to_drift_and_the_metric_shows_it(
     }
     .write(&model, None)
     .unwrap();
+    // Its own model name: metrics are process-wide, and every other test
+    // server's first version is `tiny` `v1` too.
     let s = TestServer::start_in(&model, &data, |a| {
+        a.model_names = vec!["drifty".into()];
         a.api_keys = vec![format!("ops:admin:{ADMIN}")];
         a.config = Some(config.clone());
     })
@@ -178,7 +180,7 @@ async fn shifted_traffic_turns_the_drift_state_to_drift_and_the_metric_shows_it(
     }
     let m = s.metrics_text().await;
     let lv = format!("version=\"{version}\"");
-    let labels = ["model=\"tiny\"", lv.as_str()];
+    let labels = ["model=\"drifty\"", lv.as_str()];
     assert_eq!(sample(&m, "llmops_drift_state", &labels), Some(0.0));
     assert_eq!(sample(&m, "llmops_drift_windows_total", &labels), Some(4.0));
 
@@ -217,7 +219,7 @@ async fn shifted_traffic_turns_the_drift_state_to_drift_and_the_metric_shows_it(
     // The frozen reference was written beside the registry.
     let saved = data
         .join("drift")
-        .join("tiny")
+        .join("drifty")
         .join(format!("{version}.json"));
     let deadline = Instant::now() + Duration::from_secs(5);
     while !saved.exists() {
@@ -229,7 +231,7 @@ async fn shifted_traffic_turns_the_drift_state_to_drift_and_the_metric_shows_it(
 
     // Overrides through the admin API are checked by name.
     let r = c
-        .put(format!("{base}/admin/v1/models/tiny/drift"))
+        .put(format!("{base}/admin/v1/models/drifty/drift"))
         .bearer_auth(ADMIN)
         .json(&json!({"settings": {"psi_warn": 0.9}}))
         .send()
@@ -248,6 +250,7 @@ async fn shifted_traffic_turns_the_drift_state_to_drift_and_the_metric_shows_it(
     // A restart keeps the frozen reference.
     drop(s);
     let s = TestServer::start_in(&model, &data, |a| {
+        a.model_names = vec!["drifty".into()];
         a.api_keys = vec![format!("ops:admin:{ADMIN}")];
         a.config = Some(config.clone());
     })

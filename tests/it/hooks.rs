@@ -17,9 +17,8 @@ use llmops::engine::synth::SynthSpec;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
+use crate::process::ADMIN;
 use crate::server::TestServer;
-
-const ADMIN: &str = "adm1n";
 
 fn keys(a: &mut llmops::config::ServeArgs) {
     a.api_keys = vec![format!("ops:admin:{ADMIN}")];
@@ -77,15 +76,7 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let mut r = reqwest::Client::new()
-        .request(method, s.url(path))
-        .bearer_auth(ADMIN);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    crate::process::call(&reqwest::Client::new(), method, s.url(path), body).await
 }
 
 async fn set_hook(s: &TestServer, name: &str, spec: Value) -> Value {

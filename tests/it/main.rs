@@ -19,6 +19,7 @@ mod hooks;
 mod layout;
 mod loadtest;
 mod metrics;
+mod process;
 mod registry;
 mod retrain;
 mod rollout;

@@ -389,8 +389,7 @@ fn shipped_alert_rules_pass_promtool_check_and_unit_tests() {
             "llmops-alerts.yml uses `{name}`, which llmops does not export"
         );
     }
-    // Every alert the issue asks for is there (drift is left out on purpose:
-    // no drift metric exists yet).
+    // Every alert the issue asks for is there.
     for alert in [
         "LlmopsTargetDown",
         "LlmopsModelNotServing",
@@ -399,6 +398,7 @@ fn shipped_alert_rules_pass_promtool_check_and_unit_tests() {
         "LlmopsQueueRejecting",
         "LlmopsKVCacheSaturated",
         "LlmopsPreemptionStorm",
+        "LlmopsDrift",
     ] {
         assert!(rules.contains(&format!("alert: {alert}\n")), "{alert}");
     }

@@ -2,18 +2,17 @@
 //! returned on unload, crash safety under SIGKILL, roles and bad inputs.
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use futures::StreamExt;
 use llmops::engine::synth::SynthSpec;
 use serde_json::{Value, json};
 
+use crate::process::{ADMIN, Served};
 use crate::server::TestServer;
 
-const ADMIN: &str = "adm1n";
 const APP: &str = "1nf";
 
 fn keys(a: &mut llmops::config::ServeArgs) {
@@ -381,98 +380,41 @@ async fn admin_routes_refuse_inference_keys_and_bad_inputs_change_nothing() {
 
 // ---- the real binary, for memory and crash tests ----
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc {
-    child: Child,
-    http: u16,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(model: &Path, data: &Path) -> Proc {
-    spawn_with(model, data, None)
+/// The real binary serving `model` from `data`, ready.
+async fn spawn(model: &Path, data: &Path) -> Served {
+    spawn_with(model, data, None).await
 }
 
 /// [`spawn`], with files the server writes capped at `file_size_limit`
 /// bytes (RLIMIT_FSIZE): a write past it fails as on a full disk.
-fn spawn_with(model: &Path, data: &Path, file_size_limit: Option<u64>) -> Proc {
+async fn spawn_with(model: &Path, data: &Path, file_size_limit: Option<u64>) -> Served {
     use std::os::unix::process::CommandExt;
-    let (http, grpc) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmops"));
-    if let Some(limit) = file_size_limit {
-        // SAFETY: setrlimit and signal are async-signal-safe; nothing else
-        // runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Without this, SIGXFSZ kills the server instead of the
-                // write failing with EFBIG.
-                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                let lim = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+    let mut p = Served::spawn(model, data, &data.with_extension("log"), |cmd| {
+        if let Some(limit) = file_size_limit {
+            // SAFETY: setrlimit and signal are async-signal-safe; nothing
+            // else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    // Without this, SIGXFSZ kills the server instead of the
+                    // write failing with EFBIG.
+                    libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                    let lim = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
-    }
-    let child = cmd
-        .args([
-            "serve",
-            "--model-name",
-            "tiny",
-            "--api-keys",
-            &format!("ops:admin:{ADMIN}"),
-        ])
-        .arg("--model")
-        .arg(model)
-        .arg("--data-dir")
-        .arg(data)
-        .args([
-            "--http-addr",
-            &format!("127.0.0.1:{http}"),
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Proc { child, http }
+    });
+    p.ready().await;
+    p
 }
 
-async fn wait_ready(c: &reqwest::Client, p: &Proc) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if let Ok(r) = c
-            .get(format!("http://127.0.0.1:{}/ready", p.http))
-            .send()
-            .await
-            && r.status() == 200
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("server not ready");
-}
-
-async fn rss(c: &reqwest::Client, p: &Proc) -> f64 {
+async fn rss(c: &reqwest::Client, p: &Served) -> f64 {
     let text = c
         .get(format!("http://127.0.0.1:{}/metrics", p.http))
         .send()
@@ -509,9 +451,8 @@ async fn unloading_a_version_returns_its_memory() {
     let model_bytes = std::fs::metadata(big.join("model.safetensors"))
         .unwrap()
         .len() as f64;
-    let p = spawn(&small, &tmp.path().join("data"));
+    let p = spawn(&small, &tmp.path().join("data")).await;
     let c = reqwest::Client::new();
-    wait_ready(&c, &p).await;
     let url = |s: &str| format!("http://127.0.0.1:{}{s}", p.http);
     let (st, v) = admin(
         &c,
@@ -599,8 +540,7 @@ async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
     let c = reqwest::Client::new();
     let mut next = 0;
     for round in 0..8u64 {
-        let p = spawn(&base, &data);
-        wait_ready(&c, &p).await;
+        let p = spawn(&base, &data).await;
         let url = |s: &str| format!("http://127.0.0.1:{}{s}", p.http);
         // The registry after restart equals the replay of its audit log,
         // read page by page (a page holds at most 1,000 entries).
@@ -1003,8 +943,7 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
     let base = tiny(tmp.path(), "base", 51);
     let data = tmp.path().join("data");
     let c = reqwest::Client::new();
-    let p = spawn(&base, &data);
-    wait_ready(&c, &p).await;
+    let p = spawn(&base, &data).await;
     let cand = tiny(tmp.path(), "cand", 52);
     let (st, v) = admin(
         &c,
@@ -1021,8 +960,7 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
 
     // The log may grow by 64 bytes only: the next entry is written in part,
     // then the write fails, as on a full disk.
-    let p = spawn_with(&base, &data, Some(before.len() as u64 + 64));
-    wait_ready(&c, &p).await;
+    let p = spawn_with(&base, &data, Some(before.len() as u64 + 64)).await;
     let url = format!(
         "http://127.0.0.1:{}/admin/v1/models/tiny/aliases/canary",
         p.http
@@ -1089,8 +1027,7 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
     drop(p);
 
     // With room again, the next append lands on a clean line.
-    let p = spawn(&base, &data);
-    wait_ready(&c, &p).await;
+    let p = spawn(&base, &data).await;
     let url = format!(
         "http://127.0.0.1:{}/admin/v1/models/tiny/aliases/canary",
         p.http
@@ -1237,8 +1174,7 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
     let data = tmp.path().join("data");
     let c = reqwest::Client::new();
     {
-        let p = spawn(&base, &data);
-        wait_ready(&c, &p).await;
+        let p = spawn(&base, &data).await;
         for (i, path) in cands.iter().enumerate() {
             let (st, v) = admin(
                 &c,
@@ -1253,8 +1189,7 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
     }
     let mut rolled_back_by_restart = std::collections::BTreeSet::new();
     for round in 0..6u64 {
-        let p = spawn(&base, &data);
-        wait_ready(&c, &p).await;
+        let p = spawn(&base, &data).await;
         let url = |s: &str| format!("http://127.0.0.1:{}{s}", p.http);
 
         // The catalog is the replay of the log: versions, aliases, rollouts.

@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 use llmops::train::{TrainArgs, run};
 use serde_json::{Value, json};
 
+use crate::process::{ADMIN, call};
 use crate::server::TestServer;
-
-const ADMIN: &str = "adm1n";
 
 pub(crate) const LINES: [&str; 12] = [
     "The whale swam under the grey sea at dawn.",
@@ -79,21 +78,6 @@ fn captured(dir: &Path) -> std::path::PathBuf {
     let p = dir.join("captured.jsonl");
     std::fs::write(&p, jsonl).unwrap();
     p
-}
-
-async fn call(
-    c: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut r = c.request(method, url).bearer_auth(ADMIN);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 /// Polls the job until it has an outcome; returns the last status and

@@ -13,9 +13,9 @@ use futures::StreamExt;
 use llmops::engine::synth::SynthSpec;
 use serde_json::{Value, json};
 
+use crate::process::{ADMIN, call_as};
 use crate::server::TestServer;
 
-const ADMIN: &str = "adm1n";
 const APP: &str = "1nf";
 
 fn keys(a: &mut llmops::config::ServeArgs) {
@@ -28,24 +28,8 @@ fn write(dir: &Path, name: &str, spec: SynthSpec) -> PathBuf {
     p
 }
 
-async fn call(
-    c: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    body: Option<Value>,
-    key: &str,
-) -> (u16, Value) {
-    let mut r = c.request(method, url).bearer_auth(key);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 async fn register(c: &reqwest::Client, s: &TestServer, path: &Path, version: &str) {
-    let (st, v) = call(
+    let (st, v) = call_as(
         c,
         reqwest::Method::POST,
         s.url("/admin/v1/models/tiny/versions"),
@@ -57,7 +41,7 @@ async fn register(c: &reqwest::Client, s: &TestServer, path: &Path, version: &st
 }
 
 async fn start(c: &reqwest::Client, s: &TestServer, spec: Value) -> Value {
-    let (st, v) = call(
+    let (st, v) = call_as(
         c,
         reqwest::Method::POST,
         s.url("/admin/v1/rollouts"),
@@ -70,7 +54,7 @@ async fn start(c: &reqwest::Client, s: &TestServer, spec: Value) -> Value {
 }
 
 async fn status(c: &reqwest::Client, s: &TestServer, id: &str) -> Value {
-    let (st, v) = call(
+    let (st, v) = call_as(
         c,
         reqwest::Method::GET,
         s.url(&format!("/admin/v1/rollouts/{id}")),
@@ -240,7 +224,7 @@ async fn a_good_candidate_is_promoted_through_every_step_with_no_failed_request(
     for w in [25, 50] {
         assert!(passed.contains(&w), "step {w} passed: {passed:?}");
     }
-    let (_, serving) = call(
+    let (_, serving) = call_as(
         &c,
         reqwest::Method::GET,
         s.url("/admin/v1/serving"),
@@ -259,7 +243,7 @@ async fn a_good_candidate_is_promoted_through_every_step_with_no_failed_request(
             "good"
         );
     }
-    let (_, audit) = call(
+    let (_, audit) = call_as(
         &c,
         reqwest::Method::GET,
         s.url("/admin/v1/audit"),
@@ -380,7 +364,7 @@ async fn a_slow_candidate_is_rolled_back_within_its_failure_limit_and_the_audit_
             "slow"
         );
     }
-    let (_, audit) = call(
+    let (_, audit) = call_as(
         &c,
         reqwest::Method::GET,
         s.url("/admin/v1/audit"),
@@ -443,7 +427,7 @@ async fn too_little_traffic_is_inconclusive_and_never_promoted() {
         verdicts.iter().all(|&v| v == "inconclusive"),
         "{verdicts:?}"
     );
-    let (st, v) = call(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         s.url(&format!("/admin/v1/rollouts/{id}/abort")),
@@ -495,7 +479,7 @@ async fn a_key_sees_one_variant_and_the_split_follows_the_weight() {
     for (key, v) in seen.iter().take(40) {
         assert_eq!(&stream(&c, &s.url(""), key).await.unwrap(), v, "key {key}");
     }
-    let (st, _) = call(
+    let (st, _) = call_as(
         &c,
         reqwest::Method::POST,
         s.url(&format!("/admin/v1/rollouts/{id}/abort")),
@@ -511,7 +495,7 @@ async fn a_key_sees_one_variant_and_the_split_follows_the_weight() {
 async fn an_inference_key_cannot_start_steer_or_read_rollouts() {
     let s = TestServer::start(keys).await;
     let c = reqwest::Client::new();
-    let (st, v) = call(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         s.url("/admin/v1/rollouts"),
@@ -520,7 +504,7 @@ async fn an_inference_key_cannot_start_steer_or_read_rollouts() {
     )
     .await;
     assert_eq!(st, 403, "{v}");
-    let (st, _) = call(
+    let (st, _) = call_as(
         &c,
         reqwest::Method::GET,
         s.url("/admin/v1/rollouts"),
@@ -529,7 +513,7 @@ async fn an_inference_key_cannot_start_steer_or_read_rollouts() {
     )
     .await;
     assert_eq!(st, 403);
-    let (st, _) = call(
+    let (st, _) = call_as(
         &c,
         reqwest::Method::POST,
         s.url("/admin/v1/rollouts/ro-1/abort"),
@@ -539,7 +523,7 @@ async fn an_inference_key_cannot_start_steer_or_read_rollouts() {
     .await;
     assert_eq!(st, 403);
     // And an admin gets a clear refusal for a bad spec, not a rollout.
-    let (st, v) = call(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         s.url("/admin/v1/rollouts"),
@@ -548,7 +532,7 @@ async fn an_inference_key_cannot_start_steer_or_read_rollouts() {
     )
     .await;
     assert_eq!(st, 404, "{v}");
-    let (st, v) = call(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         s.url("/admin/v1/rollouts"),
@@ -677,7 +661,7 @@ async fn pinning_a_version_needs_the_server_flag_and_reaches_that_version() {
     let body = |model: &str| json!({"model": model, "prompt": "x", "max_tokens": 2});
     let s = TestServer::start(keys).await;
     let c = reqwest::Client::new();
-    let (st, v) = call(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         s.url("/v1/completions"),
@@ -703,7 +687,7 @@ async fn pinning_a_version_needs_the_server_flag_and_reaches_that_version() {
     .await;
     for (model, want) in [("tiny@v1", "v1"), ("tiny@other", "other")] {
         for _ in 0..5 {
-            let (st, v) = call(
+            let (st, v) = call_as(
                 &c,
                 reqwest::Method::POST,
                 s.url("/v1/completions"),
@@ -715,7 +699,7 @@ async fn pinning_a_version_needs_the_server_flag_and_reaches_that_version() {
             assert_eq!(v["system_fingerprint"], want, "{v}");
         }
     }
-    let (st, v) = call(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         s.url("/v1/completions"),

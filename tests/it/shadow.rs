@@ -14,10 +14,10 @@ use llmops::engine::synth::SynthSpec;
 use llmops::proto as pb;
 use serde_json::{Value, json};
 
+use crate::process::{ADMIN, Served, call};
 use crate::server::TestServer;
 use crate::support;
 
-const ADMIN: &str = "adm1n";
 const APP: &str = "1nf";
 
 fn keys(a: &mut llmops::config::ServeArgs) {
@@ -52,21 +52,6 @@ fn write(dir: &Path, name: &str, spec: SynthSpec) -> PathBuf {
     let p = dir.join(name);
     spec.write(&p, None).unwrap();
     p
-}
-
-async fn call(
-    c: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut r = c.request(method, url).bearer_auth(ADMIN);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 async fn register(c: &reqwest::Client, base: &str, path: &Path, version: &str) {
@@ -521,23 +506,6 @@ async fn shadow_failures_never_reach_clients_under_streaming_load() {
 }
 
 /// The port of a fresh listener, released for the server to bind.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc(std::process::Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn planted_personal_data_never_reaches_samples_or_logs() {
     let tmp = tempfile::tempdir().unwrap();
@@ -559,44 +527,12 @@ async fn planted_personal_data_never_reaches_samples_or_logs() {
     );
     // The real binary, logging everything at debug to a file.
     let log_path = tmp.path().join("server.log");
-    let (http, grpc) = (free_port(), free_port());
-    let _server = Proc(
-        std::process::Command::new(env!("CARGO_BIN_EXE_llmops"))
-            .args([
-                "serve",
-                "--model-name",
-                "tiny",
-                "--api-keys",
-                &format!("ops:admin:{ADMIN}"),
-            ])
-            .arg("--model")
-            .arg(&primary)
-            .arg("--data-dir")
-            .arg(tmp.path().join("registry"))
-            .args([
-                "--http-addr",
-                &format!("127.0.0.1:{http}"),
-                "--grpc-addr",
-                &format!("127.0.0.1:{grpc}"),
-            ])
-            .env("RUST_LOG", "debug")
-            .stdout(std::fs::File::create(tmp.path().join("stdout.log")).unwrap())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let base = format!("http://127.0.0.1:{http}");
+    let mut server = Served::spawn(&primary, &tmp.path().join("registry"), &log_path, |cmd| {
+        cmd.env("RUST_LOG", "debug");
+    });
+    server.ready().await;
+    let base = server.url("");
     let c = reqwest::Client::new();
-    let t0 = Instant::now();
-    while !c
-        .get(format!("{base}/ready"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        assert!(t0.elapsed() < Duration::from_secs(60), "server not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     register(&c, &base, &other, "other").await;
     set_shadow(
         &c,
@@ -643,8 +579,7 @@ async fn planted_personal_data_never_reaches_samples_or_logs() {
     ] {
         assert!(stored.contains(tag), "{tag} missing: {stored}");
     }
-    let logged = std::fs::read_to_string(&log_path).unwrap()
-        + &std::fs::read_to_string(tmp.path().join("stdout.log")).unwrap();
+    let logged = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         logged.contains("shadow set"),
         "the server logged at debug: {logged}"

@@ -6,8 +6,8 @@
 //! the KV pool is empty again at the end, the server still serves, and its
 //! resident memory is flat between the warm-up and the end.
 //!
-//! In CI (`soak_at_twice_capacity`) the server runs in this process on the
-//! tiny synthetic model; `scripts/soak` points the same load at a real
+//! In CI (`soak_at_twice_capacity`) the server is the real binary in a child
+//! process on the tiny synthetic model; `scripts/soak` points the same load at a real
 //! `llmops serve` process through `LLMOPS_SOAK_HTTP`, `LLMOPS_SOAK_GRPC`,
 //! `LLMOPS_SOAK_MODEL`, `LLMOPS_SOAK_PID` (whose RSS is read from /proc) and
 //! `LLMOPS_SOAK_CAPACITY`, for `LLMOPS_SOAK_SECS` seconds.
@@ -21,7 +21,7 @@ use llmops::proto as pb;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::server::TestServer;
+use crate::process::Served;
 
 /// Where the load goes.
 struct Target {
@@ -643,24 +643,38 @@ async fn soak_at_twice_capacity() {
         soak(target, soak_secs(300.0)).await;
         return;
     }
+    // A real server in its own process, so that the resident memory read is
+    // the server's alone (this test binary runs other servers and training
+    // at the same time).
     let (running, waiting, body) = (4, 4, 64 << 10);
-    // Its own model name: metrics are process-wide, and other tests serve `tiny`.
-    let s = TestServer::start(|a| {
-        a.model_names = vec!["soak".into()];
-        a.max_running = Some(running);
-        a.max_waiting = Some(waiting);
-        a.max_batched_tokens = Some(64);
-        a.max_body_bytes = Some(body);
-    })
-    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    llmops::engine::synth::SynthSpec {
+        seed: 9,
+        ..llmops::engine::synth::SynthSpec::tiny_llama()
+    }
+    .write(&model, None)
+    .unwrap();
+    let mut s = Served::spawn(
+        &model,
+        &dir.path().join("data"),
+        &dir.path().join("server.log"),
+        |cmd| {
+            cmd.env_remove("LLMOPS_API_KEYS")
+                .args(["--max-running", &running.to_string()])
+                .args(["--max-waiting", &waiting.to_string()])
+                .args(["--max-batched-tokens", "64"])
+                .args(["--max-body-bytes", &body.to_string()]);
+        },
+    );
+    s.ready().await;
     let target = Target {
         http: s.url(""),
-        grpc: format!("http://{}", s.grpc),
-        model: "soak".into(),
-        pid: std::process::id(),
+        grpc: format!("http://127.0.0.1:{}", s.grpc),
+        model: "tiny".into(),
+        pid: s.pid(),
         capacity: running + waiting,
         max_body_bytes: body,
     };
     soak(target, soak_secs(20.0)).await;
-    s.stop().await;
 }
