@@ -10,7 +10,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock (the system's unless a test pauses it).
+use tokio::time::Instant;
 
 /// Why a reservation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -240,6 +243,26 @@ mod tests {
         );
         l.refund(1);
         assert!(l.take(1).is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_a_refusal_names_is_when_the_next_unit_is_admitted() {
+        let l = RateLimiter::per_second(10, Duration::from_secs(1));
+        for _ in 0..10 {
+            assert!(l.take(1).is_ok());
+        }
+        let wait = l.take(1).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(100));
+        tokio::time::advance(wait - Duration::from_millis(1)).await;
+        assert!(l.take(1).is_err(), "admitted before its Retry-After");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(l.take(1).is_ok(), "refused after its Retry-After");
+        // An idle minute refills the bucket to its burst, not beyond.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..10 {
+            assert!(l.take(1).is_ok());
+        }
+        assert!(l.take(1).is_err());
     }
 
     #[test]

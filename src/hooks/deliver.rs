@@ -4,7 +4,7 @@
 //! jitter when the failure may pass.
 
 use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -69,19 +69,39 @@ pub async fn deliver(
     event: &Event,
     body: &[u8],
 ) -> Outcome {
-    let start = Instant::now();
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let result = match &target.kind {
+    retrying(target.retries, target.backoff, |attempt, detail| {
+        tracing::debug!(hook = %target.name, event = %event.id, attempt, detail, "hook delivery failed; retrying");
+    }, || async {
+        match &target.kind {
             super::Sink::Webhook { url, secret } => {
                 post(client, url, secret.as_deref(), event, body, target.timeout).await
             }
             super::Sink::Command { argv } => run(argv, event, body, target.timeout).await,
-        };
-        let (ok, detail, again) = match result {
+        }
+    })
+    .await
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or `retries` retries
+/// are spent, sleeping [`backoff`] (on tokio's clock) after each failure
+/// worth another try; `failed` hears of each such failure.
+async fn retrying<F, Fut>(
+    retries: u32,
+    base: Duration,
+    failed: impl Fn(u32, &str),
+    mut attempt: F,
+) -> Outcome
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Attempt>,
+{
+    let start = tokio::time::Instant::now();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let (ok, detail, again) = match attempt().await {
             Attempt::Ok(d) => (true, d, false),
-            Attempt::Retry(d) => (false, d, attempts <= target.retries),
+            Attempt::Retry(d) => (false, d, attempts <= retries),
             Attempt::Fail(d) => (false, d, false),
         };
         if !again {
@@ -92,8 +112,8 @@ pub async fn deliver(
                 elapsed: start.elapsed(),
             };
         }
-        tracing::debug!(hook = %target.name, event = %event.id, attempt = attempts, detail, "hook delivery failed; retrying");
-        tokio::time::sleep(backoff(target.backoff, attempts)).await;
+        failed(attempts, &detail);
+        tokio::time::sleep(backoff(base, attempts)).await;
     }
 }
 
@@ -230,6 +250,62 @@ mod tests {
         assert_eq!(
             sign(b"k", 17, b"{}"),
             hex::encode(mac.finalize().into_bytes())
+        );
+    }
+
+    /// An attempt that answers from a script, one entry a call.
+    fn scripted(script: Vec<Attempt>) -> impl FnMut() -> std::future::Ready<Attempt> {
+        let mut it = script.into_iter();
+        move || std::future::ready(it.next().unwrap_or(Attempt::Fail("script ran out".into())))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passing_failure_is_retried_after_each_backoff_until_it_succeeds() {
+        let r = |d: &str| Attempt::Retry(d.into());
+        let script = vec![r("503"), r("503"), r("timeout"), Attempt::Ok("200".into())];
+        let base = Duration::from_secs(1);
+        let t0 = tokio::time::Instant::now();
+        let out = retrying(5, base, |_, _| {}, scripted(script)).await;
+        assert!(out.ok, "{out:?}");
+        assert_eq!((out.attempts, out.detail.as_str()), (4, "200"));
+        // Three pauses of 1, 2 and 4 s, each between half and all of it.
+        let slept = t0.elapsed();
+        assert_eq!(out.elapsed, slept);
+        assert!(
+            slept >= Duration::from_millis(3500) && slept <= Duration::from_secs(7),
+            "{slept:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_stop_at_the_limit_and_a_client_error_is_not_retried() {
+        let retry = || Attempt::Retry("500".into());
+        let heard = std::sync::Mutex::new(vec![]);
+        let out = retrying(
+            2,
+            Duration::from_secs(10),
+            |n, d| heard.lock().unwrap().push(format!("{n}:{d}")),
+            scripted(vec![retry(), retry(), retry(), retry()]),
+        )
+        .await;
+        assert!(!out.ok);
+        assert_eq!(out.attempts, 3, "one try and two retries");
+        assert_eq!(*heard.lock().unwrap(), ["1:500", "2:500"]);
+        // 10 s then 20 s, jittered: the capped exponential, on a paused clock.
+        assert!(out.elapsed >= Duration::from_secs(15) && out.elapsed <= Duration::from_secs(30));
+
+        let out = retrying(
+            5,
+            Duration::from_secs(10),
+            |_, _| {},
+            scripted(vec![Attempt::Fail("404".into()), retry()]),
+        )
+        .await;
+        assert_eq!((out.ok, out.attempts), (false, 1));
+        assert_eq!(
+            out.elapsed,
+            Duration::ZERO,
+            "no pause after a failure for good"
         );
     }
 

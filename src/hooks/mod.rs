@@ -16,7 +16,10 @@ pub mod event;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: the system's unless a test pauses it.
+use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -590,8 +593,8 @@ mod tests {
         assert_eq!(v["signed"], true);
     }
 
-    #[test]
-    fn dedup_and_cooldown_suppress_repeats() {
+    #[tokio::test(start_paused = true)]
+    async fn dedup_and_cooldown_suppress_repeats_until_the_cooldown_ends() {
         let mut s = spec("http://x/");
         s.cooldown_secs = 60.0;
         let target = Arc::new(s.resolve().unwrap());
@@ -611,5 +614,12 @@ mod tests {
         );
         assert_eq!(r.admit(&Event::engine_failed("m", "v2", "y")), Ok(()));
         assert_eq!(r.admit(&Event::engine_failed("n", "v1", "y")), Ok(()));
+        // The same type, model and version goes out again once the
+        // cooldown has passed, and not a moment before.
+        tokio::time::advance(Duration::from_secs(59)).await;
+        let repeat = || Event::engine_failed("m", "v1", "z");
+        assert_eq!(r.admit(&repeat()), Err("cooldown"));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(r.admit(&repeat()), Ok(()));
     }
 }

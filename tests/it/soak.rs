@@ -677,4 +677,14 @@ async fn soak_at_twice_capacity() {
         max_body_bytes: body,
     };
     soak(target, soak_secs(20.0)).await;
+    // What the server itself said went wrong: never a panic.
+    let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+    for l in log.lines().filter(|l| !l.contains(" INFO ")).take(20) {
+        eprintln!("server: {l}");
+    }
+    assert!(
+        !log.contains("panicked"),
+        "the server panicked:\n{}",
+        s.tail(40)
+    );
 }
