@@ -71,13 +71,18 @@ pub fn routes() -> axum::Router<HttpState> {
         )
         .route(
             "/admin/v1/models/{model}/drift",
-            get(get_drift).put(set_drift),
+            get(get_drift).put(set_drift).delete(clear_drift),
         )
         .route(
             "/admin/v1/models/{model}/versions/{version}/drift/reset",
             post(reset_drift),
         )
-        .route("/admin/v1/autopilot", get(get_autopilot))
+        .route(
+            "/admin/v1/autopilot",
+            get(get_autopilot)
+                .put(set_autopilot)
+                .delete(clear_autopilot),
+        )
         .route("/admin/v1/audit", get(audit))
         .route("/admin/v1/rollouts", post(start_rollout).get(list_rollouts))
         .route("/admin/v1/rollouts/{id}", get(get_rollout))
@@ -581,6 +586,20 @@ async fn set_drift(
     ))
 }
 
+/// `DELETE …/drift`: drops the overrides set here; the file's apply.
+async fn clear_drift(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    Path(model): Path<String>,
+    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let ops = ops(&st, &p)?;
+    Ok(Json(
+        ops.clear_drift_config(&model, &actor(&p, q.reason)).await?,
+    ))
+}
+
 async fn reset_drift(
     State(st): State<HttpState>,
     Extension(p): Extension<Arc<Principal>>,
@@ -601,4 +620,28 @@ async fn get_autopilot(
     Extension(p): Extension<Arc<Principal>>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(ops(&st, &p)?.autopilot_status()))
+}
+
+/// `PUT /admin/v1/autopilot`: replaces the loop's settings (the keys of
+/// `[autopilot]`) plus an optional `reason`; audited, kept across restarts
+/// until cleared.
+async fn set_autopilot(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    JsonBody(mut body): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let reason = take_reason(&mut body);
+    let ops = ops(&st, &p)?;
+    Ok(Json(ops.set_autopilot(&actor(&p, reason), body).await?))
+}
+
+/// `DELETE /admin/v1/autopilot`: `[autopilot]` from the file applies again.
+async fn clear_autopilot(
+    State(st): State<HttpState>,
+    Extension(p): Extension<Arc<Principal>>,
+    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = query(q)?;
+    let ops = ops(&st, &p)?;
+    Ok(Json(ops.clear_autopilot(&actor(&p, q.reason)).await?))
 }

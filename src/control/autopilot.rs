@@ -185,7 +185,28 @@ fn actor(reason: String) -> Actor {
 impl Controller {
     /// Starts listening to drift changes: hook events for all, and the
     /// loop for stable versions under the policy. Call once, at start.
+    /// `spec` is `[autopilot]` from the file; settings set through the
+    /// admin API (audited) take its place until cleared.
     pub fn start_autopilot(self: &Arc<Self>, spec: AutopilotSpec) {
+        *self
+            .autopilot_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = spec.clone();
+        let stored = self.catalog().state().autopilot.clone();
+        let spec = match stored.map(|v| AutopilotSpec::from_config(Some(&v))) {
+            None => spec,
+            Some(Ok(s)) => {
+                tracing::info!(
+                    policy = s.policy.as_str(),
+                    "autopilot settings restored from the admin API"
+                );
+                s
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "stored autopilot settings refused; the file's apply");
+                spec
+            }
+        };
         *self.autopilot_spec() = spec;
         let mut rx = self.drift_events();
         let me = self.clone();
@@ -214,7 +235,63 @@ impl Controller {
     pub fn autopilot_status(&self) -> Value {
         let spec = self.autopilot_spec().clone();
         let running = self.loops().running.clone();
-        json!({"settings": spec, "running": running})
+        let source = if self.catalog().state().autopilot.is_some() {
+            "admin"
+        } else {
+            "config"
+        };
+        json!({"settings": spec, "source": source, "running": running})
+    }
+
+    /// Replaces the loop's settings (checked like `[autopilot]`; audited,
+    /// restored at start, in force until cleared). A loop already running
+    /// finishes under the settings it began with.
+    pub async fn set_autopilot(
+        &self,
+        actor: &Actor,
+        settings: Value,
+    ) -> Result<Value, ControlError> {
+        self.change_autopilot(actor, Some(settings)).await
+    }
+
+    /// Drops the settings set through the admin API: `[autopilot]` from
+    /// the file applies again.
+    pub async fn clear_autopilot(&self, actor: &Actor) -> Result<Value, ControlError> {
+        self.change_autopilot(actor, None).await
+    }
+
+    async fn change_autopilot(
+        &self,
+        actor: &Actor,
+        settings: Option<Value>,
+    ) -> Result<Value, ControlError> {
+        let _write = self.writes.lock().await;
+        let previous = json!(self.autopilot_spec().clone());
+        let action = Action::AutopilotSettings {
+            settings: settings.clone(),
+        };
+        let spec = match &settings {
+            Some(v) => AutopilotSpec::from_config(Some(v)),
+            None => Ok(self
+                .autopilot_file
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()),
+        };
+        let spec = match spec {
+            Ok(s) => s,
+            Err(m) => {
+                let e = ControlError::invalid("settings", m);
+                self.record(actor, action, previous, Value::Null, Err(e.to_string()))
+                    .await?;
+                return Err(e);
+            }
+        };
+        self.record(actor, action, previous, json!(spec), Ok(()))
+            .await?;
+        tracing::info!(policy = spec.policy.as_str(), key = %actor.key_id, reason = ?actor.reason, "autopilot settings changed");
+        *self.autopilot_spec() = spec;
+        Ok(self.autopilot_status())
     }
 
     async fn on_drift(self: &Arc<Self>, t: DriftTransition) {

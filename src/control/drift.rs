@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use super::{Actor, ControlError, Controller, internal};
 use crate::monitor::drift::{self, DriftTransition, Recorder, Reference, TextProfile};
+use crate::registry::Action;
 use crate::registry::VersionRecord;
 use crate::scheduler::EngineHandle;
 
@@ -112,33 +113,105 @@ impl Controller {
     }
 
     /// Replaces `model`'s drift overrides (keys over `[drift]`) and applies
-    /// them to its loaded versions. Validated before anything changes.
+    /// them to its loaded versions. Validated before anything changes;
+    /// audited, and restored at start (until cleared).
     pub async fn set_drift_config(
         &self,
         model: &str,
         overrides: serde_json::Map<String, Value>,
         actor: &Actor,
     ) -> Result<Value, ControlError> {
+        self.change_drift_config(model, Some(overrides), actor)
+            .await
+    }
+
+    /// Drops `model`'s overrides set through the admin API: the file's
+    /// settings apply again.
+    pub async fn clear_drift_config(
+        &self,
+        model: &str,
+        actor: &Actor,
+    ) -> Result<Value, ControlError> {
+        self.change_drift_config(model, None, actor).await
+    }
+
+    async fn change_drift_config(
+        &self,
+        model: &str,
+        overrides: Option<serde_json::Map<String, Value>>,
+        actor: &Actor,
+    ) -> Result<Value, ControlError> {
+        let _write = self.writes.lock().await;
         if !self.state().await.models.contains_key(model) {
             return Err(ControlError::NotFound(format!(
                 "no model `{model}` is registered"
             )));
         }
-        let cfg = {
-            let mut s = self.drift_settings();
-            let cfg = drift::merge(&s.global, &overrides)
-                .map_err(|e| ControlError::invalid("drift", e))?;
-            s.models.insert(model.to_string(), overrides.clone());
-            cfg
+        let action = Action::DriftSettings {
+            model: model.to_string(),
+            settings: overrides.clone().map(Value::Object),
         };
+        let previous = json!(self.drift_settings().models.get(model));
+        // What applies once this lands: the admin API's keys, or the file's.
+        let effective = match overrides {
+            Some(o) => o,
+            None => self
+                .drift_file
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .models
+                .get(model)
+                .cloned()
+                .unwrap_or_default(),
+        };
+        let merged = drift::merge(&self.drift_settings().global, &effective);
+        let cfg = match merged {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                let e = ControlError::invalid("drift", e);
+                self.record(actor, action, previous, Value::Null, Err(e.to_string()))
+                    .await?;
+                return Err(e);
+            }
+        };
+        self.record(
+            actor,
+            action,
+            previous,
+            Value::Object(effective.clone()),
+            Ok(()),
+        )
+        .await?;
+        self.drift_settings()
+            .models
+            .insert(model.to_string(), effective.clone());
         for ((name, _), l) in self.engines().iter() {
             if name == model {
                 l.engine.drift().configure(cfg.clone(), None);
             }
         }
-        let overrides = Value::Object(overrides);
+        let overrides = Value::Object(effective);
         tracing::info!(model, actor = %actor.key_id, reason = ?actor.reason, %overrides, "drift settings changed");
         Ok(json!({"model": model, "settings": cfg}))
+    }
+
+    /// At start, before any engine: the overrides set through the admin API
+    /// replace the file's for their models.
+    pub(super) fn restore_drift_settings(&self) {
+        let stored = self.catalog().state().drift.clone();
+        for (model, v) in stored {
+            let Value::Object(o) = v else { continue };
+            let mut s = self.drift_settings();
+            match drift::merge(&s.global, &o) {
+                Ok(_) => {
+                    s.models.insert(model.clone(), o);
+                    tracing::info!(model, "drift overrides restored");
+                }
+                Err(e) => {
+                    tracing::error!(model, error = %e, "stored drift overrides refused; the file's apply")
+                }
+            }
+        }
     }
 
     /// Drops a loaded version's reference (and its saved copy): its next

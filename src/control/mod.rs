@@ -147,12 +147,17 @@ pub struct Controller {
     /// The latest retrain job per model, running or finished (one runs
     /// per model at a time).
     retrains: std::sync::Mutex<HashMap<String, retrain::RetrainHandle>>,
-    /// `[autopilot]`: what drift of a stable version sets off.
+    /// What drift of a stable version sets off: the admin API's settings,
+    /// or else `[autopilot]`.
     autopilot: std::sync::Mutex<autopilot::AutopilotSpec>,
+    /// `[autopilot]` as the file has it (what a cleared setting returns to).
+    autopilot_file: std::sync::Mutex<autopilot::AutopilotSpec>,
     /// Each model's last and running loop.
     loops: std::sync::Mutex<autopilot::Loops>,
     /// `[drift]` and the per-model overrides (admin API included).
     drift: std::sync::Mutex<crate::monitor::drift::DriftSettings>,
+    /// `[drift]` as the file has it (what a cleared override returns to).
+    drift_file: std::sync::Mutex<crate::monitor::drift::DriftSettings>,
     /// Drift state changes of every version.
     drift_events: tokio::sync::broadcast::Sender<crate::monitor::drift::DriftTransition>,
     /// Where frozen drift references are kept (beside the audit log).
@@ -243,8 +248,10 @@ impl Controller {
             rollout_events: tokio::sync::broadcast::channel(256).0,
             retrains: std::sync::Mutex::new(HashMap::new()),
             autopilot: Default::default(),
+            autopilot_file: Default::default(),
             loops: Default::default(),
             drift: Default::default(),
+            drift_file: Default::default(),
             drift_events: tokio::sync::broadcast::channel(256).0,
             drift_dir: data_dir.join("drift"),
         })
@@ -252,7 +259,8 @@ impl Controller {
 
     /// Drift settings (`[drift]`, per-model overrides).
     pub fn with_drift(self, settings: crate::monitor::drift::DriftSettings) -> Self {
-        *self.drift_settings() = settings;
+        *self.drift_settings() = settings.clone();
+        *self.drift_file.lock().unwrap_or_else(|p| p.into_inner()) = settings;
         self
     }
 
@@ -888,6 +896,7 @@ impl Controller {
         configured: &[crate::config::ModelSpec],
     ) -> anyhow::Result<Vec<String>> {
         let actor = Actor::startup();
+        self.restore_drift_settings();
         self.settle_interrupted_rollouts()
             .await
             .map_err(|e| anyhow::anyhow!("settling interrupted rollouts: {e}"))?;

@@ -260,6 +260,20 @@ pub enum Action {
         /// `delivered`, `failed`, `suppressed` or `dropped`.
         outcome: String,
     },
+    /// A model's drift overrides (keys over `[drift]`) were set through
+    /// the admin API (`None`: cleared, the file's settings apply again).
+    DriftSettings {
+        /// Model name.
+        model: String,
+        /// The overrides, or none when cleared.
+        settings: Option<serde_json::Value>,
+    },
+    /// The autopilot's settings were set through the admin API (`None`:
+    /// cleared, `[autopilot]` in the file applies again).
+    AutopilotSettings {
+        /// The settings, or none when cleared.
+        settings: Option<serde_json::Value>,
+    },
     /// Capture of a model's traffic was turned on or changed (its settings)
     /// or turned off (`None`).
     Capture {
@@ -288,6 +302,8 @@ impl Action {
             Action::TrainingFinished { .. } => "training_finished",
             Action::TrainingFailed { .. } => "training_failed",
             Action::Autopilot { .. } => "autopilot",
+            Action::DriftSettings { .. } => "drift_settings",
+            Action::AutopilotSettings { .. } => "autopilot_settings",
         }
     }
 }
@@ -339,6 +355,10 @@ pub struct State {
     pub hooks: BTreeMap<String, serde_json::Value>,
     /// Capture settings of the models that capture, by model.
     pub captures: BTreeMap<String, serde_json::Value>,
+    /// Drift overrides set through the admin API, by model.
+    pub drift: BTreeMap<String, serde_json::Value>,
+    /// Autopilot settings set through the admin API.
+    pub autopilot: Option<serde_json::Value>,
 }
 
 impl State {
@@ -393,6 +413,15 @@ impl State {
                     self.captures.remove(model);
                 }
             },
+            Action::DriftSettings { model, settings } => match settings {
+                Some(s) => {
+                    self.drift.insert(model.clone(), s.clone());
+                }
+                None => {
+                    self.drift.remove(model);
+                }
+            },
+            Action::AutopilotSettings { settings } => self.autopilot = settings.clone(),
             Action::Load { .. }
             | Action::Unload { .. }
             | Action::EngineFailed { .. }

@@ -279,3 +279,152 @@ async fn a_candidate_failing_the_canary_gate_is_rolled_back() {
         "{events:?}"
     );
 }
+
+/// The autopilot's policy and a model's drift overrides, changed through
+/// the admin API: checked by field, audited with the key and reason, kept
+/// across a restart, and cleared back to what the file says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_and_drift_overrides_set_through_the_admin_api_are_audited_and_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny");
+    llmops::engine::synth::SynthSpec {
+        seed: 9,
+        ..llmops::engine::synth::SynthSpec::tiny_llama()
+    }
+    .write(&model, None)
+    .unwrap();
+    let cfg = tmp.path().join("llmops.toml");
+    std::fs::write(
+        &cfg,
+        "[drift]\nconsecutive = 2\n\n[autopilot]\npolicy = \"notify\"\n",
+    )
+    .unwrap();
+    let data = tmp.path().join("registry");
+    let start = || {
+        TestServer::start_in(&model, &data, |a| {
+            a.api_keys = vec![format!("ops:admin:{ADMIN}")];
+            a.config = Some(cfg.clone());
+        })
+    };
+    let c = reqwest::Client::new();
+    let s = start().await;
+    let autopilot = s.url("/admin/v1/autopilot");
+    let drift = s.url("/admin/v1/models/tiny/drift");
+    let (st, v) = call(&c, reqwest::Method::GET, autopilot.clone(), None).await;
+    assert_eq!(
+        (st, &v["source"], &v["settings"]["policy"]),
+        (200, &json!("config"), &json!("notify")),
+        "{v}"
+    );
+
+    // Refused by field, nothing changes.
+    let (st, v) = call(
+        &c,
+        reqwest::Method::PUT,
+        autopilot.clone(),
+        Some(json!({"policy": "everything"})),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("policy"),
+        "{v}"
+    );
+    let (st, v) = call(
+        &c,
+        reqwest::Method::PUT,
+        drift.clone(),
+        Some(json!({"settings": {"consecutive": 0}})),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+
+    // Accepted.
+    let (st, v) = call(
+        &c,
+        reqwest::Method::PUT,
+        autopilot.clone(),
+        Some(json!({"policy": "train_and_shadow", "cooldown_secs": 60, "reason": "ops review"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (&v["source"], &v["settings"]["policy"]),
+        (&json!("admin"), &json!("train_and_shadow"))
+    );
+    let (st, v) = call(
+        &c,
+        reqwest::Method::PUT,
+        drift.clone(),
+        Some(json!({"settings": {"consecutive": 4}, "reason": "noisy traffic"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["settings"]["consecutive"], 4, "{v}");
+
+    // A restart keeps both.
+    drop(s);
+    let s = start().await;
+    let (_, v) = call(&c, reqwest::Method::GET, s.url("/admin/v1/autopilot"), None).await;
+    assert_eq!(
+        (&v["source"], &v["settings"]["policy"]),
+        (&json!("admin"), &json!("train_and_shadow")),
+        "{v}"
+    );
+    assert_eq!(v["settings"]["cooldown_secs"], 60.0);
+    let drift = s.url("/admin/v1/models/tiny/drift");
+    let (_, v) = call(&c, reqwest::Method::GET, drift.clone(), None).await;
+    assert_eq!(v["settings"]["consecutive"], 4, "{v}");
+
+    // Cleared: the file's settings again.
+    let (st, v) = call(
+        &c,
+        reqwest::Method::DELETE,
+        s.url("/admin/v1/autopilot"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        (&v["source"], &v["settings"]["policy"]),
+        (&json!("config"), &json!("notify")),
+        "{v}"
+    );
+    let (st, v) = call(&c, reqwest::Method::DELETE, drift.clone(), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["settings"]["consecutive"], 2, "{v}");
+
+    // Every change is in the audit log, in order, with who and why.
+    let (_, audit) = call(&c, reqwest::Method::GET, s.url("/admin/v1/audit"), None).await;
+    let seen: Vec<(String, String, String)> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == "autopilot_settings" || e["action"] == "drift_settings")
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap().to_string(),
+                if e["result"] == "ok" { "ok" } else { "error" }.to_string(),
+                e["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let want = [
+        ("autopilot_settings", "error", ""),
+        ("drift_settings", "error", ""),
+        ("autopilot_settings", "ok", "ops review"),
+        ("drift_settings", "ok", "noisy traffic"),
+        ("autopilot_settings", "ok", ""),
+        ("drift_settings", "ok", ""),
+    ];
+    let want: Vec<(String, String, String)> = want
+        .iter()
+        .map(|(a, r, w)| (a.to_string(), r.to_string(), w.to_string()))
+        .collect();
+    assert_eq!(seen, want, "{audit}");
+    for e in audit["entries"].as_array().unwrap() {
+        if e["action"] == "autopilot_settings" {
+            assert_eq!(e["key_id"], "ops", "{e}");
+        }
+    }
+}
