@@ -380,6 +380,28 @@ fn drift(c: &mut Criterion) {
             b.iter(|| black_box(llmops::engine::row_entropy(black_box(&row))))
         });
     }
+    // The embedding signal: a probe's projection (Gemma 3 270M's width),
+    // and a window's MMD test at the default settings (128 reference and
+    // 40 live embeddings, 100 permutations), which runs once per window.
+    use llmops::monitor::drift::embed;
+    let pooled: Vec<f32> = (0..640).map(|i| (i as f32 * 0.37).sin()).collect();
+    g.bench_function("embedding_project_640", |b| {
+        b.iter(|| black_box(embed::project(black_box(&pooled))))
+    });
+    let cloud = |n: usize, phase: f32| -> Vec<embed::Embedding> {
+        (0..n)
+            .filter_map(|k| {
+                let h: Vec<f32> = (0..640)
+                    .map(|i| (i as f32 * 0.37 + k as f32 * 0.05 + phase).sin())
+                    .collect();
+                embed::project(&h)
+            })
+            .collect()
+    };
+    let (reference, live) = (cloud(128, 0.0), cloud(40, 0.3));
+    g.bench_function("mmd_window_128_ref_40_live", |b| {
+        b.iter(|| black_box(embed::mmd_test(&reference, &live, 100, 0.05, 0.01, 1)))
+    });
     let text = "The ship sailed across a quiet sea while old sailors sang of home. ".repeat(15);
     g.throughput(criterion::Throughput::Bytes(text.len() as u64));
     g.bench_function("script_mix_1kb_prompt", |b| {

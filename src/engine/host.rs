@@ -37,6 +37,16 @@ pub struct Scratch {
     rope: Vec<(Vec<f32>, Vec<f32>)>,
 }
 
+impl Scratch {
+    /// The last host step's final-normed hidden states of its logits rows
+    /// (row-major `[rows, hidden]`): the LM head's input, which drift
+    /// detection mean-pools into a prompt embedding. Empty on the tensor
+    /// path, which keeps them on the device.
+    pub fn head_input(&self) -> &[f32] {
+        &self.h
+    }
+}
+
 /// RMSNorm of each `width`-wide row of `x` into `out`.
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut Vec<f32>) {
     let width = w.len();

@@ -75,6 +75,9 @@ struct Scoring {
     /// Scores by position of the job's tokens; a preempted job recomputes
     /// and overwrites them.
     out: Vec<Option<PositionScore>>,
+    /// A drift probe's running sum of its rows' final hidden states and
+    /// the rows summed (the prompt embedding, mean-pooled).
+    pooled: Option<(Vec<f32>, usize)>,
 }
 
 impl Scoring {
@@ -98,6 +101,8 @@ struct Worker {
     logits: Vec<f32>,
     /// The forward pass's activation buffers, reused likewise.
     scratch: Scratch,
+    /// The model's hidden width.
+    hidden: usize,
 }
 
 /// Events a client may leave unread before its sequence is cancelled: a
@@ -136,6 +141,7 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
         throughput: 0.0,
         logits: vec![],
         scratch: Scratch::default(),
+        hidden: model.config().hidden_size,
     };
     let mut drain_deadline: Option<Instant> = None;
     let mut disconnected = false;
@@ -225,6 +231,7 @@ impl Worker {
                 let score = request.score.clone().map(|job| Scoring {
                     first: request.prompt.len() - 1,
                     out: vec![None; job.tokens.len()],
+                    pooled: None,
                     job,
                 });
                 let mut tokens = request.prompt.clone();
@@ -323,6 +330,7 @@ impl Worker {
             score: Some(Scoring {
                 first: 0,
                 out: vec![None; job.tokens.len()],
+                pooled: Some((vec![0.0; self.hidden], 0)),
                 job,
             }),
             events,
@@ -397,6 +405,47 @@ impl Worker {
         }
     }
 
+    /// Adds each drift probe's rows of this step's final hidden states
+    /// (the host path leaves them in the scratch) to its pooled sum. A row
+    /// at position 0 starts the sum over: a preempted probe recomputes its
+    /// prompt from the start. On the tensor path there are none, and the
+    /// probe records no embedding.
+    fn pool_probe_rows(
+        &mut self,
+        state: &mut State<Io>,
+        plan: &crate::scheduler::state::Plan,
+        entry_rows: &[usize],
+        rows: usize,
+    ) {
+        let h = self.scratch.head_input();
+        let width = self.hidden;
+        if width == 0 || h.len() != rows * width {
+            return;
+        }
+        let mut at = 0;
+        for (e, &n) in plan.entries.iter().zip(entry_rows) {
+            let mine = &h[at * width..(at + n) * width];
+            at += n;
+            let Some(sc) = state.running[e.index].payload.score.as_mut() else {
+                continue;
+            };
+            let Some((sum, count)) = sc.pooled.as_mut() else {
+                continue;
+            };
+            if n == 0 {
+                continue;
+            }
+            if e.start == 0 {
+                sum.iter_mut().for_each(|v| *v = 0.0);
+                *count = 0;
+            }
+            for row in mine.chunks_exact(width) {
+                sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+            }
+            *count += n;
+        }
+    }
+
     /// Sends the final event and records the request's metrics.
     fn finish(&self, s: &mut Seq<Io>) {
         let generated = s.generated();
@@ -414,6 +463,14 @@ impl Worker {
                 });
                 if n > 0 && n == sc.out.len() {
                     self.shared.drift.record_prompt_logprob(sum / n as f64);
+                }
+                if let Some((mut pooled, rows)) = sc.pooled
+                    && rows == sc.out.len()
+                    && rows > 0
+                {
+                    let inv = 1.0 / rows as f32;
+                    pooled.iter_mut().for_each(|v| *v *= inv);
+                    self.shared.drift.record_prompt_embedding(&pooled);
                 }
             }
             return;
@@ -613,6 +670,9 @@ impl Worker {
             None => model.forward_into(&batch, kv, &mut self.scratch, &mut flat),
         };
         drop(batch);
+        if result.is_ok() {
+            self.pool_probe_rows(state, &plan, &entry_rows, rows);
+        }
         state.advance(&plan);
         if let Err(e) = result {
             tracing::error!(error = %e, sequences = plan.entries.len(), "forward pass failed; running its sequences one by one");

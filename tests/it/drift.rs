@@ -174,6 +174,7 @@ async fn shifted_traffic_turns_the_drift_state_to_drift_and_the_metric_shows_it(
         "prompt_script",
         "output_entropy",
         "prompt_logprob",
+        "prompt_embedding",
         "ttft",
     ] {
         assert!(judged.contains(&sig), "{sig} not judged: {judged:?}");
@@ -206,6 +207,14 @@ async fn shifted_traffic_turns_the_drift_state_to_drift_and_the_metric_shows_it(
         .find(|s| s["signal"] == "prompt_script")
         .unwrap();
     assert_eq!(script["level"], "drift", "{script}");
+    let embedding = last
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["signal"] == "prompt_embedding")
+        .unwrap();
+    eprintln!("prompt_embedding in the shifted window: {embedding}");
+    assert_eq!(embedding["level"], "drift", "{embedding}");
     let m = s.metrics_text().await;
     assert_eq!(sample(&m, "llmops_drift_state", &labels), Some(2.0));
     let score = sample(

@@ -17,6 +17,7 @@
 //! hysteresis (K windows to fire, K to clear) publishes
 //! [`DriftTransition`]s on a broadcast channel for hooks and retraining.
 
+pub mod embed;
 pub mod stats;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -85,6 +86,9 @@ pub enum Test {
     /// Distance of the window's mean from the reference's, in standard
     /// deviations of reference chunk means (NannyML's band).
     Sigma,
+    /// Maximum mean discrepancy between embedding samples, against
+    /// critical values from a permutation test ([`embed::mmd_test`]).
+    Mmd,
 }
 
 /// What is compared between the reference and a live window.
@@ -107,6 +111,9 @@ pub enum Signal {
     PromptLogprob,
     /// Mean entropy of the model's distribution at each generated token.
     OutputEntropy,
+    /// The prompt's meaning: its final hidden states, mean-pooled
+    /// (sampled with the prompt log-prob), projected ([`embed`]).
+    PromptEmbedding,
     /// Arrival to first token.
     Ttft,
     /// Arrival to last token.
@@ -116,7 +123,7 @@ pub enum Signal {
 }
 
 /// Signals, in gauge order.
-const N: usize = 10;
+const N: usize = 11;
 
 impl Signal {
     /// Every signal.
@@ -128,6 +135,7 @@ impl Signal {
         Signal::PromptScript,
         Signal::PromptLogprob,
         Signal::OutputEntropy,
+        Signal::PromptEmbedding,
         Signal::Ttft,
         Signal::E2e,
         Signal::ErrorRate,
@@ -143,6 +151,7 @@ impl Signal {
             Signal::PromptScript => "prompt_script",
             Signal::PromptLogprob => "prompt_logprob",
             Signal::OutputEntropy => "output_entropy",
+            Signal::PromptEmbedding => "prompt_embedding",
             Signal::Ttft => "ttft",
             Signal::E2e => "e2e",
             Signal::ErrorRate => "error_rate",
@@ -156,6 +165,7 @@ impl Signal {
             Signal::FinishReason | Signal::PromptScript => Test::Js,
             Signal::Ttft | Signal::E2e => Test::Ks,
             Signal::PromptLogprob | Signal::OutputEntropy | Signal::ErrorRate => Test::Sigma,
+            Signal::PromptEmbedding => Test::Mmd,
         }
     }
 
@@ -228,6 +238,13 @@ pub struct DriftConfig {
     pub sigma_warn: f64,
     /// σ band: drift beyond this many σ.
     pub sigma_drift: f64,
+    /// Embeddings (MMD): warn when the permutation p falls below this.
+    pub mmd_p_warn: f64,
+    /// Embeddings (MMD): drift when it falls below this.
+    pub mmd_p_drift: f64,
+    /// Permutations of the MMD test (its cost: each is a pass over the
+    /// kernel matrix of at most 128 reference plus the window's embeddings).
+    pub mmd_permutations: usize,
     /// Share of requests whose generated tokens' entropy is measured (one
     /// extra pass over the logits row per token).
     pub entropy_rate: f64,
@@ -259,6 +276,9 @@ impl Default for DriftConfig {
             ks_p_drift: 0.01,
             sigma_warn: 2.0,
             sigma_drift: 3.0,
+            mmd_p_warn: 0.05,
+            mmd_p_drift: 0.01,
+            mmd_permutations: 100,
             // A vectorized pass over the row per token: ~0.7 ms on Gemma's
             // 262k vocabulary on the loaded 2-core VM (BENCHMARKS.md), a few
             // percent of a step, so a sample of requests by default.
@@ -272,6 +292,7 @@ impl Default for DriftConfig {
                 Signal::PromptScript,
                 Signal::PromptLogprob,
                 Signal::OutputEntropy,
+                Signal::PromptEmbedding,
             ],
         }
     }
@@ -327,6 +348,17 @@ impl DriftConfig {
         if self.ks_p_drift > self.ks_p_warn || self.ks_p_drift <= 0.0 {
             return Err("drift.ks_p_drift must be positive and at most drift.ks_p_warn".into());
         }
+        rate("mmd_p_warn", self.mmd_p_warn)?;
+        rate("mmd_p_drift", self.mmd_p_drift)?;
+        if self.mmd_p_drift > self.mmd_p_warn || self.mmd_p_drift <= 0.0 {
+            return Err("drift.mmd_p_drift must be positive and at most drift.mmd_p_warn".into());
+        }
+        if !(20..=10_000).contains(&self.mmd_permutations) {
+            return Err(format!(
+                "drift.mmd_permutations must be between 20 and 10000, got {}",
+                self.mmd_permutations
+            ));
+        }
         rate("entropy_rate", self.entropy_rate)?;
         rate("prompt_logprob_rate", self.prompt_logprob_rate)?;
         Ok(())
@@ -341,6 +373,8 @@ impl DriftConfig {
                 ks_critical(self.ks_p_warn, n_ref, n_live),
                 ks_critical(self.ks_p_drift, n_ref, n_live),
             ),
+            // Data-dependent: the permutation test gives them.
+            Test::Mmd => (f64::INFINITY, f64::INFINITY),
         }
     }
 }
@@ -438,6 +472,7 @@ struct Acc {
     finish: [f64; 4],
     tokens: [f64; TOKEN_BUCKETS],
     script: [f64; CHAR_CLASSES.len()],
+    embeddings: Vec<embed::Embedding>,
 }
 
 impl Acc {
@@ -447,13 +482,20 @@ impl Acc {
             opened: None,
             cap,
             values: std::array::from_fn(|i| match Signal::ALL[i].test() {
-                Test::Js => vec![],
+                Test::Js | Test::Mmd => vec![],
                 _ if Signal::ALL[i] == Signal::PromptTokens => vec![],
                 _ => Vec::with_capacity(cap),
             }),
             finish: [0.0; 4],
             tokens: [0.0; TOKEN_BUCKETS],
             script: [0.0; CHAR_CLASSES.len()],
+            embeddings: Vec::with_capacity(cap),
+        }
+    }
+
+    fn push_embedding(&mut self, e: embed::Embedding) {
+        if self.embeddings.len() < self.cap {
+            self.embeddings.push(e);
         }
     }
 
@@ -496,6 +538,7 @@ impl Acc {
         self.finish = [0.0; 4];
         self.tokens = [0.0; TOKEN_BUCKETS];
         self.script = [0.0; CHAR_CLASSES.len()];
+        self.embeddings.clear();
     }
 }
 
@@ -520,6 +563,9 @@ pub struct Reference {
     /// Character-class counts.
     #[serde(default)]
     pub script: Vec<f64>,
+    /// Projected prompt embeddings of the scored requests.
+    #[serde(default)]
+    pub embeddings: Vec<embed::Embedding>,
 }
 
 fn unix_now() -> f64 {
@@ -544,6 +590,7 @@ impl Reference {
             finish: acc.finish.to_vec(),
             tokens: acc.tokens.to_vec(),
             script: acc.script.to_vec(),
+            embeddings: acc.embeddings.clone(),
         }
     }
 
@@ -574,6 +621,7 @@ impl Reference {
             finish: vec![],
             tokens: tokens.to_vec(),
             script: script.to_vec(),
+            embeddings: vec![],
         }
     }
 }
@@ -608,7 +656,7 @@ impl Frozen {
                 }
                 Test::Ks => sorted[i] = sv,
                 Test::Sigma => bands[i] = Band::of(v, cfg.reference_chunks),
-                Test::Js => {}
+                Test::Js | Test::Mmd => {}
             }
         }
         Self {
@@ -646,12 +694,39 @@ const MIN_VALUES: usize = 5;
 
 /// Compares a live window with the reference, signal by signal. Signals
 /// the reference lacks, or with too few live values, are left out.
-fn evaluate(f: &Frozen, live: &Acc, cfg: &DriftConfig, scratch: &mut Vec<f32>) -> Vec<Score> {
+fn evaluate(
+    f: &Frozen,
+    live: &Acc,
+    cfg: &DriftConfig,
+    scratch: &mut Vec<f32>,
+    seed: u64,
+) -> Vec<Score> {
     let mut out = Vec::with_capacity(N);
     let mut counts = vec![];
     for s in Signal::ALL {
         let i = s.index();
         let lv = &live.values[i];
+        if s == Signal::PromptEmbedding {
+            let Some(m) = embed::mmd_test(
+                &f.reference.embeddings,
+                &live.embeddings,
+                cfg.mmd_permutations,
+                cfg.mmd_p_warn,
+                cfg.mmd_p_drift,
+                seed,
+            ) else {
+                continue;
+            };
+            out.push(Score::judged(
+                s,
+                m.mmd2,
+                m.warn,
+                m.drift,
+                cfg,
+                live.embeddings.len(),
+            ));
+            continue;
+        }
         let (score, n_ref, n_live) = match s {
             Signal::FinishReason | Signal::PromptScript | Signal::PromptTokens => {
                 let (r, l): (&[f64], &[f64]) = match s {
@@ -709,11 +784,25 @@ fn evaluate(f: &Frozen, live: &Acc, cfg: &DriftConfig, scratch: &mut Vec<f32>) -
                         };
                         (b.sigmas(mean, lv.len(), floor), b.n as usize, lv.len())
                     }
-                    Test::Js => continue,
+                    Test::Js | Test::Mmd => continue,
                 }
             }
         };
         let (warn, threshold) = cfg.thresholds(s.test(), n_ref, n_live);
+        out.push(Score::judged(s, score, warn, threshold, cfg, n_live));
+    }
+    out
+}
+
+impl Score {
+    fn judged(
+        signal: Signal,
+        score: f64,
+        warn: f64,
+        threshold: f64,
+        cfg: &DriftConfig,
+        live: usize,
+    ) -> Self {
         let level = if score >= threshold {
             Level::Drift
         } else if score >= warn {
@@ -721,18 +810,17 @@ fn evaluate(f: &Frozen, live: &Acc, cfg: &DriftConfig, scratch: &mut Vec<f32>) -
         } else {
             Level::Ok
         };
-        out.push(Score {
-            signal: s,
-            test: s.test(),
+        Self {
+            signal,
+            test: signal.test(),
             score,
             warn,
             threshold,
             level,
-            gating: cfg.signals.contains(&s),
-            live: n_live,
-        });
+            gating: cfg.signals.contains(&signal),
+            live,
+        }
     }
-    out
 }
 
 /// The state machine: a level is entered after `k` consecutive windows at
@@ -1036,6 +1124,23 @@ impl Recorder {
         }
     }
 
+    /// Records a scored prompt's mean-pooled final hidden state (any
+    /// width; projected here).
+    pub fn record_prompt_embedding(&self, pooled: &[f32]) {
+        let Some(e) = embed::project(pooled) else {
+            return;
+        };
+        let mut g = self.lock();
+        if !g.cfg.enabled {
+            return;
+        }
+        if g.reference.is_none() {
+            g.collecting.push_embedding(e);
+        } else {
+            g.live.push_embedding(e);
+        }
+    }
+
     /// Records the mean per-token log-prob of a sampled request's prompt.
     pub fn record_prompt_logprob(&self, mean: f64) {
         let mut g = self.lock();
@@ -1064,7 +1169,7 @@ impl Recorder {
 
     fn close(&self, g: &mut Inner, now: Instant) {
         let Some(f) = &g.reference else { return };
-        let scores = evaluate(f, &g.live, &g.cfg, &mut g.scratch);
+        let scores = evaluate(f, &g.live, &g.cfg, &mut g.scratch, g.windows);
         let level = scores
             .iter()
             .filter(|s| s.gating)

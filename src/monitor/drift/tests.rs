@@ -293,12 +293,23 @@ fn a_reference_round_trips_and_one_built_from_prompts_judges_prompt_signals_only
     });
     let mut g = Gen::new(3);
     let now = Instant::now();
+    for k in 0..3 {
+        let pooled: Vec<f32> = (0..48).map(|i| ((i * (k + 2)) as f32).sin()).collect();
+        r.record_prompt_embedding(&pooled);
+    }
     g.window(&r, BASE, 50, now);
     let saved = r.take_unsaved_reference().unwrap();
     assert!(r.take_unsaved_reference().is_none(), "taken once");
     let back: Reference = serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+    // serde_json reads floats back to within an ulp, not always exactly.
+    assert!((back.frozen_at - saved.frozen_at).abs() < 1e-3);
+    let back = Reference {
+        frozen_at: saved.frozen_at,
+        ..back
+    };
     assert_eq!(back, saved);
     assert_eq!(back.requests, 50);
+    assert_eq!(back.embeddings.len(), 3);
 
     let prompts: Vec<(Vec<u32>, TextProfile)> = (0..60)
         .map(|i| ((0..20 + i % 7).collect(), [80, 0, 2, 20, 0, 0, 0]))
