@@ -231,7 +231,7 @@ async fn serve(
     match tls {
         Some(tls) => crate::api::tls::serve(listener, tls, app, shutdown).await,
         None => {
-            let served = axum::serve(listener.tap_io(no_delay), app.into_make_service())
+            let served = axum::serve(listener.tap_io(tune), app.into_make_service())
                 .with_graceful_shutdown(shutdown)
                 .await;
             if let Err(e) = served {
@@ -241,10 +241,7 @@ async fn serve(
     }
 }
 
-/// Streams send one small frame per token: never let Nagle's algorithm hold
-/// one back waiting for the previous frame's ACK.
-fn no_delay(stream: &mut TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "TCP_NODELAY not set");
-    }
+/// [`crate::api::tune_socket`], in `tap_io`'s shape.
+fn tune(stream: &mut TcpStream) {
+    crate::api::tune_socket(stream);
 }

@@ -293,9 +293,7 @@ pub async fn serve(
                 }
             },
         };
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
+        crate::api::tune_socket(&tcp);
         let (tls, app, mut stop_rx, open) =
             (tls.clone(), app.clone(), stop_rx.clone(), open_tx.clone());
         tokio::spawn(async move {
