@@ -2,7 +2,8 @@
 //! certificates made here with `rcgen` (a CA, the server's, an admin
 //! client's, and a client of another CA), `llmops serve --tls-cert
 //! --tls-key --admin-client-ca`, then a rustls client from Rust and the
-//! `openai` and `grpcio` Python clients (`tests/python_tls`) over TLS.
+//! `openai` and `grpcio` Python clients (`tests/python_tls`) over TLS; and
+//! certificates replaced while it serves (SIGHUP, changed files, bad files).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
