@@ -134,7 +134,9 @@ pub async fn run(
         .map(crate::api::tls::Tls::load)
         .transpose()?;
     if let Some(t) = &tls {
-        tracing::info!(?t, "serving HTTP and gRPC over TLS");
+        tracing::info!(?t, "serving HTTP, gRPC and metrics over TLS");
+        // SIGHUP and changed files swap the certificate in place.
+        tokio::spawn(t.clone().watch(wait(stop_rx.clone())));
     }
     let http_server = tokio::spawn(serve(
         listeners.http,
@@ -142,16 +144,21 @@ pub async fn run(
         http_app,
         wait(stop_rx.clone()),
     ));
-    let grpc_server = tokio::spawn(serve(listeners.grpc, tls, grpc_app, wait(stop_rx.clone())));
+    let grpc_server = tokio::spawn(serve(
+        listeners.grpc,
+        tls.clone(),
+        grpc_app,
+        wait(stop_rx.clone()),
+    ));
+    // The metrics listener is TLS too when TLS is on: it is often the one
+    // port opened beyond the host, and a scrape is as readable as any reply.
     let metrics_server = listeners.metrics.map(|l| {
-        tokio::spawn(
-            axum::serve(
-                l.tap_io(no_delay),
-                http::metrics_app(metrics.clone()).into_make_service(),
-            )
-            .with_graceful_shutdown(wait(stop_rx.clone()))
-            .into_future(),
-        )
+        tokio::spawn(serve(
+            l,
+            tls,
+            http::metrics_app(metrics.clone()),
+            wait(stop_rx.clone()),
+        ))
     });
 
     shutdown.await;
@@ -224,7 +231,7 @@ async fn serve(
     match tls {
         Some(tls) => crate::api::tls::serve(listener, tls, app, shutdown).await,
         None => {
-            let served = axum::serve(listener.tap_io(no_delay), app.into_make_service())
+            let served = axum::serve(listener.tap_io(tune), app.into_make_service())
                 .with_graceful_shutdown(shutdown)
                 .await;
             if let Err(e) = served {
@@ -234,10 +241,7 @@ async fn serve(
     }
 }
 
-/// Streams send one small frame per token: never let Nagle's algorithm hold
-/// one back waiting for the previous frame's ACK.
-fn no_delay(stream: &mut TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "TCP_NODELAY not set");
-    }
+/// [`crate::api::tune_socket`], in `tap_io`'s shape.
+fn tune(stream: &mut TcpStream) {
+    crate::api::tune_socket(stream);
 }

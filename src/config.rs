@@ -112,6 +112,11 @@ pub struct ServeArgs {
     /// need none. Needs TLS.
     #[arg(long, env = "LLMOPS_ADMIN_CLIENT_CA")]
     pub admin_client_ca: Option<PathBuf>,
+    /// How often (seconds) the TLS files' modification times are checked;
+    /// changed files are reloaded without a restart (so is SIGHUP). 0 turns
+    /// the check off (SIGHUP still reloads). Default 5.
+    #[arg(long, env = "LLMOPS_TLS_RELOAD_SECS")]
+    pub tls_reload_secs: Option<f64>,
 }
 
 /// Listener and process settings.
@@ -142,7 +147,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
 }
 
-/// TLS files, read when the server starts.
+/// TLS files, read when the server starts and again on SIGHUP or when
+/// their modification times change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
     /// Certificate chain (PEM), leaf first.
@@ -152,6 +158,9 @@ pub struct TlsConfig {
     /// CA (PEM) that admin clients' certificates must chain to; when set,
     /// admin routes need such a certificate on the connection.
     pub admin_client_ca: Option<PathBuf>,
+    /// How often the files' modification times are checked; `None`: never
+    /// (SIGHUP still reloads them).
+    pub reload_interval: Option<Duration>,
 }
 
 /// Request limits enforced by the front ends.
@@ -238,6 +247,7 @@ struct FileServer {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     admin_client_ca: Option<PathBuf>,
+    tls_reload_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -509,6 +519,9 @@ fn keys(args: &ServeArgs, file: &FileAuth) -> anyhow::Result<Vec<KeyConfig>> {
     Ok(keys)
 }
 
+/// How often the TLS files are checked for changes unless configured.
+const DEFAULT_TLS_RELOAD_SECS: f64 = 5.0;
+
 /// The TLS files: flags (or `LLMOPS_*`) over the file, checked for pairs.
 fn tls_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<Option<TlsConfig>> {
     // A flag pair replaces the file's pair whole: never a flag's key with
@@ -522,11 +535,20 @@ fn tls_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<Option<TlsC
         .admin_client_ca
         .clone()
         .or_else(|| file.admin_client_ca.clone());
+    let secs = args
+        .tls_reload_secs
+        .or(file.tls_reload_secs)
+        .unwrap_or(DEFAULT_TLS_RELOAD_SECS);
+    if !secs.is_finite() || secs < 0.0 {
+        bail!("tls_reload_secs must be 0 (off) or a positive number of seconds, not {secs}");
+    }
+    let reload_interval = (secs > 0.0).then(|| Duration::from_secs_f64(secs.max(0.05)));
     match (cert, key) {
         (Some(cert), Some(key)) => Ok(Some(TlsConfig {
             cert,
             key,
             admin_client_ca: ca,
+            reload_interval,
         })),
         (None, None) => match ca {
             Some(_) => bail!(

@@ -75,6 +75,10 @@ pub enum ApiError {
     /// The client went away.
     #[error("request cancelled")]
     Cancelled,
+    /// A write the server needed failed (a full disk, a file size
+    /// limit): the message names what could not be written.
+    #[error("{0}")]
+    InsufficientStorage(String),
     /// A bug or an engine failure; the detail is only logged.
     #[error("internal error")]
     Internal(String),
@@ -105,6 +109,7 @@ impl ApiError {
             ApiError::DeadlineExceeded(_) => StatusCode::GATEWAY_TIMEOUT,
             // nginx's "client closed request"; the client never sees it.
             ApiError::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -119,9 +124,9 @@ impl ApiError {
             ApiError::Forbidden(_) => tonic::Code::PermissionDenied,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => tonic::Code::NotFound,
             ApiError::Conflict(_) => tonic::Code::AlreadyExists,
-            ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => {
-                tonic::Code::ResourceExhausted
-            }
+            ApiError::RateLimited { .. }
+            | ApiError::Overloaded { .. }
+            | ApiError::InsufficientStorage(_) => tonic::Code::ResourceExhausted,
             ApiError::Unavailable(_) => tonic::Code::Unavailable,
             ApiError::DeadlineExceeded(_) => tonic::Code::DeadlineExceeded,
             ApiError::Cancelled => tonic::Code::Cancelled,
@@ -145,6 +150,7 @@ impl ApiError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::DeadlineExceeded(_) => "deadline_exceeded",
             ApiError::Cancelled => "cancelled",
+            ApiError::InsufficientStorage(_) => "insufficient_storage",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -164,6 +170,7 @@ impl ApiError {
             ApiError::Unavailable(_)
             | ApiError::DeadlineExceeded(_)
             | ApiError::Cancelled
+            | ApiError::InsufficientStorage(_)
             | ApiError::Internal(_) => "server_error",
         }
     }
@@ -175,6 +182,7 @@ impl ApiError {
             ApiError::Unauthenticated(_) => Some("invalid_api_key"),
             ApiError::RateLimited { .. } => Some("rate_limit_exceeded"),
             ApiError::Overloaded { .. } => Some("server_overloaded"),
+            ApiError::InsufficientStorage(_) => Some("insufficient_storage"),
             _ => None,
         }
     }
@@ -361,6 +369,7 @@ impl From<ControlError> for ApiError {
             ControlError::NotFound(m) => ApiError::NotFound(m),
             ControlError::Conflict(m) => ApiError::Conflict(m),
             ControlError::Unavailable(m) => ApiError::Unavailable(m),
+            ControlError::Storage(m) => ApiError::InsufficientStorage(m),
             ControlError::Internal(m) => ApiError::Internal(m),
         }
     }
@@ -432,6 +441,8 @@ mod tests {
             (409, "invalid_request_error", None, None, Code::AlreadyExists, "conflict", None)),
         ("control: unavailable", || ControlError::Unavailable("load failed".into()).into(),
             (503, "server_error", None, None, Code::Unavailable, "unavailable", None)),
+        ("control: storage", || ControlError::Storage("the registry log could not be written: File too large".into()).into(),
+            (507, "server_error", Some("insufficient_storage"), None, Code::ResourceExhausted, "insufficient_storage", None)),
         ("control: internal", || ControlError::Internal("secret detail".into()).into(),
             (500, "server_error", None, None, Code::Internal, "internal", None)),
         ("no key", || ApiError::Unauthenticated("missing API key".into()),

@@ -11,13 +11,21 @@
 //!
 //! A client that speaks plain HTTP to a TLS port gets a `400` saying so
 //! (as nginx answers) and the connection is closed; the server carries on.
+//!
+//! The files are read again on SIGHUP and when their modification times
+//! change (checked every `tls_reload_secs`): the new config is swapped in
+//! for new connections, open ones keep theirs, and files that do not make a
+//! valid config (unparsable, a key that is not the certificate's) leave the
+//! previous one serving, logged and counted in `llmops_tls_reloads_total`.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use arc_swap::ArcSwap;
 use axum::response::IntoResponse;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
@@ -30,6 +38,7 @@ use tower::ServiceExt;
 
 use crate::api::error::ApiError;
 use crate::config::TlsConfig;
+use crate::monitor::names;
 
 /// A handshake (or the first byte of one) must arrive within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,77 +46,206 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first byte of a TLS record carrying a handshake.
 const TLS_HANDSHAKE: u8 = 0x16;
 
-/// The loaded TLS settings, shared by both listeners.
+/// The loaded TLS settings, shared by every listener: the current rustls
+/// config behind an `ArcSwap`, so a reload changes what new connections get
+/// while connections already open keep theirs.
 #[derive(Clone)]
 pub struct Tls {
-    acceptor: TlsAcceptor,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    files: TlsConfig,
+    current: ArcSwap<rustls::ServerConfig>,
     admin_needs_client_cert: bool,
 }
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tls")
-            .field("admin_needs_client_cert", &self.admin_needs_client_cert)
+            .field("cert", &self.inner.files.cert)
+            .field(
+                "admin_needs_client_cert",
+                &self.inner.admin_needs_client_cert,
+            )
+            .field("reload_interval", &self.inner.files.reload_interval)
             .finish_non_exhaustive()
     }
+}
+
+/// What identifies a file's version: modification time, length, inode
+/// (a replaced Kubernetes secret is a new file behind the same link).
+type Stamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
 impl Tls {
     /// Reads and checks the PEM files; an error names the file.
     pub fn load(cfg: &TlsConfig) -> anyhow::Result<Self> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
-            .with_context(|| format!("tls_cert {}", cfg.cert.display()))?
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("tls_cert {}", cfg.cert.display()))?;
-        if certs.is_empty() {
-            bail!("tls_cert {} holds no certificate", cfg.cert.display());
-        }
-        let key = PrivateKeyDer::from_pem_file(&cfg.key)
-            .with_context(|| format!("tls_key {}: no private key", cfg.key.display()))?;
-        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?;
-        let builder = match &cfg.admin_client_ca {
-            None => builder.with_no_client_auth(),
-            Some(ca) => {
-                let mut roots = rustls::RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(ca)
-                    .with_context(|| format!("admin_client_ca {}", ca.display()))?
-                {
-                    let c = c.with_context(|| format!("admin_client_ca {}", ca.display()))?;
-                    roots
-                        .add(c)
-                        .with_context(|| format!("admin_client_ca {}", ca.display()))?;
-                }
-                if roots.is_empty() {
-                    bail!("admin_client_ca {} holds no certificate", ca.display());
-                }
-                // Optional: inference clients connect without one; a
-                // certificate that is presented must chain to the CA.
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    provider,
-                )
-                .allow_unauthenticated()
-                .build()
-                .with_context(|| format!("admin_client_ca {}", ca.display()))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-        };
-        let mut config = builder.with_single_cert(certs, key).with_context(|| {
-            format!(
-                "tls_cert {} and tls_key {} do not make a pair",
-                cfg.cert.display(),
-                cfg.key.display()
-            )
-        })?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {
-            acceptor: TlsAcceptor::from(Arc::new(config)),
-            admin_needs_client_cert: cfg.admin_client_ca.is_some(),
+            inner: Arc::new(Inner {
+                current: ArcSwap::from_pointee(server_config(cfg)?),
+                admin_needs_client_cert: cfg.admin_client_ca.is_some(),
+                files: cfg.clone(),
+            }),
         })
     }
+
+    /// Reads the files again and, when they make a valid config, serves it
+    /// to new connections; otherwise the current one stays. Either way the
+    /// outcome is logged and counted (`llmops_tls_reloads_total`).
+    pub fn reload(&self, why: &str) -> anyhow::Result<()> {
+        let files = &self.inner.files;
+        match server_config(files) {
+            Ok(c) => {
+                self.inner.current.store(Arc::new(c));
+                metrics::counter!(names::TLS_RELOADS, "result" => "ok").increment(1);
+                tracing::info!(cert = %files.cert.display(), why, "TLS certificate reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                metrics::counter!(names::TLS_RELOADS, "result" => "error").increment(1);
+                tracing::error!(cert = %files.cert.display(), why, error = format!("{e:#}"), "TLS reload failed; still serving the previous certificate");
+                Err(e)
+            }
+        }
+    }
+
+    /// The current config, for a new connection.
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.inner.current.load_full())
+    }
+
+    fn stamps(&self) -> [Stamp; 3] {
+        let f = &self.inner.files;
+        [
+            stamp(&f.cert),
+            stamp(&f.key),
+            f.admin_client_ca.as_deref().and_then(stamp),
+        ]
+    }
+
+    /// Reloads on SIGHUP, and when the files' stamps changed and then held
+    /// still for one more interval (so a certificate written before its key
+    /// is not tried half-replaced), until `shutdown` resolves.
+    pub async fn watch(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler: TLS reloads only when the files change");
+                None
+            }
+        };
+        let period = self.inner.files.reload_interval;
+        let mut ticks = period.map(|p| {
+            let mut t = tokio::time::interval(p);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
+        let mut seen = self.stamps();
+        let mut pending: Option<[Stamp; 3]> = None;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = hup_received(&mut hup) => {
+                    // Stamps first: a change while reading is seen next tick.
+                    seen = self.stamps();
+                    pending = None;
+                    let _ = self.reload("SIGHUP");
+                }
+                _ = tick(&mut ticks) => {
+                    let now = self.stamps();
+                    if now == seen {
+                        pending = None;
+                    } else if pending.as_ref() == Some(&now) {
+                        seen = now;
+                        pending = None;
+                        let _ = self.reload("files changed");
+                    } else {
+                        pending = Some(now);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The next SIGHUP; never without a handler.
+async fn hup_received(hup: &mut Option<tokio::signal::unix::Signal>) {
+    match hup {
+        Some(h) => {
+            h.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The next tick; never without an interval.
+async fn tick(t: &mut Option<tokio::time::Interval>) {
+    match t {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The rustls config from the files; an error names the file.
+fn server_config(cfg: &TlsConfig) -> anyhow::Result<rustls::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.cert)
+        .with_context(|| format!("tls_cert {}", cfg.cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("tls_cert {}", cfg.cert.display()))?;
+    if certs.is_empty() {
+        bail!("tls_cert {} holds no certificate", cfg.cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&cfg.key)
+        .with_context(|| format!("tls_key {}: no private key", cfg.key.display()))?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = match &cfg.admin_client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca)
+                .with_context(|| format!("admin_client_ca {}", ca.display()))?
+            {
+                let c = c.with_context(|| format!("admin_client_ca {}", ca.display()))?;
+                roots
+                    .add(c)
+                    .with_context(|| format!("admin_client_ca {}", ca.display()))?;
+            }
+            if roots.is_empty() {
+                bail!("admin_client_ca {} holds no certificate", ca.display());
+            }
+            // Optional: inference clients connect without one; a
+            // certificate that is presented must chain to the CA.
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .with_context(|| format!("admin_client_ca {}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key).with_context(|| {
+        format!(
+            "tls_cert {} and tls_key {} do not make a pair",
+            cfg.cert.display(),
+            cfg.key.display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// Whether a request path belongs to the admin API, on either protocol.
@@ -155,9 +293,7 @@ pub async fn serve(
                 }
             },
         };
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "TCP_NODELAY not set");
-        }
+        crate::api::tune_socket(&tcp);
         let (tls, app, mut stop_rx, open) =
             (tls.clone(), app.clone(), stop_rx.clone(), open_tx.clone());
         tokio::spawn(async move {
@@ -179,7 +315,7 @@ pub async fn serve(
                 .1
                 .peer_certificates()
                 .is_some_and(|c| !c.is_empty());
-            let guard = tls.admin_needs_client_cert && !has_client_cert;
+            let guard = tls.inner.admin_needs_client_cert && !has_client_cert;
             let svc = tower::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
                 let app = app.clone();
                 async move {
@@ -246,7 +382,7 @@ async fn handshake(
         .await;
         return Ok(None);
     }
-    tls.acceptor.accept(tcp).await.map(Some)
+    tls.acceptor().accept(tcp).await.map(Some)
 }
 
 #[cfg(test)]

@@ -50,6 +50,10 @@ pub enum ControlError {
     /// A version failed to load or warm up, or an engine is gone.
     #[error("{0}")]
     Unavailable(String),
+    /// The registry log (or another file the action needs) could not be
+    /// written, as on a full disk; the action was not taken.
+    #[error("{0}")]
+    Storage(String),
     /// A bug or an I/O failure; the detail is for logs.
     #[error("{0}")]
     Internal(String),
@@ -346,7 +350,12 @@ impl Controller {
                 actor.reason.clone(),
                 result,
             )
-            .map_err(|e| internal(format!("cannot write the audit log: {e}")))
+            .map_err(|e| {
+                tracing::error!(error = format!("{e:#}"), "registry log append failed");
+                ControlError::Storage(format!(
+                    "the action was not taken: the registry log (audit.jsonl) could not be written ({e})"
+                ))
+            })
     }
 
     /// Registers a version: checks the path, computes the digest, loads the
@@ -611,19 +620,39 @@ impl Controller {
                 .await?;
             return Err(e);
         };
-        let was = self
-            .engines()
-            .contains_key(&(model.to_string(), version.to_string()));
+        let key = (model.to_string(), version.to_string());
+        let pinned_before = self.engines().get(&key).map(|l| l.pinned);
+        let was = pinned_before.is_some();
         match self.ensure_loaded(model, &record, true).await {
             Ok(_) => {
-                self.record(
-                    actor,
-                    action,
-                    json!({"loaded": was}),
-                    json!({"loaded": true}),
-                    Ok(()),
-                )
-                .await?;
+                let recorded = self
+                    .record(
+                        actor,
+                        action,
+                        json!({"loaded": was}),
+                        json!({"loaded": true}),
+                        Ok(()),
+                    )
+                    .await;
+                if let Err(e) = recorded {
+                    // Refused, so undone: a version this call loaded goes
+                    // away again, one that was loaded keeps its pin.
+                    match pinned_before {
+                        None => {
+                            let removed = self.engines().remove(&key);
+                            if removed.is_some() {
+                                drop(removed);
+                                release_freed_memory();
+                            }
+                        }
+                        Some(pinned) => {
+                            if let Some(l) = self.engines().get_mut(&key) {
+                                l.pinned = pinned;
+                            }
+                        }
+                    }
+                    return Err(e);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -677,10 +706,19 @@ impl Controller {
             return Err(refuse(e));
         }
         self.unload_shadow_candidate(actor, model, version).await?;
-        let removed = self
-            .engines()
-            .remove(&(model.to_string(), version.to_string()));
-        let was = removed.is_some();
+        let key = (model.to_string(), version.to_string());
+        let was = self.engines().contains_key(&key);
+        // Written first: an unload the log cannot record is refused and
+        // leaves the version loaded. Nothing after this can fail.
+        self.record(
+            actor,
+            action,
+            json!({"loaded": was}),
+            json!({"loaded": false}),
+            Ok(()),
+        )
+        .await?;
+        let removed = self.engines().remove(&key);
         if let Some(l) = removed {
             let watch = l.engine.watch();
             drop(l);
@@ -696,14 +734,6 @@ impl Controller {
             }
             release_freed_memory();
         }
-        self.record(
-            actor,
-            action,
-            json!({"loaded": was}),
-            json!({"loaded": false}),
-            Ok(()),
-        )
-        .await?;
         Ok(())
     }
 

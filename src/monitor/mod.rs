@@ -85,6 +85,8 @@ pub mod names {
     pub const CAPTURE_RECORDS: &str = "llmops_capture_records_total";
     /// Gauge: bytes of a model's capture on disk.
     pub const CAPTURE_BYTES: &str = "llmops_capture_bytes";
+    /// Counter: TLS certificate reloads by result (ok, error).
+    pub const TLS_RELOADS: &str = "llmops_tls_reloads_total";
 }
 
 /// vLLM's TTFT buckets.
@@ -469,6 +471,11 @@ pub fn describe() {
             names::CAPTURE_BYTES,
             Unit::Bytes,
             "Bytes of a model's captured traffic on disk."
+        );
+        describe_counter!(
+            names::TLS_RELOADS,
+            Unit::Count,
+            "TLS certificate reloads (SIGHUP or changed files) by result: ok, or error (the previous certificate stays)."
         );
     }
     shadow::describe();

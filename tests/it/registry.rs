@@ -974,7 +974,7 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
             ADMIN,
         )
         .await;
-        assert_eq!(st, 500, "{v}");
+        assert_eq!(st, 507, "{v}");
         let after = std::fs::read(&log).unwrap();
         assert_eq!(after.len(), before.len(), "the partial line is cut off");
         assert!(after == before);
@@ -990,8 +990,9 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
         ADMIN,
     )
     .await;
-    assert_eq!(st, 500, "{v}");
+    assert_eq!(st, 507, "{v}");
     assert_eq!(v["error"]["type"], "server_error", "{v}");
+    assert_eq!(v["error"]["code"], "insufficient_storage", "{v}");
     let (_, model) = admin(
         &c,
         reqwest::Method::GET,
@@ -1044,6 +1045,158 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
     drop(p);
     let r = llmops::registry::Registry::open(&data).unwrap();
     assert_eq!(r.state().alias("tiny", "canary"), Some("v1"));
+}
+
+/// Caps the files a running process may write at `limit` bytes from now on
+/// (RLIMIT_FSIZE's soft limit; the hard one stays, so it can be raised).
+fn limit_file_size(pid: u32, limit: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: limit,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: prlimit reads `lim`, a valid rlimit, and writes nothing (the
+    // old-limit pointer is null).
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &lim,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// The versions `/admin/v1/serving` says are loaded for `tiny`.
+async fn loaded(c: &reqwest::Client, p: &Served) -> Vec<String> {
+    let (_, v) = admin(
+        c,
+        reqwest::Method::GET,
+        p.url("/admin/v1/serving"),
+        None,
+        ADMIN,
+    )
+    .await;
+    v["models"][0]["loaded"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{v}"))
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_register_load_and_unload_with_507_and_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tiny(tmp.path(), "base", 61);
+    let data = tmp.path().join("data");
+    let c = reqwest::Client::new();
+    // No limit yet (SIGXFSZ ignored, so a limit set later fails writes).
+    let p = spawn_with(&base, &data, Some(libc::RLIM_INFINITY)).await;
+    let post = |path: String, body: Option<Value>| {
+        let c = c.clone();
+        async move { admin(&c, reqwest::Method::POST, path, body, ADMIN).await }
+    };
+    for (v, seed) in [("v2", 62), ("v3", 63)] {
+        let m = tiny(tmp.path(), v, seed);
+        let (st, body) = post(
+            p.url("/admin/v1/models/tiny/versions"),
+            Some(json!({"path": m, "version": v})),
+        )
+        .await;
+        assert_eq!(st, 201, "{body}");
+    }
+    let (st, body) = post(p.url("/admin/v1/models/tiny/versions/v3/load"), None).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(loaded(&c, &p).await, ["v1", "v3"]);
+
+    // The disk fills: the log may grow by 64 bytes, less than any entry.
+    let log = data.join("audit.jsonl");
+    let before = std::fs::read(&log).unwrap();
+    limit_file_size(p.pid(), before.len() as u64 + 64);
+    let refused = |what: &str, st: u16, v: &Value| {
+        assert_eq!(st, 507, "{what}: {v}");
+        assert_eq!(v["error"]["type"], "server_error", "{what}: {v}");
+        assert_eq!(v["error"]["code"], "insufficient_storage", "{what}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("registry log") && message.contains("not taken"),
+            "{what}: the message names the failed write: {v}"
+        );
+        let now = std::fs::read(&log).unwrap();
+        assert!(
+            now == before,
+            "{what}: the log is byte-identical ({} bytes, was {})",
+            now.len(),
+            before.len()
+        );
+    };
+    let v4 = tiny(tmp.path(), "v4", 64);
+    let (st, v) = post(
+        p.url("/admin/v1/models/tiny/versions"),
+        Some(json!({"path": v4, "version": "v4"})),
+    )
+    .await;
+    refused("register", st, &v);
+    let (st, v) = post(p.url("/admin/v1/models/tiny/versions/v2/load"), None).await;
+    refused("load", st, &v);
+    assert_eq!(
+        loaded(&c, &p).await,
+        ["v1", "v3"],
+        "a refused load leaves nothing loaded"
+    );
+    let (st, v) = post(p.url("/admin/v1/models/tiny/versions/v3/unload"), None).await;
+    refused("unload", st, &v);
+    assert_eq!(
+        loaded(&c, &p).await,
+        ["v1", "v3"],
+        "a refused unload leaves the version loaded"
+    );
+    let (_, model) = admin(
+        &c,
+        reqwest::Method::GET,
+        p.url("/admin/v1/models/tiny"),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert!(
+        !model.to_string().contains("\"v4\""),
+        "a refused registration is not listed: {model}"
+    );
+    for _ in 0..3 {
+        let r = c
+            .post(p.url("/v1/completions"))
+            .bearer_auth(ADMIN)
+            .json(&json!({"model": "tiny", "prompt": "hi", "max_tokens": 4}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "inference goes on with the disk full");
+    }
+    drop(p);
+
+    // Restarted with room: the registry is the one before the disk filled,
+    // and the next registration lands on a clean line.
+    let r = llmops::registry::Registry::open(&data).unwrap();
+    let versions = |r: &llmops::registry::Registry| {
+        ["v1", "v2", "v3", "v4"].map(|v| r.state().version("tiny", v).is_some())
+    };
+    assert_eq!(versions(&r), [true, true, true, false]);
+    drop(r);
+    let p = spawn(&base, &data).await;
+    let (st, body) = post(
+        p.url("/admin/v1/models/tiny/versions"),
+        Some(json!({"path": v4, "version": "v4"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let (st, body) = post(p.url("/admin/v1/models/tiny/versions/v2/load"), None).await;
+    assert_eq!(st, 200, "{body}");
+    drop(p);
+    let r = llmops::registry::Registry::open(&data).unwrap();
+    assert_eq!(versions(&r), [true, true, true, true]);
+    assert!(std::fs::read(&log).unwrap().starts_with(&before));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

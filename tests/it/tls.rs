@@ -2,7 +2,8 @@
 //! certificates made here with `rcgen` (a CA, the server's, an admin
 //! client's, and a client of another CA), `llmops serve --tls-cert
 //! --tls-key --admin-client-ca`, then a rustls client from Rust and the
-//! `openai` and `grpcio` Python clients (`tests/python_tls`) over TLS.
+//! `openai` and `grpcio` Python clients (`tests/python_tls`) over TLS; and
+//! certificates replaced while it serves (SIGHUP, changed files, bad files).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -87,11 +88,16 @@ fn leaf(
 }
 
 fn make_pki(dir: &Path) -> Pki {
+    make_pki_and_ca(dir).0
+}
+
+/// [`make_pki`], and its CA to sign more certificates with.
+fn make_pki_and_ca(dir: &Path) -> (Pki, CertifiedIssuer<'static, KeyPair>) {
     let root = ca("llmops test CA");
     let other = ca("another CA");
     let ca_path = dir.join("ca.crt");
     std::fs::write(&ca_path, root.pem()).unwrap();
-    Pki {
+    let pki = Pki {
         ca: ca_path,
         server: leaf(
             dir,
@@ -114,7 +120,8 @@ fn make_pki(dir: &Path) -> Pki {
             ExtendedKeyUsagePurpose::ClientAuth,
             &other,
         ),
-    }
+    };
+    (pki, root)
 }
 
 /// A rustls client that trusts the test CA, with an optional client cert.
@@ -210,7 +217,7 @@ impl Drop for Server {
     }
 }
 
-fn start_tls_server(dir: &Path, model: &Path, pki: &Pki) -> Server {
+fn start_tls_server(dir: &Path, model: &Path, pki: &Pki, extra: &[String]) -> Server {
     let config = dir.join("llmops.toml");
     let key = |id: &str, role: &str, secret: &str| {
         format!(
@@ -253,6 +260,7 @@ fn start_tls_server(dir: &Path, model: &Path, pki: &Pki) -> Server {
         .arg(&pki.ca)
         .arg("--data-dir")
         .arg(dir.join("data"))
+        .args(extra)
         .stdout(log_file.try_clone().unwrap())
         .stderr(log_file)
         .spawn()
@@ -291,7 +299,7 @@ fn tls_serves_the_official_clients_and_admin_needs_a_client_certificate() {
     let pki = make_pki(tmp.path());
     let model = tmp.path().join("model");
     SynthSpec::tiny_llama().write(&model, None).unwrap();
-    let server = start_tls_server(tmp.path(), &model, &pki);
+    let server = start_tls_server(tmp.path(), &model, &pki, &[]);
     let plain_tls = client_config(&pki, None);
     let with_cert = client_config(&pki, Some(&pki.client));
 
@@ -437,5 +445,199 @@ fn tls_serves_the_official_clients_and_admin_needs_a_client_certificate() {
 
     // Still serving after every refusal above.
     let (status, body) = https_get(server.http, "/health", None, plain_tls).unwrap();
+    assert_eq!(status, 200, "{body}");
+}
+
+/// The leaf certificate (DER) a new TLS connection to `addr` is shown.
+fn presented(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let mut tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).unwrap();
+    }
+    conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn der(pem: &Path) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_file(pem)
+        .unwrap()
+        .to_vec()
+}
+
+/// `llmops_tls_reloads_total{result="…"}` from `/metrics` over TLS.
+fn reloads(addr: SocketAddr, config: Arc<rustls::ClientConfig>, result: &str) -> f64 {
+    let (status, text) = https_get(addr, "/metrics", None, config).unwrap();
+    assert_eq!(status, 200, "{text}");
+    let series = format!("llmops_tls_reloads_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str())?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Polls `f` every 50 ms until it is true; panics after `within`.
+fn eventually(within: Duration, what: &str, log: &Path, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < within,
+            "{what} not within {within:?}; server log:\n{}",
+            tail(log, 30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `GET /health` on an open HTTP/1.1 connection, kept alive: the status.
+fn keep_alive_get(s: &mut rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> String {
+    write!(s, "GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    // The head, then exactly content-length bytes of body.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+        .unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    head.split(' ').nth(1).unwrap().to_string()
+}
+
+/// Replaces the served files with `new`'s, as a renewal would.
+fn install(pem: &Pem, at: &Pem) {
+    std::fs::copy(&pem.key, &at.key).unwrap();
+    std::fs::copy(&pem.cert, &at.cert).unwrap();
+}
+
+#[test]
+fn replaced_certificates_are_served_after_sighup_or_a_file_change_and_bad_files_keep_the_old_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut pki, root) = make_pki_and_ca(tmp.path());
+    let server_cert = |name: &str| {
+        leaf(
+            tmp.path(),
+            name,
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            &root,
+        )
+    };
+    let (b, c) = (server_cert("server-b"), server_cert("server-c"));
+    // The server reads `served.*`; A (make_pki's) is there first.
+    let served = Pem {
+        cert: tmp.path().join("served.crt"),
+        key: tmp.path().join("served.key"),
+    };
+    install(&pki.server, &served);
+    let a = std::mem::replace(&mut pki.server, served);
+    let model = tmp.path().join("model");
+    SynthSpec::tiny_llama().write(&model, None).unwrap();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // Polling every 0.2 s, for the last step; SIGHUP for the others.
+    let extra = [
+        "--metrics-addr".to_string(),
+        metrics.to_string(),
+        "--tls-reload-secs".into(),
+        "0.2".into(),
+    ];
+    let server = start_tls_server(tmp.path(), &model, &pki, &extra);
+    let pid = server.child.id() as libc::pid_t;
+    let client = client_config(&pki, None);
+    let (cert_a, cert_b, cert_c) = (der(&a.cert), der(&b.cert), der(&c.cert));
+    assert_eq!(presented(server.http, client.clone()), cert_a);
+    assert_eq!(presented(server.grpc, client.clone()), cert_a);
+    // The metrics listener speaks TLS with the same certificate.
+    assert_eq!(presented(metrics, client.clone()), cert_a);
+    let (status, body) = http_get(metrics, "/metrics").unwrap();
+    assert_eq!(status, 400, "plain HTTP on the metrics port: {body}");
+    let ok_before = reloads(metrics, client.clone(), "ok");
+
+    // A connection opened under A, kept alive across the reload.
+    let tcp = TcpStream::connect_timeout(&server.http, Duration::from_secs(2)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let conn =
+        rustls::ClientConnection::new(client.clone(), "localhost".try_into().unwrap()).unwrap();
+    let mut open = rustls::StreamOwned::new(conn, tcp);
+    assert_eq!(keep_alive_get(&mut open), "200");
+
+    // B replaces A on disk; SIGHUP; new connections get B.
+    install(&b, &pki.server);
+    // SAFETY: kill sends a signal to our own child; no memory is involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    eventually(
+        Duration::from_secs(10),
+        "B served after SIGHUP",
+        &server.log,
+        || presented(server.http, client.clone()) == cert_b,
+    );
+    assert_eq!(presented(server.grpc, client.clone()), cert_b);
+    assert_eq!(presented(metrics, client.clone()), cert_b);
+    assert!(reloads(metrics, client.clone(), "ok") > ok_before);
+    // The connection opened under A is untouched and still served.
+    assert_eq!(
+        open.conn.peer_certificates().unwrap()[0].to_vec(),
+        cert_a,
+        "an open connection keeps its certificate"
+    );
+    assert_eq!(keep_alive_get(&mut open), "200");
+    let (status, body) = https_get(
+        server.http,
+        "/v1/models",
+        Some(INFERENCE_KEY),
+        client.clone(),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    // Garbage in the certificate file: the reload fails, is counted, and B
+    // stays; the process lives on.
+    let errors_before = reloads(metrics, client.clone(), "error");
+    std::fs::write(&pki.server.cert, "this is not a certificate\n").unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    eventually(
+        Duration::from_secs(10),
+        "the failed reload counted",
+        &server.log,
+        || reloads(metrics, client.clone(), "error") > errors_before,
+    );
+    assert_eq!(presented(server.http, client.clone()), cert_b);
+    assert!(
+        std::fs::read_to_string(&server.log)
+            .unwrap()
+            .contains("TLS reload failed"),
+        "{}",
+        tail(&server.log, 20)
+    );
+    // A key that is not the certificate's: refused the same way.
+    std::fs::copy(&b.cert, &pki.server.cert).unwrap();
+    std::fs::copy(&c.key, &pki.server.key).unwrap();
+    let errors_before = reloads(metrics, client.clone(), "error");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    eventually(
+        Duration::from_secs(10),
+        "the mismatched pair refused",
+        &server.log,
+        || reloads(metrics, client.clone(), "error") > errors_before,
+    );
+    assert_eq!(presented(server.http, client.clone()), cert_b);
+
+    // C written in place, no signal: the modification-time check picks
+    // it up.
+    install(&c, &pki.server);
+    eventually(
+        Duration::from_secs(10),
+        "C served after the files changed",
+        &server.log,
+        || presented(server.http, client.clone()) == cert_c,
+    );
+    let (status, body) = https_get(server.http, "/health", None, client).unwrap();
     assert_eq!(status, 200, "{body}");
 }
