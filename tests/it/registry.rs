@@ -10,7 +10,7 @@ use futures::StreamExt;
 use llmops::engine::synth::SynthSpec;
 use serde_json::{Value, json};
 
-use crate::process::{ADMIN, Served};
+use crate::process::{ADMIN, Served, call_as};
 use crate::server::TestServer;
 
 const APP: &str = "1nf";
@@ -28,22 +28,6 @@ fn tiny(dir: &Path, name: &str, seed: u64) -> PathBuf {
     .write(&p, None)
     .unwrap();
     p
-}
-
-async fn admin(
-    c: &reqwest::Client,
-    method: reqwest::Method,
-    url: String,
-    body: Option<Value>,
-    key: &str,
-) -> (u16, Value) {
-    let mut r = c.request(method, url).bearer_auth(key);
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let resp = r.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
 }
 
 /// Streams one greedy completion; returns (text, fingerprints seen).
@@ -94,7 +78,7 @@ async fn switching_stable_ten_times_under_streaming_load_drops_nothing() {
     let s = TestServer::start(keys).await;
     let c = reqwest::Client::new();
     let base = |p: &str| s.url(&format!("/admin/v1/models/tiny{p}"));
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         base("/versions"),
@@ -103,11 +87,11 @@ async fn switching_stable_ten_times_under_streaming_load_drops_nothing() {
     )
     .await;
     assert_eq!(st, 201, "{v}");
-    let (st, v) = admin(&c, reqwest::Method::GET, base(""), None, ADMIN).await;
+    let (st, v) = call_as(&c, reqwest::Method::GET, base(""), None, ADMIN).await;
     assert_eq!(st, 200, "{v}");
     let green = v["aliases"]["stable"].as_str().unwrap().to_string();
     for version in [&green, &"blue".to_string()] {
-        let (st, v) = admin(
+        let (st, v) = call_as(
             &c,
             reqwest::Method::POST,
             base(&format!("/versions/{version}/load")),
@@ -120,7 +104,7 @@ async fn switching_stable_ten_times_under_streaming_load_drops_nothing() {
     // Each version's answer, from the version itself.
     let mut expected: BTreeMap<String, String> = BTreeMap::new();
     for version in [&green, &"blue".to_string(), &green] {
-        let (st, v) = admin(
+        let (st, v) = call_as(
             &c,
             reqwest::Method::PUT,
             base("/aliases/stable"),
@@ -161,7 +145,7 @@ async fn switching_stable_ten_times_under_streaming_load_drops_nothing() {
             } else {
                 green.clone()
             };
-            let (st, v) = admin(
+            let (st, v) = call_as(
                 &c,
                 reqwest::Method::PUT,
                 base("/aliases/stable"),
@@ -242,7 +226,7 @@ async fn admin_routes_refuse_inference_keys_and_bad_inputs_change_nothing() {
         (M::GET, "/admin/v1/audit", None),
     ];
     for (m, path, body) in &routes {
-        let (st, v) = admin(&c, m.clone(), u(path), body.clone(), APP).await;
+        let (st, v) = call_as(&c, m.clone(), u(path), body.clone(), APP).await;
         assert_eq!(st, 403, "{m} {path}: {v}");
         assert_eq!(v["error"]["type"], "permission_error");
     }
@@ -271,7 +255,7 @@ async fn admin_routes_refuse_inference_keys_and_bad_inputs_change_nothing() {
     let models_url = s.url("/admin/v1/models");
     let state = || {
         let (c, url) = (c.clone(), models_url.clone());
-        async move { admin(&c, M::GET, url, None, ADMIN).await.1 }
+        async move { call_as(&c, M::GET, url, None, ADMIN).await.1 }
     };
     let before = state().await;
     let corrupt = tiny(tmp.path(), "corrupt", 3);
@@ -279,7 +263,7 @@ async fn admin_routes_refuse_inference_keys_and_bad_inputs_change_nothing() {
     let bytes = std::fs::read(&st_path).unwrap();
     std::fs::write(&st_path, &bytes[..bytes.len() / 3]).unwrap();
     let good = tiny(tmp.path(), "good", 4);
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         M::POST,
         u("/admin/v1/models/tiny/versions"),
@@ -356,7 +340,7 @@ async fn admin_routes_refuse_inference_keys_and_bad_inputs_change_nothing() {
         ),
     ];
     for (name, m, path, body, want) in bad_rows {
-        let (st, v) = admin(&c, m, u(path), body, ADMIN).await;
+        let (st, v) = call_as(&c, m, u(path), body, ADMIN).await;
         assert_eq!(st, want, "{name}: {v}");
         assert!(
             v["error"]["message"]
@@ -367,7 +351,7 @@ async fn admin_routes_refuse_inference_keys_and_bad_inputs_change_nothing() {
         assert_eq!(state().await, before_bad, "{name} changed the registry");
     }
     // Failures are audited with their reason.
-    let (_, audit) = admin(&c, M::GET, u("/admin/v1/audit"), None, ADMIN).await;
+    let (_, audit) = call_as(&c, M::GET, u("/admin/v1/audit"), None, ADMIN).await;
     let failed = audit["entries"]
         .as_array()
         .unwrap()
@@ -454,7 +438,7 @@ async fn unloading_a_version_returns_its_memory() {
     let p = spawn(&small, &tmp.path().join("data")).await;
     let c = reqwest::Client::new();
     let url = |s: &str| format!("http://127.0.0.1:{}{s}", p.http);
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         url("/admin/v1/models/tiny/versions"),
@@ -464,7 +448,7 @@ async fn unloading_a_version_returns_its_memory() {
     .await;
     assert_eq!(st, 201, "{v}");
     let before_load = rss(&c, &p).await;
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         url("/admin/v1/models/tiny/versions/big/load"),
@@ -474,7 +458,7 @@ async fn unloading_a_version_returns_its_memory() {
     .await;
     assert_eq!(st, 200, "{v}");
     let loaded = rss(&c, &p).await;
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         url("/admin/v1/models/tiny/versions/big/unload"),
@@ -549,7 +533,7 @@ async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
             let after = entries
                 .last()
                 .map_or(0, |e: &Value| e["seq"].as_u64().unwrap());
-            let (_, page) = admin(
+            let (_, page) = call_as(
                 &c,
                 reqwest::Method::GET,
                 url(&format!("/admin/v1/audit?after={after}&limit=1000")),
@@ -564,7 +548,7 @@ async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
             entries.extend(page);
         }
         let audit = json!({ "entries": entries });
-        let (_, model) = admin(
+        let (_, model) = call_as(
             &c,
             reqwest::Method::GET,
             url("/admin/v1/models/tiny"),
@@ -604,7 +588,7 @@ async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
             "round {round}: aliases match the audit log"
         );
         // What serves is what `stable` says.
-        let (_, serving) = admin(
+        let (_, serving) = call_as(
             &c,
             reqwest::Method::GET,
             url("/admin/v1/serving"),
@@ -624,7 +608,7 @@ async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
                 // Register the next candidate while any remain, and switch aliases.
                 let ver = if next < candidates.len() {
                     let path = &candidates[next];
-                    let (st, v) = admin(
+                    let (st, v) = call_as(
                         &c,
                         reqwest::Method::POST,
                         url("/admin/v1/models/tiny/versions"),
@@ -642,7 +626,7 @@ async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
                     Some(format!("v{}", 1 + next % candidates.len()))
                 };
                 if let Some(ver) = ver {
-                    admin(
+                    call_as(
                         &c,
                         reqwest::Method::PUT,
                         url("/admin/v1/models/tiny/aliases/stable"),
@@ -650,7 +634,7 @@ async fn sigkill_during_registrations_and_swaps_leaves_a_consistent_registry() {
                         ADMIN,
                     )
                     .await;
-                    admin(
+                    call_as(
                         &c,
                         reqwest::Method::PUT,
                         url("/admin/v1/models/tiny/aliases/previous"),
@@ -706,7 +690,7 @@ async fn complete(c: &reqwest::Client, s: &TestServer, model: &str) -> u16 {
 
 /// The `serving` entry of one model.
 async fn serving_of(c: &reqwest::Client, s: &TestServer, model: &str) -> Value {
-    let (st, v) = admin(
+    let (st, v) = call_as(
         c,
         reqwest::Method::GET,
         s.url("/admin/v1/serving"),
@@ -745,7 +729,7 @@ async fn a_version_whose_files_changed_is_refused_naming_both_digests() {
     let s = serve_models(&tmp.path().join("data"), &[("tiny", &base)], |_| {}).await;
     let c = reqwest::Client::new();
     let u = |p: &str| s.url(&format!("/admin/v1/models/tiny{p}"));
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         u("/versions"),
@@ -768,7 +752,7 @@ async fn a_version_whose_files_changed_is_refused_naming_both_digests() {
         ),
     ];
     for (m, url, body) in attempts {
-        let (st, v) = admin(&c, m.clone(), url, body, ADMIN).await;
+        let (st, v) = call_as(&c, m.clone(), url, body, ADMIN).await;
         assert_eq!(st, 503, "{m}: {v}");
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(
@@ -847,7 +831,7 @@ async fn models_whose_files_vanished_or_changed_do_not_stop_the_others_from_serv
     // Pointing `stable` at good weights brings the model back.
     let good = tiny(tmp.path(), "good", 25);
     let url = |p: &str| s.url(&format!("/admin/v1/models/swapped{p}"));
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         url("/versions"),
@@ -856,7 +840,7 @@ async fn models_whose_files_vanished_or_changed_do_not_stop_the_others_from_serv
     )
     .await;
     assert_eq!(st, 201, "{v}");
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::PUT,
         url("/aliases/stable"),
@@ -917,7 +901,7 @@ async fn a_torn_last_line_in_the_log_is_dropped_and_the_server_restarts() {
 
     let s = serve_models(&data, &[("tiny", &base)], |_| {}).await;
     let c = reqwest::Client::new();
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::PUT,
         s.url("/admin/v1/models/tiny/aliases/canary"),
@@ -945,7 +929,7 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
     let c = reqwest::Client::new();
     let p = spawn(&base, &data).await;
     let cand = tiny(tmp.path(), "cand", 52);
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::POST,
         format!("http://127.0.0.1:{}/admin/v1/models/tiny/versions", p.http),
@@ -966,7 +950,7 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
         p.http
     );
     for _ in 0..2 {
-        let (st, v) = admin(
+        let (st, v) = call_as(
             &c,
             reqwest::Method::PUT,
             url.clone(),
@@ -982,7 +966,7 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
     // A hot swap whose audit entry cannot be written is refused to the
     // caller and changes nothing: v1 still serves, and inference goes on.
     let base_url = |s: &str| format!("http://127.0.0.1:{}{s}", p.http);
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::PUT,
         base_url("/admin/v1/models/tiny/aliases/stable"),
@@ -993,7 +977,7 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
     assert_eq!(st, 507, "{v}");
     assert_eq!(v["error"]["type"], "server_error", "{v}");
     assert_eq!(v["error"]["code"], "insufficient_storage", "{v}");
-    let (_, model) = admin(
+    let (_, model) = call_as(
         &c,
         reqwest::Method::GET,
         base_url("/admin/v1/models/tiny"),
@@ -1002,7 +986,7 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
     )
     .await;
     assert_eq!(model["aliases"], json!({"stable": "v1"}), "{model}");
-    let (_, serving) = admin(
+    let (_, serving) = call_as(
         &c,
         reqwest::Method::GET,
         base_url("/admin/v1/serving"),
@@ -1033,7 +1017,7 @@ async fn a_failed_append_is_cut_back_so_the_log_stays_readable() {
         "http://127.0.0.1:{}/admin/v1/models/tiny/aliases/canary",
         p.http
     );
-    let (st, v) = admin(
+    let (st, v) = call_as(
         &c,
         reqwest::Method::PUT,
         url,
@@ -1069,7 +1053,7 @@ fn limit_file_size(pid: u32, limit: u64) {
 
 /// The versions `/admin/v1/serving` says are loaded for `tiny`.
 async fn loaded(c: &reqwest::Client, p: &Served) -> Vec<String> {
-    let (_, v) = admin(
+    let (_, v) = call_as(
         c,
         reqwest::Method::GET,
         p.url("/admin/v1/serving"),
@@ -1095,7 +1079,7 @@ async fn a_full_disk_refuses_register_load_and_unload_with_507_and_changes_nothi
     let p = spawn_with(&base, &data, Some(libc::RLIM_INFINITY)).await;
     let post = |path: String, body: Option<Value>| {
         let c = c.clone();
-        async move { admin(&c, reqwest::Method::POST, path, body, ADMIN).await }
+        async move { call_as(&c, reqwest::Method::POST, path, body, ADMIN).await }
     };
     for (v, seed) in [("v2", 62), ("v3", 63)] {
         let m = tiny(tmp.path(), v, seed);
@@ -1152,7 +1136,7 @@ async fn a_full_disk_refuses_register_load_and_unload_with_507_and_changes_nothi
         ["v1", "v3"],
         "a refused unload leaves the version loaded"
     );
-    let (_, model) = admin(
+    let (_, model) = call_as(
         &c,
         reqwest::Method::GET,
         p.url("/admin/v1/models/tiny"),
@@ -1215,7 +1199,7 @@ async fn devices_and_fifos_are_refused_at_once_and_the_admin_plane_stays_up() {
     std::fs::remove_file(folder.join("model.safetensors")).unwrap();
     mkfifo(&folder.join("model.safetensors"));
     for path in [Path::new("/dev/zero"), &fifo, &folder] {
-        let register = admin(
+        let register = call_as(
             &c,
             reqwest::Method::POST,
             s.url("/admin/v1/models/tiny/versions"),
@@ -1229,7 +1213,7 @@ async fn devices_and_fifos_are_refused_at_once_and_the_admin_plane_stays_up() {
         let msg = v["error"]["message"].as_str().unwrap();
         assert!(msg.contains("regular file"), "{msg}");
     }
-    let serving = admin(
+    let serving = call_as(
         &c,
         reqwest::Method::GET,
         s.url("/admin/v1/serving"),
@@ -1261,7 +1245,7 @@ async fn with_model_roots_only_paths_under_them_can_be_registered() {
     let register = |path: PathBuf| {
         let (c, url) = (c.clone(), s.url("/admin/v1/models/tiny/versions"));
         async move {
-            admin(
+            call_as(
                 &c,
                 reqwest::Method::POST,
                 url,
@@ -1300,7 +1284,7 @@ async fn audit_entries(c: &reqwest::Client, http: u16) -> Vec<Value> {
     let mut entries: Vec<Value> = vec![];
     loop {
         let after = entries.last().map_or(0, |e| e["seq"].as_u64().unwrap());
-        let (st, page) = admin(
+        let (st, page) = call_as(
             c,
             reqwest::Method::GET,
             format!("http://127.0.0.1:{http}/admin/v1/audit?after={after}&limit=1000"),
@@ -1329,7 +1313,7 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
     {
         let p = spawn(&base, &data).await;
         for (i, path) in cands.iter().enumerate() {
-            let (st, v) = admin(
+            let (st, v) = call_as(
                 &c,
                 reqwest::Method::POST,
                 format!("http://127.0.0.1:{}/admin/v1/models/tiny/versions", p.http),
@@ -1348,7 +1332,7 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
         // The catalog is the replay of the log: versions, aliases, rollouts.
         let entries = audit_entries(&c, p.http).await;
         let (versions, aliases) = replay(&json!({ "entries": entries }));
-        let (_, model) = admin(
+        let (_, model) = call_as(
             &c,
             reqwest::Method::GET,
             url("/admin/v1/models/tiny"),
@@ -1383,7 +1367,7 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
                 last_status.insert(e["id"].as_str().unwrap().into(), e["status"].clone());
             }
         }
-        let (st, rollouts) = admin(
+        let (st, rollouts) = call_as(
             &c,
             reqwest::Method::GET,
             url("/admin/v1/rollouts"),
@@ -1409,7 +1393,7 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
             }
         }
         // What serves is `stable`, with no canary left, and it answers.
-        let (_, serving) = admin(
+        let (_, serving) = call_as(
             &c,
             reqwest::Method::GET,
             url("/admin/v1/serving"),
@@ -1438,7 +1422,7 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
         // Start a rollout (it stays in progress: a long interval), then load
         // and unload the other versions until the kill.
         let cand = format!("k{}", round % 3);
-        let (st, ro) = admin(
+        let (st, ro) = call_as(
             &c,
             reqwest::Method::POST,
             url("/admin/v1/rollouts"),
@@ -1453,7 +1437,7 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
             for i in 0u64.. {
                 let other = format!("k{}", (round + 1 + i % 2) % 3);
                 for op in ["load", "unload"] {
-                    let (st, v) = admin(
+                    let (st, v) = call_as(
                         &c,
                         reqwest::Method::POST,
                         url(&format!("/admin/v1/models/tiny/versions/{other}/{op}")),
@@ -1466,7 +1450,7 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
                 // Odd rounds: abort and start again, so the kill may land
                 // inside a rollout's own writes too.
                 if round % 2 == 1 && i % 3 == 2 {
-                    admin(
+                    call_as(
                         &c,
                         reqwest::Method::POST,
                         url(&format!("/admin/v1/rollouts/{id}/abort")),
@@ -1474,7 +1458,7 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
                         ADMIN,
                     )
                     .await;
-                    admin(
+                    call_as(
                         &c,
                         reqwest::Method::POST,
                         url("/admin/v1/rollouts"),
