@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json};
 use futures::StreamExt;
+use tracing::Instrument;
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 
@@ -477,9 +478,13 @@ async fn chat_completions(
     let until = deadline(&headers, &st.limits, arrival)?;
     let spec = spec(&req.common, input, max_tokens, logprobs, arrival, until)?;
     let span = tracing::info_span!("chat", request_id = %rid.0, model = %req.model, version = %target.version);
-    let _e = span.enter();
-    let valid = infer::validate(&target, vec![spec], &st.limits).await?;
-    let generation = infer::submit(&picked, valid, &principal.quota)?;
+    // The span is entered only where no await follows: a guard held across
+    // an await leaves it current on a worker thread that runs other tasks,
+    // whose spans then name a parent that may be closed (tracing panics).
+    let valid = infer::validate(&target, vec![spec], &st.limits)
+        .instrument(span.clone())
+        .await?;
+    let generation = span.in_scope(|| infer::submit(&picked, valid, &principal.quota))?;
     let env = Envelope::new("chatcmpl", &req.model, &target);
     let tok = target.engine.tokenizer().clone();
     if req.common.stream {
@@ -491,7 +496,8 @@ async fn chat_completions(
         return Ok(sse_stream(generation, writer, req.common.include_usage()).into_response());
     }
     let prompt_tokens = generation.prompt_tokens;
-    let outs = within_deadline(generation.collect().await?)?;
+    let outs = within_deadline(generation.collect().instrument(span.clone()).await?)?;
+    let _e = span.enter(); // no await below
     let completion_tokens: usize = outs.iter().map(|o| o.completion_tokens).sum();
     let choices = outs
         .into_iter()
@@ -561,10 +567,12 @@ async fn completions(
         .map(|input| spec(&req.common, input, max_tokens, logprobs, arrival, until))
         .collect::<Result<Vec<_>, _>>()?;
     let span = tracing::info_span!("completion", request_id = %rid.0, model = %req.model, version = %target.version);
-    let _e = span.enter();
-    // Every prompt is validated before any is submitted.
-    let valid = infer::validate(&target, specs, &st.limits).await?;
-    let generation = infer::submit(&picked, valid, &principal.quota)?;
+    // Every prompt is validated before any is submitted. (The span is never
+    // entered across an await: see `chat_completions`.)
+    let valid = infer::validate(&target, specs, &st.limits)
+        .instrument(span.clone())
+        .await?;
+    let generation = span.in_scope(|| infer::submit(&picked, valid, &principal.quota))?;
     let env = Envelope::new("cmpl", &req.model, &target);
     let tok = target.engine.tokenizer().clone();
     if req.common.stream {
@@ -577,7 +585,8 @@ async fn completions(
         return Ok(sse_stream(generation, writer, req.common.include_usage()).into_response());
     }
     let prompt_tokens = generation.prompt_tokens;
-    let outs = within_deadline(generation.collect().await?)?;
+    let outs = within_deadline(generation.collect().instrument(span.clone()).await?)?;
+    let _e = span.enter(); // no await below
     let completion_tokens: usize = outs.iter().map(|o| o.completion_tokens).sum();
     let choices = outs
         .into_iter()
@@ -942,8 +951,15 @@ async fn ready(State(st): State<HttpState>) -> Response {
             _ => not_ready.push(name.clone()),
         }
     }
+    // A fleet replica whose shared registry is unreachable still serves
+    // its last known state: ready, with the registry's state in the body.
+    let fleet = st.ops.as_ref().and_then(|o| o.fleet_status());
     if not_ready.is_empty() {
-        (StatusCode::OK, Json(serde_json::json!({"status": "ready"}))).into_response()
+        let mut body = serde_json::json!({"status": "ready"});
+        if let Some(f) = fleet {
+            body["fleet"] = f;
+        }
+        (StatusCode::OK, Json(body)).into_response()
     } else {
         ApiError::Unavailable(format!("not ready: {}", not_ready.join(", "))).into_response()
     }
