@@ -14,6 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("llmops_descriptor.bin"))
         .compile_protos(&protos, &[PathBuf::from("proto")])?;
+    // The subset of etcd's API the shared registry speaks (a client only).
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_protos(&[PathBuf::from("proto/etcd/rpc.proto")], &[PathBuf::from("proto")])?;
     println!("cargo:rerun-if-changed=proto");
     // The default model is compiled in when its files are present.
     println!("cargo::rustc-check-cfg=cfg(llmops_embedded)");

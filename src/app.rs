@@ -67,8 +67,17 @@ pub async fn run(
         .first()
         .map(|m| m.device.clone())
         .unwrap_or_else(|| "cpu".into());
+    let (registry, replica_id) = match &cfg.server.registry {
+        Some(opts) => (open_shared_registry(opts).await?, opts.replica_id.clone()),
+        None => (
+            crate::registry::Registry::open(&cfg.server.data_dir)?,
+            String::new(),
+        ),
+    };
+    tracing::info!(registry = %registry.location(), "registry opened");
     let ops = Arc::new(
-        Controller::open(
+        Controller::with_registry(
+            registry,
             &cfg.server.data_dir,
             router.clone(),
             cfg.scheduler.clone(),
@@ -76,15 +85,16 @@ pub async fn run(
             cfg.server.gguf_weights,
             Some(health.clone()),
         )?
+        .with_replica_id(replica_id)
         .with_model_roots(cfg.server.model_roots.clone())
         .with_hooks(&cfg.hooks)?
         .with_drift(cfg.drift.clone())
         .with_engine_path(cfg.server.engine_path),
     );
-    tracing::info!(registry = %cfg.server.data_dir.display(), "registry opened");
     // What was serving before a restart is restored before traffic is accepted.
     let served = ops.restore(&cfg.models).await?;
     ops.watch_engines();
+    ops.follow();
     ops.start_autopilot(
         crate::control::autopilot::AutopilotSpec::from_config(cfg.autopilot.as_ref())
             .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?,
@@ -244,4 +254,29 @@ async fn serve(
 /// [`crate::api::tune_socket`], in `tap_io`'s shape.
 fn tune(stream: &mut TcpStream) {
     crate::api::tune_socket(stream);
+}
+
+/// Connects to the fleet's registry in etcd and reads its log, trying for
+/// up to 30 s (etcd may start after the replicas, as in a fresh cluster).
+async fn open_shared_registry(
+    opts: &crate::registry::etcd::EtcdOptions,
+) -> anyhow::Result<crate::registry::Registry> {
+    let store = crate::registry::etcd::Etcd::connect(opts)?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || crate::registry::Registry::open_shared(s)).await? {
+            Ok(r) => {
+                tracing::info!(replica = %opts.replica_id, entries = r.entries().len(), "shared registry read");
+                return Ok(r);
+            }
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = format!("{e:#}"), "shared registry not reachable yet; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                return Err(e.context(format!("the shared registry at {}", opts.url)));
+            }
+        }
+    }
 }

@@ -117,6 +117,31 @@ pub struct ServeArgs {
     /// the check off (SIGHUP still reloads). Default 5.
     #[arg(long, env = "LLMOPS_TLS_RELOAD_SECS")]
     pub tls_reload_secs: Option<f64>,
+    /// Share the registry with the other replicas of a fleet through etcd:
+    /// `etcd://host:2379[,host:2379…]/prefix`. Unset: this replica's own
+    /// log in --data-dir.
+    #[arg(long, env = "LLMOPS_REGISTRY")]
+    pub registry: Option<String>,
+    /// CA certificate (PEM) of the etcd servers; turns TLS on.
+    #[arg(long, env = "LLMOPS_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd's client-certificate auth.
+    #[arg(long, env = "LLMOPS_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert (PEM).
+    #[arg(long, env = "LLMOPS_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user (role-based auth); the password is read from
+    /// LLMOPS_ETCD_PASSWORD.
+    #[arg(long, env = "LLMOPS_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// This replica's name in the fleet [default: host name and process id].
+    #[arg(long, env = "LLMOPS_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// Seconds a dead leader keeps the role before another replica takes it
+    /// [default: 5].
+    #[arg(long, env = "LLMOPS_LEADER_TTL_SECS")]
+    pub leader_ttl_secs: Option<u64>,
 }
 
 /// Listener and process settings.
@@ -145,6 +170,8 @@ pub struct ServerConfig {
     pub allow_version_pinning: bool,
     /// TLS for the HTTP and gRPC listeners; plain TCP when absent.
     pub tls: Option<TlsConfig>,
+    /// The fleet's shared registry; `None`: the local log in `data_dir`.
+    pub registry: Option<crate::registry::etcd::EtcdOptions>,
 }
 
 /// TLS files, read when the server starts and again on SIGHUP or when
@@ -248,6 +275,13 @@ struct FileServer {
     tls_key: Option<PathBuf>,
     admin_client_ca: Option<PathBuf>,
     tls_reload_secs: Option<f64>,
+    registry: Option<String>,
+    etcd_ca: Option<PathBuf>,
+    etcd_cert: Option<PathBuf>,
+    etcd_key: Option<PathBuf>,
+    etcd_user: Option<String>,
+    replica_id: Option<String>,
+    leader_ttl_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -387,7 +421,59 @@ fn server_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<ServerCo
         allow_version_pinning: args.allow_version_pinning
             || file.allow_version_pinning.unwrap_or(false),
         tls: tls_config(args, file)?,
+        registry: registry_config(args, file)?,
     })
+}
+
+/// `--registry etcd://…` and its options, when the registry is shared.
+fn registry_config(
+    args: &ServeArgs,
+    file: &FileServer,
+) -> anyhow::Result<Option<crate::registry::etcd::EtcdOptions>> {
+    let Some(url) = args.registry.clone().or(file.registry.clone()) else {
+        return Ok(None);
+    };
+    crate::registry::etcd::parse_url(&url)?;
+    let cert = args.etcd_cert.clone().or(file.etcd_cert.clone());
+    let key = args.etcd_key.clone().or(file.etcd_key.clone());
+    if cert.is_some() != key.is_some() {
+        bail!("etcd_cert and etcd_key go together");
+    }
+    let ttl = args.leader_ttl_secs.or(file.leader_ttl_secs).unwrap_or(5);
+    if !(2..=600).contains(&ttl) {
+        bail!("leader_ttl_secs must be 2 to 600 seconds, got {ttl}");
+    }
+    let replica_id = args
+        .replica_id
+        .clone()
+        .or(file.replica_id.clone())
+        .unwrap_or_else(default_replica_id);
+    if replica_id.is_empty() || replica_id.contains('/') {
+        bail!("replica id `{replica_id}` must be a non-empty name without `/`");
+    }
+    Ok(Some(crate::registry::etcd::EtcdOptions {
+        url,
+        ca: args.etcd_ca.clone().or(file.etcd_ca.clone()),
+        cert,
+        key,
+        user: args.etcd_user.clone().or(file.etcd_user.clone()),
+        password: std::env::var("LLMOPS_ETCD_PASSWORD").ok(),
+        replica_id,
+        leader_ttl: Duration::from_secs(ttl),
+        timeout: Duration::from_secs(2),
+    }))
+}
+
+/// The host name and the process id: unique per replica on one machine,
+/// and in a pod (whose host name is the pod's).
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().replace('/', "-"))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "llmops".into());
+    format!("{host}-{}", std::process::id())
 }
 
 /// `[limits]` under the flags.

@@ -8,3 +8,16 @@ tonic::include_proto!("llmops.v1");
 
 /// Descriptors for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("llmops_descriptor");
+
+/// etcd's key-value messages (`mvccpb`), for [`etcdserverpb`].
+pub mod mvccpb {
+    #![allow(missing_docs, clippy::all, clippy::unwrap_used)]
+    tonic::include_proto!("mvccpb");
+}
+
+/// The client side of etcd's v3 API that the shared registry speaks
+/// (`registry::etcd`): KV, Watch, Lease, Auth.Authenticate.
+pub mod etcdserverpb {
+    #![allow(missing_docs, clippy::all, clippy::unwrap_used)]
+    tonic::include_proto!("etcdserverpb");
+}

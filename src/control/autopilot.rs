@@ -191,23 +191,8 @@ impl Controller {
         *self
             .autopilot_file
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = spec.clone();
-        let stored = self.catalog().state().autopilot.clone();
-        let spec = match stored.map(|v| AutopilotSpec::from_config(Some(&v))) {
-            None => spec,
-            Some(Ok(s)) => {
-                tracing::info!(
-                    policy = s.policy.as_str(),
-                    "autopilot settings restored from the admin API"
-                );
-                s
-            }
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "stored autopilot settings refused; the file's apply");
-                spec
-            }
-        };
-        *self.autopilot_spec() = spec;
+            .unwrap_or_else(|p| p.into_inner()) = spec;
+        self.restore_autopilot_settings();
         let mut rx = self.drift_events();
         let me = self.clone();
         tokio::spawn(async move {
@@ -294,6 +279,32 @@ impl Controller {
         Ok(self.autopilot_status())
     }
 
+    /// The settings in force: the admin API's from the catalog, or else
+    /// `[autopilot]` from the file.
+    pub(super) fn restore_autopilot_settings(&self) {
+        let file = self
+            .autopilot_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let stored = self.catalog().state().autopilot.clone();
+        let spec = match stored.map(|v| AutopilotSpec::from_config(Some(&v))) {
+            None => file,
+            Some(Ok(s)) => {
+                tracing::info!(
+                    policy = s.policy.as_str(),
+                    "autopilot settings restored from the admin API"
+                );
+                s
+            }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "stored autopilot settings refused; the file's apply");
+                file
+            }
+        };
+        *self.autopilot_spec() = spec;
+    }
+
     async fn on_drift(self: &Arc<Self>, t: DriftTransition) {
         let details = serde_json::to_value(&t).unwrap_or(Value::Null);
         match t.to {
@@ -313,6 +324,11 @@ impl Controller {
             .deployment(&t.model)
             .map(|d| d.stable.version.clone());
         if stable.as_deref() != Some(t.version.as_str()) {
+            return;
+        }
+        // In a fleet every replica judges its own traffic and tells the
+        // hooks; only the leader's drift starts the loop (one retrain).
+        if !self.leads() {
             return;
         }
         let spec = self.autopilot_spec().clone();

@@ -146,8 +146,13 @@ impl Controller {
     /// At start, after the models serve: the captures the catalog has are
     /// turned on again. One that cannot be is logged and left off.
     pub(super) fn restore_captures(&self) {
+        self.restore_captures_where(|_| true);
+    }
+
+    /// As [`Controller::restore_captures`], for the models `pick` names.
+    pub(super) fn restore_captures_where(&self, pick: impl Fn(&str) -> bool) {
         let stored = self.catalog().state().captures.clone();
-        for (model, v) in stored {
+        for (model, v) in stored.into_iter().filter(|(m, _)| pick(m)) {
             let spec: CaptureSpec = match serde_json::from_value(v) {
                 Ok(s) => s,
                 Err(e) => {

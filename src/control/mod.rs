@@ -10,6 +10,7 @@
 pub mod autopilot;
 pub mod capture;
 pub mod drift;
+pub mod fleet;
 pub mod hooks;
 pub mod retrain;
 pub mod rollout;
@@ -166,6 +167,15 @@ pub struct Controller {
     drift_events: tokio::sync::broadcast::Sender<crate::monitor::drift::DriftTransition>,
     /// Where frozen drift references are kept (beside the audit log).
     drift_dir: PathBuf,
+    /// The shared registry of a fleet (`None`: this replica's own log).
+    fleet: Option<Arc<registry::etcd::Etcd>>,
+    /// This replica's name in the fleet.
+    replica_id: String,
+    /// The registry state the engines and router were last reconciled to
+    /// (fleet only).
+    seen: std::sync::Mutex<State>,
+    /// Whether this replica's last published samples were not empty.
+    published: std::sync::atomic::AtomicBool,
 }
 
 /// Why a model is not served.
@@ -232,8 +242,36 @@ impl Controller {
         gguf_weights: GgufWeights,
         health: Option<tonic_health::server::HealthReporter>,
     ) -> anyhow::Result<Self> {
-        let registry = Arc::new(std::sync::Mutex::new(Registry::open(data_dir)?));
+        Self::with_registry(
+            Registry::open(data_dir)?,
+            data_dir,
+            router,
+            scheduler,
+            device,
+            gguf_weights,
+            health,
+        )
+    }
+
+    /// A controller on an opened registry (a local log or a fleet's shared
+    /// one); `data_dir` keeps this replica's own files (capture, drift
+    /// references, hook secrets).
+    pub fn with_registry(
+        registry: Registry,
+        data_dir: &std::path::Path,
+        router: Arc<Router>,
+        scheduler: SchedulerConfig,
+        device: String,
+        gguf_weights: GgufWeights,
+        health: Option<tonic_health::server::HealthReporter>,
+    ) -> anyhow::Result<Self> {
+        let fleet = registry.shared().cloned();
+        let registry = Arc::new(std::sync::Mutex::new(registry));
         Ok(Self {
+            fleet,
+            replica_id: String::new(),
+            seen: Default::default(),
+            published: Default::default(),
             hooks: Hooks::new(Some(registry.clone())),
             registry,
             data_dir: data_dir.to_path_buf(),
@@ -259,6 +297,12 @@ impl Controller {
             drift_events: tokio::sync::broadcast::channel(256).0,
             drift_dir: data_dir.join("drift"),
         })
+    }
+
+    /// This replica's name in a fleet (the leader key, published samples).
+    pub fn with_replica_id(mut self, id: String) -> Self {
+        self.replica_id = id;
+        self
     }
 
     /// Drift settings (`[drift]`, per-model overrides).
@@ -304,6 +348,19 @@ impl Controller {
         // A panic while holding this lock cannot leave the map inconsistent
         // (single inserts/removes), so a poisoned lock is still usable.
         self.engines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, State> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn published_any(&self) -> bool {
+        self.published.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_published(&self, any: bool) {
+        self.published
+            .store(any, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn catalog(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -352,9 +409,15 @@ impl Controller {
             )
             .map_err(|e| {
                 tracing::error!(error = format!("{e:#}"), "registry log append failed");
-                ControlError::Storage(format!(
-                    "the action was not taken: the registry log (audit.jsonl) could not be written ({e})"
-                ))
+                match &self.fleet {
+                    Some(f) => ControlError::Unavailable(format!(
+                        "the action was not taken: the shared registry ({}) could not be written ({e:#}); replicas serve their last known state until it is back",
+                        f.url()
+                    )),
+                    None => ControlError::Storage(format!(
+                        "the action was not taken: the registry log (audit.jsonl) could not be written ({e})"
+                    )),
+                }
             })
     }
 
@@ -927,14 +990,26 @@ impl Controller {
     ) -> anyhow::Result<Vec<String>> {
         let actor = Actor::startup();
         self.restore_drift_settings();
-        self.settle_interrupted_rollouts()
-            .await
-            .map_err(|e| anyhow::anyhow!("settling interrupted rollouts: {e}"))?;
+        if self.fleet.is_none() {
+            self.settle_interrupted_rollouts()
+                .await
+                .map_err(|e| anyhow::anyhow!("settling interrupted rollouts: {e}"))?;
+        }
         for spec in configured {
-            if let Err(e) = self.restore_configured(&actor, spec).await {
+            // Replicas of a fleet start together and may race to register
+            // the same files: the loser catches up and looks again.
+            let mut tries = if self.fleet.is_some() { 3 } else { 0 };
+            while let Err(e) = self.restore_configured(&actor, spec).await {
+                if tries > 0 {
+                    tries -= 1;
+                    tracing::info!(model = %spec.name, error = format!("{e:#}"), "another replica changed the registry; looking again");
+                    let _ = self.catalog().catch_up();
+                    continue;
+                }
                 // The registry may still hold a stable version that serves.
                 self.report_failure(&spec.name, None, format!("{e:#}"))
                     .await;
+                break;
             }
         }
         // Serve every model with a stable alias.
@@ -959,6 +1034,12 @@ impl Controller {
         self.restore_shadows().await;
         self.restore_hooks();
         self.restore_captures();
+        // A fleet's rollouts in flight go on: the follower puts their
+        // canaries in the table and the leader adopts them.
+        *self.seen() = State {
+            rollouts: Default::default(),
+            ..self.state().await
+        };
         let failed = self.failed().clone();
         if served.is_empty() && !failed.is_empty() {
             let why: Vec<String> = failed
@@ -1043,7 +1124,11 @@ impl Controller {
                 json!({
                     "model": name,
                     "aliases": m.aliases,
-                    "serving": table.models.get(name).map(|d| json!({"version": d.stable.version, "ready": d.stable.engine.is_ready()})),
+                    "serving": table.models.get(name).map(|d| json!({
+                        "version": d.stable.version,
+                        "ready": d.stable.engine.is_ready(),
+                        "canary": d.canary.as_ref().map(|c| json!({"version": c.target.version, "weight": c.weight_bp / 100})),
+                    })),
                     "loaded": loaded,
                     "failed": failed.get(name),
                 })

@@ -431,15 +431,26 @@ impl Controller {
             .set_canary(&model, target, status.weight * 100, status.spec.sticky_key);
         self.record_rollout(actor, &mut status, "started").await?;
         tracing::info!(model, id = %status.id, candidate = %status.spec.candidate, weight = status.weight, key = %actor.key_id, "rollout started");
-        let (tx, rx) = mpsc::channel(8);
-        self.rollouts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(model.clone(), Running { tx });
-        let me = self.clone();
-        let running = status.clone();
-        tokio::spawn(async move { me.drive(running, rx).await });
+        // In a fleet the leader drives it (this replica, or the one that
+        // adopts it when the entry reaches it).
+        if self.leads() {
+            self.drive_here(status.clone());
+        }
         Ok(status)
+    }
+
+    /// Starts the task that analyses `status` every interval, unless one
+    /// here drives the model's rollout already; `true` when it started.
+    pub(super) fn drive_here(self: &Arc<Self>, status: RolloutStatus) -> bool {
+        let mut running = self.rollouts.lock().unwrap_or_else(|p| p.into_inner());
+        if running.contains_key(&status.spec.model) {
+            return false;
+        }
+        let (tx, rx) = mpsc::channel(8);
+        running.insert(status.spec.model.clone(), Running { tx });
+        let me = self.clone();
+        tokio::spawn(async move { me.drive(status, rx).await });
+        true
     }
 
     /// A rollout with shadow gates starts only when the model's shadow of
@@ -502,8 +513,19 @@ impl Controller {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&status.spec.model)
-            .map(|r| r.tx.clone())
-            .ok_or_else(|| ControlError::Conflict(format!("rollout `{id}` is not running")))?;
+            .map(|r| r.tx.clone());
+        let Some(tx) = tx else {
+            if self.is_fleet() {
+                // The leader drives it elsewhere: the command is recorded
+                // here, and the leader's driver reads it from the log.
+                let mut status = status;
+                self.apply_command(&mut status, command, actor).await?;
+                return Ok(status);
+            }
+            return Err(ControlError::Conflict(format!(
+                "rollout `{id}` is not running"
+            )));
+        };
         tx.send((command, actor.clone()))
             .await
             .map_err(|_| ControlError::Conflict(format!("rollout `{id}` has ended")))?;
@@ -533,6 +555,22 @@ impl Controller {
         let interval = Duration::from_secs_f64(status.spec.interval_secs);
         let mut window_start = Instant::now();
         loop {
+            if self.is_fleet() {
+                // Another replica may have paused, resumed, promoted or
+                // aborted it, and only the leader drives.
+                if !self.leads() {
+                    tracing::info!(model, id = %status.id, "no longer the leader; another replica drives the rollout");
+                    break;
+                }
+                if let Ok(now) = self.rollout(&status.id).await
+                    && now.updated != status.updated
+                {
+                    status = now;
+                }
+                if !status.phase.is_active() {
+                    break;
+                }
+            }
             let command = tokio::select! {
                 c = commands.recv() => c,
                 _ = tokio::time::sleep_until((window_start + interval).into()) => None,
@@ -626,11 +664,16 @@ impl Controller {
                 )
                 .await;
         };
-        let stable = d.stable.engine.window().between(Variant::Stable, from, to);
-        let canary = canary_target
+        let mut stable = d.stable.engine.window().between(Variant::Stable, from, to);
+        let mut canary = canary_target
             .engine
             .window()
             .between(Variant::Canary, from, to);
+        // A fleet's leader judges every replica's traffic.
+        let (others_stable, others_canary) =
+            self.fleet_samples(&model, super::fleet::wall(from), super::fleet::wall(to));
+        stable.extend(others_stable);
+        canary.extend(others_canary);
         let mut report = canary::analyse(&status.spec.analysis, &stable, &canary);
         // A dead engine is a failed check whatever its last samples said.
         if canary_target.engine.has_failed() {

@@ -51,7 +51,7 @@ impl Controller {
     }
 
     /// Checks a shadow's settings and loads its candidate.
-    async fn start_shadow(
+    pub(super) async fn start_shadow(
         &self,
         model: &str,
         spec: &ShadowSpec,

@@ -42,10 +42,18 @@ impl Window {
 
     /// The samples of `variant` recorded in `[from, to)`.
     pub fn between(&self, variant: Variant, from: Instant, to: Instant) -> Vec<Sample> {
+        self.between_at(variant, from, to)
+            .into_iter()
+            .map(|(_, x)| x)
+            .collect()
+    }
+
+    /// As [`Window::between`], with when each was recorded.
+    pub fn between_at(&self, variant: Variant, from: Instant, to: Instant) -> Vec<(Instant, Sample)> {
         let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         s.iter()
             .filter(|(at, v, _)| *v == variant && *at >= from && *at < to)
-            .map(|(_, _, x)| *x)
+            .map(|(at, _, x)| (*at, *x))
             .collect()
     }
 }

@@ -7,6 +7,12 @@
 //! is the replay of the successful entries. A crash can only leave a torn
 //! last line (never acknowledged), which recovery drops; so the state always
 //! equals what the log says, and a version is registered whole or not at all.
+//!
+//! A fleet of replicas shares one log in etcd instead (`etcd.rs`,
+//! `--registry etcd://…`): the same entries, appended with compare-and-set,
+//! and read by every replica as they come ([`Registry::catch_up`]).
+
+pub mod etcd;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -389,38 +395,12 @@ impl State {
             Action::Rollout { id, status, .. } => {
                 self.rollouts.insert(id.clone(), status.clone());
             }
-            Action::Shadow { model, spec } => match spec {
-                Some(s) => {
-                    self.shadows.insert(model.clone(), s.clone());
-                }
-                None => {
-                    self.shadows.remove(model);
-                }
-            },
-            Action::Hook { name, spec } => match spec {
-                Some(s) => {
-                    self.hooks.insert(name.clone(), s.clone());
-                }
-                None => {
-                    self.hooks.remove(name);
-                }
-            },
-            Action::Capture { model, spec } => match spec {
-                Some(s) => {
-                    self.captures.insert(model.clone(), s.clone());
-                }
-                None => {
-                    self.captures.remove(model);
-                }
-            },
-            Action::DriftSettings { model, settings } => match settings {
-                Some(s) => {
-                    self.drift.insert(model.clone(), s.clone());
-                }
-                None => {
-                    self.drift.remove(model);
-                }
-            },
+            Action::Shadow { model, spec } => set_or_clear(&mut self.shadows, model, spec),
+            Action::Hook { name, spec } => set_or_clear(&mut self.hooks, name, spec),
+            Action::Capture { model, spec } => set_or_clear(&mut self.captures, model, spec),
+            Action::DriftSettings { model, settings } => {
+                set_or_clear(&mut self.drift, model, settings)
+            }
             Action::AutopilotSettings { settings } => self.autopilot = settings.clone(),
             Action::Load { .. }
             | Action::Unload { .. }
@@ -461,19 +441,50 @@ impl State {
     }
 }
 
-/// The durable registry: state plus its log file. Single writer (the admin
-/// operations hold it behind a lock; readers take snapshots).
+/// Sets `map[key]` to the value, or removes the key when there is none.
+fn set_or_clear(
+    map: &mut BTreeMap<String, serde_json::Value>,
+    key: &str,
+    value: &Option<serde_json::Value>,
+) {
+    match value {
+        Some(v) => {
+            map.insert(key.to_string(), v.clone());
+        }
+        None => {
+            map.remove(key);
+        }
+    }
+}
+
+/// Where the log is kept.
+enum Log {
+    /// `audit.jsonl` on this machine.
+    File {
+        path: PathBuf,
+        file: File,
+        /// Bytes of whole, acknowledged lines: a failed append cuts the file
+        /// back to this, so a partial line never precedes the next one.
+        len: u64,
+        /// Set when a failed append could not be cut back: the log may end
+        /// in a partial line, and appending after it would bury it
+        /// mid-file, where open refuses it. Further appends are refused
+        /// until a restart repairs the tail.
+        broken: Option<String>,
+    },
+    /// Keys in etcd, shared by a fleet of replicas.
+    Etcd(std::sync::Arc<etcd::Etcd>),
+}
+
+/// How many times an append to the shared log is tried again after another
+/// replica took its sequence number.
+const CAS_TRIES: usize = 16;
+
+/// The durable registry: state plus its log. Single writer per process
+/// (the admin operations hold it behind a lock; readers take snapshots);
+/// with a shared log, replicas order their appends by compare-and-set.
 pub struct Registry {
-    path: PathBuf,
-    file: File,
-    /// Bytes of whole, acknowledged lines: a failed append cuts the file
-    /// back to this, so a partial line never precedes the next one.
-    len: u64,
-    /// Set when a failed append could not be cut back: the log may end in a
-    /// partial line, and appending after it would bury it mid-file, where
-    /// open refuses it. Further appends are refused until a restart repairs
-    /// the tail.
-    broken: Option<String>,
+    log: Log,
     state: State,
     entries: Vec<AuditEntry>,
 }
@@ -566,18 +577,69 @@ impl Registry {
         }
         file.seek(SeekFrom::End(0))?;
         Ok(Self {
-            path,
-            file,
-            len: good_len,
-            broken: None,
+            log: Log::File {
+                path,
+                file,
+                len: good_len,
+                broken: None,
+            },
             state,
             entries,
         })
     }
 
-    /// Where the log lives.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Opens the fleet's shared log in etcd and replays it.
+    pub fn open_shared(store: std::sync::Arc<etcd::Etcd>) -> anyhow::Result<Self> {
+        let mut r = Self {
+            log: Log::Etcd(store),
+            state: State::default(),
+            entries: vec![],
+        };
+        r.catch_up()?;
+        Ok(r)
+    }
+
+    /// Where the log lives: a file, or the etcd URL.
+    pub fn location(&self) -> String {
+        match &self.log {
+            Log::File { path, .. } => path.display().to_string(),
+            Log::Etcd(e) => e.url().to_string(),
+        }
+    }
+
+    /// The shared store, when the log is one.
+    pub fn shared(&self) -> Option<&std::sync::Arc<etcd::Etcd>> {
+        match &self.log {
+            Log::Etcd(e) => Some(e),
+            Log::File { .. } => None,
+        }
+    }
+
+    /// Applies the entries other replicas appended to the shared log since
+    /// the last one here; returns how many. A file log has none.
+    pub fn catch_up(&mut self) -> anyhow::Result<usize> {
+        let Log::Etcd(store) = &self.log else {
+            return Ok(0);
+        };
+        let next = self.entries.last().map_or(1, |e| e.seq + 1);
+        let mut applied = 0;
+        for (seq, value) in store.read_from(next)? {
+            let expected = self.entries.last().map_or(1, |e| e.seq + 1);
+            if seq != expected {
+                anyhow::bail!(
+                    "the shared registry log skips from {} to {seq}: it was edited by hand",
+                    expected - 1
+                );
+            }
+            let entry: AuditEntry = serde_json::from_slice(&value)
+                .map_err(|e| anyhow::anyhow!("shared registry entry {seq} is corrupt: {e}"))?;
+            if entry.result == "ok" {
+                self.state.apply(&entry.action);
+            }
+            self.entries.push(entry);
+            applied += 1;
+        }
+        Ok(applied)
     }
 
     /// The current state.
@@ -600,7 +662,7 @@ impl Registry {
         reason: Option<String>,
         result: Result<(), String>,
     ) -> anyhow::Result<AuditEntry> {
-        let entry = AuditEntry {
+        let mut entry = AuditEntry {
             seq: self.entries.last().map_or(1, |e| e.seq + 1),
             time: now_rfc3339(),
             key_id: key_id.to_string(),
@@ -613,31 +675,61 @@ impl Registry {
                 Err(e) => e,
             },
         };
-        if let Some(why) = &self.broken {
-            anyhow::bail!("the registry log needs a restart to repair its tail ({why})");
-        }
         let mut line = serde_json::to_string(&entry)?;
         line.push('\n');
-        let written = self
-            .file
-            .write_all(line.as_bytes())
-            .and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
-            // Part of the line may be on disk (disk full, file size limit),
-            // or all of it without the fsync. The action is reported as
-            // failed, so cut the file back to the last acknowledged line;
-            // otherwise the next append would complete a corrupt line.
-            if let Err(cut) = self
-                .file
-                .set_len(self.len)
-                .and_then(|()| self.file.sync_data())
-            {
-                tracing::error!(path = %self.path.display(), error = %e, truncate_error = %cut, "registry append failed and the partial line could not be cut off; refusing further appends until a restart");
-                self.broken = Some(format!("append failed: {e}; truncate failed: {cut}"));
+        match &mut self.log {
+            Log::File {
+                path,
+                file,
+                len,
+                broken,
+            } => {
+                if let Some(why) = broken {
+                    anyhow::bail!("the registry log needs a restart to repair its tail ({why})");
+                }
+                let written = file
+                    .write_all(line.as_bytes())
+                    .and_then(|()| file.sync_data());
+                if let Err(e) = written {
+                    // Part of the line may be on disk (disk full, file size
+                    // limit), or all of it without the fsync. The action is
+                    // reported as failed, so cut the file back to the last
+                    // acknowledged line; otherwise the next append would
+                    // complete a corrupt line.
+                    if let Err(cut) = file.set_len(*len).and_then(|()| file.sync_data()) {
+                        tracing::error!(path = %path.display(), error = %e, truncate_error = %cut, "registry append failed and the partial line could not be cut off; refusing further appends until a restart");
+                        *broken = Some(format!("append failed: {e}; truncate failed: {cut}"));
+                    }
+                    return Err(e.into());
+                }
+                *len += line.len() as u64;
             }
-            return Err(e.into());
+            Log::Etcd(store) => {
+                let store = store.clone();
+                let mut tries = 0;
+                while !store.create(entry.seq, line.clone().into_bytes())? {
+                    // Another replica appended first: take its entries, then
+                    // try the next number. A version id is the one thing two
+                    // replicas may both have picked: that is a conflict.
+                    self.catch_up()?;
+                    if let Action::RegisterVersion { model, record } = &entry.action
+                        && self.state.version(model, &record.version).is_some()
+                    {
+                        anyhow::bail!(
+                            "version `{}` of `{model}` was registered meanwhile by another replica",
+                            record.version
+                        );
+                    }
+                    tries += 1;
+                    if tries >= CAS_TRIES {
+                        anyhow::bail!("the shared registry log kept moving ({tries} tries)");
+                    }
+                    entry.seq = self.entries.last().map_or(1, |e| e.seq + 1);
+                    line = serde_json::to_string(&entry)?;
+                    line.push('\n');
+                }
+            }
         }
-        self.len += line.len() as u64;
         if entry.result == "ok" {
             self.state.apply(&entry.action);
         }

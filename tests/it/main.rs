@@ -12,6 +12,7 @@ mod clients;
 mod drift;
 mod engine;
 mod faults;
+mod fleet;
 mod fuzz;
 mod gemma;
 mod hardening;

@@ -1,0 +1,387 @@
+//! A fleet of replicas on one shared registry (`--registry etcd://…`).
+//!
+//! The shared log is the desired state; what a replica serves is its
+//! actual state. Every replica follows the log ([`Controller::follow`]):
+//! when entries come in (its own or another replica's) it reconciles its
+//! engines and router to the log's state, whichever replica took the admin
+//! call: the stable version (the hot swap), the canary of the active
+//! rollout at its weight, the shadow, capture, drift overrides, hooks and
+//! the autopilot's settings.
+//!
+//! The leader (`registry::etcd`'s lease) runs what runs once per fleet: it
+//! adopts every active rollout and drives its analysis, on the samples of
+//! every replica ([`Controller::publish_samples`]), and only the leader's
+//! drift transitions start the retrain loop. When the leader dies mid
+//! rollout, the replica that takes the lease adopts the rollout where its
+//! last recorded status left it (same step, weight and counts) and goes on
+//! with the next full window.
+//!
+//! Loading and unloading a version (`/admin/v1/models/…/load`) act on the
+//! replica that takes the call: they warm or free one machine's memory and
+//! are not desired state; everything an alias, rollout or shadow needs is
+//! loaded by the reconciler on each replica.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::Controller;
+use super::rollout::RolloutStatus;
+use crate::monitor::Variant;
+use crate::monitor::canary::Sample;
+use crate::registry::State;
+
+/// How far back a replica's published samples reach: the longest window a
+/// rollout analyses from other replicas.
+pub const SAMPLE_HORIZON: Duration = Duration::from_secs(120);
+
+/// A replica's recent finished requests of the models in a rollout, as
+/// published under `{prefix}/samples/{replica}`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct Published {
+    /// When it was written (Unix milliseconds).
+    pub at_ms: u64,
+    /// By model, then `stable` / `canary`: `(finished at, Unix ms; sample)`.
+    pub models: BTreeMap<String, BTreeMap<String, Vec<(u64, Sample)>>>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The wall-clock time of a monotonic instant (for samples other
+/// processes compare).
+pub fn wall(at: std::time::Instant) -> u64 {
+    let now = std::time::Instant::now();
+    let wall_now = SystemTime::now();
+    unix_ms(wall_now.checked_sub(now.saturating_duration_since(at)).unwrap_or(wall_now))
+}
+
+impl Controller {
+    /// Whether this replica runs the once-per-fleet controllers (rollout
+    /// analysis, the drift loop): always on its own registry; on a shared
+    /// one, while it leads.
+    pub fn leads(&self) -> bool {
+        self.fleet.as_ref().is_none_or(|f| f.health().is_leader())
+    }
+
+    /// Whether the registry is shared by a fleet.
+    pub fn is_fleet(&self) -> bool {
+        self.fleet.is_some()
+    }
+
+    /// The shared registry's status for `/ready` and `/admin/v1/fleet`:
+    /// `None` on a local registry.
+    pub fn fleet_status(&self) -> Option<Value> {
+        let f = self.fleet.as_ref()?;
+        let h = f.health();
+        Some(json!({
+            "registry": f.url(),
+            "replica": self.replica_id,
+            "connected": h.connected(),
+            "leader": h.is_leader(),
+            "leader_id": h.leader_id(),
+            "last_error": if h.connected() { None } else { h.last_error() },
+            "applied_seq": self.catalog().entries().last().map_or(0, |e| e.seq),
+        }))
+    }
+
+    /// Follows the shared log for as long as the controller lives: applies
+    /// new entries when the watch fires (or every second), reconciles after
+    /// any change of the log or of leadership, and publishes this
+    /// replica's rollout samples every second. Does nothing on a local
+    /// registry.
+    pub fn follow(self: &Arc<Self>) {
+        let Some(store) = self.fleet.clone() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let changed = store.changed().clone();
+            let mut reconciled = 0u64;
+            let mut was_leader = false;
+            loop {
+                tokio::select! {
+                    _ = changed.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                let Some(me) = weak.upgrade() else { return };
+                let caught = me.catalog().catch_up();
+                if let Err(e) = caught {
+                    tracing::warn!(error = format!("{e:#}"), "cannot read the shared registry; serving the last known state");
+                }
+                let seq = me.catalog().entries().last().map_or(0, |e| e.seq);
+                let leader = me.leads();
+                if seq != reconciled || leader != was_leader {
+                    me.reconcile().await;
+                    reconciled = seq;
+                    was_leader = leader;
+                }
+                me.publish_samples();
+            }
+        });
+    }
+
+    /// Brings engines and router to the registry's state (see the module
+    /// header), then, on the leader, adopts the active rollouts.
+    pub(super) async fn reconcile(self: &Arc<Self>) {
+        let write = self.writes.lock().await;
+        let state = self.state().await;
+        let seen = std::mem::replace(&mut *self.seen(), state.clone());
+        for (model, entry) in &state.models {
+            let Some(v) = entry.aliases.get("stable") else {
+                continue;
+            };
+            let serving = self.router.deployment(model).map(|d| d.stable.version.clone());
+            if serving.as_deref() == Some(v.as_str()) {
+                continue;
+            }
+            let Some(record) = entry.versions.get(v) else {
+                continue;
+            };
+            match self.ensure_loaded(model, record, false).await {
+                Ok(engine) => {
+                    self.serve(model, v, engine).await;
+                    tracing::info!(model, from = ?serving, to = %v, "fleet: stable version reconciled");
+                }
+                Err(e) => self.report_failure(model, Some(v), e.to_string()).await,
+            }
+        }
+        self.reconcile_canaries(&state).await;
+        self.reconcile_shadows(&seen, &state).await;
+        self.reconcile_settings(&seen, &state);
+        self.release_unreferenced(&state);
+        drop(write);
+        if self.leads() {
+            self.adopt_rollouts(&state);
+        }
+    }
+
+    /// The active rollout of each model puts its candidate in the table at
+    /// its recorded weight; a model without one has no canary.
+    async fn reconcile_canaries(&self, state: &State) {
+        let active: BTreeMap<String, RolloutStatus> = state
+            .rollouts
+            .values()
+            .filter_map(|v| serde_json::from_value::<RolloutStatus>(v.clone()).ok())
+            .filter(|s| s.phase.is_active())
+            .map(|s| (s.spec.model.clone(), s))
+            .collect();
+        for d in self.router.snapshot().models.values() {
+            let Some(c) = &d.canary else { continue };
+            if active
+                .get(&d.model)
+                .is_none_or(|s| s.spec.candidate != c.target.version)
+            {
+                self.router.clear_canary(&d.model);
+                self.unpin_quietly(&d.model, &c.target.version);
+                tracing::info!(model = %d.model, version = %c.target.version, "fleet: canary removed");
+            }
+        }
+        for (model, s) in &active {
+            let Some(d) = self.router.deployment(model) else {
+                continue;
+            };
+            match &d.canary {
+                Some(c) if c.target.version == s.spec.candidate => {
+                    if c.weight_bp != s.weight * 100 {
+                        self.router.set_canary_weight(model, s.weight * 100);
+                        tracing::info!(model, weight = s.weight, "fleet: canary weight reconciled");
+                    }
+                }
+                _ => {
+                    let Some(record) = state.version(model, &s.spec.candidate).cloned() else {
+                        continue;
+                    };
+                    match self.ensure_loaded(model, &record, true).await {
+                        Ok(engine) => {
+                            let target = Arc::new(crate::router::Target {
+                                version: s.spec.candidate.clone(),
+                                engine,
+                            });
+                            self.router
+                                .set_canary(model, target, s.weight * 100, s.spec.sticky_key);
+                            tracing::info!(model, version = %s.spec.candidate, weight = s.weight, "fleet: canary reconciled");
+                        }
+                        Err(e) => {
+                            tracing::error!(model, version = %s.spec.candidate, error = %e, "fleet: the canary cannot load here; this replica serves stable only")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lets a version go unless something still needs it.
+    fn unpin_quietly(&self, model: &str, version: &str) {
+        if let Some(l) = self
+            .engines()
+            .get_mut(&(model.to_string(), version.to_string()))
+        {
+            l.pinned = false;
+        }
+    }
+
+    /// Shadows set, changed or cleared on another replica.
+    async fn reconcile_shadows(&self, seen: &State, state: &State) {
+        for model in seen.shadows.keys() {
+            if !state.shadows.contains_key(model) && self.router.clear_shadow(model).is_some() {
+                tracing::info!(model, "fleet: shadow cleared");
+            }
+        }
+        for (model, spec) in &state.shadows {
+            let running = self
+                .router
+                .deployment(model)
+                .is_some_and(|d| d.shadow.is_some());
+            if running && seen.shadows.get(model) == Some(spec) {
+                continue;
+            }
+            let Ok(spec) = serde_json::from_value::<crate::shadow::ShadowSpec>(spec.clone()) else {
+                continue;
+            };
+            match self.start_shadow(model, &spec).await {
+                Ok((target, mirror)) => {
+                    self.router.set_shadow(model, target, spec.rate_bp(), mirror);
+                    tracing::info!(model, candidate = %spec.version, "fleet: shadow reconciled");
+                }
+                Err(e) => {
+                    tracing::error!(model, error = %e, "fleet: shadow not set here")
+                }
+            }
+        }
+    }
+
+    /// Capture, drift overrides, hooks and autopilot settings changed on
+    /// another replica.
+    fn reconcile_settings(&self, seen: &State, state: &State) {
+        for model in seen.captures.keys() {
+            if !state.captures.contains_key(model) {
+                self.router.set_capture(model, None);
+            }
+        }
+        if state.captures != seen.captures {
+            self.restore_captures_where(|m| seen.captures.get(m) != state.captures.get(m));
+        }
+        if state.drift != seen.drift {
+            let mut s = self.drift_settings();
+            for model in seen.drift.keys() {
+                if !state.drift.contains_key(model) {
+                    s.models.remove(model);
+                }
+            }
+            drop(s);
+            self.restore_drift_settings();
+        }
+        if state.hooks != seen.hooks {
+            for name in seen.hooks.keys() {
+                if !state.hooks.contains_key(name) {
+                    self.hooks.remove(name);
+                }
+            }
+            self.restore_hooks();
+        }
+        if state.autopilot != seen.autopilot {
+            self.restore_autopilot_settings();
+        }
+    }
+
+    /// On the leader: drives every active rollout that no task here drives.
+    fn adopt_rollouts(self: &Arc<Self>, state: &State) {
+        for v in state.rollouts.values() {
+            let Ok(status) = serde_json::from_value::<RolloutStatus>(v.clone()) else {
+                continue;
+            };
+            if !status.phase.is_active() {
+                continue;
+            }
+            if self.drive_here(status) {
+                tracing::info!(model = %self.router.snapshot().models.len(), "fleet: this replica now drives a rollout");
+            }
+        }
+    }
+
+    /// Publishes this replica's samples of every model in a rollout (the
+    /// last [`SAMPLE_HORIZON`]) for the leader's analysis.
+    fn publish_samples(&self) {
+        let Some(store) = &self.fleet else { return };
+        let mut out = Published {
+            at_ms: unix_ms(SystemTime::now()),
+            ..Default::default()
+        };
+        let now = std::time::Instant::now();
+        let from = now.checked_sub(SAMPLE_HORIZON).unwrap_or(now);
+        for d in self.router.snapshot().models.values() {
+            let Some(c) = &d.canary else { continue };
+            let mut sides = BTreeMap::new();
+            for (name, engine, variant) in [
+                ("stable", &d.stable.engine, Variant::Stable),
+                ("canary", &c.target.engine, Variant::Canary),
+            ] {
+                sides.insert(
+                    name.to_string(),
+                    engine
+                        .window()
+                        .between_at(variant, from, now)
+                        .into_iter()
+                        .map(|(at, s)| (wall(at), s))
+                        .collect(),
+                );
+            }
+            out.models.insert(d.model.clone(), sides);
+        }
+        if out.models.is_empty() && !self.published_any() {
+            return;
+        }
+        let key = format!("samples/{}", self.replica_id);
+        match serde_json::to_vec(&out) {
+            Ok(bytes) => {
+                if let Err(e) = store.put(&key, bytes) {
+                    tracing::debug!(error = %e, "samples not published");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "samples not serialised"),
+        }
+        self.set_published(!out.models.is_empty());
+    }
+
+    /// Other replicas' samples of `model` finished within `[from, to]`
+    /// (Unix ms): `(stable, canary)`. Empty on a local registry.
+    pub(super) fn fleet_samples(&self, model: &str, from: u64, to: u64) -> (Vec<Sample>, Vec<Sample>) {
+        let (mut stable, mut canary) = (vec![], vec![]);
+        let Some(store) = &self.fleet else {
+            return (stable, canary);
+        };
+        let listed = match store.list("samples") {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "other replicas' samples unreadable; analysing this replica's alone");
+                return (stable, canary);
+            }
+        };
+        for (replica, bytes) in listed {
+            if replica == self.replica_id {
+                continue;
+            }
+            let Ok(p) = serde_json::from_slice::<Published>(&bytes) else {
+                continue;
+            };
+            let Some(sides) = p.models.get(model) else { continue };
+            for (side, out) in [("stable", &mut stable), ("canary", &mut canary)] {
+                out.extend(
+                    sides
+                        .get(side)
+                        .into_iter()
+                        .flatten()
+                        .filter(|(at, _)| (from..=to).contains(at))
+                        .map(|(_, s)| *s),
+                );
+            }
+        }
+        (stable, canary)
+    }
+}

@@ -1,0 +1,483 @@
+//! A fleet on one shared registry: three real `llmops serve` processes on
+//! loopback and a real etcd (Debian's `etcd-server`, which `scripts/test`
+//! installs). A change sent to one replica is served by all three; the
+//! leader's rollout moves every replica's weights and survives the
+//! leader's death; a restarted replica restores from etcd; with etcd down
+//! the replicas serve on and refuse changes with a clear error; the audit
+//! log is the same, whole, on every replica.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use llmops::engine::synth::SynthSpec;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::process::{Served, call, free_port};
+
+/// A single-member etcd on loopback, in its own data folder; killed on drop.
+struct Etcd {
+    child: Child,
+    port: u16,
+    peer: u16,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Self {
+        Self::start_on(dir, free_port(), free_port())
+    }
+
+    fn start_on(dir: &Path, port: u16, peer: u16) -> Self {
+        let log = dir.with_extension("log");
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let client = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(dir)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("t={peer_url}"),
+                "--log-level",
+                "warn",
+            ])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("etcd is not installed: scripts/test installs Debian's etcd-server");
+        Self {
+            child,
+            port,
+            peer,
+            dir: dir.to_path_buf(),
+            log,
+        }
+    }
+
+    async fn healthy(&self) {
+        let c = reqwest::Client::new();
+        let t0 = Instant::now();
+        loop {
+            if let Ok(r) = c
+                .get(format!("http://127.0.0.1:{}/health", self.port))
+                .send()
+                .await
+                && r.text().await.unwrap_or_default().contains("true")
+            {
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "etcd not healthy: {}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, prefix: &str) -> String {
+        format!("etcd://127.0.0.1:{}/{prefix}", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A replica of the fleet at `registry`, serving `model` as `tiny`.
+fn replica(tmp: &Path, name: &str, model: &Path, registry: &str) -> Served {
+    let data = tmp.join(format!("data-{name}"));
+    let log = tmp.join(format!("{name}.log"));
+    let registry = registry.to_string();
+    let name = name.to_string();
+    Served::spawn(model, &data, &log, move |cmd| {
+        cmd.args(["--registry", &registry, "--replica-id", &name])
+            .args(["--leader-ttl-secs", "2"])
+            .env("RUST_LOG", "info");
+    })
+}
+
+async fn serving(c: &reqwest::Client, r: &Served) -> Value {
+    let (st, v) = call(c, Method::GET, r.url("/admin/v1/serving"), None).await;
+    assert_eq!(st, 200, "{v}");
+    v["models"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["model"] == "tiny"))
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+async fn fleet(c: &reqwest::Client, r: &Served) -> Value {
+    let v: Value = c
+        .get(r.url("/ready"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["fleet"].clone()
+}
+
+/// Waits until `check` holds on every replica; returns how long it took.
+async fn on_all<F>(c: &reqwest::Client, rs: &[&Served], within: Duration, what: &str, check: F) -> Duration
+where
+    F: Fn(&Value) -> bool,
+{
+    let t0 = Instant::now();
+    loop {
+        let mut all = true;
+        let mut seen = vec![];
+        for r in rs {
+            let s = serving(c, r).await;
+            all &= check(&s);
+            seen.push(s);
+        }
+        if all {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{what}: not on every replica within {within:?}: {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The replica that leads, by `/ready`'s fleet details.
+async fn leader(c: &reqwest::Client, rs: &[&Served], within: Duration) -> usize {
+    let t0 = Instant::now();
+    loop {
+        let mut leaders = vec![];
+        for (i, r) in rs.iter().enumerate() {
+            if fleet(c, r).await["leader"] == true {
+                leaders.push(i);
+            }
+        }
+        if leaders.len() == 1 {
+            return leaders[0];
+        }
+        assert!(
+            leaders.len() < 2,
+            "two replicas lead at once: {leaders:?}"
+        );
+        assert!(t0.elapsed() < within, "no replica leads after {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Closed-loop completions spread over `urls` until `stop`; (sent, failed).
+fn traffic(urls: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    tokio::spawn(async move {
+        let sent = Arc::new(AtomicU64::new(0));
+        let mut tasks = vec![];
+        for w in 0..6 {
+            let (urls, stop, sent) = (urls.clone(), stop.clone(), sent.clone());
+            tasks.push(tokio::spawn(async move {
+                let c = reqwest::Client::new();
+                let mut failed = vec![];
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let url = &urls[i % urls.len()];
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    let r = c
+                        .post(format!("{url}/v1/completions"))
+                        .bearer_auth(crate::process::ADMIN)
+                        .header("x-llmops-route-key", format!("k{i}"))
+                        .json(&json!({"model": "tiny", "prompt": "hello fleet", "max_tokens": 4, "stream": i % 2 == 0}))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == 200 => {
+                            let _ = r.bytes().await;
+                        }
+                        Ok(r) => failed.push(format!("{}: {}", r.status(), r.text().await.unwrap_or_default())),
+                        Err(e) => failed.push(format!("{url}: {e:?}")),
+                    }
+                }
+                failed
+            }));
+        }
+        let mut failed = vec![];
+        for t in tasks {
+            failed.extend(t.await.unwrap());
+        }
+        (sent.load(Ordering::Relaxed), failed)
+    })
+}
+
+async fn audit(c: &reqwest::Client, r: &Served) -> Vec<Value> {
+    let (st, v) = call(c, Method::GET, r.url("/admin/v1/audit?limit=10000"), None).await;
+    assert_eq!(st, 200, "{v}");
+    v["entries"].as_array().cloned().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failover_and_outages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut etcd = Etcd::start(&tmp.path().join("etcd"));
+    etcd.healthy().await;
+    let url = etcd.url("fleet-test");
+    let v1 = tmp.path().join("v1");
+    SynthSpec::tiny_llama().write(&v1, None).unwrap();
+    let v2 = tmp.path().join("v2");
+    SynthSpec {
+        seed: 2,
+        ..SynthSpec::tiny_llama()
+    }
+    .write(&v2, None)
+    .unwrap();
+    let v3 = tmp.path().join("v3");
+    SynthSpec {
+        seed: 3,
+        ..SynthSpec::tiny_llama()
+    }
+    .write(&v3, None)
+    .unwrap();
+
+    // Three replicas start together on an empty registry: one registers
+    // the configured model, the others find it; all serve the same version.
+    let mut rs = vec![
+        replica(tmp.path(), "a", &v1, &url),
+        replica(tmp.path(), "b", &v1, &url),
+        replica(tmp.path(), "c", &v1, &url),
+    ];
+    for r in rs.iter_mut() {
+        r.ready().await;
+    }
+    let c = reqwest::Client::new();
+    let all: Vec<&Served> = rs.iter().collect();
+    on_all(&c, &all, Duration::from_secs(5), "v1 stable", |s| {
+        s["serving"]["version"] == "v1"
+    })
+    .await;
+    leader(&c, &all, Duration::from_secs(10)).await;
+
+    // A register and an alias switch sent to replica a, under load spread
+    // over the three: every replica serves v2, and no request fails.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = traffic(all.iter().map(|r| r.url("")).collect(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        rs[0].url("/admin/v1/models/tiny/versions"),
+        Some(json!({"path": v2, "version": "v2"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = call(
+        &c,
+        Method::PUT,
+        rs[0].url("/admin/v1/models/tiny/aliases/stable"),
+        Some(json!({"version": "v2", "reason": "fleet swap"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let reach = on_all(&c, &all, Duration::from_secs(5), "v2 stable", |s| {
+        s["serving"]["version"] == "v2"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failed) = load.await.unwrap();
+    println!("fleet: alias switch reached all 3 replicas in {reach:?}; {sent} requests during the swap, {} failed", failed.len());
+    assert!(failed.is_empty(), "requests failed across the swap: {failed:?}");
+    assert!(sent > 10, "too little traffic to judge the swap: {sent}");
+
+    // A rollout started on a replica that may not lead: the leader drives
+    // it, and every replica's table follows its weights.
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        rs[1].url("/admin/v1/models/tiny/versions"),
+        Some(json!({"path": v3, "version": "v3"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = traffic(all.iter().map(|r| r.url("")).collect(), stop.clone());
+    let (st, ro) = call(
+        &c,
+        Method::POST,
+        rs[1].url("/admin/v1/rollouts"),
+        Some(json!({
+            "model": "tiny", "candidate": "v3", "steps": [20, 40, 60, 80, 100], "interval_secs": 1.0,
+            "analysis": {"gates": ["error_rate <= 0.01"], "min_samples": 3, "mann_whitney_alpha": null}
+        })),
+    )
+    .await;
+    assert_eq!(st, 200, "{ro}");
+    let id = ro["id"].as_str().unwrap().to_string();
+    on_all(&c, &all, Duration::from_secs(5), "canary at 20%", |s| {
+        s["serving"]["canary"]["version"] == "v3"
+    })
+    .await;
+    on_all(&c, &all, Duration::from_secs(20), "canary at 40%", |s| {
+        s["serving"]["canary"]["weight"].as_u64().unwrap_or(0) >= 40
+    })
+    .await;
+
+    // The leader dies mid-rollout: another replica takes the lease and the
+    // rollout goes on to promotion there.
+    let dead = leader(&c, &all, Duration::from_secs(5)).await;
+    let killed_at = Instant::now();
+    let gone = rs.remove(dead);
+    let _ = Command::new("kill").args(["-9", &gone.pid().to_string()]).status();
+    let survivors: Vec<&Served> = rs.iter().collect();
+    let next = leader(&c, &survivors, Duration::from_secs(10)).await;
+    let failover = killed_at.elapsed();
+    println!("fleet: leader {dead} killed; replica {next} of the survivors leads after {failover:?}");
+    let t0 = Instant::now();
+    let done = loop {
+        let (_, v) = call(&c, Method::GET, rs[0].url(&format!("/admin/v1/rollouts/{id}")), None).await;
+        if v["phase"] != "progressing" && v["phase"] != "paused" {
+            break v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(40), "the rollout stalled after failover: {v:#}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+    let (_, failed) = load.await.unwrap();
+    assert_eq!(done["phase"], "promoted", "{done:#}");
+    let survivors: Vec<&Served> = rs.iter().collect();
+    on_all(&c, &survivors, Duration::from_secs(5), "v3 stable, no canary", |s| {
+        s["serving"]["version"] == "v3" && s["serving"]["canary"].is_null()
+    })
+    .await;
+    // Requests to the killed replica fail; the others must not.
+    let gone_url = gone.url("");
+    let failed: Vec<&String> = failed.iter().filter(|f| !f.starts_with(&gone_url)).collect();
+    assert!(
+        failed.is_empty(),
+        "requests to live replicas failed: {failed:?}\n{}",
+        rs.iter()
+            .map(|r| format!("== {}\n{}", r.url(""), r.tail(400)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // The dead replica restarts and restores the fleet's state from etcd.
+    drop(gone);
+    let mut back = replica(tmp.path(), "d", &v1, &url);
+    back.ready().await;
+    rs.push(back);
+    let all: Vec<&Served> = rs.iter().collect();
+    on_all(&c, &all, Duration::from_secs(5), "v3 after restart", |s| {
+        s["serving"]["version"] == "v3"
+    })
+    .await;
+
+    // etcd goes down: replicas serve on, refuse changes with a clear error,
+    // and say so in /ready; none crashes.
+    etcd.stop();
+    let t0 = Instant::now();
+    for r in &rs {
+        loop {
+            if fleet(&c, r).await["connected"] == false {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "a replica still reports etcd connected");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for r in &rs {
+        let resp = c
+            .post(r.url("/v1/completions"))
+            .bearer_auth(crate::process::ADMIN)
+            .json(&json!({"model": "tiny", "prompt": "still here", "max_tokens": 3}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "a replica stopped serving with etcd down");
+        let (st, v) = call(
+            &c,
+            Method::PUT,
+            r.url("/admin/v1/models/tiny/aliases/stable"),
+            Some(json!({"version": "v1"})),
+        )
+        .await;
+        assert_eq!(st, 503, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("shared registry"), "{msg}");
+        let f = fleet(&c, r).await;
+        assert!(f["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{f}");
+    }
+    assert_eq!(serving(&c, &rs[0]).await["serving"]["version"], "v3");
+
+    // etcd comes back: changes are taken again, and reach everyone.
+    let (port, peer, dir) = (etcd.port, etcd.peer, etcd.dir.clone());
+    drop(etcd);
+    let etcd = Etcd::start_on(&dir, port, peer);
+    etcd.healthy().await;
+    let t0 = Instant::now();
+    loop {
+        let (st, v) = call(
+            &c,
+            Method::PUT,
+            rs[0].url("/admin/v1/models/tiny/aliases/stable"),
+            Some(json!({"version": "v1", "reason": "etcd is back"})),
+        )
+        .await;
+        if st == 200 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "{st} {v}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    on_all(&c, &all, Duration::from_secs(5), "v1 after the outage", |s| {
+        s["serving"]["version"] == "v1"
+    })
+    .await;
+
+    // The audit log is whole and the same on every replica: one sequence
+    // without gaps, every action taken above in it.
+    let logs = [audit(&c, &rs[0]).await, audit(&c, &rs[1]).await, audit(&c, &rs[2]).await];
+    let seqs: Vec<u64> = logs[0].iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    for l in &logs[1..] {
+        let other: Vec<u64> = l.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert!(
+            other.len() + 2 >= seqs.len() && seqs.starts_with(&other[..other.len().min(seqs.len())]),
+            "replicas disagree on the log"
+        );
+    }
+    let has = |action: &str, pred: &dyn Fn(&Value) -> bool| {
+        logs[0]
+            .iter()
+            .any(|e| e["action"] == action && e["result"] == "ok" && pred(e))
+    };
+    assert!(has("register_version", &|e| e["record"]["version"] == "v2"));
+    assert!(has("set_alias", &|e| e["version"] == "v2"));
+    assert!(has("rollout", &|e| e["event"] == "started"));
+    assert!(has("rollout", &|e| e["event"] == "promoted"));
+    assert!(has("set_alias", &|e| e["version"] == "v1" && e["reason"] == "etcd is back"));
+    for r in &rs {
+        assert!(!r.tail(2000).contains("panicked"), "a replica panicked:\n{}", r.tail(60));
+    }
+}
