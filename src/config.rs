@@ -59,31 +59,12 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub api_keys: Vec<String>,
-    /// Tokens per engine step [default: 512].
-    #[arg(long, env = "LLMOPS_MAX_BATCHED_TOKENS")]
-    pub max_batched_tokens: Option<usize>,
-    /// Sequences running at once per model [default: 64].
-    #[arg(long, env = "LLMOPS_MAX_RUNNING")]
-    pub max_running: Option<usize>,
-    /// Requests allowed to wait per model before 429 [default: 256].
-    #[arg(long, env = "LLMOPS_MAX_WAITING")]
-    pub max_waiting: Option<usize>,
-    /// KV cache per model in MiB [default: 512].
-    #[arg(long, env = "LLMOPS_KV_CACHE_MB")]
-    pub kv_cache_mb: Option<usize>,
-    /// Largest request body in bytes [default: 4 MiB].
-    #[arg(long, env = "LLMOPS_MAX_BODY_BYTES")]
-    pub max_body_bytes: Option<usize>,
-    /// Longest an HTTP generation request may run, in seconds, unless it
-    /// asks for less with `x-request-timeout` [default: 900].
-    #[arg(long, env = "LLMOPS_REQUEST_TIMEOUT_SECS")]
-    pub request_timeout_secs: Option<f64>,
-    /// Longest prompt in tokens [default: the model's context].
-    #[arg(long, env = "LLMOPS_MAX_PROMPT_TOKENS")]
-    pub max_prompt_tokens: Option<usize>,
-    /// Largest max_tokens a request may ask for [default: the model's context].
-    #[arg(long, env = "LLMOPS_MAX_TOKENS_LIMIT")]
-    pub max_tokens_limit: Option<usize>,
+    /// `[scheduler]` keys that have flags.
+    #[command(flatten)]
+    pub scheduler: SchedulerSettings,
+    /// `[limits]` keys, all of which have flags.
+    #[command(flatten)]
+    pub limits: LimitSettings,
     /// Seconds to drain in-flight requests on shutdown [default: 30].
     #[arg(long, env = "LLMOPS_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
@@ -243,9 +224,9 @@ struct FileConfig {
     #[serde(default)]
     server: FileServer,
     #[serde(default)]
-    limits: FileLimits,
+    limits: LimitSettings,
     #[serde(default)]
-    scheduler: FileScheduler,
+    scheduler: SchedulerSettings,
     #[serde(default)]
     models: Vec<FileModel>,
     #[serde(default)]
@@ -284,26 +265,6 @@ struct FileServer {
     leader_ttl_secs: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileLimits {
-    max_body_bytes: Option<usize>,
-    max_prompt_tokens: Option<usize>,
-    max_tokens: Option<usize>,
-    request_timeout_secs: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileScheduler {
-    max_batched_tokens: Option<usize>,
-    max_running: Option<usize>,
-    max_waiting: Option<usize>,
-    max_waiting_tokens: Option<usize>,
-    kv_cache_mb: Option<usize>,
-    block_size: Option<usize>,
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileModel {
@@ -339,8 +300,8 @@ impl Config {
         };
         Ok(Config {
             server: server_config(args, &file.server)?,
-            limits: limits_config(args, &file.limits)?,
-            scheduler: scheduler_config(args, &file.scheduler)?,
+            limits: limits_config(&args.limits, &file.limits)?,
+            scheduler: scheduler_config(&args.scheduler, &file.scheduler)?,
             models: models(args, &file)?,
             keys: keys(args, &file.auth)?,
             hooks: hooks(&file.hooks)?,
@@ -476,8 +437,29 @@ fn default_replica_id() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// `[limits]` as the file and the flags both give it, declared once: the
+/// flags' values win over the file's key by key.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSettings {
+    /// Largest request body in bytes [default: 4 MiB].
+    #[arg(long, env = "LLMOPS_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Longest an HTTP generation request may run, in seconds, unless it
+    /// asks for less with `x-request-timeout` [default: 900].
+    #[arg(long, env = "LLMOPS_REQUEST_TIMEOUT_SECS")]
+    pub request_timeout_secs: Option<f64>,
+    /// Longest prompt in tokens [default: the model's context].
+    #[arg(long, env = "LLMOPS_MAX_PROMPT_TOKENS")]
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest max_tokens a request may ask for [default: the model's context].
+    #[arg(long, env = "LLMOPS_MAX_TOKENS_LIMIT")]
+    #[serde(rename = "max_tokens")]
+    pub max_tokens_limit: Option<usize>,
+}
+
 /// `[limits]` under the flags.
-fn limits_config(args: &ServeArgs, file: &FileLimits) -> anyhow::Result<LimitsConfig> {
+fn limits_config(args: &LimitSettings, file: &LimitSettings) -> anyhow::Result<LimitsConfig> {
     let secs = args
         .request_timeout_secs
         .or(file.request_timeout_secs)
@@ -491,13 +473,42 @@ fn limits_config(args: &ServeArgs, file: &FileLimits) -> anyhow::Result<LimitsCo
             .or(file.max_body_bytes)
             .unwrap_or(4 << 20),
         max_prompt_tokens: args.max_prompt_tokens.or(file.max_prompt_tokens),
-        max_tokens: args.max_tokens_limit.or(file.max_tokens),
+        max_tokens: args.max_tokens_limit.or(file.max_tokens_limit),
         request_timeout: Duration::from_secs_f64(secs),
     })
 }
 
+/// `[scheduler]` as the file and the flags both give it, declared once:
+/// the flags' values win over the file's key by key; keys without a flag
+/// come from the file only.
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSettings {
+    /// Tokens per engine step [default: 512].
+    #[arg(long, env = "LLMOPS_MAX_BATCHED_TOKENS")]
+    pub max_batched_tokens: Option<usize>,
+    /// Sequences running at once per model [default: 64].
+    #[arg(long, env = "LLMOPS_MAX_RUNNING")]
+    pub max_running: Option<usize>,
+    /// Requests allowed to wait per model before 429 [default: 256].
+    #[arg(long, env = "LLMOPS_MAX_WAITING")]
+    pub max_waiting: Option<usize>,
+    /// Prompt tokens allowed to wait per model before 429 (file only).
+    #[arg(skip)]
+    pub max_waiting_tokens: Option<usize>,
+    /// KV cache per model in MiB [default: 512].
+    #[arg(long, env = "LLMOPS_KV_CACHE_MB")]
+    pub kv_cache_mb: Option<usize>,
+    /// Tokens per KV block (file only).
+    #[arg(skip)]
+    pub block_size: Option<usize>,
+}
+
 /// `[scheduler]` under the flags, checked for limits no engine can run with.
-fn scheduler_config(args: &ServeArgs, fs: &FileScheduler) -> anyhow::Result<SchedulerConfig> {
+fn scheduler_config(
+    args: &SchedulerSettings,
+    fs: &SchedulerSettings,
+) -> anyhow::Result<SchedulerConfig> {
     let d = SchedulerConfig::default();
     let scheduler = SchedulerConfig {
         max_batched_tokens: args
@@ -506,13 +517,16 @@ fn scheduler_config(args: &ServeArgs, fs: &FileScheduler) -> anyhow::Result<Sche
             .unwrap_or(d.max_batched_tokens),
         max_running: args.max_running.or(fs.max_running).unwrap_or(d.max_running),
         max_waiting: args.max_waiting.or(fs.max_waiting).unwrap_or(d.max_waiting),
-        max_waiting_tokens: fs.max_waiting_tokens.unwrap_or(d.max_waiting_tokens),
+        max_waiting_tokens: args
+            .max_waiting_tokens
+            .or(fs.max_waiting_tokens)
+            .unwrap_or(d.max_waiting_tokens),
         kv_cache_bytes: args
             .kv_cache_mb
             .or(fs.kv_cache_mb)
             .map(|mb| mb << 20)
             .unwrap_or(d.kv_cache_bytes),
-        block_size: fs.block_size.unwrap_or(d.block_size),
+        block_size: args.block_size.or(fs.block_size).unwrap_or(d.block_size),
     };
     if scheduler.max_batched_tokens == 0 || scheduler.max_running == 0 || scheduler.block_size == 0
     {
@@ -754,6 +768,45 @@ mod tests {
         assert_eq!(cfg.scheduler.max_running, 64);
         assert_eq!(cfg.server.gguf_weights, GgufWeights::F16);
         assert!(cfg.keys.is_empty());
+    }
+
+    #[test]
+    fn scheduler_and_limit_flags_win_over_the_file_key_by_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmops.toml");
+        std::fs::write(
+            &path,
+            "[limits]\nmax_tokens = 7\nmax_prompt_tokens = 9\n\
+             [scheduler]\nmax_running = 4\nmax_waiting = 5\nblock_size = 32\n",
+        )
+        .unwrap();
+        let config = path.display().to_string();
+        let argv = [
+            "serve",
+            "--config",
+            &config,
+            "--max-tokens-limit",
+            "5",
+            "--max-waiting",
+            "6",
+        ];
+        let cfg = Config::load(&Cli::try_parse_from(argv).unwrap().serve).unwrap();
+        assert_eq!(cfg.limits.max_tokens, Some(5), "flag beats file");
+        assert_eq!(cfg.limits.max_prompt_tokens, Some(9), "file value kept");
+        assert_eq!(cfg.scheduler.max_waiting, 6, "flag beats file");
+        assert_eq!(cfg.scheduler.max_running, 4, "file value kept");
+        assert_eq!(cfg.scheduler.block_size, 32, "a key without a flag");
+        // The file-only keys have no flag, and the file knows only its keys.
+        assert!(Cli::try_parse_from(["serve", "--block-size", "8"]).is_err());
+        std::fs::write(&path, "[limits]\nmax_tokens_limit = 7\n").unwrap();
+        assert!(
+            Config::load(
+                &Cli::try_parse_from(["serve", "--config", &config])
+                    .unwrap()
+                    .serve
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query};
+use axum::http::request::Parts;
 use axum::routing::{get, post, put};
 use axum::{Extension, Json};
 use serde::Deserialize;
@@ -102,32 +103,92 @@ async fn admins_only(
     }
 }
 
-fn ops(st: &HttpState, p: &Principal) -> Result<Arc<Controller>, ApiError> {
-    p.require_admin()?;
-    st.ops
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("the registry is not enabled on this server".into()))
+/// The caller of an admin route and the controller it acts on. Taking it
+/// never fails: a handler meets "the registry is not enabled" only when it
+/// asks for [`Admin::ops`], after its path, query and body were read, so
+/// their errors come first.
+struct Admin {
+    /// The key the authentication layer found.
+    principal: Arc<Principal>,
+    /// The server's controller; `None` without a registry.
+    ops: Option<Arc<Controller>>,
 }
 
-fn actor(p: &Principal, reason: Option<String>) -> Actor {
-    Actor {
-        key_id: p.key_id.clone(),
-        reason,
+impl Admin {
+    /// The controller, for an admin key; 503 when the server runs without
+    /// a registry.
+    fn ops(&self) -> Result<Arc<Controller>, ApiError> {
+        self.principal.require_admin()?;
+        self.ops.clone().ok_or_else(|| {
+            ApiError::Unavailable("the registry is not enabled on this server".into())
+        })
+    }
+
+    /// For a `PUT` of settings plus an optional `reason`: the controller
+    /// (so 503 comes first, as on every route), the actor with the body's
+    /// reason, and the settings, parsed naming the offending field.
+    fn settings<T: serde::de::DeserializeOwned>(
+        &self,
+        mut body: Value,
+    ) -> Result<(Arc<Controller>, Actor, T), ApiError> {
+        let reason = body
+            .as_object_mut()
+            .and_then(|o| o.remove("reason"))
+            .and_then(|r| r.as_str().map(str::to_string));
+        let (ops, actor) = self.change(reason)?;
+        let settings = serde_path_to_error::deserialize(body)
+            .map_err(|e| ApiError::invalid(&e.path().to_string(), e.inner().to_string()))?;
+        Ok((ops, actor, settings))
+    }
+
+    /// For a change: the controller (503 without a registry) and who makes
+    /// the change, and why, for the audit log.
+    fn change(&self, reason: Option<String>) -> Result<(Arc<Controller>, Actor), ApiError> {
+        let ops = self.ops()?;
+        let actor = Actor {
+            key_id: self.principal.key_id.clone(),
+            reason,
+        };
+        Ok((ops, actor))
     }
 }
 
-async fn serving(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(ops(&st, &p)?.serving().await))
+impl FromRequestParts<HttpState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &HttpState) -> Result<Self, ApiError> {
+        let principal = parts
+            .extensions
+            .get::<Arc<Principal>>()
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::Internal("an admin route ran without authentication".into())
+            })?;
+        Ok(Admin {
+            principal,
+            ops: st.ops.clone(),
+        })
+    }
 }
 
-async fn list_models(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-) -> Result<Json<Value>, ApiError> {
-    let state = ops(&st, &p)?.state().await;
+/// The operator's `?reason=…`; a malformed query is a 400 naming `query`.
+struct Reason(Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Reason {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, st: &S) -> Result<Self, ApiError> {
+        let q = query(Query::<ReasonQuery>::from_request_parts(parts, st).await)?;
+        Ok(Reason(q.reason))
+    }
+}
+
+async fn serving(admin: Admin) -> Result<Json<Value>, ApiError> {
+    Ok(Json(admin.ops()?.serving().await))
+}
+
+async fn list_models(admin: Admin) -> Result<Json<Value>, ApiError> {
+    let state = admin.ops()?.state().await;
     let models: Vec<Value> = state
         .models
         .iter()
@@ -136,12 +197,8 @@ async fn list_models(
     Ok(Json(json!({"models": models})))
 }
 
-async fn get_model(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-    Path(model): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let state = ops(&st, &p)?.state().await;
+async fn get_model(admin: Admin, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    let state = admin.ops()?.state().await;
     let m = state
         .models
         .get(&model)
@@ -153,20 +210,15 @@ async fn get_model(
     ))
 }
 
-async fn list_versions(
-    st: State<HttpState>,
-    p: Extension<Arc<Principal>>,
-    model: Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    get_model(st, p, model).await
+async fn list_versions(admin: Admin, model: Path<String>) -> Result<Json<Value>, ApiError> {
+    get_model(admin, model).await
 }
 
 async fn get_version(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let state = ops(&st, &p)?.state().await;
+    let state = admin.ops()?.state().await;
     let v = state
         .version(&model, &version)
         .ok_or_else(|| ApiError::NotFound(format!("model `{model}` has no version `{version}`")))?;
@@ -183,46 +235,35 @@ struct WithReason<T> {
 }
 
 async fn register(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(model): Path<String>,
     JsonBody(body): JsonBody<WithReason<Register>>,
 ) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
-    let ops = ops(&st, &p)?;
-    let rec = ops
-        .register(&actor(&p, body.reason), &model, body.body)
-        .await?;
+    let (ops, actor) = admin.change(body.reason)?;
+    let rec = ops.register(&actor, &model, body.body).await?;
     Ok((axum::http::StatusCode::CREATED, Json(json!(rec))))
 }
 
 async fn load(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path((model, version)): Path<(String, String)>,
     OptionalJsonBody(body): OptionalJsonBody<ReasonBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let ops = ops(&st, &p)?;
-    ops.load(&actor(&p, body.and_then(|b| b.reason)), &model, &version)
-        .await?;
+    let (ops, actor) = admin.change(body.and_then(|b| b.reason))?;
+    ops.load(&actor, &model, &version).await?;
     Ok(Json(
         json!({"model": model, "version": version, "loaded": true}),
     ))
 }
 
 async fn unload(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path((model, version)): Path<(String, String)>,
     OptionalJsonBody(body): OptionalJsonBody<ReasonBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let ops = ops(&st, &p)?;
-    ops.unload(
-        &actor(&p, body.and_then(|b| b.reason)),
-        &model,
-        &version,
-        Duration::from_secs(30),
-    )
-    .await?;
+    let (ops, actor) = admin.change(body.and_then(|b| b.reason))?;
+    ops.unload(&actor, &model, &version, Duration::from_secs(30))
+        .await?;
     Ok(Json(
         json!({"model": model, "version": version, "loaded": false}),
     ))
@@ -236,13 +277,12 @@ struct AliasBody {
 }
 
 async fn set_alias(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path((model, alias)): Path<(String, String)>,
     JsonBody(body): JsonBody<AliasBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let ops = ops(&st, &p)?;
-    ops.set_alias(&actor(&p, body.reason), &model, &alias, Some(&body.version))
+    let (ops, actor) = admin.change(body.reason)?;
+    ops.set_alias(&actor, &model, &alias, Some(&body.version))
         .await?;
     Ok(Json(
         json!({"model": model, "alias": alias, "version": body.version}),
@@ -261,15 +301,12 @@ fn query<T>(q: Result<Query<T>, axum::extract::rejection::QueryRejection>) -> Re
 }
 
 async fn delete_alias(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path((model, alias)): Path<(String, String)>,
-    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+    Reason(reason): Reason,
 ) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
-    let ops = ops(&st, &p)?;
-    ops.set_alias(&actor(&p, q.reason), &model, &alias, None)
-        .await?;
+    let (ops, actor) = admin.change(reason)?;
+    ops.set_alias(&actor, &model, &alias, None).await?;
     Ok(Json(
         json!({"model": model, "alias": alias, "removed": true}),
     ))
@@ -288,12 +325,11 @@ fn default_limit() -> usize {
 }
 
 async fn audit(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     q: Result<Query<AuditQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
-    let entries = ops(&st, &p)?.audit(q.after, q.limit.min(10_000)).await;
+    let entries = admin.ops()?.audit(q.after, q.limit.min(10_000)).await;
     Ok(Json(json!({"entries": entries})))
 }
 
@@ -304,133 +340,77 @@ struct ReasonBody {
 }
 
 async fn start_rollout(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     JsonBody(body): JsonBody<WithReason<RolloutSpec>>,
 ) -> Result<Json<Value>, ApiError> {
-    let ops = ops(&st, &p)?;
-    let status = ops
-        .start_rollout(&actor(&p, body.reason), body.body)
-        .await?;
+    let (ops, actor) = admin.change(body.reason)?;
+    let status = ops.start_rollout(&actor, body.body).await?;
     Ok(Json(json!(status)))
 }
 
-async fn list_rollouts(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-) -> Result<Json<Value>, ApiError> {
-    let all = ops(&st, &p)?.rollouts().await;
+async fn list_rollouts(admin: Admin) -> Result<Json<Value>, ApiError> {
+    let all = admin.ops()?.rollouts().await;
     Ok(Json(json!({"rollouts": all})))
 }
 
-async fn get_rollout(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(json!(ops(&st, &p)?.rollout(&id).await?)))
+async fn get_rollout(admin: Admin, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(json!(admin.ops()?.rollout(&id).await?)))
 }
 
 async fn command_rollout(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path((id, action)): Path<(String, String)>,
-    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+    Reason(reason): Reason,
 ) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
-    let ops = ops(&st, &p)?;
+    let (ops, actor) = admin.change(reason)?;
     let command: Command = action.parse()?;
-    let status = ops
-        .command_rollout(&actor(&p, q.reason), &id, command)
-        .await?;
+    let status = ops.command_rollout(&actor, &id, command).await?;
     Ok(Json(json!(status)))
 }
 
 /// `PUT /admin/v1/models/{model}/shadow`: the shadow's settings
 /// (`ShadowSpec`) plus an optional `reason`.
 async fn set_shadow(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(model): Path<String>,
-    JsonBody(mut body): JsonBody<Value>,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let ops = ops(&st, &p)?;
-    let reason = body
-        .as_object_mut()
-        .and_then(|o| o.remove("reason"))
-        .and_then(|r| r.as_str().map(str::to_string));
-    let spec: crate::shadow::ShadowSpec = serde_path_to_error::deserialize(body)
-        .map_err(|e| ApiError::invalid(&e.path().to_string(), e.inner().to_string()))?;
-    Ok(Json(
-        ops.set_shadow(&actor(&p, reason), &model, spec).await?,
-    ))
+    let (ops, actor, spec) = admin.settings(body)?;
+    Ok(Json(ops.set_shadow(&actor, &model, spec).await?))
 }
 
-async fn get_shadow(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-    Path(model): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(ops(&st, &p)?.shadow(&model)?))
+async fn get_shadow(admin: Admin, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(admin.ops()?.shadow(&model)?))
 }
 
 async fn clear_shadow(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(model): Path<String>,
-    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+    Reason(reason): Reason,
 ) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
-    ops(&st, &p)?
-        .clear_shadow(&actor(&p, q.reason), &model)
-        .await?;
+    let (ops, actor) = admin.change(reason)?;
+    ops.clear_shadow(&actor, &model).await?;
     Ok(Json(json!({"model": model, "shadow": null})))
 }
 
-async fn shadow_samples(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-    Path(model): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let samples = ops(&st, &p)?.shadow_samples(&model)?;
+async fn shadow_samples(admin: Admin, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    let samples = admin.ops()?.shadow_samples(&model)?;
     Ok(Json(json!({"model": model, "samples": samples})))
-}
-
-/// Takes the operator's `reason` out of a JSON body.
-fn take_reason(body: &mut Value) -> Option<String> {
-    body.as_object_mut()
-        .and_then(|o| o.remove("reason"))
-        .and_then(|r| r.as_str().map(str::to_string))
-}
-
-/// Parses a settings body, naming the offending field.
-fn settings<T: serde::de::DeserializeOwned>(body: Value) -> Result<T, ApiError> {
-    serde_path_to_error::deserialize(body)
-        .map_err(|e| ApiError::invalid(&e.path().to_string(), e.inner().to_string()))
 }
 
 /// `PUT /admin/v1/models/{model}/capture`: turn capture on or change its
 /// settings (`CaptureSpec`) plus an optional `reason`.
 async fn set_capture(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(model): Path<String>,
-    JsonBody(mut body): JsonBody<Value>,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let ops = ops(&st, &p)?;
-    let reason = take_reason(&mut body);
-    let spec: crate::capture::CaptureSpec = settings(body)?;
-    Ok(Json(
-        ops.set_capture(&actor(&p, reason), &model, spec).await?,
-    ))
+    let (ops, actor, spec) = admin.settings(body)?;
+    Ok(Json(ops.set_capture(&actor, &model, spec).await?))
 }
 
-async fn get_capture(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-    Path(model): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(ops(&st, &p)?.capture(&model)?))
+async fn get_capture(admin: Admin, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(admin.ops()?.capture(&model)?))
 }
 
 #[derive(Deserialize)]
@@ -443,15 +423,13 @@ struct ClearCaptureQuery {
 }
 
 async fn clear_capture(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(model): Path<String>,
     q: Result<Query<ClearCaptureQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let q = query(q)?;
-    let out = ops(&st, &p)?
-        .clear_capture(&actor(&p, q.reason), &model, q.purge)
-        .await?;
+    let (ops, actor) = admin.change(q.reason)?;
+    let out = ops.clear_capture(&actor, &model, q.purge).await?;
     Ok(Json(out))
 }
 
@@ -459,11 +437,10 @@ async fn clear_capture(
 /// oldest first, as the JSONL `llmops train` reads, streamed a segment at
 /// a time.
 async fn export_capture(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(model): Path<String>,
 ) -> Result<axum::response::Response, ApiError> {
-    let dir = ops(&st, &p)?.capture_export(&model)?;
+    let dir = admin.ops()?.capture_export(&model)?;
     let body = axum::body::Body::from_stream(crate::capture::export(dir));
     axum::response::Response::builder()
         .header(axum::http::header::CONTENT_TYPE, "application/x-ndjson")
@@ -475,45 +452,32 @@ async fn export_capture(
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-async fn list_hooks(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(ops(&st, &p)?.list_hooks()))
+async fn list_hooks(admin: Admin) -> Result<Json<Value>, ApiError> {
+    Ok(Json(admin.ops()?.list_hooks()))
 }
 
-async fn get_hook(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-    Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(ops(&st, &p)?.hook(&name)?))
+async fn get_hook(admin: Admin, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(admin.ops()?.hook(&name)?))
 }
 
 /// `PUT /admin/v1/hooks/{name}`: a hook's settings (`HookSpec`) plus an
 /// optional `reason`. The answer never holds the secret.
 async fn set_hook(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(name): Path<String>,
-    JsonBody(mut body): JsonBody<Value>,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let ops = ops(&st, &p)?;
-    let reason = take_reason(&mut body);
-    let spec: crate::hooks::HookSpec = settings(body)?;
-    Ok(Json(ops.set_hook(&actor(&p, reason), &name, spec).await?))
+    let (ops, actor, spec) = admin.settings(body)?;
+    Ok(Json(ops.set_hook(&actor, &name, spec).await?))
 }
 
 async fn delete_hook(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(name): Path<String>,
-    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+    Reason(reason): Reason,
 ) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
-    ops(&st, &p)?
-        .delete_hook(&actor(&p, q.reason), &name)
-        .await?;
+    let (ops, actor) = admin.change(reason)?;
+    ops.delete_hook(&actor, &name).await?;
     Ok(Json(json!({"hook": name, "removed": true})))
 }
 
@@ -521,46 +485,34 @@ async fn delete_hook(
 /// (`RetrainSpec` plus an optional `reason`); 202 with the job's status,
 /// 409 while another retrain of the model runs.
 async fn start_retrain(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(model): Path<String>,
-    JsonBody(mut body): JsonBody<Value>,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
-    let ops = ops(&st, &p)?;
-    let reason = take_reason(&mut body);
-    let spec: crate::control::retrain::RetrainSpec = settings(body)?;
-    let h = crate::control::retrain::start(&ops, &actor(&p, reason), &model, spec).await?;
+    let (ops, actor, spec) = admin.settings(body)?;
+    let h = crate::control::retrain::start(&ops, &actor, &model, spec).await?;
     Ok((axum::http::StatusCode::ACCEPTED, Json(h.status())))
 }
 
 /// `GET /admin/v1/models/{model}/retrain`: the latest retrain's progress
 /// and, once it ended, its outcome.
-async fn get_retrain(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-    Path(model): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(ops(&st, &p)?.retrain(&model)?.status()))
+async fn get_retrain(admin: Admin, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(admin.ops()?.retrain(&model)?.status()))
 }
 
 /// `DELETE /admin/v1/models/{model}/retrain`: cancels the running retrain.
 async fn cancel_retrain(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(model): Path<String>,
-    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+    Reason(reason): Reason,
 ) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
-    let h = ops(&st, &p)?.cancel_retrain(&actor(&p, q.reason), &model)?;
+    let (ops, actor) = admin.change(reason)?;
+    let h = ops.cancel_retrain(&actor, &model)?;
     Ok(Json(h.status()))
 }
 
-async fn get_drift(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-    Path(model): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(ops(&st, &p)?.drift_status(&model).await?))
+async fn get_drift(admin: Admin, Path(model): Path<String>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(admin.ops()?.drift_status(&model).await?))
 }
 
 /// Body of `PUT …/drift`: the model's overrides of `[drift]`.
@@ -574,13 +526,11 @@ struct DriftBody {
 }
 
 async fn set_drift(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(model): Path<String>,
     JsonBody(body): JsonBody<DriftBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let ops = ops(&st, &p)?;
-    let actor = actor(&p, body.reason);
+    let (ops, actor) = admin.change(body.reason)?;
     Ok(Json(
         ops.set_drift_config(&model, body.settings, &actor).await?,
     ))
@@ -588,26 +538,20 @@ async fn set_drift(
 
 /// `DELETE …/drift`: drops the overrides set here; the file's apply.
 async fn clear_drift(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path(model): Path<String>,
-    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
+    Reason(reason): Reason,
 ) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
-    let ops = ops(&st, &p)?;
-    Ok(Json(
-        ops.clear_drift_config(&model, &actor(&p, q.reason)).await?,
-    ))
+    let (ops, actor) = admin.change(reason)?;
+    Ok(Json(ops.clear_drift_config(&model, &actor).await?))
 }
 
 async fn reset_drift(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
+    admin: Admin,
     Path((model, version)): Path<(String, String)>,
     OptionalJsonBody(body): OptionalJsonBody<ReasonBody>,
 ) -> Result<Json<Value>, ApiError> {
-    let ops = ops(&st, &p)?;
-    let actor = actor(&p, body.and_then(|b| b.reason));
+    let (ops, actor) = admin.change(body.and_then(|b| b.reason))?;
     Ok(Json(
         ops.reset_drift_reference(&model, &version, &actor).await?,
     ))
@@ -615,33 +559,23 @@ async fn reset_drift(
 
 /// `GET /admin/v1/autopilot`: the loop's settings and what each model's
 /// running loop is doing.
-async fn get_autopilot(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(ops(&st, &p)?.autopilot_status()))
+async fn get_autopilot(admin: Admin) -> Result<Json<Value>, ApiError> {
+    Ok(Json(admin.ops()?.autopilot_status()))
 }
 
 /// `PUT /admin/v1/autopilot`: replaces the loop's settings (the keys of
 /// `[autopilot]`) plus an optional `reason`; audited, kept across restarts
 /// until cleared.
 async fn set_autopilot(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-    JsonBody(mut body): JsonBody<Value>,
+    admin: Admin,
+    JsonBody(body): JsonBody<Value>,
 ) -> Result<Json<Value>, ApiError> {
-    let reason = take_reason(&mut body);
-    let ops = ops(&st, &p)?;
-    Ok(Json(ops.set_autopilot(&actor(&p, reason), body).await?))
+    let (ops, actor, settings) = admin.settings(body)?;
+    Ok(Json(ops.set_autopilot(&actor, settings).await?))
 }
 
 /// `DELETE /admin/v1/autopilot`: `[autopilot]` from the file applies again.
-async fn clear_autopilot(
-    State(st): State<HttpState>,
-    Extension(p): Extension<Arc<Principal>>,
-    q: Result<Query<ReasonQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let q = query(q)?;
-    let ops = ops(&st, &p)?;
-    Ok(Json(ops.clear_autopilot(&actor(&p, q.reason)).await?))
+async fn clear_autopilot(admin: Admin, Reason(reason): Reason) -> Result<Json<Value>, ApiError> {
+    let (ops, actor) = admin.change(reason)?;
+    Ok(Json(ops.clear_autopilot(&actor).await?))
 }

@@ -423,24 +423,15 @@ fn alternatives(v: Option<u64>, name: &str) -> Result<Option<usize>, ApiError> {
     }
 }
 
-/// What every response and chunk of one request repeats.
-#[derive(Clone)]
-struct Envelope {
-    id: String,
-    created: u64,
-    model: String,
-    /// The serving version.
-    fingerprint: String,
-}
-
-impl Envelope {
-    fn new(prefix: &str, model: &str, target: &Target) -> Self {
-        Self {
-            id: format!("{prefix}-{}", random_id(12)),
-            created: unix_now(),
-            model: model.to_string(),
-            fingerprint: target.version.clone(),
-        }
+/// What every response and chunk of one request repeats: a new id with
+/// `prefix`, the `object` kind, now, the model as asked, the serving version.
+fn response_head(prefix: &str, object: &'static str, model: &str, target: &Target) -> ResponseHead {
+    ResponseHead {
+        id: format!("{prefix}-{}", random_id(12)),
+        object,
+        created: unix_now(),
+        model: model.to_string(),
+        system_fingerprint: target.version.clone(),
     }
 }
 
@@ -485,11 +476,16 @@ async fn chat_completions(
         .instrument(span.clone())
         .await?;
     let generation = span.in_scope(|| infer::submit(&picked, valid, &principal.quota))?;
-    let env = Envelope::new("chatcmpl", &req.model, &target);
+    let object = if req.common.stream {
+        "chat.completion.chunk"
+    } else {
+        "chat.completion"
+    };
+    let head = response_head("chatcmpl", object, &req.model, &target);
     let tok = target.engine.tokenizer().clone();
     if req.common.stream {
         let writer = ChatWriter {
-            env,
+            head,
             tok,
             logprobs: req.logprobs,
         };
@@ -519,13 +515,9 @@ async fn chat_completions(
         "chat completion"
     );
     Ok(Json(ChatCompletion {
-        id: env.id,
-        object: "chat.completion",
-        created: env.created,
-        model: env.model,
-        system_fingerprint: env.fingerprint,
+        head,
         choices,
-        usage: usage(prompt_tokens, completion_tokens),
+        usage: Some(usage(prompt_tokens, completion_tokens)),
     })
     .into_response())
 }
@@ -573,11 +565,11 @@ async fn completions(
         .instrument(span.clone())
         .await?;
     let generation = span.in_scope(|| infer::submit(&picked, valid, &principal.quota))?;
-    let env = Envelope::new("cmpl", &req.model, &target);
+    let head = response_head("cmpl", "text_completion", &req.model, &target);
     let tok = target.engine.tokenizer().clone();
     if req.common.stream {
         let writer = CompletionWriter {
-            env,
+            head,
             tok,
             logprobs: logprobs.is_some(),
             offsets: vec![0; generation.choices()],
@@ -599,11 +591,7 @@ async fn completions(
         })
         .collect();
     Ok(Json(Completion {
-        id: env.id,
-        object: "text_completion",
-        created: env.created,
-        model: env.model,
-        system_fingerprint: env.fingerprint,
+        head,
         choices,
         usage: Some(usage(prompt_tokens, completion_tokens)),
     })
@@ -712,7 +700,8 @@ fn sse_stream(
 
 /// `chat.completion.chunk`s.
 struct ChatWriter {
-    env: Envelope,
+    /// Every chunk's head (`chat.completion.chunk`).
+    head: ResponseHead,
     tok: Tokenizer,
     logprobs: bool,
 }
@@ -720,11 +709,7 @@ struct ChatWriter {
 impl ChatWriter {
     fn chunk(&self, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> String {
         json(&ChatChunk {
-            id: self.env.id.clone(),
-            object: "chat.completion.chunk",
-            created: self.env.created,
-            model: self.env.model.clone(),
-            system_fingerprint: self.env.fingerprint.clone(),
+            head: self.head.clone(),
             choices,
             usage,
         })
@@ -777,7 +762,8 @@ impl ChunkWriter for ChatWriter {
 
 /// `text_completion` chunks.
 struct CompletionWriter {
-    env: Envelope,
+    /// Every chunk's head (`text_completion`).
+    head: ResponseHead,
     tok: Tokenizer,
     logprobs: bool,
     /// Characters streamed so far per choice (logprobs' `text_offset`).
@@ -787,11 +773,7 @@ struct CompletionWriter {
 impl CompletionWriter {
     fn chunk(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> String {
         json(&Completion {
-            id: self.env.id.clone(),
-            object: "text_completion",
-            created: self.env.created,
-            model: self.env.model.clone(),
-            system_fingerprint: self.env.fingerprint.clone(),
+            head: self.head.clone(),
             choices,
             usage,
         })
@@ -995,6 +977,38 @@ pub fn metrics_app(handle: metrics_exporter_prometheus::PrometheusHandle) -> axu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_open_with_the_head_and_show_usage_only_when_there_is_one() {
+        let head = ResponseHead {
+            id: "chatcmpl-x".into(),
+            object: "chat.completion.chunk",
+            created: 7,
+            model: "m".into(),
+            system_fingerprint: "v1".into(),
+        };
+        let chunk = ChatChunk {
+            head: head.clone(),
+            choices: vec![],
+            usage: None,
+        };
+        assert_eq!(
+            json(&chunk),
+            r#"{"id":"chatcmpl-x","object":"chat.completion.chunk","created":7,"model":"m","system_fingerprint":"v1","choices":[]}"#
+        );
+        let whole = Completion {
+            head: ResponseHead {
+                object: "text_completion",
+                ..head
+            },
+            choices: vec![],
+            usage: Some(usage(2, 3)),
+        };
+        assert_eq!(
+            json(&whole),
+            r#"{"id":"chatcmpl-x","object":"text_completion","created":7,"model":"m","system_fingerprint":"v1","choices":[],"usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}"#
+        );
+    }
 
     /// The server's limit in these cases: 900 s.
     fn limits() -> LimitsConfig {

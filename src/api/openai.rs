@@ -416,12 +416,38 @@ pub struct ChatChoice {
     pub finish_reason: &'static str,
 }
 
-/// A chat completion.
+/// A response body or stream chunk: the head, the choices, the token counts.
 #[derive(Debug, Clone, Serialize)]
-pub struct ChatCompletion {
-    /// `chatcmpl-…`.
+pub struct Reply<C> {
+    /// Id, kind, time, model, version.
+    #[serde(flatten)]
+    pub head: ResponseHead,
+    /// Choices (empty in a stream's usage chunk).
+    pub choices: Vec<C>,
+    /// Token counts: always in a whole response; in a stream, only in the
+    /// final usage chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+/// `chat.completion`.
+pub type ChatCompletion = Reply<ChatChoice>;
+
+/// A text completion (`text_completion`), also the shape of its stream
+/// chunks.
+pub type Completion = Reply<CompletionChoice>;
+
+/// `chat.completion.chunk`.
+pub type ChatChunk = Reply<ChunkChoice>;
+
+/// What a response and each of its stream chunks open with, the same
+/// fields in the same order for every kind.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResponseHead {
+    /// `chatcmpl-…` or `cmpl-…`; one id for every chunk of a stream.
     pub id: String,
-    /// `chat.completion`.
+    /// The kind: `chat.completion`, `chat.completion.chunk` or
+    /// `text_completion`.
     pub object: &'static str,
     /// Unix seconds.
     pub created: u64,
@@ -429,10 +455,6 @@ pub struct ChatCompletion {
     pub model: String,
     /// The serving version.
     pub system_fingerprint: String,
-    /// Choices.
-    pub choices: Vec<ChatChoice>,
-    /// Token counts.
-    pub usage: Usage,
 }
 
 /// A completion choice.
@@ -446,26 +468,6 @@ pub struct CompletionChoice {
     pub logprobs: Option<CompletionLogprobs>,
     /// Why it ended.
     pub finish_reason: Option<&'static str>,
-}
-
-/// A text completion (also the shape of its stream chunks).
-#[derive(Debug, Clone, Serialize)]
-pub struct Completion {
-    /// `cmpl-…`.
-    pub id: String,
-    /// `text_completion`.
-    pub object: &'static str,
-    /// Unix seconds.
-    pub created: u64,
-    /// Model name.
-    pub model: String,
-    /// The serving version.
-    pub system_fingerprint: String,
-    /// Choices.
-    pub choices: Vec<CompletionChoice>,
-    /// Token counts (stream chunks: only the final usage chunk).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
 }
 
 /// The delta of a chat stream chunk.
@@ -490,24 +492,4 @@ pub struct ChunkChoice {
     pub logprobs: Option<ChatLogprobs>,
     /// Set in the last chunk of a choice.
     pub finish_reason: Option<&'static str>,
-}
-
-/// `chat.completion.chunk`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ChatChunk {
-    /// Same id for every chunk.
-    pub id: String,
-    /// `chat.completion.chunk`.
-    pub object: &'static str,
-    /// Unix seconds.
-    pub created: u64,
-    /// Model name.
-    pub model: String,
-    /// The serving version.
-    pub system_fingerprint: String,
-    /// Choices (empty in the usage chunk).
-    pub choices: Vec<ChunkChoice>,
-    /// Only in the final usage chunk.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
 }

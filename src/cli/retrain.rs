@@ -36,12 +36,9 @@ pub struct RetrainArgs {
     /// The gate's limit on relative held-out perplexity growth.
     #[arg(long)]
     pub max_regression: Option<f64>,
-    /// Threads of the training job.
-    #[arg(long)]
-    pub threads: Option<u32>,
-    /// Share of time the job computes, (0, 1].
-    #[arg(long)]
-    pub duty: Option<f64>,
+    /// How much CPU the job may take from serving.
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     /// The new version's id.
     #[arg(long)]
     pub version: Option<String>,
@@ -57,6 +54,18 @@ pub struct RetrainArgs {
     /// Cancel the running retrain.
     #[arg(long)]
     pub cancel: bool,
+}
+
+/// The job's CPU budget (the server's `CpuBudget`); what is not given is
+/// the server's default: one thread, half of its time.
+#[derive(clap::Args, Debug)]
+pub struct BudgetArgs {
+    /// Threads of the training job.
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Share of time the job computes, (0, 1].
+    #[arg(long)]
+    pub duty: Option<f64>,
 }
 
 /// Runs the command and prints the job's status as JSON.
@@ -89,8 +98,8 @@ pub async fn run(args: RetrainArgs) -> anyhow::Result<()> {
                 lr: args.lr,
                 batch_size: args.batch_size,
                 max_regression: args.max_regression,
-                threads: args.threads,
-                duty: args.duty,
+                threads: args.budget.threads,
+                duty: args.budget.duty,
                 version: args.version.clone().unwrap_or_default(),
                 reason,
             })

@@ -21,6 +21,18 @@ fn folder_name(model: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
+/// The audit log's record of a capture change: the new settings, or `None`
+/// for off.
+fn capture_action(model: &str, spec: Option<&CaptureSpec>) -> Result<Action, ControlError> {
+    Ok(Action::Capture {
+        model: model.to_string(),
+        spec: spec
+            .map(serde_json::to_value)
+            .transpose()
+            .map_err(super::internal)?,
+    })
+}
+
 impl Controller {
     fn capture_dir(&self, model: &str) -> PathBuf {
         capture::dir(&self.data_dir, model)
@@ -36,10 +48,7 @@ impl Controller {
     ) -> Result<Value, ControlError> {
         folder_name(model)?;
         let _write = self.writes.lock().await;
-        let action = Action::Capture {
-            model: model.to_string(),
-            spec: Some(serde_json::to_value(&spec).map_err(super::internal)?),
-        };
+        let action = capture_action(model, Some(&spec))?;
         let previous = json!(self.catalog().state().captures.get(model));
         let started = if self.router.deployment(model).is_none() {
             Err(ControlError::NotFound(format!(
@@ -100,10 +109,7 @@ impl Controller {
     ) -> Result<Value, ControlError> {
         folder_name(model)?;
         let _write = self.writes.lock().await;
-        let action = Action::Capture {
-            model: model.to_string(),
-            spec: None,
-        };
+        let action = capture_action(model, None)?;
         let previous = self.catalog().state().captures.get(model).cloned();
         if previous.is_none() && !purge {
             let e = ControlError::NotFound(format!("model `{model}` does not capture"));

@@ -1029,6 +1029,34 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The default analysis with only these gates.
+    fn gated(gates: &[&str]) -> Analysis {
+        Analysis {
+            gates: gates.iter().map(|g| gate(g)).collect(),
+            ..Analysis::default()
+        }
+    }
+
+    /// Asserts that the verdict's reason says `words`, showing it if not.
+    #[track_caller]
+    fn assert_says(report: &Report, words: &str) {
+        assert!(report.reason.contains(words), "{}", report.reason);
+    }
+
+    /// A canary window of `window(2, 100, e2e_scale)` whose requests have
+    /// no inter-token latency, each answer `output_tokens` long (or as
+    /// `window` makes it).
+    fn without_itl(e2e_scale: f64, output_tokens: Option<u32>) -> Vec<Sample> {
+        window(2, 100, e2e_scale)
+            .into_iter()
+            .map(|s| Sample {
+                itl_s: f64::NAN,
+                output_tokens: output_tokens.unwrap_or(s.output_tokens),
+                ..s
+            })
+            .collect()
+    }
+
     #[test]
     fn identical_distributions_are_successful() {
         let report = analyse(
@@ -1050,7 +1078,7 @@ mod tests {
             &window(2, 200, 3.0),
         );
         assert_eq!(report.verdict, Verdict::Failed);
-        assert!(report.reason.contains("e2e_p99"), "{}", report.reason);
+        assert_says(&report, "e2e_p99");
         let e2e = &report.gates[2];
         assert_eq!(e2e.passed, Some(false));
         assert!(e2e.note.contains(" > limit "), "{}", e2e.note);
@@ -1072,8 +1100,8 @@ mod tests {
         );
         assert!(report.gates.iter().all(|g| g.passed == Some(true)));
         assert_eq!(report.verdict, Verdict::Failed);
-        assert!(report.reason.contains("Mann–Whitney"), "{}", report.reason);
-        assert!(report.reason.contains("end-to-end"), "{}", report.reason);
+        assert_says(&report, "Mann–Whitney");
+        assert_says(&report, "end-to-end");
     }
 
     #[test]
@@ -1119,7 +1147,7 @@ mod tests {
             "{}",
             report.reason
         );
-        assert!(report.reason.contains("20.00%"), "{}", report.reason);
+        assert_says(&report, "20.00%");
         assert_eq!(report.gates[0].canary, Some(0.2));
     }
 
@@ -1130,8 +1158,8 @@ mod tests {
         let canary = window(2, 19, 0.5);
         let report = analyse(&Analysis::default(), &stable, &canary);
         assert_eq!(report.verdict, Verdict::Inconclusive);
-        assert!(report.reason.contains("canary has 19"), "{}", report.reason);
-        assert!(report.reason.contains("need 20"), "{}", report.reason);
+        assert_says(&report, "canary has 19");
+        assert_says(&report, "need 20");
 
         let report = analyse(
             &Analysis::default(),
@@ -1139,15 +1167,11 @@ mod tests {
             &window(2, 200, 0.5),
         );
         assert_eq!(report.verdict, Verdict::Inconclusive);
-        assert!(report.reason.contains("stable has 5"), "{}", report.reason);
+        assert_says(&report, "stable has 5");
 
         let report = analyse(&Analysis::default(), &[], &[]);
         assert_eq!(report.verdict, Verdict::Inconclusive);
-        assert!(
-            report.reason.contains("canary has 0 and stable has 0"),
-            "{}",
-            report.reason
-        );
+        assert_says(&report, "canary has 0 and stable has 0");
     }
 
     #[test]
@@ -1171,10 +1195,7 @@ mod tests {
 
     #[test]
     fn a_relative_gate_with_both_sides_zero_passes() {
-        let analysis = Analysis {
-            gates: vec![gate("error_rate <= 1.5x")],
-            ..Analysis::default()
-        };
+        let analysis = gated(&["error_rate <= 1.5x"]);
         let report = analyse(&analysis, &window(1, 100, 1.0), &window(2, 100, 1.0));
         assert_eq!(
             report.gates[0].passed,
@@ -1189,69 +1210,37 @@ mod tests {
     #[test]
     fn a_relative_gate_against_a_zero_stable_value_cannot_judge_a_nonzero_canary() {
         let analysis = Analysis {
-            gates: vec![gate("error_rate <= 1.5x")],
             mann_whitney_alpha: None,
-            ..Analysis::default()
+            ..gated(&["error_rate <= 1.5x"])
         };
         let mut canary = window(2, 100, 1.0);
         canary[0] = failed();
         let report = analyse(&analysis, &window(1, 100, 1.0), &canary);
         assert_eq!(report.gates[0].passed, None);
         assert_eq!(report.verdict, Verdict::Error);
-        assert!(
-            report.reason.contains("error_rate <= 1.5x"),
-            "{}",
-            report.reason
-        );
+        assert_says(&report, "error_rate <= 1.5x");
     }
 
     #[test]
     fn a_gate_on_a_metric_with_no_data_is_an_error() {
-        let analysis = Analysis {
-            gates: vec![gate("error_rate <= 0.05"), gate("itl_p99 <= 1.2x")],
-            ..Analysis::default()
-        };
+        let analysis = gated(&["error_rate <= 0.05", "itl_p99 <= 1.2x"]);
         // One-token answers: no inter-token latency on the canary.
-        let canary: Vec<Sample> = window(2, 100, 1.0)
-            .into_iter()
-            .map(|s| Sample {
-                itl_s: f64::NAN,
-                output_tokens: 1,
-                ..s
-            })
-            .collect();
+        let canary = without_itl(1.0, Some(1));
         let report = analyse(&analysis, &window(1, 100, 1.0), &canary);
         assert_eq!(report.verdict, Verdict::Error);
         assert_eq!(report.gates[1].passed, None);
-        assert!(report.reason.contains("itl_p99"), "{}", report.reason);
-        assert!(
-            report.reason.contains("at least 2 tokens"),
-            "{}",
-            report.reason
-        );
+        assert_says(&report, "itl_p99");
+        assert_says(&report, "at least 2 tokens");
     }
 
     #[test]
     fn a_failing_gate_outranks_a_gate_that_cannot_be_evaluated() {
-        let analysis = Analysis {
-            gates: vec![gate("itl_p99 <= 1.2x"), gate("e2e_p99 <= 1.5x")],
-            ..Analysis::default()
-        };
-        let canary: Vec<Sample> = window(2, 100, 3.0)
-            .into_iter()
-            .map(|s| Sample {
-                itl_s: f64::NAN,
-                ..s
-            })
-            .collect();
+        let analysis = gated(&["itl_p99 <= 1.2x", "e2e_p99 <= 1.5x"]);
+        let canary = without_itl(3.0, None);
         let report = analyse(&analysis, &window(1, 100, 1.0), &canary);
         assert_eq!(report.verdict, Verdict::Failed);
-        assert!(report.reason.contains("e2e_p99"), "{}", report.reason);
-        assert!(
-            report.reason.contains("more failing check"),
-            "{}",
-            report.reason
-        );
+        assert_says(&report, "e2e_p99");
+        assert_says(&report, "more failing check");
     }
 
     #[test]
@@ -1263,7 +1252,7 @@ mod tests {
             };
             let report = analyse(&analysis, &window(1, 100, 1.0), &window(2, 100, 1.0));
             assert_eq!(report.verdict, Verdict::Error, "alpha {alpha}");
-            assert!(report.reason.contains("mann_whitney_alpha"));
+            assert_says(&report, "mann_whitney_alpha");
         }
         let empty = Analysis {
             gates: vec![],
@@ -1280,9 +1269,8 @@ mod tests {
         let stable = vec![ok(0.1, 0.4); 30];
         let canary = vec![ok(0.1, 0.812); 30];
         let analysis = Analysis {
-            gates: vec![gate("e2e_p99 <= 1.5x")],
             mann_whitney_alpha: None,
-            ..Analysis::default()
+            ..gated(&["e2e_p99 <= 1.5x"])
         };
         let report = analyse(&analysis, &stable, &canary);
         let note = &report.gates[0].note;
@@ -1291,15 +1279,14 @@ mod tests {
             "canary 0.812 s > limit 0.600 s (1.5 × stable 0.400 s)"
         );
         assert_eq!(report.gates[0].stable, Some(0.4));
-        assert!(report.reason.contains(note.as_str()));
+        assert_says(&report, note);
     }
 
     #[test]
     fn absolute_gates_also_report_the_stable_value() {
         let analysis = Analysis {
-            gates: vec![gate("tokens_per_second >= 10"), gate("stop_share >= 90%")],
             mann_whitney_alpha: None,
-            ..Analysis::default()
+            ..gated(&["tokens_per_second >= 10", "stop_share >= 90%"])
         };
         let report = analyse(&analysis, &window(1, 50, 1.0), &window(2, 50, 1.0));
         assert!(

@@ -20,128 +20,94 @@ use serde::Serialize;
 
 use crate::engine::{PositionScore, TokenLogprob};
 
-/// Metric names of the shadow.
-pub mod names {
-    /// Counter: requests mirrored (a copy was started), by mode.
-    pub const MIRRORED: &str = "llmops_shadow_mirrored_total";
-    /// Counter: copies dropped, by reason (concurrency, budget, overloaded,
-    /// unavailable, timeout, failed, primary_incomplete).
-    pub const DROPPED: &str = "llmops_shadow_dropped_total";
-    /// Counter: copies compared, by mode.
-    pub const COMPARED: &str = "llmops_shadow_compared_total";
-    /// Counter: generate-mode comparisons of greedy requests.
-    pub const GREEDY_COMPARED: &str = "llmops_shadow_greedy_compared_total";
-    /// Counter: greedy comparisons whose tokens were identical.
-    pub const EXACT_MATCHES: &str = "llmops_shadow_exact_matches_total";
-    /// Counter: generate-mode comparisons that ended for the same reason.
-    pub const FINISH_AGREEMENTS: &str = "llmops_shadow_finish_agreements_total";
-    /// Histogram: per request, the agreement between the two answers, by
-    /// kind (`prefix`: common-prefix share; `f1`: token F1).
-    pub const AGREEMENT: &str = "llmops_shadow_token_agreement";
-    /// Histogram: candidate length over primary length.
-    pub const LENGTH_RATIO: &str = "llmops_shadow_length_ratio";
-    /// Histogram: candidate TTFT minus the primary's.
-    pub const TTFT_DELTA: &str = "llmops_shadow_ttft_delta_seconds";
-    /// Histogram: candidate end-to-end latency minus the primary's.
-    pub const E2E_DELTA: &str = "llmops_shadow_e2e_delta_seconds";
-    /// Counter: primary tokens scored by the candidate.
-    pub const SCORED_TOKENS: &str = "llmops_shadow_scored_tokens_total";
-    /// Counter: the candidate's negative log-likelihood of the primary's
-    /// tokens, summed (divide by scored tokens: the cross NLL per token).
-    pub const CANDIDATE_NLL: &str = "llmops_shadow_candidate_nll_total";
-    /// Counter: the primary's own negative log-likelihood of its tokens.
-    pub const PRIMARY_NLL: &str = "llmops_shadow_primary_nll_total";
-    /// Histogram: per request, primary mean log-prob minus the candidate's.
-    pub const LOGPROB_GAP: &str = "llmops_shadow_logprob_gap";
-    /// Histogram: per request, the share of positions whose top-1 agree.
-    pub const TOP1_AGREEMENT: &str = "llmops_shadow_top1_agreement";
-    /// Histogram: per request, mean KL(primary ‖ candidate) over top-k.
-    pub const KL: &str = "llmops_shadow_kl_divergence";
-    /// Gauge: copies in flight.
-    pub const INFLIGHT: &str = "llmops_shadow_inflight";
+/// Declares each of the shadow's metrics once: its name constant in
+/// [`names`] (with its doc) and, for [`describe`], its kind and HELP line.
+/// Every one is described with `Unit::Count`.
+macro_rules! shadow_metrics {
+    ($($(#[doc = $doc:literal])* $kind:ident $name:ident = $value:literal, $help:expr;)*) => {
+        /// Metric names of the shadow.
+        pub mod names {
+            $($(#[doc = $doc])* pub const $name: &str = $value;)*
+        }
+
+        /// HELP lines of the shadow's metrics.
+        pub(super) fn describe() {
+            $(shadow_metrics!(@describe $kind, names::$name, $help);)*
+        }
+    };
+    (@describe counter, $name:expr, $help:expr) => {
+        metrics::describe_counter!($name, metrics::Unit::Count, $help)
+    };
+    (@describe histogram, $name:expr, $help:expr) => {
+        metrics::describe_histogram!($name, metrics::Unit::Count, $help)
+    };
+    (@describe gauge, $name:expr, $help:expr) => {
+        metrics::describe_gauge!($name, metrics::Unit::Count, $help)
+    };
 }
 
-/// HELP lines of the shadow's metrics.
-pub(super) fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    let labels = "by model, primary version and candidate";
-    for (name, help) in [
-        (
-            names::MIRRORED,
-            "Requests copied to a shadow candidate, by mode",
-        ),
-        (
-            names::DROPPED,
-            "Shadow copies dropped (concurrency, budget, overloaded, unavailable, timeout, aborted, failed, primary_incomplete), by reason",
-        ),
-        (
-            names::COMPARED,
-            "Shadow copies compared with the primary's answer, by mode",
-        ),
-        (
-            names::GREEDY_COMPARED,
-            "Generate-mode comparisons of greedy requests",
-        ),
-        (
-            names::EXACT_MATCHES,
-            "Greedy comparisons whose tokens were identical",
-        ),
-        (
-            names::FINISH_AGREEMENTS,
-            "Generate-mode comparisons that ended for the same reason",
-        ),
-        (
-            names::SCORED_TOKENS,
-            "Primary tokens the candidate scored (score mode)",
-        ),
-        (
-            names::CANDIDATE_NLL,
-            "The candidate's negative log-likelihood of the primary's tokens, in micro-nats",
-        ),
-        (
-            names::PRIMARY_NLL,
-            "The primary's own negative log-likelihood of its tokens, in micro-nats",
-        ),
-    ] {
-        describe_counter!(name, Unit::Count, format!("{help}; {labels}."));
-    }
-    for (name, help) in [
-        (
-            names::AGREEMENT,
-            "Per compared request, token agreement with the primary, by kind (prefix: common-prefix share; f1: token F1)",
-        ),
-        (
-            names::LENGTH_RATIO,
-            "Per compared request, candidate length over primary length",
-        ),
-        (
-            names::TTFT_DELTA,
-            "Per compared request, candidate TTFT minus the primary's (seconds)",
-        ),
-        (
-            names::E2E_DELTA,
-            "Per compared request, candidate end-to-end latency minus the primary's (seconds)",
-        ),
-        (
-            names::LOGPROB_GAP,
-            "Per scored request, the primary's mean log-prob per token minus the candidate's (nats)",
-        ),
-        (
-            names::TOP1_AGREEMENT,
-            "Per scored request, the share of positions where the candidate's top-1 token is the primary's",
-        ),
-        (
-            names::KL,
-            "Per scored request, mean KL(primary || candidate) over the primary's top-k (nats)",
-        ),
-    ] {
-        describe_histogram!(name, Unit::Count, format!("{help}; {labels}."));
-    }
-    describe_gauge!(
-        names::INFLIGHT,
-        Unit::Count,
-        "Shadow copies in flight, by model."
-    );
+/// The HELP line of a series labelled by model, primary version and
+/// candidate: what it measures, then its labels.
+macro_rules! by_primary {
+    ($help:literal) => {
+        concat!($help, "; by model, primary version and candidate.")
+    };
+}
+
+shadow_metrics! {
+    /// Counter: requests mirrored (a copy was started), by mode.
+    counter MIRRORED = "llmops_shadow_mirrored_total",
+        by_primary!("Requests copied to a shadow candidate, by mode");
+    /// Counter: copies dropped, by reason (concurrency, budget, overloaded,
+    /// unavailable, timeout, failed, primary_incomplete).
+    counter DROPPED = "llmops_shadow_dropped_total",
+        by_primary!("Shadow copies dropped (concurrency, budget, overloaded, unavailable, timeout, aborted, failed, primary_incomplete), by reason");
+    /// Counter: copies compared, by mode.
+    counter COMPARED = "llmops_shadow_compared_total",
+        by_primary!("Shadow copies compared with the primary's answer, by mode");
+    /// Counter: generate-mode comparisons of greedy requests.
+    counter GREEDY_COMPARED = "llmops_shadow_greedy_compared_total",
+        by_primary!("Generate-mode comparisons of greedy requests");
+    /// Counter: greedy comparisons whose tokens were identical.
+    counter EXACT_MATCHES = "llmops_shadow_exact_matches_total",
+        by_primary!("Greedy comparisons whose tokens were identical");
+    /// Counter: generate-mode comparisons that ended for the same reason.
+    counter FINISH_AGREEMENTS = "llmops_shadow_finish_agreements_total",
+        by_primary!("Generate-mode comparisons that ended for the same reason");
+    /// Histogram: per request, the agreement between the two answers, by
+    /// kind (`prefix`: common-prefix share; `f1`: token F1).
+    histogram AGREEMENT = "llmops_shadow_token_agreement",
+        by_primary!("Per compared request, token agreement with the primary, by kind (prefix: common-prefix share; f1: token F1)");
+    /// Histogram: candidate length over primary length.
+    histogram LENGTH_RATIO = "llmops_shadow_length_ratio",
+        by_primary!("Per compared request, candidate length over primary length");
+    /// Histogram: candidate TTFT minus the primary's.
+    histogram TTFT_DELTA = "llmops_shadow_ttft_delta_seconds",
+        by_primary!("Per compared request, candidate TTFT minus the primary's (seconds)");
+    /// Histogram: candidate end-to-end latency minus the primary's.
+    histogram E2E_DELTA = "llmops_shadow_e2e_delta_seconds",
+        by_primary!("Per compared request, candidate end-to-end latency minus the primary's (seconds)");
+    /// Counter: primary tokens scored by the candidate.
+    counter SCORED_TOKENS = "llmops_shadow_scored_tokens_total",
+        by_primary!("Primary tokens the candidate scored (score mode)");
+    /// Counter: the candidate's negative log-likelihood of the primary's
+    /// tokens, summed (divide by scored tokens: the cross NLL per token).
+    counter CANDIDATE_NLL = "llmops_shadow_candidate_nll_total",
+        by_primary!("The candidate's negative log-likelihood of the primary's tokens, in micro-nats");
+    /// Counter: the primary's own negative log-likelihood of its tokens.
+    counter PRIMARY_NLL = "llmops_shadow_primary_nll_total",
+        by_primary!("The primary's own negative log-likelihood of its tokens, in micro-nats");
+    /// Histogram: per request, primary mean log-prob minus the candidate's.
+    histogram LOGPROB_GAP = "llmops_shadow_logprob_gap",
+        by_primary!("Per scored request, the primary's mean log-prob per token minus the candidate's (nats)");
+    /// Histogram: per request, the share of positions whose top-1 agree.
+    histogram TOP1_AGREEMENT = "llmops_shadow_top1_agreement",
+        by_primary!("Per scored request, the share of positions where the candidate's top-1 token is the primary's");
+    /// Histogram: per request, mean KL(primary ‖ candidate) over top-k.
+    histogram KL = "llmops_shadow_kl_divergence",
+        by_primary!("Per scored request, mean KL(primary || candidate) over the primary's top-k (nats)");
+    /// Gauge: copies in flight.
+    gauge INFLIGHT = "llmops_shadow_inflight", "Shadow copies in flight, by model.";
 }
 
 /// Buckets of shares in [0, 1].
@@ -422,6 +388,26 @@ impl Aggregate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn help_lines_name_the_labels_of_the_labelled_series() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            describe();
+            metrics::counter!(names::MIRRORED).increment(1);
+            metrics::histogram!(names::KL).record(0.5);
+            metrics::gauge!(names::INFLIGHT).set(1.0);
+        });
+        let text = handle.render();
+        for help in [
+            "# HELP llmops_shadow_mirrored_total Requests copied to a shadow candidate, by mode; by model, primary version and candidate.",
+            "# HELP llmops_shadow_kl_divergence Per scored request, mean KL(primary || candidate) over the primary's top-k (nats); by model, primary version and candidate.",
+            "# HELP llmops_shadow_inflight Shadow copies in flight, by model.",
+        ] {
+            assert!(text.lines().any(|l| l == help), "{help}\n{text}");
+        }
+    }
 
     fn answer(tokens: &[u32], finish: &'static str) -> Answer {
         Answer {

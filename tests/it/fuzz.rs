@@ -559,8 +559,8 @@ fn fuzz_openai_requests_against_a_live_server() {
     // Its own model name: metrics are process-wide, and other tests serve `tiny`.
     let server = rt.block_on(TestServer::start(|a| {
         a.model_names = vec!["fuzz-http".into()];
-        a.max_tokens_limit = Some(8);
-        a.max_body_bytes = Some(256 << 10);
+        a.limits.max_tokens_limit = Some(8);
+        a.limits.max_body_bytes = Some(256 << 10);
     }));
     let handle = rt.handle().clone();
     let base = server.url("");
@@ -777,7 +777,7 @@ fn fuzz_grpc_generate_requests() {
         .unwrap();
     let server = rt.block_on(TestServer::start(|a| {
         a.model_names = vec!["fuzz-grpc".into()];
-        a.max_tokens_limit = Some(8);
+        a.limits.max_tokens_limit = Some(8);
     }));
     let handle = rt.handle().clone();
     let mut client = rt.block_on(server.grpc_client());

@@ -34,7 +34,7 @@ async fn a_long_context_model_on_a_small_pool_serves_default_requests_and_report
         max_position_embeddings: 32_768,
         ..SynthSpec::tiny_llama()
     };
-    let s = TestServer::start_with(spec, |a| a.kv_cache_mb = Some(1)).await;
+    let s = TestServer::start_with(spec, |a| a.scheduler.kv_cache_mb = Some(1)).await;
     let c = reqwest::Client::new();
     let models: Value = c
         .get(s.url("/v1/models"))

@@ -201,9 +201,9 @@ async fn closed_loop_http_and_open_loop_grpc_counts_match_the_server_metrics() {
 async fn a_burst_over_the_queue_limit_is_counted_as_429s_and_resource_exhausted() {
     let model = "lt-burst";
     let s = serve(model, |a| {
-        a.max_waiting = Some(1);
-        a.max_running = Some(1);
-        a.max_batched_tokens = Some(8);
+        a.scheduler.max_waiting = Some(1);
+        a.scheduler.max_running = Some(1);
+        a.scheduler.max_batched_tokens = Some(8);
     })
     .await;
     for (protocol, addr, kind) in [

@@ -343,9 +343,9 @@ async fn a_grpc_timeout_ends_as_deadline_exceeded_and_frees_the_sequence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_over_the_queue_limit_gets_fast_429s_while_admitted_requests_complete() {
     let s = TestServer::start(|a| {
-        a.max_waiting = Some(2);
-        a.max_running = Some(1);
-        a.max_batched_tokens = Some(16);
+        a.scheduler.max_waiting = Some(2);
+        a.scheduler.max_running = Some(1);
+        a.scheduler.max_batched_tokens = Some(16);
     })
     .await;
     let c = reqwest::Client::new();

@@ -100,8 +100,8 @@ async fn the_tensor_path_serves_over_http_what_the_host_path_serves() {
     let tensor = TestServer::start_with(spec, |a| {
         a.engine_path = Some(EnginePath::Tensor);
         // Small steps, so prompts are chunked and share steps with decodes.
-        a.max_batched_tokens = Some(16);
-        a.max_running = Some(8);
+        a.scheduler.max_batched_tokens = Some(16);
+        a.scheduler.max_running = Some(8);
     })
     .await;
     assert_eq!(engine_path_of(&host).await, "host");

@@ -280,8 +280,7 @@ impl pb::admin_server::Admin for AdminService {
         let status = self
             .ops
             .start_rollout(&Self::actor(&p, &r.reason), spec)
-            .await
-            .map_err(ApiError::from)?;
+            .await?;
         Ok(Response::new(rollout_pb(&status)))
     }
 
@@ -301,11 +300,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
         self.admin(&req)?;
-        let status = self
-            .ops
-            .rollout(&req.get_ref().id)
-            .await
-            .map_err(ApiError::from)?;
+        let status = self.ops.rollout(&req.get_ref().id).await?;
         Ok(Response::new(rollout_pb(&status)))
     }
 
@@ -315,12 +310,11 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::Rollout>, Status> {
         let p = self.admin(&req)?;
         let r = req.into_inner();
-        let command: Command = r.action.parse().map_err(ApiError::from)?;
+        let command: Command = r.action.parse()?;
         let status = self
             .ops
             .command_rollout(&Self::actor(&p, &r.reason), &r.id, command)
-            .await
-            .map_err(ApiError::from)?;
+            .await?;
         Ok(Response::new(rollout_pb(&status)))
     }
 
@@ -334,8 +328,7 @@ impl pb::admin_server::Admin for AdminService {
         let status = self
             .ops
             .set_shadow(&Self::actor(&p, &r.reason), &r.model, spec)
-            .await
-            .map_err(ApiError::from)?;
+            .await?;
         Ok(Response::new(shadow_pb(&r.model, status)))
     }
 
@@ -345,7 +338,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ShadowStatus>, Status> {
         self.admin(&req)?;
         let model = &req.get_ref().model;
-        let status = self.ops.shadow(model).map_err(ApiError::from)?;
+        let status = self.ops.shadow(model)?;
         Ok(Response::new(shadow_pb(model, status)))
     }
 
@@ -354,11 +347,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::DriftRef>,
     ) -> Result<Response<pb::DriftStatus>, Status> {
         self.admin(&req)?;
-        let status = self
-            .ops
-            .drift_status(&req.get_ref().model)
-            .await
-            .map_err(ApiError::from)?;
+        let status = self.ops.drift_status(&req.get_ref().model).await?;
         Ok(Response::new(pb::DriftStatus {
             json: status.to_string(),
         }))
@@ -372,8 +361,7 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.into_inner();
         self.ops
             .clear_shadow(&Self::actor(&p, &r.reason), &r.model)
-            .await
-            .map_err(ApiError::from)?;
+            .await?;
         Ok(Response::new(pb::AdminResponse {
             message: format!("{} shadow cleared", r.model),
         }))
@@ -406,8 +394,7 @@ impl pb::admin_server::Admin for AdminService {
         };
         let h =
             crate::control::retrain::start(&self.ops, &Self::actor(&p, &r.reason), &r.model, spec)
-                .await
-                .map_err(ApiError::from)?;
+                .await?;
         Ok(Response::new(retrain_pb(&h)))
     }
 
@@ -416,10 +403,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::RetrainRef>,
     ) -> Result<Response<pb::RetrainStatus>, Status> {
         self.admin(&req)?;
-        let h = self
-            .ops
-            .retrain(&req.get_ref().model)
-            .map_err(ApiError::from)?;
+        let h = self.ops.retrain(&req.get_ref().model)?;
         Ok(Response::new(retrain_pb(&h)))
     }
 
@@ -431,8 +415,7 @@ impl pb::admin_server::Admin for AdminService {
         let r = req.get_ref();
         let h = self
             .ops
-            .cancel_retrain(&Self::actor(&p, &r.reason), &r.model)
-            .map_err(ApiError::from)?;
+            .cancel_retrain(&Self::actor(&p, &r.reason), &r.model)?;
         Ok(Response::new(retrain_pb(&h)))
     }
 
@@ -441,10 +424,7 @@ impl pb::admin_server::Admin for AdminService {
         req: Request<pb::ShadowRef>,
     ) -> Result<Response<pb::ShadowSamples>, Status> {
         self.admin(&req)?;
-        let samples = self
-            .ops
-            .shadow_samples(&req.get_ref().model)
-            .map_err(ApiError::from)?;
+        let samples = self.ops.shadow_samples(&req.get_ref().model)?;
         Ok(Response::new(pb::ShadowSamples {
             samples_json: samples
                 .iter()
