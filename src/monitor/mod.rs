@@ -8,6 +8,7 @@
 pub mod canary;
 pub mod drift;
 pub mod exporter;
+pub mod pod;
 pub mod shadow;
 pub mod window;
 
@@ -41,6 +42,12 @@ pub mod names {
     pub const WAITING: &str = "llmops_num_requests_waiting";
     /// KV pool in use, 0–1.
     pub const KV_USAGE: &str = "llmops_kv_cache_usage_perc";
+    /// Requests waiting on every engine of the process (no labels).
+    pub const POD_WAITING: &str = "llmops_pod_num_requests_waiting";
+    /// Sequences running on every engine of the process (no labels).
+    pub const POD_RUNNING: &str = "llmops_pod_num_requests_running";
+    /// KV blocks in use over blocks in all, every engine (no labels).
+    pub const POD_KV_USAGE: &str = "llmops_pod_kv_cache_usage_perc";
     /// Prompt tokens processed.
     pub const PROMPT_TOKENS: &str = "llmops_prompt_tokens_total";
     /// Tokens generated.
@@ -375,6 +382,19 @@ pub fn describe() {
             names::KV_USAGE,
             Unit::Percent,
             "Fraction of KV-cache blocks in use (0 to 1)."
+        );
+        describe_gauge!(
+            names::POD_WAITING,
+            "Requests waiting on every engine of this process (the endpoint picker's queue)."
+        );
+        describe_gauge!(
+            names::POD_RUNNING,
+            "Sequences running on every engine of this process."
+        );
+        describe_gauge!(
+            names::POD_KV_USAGE,
+            Unit::Percent,
+            "KV-cache blocks in use over blocks in all, every engine of this process (0 to 1)."
         );
         describe_counter!(
             names::PROMPT_TOKENS,

@@ -103,6 +103,8 @@ struct Worker {
     scratch: Scratch,
     /// The model's hidden width.
     hidden: usize,
+    /// This engine's part of the process-wide totals.
+    pod: crate::monitor::pod::PodShare,
 }
 
 /// Events a client may leave unread before its sequence is cancelled: a
@@ -142,6 +144,7 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
         logits: vec![],
         scratch: Scratch::default(),
         hidden: model.config().hidden_size,
+        pod: Default::default(),
     };
     let mut drain_deadline: Option<Instant> = None;
     let mut disconnected = false;
@@ -211,6 +214,7 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
     w.metrics.running.set(0.0);
     w.metrics.waiting.set(0.0);
     w.metrics.kv_usage.set(0.0);
+    w.pod.set(Default::default());
     shared.stopped.store(true, Ordering::Release);
     tracing::info!(model = %labels.model, version = %labels.version, "engine stopped");
 }
@@ -368,11 +372,16 @@ impl Worker {
         st.running.store(state.running.len(), Ordering::Relaxed);
         st.kv_blocks_used
             .store(alloc.total() - alloc.free(), Ordering::Relaxed);
+        let waiting = st.waiting.load(Ordering::Relaxed) + preempted_waiting;
         self.metrics.running.set(state.running.len() as f64);
-        self.metrics
-            .waiting
-            .set((st.waiting.load(Ordering::Relaxed) + preempted_waiting) as f64);
+        self.metrics.waiting.set(waiting as f64);
         self.metrics.kv_usage.set(alloc.usage());
+        self.pod.set(crate::monitor::pod::Share {
+            waiting,
+            running: state.running.len(),
+            kv_used: alloc.total() - alloc.free(),
+            kv_total: alloc.total(),
+        });
     }
 
     /// Drops sequences whose client left and ends those past their deadline.
