@@ -13,9 +13,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json};
 use futures::StreamExt;
-use tracing::Instrument;
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
 
 use super::auth::{Authenticator, Principal};
 use super::error::{ApiError, ErrorType};
@@ -93,7 +93,19 @@ pub fn app(state: HttpState, admin: Option<axum::Router<HttpState>>) -> axum::Ro
         .layer(axum::extract::DefaultBodyLimit::max(
             state.limits.max_body_bytes,
         ))
+        // A bug that panics in a handler answers 500 in the OpenAI shape
+        // and is logged, rather than closing the client's connection.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)
+}
+
+fn panicked(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = err
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| err.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    ApiError::Internal(format!("handler panicked: {what}")).into_response()
 }
 
 /// Accepts or generates `x-request-id` and echoes it.
@@ -977,6 +989,32 @@ pub fn metrics_app(handle: metrics_exporter_prometheus::PrometheusHandle) -> axu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_in_the_openai_shape() {
+        let app = axum::Router::new()
+            .route(
+                "/boom",
+                get(|| async {
+                    if std::hint::black_box(true) {
+                        panic!("boom");
+                    }
+                }),
+            )
+            .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked));
+        let r = tower::ServiceExt::oneshot(
+            app,
+            axum::http::Request::get("/boom")
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["type"], "server_error", "{v}");
+    }
 
     #[test]
     fn replies_open_with_the_head_and_show_usage_only_when_there_is_one() {

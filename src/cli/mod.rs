@@ -43,7 +43,7 @@ pub enum LogFormat {
 #[derive(Subcommand)]
 pub enum Command {
     /// Serve models over HTTP (OpenAI API) and gRPC.
-    Serve(crate::config::ServeArgs),
+    Serve(Box<crate::config::ServeArgs>),
     /// Print the SHA-256 of an API key secret, for `[[auth.keys]] sha256`.
     HashKey {
         /// The secret.
