@@ -17,7 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The subset of etcd's API the shared registry speaks (a client only).
     tonic_prost_build::configure()
         .build_server(false)
-        .compile_protos(&[PathBuf::from("proto/etcd/rpc.proto")], &[PathBuf::from("proto")])?;
+        .compile_protos(
+            &[PathBuf::from("proto/etcd/rpc.proto")],
+            &[PathBuf::from("proto")],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     // The default model is compiled in when its files are present.
     println!("cargo::rustc-check-cfg=cfg(llmops_embedded)");

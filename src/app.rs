@@ -265,13 +265,17 @@ async fn open_shared_registry(
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let s = store.clone();
-        match tokio::task::spawn_blocking(move || crate::registry::Registry::open_shared(s)).await? {
+        match tokio::task::spawn_blocking(move || crate::registry::Registry::open_shared(s)).await?
+        {
             Ok(r) => {
                 tracing::info!(replica = %opts.replica_id, entries = r.entries().len(), "shared registry read");
                 return Ok(r);
             }
             Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::warn!(error = format!("{e:#}"), "shared registry not reachable yet; retrying");
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "shared registry not reachable yet; retrying"
+                );
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
             Err(e) => {

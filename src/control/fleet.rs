@@ -58,7 +58,11 @@ fn unix_ms(t: SystemTime) -> u64 {
 pub fn wall(at: std::time::Instant) -> u64 {
     let now = std::time::Instant::now();
     let wall_now = SystemTime::now();
-    unix_ms(wall_now.checked_sub(now.saturating_duration_since(at)).unwrap_or(wall_now))
+    unix_ms(
+        wall_now
+            .checked_sub(now.saturating_duration_since(at))
+            .unwrap_or(wall_now),
+    )
 }
 
 impl Controller {
@@ -112,7 +116,10 @@ impl Controller {
                 let Some(me) = weak.upgrade() else { return };
                 let caught = me.catalog().catch_up();
                 if let Err(e) = caught {
-                    tracing::warn!(error = format!("{e:#}"), "cannot read the shared registry; serving the last known state");
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "cannot read the shared registry; serving the last known state"
+                    );
                 }
                 let seq = me.catalog().entries().last().map_or(0, |e| e.seq);
                 let leader = me.leads();
@@ -136,7 +143,10 @@ impl Controller {
             let Some(v) = entry.aliases.get("stable") else {
                 continue;
             };
-            let serving = self.router.deployment(model).map(|d| d.stable.version.clone());
+            let serving = self
+                .router
+                .deployment(model)
+                .map(|d| d.stable.version.clone());
             if serving.as_deref() == Some(v.as_str()) {
                 continue;
             }
@@ -203,8 +213,12 @@ impl Controller {
                                 version: s.spec.candidate.clone(),
                                 engine,
                             });
-                            self.router
-                                .set_canary(model, target, s.weight * 100, s.spec.sticky_key);
+                            self.router.set_canary(
+                                model,
+                                target,
+                                s.weight * 100,
+                                s.spec.sticky_key,
+                            );
                             tracing::info!(model, version = %s.spec.candidate, weight = s.weight, "fleet: canary reconciled");
                         }
                         Err(e) => {
@@ -246,7 +260,8 @@ impl Controller {
             };
             match self.start_shadow(model, &spec).await {
                 Ok((target, mirror)) => {
-                    self.router.set_shadow(model, target, spec.rate_bp(), mirror);
+                    self.router
+                        .set_shadow(model, target, spec.rate_bp(), mirror);
                     tracing::info!(model, candidate = %spec.version, "fleet: shadow reconciled");
                 }
                 Err(e) => {
@@ -351,7 +366,12 @@ impl Controller {
 
     /// Other replicas' samples of `model` finished within `[from, to]`
     /// (Unix ms): `(stable, canary)`. Empty on a local registry.
-    pub(super) fn fleet_samples(&self, model: &str, from: u64, to: u64) -> (Vec<Sample>, Vec<Sample>) {
+    pub(super) fn fleet_samples(
+        &self,
+        model: &str,
+        from: u64,
+        to: u64,
+    ) -> (Vec<Sample>, Vec<Sample>) {
         let (mut stable, mut canary) = (vec![], vec![]);
         let Some(store) = &self.fleet else {
             return (stable, canary);
@@ -370,7 +390,9 @@ impl Controller {
             let Ok(p) = serde_json::from_slice::<Published>(&bytes) else {
                 continue;
             };
-            let Some(sides) = p.models.get(model) else { continue };
+            let Some(sides) = p.models.get(model) else {
+                continue;
+            };
             for (side, out) in [("stable", &mut stable), ("canary", &mut canary)] {
                 out.extend(
                     sides

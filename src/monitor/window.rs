@@ -49,7 +49,12 @@ impl Window {
     }
 
     /// As [`Window::between`], with when each was recorded.
-    pub fn between_at(&self, variant: Variant, from: Instant, to: Instant) -> Vec<(Instant, Sample)> {
+    pub fn between_at(
+        &self,
+        variant: Variant,
+        from: Instant,
+        to: Instant,
+    ) -> Vec<(Instant, Sample)> {
         let s = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         s.iter()
             .filter(|(at, v, _)| *v == variant && *at >= from && *at < to)

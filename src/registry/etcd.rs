@@ -243,7 +243,8 @@ impl Etcd {
                 name: user.clone(),
                 password: opts.password.clone().unwrap_or_default(),
             };
-            let answer = me.call(async move { auth.authenticate(req).await.map_err(status_msg) })?;
+            let answer =
+                me.call(async move { auth.authenticate(req).await.map_err(status_msg) })?;
             let value = AsciiMetadataValue::try_from(answer.into_inner().token)
                 .map_err(|e| anyhow::anyhow!("etcd auth token: {e}"))?;
             *token.0.write().unwrap_or_else(|p| p.into_inner()) = Some(value);
@@ -300,7 +301,9 @@ impl Etcd {
         self.runtime.spawn(async move {
             let r = match tokio::time::timeout(timeout, fut).await {
                 Ok(r) => r,
-                Err(_) => Err(anyhow::anyhow!("etcd at {url} did not answer within {timeout:?}")),
+                Err(_) => Err(anyhow::anyhow!(
+                    "etcd at {url} did not answer within {timeout:?}"
+                )),
             };
             let _ = tx.send(r);
         });
@@ -569,7 +572,9 @@ async fn try_lead(
         tracing::info!(replica = me, "this replica leads the fleet");
         Ok(Ok(lease))
     } else {
-        let _ = lease_c.lease_revoke(pb::LeaseRevokeRequest { id: lease }).await;
+        let _ = lease_c
+            .lease_revoke(pb::LeaseRevokeRequest { id: lease })
+            .await;
         Ok(Err(None))
     }
 }
@@ -579,7 +584,11 @@ async fn try_lead(
 async fn keep_alive(c: &Clients, lease: i64, ttl: Duration, timeout: Duration) -> String {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     // etcd answers the call once it has a first request to answer.
-    if tx.send(pb::LeaseKeepAliveRequest { id: lease }).await.is_err() {
+    if tx
+        .send(pb::LeaseKeepAliveRequest { id: lease })
+        .await
+        .is_err()
+    {
         return "keep-alive stream closed".into();
     }
     let mut lease_c = c.lease.clone();
@@ -604,7 +613,11 @@ async fn keep_alive(c: &Clients, lease: i64, ttl: Duration, timeout: Duration) -
             Err(_) => return "keep-alive: no answer in time".into(),
         }
         tokio::time::sleep(every).await;
-        if tx.send(pb::LeaseKeepAliveRequest { id: lease }).await.is_err() {
+        if tx
+            .send(pb::LeaseKeepAliveRequest { id: lease })
+            .await
+            .is_err()
+        {
             return "keep-alive stream closed".into();
         }
     }

@@ -290,30 +290,6 @@ pub enum Action {
     },
 }
 
-impl Action {
-    /// The action's name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Action::RegisterVersion { .. } => "register_version",
-            Action::SetAlias { .. } => "set_alias",
-            Action::Load { .. } => "load",
-            Action::Unload { .. } => "unload",
-            Action::Rollout { .. } => "rollout",
-            Action::EngineFailed { .. } => "engine_failed",
-            Action::Shadow { .. } => "shadow",
-            Action::Hook { .. } => "hook",
-            Action::HookDelivery { .. } => "hook_delivery",
-            Action::Capture { .. } => "capture",
-            Action::TrainingStarted { .. } => "training_started",
-            Action::TrainingFinished { .. } => "training_finished",
-            Action::TrainingFailed { .. } => "training_failed",
-            Action::Autopilot { .. } => "autopilot",
-            Action::DriftSettings { .. } => "drift_settings",
-            Action::AutopilotSettings { .. } => "autopilot_settings",
-        }
-    }
-}
-
 /// One line of the audit log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {

@@ -29,19 +29,32 @@ struct Etcd {
 
 impl Etcd {
     fn start(dir: &Path) -> Self {
-        Self::start_on(dir, free_port(), free_port())
+        Self::start_on(dir, free_port(), free_port(), None)
     }
 
-    fn start_on(dir: &Path, port: u16, peer: u16) -> Self {
+    /// With `tls`, clients must come over TLS with a certificate from the
+    /// test CA.
+    fn start_on(dir: &Path, port: u16, peer: u16, tls: Option<&crate::tls::Pki>) -> Self {
         let log = dir.with_extension("log");
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
-        let client = format!("http://127.0.0.1:{port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{port}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let mut cmd = Command::new("etcd");
+        if let Some(pki) = tls {
+            cmd.arg("--cert-file")
+                .arg(&pki.server.cert)
+                .arg("--key-file")
+                .arg(&pki.server.key)
+                .arg("--trusted-ca-file")
+                .arg(&pki.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .args(["--name", "t", "--data-dir"])
             .arg(dir)
             .args([
@@ -144,7 +157,13 @@ async fn fleet(c: &reqwest::Client, r: &Served) -> Value {
 }
 
 /// Waits until `check` holds on every replica; returns how long it took.
-async fn on_all<F>(c: &reqwest::Client, rs: &[&Served], within: Duration, what: &str, check: F) -> Duration
+async fn on_all<F>(
+    c: &reqwest::Client,
+    rs: &[&Served],
+    within: Duration,
+    what: &str,
+    check: F,
+) -> Duration
 where
     F: Fn(&Value) -> bool,
 {
@@ -181,17 +200,17 @@ async fn leader(c: &reqwest::Client, rs: &[&Served], within: Duration) -> usize 
         if leaders.len() == 1 {
             return leaders[0];
         }
-        assert!(
-            leaders.len() < 2,
-            "two replicas lead at once: {leaders:?}"
-        );
+        assert!(leaders.len() < 2, "two replicas lead at once: {leaders:?}");
         assert!(t0.elapsed() < within, "no replica leads after {within:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// Closed-loop completions spread over `urls` until `stop`; (sent, failed).
-fn traffic(urls: Vec<String>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+fn traffic(
+    urls: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
     tokio::spawn(async move {
         let sent = Arc::new(AtomicU64::new(0));
         let mut tasks = vec![];
@@ -291,6 +310,7 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
     )
     .await;
     assert_eq!(st, 201, "{v}");
+    let t0 = Instant::now();
     let (st, v) = call(
         &c,
         Method::PUT,
@@ -298,6 +318,7 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
         Some(json!({"version": "v2", "reason": "fleet swap"})),
     )
     .await;
+    let answered = t0.elapsed();
     assert_eq!(st, 200, "{v}");
     let reach = on_all(&c, &all, Duration::from_secs(5), "v2 stable", |s| {
         s["serving"]["version"] == "v2"
@@ -306,8 +327,14 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, Ordering::Relaxed);
     let (sent, failed) = load.await.unwrap();
-    println!("fleet: alias switch reached all 3 replicas in {reach:?}; {sent} requests during the swap, {} failed", failed.len());
-    assert!(failed.is_empty(), "requests failed across the swap: {failed:?}");
+    println!(
+        "fleet: alias switch answered by replica a in {answered:?} (v2 loaded there first), on all 3 replicas {reach:?} later; {sent} requests during the swap, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed across the swap: {failed:?}"
+    );
     assert!(sent > 10, "too little traffic to judge the swap: {sent}");
 
     // A rollout started on a replica that may not lead: the leader drives
@@ -348,31 +375,51 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
     let dead = leader(&c, &all, Duration::from_secs(5)).await;
     let killed_at = Instant::now();
     let gone = rs.remove(dead);
-    let _ = Command::new("kill").args(["-9", &gone.pid().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-9", &gone.pid().to_string()])
+        .status();
     let survivors: Vec<&Served> = rs.iter().collect();
     let next = leader(&c, &survivors, Duration::from_secs(10)).await;
     let failover = killed_at.elapsed();
-    println!("fleet: leader {dead} killed; replica {next} of the survivors leads after {failover:?}");
+    println!(
+        "fleet: leader {dead} killed; replica {next} of the survivors leads after {failover:?}"
+    );
     let t0 = Instant::now();
     let done = loop {
-        let (_, v) = call(&c, Method::GET, rs[0].url(&format!("/admin/v1/rollouts/{id}")), None).await;
+        let (_, v) = call(
+            &c,
+            Method::GET,
+            rs[0].url(&format!("/admin/v1/rollouts/{id}")),
+            None,
+        )
+        .await;
         if v["phase"] != "progressing" && v["phase"] != "paused" {
             break v;
         }
-        assert!(t0.elapsed() < Duration::from_secs(40), "the rollout stalled after failover: {v:#}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "the rollout stalled after failover: {v:#}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     stop.store(true, Ordering::Relaxed);
     let (_, failed) = load.await.unwrap();
     assert_eq!(done["phase"], "promoted", "{done:#}");
     let survivors: Vec<&Served> = rs.iter().collect();
-    on_all(&c, &survivors, Duration::from_secs(5), "v3 stable, no canary", |s| {
-        s["serving"]["version"] == "v3" && s["serving"]["canary"].is_null()
-    })
+    on_all(
+        &c,
+        &survivors,
+        Duration::from_secs(5),
+        "v3 stable, no canary",
+        |s| s["serving"]["version"] == "v3" && s["serving"]["canary"].is_null(),
+    )
     .await;
     // Requests to the killed replica fail; the others must not.
     let gone_url = gone.url("");
-    let failed: Vec<&String> = failed.iter().filter(|f| !f.starts_with(&gone_url)).collect();
+    let failed: Vec<&String> = failed
+        .iter()
+        .filter(|f| !f.starts_with(&gone_url))
+        .collect();
     assert!(
         failed.is_empty(),
         "requests to live replicas failed: {failed:?}\n{}",
@@ -402,7 +449,10 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
             if fleet(&c, r).await["connected"] == false {
                 break;
             }
-            assert!(t0.elapsed() < Duration::from_secs(10), "a replica still reports etcd connected");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "a replica still reports etcd connected"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -414,7 +464,11 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
             .send()
             .await
             .unwrap();
-        assert_eq!(resp.status(), 200, "a replica stopped serving with etcd down");
+        assert_eq!(
+            resp.status(),
+            200,
+            "a replica stopped serving with etcd down"
+        );
         let (st, v) = call(
             &c,
             Method::PUT,
@@ -426,14 +480,17 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
         let msg = v["error"]["message"].as_str().unwrap_or_default();
         assert!(msg.contains("shared registry"), "{msg}");
         let f = fleet(&c, r).await;
-        assert!(f["last_error"].as_str().is_some_and(|e| !e.is_empty()), "{f}");
+        assert!(
+            f["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{f}"
+        );
     }
     assert_eq!(serving(&c, &rs[0]).await["serving"]["version"], "v3");
 
     // etcd comes back: changes are taken again, and reach everyone.
     let (port, peer, dir) = (etcd.port, etcd.peer, etcd.dir.clone());
     drop(etcd);
-    let etcd = Etcd::start_on(&dir, port, peer);
+    let etcd = Etcd::start_on(&dir, port, peer, None);
     etcd.healthy().await;
     let t0 = Instant::now();
     loop {
@@ -450,20 +507,29 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
         assert!(t0.elapsed() < Duration::from_secs(15), "{st} {v}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    on_all(&c, &all, Duration::from_secs(5), "v1 after the outage", |s| {
-        s["serving"]["version"] == "v1"
-    })
+    on_all(
+        &c,
+        &all,
+        Duration::from_secs(5),
+        "v1 after the outage",
+        |s| s["serving"]["version"] == "v1",
+    )
     .await;
 
     // The audit log is whole and the same on every replica: one sequence
     // without gaps, every action taken above in it.
-    let logs = [audit(&c, &rs[0]).await, audit(&c, &rs[1]).await, audit(&c, &rs[2]).await];
+    let logs = [
+        audit(&c, &rs[0]).await,
+        audit(&c, &rs[1]).await,
+        audit(&c, &rs[2]).await,
+    ];
     let seqs: Vec<u64> = logs[0].iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
     for l in &logs[1..] {
         let other: Vec<u64> = l.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
         assert!(
-            other.len() + 2 >= seqs.len() && seqs.starts_with(&other[..other.len().min(seqs.len())]),
+            other.len() + 2 >= seqs.len()
+                && seqs.starts_with(&other[..other.len().min(seqs.len())]),
             "replicas disagree on the log"
         );
     }
@@ -476,8 +542,88 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
     assert!(has("set_alias", &|e| e["version"] == "v2"));
     assert!(has("rollout", &|e| e["event"] == "started"));
     assert!(has("rollout", &|e| e["event"] == "promoted"));
-    assert!(has("set_alias", &|e| e["version"] == "v1" && e["reason"] == "etcd is back"));
+    assert!(has("set_alias", &|e| e["version"] == "v1"
+        && e["reason"] == "etcd is back"));
     for r in &rs {
-        assert!(!r.tail(2000).contains("panicked"), "a replica panicked:\n{}", r.tail(60));
+        assert!(
+            !r.tail(2000).contains("panicked"),
+            "a replica panicked:\n{}",
+            r.tail(60)
+        );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_reaches_etcd_over_tls_with_a_client_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = crate::tls::make_pki(tmp.path());
+    let etcd = Etcd::start_on(
+        &tmp.path().join("etcd"),
+        free_port(),
+        free_port(),
+        Some(&pki),
+    );
+    let model = tmp.path().join("m");
+    SynthSpec::tiny_llama().write(&model, None).unwrap();
+    let url = etcd.url("tls-test");
+    let (ca, cert, key) = (
+        pki.ca.clone(),
+        pki.client.cert.clone(),
+        pki.client.key.clone(),
+    );
+    let mut r = Served::spawn(
+        &model,
+        &tmp.path().join("data"),
+        &tmp.path().join("r.log"),
+        move |cmd| {
+            cmd.args(["--registry", &url, "--leader-ttl-secs", "2"])
+                .arg("--etcd-ca")
+                .arg(&ca)
+                .arg("--etcd-cert")
+                .arg(&cert)
+                .arg("--etcd-key")
+                .arg(&key);
+        },
+    );
+    r.ready().await;
+    let c = reqwest::Client::new();
+    let t0 = Instant::now();
+    loop {
+        let f = fleet(&c, &r).await;
+        if f["connected"] == true && f["leader"] == true {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{f}\n{}",
+            r.tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (st, v) = call(&c, Method::GET, r.url("/admin/v1/audit"), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v["entries"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["action"] == "register_version")),
+        "{v}"
+    );
+}
+
+/// `scripts/check-deploy`: the Kubernetes manifests, the gateway example and
+/// the Containerfile agree with each other and with this binary's flags
+/// (the image itself cannot be built where base images cannot be pulled).
+#[test]
+fn the_deploy_manifests_and_containerfile_agree_with_the_server() {
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check-deploy"))
+        .arg(env!("CARGO_BIN_EXE_llmops"))
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

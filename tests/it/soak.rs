@@ -533,12 +533,11 @@ async fn soak(target: Target, secs: f64) {
         t.bad.len(),
         &t.bad[..t.bad.len().min(5)]
     );
-    // Open issue: against a separate `llmops serve` process, about 1 in
-    // 15,000 well-formed requests found its reused keep-alive connection
-    // closed by the server (hyper `IncompleteMessage`); never seen in
-    // process. Tolerated up to 0.1% until diagnosed, and printed above.
+    // A connection closed under a well-formed request was a server task
+    // that died: an entered tracing span held across an await (fixed in
+    // api/http.rs) made tracing-subscriber panic on about 1 in 15,000.
     assert!(
-        t.conn_closed.len() as u64 * 1000 <= offered,
+        t.conn_closed.is_empty(),
         "{} connections closed under requests: {:?}",
         t.conn_closed.len(),
         &t.conn_closed[..t.conn_closed.len().min(3)]
@@ -664,7 +663,11 @@ async fn soak_at_twice_capacity() {
                 .args(["--max-running", &running.to_string()])
                 .args(["--max-waiting", &waiting.to_string()])
                 .args(["--max-batched-tokens", "64"])
-                .args(["--max-body-bytes", &body.to_string()]);
+                .args(["--max-body-bytes", &body.to_string()])
+                // At info, as operators run it: request spans are live (a
+                // span held across an await once killed connections at
+                // this level only).
+                .env("RUST_LOG", "info");
         },
     );
     s.ready().await;

@@ -43,16 +43,16 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 /// A certificate and its key, as PEM files.
-struct Pem {
-    cert: PathBuf,
-    key: PathBuf,
+pub struct Pem {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// The test PKI: files under `dir`.
-struct Pki {
-    ca: PathBuf,
-    server: Pem,
-    client: Pem,
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server: Pem,
+    pub client: Pem,
     /// A client certificate from a CA the server does not trust.
     rogue_client: Pem,
 }
@@ -87,7 +87,7 @@ fn leaf(
     pem
 }
 
-fn make_pki(dir: &Path) -> Pki {
+pub fn make_pki(dir: &Path) -> Pki {
     make_pki_and_ca(dir).0
 }
 
