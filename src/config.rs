@@ -99,23 +99,12 @@ pub struct ServeArgs {
     #[arg(long, env = "LLMOPS_TLS_RELOAD_SECS")]
     pub tls_reload_secs: Option<f64>,
     /// Share the registry with the other replicas of a fleet through etcd:
-    /// `etcd://host:2379[,host:2379…]/prefix`. Unset: this replica's own
-    /// log in --data-dir.
+    /// `etcd://[user@]host:2379[,host:2379…]/prefix[?ca=CA.pem&cert=C.pem&key=K.pem]`
+    /// (TLS with `ca`, a client certificate with `cert` and `key`; the
+    /// user's password from LLMOPS_ETCD_PASSWORD). Unset: this replica's
+    /// own log in --data-dir.
     #[arg(long, env = "LLMOPS_REGISTRY")]
     pub registry: Option<String>,
-    /// CA certificate (PEM) of the etcd servers; turns TLS on.
-    #[arg(long, env = "LLMOPS_ETCD_CA")]
-    pub etcd_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for etcd's client-certificate auth.
-    #[arg(long, env = "LLMOPS_ETCD_CERT", requires = "etcd_key")]
-    pub etcd_cert: Option<PathBuf>,
-    /// The key of --etcd-cert (PEM).
-    #[arg(long, env = "LLMOPS_ETCD_KEY", requires = "etcd_cert")]
-    pub etcd_key: Option<PathBuf>,
-    /// etcd user (role-based auth); the password is read from
-    /// LLMOPS_ETCD_PASSWORD.
-    #[arg(long, env = "LLMOPS_ETCD_USER")]
-    pub etcd_user: Option<String>,
     /// This replica's name in the fleet [default: host name and process id].
     #[arg(long, env = "LLMOPS_REPLICA_ID")]
     pub replica_id: Option<String>,
@@ -257,10 +246,6 @@ struct FileServer {
     admin_client_ca: Option<PathBuf>,
     tls_reload_secs: Option<f64>,
     registry: Option<String>,
-    etcd_ca: Option<PathBuf>,
-    etcd_cert: Option<PathBuf>,
-    etcd_key: Option<PathBuf>,
-    etcd_user: Option<String>,
     replica_id: Option<String>,
     leader_ttl_secs: Option<u64>,
 }
@@ -395,11 +380,6 @@ fn registry_config(
         return Ok(None);
     };
     crate::registry::etcd::parse_url(&url)?;
-    let cert = args.etcd_cert.clone().or(file.etcd_cert.clone());
-    let key = args.etcd_key.clone().or(file.etcd_key.clone());
-    if cert.is_some() != key.is_some() {
-        bail!("etcd_cert and etcd_key go together");
-    }
     let ttl = args.leader_ttl_secs.or(file.leader_ttl_secs).unwrap_or(5);
     if !(2..=600).contains(&ttl) {
         bail!("leader_ttl_secs must be 2 to 600 seconds, got {ttl}");
@@ -414,10 +394,6 @@ fn registry_config(
     }
     Ok(Some(crate::registry::etcd::EtcdOptions {
         url,
-        ca: args.etcd_ca.clone().or(file.etcd_ca.clone()),
-        cert,
-        key,
-        user: args.etcd_user.clone().or(file.etcd_user.clone()),
         password: std::env::var("LLMOPS_ETCD_PASSWORD").ok(),
         replica_id,
         leader_ttl: Duration::from_secs(ttl),

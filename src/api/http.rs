@@ -503,35 +503,16 @@ async fn chat_completions(
         };
         return Ok(sse_stream(generation, writer, req.common.include_usage()).into_response());
     }
-    let prompt_tokens = generation.prompt_tokens;
-    let outs = within_deadline(generation.collect().instrument(span.clone()).await?)?;
-    let _e = span.enter(); // no await below
-    let completion_tokens: usize = outs.iter().map(|o| o.completion_tokens).sum();
-    let choices = outs
-        .into_iter()
-        .enumerate()
-        .map(|(i, o)| ChatChoice {
-            index: i,
-            logprobs: req.logprobs.then(|| chat_logprobs(&tok, &o.logprobs)),
-            finish_reason: o.finish_reason.map_or("stop", FinishReason::as_str),
-            message: AssistantMessage {
-                role: "assistant",
-                content: o.text,
-            },
-        })
-        .collect();
-    tracing::info!(
-        prompt_tokens,
-        completion_tokens,
-        elapsed_ms = arrival.elapsed().as_millis() as u64,
-        "chat completion"
-    );
-    Ok(Json(ChatCompletion {
-        head,
-        choices,
-        usage: Some(usage(prompt_tokens, completion_tokens)),
+    whole(generation, span, arrival, head, |i, o| ChatChoice {
+        index: i,
+        logprobs: req.logprobs.then(|| chat_logprobs(&tok, &o.logprobs)),
+        finish_reason: o.finish_reason.map_or("stop", FinishReason::as_str),
+        message: AssistantMessage {
+            role: "assistant",
+            content: o.text,
+        },
     })
-    .into_response())
+    .await
 }
 
 async fn completions(
@@ -588,21 +569,42 @@ async fn completions(
         };
         return Ok(sse_stream(generation, writer, req.common.include_usage()).into_response());
     }
+    whole(generation, span, arrival, head, |i, o| CompletionChoice {
+        index: i,
+        logprobs: logprobs.map(|_| completion_logprobs(&tok, &o.logprobs, 0)),
+        finish_reason: o.finish_reason.map(FinishReason::as_str),
+        text: o.text,
+    })
+    .await
+}
+
+/// A non-streaming answer: waits for every choice inside the request's
+/// span (never entered across the await), makes each one a `C`, and
+/// answers the whole reply with its usage.
+async fn whole<C: serde::Serialize>(
+    generation: Generation,
+    span: tracing::Span,
+    arrival: Instant,
+    head: ResponseHead,
+    choice: impl Fn(usize, infer::ChoiceOutput) -> C,
+) -> Result<Response, ApiError> {
     let prompt_tokens = generation.prompt_tokens;
     let outs = within_deadline(generation.collect().instrument(span.clone()).await?)?;
-    let _e = span.enter(); // no await below
-    let completion_tokens: usize = outs.iter().map(|o| o.completion_tokens).sum();
+    let _e = span.enter();
+    let completion_tokens = outs.iter().map(|o| o.completion_tokens).sum();
     let choices = outs
         .into_iter()
         .enumerate()
-        .map(|(i, o)| CompletionChoice {
-            index: i,
-            logprobs: logprobs.map(|_| completion_logprobs(&tok, &o.logprobs, 0)),
-            finish_reason: o.finish_reason.map(FinishReason::as_str),
-            text: o.text,
-        })
+        .map(|(i, o)| choice(i, o))
         .collect();
-    Ok(Json(Completion {
+    tracing::info!(
+        prompt_tokens,
+        completion_tokens,
+        elapsed_ms = arrival.elapsed().as_millis() as u64,
+        "{} answered",
+        head.object
+    );
+    Ok(Json(Reply {
         head,
         choices,
         usage: Some(usage(prompt_tokens, completion_tokens)),

@@ -38,18 +38,11 @@ use pb::compare::{CompareResult, CompareTarget, TargetUnion};
 /// How to reach the shared registry.
 #[derive(Debug, Clone)]
 pub struct EtcdOptions {
-    /// `etcd://host:port[,host:port…]/prefix`.
+    /// `etcd://[user@]host:port[,host:port…]/prefix[?ca=…&cert=…&key=…]`
+    /// (see [`Target`]).
     pub url: String,
-    /// CA certificate (PEM) that signed the etcd servers' certificates;
-    /// given, the connection uses TLS.
-    pub ca: Option<PathBuf>,
-    /// Client certificate and key (PEM), for etcd's `--client-cert-auth`.
-    pub cert: Option<PathBuf>,
-    /// The client certificate's key.
-    pub key: Option<PathBuf>,
-    /// etcd user (role-based auth); the password is `LLMOPS_ETCD_PASSWORD`.
-    pub user: Option<String>,
-    /// The user's password.
+    /// The user's password (`LLMOPS_ETCD_PASSWORD`), when the URL names a
+    /// user.
     pub password: Option<String>,
     /// This replica's name in the leader key and the audit log.
     pub replica_id: String,
@@ -160,12 +153,42 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     vec![0]
 }
 
-/// Splits `etcd://h1:2379,h2:2379/prefix` into endpoints and a key prefix.
-pub fn parse_url(url: &str) -> anyhow::Result<(Vec<String>, String)> {
-    let rest = url
-        .strip_prefix("etcd://")
-        .ok_or_else(|| anyhow::anyhow!("`{url}`: a shared registry is etcd://host:port/prefix"))?;
-    let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, "llmops"));
+/// Where the registry is, as `--registry` names it, like a PostgreSQL
+/// connection URI: `etcd://[user@]h1:2379[,h2:2379…]/prefix` with, for TLS,
+/// `?ca=CA.pem` (the servers' CA; turns TLS on) and `&cert=…&key=…` (a
+/// client certificate for etcd's `--client-cert-auth`). The password of
+/// `user` never goes in the URL: it is `LLMOPS_ETCD_PASSWORD`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Target {
+    /// `host:port` of each member.
+    pub hosts: Vec<String>,
+    /// The key prefix, `/` + the URL's path (`/llmops` when empty).
+    pub prefix: String,
+    /// etcd user (role-based auth).
+    pub user: Option<String>,
+    /// CA certificate (PEM) of the servers.
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+/// Parses a `--registry` URL (see [`Target`]).
+pub fn parse_url(url: &str) -> anyhow::Result<Target> {
+    let rest = url.strip_prefix("etcd://").ok_or_else(|| {
+        anyhow::anyhow!("`{url}`: a shared registry is etcd://[user@]host:port[,host:port…]/prefix")
+    })?;
+    let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, "llmops"));
+    let (user, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) if !u.is_empty() => (Some(u.to_string()), h),
+        Some((_, h)) => (None, h),
+        None => (None, authority),
+    };
+    if user.as_deref().is_some_and(|u| u.contains(':')) {
+        anyhow::bail!("`{url}`: the etcd password goes in LLMOPS_ETCD_PASSWORD, not the URL");
+    }
     let hosts: Vec<String> = hosts
         .split(',')
         .filter(|h| !h.is_empty())
@@ -176,7 +199,26 @@ pub fn parse_url(url: &str) -> anyhow::Result<(Vec<String>, String)> {
     }
     let prefix = prefix.trim_matches('/');
     let prefix = if prefix.is_empty() { "llmops" } else { prefix };
-    Ok((hosts, format!("/{prefix}")))
+    let mut t = Target {
+        hosts,
+        prefix: format!("/{prefix}"),
+        user,
+        ..Default::default()
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let path = Some(PathBuf::from(v)).filter(|_| !v.is_empty());
+        match k {
+            "ca" => t.ca = path,
+            "cert" => t.cert = path,
+            "key" => t.key = path,
+            other => anyhow::bail!("`{url}`: unknown option `{other}` (ca, cert, key)"),
+        }
+    }
+    if t.cert.is_some() != t.key.is_some() {
+        anyhow::bail!("`{url}`: cert and key go together");
+    }
+    Ok(t)
 }
 
 fn pem(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -192,10 +234,10 @@ impl Etcd {
     /// logs in when a user is given, and starts the log watch and the
     /// leader campaign.
     pub fn connect(opts: &EtcdOptions) -> anyhow::Result<Arc<Self>> {
-        let (hosts, prefix) = parse_url(&opts.url)?;
-        let tls = opts.ca.is_some() || opts.cert.is_some();
+        let target = parse_url(&opts.url)?;
+        let tls = target.ca.is_some() || target.cert.is_some();
         let mut endpoints = vec![];
-        for h in &hosts {
+        for h in &target.hosts {
             let scheme = if tls { "https" } else { "http" };
             let mut ep = Endpoint::from_shared(format!("{scheme}://{h}"))?
                 .connect_timeout(opts.timeout)
@@ -204,10 +246,10 @@ impl Etcd {
                 .keep_alive_timeout(opts.timeout);
             if tls {
                 let mut cfg = ClientTlsConfig::new().with_enabled_roots();
-                if let Some(ca) = &opts.ca {
+                if let Some(ca) = &target.ca {
                     cfg = cfg.ca_certificate(Certificate::from_pem(pem(ca)?));
                 }
-                if let (Some(c), Some(k)) = (&opts.cert, &opts.key) {
+                if let (Some(c), Some(k)) = (&target.cert, &target.key) {
                     cfg = cfg.identity(Identity::from_pem(pem(c)?, pem(k)?));
                 }
                 ep = ep.tls_config(cfg)?;
@@ -231,13 +273,13 @@ impl Etcd {
         let me = Arc::new(Self {
             runtime,
             clients,
-            prefix,
+            prefix: target.prefix.clone(),
             timeout: opts.timeout,
             health: Arc::new(Health::default()),
             changed: Arc::new(tokio::sync::Notify::new()),
             url: opts.url.clone(),
         });
-        if let Some(user) = &opts.user {
+        if let Some(user) = &target.user {
             let mut auth = pb::auth_client::AuthClient::new(channel);
             let req = pb::AuthenticateRequest {
                 name: user.clone(),
@@ -628,13 +670,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_name_hosts_and_a_prefix() {
-        let (h, p) = parse_url("etcd://a:2379,b:2379/fleet/one").unwrap();
-        assert_eq!(h, ["a:2379", "b:2379"]);
-        assert_eq!(p, "/fleet/one");
-        assert_eq!(parse_url("etcd://a:1").unwrap().1, "/llmops");
-        assert!(parse_url("http://a:1/x").is_err());
-        assert!(parse_url("etcd:///x").is_err());
+    fn urls_name_hosts_a_prefix_a_user_and_tls_files() {
+        let t = parse_url("etcd://a:2379,b:2379/fleet/one").unwrap();
+        assert_eq!(t.hosts, ["a:2379", "b:2379"]);
+        assert_eq!(t.prefix, "/fleet/one");
+        assert_eq!((t.user, t.ca), (None, None));
+        assert_eq!(parse_url("etcd://a:1").unwrap().prefix, "/llmops");
+        let t = parse_url("etcd://ops@a:1/p?ca=/c/ca.pem&cert=/c/t.crt&key=/c/t.key").unwrap();
+        assert_eq!(t.user.as_deref(), Some("ops"));
+        assert_eq!(t.ca, Some(PathBuf::from("/c/ca.pem")));
+        assert_eq!(t.key, Some(PathBuf::from("/c/t.key")));
+        for bad in [
+            "http://a:1/x",
+            "etcd:///x",
+            "etcd://ops:secret@a:1/p",
+            "etcd://a:1/p?cert=/c/t.crt",
+            "etcd://a:1/p?cafile=/c/ca.pem",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -565,24 +565,19 @@ async fn a_replica_reaches_etcd_over_tls_with_a_client_certificate() {
     );
     let model = tmp.path().join("m");
     SynthSpec::tiny_llama().write(&model, None).unwrap();
-    let url = etcd.url("tls-test");
-    let (ca, cert, key) = (
-        pki.ca.clone(),
-        pki.client.cert.clone(),
-        pki.client.key.clone(),
+    let url = format!(
+        "{}?ca={}&cert={}&key={}",
+        etcd.url("tls-test"),
+        pki.ca.display(),
+        pki.client.cert.display(),
+        pki.client.key.display()
     );
     let mut r = Served::spawn(
         &model,
         &tmp.path().join("data"),
         &tmp.path().join("r.log"),
         move |cmd| {
-            cmd.args(["--registry", &url, "--leader-ttl-secs", "2"])
-                .arg("--etcd-ca")
-                .arg(&ca)
-                .arg("--etcd-cert")
-                .arg(&cert)
-                .arg("--etcd-key")
-                .arg(&key);
+            cmd.args(["--registry", &url, "--leader-ttl-secs", "2"]);
         },
     );
     r.ready().await;
