@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -32,6 +32,7 @@ use super::Controller;
 use super::rollout::RolloutStatus;
 use crate::monitor::Variant;
 use crate::monitor::canary::Sample;
+use crate::monitor::window::wall_ms;
 use crate::registry::State;
 
 /// How far back a replica's published samples reach: the longest window a
@@ -46,23 +47,6 @@ pub struct Published {
     pub at_ms: u64,
     /// By model, then `stable` / `canary`: `(finished at, Unix ms; sample)`.
     pub models: BTreeMap<String, BTreeMap<String, Vec<(u64, Sample)>>>,
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The wall-clock time of a monotonic instant (for samples other
-/// processes compare).
-pub fn wall(at: std::time::Instant) -> u64 {
-    let now = std::time::Instant::now();
-    let wall_now = SystemTime::now();
-    unix_ms(
-        wall_now
-            .checked_sub(now.saturating_duration_since(at))
-            .unwrap_or(wall_now),
-    )
 }
 
 impl Controller {
@@ -314,8 +298,9 @@ impl Controller {
             if !status.phase.is_active() {
                 continue;
             }
+            let (model, id) = (status.spec.model.clone(), status.id.clone());
             if self.drive_here(status) {
-                tracing::info!(model = %self.router.snapshot().models.len(), "fleet: this replica now drives a rollout");
+                tracing::info!(model, id, "fleet: this replica now drives the rollout");
             }
         }
     }
@@ -325,7 +310,7 @@ impl Controller {
     fn publish_samples(&self) {
         let Some(store) = &self.fleet else { return };
         let mut out = Published {
-            at_ms: unix_ms(SystemTime::now()),
+            at_ms: wall_ms(std::time::Instant::now()),
             ..Default::default()
         };
         let now = std::time::Instant::now();
@@ -343,7 +328,7 @@ impl Controller {
                         .window()
                         .between_at(variant, from, now)
                         .into_iter()
-                        .map(|(at, s)| (wall(at), s))
+                        .map(|(at, s)| (wall_ms(at), s))
                         .collect(),
                 );
             }

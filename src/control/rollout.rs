@@ -24,6 +24,7 @@ use crate::hooks::EventKind;
 use crate::monitor::Variant;
 use crate::monitor::canary::{self, Analysis, Report, Verdict};
 use crate::monitor::names;
+use crate::monitor::window;
 use crate::registry::Action;
 use crate::router::StickyKey;
 
@@ -671,7 +672,7 @@ impl Controller {
             .between(Variant::Canary, from, to);
         // A fleet's leader judges every replica's traffic.
         let (others_stable, others_canary) =
-            self.fleet_samples(&model, super::fleet::wall(from), super::fleet::wall(to));
+            self.fleet_samples(&model, window::wall_ms(from), window::wall_ms(to));
         stable.extend(others_stable);
         canary.extend(others_canary);
         let mut report = canary::analyse(&status.spec.analysis, &stable, &canary);

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::Variant;
 use super::canary::Sample;
@@ -16,6 +16,16 @@ use super::canary::Sample;
 /// Samples kept per engine: a bound on memory, far above what one analysis
 /// interval of one engine produces on this class of machine.
 pub const CAPACITY: usize = 16_384;
+
+/// The wall-clock time of a monotonic instant, in Unix milliseconds: how
+/// samples are stamped for other processes (a fleet's leader) to compare.
+pub fn wall_ms(at: Instant) -> u64 {
+    let now = SystemTime::now();
+    now.checked_sub(Instant::now().saturating_duration_since(at))
+        .unwrap_or(now)
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// A bounded ring of `(when, variant, sample)`.
 pub struct Window {
