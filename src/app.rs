@@ -76,7 +76,7 @@ pub async fn run(
     };
     tracing::info!(registry = %registry.location(), "registry opened");
     let ops = Arc::new(
-        Controller::with_registry(
+        Controller::open(
             registry,
             &cfg.server.data_dir,
             router.clone(),

@@ -123,26 +123,15 @@ impl Controller {
         let write = self.writes.lock().await;
         let state = self.state().await;
         let seen = std::mem::replace(&mut *self.seen(), state.clone());
-        for (model, entry) in &state.models {
-            let Some(v) = entry.aliases.get("stable") else {
-                continue;
-            };
+        for (model, record) in super::stable_versions(&state) {
             let serving = self
                 .router
                 .deployment(model)
                 .map(|d| d.stable.version.clone());
-            if serving.as_deref() == Some(v.as_str()) {
-                continue;
-            }
-            let Some(record) = entry.versions.get(v) else {
-                continue;
-            };
-            match self.ensure_loaded(model, record, false).await {
-                Ok(engine) => {
-                    self.serve(model, v, engine).await;
-                    tracing::info!(model, from = ?serving, to = %v, "fleet: stable version reconciled");
-                }
-                Err(e) => self.report_failure(model, Some(v), e.to_string()).await,
+            if serving.as_deref() != Some(record.version.as_str())
+                && self.load_and_serve(model, record).await
+            {
+                tracing::info!(model = %model, from = ?serving, to = %record.version, "fleet: stable version reconciled");
             }
         }
         self.reconcile_canaries(&state).await;

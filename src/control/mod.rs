@@ -233,30 +233,10 @@ fn load_source(
 }
 
 impl Controller {
-    /// Opens the registry in `data_dir`.
+    /// A controller on an opened registry (the local log in `data_dir`, or
+    /// a fleet's shared one); `data_dir` keeps this replica's own files
+    /// (capture, drift references, hook secrets).
     pub fn open(
-        data_dir: &std::path::Path,
-        router: Arc<Router>,
-        scheduler: SchedulerConfig,
-        device: String,
-        gguf_weights: GgufWeights,
-        health: Option<tonic_health::server::HealthReporter>,
-    ) -> anyhow::Result<Self> {
-        Self::with_registry(
-            Registry::open(data_dir)?,
-            data_dir,
-            router,
-            scheduler,
-            device,
-            gguf_weights,
-            health,
-        )
-    }
-
-    /// A controller on an opened registry (a local log or a fleet's shared
-    /// one); `data_dir` keeps this replica's own files (capture, drift
-    /// references, hook secrets).
-    pub fn with_registry(
         registry: Registry,
         data_dir: &std::path::Path,
         router: Arc<Router>,
@@ -867,6 +847,22 @@ impl Controller {
         }
     }
 
+    /// Loads `record` (if it is not loaded) and serves it as `model`'s
+    /// stable version, or reports why it cannot; `true` when it serves.
+    async fn load_and_serve(&self, model: &str, record: &VersionRecord) -> bool {
+        match self.ensure_loaded(model, record, false).await {
+            Ok(engine) => {
+                self.serve(model, &record.version, engine).await;
+                true
+            }
+            Err(e) => {
+                self.report_failure(model, Some(&record.version), e.to_string())
+                    .await;
+                false
+            }
+        }
+    }
+
     /// Puts `engine` behind `model` in the router (one atomic store).
     async fn serve(&self, model: &str, version: &str, engine: EngineHandle) {
         let target = Arc::new(Target {
@@ -1015,20 +1011,10 @@ impl Controller {
         // Serve every model with a stable alias.
         let state = self.state().await;
         let mut served = vec![];
-        for (name, entry) in &state.models {
-            let Some(v) = entry.aliases.get("stable") else {
-                continue;
-            };
-            let Some(record) = entry.versions.get(v) else {
-                continue;
-            };
-            match self.ensure_loaded(name, record, false).await {
-                Ok(engine) => {
-                    self.serve(name, v, engine).await;
-                    tracing::info!(model = %name, version = %v, "serving");
-                    served.push(name.clone());
-                }
-                Err(e) => self.report_failure(name, Some(v), e.to_string()).await,
+        for (name, record) in stable_versions(&state) {
+            if self.load_and_serve(name, record).await {
+                tracing::info!(model = %name, version = %record.version, "serving");
+                served.push(name.clone());
             }
         }
         self.restore_shadows().await;
@@ -1145,6 +1131,14 @@ impl Controller {
         }
         json!({"models": models})
     }
+}
+
+/// Each model's stable version, by the catalog.
+fn stable_versions(state: &State) -> impl Iterator<Item = (&String, &VersionRecord)> {
+    state
+        .models
+        .iter()
+        .filter_map(|(name, m)| Some((name, m.versions.get(m.aliases.get("stable")?)?)))
 }
 
 /// Returns freed heap pages to the OS after a model is unloaded (glibc keeps
