@@ -161,7 +161,7 @@ impl Controller {
                 .is_none_or(|s| s.spec.candidate != c.target.version)
             {
                 self.router.clear_canary(&d.model);
-                self.unpin_quietly(&d.model, &c.target.version);
+                self.unpin(&d.model, &c.target.version);
                 tracing::info!(model = %d.model, version = %c.target.version, "fleet: canary removed");
             }
         }
@@ -200,16 +200,6 @@ impl Controller {
                     }
                 }
             }
-        }
-    }
-
-    /// Lets a version go unless something still needs it.
-    fn unpin_quietly(&self, model: &str, version: &str) {
-        if let Some(l) = self
-            .engines()
-            .get_mut(&(model.to_string(), version.to_string()))
-        {
-            l.pinned = false;
         }
     }
 

@@ -816,7 +816,7 @@ impl Controller {
     }
 
     /// Lets the alias bookkeeping decide whether a version stays loaded.
-    fn unpin(&self, model: &str, version: &str) {
+    pub(super) fn unpin(&self, model: &str, version: &str) {
         if let Some(l) = self
             .engines()
             .get_mut(&(model.to_string(), version.to_string()))

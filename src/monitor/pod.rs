@@ -31,24 +31,30 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 #[derive(Debug)]
 pub struct PodShare {
     id: u64,
+    /// What was last published, so that a step that changed nothing takes
+    /// no lock (the engine thread calls [`PodShare::set`] every step).
+    last: Share,
 }
 
 impl Default for PodShare {
     fn default() -> Self {
         Self {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
+            last: Share::default(),
         }
     }
 }
 
 impl PodShare {
-    /// Sets this engine's share and republishes the totals.
-    pub fn set(&self, share: Share) {
-        let mut m = SHARES.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(&self.id) != Some(&share) {
-            m.insert(self.id, share);
-            publish(&m);
+    /// Sets this engine's share and republishes the totals when it changed.
+    pub fn set(&mut self, share: Share) {
+        if share == self.last {
+            return;
         }
+        self.last = share;
+        let mut m = SHARES.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(self.id, share);
+        publish(&m);
     }
 }
 

@@ -362,7 +362,7 @@ impl Worker {
     }
 
     /// Publishes the gauges (running, waiting, KV usage).
-    fn publish(&self, state: &State<Io>) {
+    fn publish(&mut self, state: &State<Io>) {
         let st = &self.shared.stats;
         let alloc = state.allocator();
         let preempted_waiting = state
