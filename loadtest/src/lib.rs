@@ -562,7 +562,7 @@ async fn show_progress(sh: &Shared) {
     while !sh.finished.load(Ordering::Relaxed) {
         let (ok, failed, tokens) = {
             let c = lock(&sh.collector);
-            (c.ok, c.failed, c.output_tokens)
+            (c.tally.ok, c.tally.failed, c.tally.output_tokens)
         };
         match sh.measure_start() {
             None => pb.set_message("warming up"),

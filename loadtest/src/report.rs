@@ -1,11 +1,10 @@
 //! The result of a run: JSON (serde) and text tables.
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::stats::{Collector, Latency, Second, Warmup};
+use crate::stats::{Collector, Latency, Second, Tally, Warmup};
 use crate::{Config, Endpoint, Load, Protocol};
 
 /// What the `during` command did.
@@ -37,17 +36,11 @@ pub struct Report {
     pub duration_s: f64,
     /// Measured requests that ended (ok + failed).
     pub requests: u64,
-    /// Requests that finished.
-    pub ok: u64,
-    /// Requests that failed.
-    pub failed: u64,
+    /// How measured requests ended (flattened into the report's JSON).
+    #[serde(flatten)]
+    pub tally: Tally,
     /// Finished requests per second.
     pub requests_per_s: f64,
-    /// Prompt tokens of finished requests (server usage when reported).
-    pub prompt_tokens: u64,
-    /// Generated tokens of finished requests (server usage when reported,
-    /// else counted from the stream).
-    pub output_tokens: u64,
     /// Generated tokens per second.
     pub output_tokens_per_s: f64,
     /// Steady-state throughput of a duration-bound run: generated tokens
@@ -57,8 +50,6 @@ pub struct Report {
     /// concurrency falls, so it is the figure to compare servers by when a
     /// request lasts a fair part of the window.
     pub window_output_tokens_per_s: Option<f64>,
-    /// Finished requests whose server reported no usage (tokens counted from chunks).
-    pub usage_missing: u64,
     /// Time to first token.
     pub ttft: Latency,
     /// Between consecutive token chunks (HTTP) or token messages (gRPC).
@@ -67,11 +58,6 @@ pub struct Report {
     pub tpot: Latency,
     /// End to end, finished requests.
     pub e2e: Latency,
-    /// Failures by kind (`http_<status>`, `grpc_<code>`, `timeout`,
-    /// `connect`, `disconnect`, `stream_error`, `bad_response`).
-    pub errors: BTreeMap<String, u64>,
-    /// The first message of each kind.
-    pub error_examples: BTreeMap<String, String>,
     /// Warm-up requests (excluded from everything else).
     pub warmup: Warmup,
     /// Per second after warm-up, by the second requests started in.
@@ -103,21 +89,15 @@ impl Report {
         Report {
             config: cfg.clone(),
             duration_s,
-            requests: c.ok + c.failed,
-            ok: c.ok,
-            failed: c.failed,
-            requests_per_s: per_s(c.ok, duration_s),
-            prompt_tokens: c.prompt_tokens,
-            output_tokens: c.output_tokens,
-            output_tokens_per_s: per_s(c.output_tokens, duration_s),
+            requests: c.tally.ok + c.tally.failed,
+            requests_per_s: per_s(c.tally.ok, duration_s),
+            output_tokens_per_s: per_s(c.tally.output_tokens, duration_s),
             window_output_tokens_per_s: cfg.duration_s.map(|w| per_s_f(c.window_tokens, w)),
-            usage_missing: c.usage_missing,
+            tally: c.tally.clone(),
             ttft: Latency::from_hist(&c.ttft),
             itl: Latency::from_hist(&c.itl),
             tpot: Latency::from_hist(&c.tpot),
             e2e: Latency::from_hist(&c.e2e),
-            errors: c.errors.clone(),
-            error_examples: c.error_examples.clone(),
             warmup: c.warmup,
             timeline,
             during,
@@ -159,8 +139,8 @@ impl Report {
         let _ = writeln!(
             s,
             "requests  {} ok, {} failed in {:.2} s: {:.2} req/s{}",
-            self.ok,
-            self.failed,
+            self.tally.ok,
+            self.tally.failed,
             self.duration_s,
             self.requests_per_s,
             if self.interrupted {
@@ -172,13 +152,13 @@ impl Report {
         let _ = writeln!(
             s,
             "tokens    {} prompt, {} output: {:.1} output tok/s{}",
-            self.prompt_tokens,
-            self.output_tokens,
+            self.tally.prompt_tokens,
+            self.tally.output_tokens,
             self.output_tokens_per_s,
-            if self.usage_missing > 0 {
+            if self.tally.usage_missing > 0 {
                 format!(
                     " ({} requests without usage, counted from chunks)",
-                    self.usage_missing
+                    self.tally.usage_missing
                 )
             } else {
                 String::new()
@@ -207,16 +187,17 @@ impl Report {
                 l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms, l.mean_ms, l.count
             );
         }
-        if self.errors.is_empty() {
+        if self.tally.errors.is_empty() {
             let _ = writeln!(s, "errors    none");
         } else {
             let list: Vec<String> = self
+                .tally
                 .errors
                 .iter()
                 .map(|(k, n)| format!("{k} {n}"))
                 .collect();
             let _ = writeln!(s, "errors    {}", list.join(", "));
-            for (k, m) in &self.error_examples {
+            for (k, m) in &self.tally.error_examples {
                 let _ = writeln!(s, "          {k}: {m}");
             }
         }

@@ -124,6 +124,29 @@ pub struct Warmup {
     pub prompt_tokens: u64,
 }
 
+/// How measured requests ended: counted while the run goes and reported as
+/// they are.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Tally {
+    /// Requests that finished.
+    pub ok: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// Prompt tokens of finished requests (server usage when reported).
+    pub prompt_tokens: u64,
+    /// Generated tokens of finished requests (server usage when reported,
+    /// else counted from the stream).
+    pub output_tokens: u64,
+    /// Finished requests whose server reported no usage (tokens counted
+    /// from the stream).
+    pub usage_missing: u64,
+    /// Failures by kind (`http_<status>`, `grpc_<code>`, `timeout`,
+    /// `connect`, `disconnect`, `stream_error`, `bad_response`).
+    pub errors: BTreeMap<String, u64>,
+    /// The first message of each kind.
+    pub error_examples: BTreeMap<String, String>,
+}
+
 /// Everything recorded while the run goes.
 pub struct Collector {
     /// Time to first token.
@@ -134,20 +157,8 @@ pub struct Collector {
     pub tpot: Histogram<u64>,
     /// Whole requests (successful ones).
     pub e2e: Histogram<u64>,
-    /// Finished requests.
-    pub ok: u64,
-    /// Failed requests.
-    pub failed: u64,
-    /// Prompt tokens of finished requests.
-    pub prompt_tokens: u64,
-    /// Generated tokens of finished requests.
-    pub output_tokens: u64,
-    /// Finished requests whose tokens were counted from the stream (no usage).
-    pub usage_missing: u64,
-    /// Failures by kind.
-    pub errors: BTreeMap<String, u64>,
-    /// The first message of each failure kind.
-    pub error_examples: BTreeMap<String, String>,
+    /// How measured requests ended.
+    pub tally: Tally,
     /// Warm-up requests.
     pub warmup: Warmup,
     /// Offset (from the end of warm-up) of the last measured request's end.
@@ -165,13 +176,7 @@ impl Default for Collector {
             itl: histogram(),
             tpot: histogram(),
             e2e: histogram(),
-            ok: 0,
-            failed: 0,
-            prompt_tokens: 0,
-            output_tokens: 0,
-            usage_missing: 0,
-            errors: BTreeMap::new(),
-            error_examples: BTreeMap::new(),
+            tally: Tally::default(),
             warmup: Warmup::default(),
             last_end: None,
             window_tokens: 0.0,
@@ -232,10 +237,11 @@ impl Collector {
         self.last_end = Some(self.last_end.map_or(end, |l| l.max(end)));
         match outcome {
             Ok(s) => {
-                self.ok += 1;
-                self.prompt_tokens += s.prompt_tokens;
-                self.output_tokens += s.output_tokens;
-                self.usage_missing += u64::from(!s.usage_reported);
+                let t = &mut self.tally;
+                t.ok += 1;
+                t.prompt_tokens += s.prompt_tokens;
+                t.output_tokens += s.output_tokens;
+                t.usage_missing += u64::from(!s.usage_reported);
                 self.e2e.saturating_record(us(s.e2e));
                 if let Some(t) = s.ttft {
                     self.ttft.saturating_record(us(t));
@@ -255,9 +261,10 @@ impl Collector {
                 }
             }
             Err(f) => {
-                self.failed += 1;
-                *self.errors.entry(f.kind.clone()).or_default() += 1;
-                self.error_examples
+                let t = &mut self.tally;
+                t.failed += 1;
+                *t.errors.entry(f.kind.clone()).or_default() += 1;
+                t.error_examples
                     .entry(f.kind.clone())
                     .or_insert_with(|| f.message.clone());
                 let sec = self.second(offset);
@@ -379,13 +386,18 @@ mod tests {
             c.record(s, s + Duration::from_millis(50), &out);
         }
         assert_eq!(
-            (c.ok, c.failed, c.output_tokens, c.prompt_tokens),
+            (
+                c.tally.ok,
+                c.tally.failed,
+                c.tally.output_tokens,
+                c.tally.prompt_tokens
+            ),
             (3, 3, 10, 15)
         );
         assert_eq!((c.warmup.ok, c.warmup.output_tokens), (1, 3));
-        assert_eq!(c.errors.get("http_429"), Some(&2));
+        assert_eq!(c.tally.errors.get("http_429"), Some(&2));
         assert_eq!(
-            c.error_examples.get("connect").map(String::as_str),
+            c.tally.error_examples.get("connect").map(String::as_str),
             Some("connect!")
         );
         assert_eq!(c.itl.len(), 3 + 3 + 1);

@@ -7,6 +7,7 @@
 //! A closed token receiver means the client left: the sequence is removed at
 //! the next step and its blocks freed.
 
+pub mod clock;
 pub mod governor;
 pub mod length;
 pub mod state;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::engine::{LoadedModel, PositionScore, SamplingParams, TokenLogprob};
+pub use clock::Clock;
 pub use length::{LengthCaps, LengthError};
 pub use state::Priority;
 
@@ -78,7 +80,8 @@ pub struct Request {
     pub ignore_eos: bool,
     /// Scheduling class.
     pub priority: Priority,
-    /// When the request must be finished.
+    /// When the request must be finished, on the engine's [`Clock`] (the
+    /// system clock for every served engine).
     pub deadline: Option<Instant>,
     /// When it reached the front end (TTFT is measured from here).
     pub arrival: Instant,
@@ -322,6 +325,8 @@ struct Shared {
     window: crate::monitor::window::Window,
     /// Drift signals of its stable client requests.
     drift: Arc<crate::monitor::drift::Recorder>,
+    /// Where deadlines, drains and a request's timings read the time.
+    clock: Clock,
 }
 
 /// Marks the engine stopped when its thread ends, and failed when it ends by
@@ -354,11 +359,22 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Starts the engine thread for `model`.
+    /// Starts the engine thread for `model`, on the system clock.
     pub fn spawn(
         model: LoadedModel,
         config: SchedulerConfig,
         labels: EngineLabels,
+    ) -> std::io::Result<Self> {
+        Self::spawn_with_clock(model, config, labels, Clock::system())
+    }
+
+    /// Starts the engine thread for `model`, reading the time from `clock`
+    /// (tests pass a manual one).
+    pub fn spawn_with_clock(
+        model: LoadedModel,
+        config: SchedulerConfig,
+        labels: EngineLabels,
+        clock: Clock,
     ) -> std::io::Result<Self> {
         let kv_shape = model.model.kv_shape(config.block_size);
         let blocks = kv_shape.blocks_in(config.kv_cache_bytes).max(1);
@@ -385,6 +401,7 @@ impl EngineHandle {
                 &labels.model,
                 &labels.version,
             )),
+            clock,
         });
         shared
             .stats
@@ -439,6 +456,11 @@ impl EngineHandle {
     /// The labels it was started with.
     pub fn labels(&self) -> &EngineLabels {
         &self.shared.labels
+    }
+
+    /// Where it reads the time: a request's deadline is an instant on it.
+    pub fn clock(&self) -> &Clock {
+        &self.shared.clock
     }
 
     /// Live counters.
@@ -545,7 +567,7 @@ impl EngineHandle {
         let job = Job {
             request,
             events: etx,
-            submitted: Instant::now(),
+            submitted: self.shared.clock.now(),
         };
         match self.tx.try_send(Msg::Job(Box::new(job))) {
             Ok(()) => Ok(erx),
@@ -575,7 +597,7 @@ impl EngineHandle {
     pub fn drain(&self, timeout: Duration) {
         self.shared.draining.store(true, Ordering::Relaxed);
         // A full queue only delays the message; the flag already stops intake.
-        let _ = self.tx.send(Msg::Drain(Instant::now() + timeout));
+        let _ = self.tx.send(Msg::Drain(self.shared.clock.now() + timeout));
     }
 
     /// Makes the engine thread panic, as a bug in a kernel would: for tests

@@ -172,7 +172,7 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
                 }
             }
         }
-        if drain_deadline.is_some_and(|d| Instant::now() >= d) {
+        if drain_deadline.is_some_and(|d| shared.clock.now() >= d) {
             w.abort_all(
                 &mut state,
                 "the server shut down before the request finished",
@@ -312,7 +312,7 @@ impl Worker {
             probes: vec![],
         });
         let (events, rx) = mpsc::channel(2);
-        let now = Instant::now();
+        let now = self.shared.clock.now();
         let io = Io {
             sampler: Sampler::new(Default::default(), &prompt[..1]),
             text: TextStream::new(&prompt[..1]),
@@ -386,7 +386,7 @@ impl Worker {
 
     /// Drops sequences whose client left and ends those past their deadline.
     fn reap(&mut self, state: &mut State<Io>) {
-        let now = Instant::now();
+        let now = self.shared.clock.now();
         let gone = state.remove_where(|s| {
             s.payload.events.is_closed()
                 || s.payload.deadline.is_some_and(|d| now >= d)
@@ -545,7 +545,7 @@ impl Worker {
             tail.push_str(&io.stop.flush());
         }
         let reason = io.finished.unwrap_or(reason);
-        let now = Instant::now();
+        let now = self.shared.clock.now();
         let first = io.first_token;
         let timings = Timings {
             queue: io.admitted.map(|a| a - io.submitted).unwrap_or_default(),
@@ -602,7 +602,10 @@ impl Worker {
     }
 
     fn step(&mut self, model: &crate::engine::Model, kv: &mut KvCache, state: &mut State<Io>) {
+        // Compute time on the system clock; points in a request's life on
+        // the engine's.
         let started = Instant::now();
+        let at = self.shared.clock.now();
         let plan = state.plan();
         if plan.entries.is_empty() {
             return;
@@ -618,7 +621,7 @@ impl Worker {
         for e in &plan.entries {
             let s = &mut state.running[e.index];
             if s.payload.admitted.is_none() {
-                s.payload.admitted = Some(started);
+                s.payload.admitted = Some(at);
                 self.uncount_waiting(s);
             }
         }
@@ -731,7 +734,7 @@ impl Worker {
         let tokenizer = &self.tokenizer;
         let ctx = self.context_length;
         let metrics = &self.metrics;
-        let now = Instant::now();
+        let now = self.shared.clock.now();
         state
             .running
             .par_iter_mut()

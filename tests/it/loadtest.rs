@@ -103,13 +103,13 @@ fn planned(cfg: &Config, n: u64) -> (u64, u64) {
 
 fn assert_clean(r: &Report, n: u64) {
     assert_eq!(
-        (r.ok, r.failed),
+        (r.tally.ok, r.tally.failed),
         (n, 0),
         "errors: {:?} {:?}",
-        r.errors,
-        r.error_examples
+        r.tally.errors,
+        r.tally.error_examples
     );
-    assert_eq!(r.usage_missing, 0, "the server reports usage");
+    assert_eq!(r.tally.usage_missing, 0, "the server reports usage");
     assert_eq!(r.e2e.count, n);
     assert_eq!(r.ttft.count, n, "every request generated a token");
     assert!(
@@ -146,23 +146,23 @@ async fn closed_loop_http_and_open_loop_grpc_counts_match_the_server_metrics() {
     let delta = counters_after(&s, model, before, 14).await - before;
     assert_clean(&r, 12);
     assert_eq!((r.warmup.ok, r.warmup.failed), (2, 0));
-    assert_eq!(delta.success, (r.ok + r.warmup.ok) as f64, "requests");
+    assert_eq!(delta.success, (r.tally.ok + r.warmup.ok) as f64, "requests");
     assert_eq!(
         delta.generation,
-        (r.output_tokens + r.warmup.output_tokens) as f64,
+        (r.tally.output_tokens + r.warmup.output_tokens) as f64,
         "generated tokens"
     );
     assert_eq!(
         delta.prompt,
-        (r.prompt_tokens + r.warmup.prompt_tokens) as f64,
+        (r.tally.prompt_tokens + r.warmup.prompt_tokens) as f64,
         "prompt tokens"
     );
     // Request i is the same whatever the timing: the totals are the plan's.
     let (p, o) = planned(&cfg, 14);
     assert_eq!(
         (
-            r.prompt_tokens + r.warmup.prompt_tokens,
-            r.output_tokens + r.warmup.output_tokens
+            r.tally.prompt_tokens + r.warmup.prompt_tokens,
+            r.tally.output_tokens + r.warmup.output_tokens
         ),
         (p, o)
     );
@@ -177,10 +177,13 @@ async fn closed_loop_http_and_open_loop_grpc_counts_match_the_server_metrics() {
     let r = llmops_loadtest::run(cfg.clone()).await.unwrap();
     let delta = counters_after(&s, model, before, 12).await - before;
     assert_clean(&r, 12);
-    assert_eq!(delta.success, r.ok as f64);
-    assert_eq!(delta.generation, r.output_tokens as f64);
-    assert_eq!(delta.prompt, r.prompt_tokens as f64);
-    assert_eq!((r.prompt_tokens, r.output_tokens), planned(&cfg, 12));
+    assert_eq!(delta.success, r.tally.ok as f64);
+    assert_eq!(delta.generation, r.tally.output_tokens as f64);
+    assert_eq!(delta.prompt, r.tally.prompt_tokens as f64);
+    assert_eq!(
+        (r.tally.prompt_tokens, r.tally.output_tokens),
+        planned(&cfg, 12)
+    );
 
     // A wrong key is an error of kind HTTP 401 / gRPC unauthenticated, not a crash.
     for (protocol, addr, kind) in [
@@ -191,8 +194,8 @@ async fn closed_loop_http_and_open_loop_grpc_counts_match_the_server_metrics() {
         cfg.api_key = Some("wrong".into());
         cfg.requests = Some(3);
         let r = llmops_loadtest::run(cfg).await.unwrap();
-        assert_eq!((r.ok, r.failed), (0, 3));
-        assert_eq!(r.errors.get(kind), Some(&3), "{:?}", r.errors);
+        assert_eq!((r.tally.ok, r.tally.failed), (0, 3));
+        assert_eq!(r.tally.errors.get(kind), Some(&3), "{:?}", r.tally.errors);
     }
     s.stop().await;
 }
@@ -220,14 +223,14 @@ async fn a_burst_over_the_queue_limit_is_counted_as_429s_and_resource_exhausted(
         };
         let before = counters(&s, model).await;
         let r = llmops_loadtest::run(cfg).await.unwrap();
-        assert_eq!(r.ok + r.failed, 40);
-        assert!(r.ok >= 1, "admitted requests complete: {r:?}");
-        let limited = r.errors.get(kind).copied().unwrap_or(0);
-        assert!(limited >= 1, "{kind} expected: {:?}", r.errors);
+        assert_eq!(r.tally.ok + r.tally.failed, 40);
+        assert!(r.tally.ok >= 1, "admitted requests complete: {r:?}");
+        let limited = r.tally.errors.get(kind).copied().unwrap_or(0);
+        assert!(limited >= 1, "{kind} expected: {:?}", r.tally.errors);
         assert_eq!(
-            limited, r.failed,
+            limited, r.tally.failed,
             "only {kind}: {:?} {:?}",
-            r.errors, r.error_examples
+            r.tally.errors, r.tally.error_examples
         );
         let per_second: u64 = r
             .timeline
@@ -236,10 +239,10 @@ async fn a_burst_over_the_queue_limit_is_counted_as_429s_and_resource_exhausted(
             .sum();
         assert_eq!(per_second, limited, "the timeline has every error");
         // Refused requests generate nothing: the server counted only the admitted ones.
-        let delta = counters_after(&s, model, before, r.ok).await - before;
-        assert_eq!(delta.success, r.ok as f64);
-        assert_eq!(delta.generation, r.output_tokens as f64);
-        assert_eq!(r.output_tokens, 24 * r.ok);
+        let delta = counters_after(&s, model, before, r.tally.ok).await - before;
+        assert_eq!(delta.success, r.tally.ok as f64);
+        assert_eq!(delta.generation, r.tally.output_tokens as f64);
+        assert_eq!(r.tally.output_tokens, 24 * r.tally.ok);
         s.wait_idle().await;
     }
     s.stop().await;
@@ -257,15 +260,15 @@ async fn a_closed_port_gives_connect_errors_and_a_report() {
         cfg.load = Load::Closed { concurrency: 2 };
         cfg.requests = Some(6);
         let r = llmops_loadtest::run(cfg).await.unwrap();
-        assert_eq!((r.ok, r.failed), (0, 6), "{protocol:?}");
+        assert_eq!((r.tally.ok, r.tally.failed), (0, 6), "{protocol:?}");
         assert_eq!(
-            r.errors.get("connect"),
+            r.tally.errors.get("connect"),
             Some(&6),
             "{protocol:?}: {:?} {:?}",
-            r.errors,
-            r.error_examples
+            r.tally.errors,
+            r.tally.error_examples
         );
-        assert_eq!((r.requests_per_s, r.output_tokens), (0.0, 0));
+        assert_eq!((r.requests_per_s, r.tally.output_tokens), (0.0, 0));
         assert!(!r.table().is_empty());
     }
 }
@@ -291,26 +294,26 @@ async fn a_server_stopped_mid_run_gives_connection_errors_and_a_report() {
         let (r, ()) = tokio::join!(llmops_loadtest::run(cfg), stopper);
         let r = r.unwrap();
         assert!(
-            r.ok >= 1,
+            r.tally.ok >= 1,
             "{protocol:?}: requests finished before the stop: {r:?}"
         );
         assert!(
-            r.failed >= 1,
+            r.tally.failed >= 1,
             "{protocol:?}: requests failed after the stop"
         );
-        let kinds: BTreeSet<&str> = r.errors.keys().map(String::as_str).collect();
+        let kinds: BTreeSet<&str> = r.tally.errors.keys().map(String::as_str).collect();
         let allowed: BTreeSet<&str> =
             ["connect", "disconnect", "http_503", "grpc_unavailable"].into();
         assert!(
             kinds.is_subset(&allowed),
             "{protocol:?}: {:?} {:?}",
-            r.errors,
-            r.error_examples
+            r.tally.errors,
+            r.tally.error_examples
         );
         assert!(
             kinds.contains("connect") || kinds.contains("disconnect"),
             "{protocol:?}: {:?}",
-            r.errors
+            r.tally.errors
         );
         assert!(
             r.duration_s >= 2.0,

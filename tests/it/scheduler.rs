@@ -1,11 +1,13 @@
 //! The scheduler with the real tiny engine on its own thread.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use llmops::engine::SamplingParams;
 use llmops::engine::synth::SynthSpec;
 use llmops::scheduler::{
-    Completion, EngineHandle, EngineLabels, Event, FinishReason, Request, SchedulerConfig,
+    Clock, Completion, EngineHandle, EngineLabels, Event, FinishReason, Request, SchedulerConfig,
     SubmitError,
 };
 
@@ -198,18 +200,121 @@ async fn requests_beyond_the_context_fail_before_queueing() {
     assert!(matches!(err, SubmitError::ContextLength { .. }));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deadline_ends_the_request_with_timeout() {
-    // A long context, so that the request would run for seconds.
+/// An engine on a manual clock over a model with a long context, so that a
+/// request asked for 16,000 tokens runs for many seconds of wall time: time
+/// moves only when the test moves it.
+fn spawn_on_manual_clock() -> (tempfile::TempDir, EngineHandle, Clock) {
     let spec = SynthSpec {
         max_position_embeddings: 16384,
         ..SynthSpec::tiny_llama()
     };
-    let (_tmp, engine) = spawn(&spec, SchedulerConfig::default());
+    let (tmp, path) = support::write_model(&spec);
+    let clock = Clock::manual();
+    let engine = EngineHandle::spawn_with_clock(
+        support::load(&path),
+        SchedulerConfig::default(),
+        EngineLabels {
+            model: "tiny".into(),
+            version: "v1".into(),
+        },
+        clock.clone(),
+    )
+    .unwrap();
+    (tmp, engine, clock)
+}
+
+/// Reads a request's events as they come (a client that keeps up, so the
+/// engine never cancels it for unread events), counting its tokens.
+struct Reader {
+    streamed: Arc<AtomicUsize>,
+    done: tokio::task::JoinHandle<(FinishReason, usize)>,
+}
+
+impl Reader {
+    fn new(mut rx: tokio::sync::mpsc::Receiver<Event>) -> Self {
+        let streamed = Arc::new(AtomicUsize::new(0));
+        let count = streamed.clone();
+        let done = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Token { .. } => {
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Event::Done(c) => return (c.reason, count.load(Ordering::Relaxed)),
+                    Event::Failed(e) => panic!("request failed: {e}"),
+                }
+            }
+            panic!("event stream ended without a Done");
+        });
+        Self { streamed, done }
+    }
+
+    /// Waits until `more` tokens beyond those seen so far have streamed:
+    /// the request is still running.
+    async fn running_for(&self, more: usize) {
+        let target = self.streamed.load(Ordering::Relaxed) + more;
+        let waited = tokio::time::timeout(Duration::from_secs(20), async {
+            while self.streamed.load(Ordering::Relaxed) < target {
+                assert!(!self.done.is_finished(), "the request ended early");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "no progress");
+    }
+
+    async fn finish(self) -> (FinishReason, usize) {
+        self.done.await.unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_ends_the_request_with_timeout_when_the_engine_clock_passes_it() {
+    let (_tmp, engine, clock) = spawn_on_manual_clock();
+    // A deadline of 30 s on a clock that stands still: wall time does not end it.
     let mut req = greedy(vec![256, 1, 2], 16000);
-    req.deadline = Some(std::time::Instant::now() + Duration::from_millis(30));
-    let (_, _, c) = collect(engine.submit(req).unwrap()).await;
-    assert_eq!(c.reason, FinishReason::Timeout);
+    req.deadline = Some(clock.now() + Duration::from_secs(30));
+    let long = Reader::new(engine.submit(req).unwrap());
+    long.running_for(20).await;
+    // A short request beside it finishes on its own, deadline or not.
+    let mut short = greedy(vec![256, 3], 5);
+    short.deadline = Some(clock.now() + Duration::from_secs(30));
+    let (_, _, c) = collect(engine.submit(short).unwrap()).await;
+    assert_eq!((c.reason, c.completion_tokens), (FinishReason::Length, 5));
+    // One second short of the deadline: still running.
+    clock.advance(Duration::from_secs(29));
+    long.running_for(20).await;
+    clock.advance(Duration::from_secs(1));
+    let (reason, streamed) = long.finish().await;
+    assert_eq!(reason, FinishReason::Timeout);
+    assert!(streamed < 16000, "it ran to the end: {streamed} tokens");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_aborts_what_still_runs_at_its_deadline_and_not_before() {
+    let (_tmp, engine, clock) = spawn_on_manual_clock();
+    let long = Reader::new(engine.submit(greedy(vec![256, 1, 2], 16000)).unwrap());
+    long.running_for(10).await;
+    engine.drain(Duration::from_secs(10));
+    assert!(matches!(
+        engine.submit(greedy(vec![256, 2], 5)),
+        Err(SubmitError::Unavailable)
+    ));
+    // Draining, not stopped: the running request goes on.
+    long.running_for(30).await;
+    clock.advance(Duration::from_millis(9_999));
+    long.running_for(30).await;
+    assert!(!engine.is_stopped());
+    clock.advance(Duration::from_millis(1));
+    let (reason, streamed) = long.finish().await;
+    assert_eq!(reason, FinishReason::Aborted);
+    assert!(streamed < 16000, "it ran to the end: {streamed} tokens");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        engine.stopped(Duration::from_millis(5)),
+    )
+    .await
+    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
