@@ -87,6 +87,7 @@ pub async fn run(
         )?
         .with_replica_id(replica_id)
         .with_model_roots(cfg.server.model_roots.clone())
+        .with_trained_dir(cfg.server.trained_dir.clone())
         .with_hooks(&cfg.hooks)?
         .with_drift(cfg.drift.clone())
         .with_engine_path(cfg.server.engine_path),

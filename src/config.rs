@@ -71,6 +71,12 @@ pub struct ServeArgs {
     /// Registry folder [default: the user's data directory, llmops/].
     #[arg(long, env = "LLMOPS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where retrained versions are written [default: DATA_DIR/trained]. In
+    /// a fleet (`--registry etcd://…`) a volume every replica mounts at
+    /// this path (read-write for the leader, which trains); without it a
+    /// fleet refuses to retrain.
+    #[arg(long, env = "LLMOPS_TRAINED_DIR")]
+    pub trained_dir: Option<PathBuf>,
     /// Folders that model paths registered through the admin API must lie
     /// under (after following links); repeat for several. Unset: any path,
     /// but only regular files and folders (never devices, FIFOs, sockets).
@@ -127,6 +133,9 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Where the registry lives.
     pub data_dir: PathBuf,
+    /// Where retrained versions go; `None`: `data_dir/trained` (one
+    /// machine only).
+    pub trained_dir: Option<PathBuf>,
     /// How every model's GGUF block-quantized weights are held.
     pub gguf_weights: GgufWeights,
     /// Which implementation runs every model's steps; `None`: the device's
@@ -236,6 +245,7 @@ struct FileServer {
     metrics_addr: Option<SocketAddr>,
     shutdown_timeout_secs: Option<u64>,
     data_dir: Option<PathBuf>,
+    trained_dir: Option<PathBuf>,
     device: Option<String>,
     gguf_weights: Option<GgufWeights>,
     engine_path: Option<EnginePath>,
@@ -354,6 +364,7 @@ fn server_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<ServerCo
             .clone()
             .or(file.data_dir.clone())
             .unwrap_or_else(default_data_dir),
+        trained_dir: args.trained_dir.clone().or(file.trained_dir.clone()),
         gguf_weights: args.gguf_weights.or(file.gguf_weights).unwrap_or_default(),
         engine_path: args.engine_path.or(file.engine_path),
         model_roots: model_roots

@@ -327,12 +327,9 @@ impl Controller {
             return;
         }
         // In a fleet every replica judges its own traffic and tells the
-        // hooks; only the leader's drift starts the loop (one retrain).
-        if !self.leads() {
-            return;
-        }
-        let spec = self.autopilot_spec().clone();
-        if !spec.applies_to(&t.model) {
+        // hooks; the loop starts once, on the leader, when most replicas
+        // are in drift (`fleet::judge_fleet_drift`).
+        if self.is_fleet() {
             return;
         }
         let reason = format!(
@@ -346,31 +343,44 @@ impl Controller {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        self.begin_loop(&t.model, reason).await;
+    }
+
+    /// Drift of `model`'s stable version, judged here or by the fleet:
+    /// the loop under the policy, unless one runs or the cooldown holds.
+    pub(super) async fn begin_loop(self: &Arc<Self>, model: &str, reason: String) {
+        let spec = self.autopilot_spec().clone();
+        if !spec.applies_to(model) {
+            return;
+        }
         if spec.policy == Policy::Notify {
-            self.step(&t.model, "notified", &reason, json!({"policy": "notify"}))
+            self.step(model, "notified", &reason, json!({"policy": "notify"}))
                 .await;
             return;
         }
         {
             let mut loops = self.loops();
-            if loops.running.contains_key(&t.model) {
+            if loops.running.contains_key(model) {
                 return;
             }
-            if let Some(at) = loops.began.get(&t.model)
+            if let Some(at) = loops.began.get(model)
                 && at.elapsed() < Duration::from_secs_f64(spec.cooldown_secs)
             {
                 drop(loops);
-                tracing::info!(model = %t.model, "drift during the autopilot's cooldown: not retraining");
+                tracing::info!(
+                    model,
+                    "drift during the autopilot's cooldown: not retraining"
+                );
                 return;
             }
-            loops.began.insert(t.model.clone(), Instant::now());
+            loops.began.insert(model.to_string(), Instant::now());
             loops.running.insert(
-                t.model.clone(),
+                model.to_string(),
                 json!({"step": "started", "reason": reason}),
             );
         }
         let me = self.clone();
-        let model = t.model.clone();
+        let model = model.to_string();
         tokio::spawn(async move {
             let end = me.run_loop(&model, &spec, &reason).await;
             let (step, detail) = match end {

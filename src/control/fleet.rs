@@ -10,8 +10,10 @@
 //!
 //! The leader (`registry::etcd`'s lease) runs what runs once per fleet: it
 //! adopts every active rollout and drives its analysis, on the samples of
-//! every replica ([`Controller::publish_samples`]), and only the leader's
-//! drift transitions start the retrain loop. When the leader dies mid
+//! every replica ([`Controller::publish_samples`]), and it starts the
+//! retrain loop once for the fleet when most replicas judge the stable
+//! version in drift ([`drift_vote`]: each replica publishes its drift
+//! state under `{prefix}/drift/{replica}`). When the leader dies mid
 //! rollout, the replica that takes the lease adopts the rollout where its
 //! last recorded status left it (same step, weight and counts) and goes on
 //! with the next full window.
@@ -32,12 +34,18 @@ use super::Controller;
 use super::rollout::RolloutStatus;
 use crate::monitor::Variant;
 use crate::monitor::canary::Sample;
+use crate::monitor::drift::Level;
 use crate::monitor::window::wall_ms;
 use crate::registry::State;
 
 /// How far back a replica's published samples reach: the longest window a
 /// rollout analyses from other replicas.
 pub const SAMPLE_HORIZON: Duration = Duration::from_secs(120);
+
+/// How recent a replica's published drift state must be to count in the
+/// fleet's verdict: a replica that stopped publishing (dead, cut off from
+/// etcd) drops out of the vote.
+pub const DRIFT_FRESH: Duration = Duration::from_secs(10);
 
 /// A replica's recent finished requests of the models in a rollout, as
 /// published under `{prefix}/samples/{replica}`.
@@ -47,6 +55,57 @@ pub struct Published {
     pub at_ms: u64,
     /// By model, then `stable` / `canary`: `(finished at, Unix ms; sample)`.
     pub models: BTreeMap<String, BTreeMap<String, Vec<(u64, Sample)>>>,
+}
+
+/// A replica's drift state of every stable version it serves, as published
+/// under `{prefix}/drift/{replica}` (apart from the samples, so that the
+/// leader's vote each second reads a few bytes per replica).
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PublishedDrift {
+    /// When it was written (Unix milliseconds).
+    pub at_ms: u64,
+    /// By model.
+    pub models: BTreeMap<String, DriftSeen>,
+}
+
+/// Whether `drifting` of `reporting` replicas is a majority.
+pub fn majority(drifting: usize, reporting: usize) -> bool {
+    reporting > 0 && drifting * 2 > reporting
+}
+
+/// One replica's drift state of a model's stable version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftSeen {
+    /// The stable version it judged.
+    pub version: String,
+    /// Its state after hysteresis.
+    pub state: Level,
+    /// Live windows it has judged (0: no verdict yet).
+    pub windows: u64,
+}
+
+/// The fleet's drift verdict on `version` from every replica's published
+/// state: `(in drift, reporting)`, counting the replicas that serve
+/// `version` as stable and published within [`DRIFT_FRESH`] of `now_ms`.
+/// Each replica judges its own share of the traffic against its reference;
+/// behind a Service the shares are samples of the same stream, so a
+/// majority in drift is the fleet's drift, and one replica's noisy window is
+/// not. A replica that has not judged a window yet counts as not in drift.
+pub fn drift_vote<'a>(
+    reports: impl IntoIterator<Item = (u64, &'a DriftSeen)>,
+    version: &str,
+    now_ms: u64,
+) -> (usize, usize) {
+    let fresh = DRIFT_FRESH.as_millis() as u64;
+    reports
+        .into_iter()
+        .filter(|(at, d)| d.version == version && now_ms.saturating_sub(*at) <= fresh)
+        .fold((0, 0), |(drifting, reporting), (_, d)| {
+            (
+                drifting + usize::from(d.state == Level::Drift),
+                reporting + 1,
+            )
+        })
 }
 
 impl Controller {
@@ -113,6 +172,9 @@ impl Controller {
                     was_leader = leader;
                 }
                 me.publish_samples();
+                if leader {
+                    me.judge_fleet_drift().await;
+                }
             }
         });
     }
@@ -313,6 +375,7 @@ impl Controller {
             }
             out.models.insert(d.model.clone(), sides);
         }
+        self.publish_drift(store, out.at_ms);
         if out.models.is_empty() && !self.published_any() {
             return;
         }
@@ -326,6 +389,89 @@ impl Controller {
             Err(e) => tracing::debug!(error = %e, "samples not serialised"),
         }
         self.set_published(!out.models.is_empty());
+    }
+
+    /// Publishes this replica's drift state of each stable version it
+    /// serves, for the leader's vote.
+    fn publish_drift(&self, store: &crate::registry::etcd::Etcd, at_ms: u64) {
+        let mut out = PublishedDrift {
+            at_ms,
+            ..Default::default()
+        };
+        for d in self.router.snapshot().models.values() {
+            let rec = d.stable.engine.drift();
+            let seen = DriftSeen {
+                version: d.stable.version.clone(),
+                state: rec.state(),
+                windows: rec.windows(),
+            };
+            out.models.insert(d.model.clone(), seen);
+        }
+        if out.models.is_empty() {
+            return;
+        }
+        let key = format!("drift/{}", self.replica_id);
+        match serde_json::to_vec(&out) {
+            Ok(bytes) => {
+                if let Err(e) = store.put(&key, bytes) {
+                    tracing::debug!(error = %e, "drift state not published");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "drift state not serialised"),
+        }
+    }
+
+    /// On the leader: the fleet's drift verdict on each stable version
+    /// ([`drift_vote`]); when a majority of the replicas serving it turn to
+    /// drift, the autopilot's loop starts once for the fleet.
+    async fn judge_fleet_drift(self: &Arc<Self>) {
+        let Some(store) = &self.fleet else { return };
+        let listed = match store.list("drift") {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(error = %e, "drift states unreadable");
+                return;
+            }
+        };
+        let published: Vec<PublishedDrift> = listed
+            .iter()
+            .filter_map(|(_, bytes)| serde_json::from_slice(bytes).ok())
+            .collect();
+        let now = wall_ms(std::time::Instant::now());
+        let mut verdicts = vec![];
+        for d in self.router.snapshot().models.values() {
+            let reports = published
+                .iter()
+                .filter_map(|p| p.models.get(&d.model).map(|s| (p.at_ms, s)));
+            let (drifting, reporting) = drift_vote(reports, &d.stable.version, now);
+            let in_drift = majority(drifting, reporting);
+            let mut seen = self.fleet_drift.lock().unwrap_or_else(|p| p.into_inner());
+            let was = seen.get(&d.model) == Some(&d.stable.version);
+            if in_drift && !was {
+                seen.insert(d.model.clone(), d.stable.version.clone());
+                verdicts.push((
+                    d.model.clone(),
+                    d.stable.version.clone(),
+                    drifting,
+                    reporting,
+                ));
+            } else if !in_drift && was && drifting == 0 {
+                seen.remove(&d.model);
+            }
+        }
+        for (model, version, drifting, judging) in verdicts {
+            tracing::info!(
+                model,
+                version,
+                drifting,
+                judging,
+                "fleet: drift on a majority of replicas"
+            );
+            let reason = format!(
+                "drift on `{model}` version `{version}`: {drifting} of {judging} replicas in drift"
+            );
+            self.begin_loop(&model, reason).await;
+        }
     }
 
     /// Other replicas' samples of `model` finished within `[from, to]`
@@ -369,5 +515,56 @@ impl Controller {
             }
         }
         (stable, canary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(version: &str, state: Level, windows: u64) -> DriftSeen {
+        DriftSeen {
+            version: version.into(),
+            state,
+            windows,
+        }
+    }
+
+    #[test]
+    fn the_fleet_is_in_drift_when_most_fresh_reporting_replicas_are() {
+        let now = 1_000_000;
+        let (a, b, c) = (
+            seen("v1", Level::Drift, 3),
+            seen("v1", Level::Ok, 3),
+            seen("v1", Level::Drift, 1),
+        );
+        let vote = drift_vote([(now, &a), (now - 1_000, &b), (now, &c)], "v1", now);
+        assert_eq!(vote, (2, 3));
+        assert!(majority(vote.0, vote.1));
+        // A replica that stopped publishing drops out: 1 of 2 is no majority.
+        let stale = now - DRIFT_FRESH.as_millis() as u64 - 1;
+        let vote = drift_vote([(now, &a), (stale, &c), (now, &b)], "v1", now);
+        assert_eq!(vote, (1, 2));
+        assert!(!majority(vote.0, vote.1));
+        // A replica yet to judge a window counts, as not in drift; another
+        // version's state does not count at all.
+        let (fresh, old) = (seen("v1", Level::Ok, 0), seen("v0", Level::Drift, 9));
+        let vote = drift_vote([(now, &a), (now, &fresh), (now, &old)], "v1", now);
+        assert_eq!(vote, (1, 2));
+        assert!(!majority(vote.0, vote.1));
+        assert!(!majority(0, 0));
+        assert!(majority(1, 1), "a fleet of one judges alone");
+    }
+
+    #[test]
+    fn a_published_drift_state_reads_back_as_written() {
+        let mut p = PublishedDrift {
+            at_ms: 5,
+            ..Default::default()
+        };
+        p.models.insert("chat".into(), seen("v2", Level::Warn, 4));
+        let back: PublishedDrift =
+            serde_json::from_slice(&serde_json::to_vec(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
     }
 }

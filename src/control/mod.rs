@@ -135,6 +135,9 @@ pub struct Controller {
     health: Option<tonic_health::server::HealthReporter>,
     /// Canonical folders registered paths must lie under; empty: anywhere.
     model_roots: Vec<PathBuf>,
+    /// Where retrained versions go (`--trained-dir`); `None`: under
+    /// `data_dir`, which only this replica reads.
+    trained_dir: Option<PathBuf>,
     /// Models whose stable version failed to load at start, so that
     /// `serving` shows them broken instead of just absent. Cleared when a
     /// version of the model serves again.
@@ -176,6 +179,9 @@ pub struct Controller {
     seen: std::sync::Mutex<State>,
     /// Whether this replica's last published samples were not empty.
     published: std::sync::atomic::AtomicBool,
+    /// The leader's last fleet-wide drift verdict per model: the stable
+    /// version most replicas judged in drift (fleet only).
+    fleet_drift: std::sync::Mutex<HashMap<String, String>>,
 }
 
 /// Why a model is not served.
@@ -252,6 +258,7 @@ impl Controller {
             replica_id: String::new(),
             seen: Default::default(),
             published: Default::default(),
+            fleet_drift: Default::default(),
             hooks: Hooks::new(Some(registry.clone())),
             registry,
             data_dir: data_dir.to_path_buf(),
@@ -265,6 +272,7 @@ impl Controller {
             engine_path: None,
             health,
             model_roots: vec![],
+            trained_dir: None,
             failed: std::sync::Mutex::new(BTreeMap::new()),
             rollouts: std::sync::Mutex::new(HashMap::new()),
             rollout_events: tokio::sync::broadcast::channel(256).0,
@@ -303,6 +311,13 @@ impl Controller {
     /// [`crate::config::ServerConfig::model_roots`] holds them).
     pub fn with_model_roots(mut self, roots: Vec<PathBuf>) -> Self {
         self.model_roots = roots;
+        self
+    }
+
+    /// Writes retrained versions under `dir` (`None`: under the data
+    /// folder, which a fleet's other replicas cannot read).
+    pub fn with_trained_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.trained_dir = dir;
         self
     }
 

@@ -446,8 +446,20 @@ pub async fn start(
         registry::check_model_path(f, &[])
             .map_err(|e| ControlError::invalid("replay_data", e.to_string()))?;
     }
+    let trained = match (&ctl.trained_dir, &ctl.fleet) {
+        (Some(dir), _) => dir.clone(),
+        (None, None) => ctl.data_dir.join("trained"),
+        (None, Some(_)) => {
+            return Err(ControlError::Conflict(
+                "a fleet retrains into a folder every replica reads: set --trained-dir \
+                 (LLMOPS_TRAINED_DIR, [server] trained_dir) to a volume mounted at the \
+                 same path on every replica (read-write where the leader runs)"
+                    .into(),
+            ));
+        }
+    };
     let id = now_id();
-    let out = ctl.data_dir.join("trained").join(model).join(&id);
+    let out = trained.join(model).join(&id);
     let mut args = TrainArgs::new(spec.data.clone(), out.clone())
         .map_err(|e| ControlError::Internal(e.to_string()))?;
     args.base = Some(base);

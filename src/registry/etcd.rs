@@ -139,6 +139,58 @@ pub struct Etcd {
     health: Arc<Health>,
     changed: Arc<tokio::sync::Notify>,
     url: String,
+    /// Wakes the login task when etcd refused this replica's token (a
+    /// restarted etcd forgets every token); `None` without a user.
+    relogin: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// How often a logged-in replica takes a fresh token even when nothing
+/// failed: well inside etcd's default token TTL (`--auth-token-ttl`, 300 s).
+const TOKEN_REFRESH: Duration = Duration::from_secs(60);
+
+/// A user's login, kept fresh: the token every request carries is replaced
+/// before it expires and at once when etcd refuses it.
+struct Login {
+    auth: pb::auth_client::AuthClient<Channel>,
+    request: pb::AuthenticateRequest,
+    token: Token,
+}
+
+impl Login {
+    async fn login(&mut self) -> anyhow::Result<()> {
+        let answer = self
+            .auth
+            .authenticate(self.request.clone())
+            .await
+            .map_err(status_msg)?;
+        let value = AsciiMetadataValue::try_from(answer.into_inner().token)
+            .map_err(|e| anyhow::anyhow!("etcd auth token: {e}"))?;
+        *self.token.0.write().unwrap_or_else(|p| p.into_inner()) = Some(value);
+        Ok(())
+    }
+
+    async fn keep(mut self, stale: Arc<tokio::sync::Notify>, timeout: Duration) {
+        loop {
+            tokio::select! {
+                _ = stale.notified() => {}
+                _ = tokio::time::sleep(TOKEN_REFRESH) => {}
+            }
+            match tokio::time::timeout(timeout, self.login()).await {
+                Ok(Ok(())) => tracing::debug!("etcd token renewed"),
+                Ok(Err(e)) => tracing::warn!("etcd login failed: {e:#}"),
+                Err(_) => tracing::warn!("etcd login timed out"),
+            }
+            // At most one login a second, however many calls were refused.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// Whether etcd refused the request's token (expired, or issued before a
+/// restart), so that logging in again fixes it.
+fn token_refused(e: &anyhow::Error) -> bool {
+    let m = format!("{e:#}");
+    m.contains("invalid auth token") || m.contains("Unauthenticated")
 }
 
 /// The key after every key that starts with `prefix` (etcd's range end).
@@ -278,18 +330,29 @@ impl Etcd {
             health: Arc::new(Health::default()),
             changed: Arc::new(tokio::sync::Notify::new()),
             url: opts.url.clone(),
+            relogin: target
+                .user
+                .is_some()
+                .then(|| Arc::new(tokio::sync::Notify::new())),
         });
-        if let Some(user) = &target.user {
-            let mut auth = pb::auth_client::AuthClient::new(channel);
-            let req = pb::AuthenticateRequest {
-                name: user.clone(),
-                password: opts.password.clone().unwrap_or_default(),
+        if let (Some(user), Some(stale)) = (&target.user, &me.relogin) {
+            let login = Login {
+                auth: pb::auth_client::AuthClient::new(channel),
+                request: pb::AuthenticateRequest {
+                    name: user.clone(),
+                    password: opts.password.clone().unwrap_or_default(),
+                },
+                token,
             };
-            let answer =
-                me.call(async move { auth.authenticate(req).await.map_err(status_msg) })?;
-            let value = AsciiMetadataValue::try_from(answer.into_inner().token)
-                .map_err(|e| anyhow::anyhow!("etcd auth token: {e}"))?;
-            *token.0.write().unwrap_or_else(|p| p.into_inner()) = Some(value);
+            // The first login decides whether the replica starts: a wrong
+            // password is a startup error, not a replica that never syncs.
+            let login = me
+                .call(async move {
+                    let mut login = login;
+                    login.login().await.map(|()| login)
+                })
+                .map_err(|e| e.context(format!("logging in to etcd as `{user}`")))?;
+            me.runtime.spawn(login.keep(stale.clone(), me.timeout));
         }
         me.runtime.spawn(watch_log(
             me.clients.clone(),
@@ -355,7 +418,14 @@ impl Etcd {
             .and_then(|r| r);
         match &r {
             Ok(_) => self.health.ok(),
-            Err(e) => self.health.failed(&format!("{e:#}")),
+            Err(e) => {
+                self.health.failed(&format!("{e:#}"));
+                if let Some(stale) = &self.relogin
+                    && token_refused(e)
+                {
+                    stale.notify_one();
+                }
+            }
         }
         r
     }

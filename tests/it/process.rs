@@ -85,7 +85,9 @@ impl Served {
                 "--grpc-addr",
                 &format!("127.0.0.1:{grpc}"),
             ])
-            .env("RUST_LOG", "warn");
+            .env("RUST_LOG", "warn")
+            // A startup error reads as its message, not a backtrace.
+            .env("RUST_BACKTRACE", "0");
         tweak(&mut cmd);
         let out = std::fs::File::create(log).unwrap();
         let child = cmd
@@ -133,6 +135,21 @@ impl Served {
                 self.tail(40)
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits up to `within` for the process to exit by itself; its status,
+    /// or `None` if it still runs.
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if t0.elapsed() >= within {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

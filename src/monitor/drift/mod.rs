@@ -1233,6 +1233,11 @@ impl Recorder {
         self.lock().hysteresis.state
     }
 
+    /// Live windows judged against the reference so far.
+    pub fn windows(&self) -> u64 {
+        self.lock().windows
+    }
+
     /// Everything the admin API shows.
     pub fn status(&self) -> serde_json::Value {
         let g = self.lock();
