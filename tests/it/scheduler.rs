@@ -505,3 +505,62 @@ async fn n_choices_share_their_prompt_prefill_and_match_single_requests_with_the
     );
     wait_idle(&cached).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tensor_path_reads_cached_blocks_as_the_host_path_does() {
+    // Gemma 3 (sliding windows, GQA) on the tensor path, whose device KV
+    // is addressed through the same block tables.
+    let spec = SynthSpec {
+        seed: 17,
+        ..SynthSpec::tiny_gemma3()
+    };
+    let (_tmp, path) = support::write_model(&spec);
+    let load = |engine_path| {
+        llmops::engine::load(
+            &path,
+            &llmops::engine::LoadOptions {
+                engine_path: Some(engine_path),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let start = |engine_path, prefix_caching| {
+        EngineHandle::spawn(
+            load(engine_path),
+            SchedulerConfig {
+                prefix_caching,
+                max_batched_tokens: 32,
+                ..Default::default()
+            },
+            EngineLabels::default(),
+        )
+        .unwrap()
+    };
+    let host = start(llmops::engine::EnginePath::Host, false);
+    let tensor = start(llmops::engine::EnginePath::Tensor, true);
+    let ps: Vec<Vec<u32>> = prompts(6)
+        .iter()
+        .map(|p| with_system_prompt(40, &p[1..]))
+        .collect();
+    for engine in [&host, &tensor] {
+        // Warm the cache with the first prompt.
+        collect(engine.submit(greedy(ps[0].clone(), 4)).unwrap()).await;
+    }
+    let run = |engine: &EngineHandle| {
+        let rxs: Vec<_> = ps
+            .iter()
+            .map(|p| engine.submit(greedy(p.clone(), 20)).unwrap())
+            .collect();
+        futures::future::join_all(rxs.into_iter().map(collect))
+    };
+    let (want, got) = (run(&host).await, run(&tensor).await);
+    for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(
+            a.0, b.0,
+            "request {i}: host without the cache, tensor with it"
+        );
+    }
+    assert!(counter(&tensor.stats().prefix_cache_hits) >= 6 * 32);
+    wait_idle(&tensor).await;
+}
