@@ -436,8 +436,10 @@ impl<T> State<T> {
             s.offered = hits;
             self.admissions += 1;
             s.admitted = self.admissions;
-            plan.cache_queries += s.tokens.len();
-            plan.cache_hits += s.computed;
+            if self.alloc.prefix_caching() {
+                plan.cache_queries += s.tokens.len();
+                plan.cache_hits += s.computed;
+            }
             let len = budget.min(s.tokens.len() - s.computed).min(s.chunk_cap());
             plan.entries.push(PlanEntry {
                 index: self.running.len(),
