@@ -431,7 +431,7 @@ pub fn describe() {
         describe_counter!(
             names::PREFIX_CACHE_QUERIES,
             Unit::Count,
-            "Tokens of admitted sequences (prompts, and generated tokens of resumed ones) looked up in the prefix cache."
+            "Tokens of admitted sequences (prompts, and generated tokens of resumed ones) looked up in the prefix cache; drift probes, which score every position, are not looked up."
         );
         describe_counter!(
             names::PREFIX_CACHE_HITS,

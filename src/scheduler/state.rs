@@ -194,7 +194,8 @@ pub struct Plan {
     pub decode_tokens: usize,
     /// Sequences preempted while planning.
     pub preempted: usize,
-    /// Tokens of the sequences admitted in this step (prefix-cache queries).
+    /// Tokens of the sequences admitted in this step that may read the
+    /// prefix cache (prefix-cache queries; 0 when caching is off).
     pub cache_queries: usize,
     /// Of those, tokens the prefix cache supplied (not fed).
     pub cache_hits: usize,
@@ -436,7 +437,9 @@ impl<T> State<T> {
             s.offered = hits;
             self.admissions += 1;
             s.admitted = self.admissions;
-            if self.alloc.prefix_caching() {
+            // A sequence that may read nothing from the cache (a drift
+            // probe scores every position) is no query, as in vLLM.
+            if self.alloc.prefix_caching() && s.logits_from > 0 {
                 plan.cache_queries += s.tokens.len();
                 plan.cache_hits += s.computed;
             }
@@ -908,6 +911,10 @@ mod tests {
         assert_eq!(start(2), 8);
         assert_eq!(start(3), 0);
         assert_eq!(p.cache_hits, 8);
+        assert_eq!(
+            p.cache_queries, 24,
+            "the probe, which may read nothing, is no query"
+        );
     }
 
     #[test]
