@@ -489,6 +489,10 @@ pub struct SchedulerSettings {
     /// Tokens per KV block (file only).
     #[arg(skip)]
     pub block_size: Option<usize>,
+    /// Automatic prefix caching: reuse the KV blocks of prompts' shared
+    /// prefixes [default: true].
+    #[arg(long, env = "LLMOPS_PREFIX_CACHING", value_name = "BOOL")]
+    pub prefix_caching: Option<bool>,
 }
 
 /// `[scheduler]` under the flags, checked for limits no engine can run with.
@@ -514,6 +518,10 @@ fn scheduler_config(
             .map(|mb| mb << 20)
             .unwrap_or(d.kv_cache_bytes),
         block_size: args.block_size.or(fs.block_size).unwrap_or(d.block_size),
+        prefix_caching: args
+            .prefix_caching
+            .or(fs.prefix_caching)
+            .unwrap_or(d.prefix_caching),
     };
     if scheduler.max_batched_tokens == 0 || scheduler.max_running == 0 || scheduler.block_size == 0
     {
@@ -783,6 +791,24 @@ mod tests {
         assert_eq!(cfg.scheduler.max_waiting, 6, "flag beats file");
         assert_eq!(cfg.scheduler.max_running, 4, "file value kept");
         assert_eq!(cfg.scheduler.block_size, 32, "a key without a flag");
+        assert!(cfg.scheduler.prefix_caching, "on by default");
+        std::fs::write(&path, "[scheduler]\nprefix_caching = false\n").unwrap();
+        let load = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--config", &config];
+            argv.extend_from_slice(extra);
+            Config::load(&Cli::try_parse_from(argv).unwrap().serve).unwrap()
+        };
+        assert!(!load(&[]).scheduler.prefix_caching, "the file turns it off");
+        assert!(
+            load(&["--prefix-caching", "true"]).scheduler.prefix_caching,
+            "the flag wins"
+        );
+        std::fs::write(
+            &path,
+            "[limits]\nmax_tokens = 7\nmax_prompt_tokens = 9\n\
+             [scheduler]\nmax_running = 4\nmax_waiting = 5\nblock_size = 32\n",
+        )
+        .unwrap();
         // The file-only keys have no flag, and the file knows only its keys.
         assert!(Cli::try_parse_from(["serve", "--block-size", "8"]).is_err());
         std::fs::write(&path, "[limits]\nmax_tokens_limit = 7\n").unwrap();

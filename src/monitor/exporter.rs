@@ -9,8 +9,19 @@ use super::names;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Held while installing: a second server starting in the same process (the
+/// tests run several at once) waits for the first's handle instead of
+/// rendering a recorder of its own that nothing records into.
+static INSTALLING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Installs the global recorder (first call) and returns the render handle.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let _installing = INSTALLING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(h) = HANDLE.get() {
         return Ok(h.clone());
     }

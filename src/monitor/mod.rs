@@ -58,6 +58,11 @@ pub mod names {
     pub const FAILURE: &str = "llmops_request_failure_total";
     /// Sequences preempted.
     pub const PREEMPTIONS: &str = "llmops_num_preemptions_total";
+    /// Prompt tokens looked up in the prefix cache (vLLM's
+    /// `prefix_cache_queries`).
+    pub const PREFIX_CACHE_QUERIES: &str = "llmops_prefix_cache_queries_total";
+    /// Of those, tokens found (vLLM's `prefix_cache_hits`).
+    pub const PREFIX_CACHE_HITS: &str = "llmops_prefix_cache_hits_total";
     /// Sequences per engine step.
     pub const STEP_BATCH: &str = "llmops_engine_step_batch_size";
     /// Tokens per engine step, by kind (prefill/decode).
@@ -238,6 +243,10 @@ pub struct EngineMetrics {
     pub kv_usage: Gauge,
     /// See [`names::PREEMPTIONS`].
     pub preemptions: Counter,
+    /// See [`names::PREFIX_CACHE_QUERIES`].
+    pub prefix_cache_queries: Counter,
+    /// See [`names::PREFIX_CACHE_HITS`].
+    pub prefix_cache_hits: Counter,
     /// See [`names::STEP_BATCH`].
     pub step_batch: Histogram,
     /// See [`names::STEP_TOKENS`] with kind=prefill.
@@ -297,6 +306,8 @@ impl EngineMetrics {
             waiting: metrics::gauge!(names::WAITING, base.clone()),
             kv_usage: metrics::gauge!(names::KV_USAGE, base.clone()),
             preemptions: metrics::counter!(names::PREEMPTIONS, base.clone()),
+            prefix_cache_queries: metrics::counter!(names::PREFIX_CACHE_QUERIES, base.clone()),
+            prefix_cache_hits: metrics::counter!(names::PREFIX_CACHE_HITS, base.clone()),
             step_batch: metrics::histogram!(names::STEP_BATCH, base.clone()),
             step_prefill_tokens: metrics::histogram!(
                 names::STEP_TOKENS,
@@ -381,7 +392,7 @@ pub fn describe() {
         describe_gauge!(
             names::KV_USAGE,
             Unit::Percent,
-            "Fraction of KV-cache blocks in use (0 to 1)."
+            "Fraction of KV-cache blocks held by running sequences (0 to 1); cached blocks no sequence holds are reusable and count as free."
         );
         describe_gauge!(
             names::POD_WAITING,
@@ -416,6 +427,16 @@ pub fn describe() {
             names::PREEMPTIONS,
             Unit::Count,
             "Sequences preempted (KV blocks freed, recomputed later)."
+        );
+        describe_counter!(
+            names::PREFIX_CACHE_QUERIES,
+            Unit::Count,
+            "Tokens of admitted sequences (prompts, and generated tokens of resumed ones) looked up in the prefix cache; drift probes, which score every position, are not looked up."
+        );
+        describe_counter!(
+            names::PREFIX_CACHE_HITS,
+            Unit::Count,
+            "Tokens of admitted sequences served by the prefix cache instead of prefilled."
         );
         describe_histogram!(
             names::STEP_BATCH,

@@ -39,6 +39,10 @@ pub struct SchedulerConfig {
     pub kv_cache_bytes: usize,
     /// Tokens per KV block.
     pub block_size: usize,
+    /// Automatic prefix caching: full KV blocks are kept, addressed by a
+    /// hash of their tokens and prefix, and shared by later sequences with
+    /// the same prefix.
+    pub prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -50,6 +54,7 @@ impl Default for SchedulerConfig {
             max_waiting_tokens: 256 * 1024,
             kv_cache_bytes: 512 << 20,
             block_size: 16,
+            prefix_caching: true,
         }
     }
 }
@@ -274,14 +279,22 @@ pub struct EngineStats {
     pub waiting_tokens: AtomicUsize,
     /// Sequences running.
     pub running: AtomicUsize,
-    /// KV blocks in use.
+    /// KV blocks held by sequences (cached blocks none holds are free).
     pub kv_blocks_used: AtomicUsize,
+    /// Cached KV blocks no sequence holds (kept for prefix reuse, evictable).
+    pub kv_blocks_cached: AtomicUsize,
     /// KV blocks in the pool.
     pub kv_blocks_total: AtomicUsize,
     /// Preemptions since start.
     pub preemptions: AtomicU64,
     /// Steps run.
     pub steps: AtomicU64,
+    /// Prompt tokens fed to the model (prefill, recomputation included).
+    pub prefill_tokens: AtomicU64,
+    /// Tokens of admitted sequences looked up in the prefix cache.
+    pub prefix_cache_queries: AtomicU64,
+    /// Of those, tokens the prefix cache supplied.
+    pub prefix_cache_hits: AtomicU64,
     /// Tokens generated.
     pub generated_tokens: AtomicU64,
     /// Recent throughput in tokens per second (f64 bits), for retry-after.

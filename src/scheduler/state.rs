@@ -5,10 +5,18 @@
 //! preempting the youngest, lowest-priority sequence when the pool runs dry),
 //! then prefill chunks of running sequences, then admissions in FCFS order
 //! while the token budget, the running cap and the KV pool allow.
+//!
+//! With prefix caching (the allocator's), an admitted sequence first takes
+//! the longest run of cached full blocks matching its tokens and feeds only
+//! what follows; after each step the blocks it filled join the cache. A
+//! waiting sequence whose next block another running sequence (of its class
+//! or above) is computing right now waits for it instead of computing it
+//! too: that is how the `n` choices of one request, submitted together,
+//! prefill their prompt once. Sequences behind it may be admitted first.
 
 use std::collections::VecDeque;
 
-use crate::engine::BlockAllocator;
+use crate::engine::{BlockAllocator, BlockHash};
 
 /// Scheduling class of a request.
 #[derive(
@@ -68,6 +76,15 @@ pub struct Seq<T> {
     pub computed: usize,
     /// Its KV blocks.
     pub blocks: Vec<u32>,
+    /// The prefix-cache hash of each full block of `tokens` (empty when
+    /// caching is off), extended as blocks fill.
+    hashes: Vec<BlockHash>,
+    /// Leading blocks of `blocks` already offered to the prefix cache.
+    offered: usize,
+    /// First position whose logits the caller needs before the last (a
+    /// scoring job's first scored position): the cache may stand in only
+    /// for positions before it.
+    logits_from: usize,
     /// Order of (re-)admission; larger is younger.
     admitted: u64,
     /// Times it was preempted.
@@ -93,10 +110,20 @@ impl<T> Seq<T> {
             max_new_tokens,
             computed: 0,
             blocks: vec![],
+            hashes: vec![],
+            offered: 0,
+            logits_from: usize::MAX,
             admitted: 0,
             preemptions: 0,
             payload,
         }
+    }
+
+    /// Marks `position` as the first whose logits are needed (besides the
+    /// last's), so prefix caching never skips it.
+    pub fn needs_logits_from(mut self, position: usize) -> Self {
+        self.logits_from = position;
+        self
     }
 
     /// Tokens generated so far.
@@ -109,6 +136,31 @@ impl<T> Seq<T> {
         match self.priority {
             Priority::Low => LOW_PRIORITY_CHUNK,
             Priority::Normal => usize::MAX,
+        }
+    }
+
+    /// Most leading blocks the prefix cache may supply: at least the last
+    /// token is always computed (its row gives the next token), and so is
+    /// every position whose logits are wanted.
+    fn reusable_blocks(&self, block_size: usize) -> usize {
+        let tokens = self.tokens.len().saturating_sub(1).min(self.logits_from);
+        (tokens / block_size).min(self.hashes.len())
+    }
+
+    /// Hashes the full blocks of its first `upto` tokens not hashed yet.
+    fn hash_blocks(&mut self, alloc: &BlockAllocator, upto: usize) {
+        if !alloc.prefix_caching() {
+            return;
+        }
+        let bs = alloc.block_size();
+        let full = upto.min(self.tokens.len()) / bs;
+        while self.hashes.len() < full {
+            let j = self.hashes.len();
+            let h = alloc.hash_block(
+                self.hashes.last().copied(),
+                &self.tokens[j * bs..(j + 1) * bs],
+            );
+            self.hashes.push(h);
         }
     }
 
@@ -142,6 +194,11 @@ pub struct Plan {
     pub decode_tokens: usize,
     /// Sequences preempted while planning.
     pub preempted: usize,
+    /// Tokens of the sequences admitted in this step that may read the
+    /// prefix cache (prefix-cache queries; 0 when caching is off).
+    pub cache_queries: usize,
+    /// Of those, tokens the prefix cache supplied (not fed).
+    pub cache_hits: usize,
 }
 
 impl Plan {
@@ -185,8 +242,9 @@ impl<T> State<T> {
         &self.alloc
     }
 
-    /// Queues a sequence.
-    pub fn enqueue(&mut self, seq: Seq<T>) {
+    /// Queues a sequence (hashing its full blocks once, for the prefix cache).
+    pub fn enqueue(&mut self, mut seq: Seq<T>) {
+        seq.hash_blocks(&self.alloc, seq.tokens.len());
         match seq.priority {
             Priority::Normal => self.waiting_normal.push_back(seq),
             Priority::Low => self.waiting_low.push_back(seq),
@@ -247,6 +305,7 @@ impl<T> State<T> {
         let mut s = self.running.swap_remove(index);
         self.alloc.release(&mut s.blocks);
         s.computed = 0;
+        s.offered = 0;
         s.preemptions += 1;
         self.preemptions_total += 1;
         match s.priority {
@@ -270,7 +329,7 @@ impl<T> State<T> {
         let mut plan = Plan::default();
         // Normal traffic may push low-priority sequences out of the pool.
         if let Some(head) = self.waiting_normal.front() {
-            let need = self.alloc.blocks_for(head.tokens.len());
+            let need = Self::cost(&self.alloc, head);
             while need > self.alloc.free() || self.running.len() >= self.limits.max_running {
                 match self.victim(Some(Priority::Normal)) {
                     Some(v) => {
@@ -337,39 +396,59 @@ impl<T> State<T> {
             plan.prefill_tokens += len;
             budget -= len;
         }
-        // Admissions: normal class first, FCFS; the head of the queue blocks the
-        // rest, so a large request is never overtaken forever.
+        // Admissions: normal class first, FCFS; the first sequence not
+        // waiting for a prefix being computed blocks the rest, so a large
+        // request is never overtaken forever.
         while budget > 0 && self.running.len() < self.limits.max_running {
-            let queue = if self.waiting_normal.is_empty() {
+            let (low, at) = match self.pick(&self.waiting_normal) {
+                Some(at) => (false, at),
+                None => match self.pick(&self.waiting_low) {
+                    Some(at) => (true, at),
+                    None => break,
+                },
+            };
+            let queue = if low {
                 &mut self.waiting_low
             } else {
                 &mut self.waiting_normal
             };
-            let Some(head) = queue.front() else {
+            let Some(candidate) = queue.get(at) else {
                 break;
             };
-            let reserve = match head.priority {
+            let reserve = match candidate.priority {
                 Priority::Low => self.alloc.total() / LOW_PRIORITY_KV_RESERVE,
                 Priority::Normal => 0,
             };
-            if self.alloc.blocks_for(head.tokens.len()) + reserve > self.alloc.free() {
+            if Self::cost(&self.alloc, candidate) + reserve > self.alloc.free() {
                 break;
             }
-            let Some(mut s) = queue.pop_front() else {
+            let Some(mut s) = queue.remove(at) else {
                 break;
             };
+            let bs = self.alloc.block_size();
+            let reuse = s.reusable_blocks(bs);
+            let hits = self.alloc.share(&mut s.blocks, &s.hashes[..reuse]);
             if !self.alloc.grow(&mut s.blocks, s.tokens.len()) {
-                queue.push_front(s);
+                self.alloc.release(&mut s.blocks);
+                queue.insert(at, s);
                 break;
             }
+            s.computed = hits * bs;
+            s.offered = hits;
             self.admissions += 1;
             s.admitted = self.admissions;
-            let len = budget.min(s.tokens.len()).min(s.chunk_cap());
+            // A sequence that may read nothing from the cache (a drift
+            // probe scores every position) is no query, as in vLLM.
+            if self.alloc.prefix_caching() && s.logits_from > 0 {
+                plan.cache_queries += s.tokens.len();
+                plan.cache_hits += s.computed;
+            }
+            let len = budget.min(s.tokens.len() - s.computed).min(s.chunk_cap());
             plan.entries.push(PlanEntry {
                 index: self.running.len(),
-                start: 0,
+                start: s.computed,
                 len,
-                sample: len == s.tokens.len(),
+                sample: s.computed + len == s.tokens.len(),
             });
             plan.prefill_tokens += len;
             budget -= len;
@@ -378,13 +457,80 @@ impl<T> State<T> {
         plan
     }
 
-    /// Records that a step ran: `computed` advances by what each entry fed.
+    /// Blocks admitting `s` now would take from the free capacity: the
+    /// blocks it needs, less the cached ones it shares, plus those of them
+    /// that no sequence holds (they stop being evictable).
+    fn cost(alloc: &BlockAllocator, s: &Seq<T>) -> usize {
+        let reuse = s.reusable_blocks(alloc.block_size());
+        let (hits, evictable) = alloc.lookup(&s.hashes[..reuse]);
+        alloc.blocks_for(s.tokens.len()) - hits + evictable
+    }
+
+    /// Whether `s` should wait: the block after its cached prefix is being
+    /// computed right now by a running sequence of its class or above, which
+    /// will cache it within a few steps.
+    fn deferred(&self, s: &Seq<T>) -> bool {
+        if !self.alloc.prefix_caching() {
+            return false;
+        }
+        let bs = self.alloc.block_size();
+        let reuse = s.reusable_blocks(bs);
+        let (hits, _) = self.alloc.lookup(&s.hashes[..reuse]);
+        if hits >= reuse {
+            return false;
+        }
+        let next = s.hashes[hits];
+        self.running.iter().any(|r| {
+            r.priority >= s.priority
+                && r.hashes.get(hits) == Some(&next)
+                && r.computed < (hits + 1) * bs
+        })
+    }
+
+    /// The position in `queue` of the first sequence not deferred.
+    fn pick(&self, queue: &VecDeque<Seq<T>>) -> Option<usize> {
+        queue.iter().position(|s| !self.deferred(s))
+    }
+
+    /// Records that a step ran: `computed` advances by what each entry fed,
+    /// and the blocks it filled join the prefix cache.
     pub fn advance(&mut self, plan: &Plan) {
+        self.advance_where(plan, |_| true);
+    }
+
+    /// [`State::advance`], caching the filled blocks only of the sequences
+    /// for which `cacheable` holds (not those whose forward pass failed:
+    /// their keys and values are not to be trusted).
+    pub fn advance_where(&mut self, plan: &Plan, cacheable: impl Fn(&Seq<T>) -> bool) {
+        let caching = self.alloc.prefix_caching();
+        let bs = self.alloc.block_size();
         for e in &plan.entries {
-            if let Some(s) = self.running.get_mut(e.index) {
-                s.computed = e.start + e.len;
+            let Some(s) = self.running.get_mut(e.index) else {
+                continue;
+            };
+            s.computed = e.start + e.len;
+            if !caching || !cacheable(s) {
+                continue;
+            }
+            let full = (s.computed / bs).min(s.blocks.len());
+            if full > s.offered {
+                s.hash_blocks(&self.alloc, s.computed);
+                for j in s.offered..full.min(s.hashes.len()) {
+                    self.alloc.register(s.blocks[j], s.hashes[j]);
+                }
+                s.offered = full;
             }
         }
+    }
+
+    /// Checks the allocator's invariant against the running sequences'
+    /// block tables (waiting sequences hold none).
+    pub fn audit(&self) -> Result<(), String> {
+        if let Some(s) = self.waiting().find(|s| !s.blocks.is_empty()) {
+            return Err(format!("waiting sequence {} holds blocks", s.id));
+        }
+        self.alloc
+            .audit(self.running.iter().map(|s| s.blocks.as_slice()))
     }
 }
 
@@ -405,6 +551,34 @@ mod tests {
     struct Outcome {
         outputs: Vec<(u64, Vec<u32>)>,
         preemptions: u64,
+        /// Prompt tokens fed (prefill and recomputation).
+        prefilled: usize,
+        /// Tokens the prefix cache supplied at admissions.
+        hits: usize,
+    }
+
+    /// How [`drive_with`] runs.
+    #[derive(Clone, Copy, Default)]
+    struct Opts {
+        /// Prefix caching on.
+        caching: bool,
+        /// Leading tokens a prompt shares with its family's (arrival `i`
+        /// belongs to family `i % families`); 0: every prompt unique.
+        shared: usize,
+        families: usize,
+        /// Cancel arrival `i` from step `i * cancel_every / 2` on when
+        /// `i % cancel_every == 1` (0: no cancellations).
+        cancel_every: usize,
+    }
+
+    /// The fake KV content of position `p` of `tokens`: the token and a
+    /// hash of the whole prefix through it, so a block holding another
+    /// prefix's keys and values is caught.
+    fn kv_entry(tokens: &[u32], p: usize) -> (u32, u64) {
+        let h = tokens[..=p].iter().fold(7u64, |h, &t| {
+            h.wrapping_mul(1_000_003).wrapping_add(u64::from(t))
+        });
+        (tokens[p], h)
     }
 
     /// Drives the state to completion, checking the step invariants.
@@ -413,8 +587,27 @@ mod tests {
         blocks: usize,
         arrivals: &[(usize, usize, usize, Priority)],
     ) -> Outcome {
-        let mut st: State<()> = State::new(limits, BlockAllocator::new(blocks, 4));
+        drive_with(limits, blocks, arrivals, Opts::default())
+    }
+
+    /// Drives the state to completion over a fake KV pool: each step reads
+    /// every position before an entry's start from the sequence's blocks
+    /// (they must hold its own prefix, whether computed or taken from the
+    /// cache) and writes its fed positions, never into a block another
+    /// sequence holds. After every plan and every step the allocator's
+    /// invariant holds; idle, every block is free or cached.
+    fn drive_with(
+        limits: Limits,
+        blocks: usize,
+        arrivals: &[(usize, usize, usize, Priority)],
+        opts: Opts,
+    ) -> Outcome {
+        const BS: usize = 4;
+        let alloc = BlockAllocator::new(blocks, BS).with_prefix_caching(opts.caching);
+        let mut st: State<()> = State::new(limits, alloc);
+        let mut kv: Vec<Option<(u32, u64)>> = vec![None; blocks * BS];
         let mut outputs = vec![];
+        let (mut prefilled, mut hits) = (0, 0);
         let mut steps = 0;
         let mut pending: Vec<_> = arrivals.iter().enumerate().collect();
         pending.sort_by_key(|(_, a)| a.0);
@@ -424,10 +617,29 @@ mod tests {
                 let Some((i, &(_, prompt, max_new, prio))) = pending.pop_front() else {
                     break;
                 };
-                let prompt: Vec<u32> = (0..prompt as u32).map(|t| t + i as u32).collect();
+                let family = (i % opts.families.max(1)) as u32;
+                let prompt: Vec<u32> = (0..prompt as u32)
+                    .map(|t| {
+                        if (t as usize) < opts.shared {
+                            500 + (family * 131 + t * 7) % 400
+                        } else {
+                            t + i as u32
+                        }
+                    })
+                    .collect();
                 st.enqueue(Seq::new(i as u64, prio, prompt, max_new, ()));
             }
+            if opts.cancel_every > 0 {
+                let every = opts.cancel_every;
+                st.remove_where(|s| {
+                    let i = s.id as usize;
+                    i % every == 1 && steps >= i * every / 2
+                });
+            }
             let plan = st.plan();
+            st.audit().unwrap();
+            hits += plan.cache_hits;
+            prefilled += plan.prefill_tokens;
             assert!(
                 plan.tokens() <= limits.max_batched_tokens,
                 "token budget exceeded"
@@ -442,29 +654,64 @@ mod tests {
                 let s = &st.running[e.index];
                 assert_eq!(e.start, s.computed, "feeds from where the cache ends");
                 assert!(
-                    s.blocks.len() * 4 >= e.start + e.len,
+                    s.blocks.len() * BS >= e.start + e.len,
                     "blocks cover what is fed"
                 );
+                for p in 0..e.start {
+                    let slot = s.blocks[p / BS] as usize * BS + p % BS;
+                    assert_eq!(
+                        kv[slot],
+                        Some(kv_entry(&s.tokens, p)),
+                        "sequence {} reads another prefix at {p}",
+                        s.id
+                    );
+                }
+                for p in e.start..e.start + e.len {
+                    let b = s.blocks[p / BS];
+                    assert!(
+                        st.running
+                            .iter()
+                            .all(|o| o.id == s.id || !o.blocks.contains(&b)),
+                        "sequence {} writes block {b}, which another holds",
+                        s.id
+                    );
+                    kv[b as usize * BS + p % BS] = Some(kv_entry(&s.tokens, p));
+                }
             }
             st.advance(&plan);
+            st.audit().unwrap();
             for e in &plan.entries {
                 if e.sample {
                     let s = &mut st.running[e.index];
-                    let t = next_token(&s.tokens);
+                    // The next token from what the cache holds.
+                    let prefix: Vec<u32> = (0..s.tokens.len())
+                        .map(|p| {
+                            let slot = s.blocks[p / BS] as usize * BS + p % BS;
+                            kv[slot].map_or(u32::MAX, |(t, _)| t)
+                        })
+                        .collect();
+                    let t = next_token(&prefix);
                     s.tokens.push(t);
                 }
             }
             for s in st.remove_where(|s| s.generated() >= s.max_new_tokens) {
                 outputs.push((s.id, s.tokens[s.prompt_len..].to_vec()));
             }
+            st.audit().unwrap();
             steps += 1;
             assert!(steps < 100_000, "no progress");
         }
         assert_eq!(st.allocator().free(), blocks, "pool back to full when idle");
+        st.audit().unwrap();
+        if !opts.caching {
+            assert_eq!(st.allocator().cached(), 0);
+        }
         outputs.sort();
         Outcome {
             outputs,
             preemptions: st.preemptions_total,
+            prefilled,
+            hits,
         }
     }
 
@@ -487,6 +734,189 @@ mod tests {
         }
     }
 
+    proptest! {
+        #[test]
+        fn prefix_caching_changes_no_token_and_leaks_no_block(
+            arrivals in proptest::collection::vec(
+                (0usize..40, 1usize..60, 1usize..20, prop_oneof![Just(Priority::Normal), Just(Priority::Low)]),
+                1..40),
+            max_batched in 8usize..64,
+            max_running in 1usize..8,
+            blocks in 40usize..80,
+            shared in 0usize..40,
+            families in 1usize..4,
+        ) {
+            let limits = Limits { max_batched_tokens: max_batched, max_running };
+            let off = Opts { caching: false, shared, families, cancel_every: 0 };
+            let on = Opts { caching: true, ..off };
+            let plain = drive_with(limits, blocks, &arrivals, off);
+            let cached = drive_with(limits, blocks, &arrivals, on);
+            prop_assert_eq!(&plain.outputs, &cached.outputs);
+            // Cancelling some of them (waiting or running) leaks nothing
+            // either, and the others' tokens stay the same.
+            let cancelled = drive_with(limits, blocks, &arrivals, Opts { cancel_every: 3, ..on });
+            let kept: Vec<_> = plain
+                .outputs
+                .iter()
+                .filter(|(id, _)| cancelled.outputs.iter().any(|(c, _)| c == id))
+                .cloned()
+                .collect();
+            prop_assert_eq!(kept, cancelled.outputs);
+        }
+    }
+
+    #[test]
+    fn a_shared_prompt_is_prefilled_once_and_its_last_block_recomputed() {
+        let limits = Limits {
+            max_batched_tokens: 64,
+            max_running: 8,
+        };
+        // Four identical 22-token prompts arriving together (the choices of
+        // one request): five full blocks of 4, two tokens in a sixth.
+        let arrivals = [(0, 22, 5, Priority::Normal); 4];
+        let opts = Opts {
+            caching: true,
+            shared: 22,
+            families: 1,
+            cancel_every: 0,
+        };
+        let out = drive_with(limits, 100, &arrivals, opts);
+        // The first feeds 22; each other takes 5 blocks from the cache and
+        // computes its partial last block (2 tokens) in a block of its own.
+        assert_eq!(out.hits, 3 * 20);
+        assert_eq!(out.prefilled, 22 + 3 * 2);
+        let plain = drive_with(
+            limits,
+            100,
+            &arrivals,
+            Opts {
+                caching: false,
+                ..opts
+            },
+        );
+        assert_eq!(plain.prefilled, 4 * 22);
+        assert_eq!(out.outputs, plain.outputs);
+        // A prompt of whole blocks recomputes its last block: the last
+        // token's row gives the first sampled token.
+        let aligned = drive_with(
+            limits,
+            100,
+            &[(0, 20, 5, Priority::Normal); 3],
+            Opts { shared: 20, ..opts },
+        );
+        assert_eq!(aligned.hits, 2 * 16);
+        assert_eq!(aligned.prefilled, 20 + 2 * 4);
+    }
+
+    #[test]
+    fn a_sequence_waits_for_the_prefix_another_is_computing_and_others_go_first() {
+        let limits = Limits {
+            max_batched_tokens: 12,
+            max_running: 8,
+        };
+        let mut st: State<()> = State::new(
+            limits,
+            BlockAllocator::new(100, 4).with_prefix_caching(true),
+        );
+        let prompt: Vec<u32> = (0..20).collect();
+        st.enqueue(Seq::new(1, Priority::Normal, prompt.clone(), 3, ()));
+        st.enqueue(Seq::new(2, Priority::Normal, prompt.clone(), 3, ()));
+        st.enqueue(Seq::new(3, Priority::Normal, vec![9; 5], 3, ()));
+        // 1 takes the whole budget (positions 0..12).
+        let p = st.plan();
+        assert_eq!(st.running.len(), 1);
+        st.advance(&p);
+        // 1 computes 12..20. 2 finds three blocks cached, but the fourth is
+        // 1's to compute this step: 2 waits, and 3 (unrelated) goes first.
+        let p = st.plan();
+        let ids: Vec<u64> = st.running.iter().map(|s| s.id).collect();
+        assert_eq!(ids, [1, 3]);
+        assert_eq!(p.cache_hits, 0);
+        assert_eq!(st.waiting().map(|s| s.id).collect::<Vec<_>>(), [2]);
+        st.advance(&p);
+        st.running[0].tokens.push(1);
+        // Now 2 takes four blocks and computes only its last one.
+        let p = st.plan();
+        let two = st.running.iter().position(|s| s.id == 2).unwrap();
+        let e = p.entries.iter().find(|e| e.index == two).unwrap();
+        assert_eq!(
+            (e.start, e.len),
+            (16, 4),
+            "four blocks cached, the fifth computed"
+        );
+        assert_eq!(p.cache_hits, 16);
+        st.advance(&p);
+        st.audit().unwrap();
+    }
+
+    #[test]
+    fn a_preempted_sequence_takes_its_own_blocks_back_from_the_cache() {
+        let limits = Limits {
+            max_batched_tokens: 64,
+            max_running: 4,
+        };
+        let mut st: State<()> = State::new(
+            limits,
+            BlockAllocator::new(100, 4).with_prefix_caching(true),
+        );
+        st.enqueue(Seq::new(1, Priority::Low, (0..30).collect(), 50, ()));
+        let p = st.plan();
+        st.advance(&p);
+        st.running[0].tokens.push(7);
+        let p = st.plan();
+        st.advance(&p);
+        st.running[0].tokens.push(8);
+        // 32 tokens, 31 computed: seven full blocks are cached.
+        st.preempt(0);
+        st.audit().unwrap();
+        assert_eq!(st.allocator().evictable(), 7);
+        let p = st.plan();
+        assert_eq!(
+            p.cache_hits, 28,
+            "seven blocks back; the last token's block recomputed"
+        );
+        assert_eq!(p.entries[0].start, 28);
+        assert_eq!(p.entries[0].len, 4);
+        assert!(p.entries[0].sample);
+        st.advance(&p);
+        st.audit().unwrap();
+    }
+
+    #[test]
+    fn a_scoring_job_never_takes_a_scored_position_from_the_cache() {
+        let limits = Limits {
+            max_batched_tokens: 64,
+            max_running: 4,
+        };
+        let mut st: State<()> = State::new(
+            limits,
+            BlockAllocator::new(100, 4).with_prefix_caching(true),
+        );
+        let tokens: Vec<u32> = (0..24).collect();
+        st.enqueue(Seq::new(1, Priority::Normal, tokens.clone(), 1, ()));
+        let p = st.plan();
+        st.advance(&p);
+        st.remove_where(|_| true);
+        assert_eq!(st.allocator().evictable(), 6);
+        // Scores from position 9: blocks 0 and 1 (positions 0..8) may come
+        // from the cache, block 2 holds position 9.
+        st.enqueue(Seq::new(2, Priority::Normal, tokens.clone(), 1, ()).needs_logits_from(9));
+        // A drift probe scores every position: nothing from the cache.
+        st.enqueue(Seq::new(3, Priority::Low, tokens, 1, ()).needs_logits_from(0));
+        let p = st.plan();
+        let start = |id| {
+            let i = st.running.iter().position(|s| s.id == id).unwrap();
+            p.entries.iter().find(|e| e.index == i).unwrap().start
+        };
+        assert_eq!(start(2), 8);
+        assert_eq!(start(3), 0);
+        assert_eq!(p.cache_hits, 8);
+        assert_eq!(
+            p.cache_queries, 24,
+            "the probe, which may read nothing, is no query"
+        );
+    }
+
     #[test]
     fn preempted_sequences_produce_the_same_tokens() {
         let arrivals: Vec<_> = (0..12)
@@ -504,6 +934,38 @@ mod tests {
             "the small pool must force preemption"
         );
         assert_eq!(roomy.outputs, tight.outputs);
+        // With prefix caching, and prompts sharing their first 24 tokens in
+        // three families: hits, preemptions, the same tokens.
+        let opts = Opts {
+            caching: true,
+            shared: 24,
+            families: 3,
+            cancel_every: 0,
+        };
+        let cached_tight = drive_with(limits, 40, &arrivals, opts);
+        assert!(cached_tight.preemptions > 0);
+        assert!(cached_tight.hits > 0);
+        let plain = drive_with(
+            limits,
+            1000,
+            &arrivals,
+            Opts {
+                caching: false,
+                ..opts
+            },
+        );
+        assert_eq!(plain.outputs, cached_tight.outputs);
+        let plain_tight = drive_with(
+            limits,
+            40,
+            &arrivals,
+            Opts {
+                caching: false,
+                ..opts
+            },
+        );
+        assert_eq!(plain.outputs, plain_tight.outputs);
+        assert!(cached_tight.prefilled < plain_tight.prefilled);
     }
 
     #[test]

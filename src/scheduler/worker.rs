@@ -133,7 +133,11 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
         max_batched_tokens: cfg.max_batched_tokens.max(1),
         max_running: cfg.max_running.clamp(1, cfg.max_batched_tokens.max(1)),
     };
-    let mut state: State<Io> = State::new(limits, BlockAllocator::new(blocks, cfg.block_size));
+    let prefix_caching = cfg.prefix_caching;
+    let mut state: State<Io> = State::new(
+        limits,
+        BlockAllocator::new(blocks, cfg.block_size).with_prefix_caching(prefix_caching),
+    );
     let mut w = Worker {
         context_length: model.config().max_position_embeddings,
         shared: shared.clone(),
@@ -150,7 +154,16 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
     let mut disconnected = false;
     // Released when this function returns or unwinds.
     let mut claim = governor::GLOBAL.claim();
-    tracing::info!(model = %labels.model, version = %labels.version, blocks, "engine started");
+    tracing::info!(
+        model = %labels.model,
+        version = %labels.version,
+        blocks,
+        block_size = cfg.block_size,
+        max_batched_tokens = limits.max_batched_tokens,
+        max_running = limits.max_running,
+        prefix_caching,
+        "engine started"
+    );
     loop {
         // Intake: block while idle, otherwise take whatever has arrived.
         if state.is_idle() {
@@ -292,13 +305,13 @@ impl Worker {
                     probe: None,
                 };
                 self.next_id += 1;
-                state.enqueue(Seq::new(
-                    self.next_id,
-                    request.priority,
-                    tokens,
-                    max_new_tokens,
-                    io,
-                ));
+                // A scoring job needs the logits of every position it scores:
+                // the prefix cache may stand in only for those before.
+                let logits_from = io.score.as_ref().map_or(usize::MAX, |sc| sc.first);
+                state.enqueue(
+                    Seq::new(self.next_id, request.priority, tokens, max_new_tokens, io)
+                        .needs_logits_from(logits_from),
+                );
             }
         }
     }
@@ -342,13 +355,10 @@ impl Worker {
             probe: Some(rx),
         };
         self.next_id += 1;
-        state.enqueue(Seq::new(
-            self.next_id,
-            Priority::Low,
-            prompt.to_vec(),
-            1,
-            io,
-        ));
+        // Every position is scored (and pooled): nothing comes from the cache.
+        state.enqueue(
+            Seq::new(self.next_id, Priority::Low, prompt.to_vec(), 1, io).needs_logits_from(0),
+        );
     }
 
     fn uncount_waiting(&self, s: &mut Seq<Io>) {
@@ -372,6 +382,8 @@ impl Worker {
         st.running.store(state.running.len(), Ordering::Relaxed);
         st.kv_blocks_used
             .store(alloc.total() - alloc.free(), Ordering::Relaxed);
+        st.kv_blocks_cached
+            .store(alloc.evictable(), Ordering::Relaxed);
         let waiting = st.waiting.load(Ordering::Relaxed) + preempted_waiting;
         self.metrics.running.set(state.running.len() as f64);
         self.metrics.waiting.set(waiting as f64);
@@ -610,6 +622,19 @@ impl Worker {
         if plan.entries.is_empty() {
             return;
         }
+        if plan.cache_queries > 0 {
+            self.metrics
+                .prefix_cache_queries
+                .increment(plan.cache_queries as u64);
+            self.metrics
+                .prefix_cache_hits
+                .increment(plan.cache_hits as u64);
+            let st = &self.shared.stats;
+            st.prefix_cache_queries
+                .fetch_add(plan.cache_queries as u64, Ordering::Relaxed);
+            st.prefix_cache_hits
+                .fetch_add(plan.cache_hits as u64, Ordering::Relaxed);
+        }
         if plan.preempted > 0 {
             self.metrics.preemptions.increment(plan.preempted as u64);
             self.shared
@@ -685,12 +710,14 @@ impl Worker {
         if result.is_ok() {
             self.pool_probe_rows(state, &plan, &entry_rows, rows);
         }
-        state.advance(&plan);
         if let Err(e) = result {
             tracing::error!(error = %e, sequences = plan.entries.len(), "forward pass failed; running its sequences one by one");
             self.logits = flat;
             flat = self.isolate_failures(model, kv, state, &plan, &entry_logits, &entry_rows);
         }
+        // After the failures are known: a failed sequence's blocks stay out
+        // of the prefix cache.
+        state.advance_where(&plan, |s| s.payload.failed.is_none());
         let vocab = flat.len().checked_div(rows).unwrap_or(0);
         // Each sequence's device-picked token.
         let mut picks: Vec<Option<u32>> = vec![None; state.running.len()];
@@ -765,6 +792,8 @@ impl Worker {
         let elapsed = started.elapsed();
         let st = &self.shared.stats;
         st.steps.fetch_add(1, Ordering::Relaxed);
+        st.prefill_tokens
+            .fetch_add(plan.prefill_tokens as u64, Ordering::Relaxed);
         st.generated_tokens
             .fetch_add(sampled as u64, Ordering::Relaxed);
         let tps = plan.tokens() as f64 / elapsed.as_secs_f64().max(1e-6);

@@ -403,3 +403,53 @@ fn shipped_alert_rules_pass_promtool_check_and_unit_tests() {
         assert!(rules.contains(&format!("alert: {alert}\n")), "{alert}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_cache_hits_are_exported_in_prompt_tokens_per_model_and_version() {
+    const CACHED: &str = "prefixed";
+    let s = TestServer::start(|a| a.model_names = vec![CACHED.into()]).await;
+    let client = reqwest::Client::new();
+    let (_, before) = scrape(&s).await;
+    let m = [("model", CACHED)];
+    let queries0 = sum(&before, "llmops_prefix_cache_queries_total", &m);
+    let hits0 = sum(&before, "llmops_prefix_cache_hits_total", &m);
+    // One request with three choices of the same long prompt: the first
+    // choice computes it, the others take its full blocks.
+    let body = json!({"model": CACHED, "prompt": "tell me a story ".repeat(6),
+                      "max_tokens": 4, "n": 3, "temperature": 0.8, "seed": 1, "ignore_eos": true});
+    let v: Value = client
+        .post(s.url("/v1/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["choices"].as_array().map(Vec::len), Some(3), "{v}");
+    let prompt = v["usage"]["prompt_tokens"].as_u64().unwrap() as f64;
+    let (text, after) = scrape(&s).await;
+    let queries = sum(&after, "llmops_prefix_cache_queries_total", &m) - queries0;
+    let hits = sum(&after, "llmops_prefix_cache_hits_total", &m) - hits0;
+    assert_eq!(queries, 3.0 * prompt, "{text}");
+    // Two choices hit every full block before the prompt's last token.
+    let block = 16.0;
+    assert_eq!(
+        hits,
+        2.0 * ((prompt - 1.0) / block).floor() * block,
+        "{text}"
+    );
+    for family in [
+        "llmops_prefix_cache_queries_total",
+        "llmops_prefix_cache_hits_total",
+    ] {
+        assert!(text.contains(&format!("# HELP {family} ")), "{text}");
+        assert!(
+            after
+                .iter()
+                .any(|x| x.name == family && x.labels.contains_key("version")),
+            "{text}"
+        );
+    }
+    s.stop().await;
+}

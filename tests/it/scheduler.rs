@@ -427,3 +427,245 @@ async fn a_sequence_that_fails_the_forward_pass_fails_alone_and_the_others_go_on
     let (again, _, _) = collect(engine.submit(greedy(ps[2].clone(), max_tokens)).unwrap()).await;
     assert_eq!(again, solo[2]);
 }
+
+/// A request's prompt: a shared "system prompt" of `system` tokens (BOS
+/// first), then a suffix of its own.
+fn with_system_prompt(system: usize, suffix: &[u32]) -> Vec<u32> {
+    let mut p = vec![256];
+    p.extend((1..system).map(|i| ((i * 37 + 11) % 256) as u32));
+    p.extend_from_slice(suffix);
+    p
+}
+
+fn counter(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefix_caching_leaves_greedy_tokens_unchanged_alone_in_a_batch_and_under_preemption() {
+    let spec = SynthSpec {
+        seed: 5,
+        ..SynthSpec::tiny_llama()
+    };
+    let block_bytes = 2 * spec.layers * spec.kv_heads * 16 * spec.head_dim * 4;
+    let off = SchedulerConfig {
+        prefix_caching: false,
+        max_batched_tokens: 64,
+        ..Default::default()
+    };
+    let on = SchedulerConfig {
+        prefix_caching: true,
+        ..off.clone()
+    };
+    let (_t1, plain) = spawn(&spec, off);
+    let (_t2, cached) = spawn(&spec, on.clone());
+    let (_t3, tight) = spawn(
+        &spec,
+        SchedulerConfig {
+            kv_cache_bytes: 24 * block_bytes,
+            ..on
+        },
+    );
+    // Twelve prompts on one 40-token system prompt, and the suffixes of
+    // `prompts` (some of them identical to each other's starts).
+    let ps: Vec<Vec<u32>> = prompts(12)
+        .iter()
+        .map(|p| with_system_prompt(40, &p[1..]))
+        .collect();
+    let mut reference = vec![];
+    for p in &ps {
+        reference.push(
+            collect(plain.submit(greedy(p.clone(), 30)).unwrap())
+                .await
+                .0,
+        );
+    }
+    // One at a time: each after the first finds the system prompt cached.
+    for (i, p) in ps.iter().enumerate() {
+        let (ids, _, _) = collect(cached.submit(greedy(p.clone(), 30)).unwrap()).await;
+        assert_eq!(ids, reference[i], "request {i} alone");
+    }
+    let solo_hits = counter(&cached.stats().prefix_cache_hits);
+    assert!(solo_hits >= 11 * 32, "{solo_hits} tokens hit");
+    // All at once, in a busy batch.
+    let together = futures::future::join_all(
+        ps.iter()
+            .map(|p| collect(cached.submit(greedy(p.clone(), 30)).unwrap())),
+    )
+    .await;
+    for (i, r) in together.iter().enumerate() {
+        assert_eq!(r.0, reference[i], "request {i} in a batch");
+    }
+    // On a pool of 24 blocks, which forces preemption.
+    let squeezed = futures::future::join_all(
+        ps.iter()
+            .map(|p| collect(tight.submit(greedy(p.clone(), 30)).unwrap())),
+    )
+    .await;
+    let preemptions: u32 = squeezed.iter().map(|r| r.2.preemptions).sum();
+    assert!(preemptions > 0, "the small pool must preempt");
+    for (i, r) in squeezed.iter().enumerate() {
+        assert_eq!(r.0, reference[i], "request {i} under preemption");
+    }
+    assert!(counter(&tight.stats().prefix_cache_hits) > 0);
+    // Idle: no block held, the cache's blocks free to evict.
+    for e in [&cached, &tight] {
+        wait_idle(e).await;
+        let cached_blocks = e
+            .stats()
+            .kv_blocks_cached
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(cached_blocks > 0, "full blocks stay cached when idle");
+    }
+    assert_eq!(counter(&plain.stats().prefix_cache_hits), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_system_prompt_hits_the_prefix_cache_and_skips_its_prefill() {
+    let spec = SynthSpec {
+        seed: 9,
+        ..SynthSpec::tiny_llama()
+    };
+    let (_t1, plain) = spawn(
+        &spec,
+        SchedulerConfig {
+            prefix_caching: false,
+            ..Default::default()
+        },
+    );
+    let (_t2, cached) = spawn(&spec, SchedulerConfig::default());
+    // Eight requests on one 64-token system prompt (four blocks of 16)
+    // with 5-token questions of their own, arriving together.
+    let ps: Vec<Vec<u32>> = (0..8u32)
+        .map(|q| with_system_prompt(64, &[q + 1, q + 2, q + 3, q + 4, q + 5]))
+        .collect();
+    let run = |engine: &EngineHandle| {
+        let rxs: Vec<_> = ps
+            .iter()
+            .map(|p| engine.submit(greedy(p.clone(), 10)).unwrap())
+            .collect();
+        futures::future::join_all(rxs.into_iter().map(collect))
+    };
+    let a = run(&plain).await;
+    let b = run(&cached).await;
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert_eq!(x.0, y.0, "request {i}");
+    }
+    let s = cached.stats();
+    // The first computes the system prompt; the seven others wait for its
+    // blocks instead of computing them too, and take all four.
+    assert_eq!(counter(&s.prefix_cache_queries), 8 * 69);
+    assert_eq!(counter(&s.prefix_cache_hits), 7 * 64);
+    assert_eq!(counter(&s.prefill_tokens), 69 + 7 * 5);
+    assert_eq!(counter(&plain.stats().prefill_tokens), 8 * 69);
+    wait_idle(&cached).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn n_choices_share_their_prompt_prefill_and_match_single_requests_with_the_same_seeds() {
+    let spec = SynthSpec {
+        seed: 13,
+        ..SynthSpec::tiny_llama()
+    };
+    let (_t1, plain) = spawn(
+        &spec,
+        SchedulerConfig {
+            prefix_caching: false,
+            ..Default::default()
+        },
+    );
+    let (_t2, cached) = spawn(&spec, SchedulerConfig::default());
+    // A 50-token prompt: three full blocks of 16 and two tokens in a
+    // fourth, the partial block each choice writes on its own.
+    let prompt = with_system_prompt(50, &[]);
+    let choice = |i: u64| Request {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed: Some(7 + i),
+            ..Default::default()
+        },
+        ..greedy(prompt.clone(), 24)
+    };
+    let mut single = vec![];
+    for i in 0..4 {
+        single.push(collect(plain.submit(choice(i)).unwrap()).await.0);
+    }
+    // As `infer::submit` submits the n choices of one request: back to
+    // back, seeds offset by the choice index.
+    let rxs: Vec<_> = (0..4).map(|i| cached.submit(choice(i)).unwrap()).collect();
+    let n = futures::future::join_all(rxs.into_iter().map(collect)).await;
+    for (i, r) in n.iter().enumerate() {
+        assert_eq!(r.0, single[i], "choice {i}");
+    }
+    assert!(
+        single.iter().any(|s| s != &single[0]),
+        "the seeds must make the choices diverge"
+    );
+    let s = cached.stats();
+    assert_eq!(counter(&s.prefix_cache_hits), 3 * 48);
+    assert_eq!(
+        counter(&s.prefill_tokens),
+        50 + 3 * 2,
+        "the prompt prefilled once"
+    );
+    wait_idle(&cached).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tensor_path_reads_cached_blocks_as_the_host_path_does() {
+    // Gemma 3 (sliding windows, GQA) on the tensor path, whose device KV
+    // is addressed through the same block tables.
+    let spec = SynthSpec {
+        seed: 17,
+        ..SynthSpec::tiny_gemma3()
+    };
+    let (_tmp, path) = support::write_model(&spec);
+    let load = |engine_path| {
+        llmops::engine::load(
+            &path,
+            &llmops::engine::LoadOptions {
+                engine_path: Some(engine_path),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let start = |engine_path, prefix_caching| {
+        EngineHandle::spawn(
+            load(engine_path),
+            SchedulerConfig {
+                prefix_caching,
+                max_batched_tokens: 32,
+                ..Default::default()
+            },
+            EngineLabels::default(),
+        )
+        .unwrap()
+    };
+    let host = start(llmops::engine::EnginePath::Host, false);
+    let tensor = start(llmops::engine::EnginePath::Tensor, true);
+    let ps: Vec<Vec<u32>> = prompts(6)
+        .iter()
+        .map(|p| with_system_prompt(40, &p[1..]))
+        .collect();
+    for engine in [&host, &tensor] {
+        // Warm the cache with the first prompt.
+        collect(engine.submit(greedy(ps[0].clone(), 4)).unwrap()).await;
+    }
+    let run = |engine: &EngineHandle| {
+        let rxs: Vec<_> = ps
+            .iter()
+            .map(|p| engine.submit(greedy(p.clone(), 20)).unwrap())
+            .collect();
+        futures::future::join_all(rxs.into_iter().map(collect))
+    };
+    let (want, got) = (run(&host).await, run(&tensor).await);
+    for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(
+            a.0, b.0,
+            "request {i}: host without the cache, tensor with it"
+        );
+    }
+    assert!(counter(&tensor.stats().prefix_cache_hits) >= 6 * 32);
+    wait_idle(&tensor).await;
+}
