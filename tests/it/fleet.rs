@@ -113,6 +113,41 @@ impl Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Kills it and starts it again on the same data and ports (plain
+    /// HTTP), healthy.
+    async fn restart(self) -> Self {
+        let (port, peer, dir) = (self.port, self.peer, self.dir.clone());
+        drop(self);
+        let etcd = Self::start_on(&dir, port, peer, None);
+        etcd.healthy().await;
+        etcd
+    }
+}
+
+/// Switches `tiny`'s stable alias to `v1` through `r` with `reason`,
+/// retrying until the shared registry takes it (a replica reconnecting, or
+/// logging in again, after etcd came back).
+async fn switch_once_taken(c: &reqwest::Client, r: &Served, reason: &str) {
+    let t0 = Instant::now();
+    loop {
+        let (st, v) = call(
+            c,
+            Method::PUT,
+            r.url("/admin/v1/models/tiny/aliases/stable"),
+            Some(json!({"version": "v1", "reason": reason})),
+        )
+        .await;
+        if st == 200 {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no change taken after etcd came back: {st} {v}\n{}",
+            r.tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 impl Drop for Etcd {
@@ -594,25 +629,8 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
     assert_eq!(serving(&c, &rs[0]).await["serving"]["version"], "v3");
 
     // etcd comes back: changes are taken again, and reach everyone.
-    let (port, peer, dir) = (etcd.port, etcd.peer, etcd.dir.clone());
-    drop(etcd);
-    let etcd = Etcd::start_on(&dir, port, peer, None);
-    etcd.healthy().await;
-    let t0 = Instant::now();
-    loop {
-        let (st, v) = call(
-            &c,
-            Method::PUT,
-            rs[0].url("/admin/v1/models/tiny/aliases/stable"),
-            Some(json!({"version": "v1", "reason": "etcd is back"})),
-        )
-        .await;
-        if st == 200 {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(15), "{st} {v}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let _etcd = etcd.restart().await; // up until the test ends
+    switch_once_taken(&c, &rs[0], "etcd is back").await;
     on_all(
         &c,
         &all,
@@ -836,29 +854,8 @@ async fn a_replica_logs_in_to_etcd_as_a_user_and_again_after_etcd_restarts() {
     );
 
     // etcd restarts: the replica's token is gone with it.
-    let (port, peer, dir) = (etcd.port, etcd.peer, etcd.dir.clone());
-    drop(etcd);
-    let etcd = Etcd::start_on(&dir, port, peer, None);
-    etcd.healthy().await;
-    let t0 = Instant::now();
-    loop {
-        let (st, v) = call(
-            &c,
-            Method::PUT,
-            r.url("/admin/v1/models/tiny/aliases/stable"),
-            Some(json!({"version": "v1", "reason": "after the etcd restart"})),
-        )
-        .await;
-        if st == 200 {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no change taken after etcd restarted: {st} {v}\n{}",
-            r.tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let etcd = etcd.restart().await;
+    switch_once_taken(&c, &r, "after the etcd restart").await;
     assert!(
         audit(&c, &r)
             .await
