@@ -493,6 +493,10 @@ pub struct SchedulerSettings {
     /// prefixes [default: true].
     #[arg(long, env = "LLMOPS_PREFIX_CACHING", value_name = "BOOL")]
     pub prefix_caching: Option<bool>,
+    /// How the KV cache stores keys and values: f16 (twice the tokens per
+    /// MiB) or f32 (exact, for reference runs) [default: f16].
+    #[arg(long, env = "LLMOPS_KV_CACHE_DTYPE", value_name = "DTYPE")]
+    pub kv_cache_dtype: Option<crate::engine::KvDtype>,
 }
 
 /// `[scheduler]` under the flags, checked for limits no engine can run with.
@@ -522,6 +526,10 @@ fn scheduler_config(
             .prefix_caching
             .or(fs.prefix_caching)
             .unwrap_or(d.prefix_caching),
+        kv_cache_dtype: args
+            .kv_cache_dtype
+            .or(fs.kv_cache_dtype)
+            .unwrap_or(d.kv_cache_dtype),
     };
     if scheduler.max_batched_tokens == 0 || scheduler.max_running == 0 || scheduler.block_size == 0
     {
@@ -802,6 +810,16 @@ mod tests {
         assert!(
             load(&["--prefix-caching", "true"]).scheduler.prefix_caching,
             "the flag wins"
+        );
+        use crate::engine::KvDtype;
+        assert_eq!(
+            load(&[]).scheduler.kv_cache_dtype,
+            KvDtype::F16,
+            "f16 by default"
+        );
+        assert_eq!(
+            load(&["--kv-cache-dtype", "f32"]).scheduler.kv_cache_dtype,
+            KvDtype::F32
         );
         std::fs::write(
             &path,

@@ -57,7 +57,8 @@ impl DecodeBench {
 }
 
 /// Prefills `batch` prompts of `prompt_len` tokens, then times `steps`
-/// greedy decode steps of the whole batch.
+/// greedy decode steps of the whole batch (over the served default KV
+/// cache, f16).
 pub fn decode_throughput(
     m: &LoadedModel,
     batch: usize,
@@ -67,7 +68,13 @@ pub fn decode_throughput(
     let block = 16;
     let need = (prompt_len + steps + 1).div_ceil(block) * batch;
     let mut alloc = BlockAllocator::new(need, block);
-    let mut kv = m.model.kv_cache(block, need);
+    let shape = m
+        .model
+        .kv_shape(block)
+        .with_dtype(super::KvDtype::default());
+    let mut kv = m
+        .model
+        .kv_cache_of(shape, super::KvGroups::single(shape.layers), need);
     let mut scratch = Scratch::default();
     let vocab = m.model.config().vocab_size as u32;
     let mut seqs: Vec<Vec<u32>> = (0..batch)

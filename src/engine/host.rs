@@ -187,7 +187,7 @@ pub(crate) fn forward(
     }
     laps.lap(Op::Setup);
     for (li, layer) in m.layers.iter().enumerate() {
-        let cache = kv.layer_mut(li)?;
+        let (group, cache) = kv.layer_mut(li)?;
         rms_norm(&s.x, &layer.attn_norm.host, eps, &mut s.h);
         laps.lap(Op::Norm);
         match &layer.qkv {
@@ -214,7 +214,7 @@ pub(crate) fn forward(
         rope(&mut s.q, hq, d, cos, sin, cfg.rope_style);
         rope(&mut s.k, hk, d, cos, sin, cfg.rope_style);
         laps.lap(Op::Rope);
-        cache.write(&shape, &batch.seqs, &s.k, &s.v)?;
+        cache.write(&shape, group, &batch.seqs, &s.k, &s.v)?;
         laps.lap(Op::KvWrite);
         let params = AttnParams {
             heads: hq,
@@ -225,6 +225,7 @@ pub(crate) fn forward(
         attend(
             cache,
             &shape,
+            group,
             &batch.seqs,
             &s.owner,
             &s.q,

@@ -30,7 +30,7 @@ pub use batch::{Batch, Logits, SeqView};
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, ModelConfig};
 pub use host::Scratch;
-pub use kv::{BlockAllocator, BlockHash, KvCache, KvShape};
+pub use kv::{BlockAllocator, BlockHash, KvCache, KvDtype, KvGroups, KvShape, NIL};
 pub use model::Model;
 pub use sampling::{PositionScore, Sampler, SamplingParams, TokenLogprob, row_entropy, score_row};
 pub use tokenizer::{StopMatcher, StopOutcome, TextStream, Tokenizer};

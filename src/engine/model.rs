@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{ModelConfig, Rope};
-use super::kv::{KvCache, KvShape};
+use super::kv::{KvCache, KvDtype, KvGroups, KvShape};
 use super::weights::{Embedding, Linear, Role, WeightSource};
 use super::{EnginePath, Result};
 
@@ -196,19 +196,34 @@ impl Model {
     /// step's error).
     pub fn kv_cache(&self, block_size: usize, blocks: usize) -> KvCache {
         let shape = self.kv_shape(block_size);
+        self.kv_cache_of(shape, KvGroups::single(shape.layers), blocks)
+    }
+
+    /// As [`Model::kv_cache`], of a given shape (e.g. f16) and grouping
+    /// of layers (e.g. [`Model::kv_groups`]).
+    pub fn kv_cache_of(&self, shape: KvShape, groups: KvGroups, blocks: usize) -> KvCache {
         match self.path {
-            EnginePath::Host => KvCache::new(shape, blocks),
-            EnginePath::Tensor => KvCache::on_device(shape, blocks, &self.device),
+            EnginePath::Host => KvCache::with_groups(shape, groups, blocks),
+            EnginePath::Tensor => KvCache::on_device(shape, groups, blocks, &self.device),
         }
     }
 
-    /// The KV cache shape this model needs.
+    /// The KV cache shape this model needs, storing f32 (exact; the
+    /// scheduler picks its configured dtype with [`KvShape::with_dtype`]).
     pub fn kv_shape(&self, block_size: usize) -> KvShape {
         KvShape {
             layers: self.cfg.num_layers,
             kv_heads: self.cfg.num_kv_heads,
             head_dim: self.cfg.head_dim,
             block_size,
+            dtype: KvDtype::F32,
+            groups: 1,
         }
+    }
+
+    /// How this model's layers share KV blocks: grouped by attention
+    /// window, so sliding-window layers give back what their window left.
+    pub fn kv_groups(&self) -> KvGroups {
+        KvGroups::by_window(&self.layers.iter().map(|l| l.window).collect::<Vec<_>>())
     }
 }

@@ -49,7 +49,7 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
         ));
     }
     let kv_shape = kv.shape();
-    let plan = AttnPlan::new(m, batch, &kv_shape, dev)?;
+    let plan = AttnPlan::new(batch, &kv_shape, kv.groups().windows(), dev)?;
     let eps = cfg.rms_norm_eps as f32;
     for (li, layer) in m.layers.iter().enumerate() {
         let residual = &x;
@@ -82,16 +82,16 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
             sin,
             cfg.rope_style,
         )?;
-        let (kc, vc) = kv.device_layer(li)?;
+        let (group, kc, vc) = kv.device_layer(li)?;
         let width = hk * d;
-        let k = k.reshape((t, width))?.to_dtype(DType::F32)?.contiguous()?;
-        let v = v.to_dtype(DType::F32)?.contiguous()?;
-        kc.scatter_set(&plan.write, &k, 0)?;
-        vc.scatter_set(&plan.write, &v, 0)?;
+        let k = k.reshape((t, width))?.to_dtype(kc.dtype())?.contiguous()?;
+        let v = v.to_dtype(vc.dtype())?.contiguous()?;
+        kc.scatter_set(&plan.write[group], &k, 0)?;
+        vc.scatter_set(&plan.write[group], &v, 0)?;
         let q = q.reshape((t, hq, d))?.to_dtype(DType::F32)?;
         let q = (q * cfg.attn_scale)?;
         let softcap = cfg.attn_logit_softcapping;
-        let attn = plan.attend(layer.window, &q, kc, vc, (hk, d), softcap)?;
+        let attn = plan.attend(group, &q, kc, vc, (hk, d), softcap)?;
         let mut y = layer.o.forward(&attn.reshape((t, hq * d))?)?;
         if let Some(n) = &layer.post_attn_norm {
             y = candle_nn::ops::rms_norm(&y, &n.t, eps)?;
@@ -147,9 +147,9 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tens
 struct AttnPlan {
     /// Where each new row's keys and values go: the row's cache slot,
     /// repeated across the row's `kv_heads * head_dim` columns (the shape
-    /// `scatter_set` wants), `[rows, width]` u32.
-    write: Tensor,
-    /// Groups of rows attended together, per distinct window of the model.
+    /// `scatter_set` wants), `[rows, width]` u32, per layer group.
+    write: Vec<Tensor>,
+    /// Groups of rows attended together, per layer group (with its window).
     windows: Vec<(Option<usize>, Vec<Group>)>,
     /// Maps the groups' concatenated output back to row order (`None` when
     /// the groups already are in row order).
@@ -176,28 +176,40 @@ enum Rows {
 }
 
 impl AttnPlan {
-    fn new(m: &Model, batch: &Batch<'_>, shape: &KvShape, dev: &Device) -> Result<Self> {
-        let bs = shape.block_size;
+    fn new(
+        batch: &Batch<'_>,
+        shape: &KvShape,
+        group_windows: &[Option<usize>],
+        dev: &Device,
+    ) -> Result<Self> {
+        let (bs, groups) = (shape.block_size, shape.groups);
         let width = shape.kv_heads * shape.head_dim;
         let t = batch.len();
-        let slot = |s: &SeqView<'_>, p: usize| s.blocks[p / bs] * bs as u32 + (p % bs) as u32;
-        let mut write = Vec::with_capacity(t * width);
+        let slot = |s: &SeqView<'_>, p: usize, g: usize| {
+            s.blocks[p / bs * groups + g] * bs as u32 + (p % bs) as u32
+        };
         for s in &batch.seqs {
-            if s.blocks.len() * bs < s.start_pos + s.len {
+            if s.blocks.len() / groups * bs < s.start_pos + s.len {
                 return Err(Error::Internal(format!(
                     "block table of {} blocks cannot hold position {}",
                     s.blocks.len(),
                     s.start_pos + s.len - 1
                 )));
             }
-            for p in s.start_pos..s.start_pos + s.len {
-                write.extend(std::iter::repeat_n(slot(s, p), width));
+        }
+        let mut write = Vec::with_capacity(groups);
+        for g in 0..groups {
+            let mut rows = Vec::with_capacity(t * width);
+            for s in &batch.seqs {
+                for p in s.start_pos..s.start_pos + s.len {
+                    rows.extend(std::iter::repeat_n(slot(s, p, g), width));
+                }
             }
+            if rows.len() != t * width {
+                return Err(Error::Internal("sequences do not cover the step".into()));
+            }
+            write.push(Tensor::from_vec(rows, (t, width), dev)?);
         }
-        if write.len() != t * width {
-            return Err(Error::Internal("sequences do not cover the step".into()));
-        }
-        let write = Tensor::from_vec(write, (t, width), dev)?;
         // Sequences decoding one token share a padded group; each longer
         // chunk is a group of its own. Groups keep their rows in row order.
         let decodes: Vec<usize> = (0..batch.seqs.len())
@@ -229,14 +241,8 @@ impl AttnPlan {
             }
             Some(Tensor::from_vec(inverse, t, dev)?)
         };
-        let mut distinct: Vec<Option<usize>> = vec![];
-        for l in &m.layers {
-            if !distinct.contains(&l.window) {
-                distinct.push(l.window);
-            }
-        }
-        let mut windows = Vec::with_capacity(distinct.len());
-        for w in distinct {
+        let mut windows = Vec::with_capacity(groups);
+        for (g, &w) in group_windows.iter().enumerate() {
             let mut groups = Vec::with_capacity(members.len());
             for ids in &members {
                 let seqs: Vec<&SeqView<'_>> = ids.iter().map(|&i| &batch.seqs[i]).collect();
@@ -255,7 +261,7 @@ impl AttnPlan {
                     let lo = lo(s);
                     let end = s.start_pos + s.len;
                     for j in 0..n {
-                        slots.push(slot(s, (lo + j).min(end - 1)));
+                        slots.push(slot(s, (lo + j).min(end - 1), g));
                     }
                     for i in 0..l {
                         let p = s.start_pos + i;
@@ -298,7 +304,7 @@ impl AttnPlan {
     /// scaled) over the layer's cache, which holds the new rows already.
     fn attend(
         &self,
-        window: Option<usize>,
+        group: usize,
         q: &Tensor,
         kc: &Tensor,
         vc: &Tensor,
@@ -307,9 +313,8 @@ impl AttnPlan {
     ) -> Result<Tensor> {
         let (_, groups) = self
             .windows
-            .iter()
-            .find(|(w, _)| *w == window)
-            .ok_or_else(|| Error::Internal("no attention plan for this window".into()))?;
+            .get(group)
+            .ok_or_else(|| Error::Internal("no attention plan for this layer group".into()))?;
         let hq = q.dim(1)?;
         let group = hq / hk;
         let mut outs = Vec::with_capacity(groups.len());
@@ -327,6 +332,7 @@ impl AttnPlan {
                 .reshape((b, hk, group * l, d))?;
             let gather = |c: &Tensor| -> Result<Tensor> {
                 Ok(c.index_select(&g.slots, 0)?
+                    .to_dtype(DType::F32)?
                     .reshape((b, n, hk, d))?
                     .transpose(1, 2)?
                     .contiguous()?)

@@ -42,6 +42,10 @@ pub mod names {
     pub const WAITING: &str = "llmops_num_requests_waiting";
     /// KV pool in use, 0–1.
     pub const KV_USAGE: &str = "llmops_kv_cache_usage_perc";
+    /// Tokens the KV pool holds for sequences that keep every position.
+    pub const KV_CAPACITY: &str = "llmops_kv_cache_capacity_tokens";
+    /// KV blocks sliding-window layers gave back as their windows moved.
+    pub const KV_WINDOW_FREED: &str = "llmops_kv_cache_window_freed_blocks_total";
     /// Requests waiting on every engine of the process (no labels).
     pub const POD_WAITING: &str = "llmops_pod_num_requests_waiting";
     /// Sequences running on every engine of the process (no labels).
@@ -241,6 +245,10 @@ pub struct EngineMetrics {
     pub waiting: Gauge,
     /// See [`names::KV_USAGE`].
     pub kv_usage: Gauge,
+    /// See [`names::KV_CAPACITY`].
+    pub kv_capacity: Gauge,
+    /// See [`names::KV_WINDOW_FREED`].
+    pub kv_window_freed: Counter,
     /// See [`names::PREEMPTIONS`].
     pub preemptions: Counter,
     /// See [`names::PREFIX_CACHE_QUERIES`].
@@ -305,6 +313,8 @@ impl EngineMetrics {
             running: metrics::gauge!(names::RUNNING, base.clone()),
             waiting: metrics::gauge!(names::WAITING, base.clone()),
             kv_usage: metrics::gauge!(names::KV_USAGE, base.clone()),
+            kv_capacity: metrics::gauge!(names::KV_CAPACITY, base.clone()),
+            kv_window_freed: metrics::counter!(names::KV_WINDOW_FREED, base.clone()),
             preemptions: metrics::counter!(names::PREEMPTIONS, base.clone()),
             prefix_cache_queries: metrics::counter!(names::PREFIX_CACHE_QUERIES, base.clone()),
             prefix_cache_hits: metrics::counter!(names::PREFIX_CACHE_HITS, base.clone()),
@@ -393,6 +403,16 @@ pub fn describe() {
             names::KV_USAGE,
             Unit::Percent,
             "Fraction of KV-cache blocks held by running sequences (0 to 1); cached blocks no sequence holds are reusable and count as free."
+        );
+        describe_gauge!(
+            names::KV_CAPACITY,
+            Unit::Count,
+            "Tokens the KV pool holds, in its storage type, for sequences that keep every position (the most a prompt may have; sliding-window layers hold only their window of longer sequences). max_model_len in /v1/models is the smaller of this and the model's context."
+        );
+        describe_counter!(
+            names::KV_WINDOW_FREED,
+            Unit::Count,
+            "KV blocks sliding-window layers gave back as their windows moved past them."
         );
         describe_gauge!(
             names::POD_WAITING,

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::engine::{LoadedModel, PositionScore, SamplingParams, TokenLogprob};
+use crate::engine::{KvDtype, LoadedModel, PositionScore, SamplingParams, TokenLogprob};
 pub use clock::Clock;
 pub use length::{LengthCaps, LengthError};
 pub use state::Priority;
@@ -37,6 +37,8 @@ pub struct SchedulerConfig {
     pub max_waiting_tokens: usize,
     /// Bytes of KV cache.
     pub kv_cache_bytes: usize,
+    /// How the KV cache stores keys and values (f16 holds twice the tokens).
+    pub kv_cache_dtype: KvDtype,
     /// Tokens per KV block.
     pub block_size: usize,
     /// Automatic prefix caching: full KV blocks are kept, addressed by a
@@ -53,6 +55,7 @@ impl Default for SchedulerConfig {
             max_waiting: 256,
             max_waiting_tokens: 256 * 1024,
             kv_cache_bytes: 512 << 20,
+            kv_cache_dtype: KvDtype::F16,
             block_size: 16,
             prefix_caching: true,
         }
@@ -389,8 +392,14 @@ impl EngineHandle {
         labels: EngineLabels,
         clock: Clock,
     ) -> std::io::Result<Self> {
-        let kv_shape = model.model.kv_shape(config.block_size);
-        let blocks = kv_shape.blocks_in(config.kv_cache_bytes).max(1);
+        let kv_shape = model
+            .model
+            .kv_shape(config.block_size)
+            .with_dtype(config.kv_cache_dtype)
+            .grouped(&model.model.kv_groups());
+        let blocks = kv_shape
+            .blocks_in(config.kv_cache_bytes)
+            .max(kv_shape.groups);
         // A sequence can never outgrow the pool, so the context this engine
         // serves (and advertises as `max_model_len`) is the smaller of the
         // two: a long-context model on a small pool serves what fits instead
@@ -399,7 +408,7 @@ impl EngineHandle {
             .model
             .config()
             .max_position_embeddings
-            .min(blocks * config.block_size);
+            .min(kv_shape.tokens_in(blocks));
         let shared = Arc::new(Shared {
             stats: EngineStats::default(),
             draining: AtomicBool::new(false),

@@ -221,6 +221,9 @@ pub struct State<T> {
     admissions: u64,
     /// Preemptions since start.
     pub preemptions_total: u64,
+    /// Blocks sliding-window layer groups gave back as their windows
+    /// moved, since start.
+    pub window_freed: u64,
 }
 
 impl<T> State<T> {
@@ -234,6 +237,7 @@ impl<T> State<T> {
             running: vec![],
             admissions: 0,
             preemptions_total: 0,
+            window_freed: 0,
         }
     }
 
@@ -458,12 +462,13 @@ impl<T> State<T> {
     }
 
     /// Blocks admitting `s` now would take from the free capacity: the
-    /// blocks it needs, less the cached ones it shares, plus those of them
-    /// that no sequence holds (they stop being evictable).
+    /// blocks it needs, less the cached ones it shares (or, for a sliding
+    /// group, no longer needs), plus those shared that no sequence holds
+    /// (they stop being evictable).
     fn cost(alloc: &BlockAllocator, s: &Seq<T>) -> usize {
         let reuse = s.reusable_blocks(alloc.block_size());
         let (hits, evictable) = alloc.lookup(&s.hashes[..reuse]);
-        alloc.blocks_for(s.tokens.len()) - hits + evictable
+        alloc.blocks_for(s.tokens.len()) - hits * alloc.groups() + evictable
     }
 
     /// Whether `s` should wait: the block after its cached prefix is being
@@ -509,17 +514,18 @@ impl<T> State<T> {
                 continue;
             };
             s.computed = e.start + e.len;
-            if !caching || !cacheable(s) {
-                continue;
-            }
-            let full = (s.computed / bs).min(s.blocks.len());
-            if full > s.offered {
-                s.hash_blocks(&self.alloc, s.computed);
-                for j in s.offered..full.min(s.hashes.len()) {
-                    self.alloc.register(s.blocks[j], s.hashes[j]);
+            if caching && cacheable(s) {
+                let full = (s.computed / bs).min(s.blocks.len() / self.alloc.groups());
+                if full > s.offered {
+                    s.hash_blocks(&self.alloc, s.computed);
+                    for j in s.offered..full.min(s.hashes.len()) {
+                        self.alloc.register_logical(&s.blocks, j, s.hashes[j]);
+                    }
+                    s.offered = full;
                 }
-                s.offered = full;
             }
+            // Sliding-window layer groups give back what no later position sees.
+            self.window_freed += self.alloc.trim(&mut s.blocks, s.computed) as u64;
         }
     }
 
@@ -569,6 +575,9 @@ mod tests {
         /// Cancel arrival `i` from step `i * cancel_every / 2` on when
         /// `i % cancel_every == 1` (0: no cancellations).
         cancel_every: usize,
+        /// A second layer group with this sliding window (the pool then
+        /// needs twice the blocks for the same sequences).
+        window: Option<usize>,
     }
 
     /// The fake KV content of position `p` of `tokens`: the token and a
@@ -603,7 +612,14 @@ mod tests {
         opts: Opts,
     ) -> Outcome {
         const BS: usize = 4;
-        let alloc = BlockAllocator::new(blocks, BS).with_prefix_caching(opts.caching);
+        let windows = match opts.window {
+            Some(w) => vec![None, Some(w)],
+            None => vec![None],
+        };
+        let groups = windows.len();
+        let alloc = BlockAllocator::new(blocks, BS)
+            .with_windows(windows.clone())
+            .with_prefix_caching(opts.caching);
         let mut st: State<()> = State::new(limits, alloc);
         let mut kv: Vec<Option<(u32, u64)>> = vec![None; blocks * BS];
         let mut outputs = vec![];
@@ -654,28 +670,34 @@ mod tests {
                 let s = &st.running[e.index];
                 assert_eq!(e.start, s.computed, "feeds from where the cache ends");
                 assert!(
-                    s.blocks.len() * BS >= e.start + e.len,
+                    s.blocks.len() / groups * BS >= e.start + e.len,
                     "blocks cover what is fed"
                 );
-                for p in 0..e.start {
-                    let slot = s.blocks[p / BS] as usize * BS + p % BS;
-                    assert_eq!(
-                        kv[slot],
-                        Some(kv_entry(&s.tokens, p)),
-                        "sequence {} reads another prefix at {p}",
-                        s.id
-                    );
-                }
-                for p in e.start..e.start + e.len {
-                    let b = s.blocks[p / BS];
-                    assert!(
-                        st.running
-                            .iter()
-                            .all(|o| o.id == s.id || !o.blocks.contains(&b)),
-                        "sequence {} writes block {b}, which another holds",
-                        s.id
-                    );
-                    kv[b as usize * BS + p % BS] = Some(kv_entry(&s.tokens, p));
+                for (g, w) in windows.iter().enumerate() {
+                    // What the fed positions see: everything before them, or
+                    // their window.
+                    let lo = w.map_or(0, |w| (e.start + 1).saturating_sub(w));
+                    for p in lo..e.start {
+                        let b = s.blocks[p / BS * groups + g];
+                        assert_ne!(b, crate::engine::NIL, "group {g} lost position {p}");
+                        assert_eq!(
+                            kv[b as usize * BS + p % BS],
+                            Some(kv_entry(&s.tokens, p)),
+                            "sequence {} reads another prefix at {p} (group {g})",
+                            s.id
+                        );
+                    }
+                    for p in e.start..e.start + e.len {
+                        let b = s.blocks[p / BS * groups + g];
+                        assert!(
+                            st.running
+                                .iter()
+                                .all(|o| o.id == s.id || !o.blocks.contains(&b)),
+                            "sequence {} writes block {b}, which another holds",
+                            s.id
+                        );
+                        kv[b as usize * BS + p % BS] = Some(kv_entry(&s.tokens, p));
+                    }
                 }
             }
             st.advance(&plan);
@@ -686,7 +708,7 @@ mod tests {
                     // The next token from what the cache holds.
                     let prefix: Vec<u32> = (0..s.tokens.len())
                         .map(|p| {
-                            let slot = s.blocks[p / BS] as usize * BS + p % BS;
+                            let slot = s.blocks[p / BS * groups] as usize * BS + p % BS;
                             kv[slot].map_or(u32::MAX, |(t, _)| t)
                         })
                         .collect();
@@ -747,7 +769,7 @@ mod tests {
             families in 1usize..4,
         ) {
             let limits = Limits { max_batched_tokens: max_batched, max_running };
-            let off = Opts { caching: false, shared, families, cancel_every: 0 };
+            let off = Opts { caching: false, shared, families, cancel_every: 0, window: None };
             let on = Opts { caching: true, ..off };
             let plain = drive_with(limits, blocks, &arrivals, off);
             let cached = drive_with(limits, blocks, &arrivals, on);
@@ -762,7 +784,61 @@ mod tests {
                 .cloned()
                 .collect();
             prop_assert_eq!(kept, cancelled.outputs);
+            // A sliding-window group beside the full one (twice the blocks
+            // for the same room): every fed position still sees its window,
+            // with and without the cache, and nothing leaks.
+            for caching in [false, true] {
+                let windowed = Opts { window: Some(6), caching, ..off };
+                let out = drive_with(limits, 2 * blocks, &arrivals, windowed);
+                prop_assert_eq!(&plain.outputs, &out.outputs);
+            }
         }
+    }
+
+    #[test]
+    fn a_sliding_window_group_gives_its_blocks_back_as_the_window_moves() {
+        const BS: usize = 4;
+        let limits = Limits {
+            max_batched_tokens: 64,
+            max_running: 4,
+        };
+        let alloc = BlockAllocator::new(64, BS).with_windows(vec![None, Some(8)]);
+        let mut st: State<()> = State::new(limits, alloc);
+        st.enqueue(Seq::new(0, Priority::Normal, (0..10).collect(), 50, ()));
+        let mut most_window_blocks = 0;
+        while !st.is_idle() {
+            let plan = st.plan();
+            st.advance(&plan);
+            st.audit().unwrap();
+            let s = &st.running[0];
+            let held = |g: usize| {
+                s.blocks
+                    .iter()
+                    .skip(g)
+                    .step_by(2)
+                    .filter(|&&b| b != crate::engine::NIL)
+                    .count()
+            };
+            // The full group holds every position; the window group what
+            // positions from `computed` on still see: 8 positions span at
+            // most 3 blocks of 4.
+            assert_eq!(held(0), s.tokens.len().div_ceil(BS));
+            assert!(held(1) <= 3, "{} window blocks held", held(1));
+            most_window_blocks = most_window_blocks.max(held(1));
+            assert_eq!(
+                st.allocator().total() - st.allocator().free(),
+                held(0) + held(1),
+                "the pool counts exactly what the tables hold"
+            );
+            let s = &mut st.running[0];
+            s.tokens.push(1);
+            st.remove_where(|s| s.generated() >= s.max_new_tokens);
+        }
+        assert_eq!(most_window_blocks, 3);
+        // 60 positions: 15 blocks per group; the window group gave back 13
+        // (it ends holding 2) and then the rest on release.
+        assert_eq!(st.window_freed, 13);
+        assert_eq!(st.allocator().free(), 64);
     }
 
     #[test]
@@ -779,6 +855,7 @@ mod tests {
             shared: 22,
             families: 1,
             cancel_every: 0,
+            window: None,
         };
         let out = drive_with(limits, 100, &arrivals, opts);
         // The first feeds 22; each other takes 5 blocks from the cache and
@@ -941,6 +1018,7 @@ mod tests {
             shared: 24,
             families: 3,
             cancel_every: 0,
+            window: None,
         };
         let cached_tight = drive_with(limits, 40, &arrivals, opts);
         assert!(cached_tight.preemptions > 0);

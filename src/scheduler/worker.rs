@@ -105,6 +105,8 @@ struct Worker {
     hidden: usize,
     /// This engine's part of the process-wide totals.
     pod: crate::monitor::pod::PodShare,
+    /// Blocks sliding windows gave back, as last counted in the metrics.
+    window_freed: u64,
 }
 
 /// Events a client may leave unread before its sequence is cancelled: a
@@ -128,7 +130,16 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
         model, tokenizer, ..
     } = model;
     let cfg = shared.config.clone();
-    let mut kv = model.kv_cache(cfg.block_size, blocks);
+    let groups = model.kv_groups();
+    let windows = groups.windows().to_vec();
+    let windows_len = windows.len().max(1);
+    let mut kv = model.kv_cache_of(
+        model
+            .kv_shape(cfg.block_size)
+            .with_dtype(cfg.kv_cache_dtype),
+        groups,
+        blocks,
+    );
     let limits = Limits {
         max_batched_tokens: cfg.max_batched_tokens.max(1),
         max_running: cfg.max_running.clamp(1, cfg.max_batched_tokens.max(1)),
@@ -136,7 +147,9 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
     let prefix_caching = cfg.prefix_caching;
     let mut state: State<Io> = State::new(
         limits,
-        BlockAllocator::new(blocks, cfg.block_size).with_prefix_caching(prefix_caching),
+        BlockAllocator::new(blocks, cfg.block_size)
+            .with_windows(windows)
+            .with_prefix_caching(prefix_caching),
     );
     let mut w = Worker {
         context_length: model.config().max_position_embeddings,
@@ -149,7 +162,11 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
         scratch: Scratch::default(),
         hidden: model.config().hidden_size,
         pod: Default::default(),
+        window_freed: 0,
     };
+    w.metrics
+        .kv_capacity
+        .set((blocks / windows_len * cfg.block_size) as f64);
     let mut drain_deadline: Option<Instant> = None;
     let mut disconnected = false;
     // Released when this function returns or unwinds.
@@ -162,6 +179,7 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
         max_batched_tokens = limits.max_batched_tokens,
         max_running = limits.max_running,
         prefix_caching,
+        kv_cache_dtype = %cfg.kv_cache_dtype,
         "engine started"
     );
     loop {
@@ -388,6 +406,10 @@ impl Worker {
         self.metrics.running.set(state.running.len() as f64);
         self.metrics.waiting.set(waiting as f64);
         self.metrics.kv_usage.set(alloc.usage());
+        self.metrics
+            .kv_window_freed
+            .increment(state.window_freed - self.window_freed);
+        self.window_freed = state.window_freed;
         self.pod.set(crate::monitor::pod::Share {
             waiting,
             running: state.running.len(),

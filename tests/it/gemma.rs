@@ -4,7 +4,7 @@
 //! users run it) and `tests/golden/gemma3-270m-q4_k_m-f32.json` (the same
 //! weights dequantized to f32, llama.cpp without activation quantization).
 
-use llmops::engine::{GgufWeights, LoadOptions};
+use llmops::engine::{GgufWeights, KvDtype, LoadOptions};
 use std::path::PathBuf;
 
 use crate::support::{self, GenPlan};
@@ -29,9 +29,15 @@ fn model_path() -> PathBuf {
 /// not the contract here; the contract is that our argmax equals llama.cpp's
 /// almost everywhere, and that wherever they differ both sides saw a near
 /// tie. The exact contract is [`gemma3_270m_f32_follows_llama_cpp_f32_token_for_token`].
+/// Served defaults: f16 panels, f16 KV cache.
 #[test]
 fn gemma3_270m_predicts_llama_cpp_greedy_tokens() {
-    check(LoadOptions::default(), "f16 panels", &Reference::q4_k_m());
+    check(
+        LoadOptions::default(),
+        KvDtype::F16,
+        "f16 panels",
+        &Reference::q4_k_m(),
+    );
 }
 
 /// The same through candle's quantized matmul on the Q4_K/Q5_0/Q6_K blocks.
@@ -41,7 +47,7 @@ fn gemma3_270m_keeping_blocks_quantized_predicts_llama_cpp_greedy_tokens() {
         gguf_weights: GgufWeights::Blocks,
         ..Default::default()
     };
-    check(opts, "QMatMul", &Reference::q4_k_m());
+    check(opts, KvDtype::F16, "QMatMul", &Reference::q4_k_m());
 }
 
 /// The same with the blocks requantized to int8 panels (one scale per row).
@@ -51,7 +57,7 @@ fn gemma3_270m_on_int8_panels_predicts_llama_cpp_greedy_tokens() {
         gguf_weights: GgufWeights::Int8,
         ..Default::default()
     };
-    check(opts, "int8 panels", &Reference::q4_k_m());
+    check(opts, KvDtype::F16, "int8 panels", &Reference::q4_k_m());
 }
 
 /// The exact contract: the same Q4_K_M weights dequantized to f32 on both
@@ -68,7 +74,24 @@ fn gemma3_270m_f32_follows_llama_cpp_f32_token_for_token() {
         gguf_weights: GgufWeights::F32,
         ..Default::default()
     };
-    check(opts, "f32 panels", &Reference::f32());
+    check(opts, KvDtype::F32, "f32 panels", &Reference::f32());
+}
+
+/// The f16 KV cache against the exact run: the same f32 panels, keys and
+/// values rounded to f16 (as llama.cpp's default cache). The rounding moves
+/// top-2 gaps slightly, so only a near tie below 0.05 may flip.
+#[test]
+fn gemma3_270m_f16_kv_cache_follows_the_f32_kv_run_up_to_near_ties() {
+    let opts = LoadOptions {
+        gguf_weights: GgufWeights::F32,
+        ..Default::default()
+    };
+    check(
+        opts,
+        KvDtype::F16,
+        "f32 panels, f16 KV",
+        &Reference::f32_near_ties(),
+    );
 }
 
 /// The default f16 panels against the f32 reference: rounding the weights to
@@ -78,7 +101,8 @@ fn gemma3_270m_f32_follows_llama_cpp_f32_token_for_token() {
 fn gemma3_270m_f16_panels_follow_llama_cpp_f32_up_to_near_ties() {
     check(
         LoadOptions::default(),
-        "f16 panels",
+        KvDtype::F16,
+        "f16 panels, f16 KV",
         &Reference::f32_near_ties(),
     );
 }
@@ -137,7 +161,7 @@ fn top2(row: &[f32]) -> (usize, f32, f32) {
     (i1, v1, v1 - v2)
 }
 
-fn check(opts: LoadOptions, label: &str, reference: &Reference) {
+fn check(opts: LoadOptions, kv: KvDtype, label: &str, reference: &Reference) {
     let path = model_path();
     assert!(
         path.exists(),
@@ -180,7 +204,7 @@ fn check(opts: LoadOptions, label: &str, reference: &Reference) {
         cases.push((text, prompt.len(), want, margins));
     }
     // All three sequences share every step (chunked prefill, then decode).
-    let logits = support::run_teacher_forced(&m, &plans, 16);
+    let logits = support::run_teacher_forced_with(&m, &plans, 16, kv);
 
     let near_tie = reference.near_tie;
     let mut first_miss = vec![usize::MAX; cases.len()];
@@ -239,7 +263,7 @@ fn check(opts: LoadOptions, label: &str, reference: &Reference) {
             max_tokens: want.len(),
         })
         .collect();
-    let got = support::generate_greedy(&m, &free, 16, 64);
+    let got = support::generate_greedy_with(&m, &free, 16, 64, kv);
     for (((text, _, want, _), got), miss) in cases.iter().zip(&got).zip(&first_miss) {
         let n = want.iter().zip(got).take_while(|(a, b)| a == b).count();
         eprintln!(

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use llmops::engine::synth::SynthSpec;
 use llmops::engine::{
-    Batch, BlockAllocator, KvCache, LoadedModel, Logits, Sampler, SamplingParams, Scratch,
+    Batch, BlockAllocator, KvCache, KvDtype, LoadedModel, Logits, Sampler, SamplingParams, Scratch,
 };
 
 /// Writes `spec` into a fresh temporary folder.
@@ -40,7 +40,17 @@ pub fn run_teacher_forced(
     plans: &[Plan],
     block_size: usize,
 ) -> Vec<Vec<Vec<f32>>> {
-    let shape = m.model.kv_shape(block_size);
+    run_teacher_forced_with(m, plans, block_size, KvDtype::F32)
+}
+
+/// [`run_teacher_forced`] with the KV cache storing `dtype`.
+pub fn run_teacher_forced_with(
+    m: &LoadedModel,
+    plans: &[Plan],
+    block_size: usize,
+    dtype: KvDtype,
+) -> Vec<Vec<Vec<f32>>> {
+    let shape = m.model.kv_shape(block_size).with_dtype(dtype);
     let mut alloc = BlockAllocator::new(256, block_size);
     let mut kv = KvCache::new(shape, 256);
     let mut scratch = Scratch::default();
@@ -106,7 +116,18 @@ pub fn generate_greedy(
     block_size: usize,
     chunk: usize,
 ) -> Vec<Vec<u32>> {
-    let shape = m.model.kv_shape(block_size);
+    generate_greedy_with(m, plans, block_size, chunk, KvDtype::F32)
+}
+
+/// [`generate_greedy`] with the KV cache storing `dtype`.
+pub fn generate_greedy_with(
+    m: &LoadedModel,
+    plans: &[GenPlan],
+    block_size: usize,
+    chunk: usize,
+    dtype: KvDtype,
+) -> Vec<Vec<u32>> {
+    let shape = m.model.kv_shape(block_size).with_dtype(dtype);
     let mut alloc = BlockAllocator::new(512, block_size);
     let mut kv = KvCache::new(shape, 512);
     let mut scratch = Scratch::default();

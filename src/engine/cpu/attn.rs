@@ -14,10 +14,40 @@
 
 use rayon::prelude::*;
 
+use half::f16;
+
 use super::math::{axpy, dot, softmax_in_place};
 use crate::engine::batch::SeqView;
-use crate::engine::kv::{KvShape, LayerKv};
+use crate::engine::kv::{KvElem, KvShape, Lanes, LayerKv};
 use crate::engine::{Error, Result};
+
+/// The portable loops over a cached row of either storage type.
+trait Elem: KvElem {
+    fn dot(q: &[f32], k: &[Self]) -> f32;
+    fn axpy(out: &mut [f32], a: f32, v: &[Self]);
+}
+
+impl Elem for f32 {
+    fn dot(q: &[f32], k: &[Self]) -> f32 {
+        dot(q, k)
+    }
+
+    fn axpy(out: &mut [f32], a: f32, v: &[Self]) {
+        axpy(out, a, v)
+    }
+}
+
+impl Elem for f16 {
+    fn dot(q: &[f32], k: &[Self]) -> f32 {
+        q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum()
+    }
+
+    fn axpy(out: &mut [f32], a: f32, v: &[Self]) {
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += a * x.to_f32();
+        }
+    }
+}
 
 /// Attention hyper-parameters of one layer.
 #[derive(Debug, Clone, Copy)]
@@ -36,9 +66,35 @@ pub struct AttnParams {
 /// sequence's cached keys and values, which must already include the new
 /// tokens. `q` is `[tokens, heads, head_dim]`; `out` gets the same shape.
 /// `owner[row]` is the row's (sequence index, position): see [`row_owners`].
+/// The layer's blocks are the tables' entries for layer group `group`.
+#[allow(clippy::too_many_arguments)]
 pub fn attend(
     cache: &LayerKv,
     shape: &KvShape,
+    group: usize,
+    seqs: &[SeqView<'_>],
+    owner: &[(u32, u32)],
+    q: &[f32],
+    params: AttnParams,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    match cache.lanes() {
+        (Lanes::F32(k), Lanes::F32(v)) => {
+            attend_in(k, v, shape, group, seqs, owner, q, params, out)
+        }
+        (Lanes::F16(k), Lanes::F16(v)) => {
+            attend_in(k, v, shape, group, seqs, owner, q, params, out)
+        }
+        _ => Err(Error::Internal("keys and values stored apart".into())),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_in<T: Elem>(
+    keys: &[T],
+    values: &[T],
+    shape: &KvShape,
+    group_index: usize,
     seqs: &[SeqView<'_>],
     owner: &[(u32, u32)],
     q: &[f32],
@@ -46,6 +102,7 @@ pub fn attend(
     out: &mut Vec<f32>,
 ) -> Result<()> {
     let (hk, d, bs) = (shape.kv_heads, shape.head_dim, shape.block_size);
+    let entry = |b: usize| b * shape.groups + group_index;
     let heads = params.heads;
     if hk == 0 || !heads.is_multiple_of(hk) {
         return Err(Error::Internal(format!("{heads} heads over {hk} kv heads")));
@@ -83,7 +140,7 @@ pub fn attend(
                     while j <= pos {
                         let (b, slot) = (j / bs, j % bs);
                         let end = (pos + 1).min((b + 1) * bs);
-                        let base = seq.blocks[b] as usize * stride + (g * bs + slot) * d;
+                        let base = seq.blocks[entry(b)] as usize * stride + (g * bs + slot) * d;
                         for (i, jj) in (j..end).enumerate() {
                             f(jj - lo, base + i * d);
                         }
@@ -99,9 +156,9 @@ pub fn attend(
                         while j <= pos {
                             let (b, slot) = (j / bs, j % bs);
                             let end = (pos + 1).min((b + 1) * bs);
-                            let block = seq.blocks[b] as usize;
+                            let block = seq.blocks[entry(b)] as usize;
                             // The kernels read whole runs unchecked.
-                            assert!((block + 1) * stride <= cache.keys().len(), "block id");
+                            assert!((block + 1) * stride <= keys.len(), "block id");
                             runs.push(Run {
                                 base: block * stride + (g * bs + slot) * d,
                                 len: end - j,
@@ -113,25 +170,25 @@ pub fn attend(
                             let (q, s) = (&qs[h * d..(h + 1) * d], &mut scores[h * n..(h + 1) * n]);
                             // SAFETY: `fast` checked the CPU and d; every run lies
                             // inside its block, which lies inside `k` (asserted).
-                            unsafe { self::scores(q, cache.keys(), &runs, d, s) };
+                            unsafe { self::scores(q, keys, &runs, d, s) };
                         }
                         finish_scores(scores, n, group, params.softcap);
                         // SAFETY: as above, for `v` (same layout and length).
-                        unsafe { weighted_values(scores, n, cache.values(), &runs, d, group, out) };
+                        unsafe { weighted_values(scores, n, values, &runs, d, group, out) };
                     });
                     return;
                 }
                 for_each_pos(&mut |idx, base| {
-                    let kj = &cache.keys()[base..base + d];
+                    let kj = &keys[base..base + d];
                     for h in 0..group {
-                        scores[h * n + idx] = dot(&qs[h * d..(h + 1) * d], kj);
+                        scores[h * n + idx] = T::dot(&qs[h * d..(h + 1) * d], kj);
                     }
                 });
                 finish_scores(scores, n, group, params.softcap);
                 for_each_pos(&mut |idx, base| {
-                    let vj = &cache.values()[base..base + d];
+                    let vj = &values[base..base + d];
                     for h in 0..group {
-                        axpy(&mut out[h * d..(h + 1) * d], scores[h * n + idx], vj);
+                        T::axpy(&mut out[h * d..(h + 1) * d], scores[h * n + idx], vj);
                     }
                 });
             });
@@ -188,6 +245,7 @@ pub fn supported(head_dim: usize) -> bool {
         head_dim.is_multiple_of(8)
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -202,7 +260,7 @@ pub fn supported(head_dim: usize) -> bool {
 /// [`supported`] must hold for `d`; every run's rows must lie in `keys`;
 /// `q` holds `d` values and `scores` one slot per visible position.
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn scores(q: &[f32], keys: &[f32], runs: &[Run], d: usize, scores: &mut [f32]) {
+pub unsafe fn scores<T: KvElem>(q: &[f32], keys: &[T], runs: &[Run], d: usize, scores: &mut [f32]) {
     // SAFETY: forwarded from the caller.
     unsafe { avx2::scores(q, keys, runs, d, scores) }
 }
@@ -213,10 +271,10 @@ pub unsafe fn scores(q: &[f32], keys: &[f32], runs: &[Run], d: usize, scores: &m
 /// # Safety
 /// As [`scores`], for `values`; `p` holds `heads * n` and `out` `heads * d`.
 #[cfg(target_arch = "x86_64")]
-pub unsafe fn weighted_values(
+pub unsafe fn weighted_values<T: KvElem>(
     p: &[f32],
     n: usize,
-    values: &[f32],
+    values: &[T],
     runs: &[Run],
     d: usize,
     heads: usize,
@@ -231,6 +289,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::Run;
+    use crate::engine::kv::KvElem;
 
     /// Lane `i` of the result is the sum of the lanes of `a[i]`.
     #[inline]
@@ -247,8 +306,14 @@ mod avx2 {
         _mm256_add_ps(lo, hi)
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scores(q: &[f32], keys: &[f32], runs: &[Run], d: usize, out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scores<T: KvElem>(
+        q: &[f32],
+        keys: &[T],
+        runs: &[Run],
+        d: usize,
+        out: &mut [f32],
+    ) {
         let kp = keys.as_ptr();
         let qp = q.as_ptr();
         for run in runs {
@@ -256,7 +321,7 @@ mod avx2 {
             while i < run.len {
                 let take = (run.len - i).min(8);
                 // Lanes past the run's end re-read its first row; their sums are dropped.
-                let rows: [*const f32; 8] = std::array::from_fn(|j| {
+                let rows: [*const T; 8] = std::array::from_fn(|j| {
                     let j = if j < take { i + j } else { i };
                     // SAFETY: the run's rows lie in `keys` (caller).
                     unsafe { kp.add(run.base + j * d) }
@@ -268,7 +333,7 @@ mod avx2 {
                     unsafe {
                         let qv = _mm256_loadu_ps(qp.add(c));
                         for (a, r) in acc.iter_mut().zip(rows) {
-                            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(r.add(c)), *a);
+                            *a = _mm256_fmadd_ps(qv, T::load8(r.add(c)), *a);
                         }
                     }
                     c += 8;
@@ -286,11 +351,11 @@ mod avx2 {
     /// `G` heads × `W` vectors of one `8W`-wide slice of the head dimension,
     /// accumulated in registers over every visible position.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn slice<const G: usize, const W: usize>(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn slice<T: KvElem, const G: usize, const W: usize>(
         p: &[f32],
         n: usize,
-        values: *const f32,
+        values: *const T,
         runs: &[Run],
         d: usize,
         c0: usize,
@@ -304,7 +369,7 @@ mod avx2 {
                 let v: [__m256; W] = std::array::from_fn(|w| {
                     // SAFETY: lane `w * 8 .. w * 8 + 8` lies within the row's
                     // `d` values, since c0 + 8W <= d.
-                    unsafe { _mm256_loadu_ps(row.add(w * 8)) }
+                    unsafe { T::load8(row.add(w * 8)) }
                 });
                 let idx = run.first + i;
                 for (g, a) in acc.iter_mut().enumerate() {
@@ -324,11 +389,11 @@ mod avx2 {
         }
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn weighted_values(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn weighted_values<T: KvElem>(
         p: &[f32],
         n: usize,
-        values: &[f32],
+        values: &[T],
         runs: &[Run],
         d: usize,
         heads: usize,
@@ -355,15 +420,15 @@ mod avx2 {
                 // SAFETY: c0 + 8w <= d because w divides d / 8; the rest is the caller's.
                 unsafe {
                     match (g, w) {
-                        (4, 2) => slice::<4, 2>(p, n, vp, runs, d, c0, out),
-                        (4, _) => slice::<4, 1>(p, n, vp, runs, d, c0, out),
-                        (2, 4) => slice::<2, 4>(p, n, vp, runs, d, c0, out),
-                        (2, 2) => slice::<2, 2>(p, n, vp, runs, d, c0, out),
-                        (2, _) => slice::<2, 1>(p, n, vp, runs, d, c0, out),
-                        (_, 8) => slice::<1, 8>(p, n, vp, runs, d, c0, out),
-                        (_, 4) => slice::<1, 4>(p, n, vp, runs, d, c0, out),
-                        (_, 2) => slice::<1, 2>(p, n, vp, runs, d, c0, out),
-                        _ => slice::<1, 1>(p, n, vp, runs, d, c0, out),
+                        (4, 2) => slice::<T, 4, 2>(p, n, vp, runs, d, c0, out),
+                        (4, _) => slice::<T, 4, 1>(p, n, vp, runs, d, c0, out),
+                        (2, 4) => slice::<T, 2, 4>(p, n, vp, runs, d, c0, out),
+                        (2, 2) => slice::<T, 2, 2>(p, n, vp, runs, d, c0, out),
+                        (2, _) => slice::<T, 2, 1>(p, n, vp, runs, d, c0, out),
+                        (_, 8) => slice::<T, 1, 8>(p, n, vp, runs, d, c0, out),
+                        (_, 4) => slice::<T, 1, 4>(p, n, vp, runs, d, c0, out),
+                        (_, 2) => slice::<T, 1, 2>(p, n, vp, runs, d, c0, out),
+                        _ => slice::<T, 1, 1>(p, n, vp, runs, d, c0, out),
                     }
                 }
                 c0 += 8 * w;
@@ -376,7 +441,7 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::kv::KvCache;
+    use crate::engine::kv::{KvCache, KvDtype};
 
     #[cfg(target_arch = "x86_64")]
     /// Runs over a flat key/value array: lengths that cross 8-lane blocks,
@@ -439,14 +504,57 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn kernels_read_f16_keys_and_values_as_their_f32_widening() {
+        let d = 32;
+        if !supported(d) {
+            return;
+        }
+        let (runs, size) = layout(&[3, 8, 13], d);
+        let n: usize = runs.iter().map(|r| r.len).sum();
+        let keys: Vec<f16> = (0..size)
+            .map(|i| f16::from_f32((i as f32 * 0.37).sin()))
+            .collect();
+        let values: Vec<f16> = (0..size)
+            .map(|i| f16::from_f32((i as f32 * 0.11).cos()))
+            .collect();
+        let wide = |x: &[f16]| x.iter().map(|v| v.to_f32()).collect::<Vec<f32>>();
+        let q: Vec<f32> = (0..d).map(|i| (i as f32 * 0.7).cos()).collect();
+        let (mut half, mut full) = (vec![0f32; n], vec![0f32; n]);
+        // SAFETY: the CPU supports the kernels and every run lies in the arrays.
+        unsafe {
+            scores(&q, &keys, &runs, d, &mut half);
+            scores(&q, &wide(&keys), &runs, d, &mut full);
+        }
+        assert_eq!(half, full, "same f32 arithmetic on the widened values");
+        let p: Vec<f32> = (0..3 * n).map(|i| (i as f32 * 0.3).sin()).collect();
+        let (mut half, mut full) = (vec![0f32; 3 * d], vec![0f32; 3 * d]);
+        // SAFETY: as above; p and out have the documented sizes.
+        unsafe {
+            weighted_values(&p, n, &values, &runs, d, 3, &mut half);
+            weighted_values(&p, n, &wide(&values), &runs, d, 3, &mut full);
+        }
+        assert_eq!(half, full);
+    }
+
     #[test]
     fn attention_matches_a_dense_reference() {
-        // Two sequences, GQA with 2 query heads per kv head, blocks of 2.
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            attention_matches_a_dense_reference_in(dtype);
+        }
+    }
+
+    fn attention_matches_a_dense_reference_in(dtype: KvDtype) {
+        // Two sequences, GQA with 2 query heads per kv head, blocks of 2;
+        // keys and values are multiples of 1/8, exact in f16 too.
         let shape = KvShape {
             layers: 1,
             kv_heads: 2,
             head_dim: 4,
             block_size: 2,
+            dtype,
+            groups: 1,
         };
         let mut cache = KvCache::new(shape, 8);
         let blocks_a = [5u32, 1, 6];
@@ -470,8 +578,8 @@ mod tests {
         let k: Vec<f32> = (0..t * 8).map(val).collect();
         let v: Vec<f32> = (0..t * 8).map(|i| val(i + 5)).collect();
         let q: Vec<f32> = (0..t * 16).map(|i| val(i + 11)).collect();
-        let layer = cache.layer_mut(0).unwrap();
-        layer.write(&shape, &seqs, &k, &v).unwrap();
+        let (_, layer) = cache.layer_mut(0).unwrap();
+        layer.write(&shape, 0, &seqs, &k, &v).unwrap();
         let params = AttnParams {
             heads: 4,
             scale: 0.5,
@@ -481,7 +589,7 @@ mod tests {
         let mut owner = vec![];
         row_owners(&seqs, t, &mut owner);
         let mut out = vec![];
-        attend(layer, &shape, &seqs, &owner, &q, params, &mut out).unwrap();
+        attend(layer, &shape, 0, &seqs, &owner, &q, params, &mut out).unwrap();
         for s in &seqs {
             for i in 0..s.len {
                 let row = s.offset + i;
