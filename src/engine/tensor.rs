@@ -49,7 +49,15 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
         ));
     }
     let kv_shape = kv.shape();
-    let plan = AttnPlan::new(batch, &kv_shape, kv.groups().windows(), dev)?;
+    // Each distinct (layer group, window) among the layers gets a plan.
+    let mut kinds: Vec<(usize, Option<usize>)> = vec![];
+    for (li, l) in m.layers.iter().enumerate() {
+        let kind = (kv.groups().of_layer(li).0, l.window);
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    let plan = AttnPlan::new(batch, &kv_shape, &kinds, dev)?;
     let eps = cfg.rms_norm_eps as f32;
     for (li, layer) in m.layers.iter().enumerate() {
         let residual = &x;
@@ -91,7 +99,7 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
         let q = q.reshape((t, hq, d))?.to_dtype(DType::F32)?;
         let q = (q * cfg.attn_scale)?;
         let softcap = cfg.attn_logit_softcapping;
-        let attn = plan.attend(group, &q, kc, vc, (hk, d), softcap)?;
+        let attn = plan.attend((group, layer.window), &q, kc, vc, (hk, d), softcap)?;
         let mut y = layer.o.forward(&attn.reshape((t, hq * d))?)?;
         if let Some(n) = &layer.post_attn_norm {
             y = candle_nn::ops::rms_norm(&y, &n.t, eps)?;
@@ -149,8 +157,8 @@ struct AttnPlan {
     /// repeated across the row's `kv_heads * head_dim` columns (the shape
     /// `scatter_set` wants), `[rows, width]` u32, per layer group.
     write: Vec<Tensor>,
-    /// Groups of rows attended together, per layer group (with its window).
-    windows: Vec<(Option<usize>, Vec<Group>)>,
+    /// Groups of rows attended together, per (layer group, window).
+    windows: Vec<((usize, Option<usize>), Vec<Group>)>,
     /// Maps the groups' concatenated output back to row order (`None` when
     /// the groups already are in row order).
     order: Option<Tensor>,
@@ -179,7 +187,7 @@ impl AttnPlan {
     fn new(
         batch: &Batch<'_>,
         shape: &KvShape,
-        group_windows: &[Option<usize>],
+        kinds: &[(usize, Option<usize>)],
         dev: &Device,
     ) -> Result<Self> {
         let (bs, groups) = (shape.block_size, shape.groups);
@@ -241,8 +249,8 @@ impl AttnPlan {
             }
             Some(Tensor::from_vec(inverse, t, dev)?)
         };
-        let mut windows = Vec::with_capacity(groups);
-        for (g, &w) in group_windows.iter().enumerate() {
+        let mut windows = Vec::with_capacity(kinds.len());
+        for &(g, w) in kinds {
             let mut groups = Vec::with_capacity(members.len());
             for ids in &members {
                 let seqs: Vec<&SeqView<'_>> = ids.iter().map(|&i| &batch.seqs[i]).collect();
@@ -291,7 +299,7 @@ impl AttnPlan {
                     mask: Tensor::from_vec(mask, (b, 1, 1, l, n), dev)?,
                 });
             }
-            windows.push((w, groups));
+            windows.push(((g, w), groups));
         }
         Ok(Self {
             write,
@@ -304,7 +312,7 @@ impl AttnPlan {
     /// scaled) over the layer's cache, which holds the new rows already.
     fn attend(
         &self,
-        group: usize,
+        kind: (usize, Option<usize>),
         q: &Tensor,
         kc: &Tensor,
         vc: &Tensor,
@@ -313,8 +321,9 @@ impl AttnPlan {
     ) -> Result<Tensor> {
         let (_, groups) = self
             .windows
-            .get(group)
-            .ok_or_else(|| Error::Internal("no attention plan for this layer group".into()))?;
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .ok_or_else(|| Error::Internal("no attention plan for this layer".into()))?;
         let hq = q.dim(1)?;
         let group = hq / hk;
         let mut outs = Vec::with_capacity(groups.len());

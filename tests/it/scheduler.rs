@@ -101,7 +101,8 @@ async fn preemption_under_a_small_kv_pool_keeps_greedy_output_identical() {
         seed: 3,
         ..SynthSpec::tiny_llama()
     };
-    let shape_bytes = 2 * spec.layers * spec.kv_heads * 16 * spec.head_dim * 4;
+    // A block of 16 positions in the default f16 cache.
+    let shape_bytes = 2 * spec.layers * spec.kv_heads * 16 * spec.head_dim * 2;
     let small = SchedulerConfig {
         kv_cache_bytes: 24 * shape_bytes,
         max_batched_tokens: 64,
@@ -447,7 +448,8 @@ async fn prefix_caching_leaves_greedy_tokens_unchanged_alone_in_a_batch_and_unde
         seed: 5,
         ..SynthSpec::tiny_llama()
     };
-    let block_bytes = 2 * spec.layers * spec.kv_heads * 16 * spec.head_dim * 4;
+    // A block of 16 positions in the default f16 cache.
+    let block_bytes = 2 * spec.layers * spec.kv_heads * 16 * spec.head_dim * 2;
     let off = SchedulerConfig {
         prefix_caching: false,
         max_batched_tokens: 64,
@@ -668,4 +670,75 @@ async fn the_tensor_path_reads_cached_blocks_as_the_host_path_does() {
     }
     assert!(counter(&tensor.stats().prefix_cache_hits) >= 6 * 32);
     wait_idle(&tensor).await;
+}
+
+/// Sliding-window layers keep only their window: on a Gemma 3 whose two
+/// local layers see 5 positions, 60-token generations (12 windows) on the
+/// real engine, host and tensor paths, with the window groups giving their
+/// blocks back (blocks of 4 positions), equal the tokens of a cache that
+/// keeps every position of every layer; the pool is whole again when idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_window_layers_give_blocks_back_and_generate_what_a_full_cache_does() {
+    use llmops::engine::{EnginePath, KvDtype, LoadOptions};
+    let spec = SynthSpec {
+        seed: 12,
+        ..SynthSpec::tiny_gemma3()
+    };
+    let (_tmp, path) = support::write_model(&spec);
+    let load = |engine_path| {
+        llmops::engine::load(
+            &path,
+            &LoadOptions {
+                engine_path: Some(engine_path),
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    let host = load(EnginePath::Host);
+    assert_eq!(
+        host.model.kv_groups().windows(),
+        &[Some(5), Some(5), None],
+        "two window groups and a full one, a layer each"
+    );
+    let ps = prompts(6);
+    let plans: Vec<support::GenPlan> = ps
+        .iter()
+        .map(|p| support::GenPlan {
+            prompt: p.clone(),
+            join_step: 0,
+            max_tokens: 60,
+        })
+        .collect();
+    // Every position of every layer kept (one group), f32.
+    let want = support::generate_greedy(&host, &plans, 4, 64);
+    for engine_path in [EnginePath::Host, EnginePath::Tensor] {
+        let engine = EngineHandle::spawn(
+            load(engine_path),
+            SchedulerConfig {
+                block_size: 4,
+                kv_cache_dtype: KvDtype::F32,
+                max_batched_tokens: 64,
+                ..Default::default()
+            },
+            EngineLabels::default(),
+        )
+        .unwrap();
+        let got = futures::future::join_all(
+            ps.iter()
+                .map(|p| collect(engine.submit(greedy(p.clone(), 60)).unwrap())),
+        )
+        .await;
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            assert_eq!(w, &g.0, "{engine_path:?}, request {i}");
+        }
+        wait_idle(&engine).await;
+        assert_eq!(
+            engine
+                .stats()
+                .kv_blocks_used
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
 }
