@@ -873,6 +873,44 @@ impl KvCache {
         self.blocks
     }
 
+    /// Copies block `from`'s keys and values, every layer it holds, into
+    /// block `to` (copy-on-write of a partial block).
+    pub fn copy_block(&mut self, from: u32, to: u32) -> Result<()> {
+        let (from, to) = (from as usize, to as usize);
+        if from >= self.blocks || to >= self.blocks {
+            return Err(Error::Internal(format!(
+                "block copy {from} → {to} outside a pool of {}",
+                self.blocks
+            )));
+        }
+        let stride = self.shape.block_stride();
+        match &mut self.storage {
+            Storage::Host(layers) => {
+                fn copy<T: Copy>(x: &mut [T], from: usize, to: usize, n: usize) {
+                    x.copy_within(from * n..(from + 1) * n, to * n);
+                }
+                for l in layers {
+                    for lanes in [&mut l.k, &mut l.v] {
+                        match lanes {
+                            Lanes::F32(x) => copy(x, from, to, stride),
+                            Lanes::F16(x) => copy(x, from, to, stride),
+                        }
+                    }
+                }
+            }
+            Storage::Device { layers, .. } => {
+                let bs = self.shape.block_size;
+                for (k, v) in layers.iter() {
+                    for t in [k, v] {
+                        let rows = t.narrow(0, from * bs, bs)?.copy()?;
+                        t.slice_set(&rows, 0, to * bs)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// How layers share blocks.
     pub fn groups(&self) -> &KvGroups {
         &self.groups

@@ -16,7 +16,7 @@
 
 use std::collections::VecDeque;
 
-use crate::engine::{BlockAllocator, BlockHash};
+use crate::engine::{BlockAllocator, BlockHash, NIL};
 
 /// Scheduling class of a request.
 #[derive(
@@ -199,6 +199,10 @@ pub struct Plan {
     pub cache_queries: usize,
     /// Of those, tokens the prefix cache supplied (not fed).
     pub cache_hits: usize,
+    /// Blocks to copy before the step runs, `(source, destination)`, with
+    /// the index in [`State::running`] of the sequence whose table holds
+    /// the destination: copy-on-write of a partial last block.
+    pub copies: Vec<(usize, u32, u32)>,
 }
 
 impl Plan {
@@ -439,6 +443,18 @@ impl<T> State<T> {
             }
             s.computed = hits * bs;
             s.offered = hits;
+            // Copy-on-write of the partial last block: a running sequence
+            // with the same prompt (another choice of the request) has
+            // computed it already, so its block is copied and only the last
+            // token, whose row gives this sequence's first token, is fed.
+            if self.alloc.prefix_caching()
+                && let Some(copies) = self.partial_block_source(&s, hits)
+            {
+                let index = self.running.len();
+                plan.copies
+                    .extend(copies.into_iter().map(|(from, to)| (index, from, to)));
+                s.computed = s.tokens.len() - 1;
+            }
             self.admissions += 1;
             s.admitted = self.admissions;
             // A sequence that may read nothing from the cache (a drift
@@ -461,6 +477,41 @@ impl<T> State<T> {
         plan
     }
 
+    /// The block copies that give `s`, just admitted with `hits` cached
+    /// blocks, every position of its partial last block but the last
+    /// token's: from a running sequence whose tokens agree through that
+    /// position and which has computed it. `None` when there is none, when
+    /// the last block is not the only one left, or when a position in it
+    /// needs its logits (a scoring job).
+    fn partial_block_source(&self, s: &Seq<T>, hits: usize) -> Option<Vec<(u32, u32)>> {
+        let bs = self.alloc.block_size();
+        let groups = self.alloc.groups();
+        let last = s.tokens.len().checked_sub(1)?;
+        if last / bs != hits || last == hits * bs || s.logits_from < last {
+            return None;
+        }
+        let r = self.running.iter().find(|r| {
+            r.computed >= last
+                && r.tokens.len() > last
+                && r.tokens[hits * bs..last] == s.tokens[hits * bs..last]
+                && (hits == 0 || r.hashes.get(hits - 1) == s.hashes.get(hits - 1))
+        })?;
+        let copies: Vec<(u32, u32)> = (0..groups)
+            .map(|g| {
+                let at = hits * groups + g;
+                (
+                    r.blocks.get(at).copied().unwrap_or(NIL),
+                    s.blocks.get(at).copied().unwrap_or(NIL),
+                )
+            })
+            .collect();
+        // A sliding group the source already gave this block back in.
+        if copies.iter().any(|&(a, b)| a == NIL || b == NIL) {
+            return None;
+        }
+        Some(copies)
+    }
+
     /// Blocks admitting `s` now would take from the free capacity: the
     /// blocks it needs, less the cached ones it shares (or, for a sliding
     /// group, no longer needs), plus those shared that no sequence holds
@@ -481,6 +532,17 @@ impl<T> State<T> {
         let bs = self.alloc.block_size();
         let reuse = s.reusable_blocks(bs);
         let (hits, _) = self.alloc.lookup(&s.hashes[..reuse]);
+        // Its partial last block, which a running sequence with the same
+        // tokens is computing, comes by copy-on-write a step later.
+        let last = s.tokens.len().saturating_sub(1);
+        if hits == last / bs && last > hits * bs && s.logits_from >= last {
+            return self.running.iter().any(|r| {
+                r.priority >= s.priority
+                    && r.computed < last
+                    && r.tokens.len() > last
+                    && r.tokens[..last] == s.tokens[..last]
+            });
+        }
         if hits >= reuse {
             return false;
         }
@@ -561,6 +623,8 @@ mod tests {
         prefilled: usize,
         /// Tokens the prefix cache supplied at admissions.
         hits: usize,
+        /// Blocks copied on write.
+        copies: usize,
     }
 
     /// How [`drive_with`] runs.
@@ -623,7 +687,7 @@ mod tests {
         let mut st: State<()> = State::new(limits, alloc);
         let mut kv: Vec<Option<(u32, u64)>> = vec![None; blocks * BS];
         let mut outputs = vec![];
-        let (mut prefilled, mut hits) = (0, 0);
+        let (mut prefilled, mut hits, mut copies) = (0, 0, 0);
         let mut steps = 0;
         let mut pending: Vec<_> = arrivals.iter().enumerate().collect();
         pending.sort_by_key(|(_, a)| a.0);
@@ -654,7 +718,23 @@ mod tests {
             }
             let plan = st.plan();
             st.audit().unwrap();
+            // Copy-on-write: the engine copies these blocks before the step.
+            for &(index, from, to) in &plan.copies {
+                let s = &st.running[index];
+                assert!(
+                    s.blocks.contains(&to)
+                        && st
+                            .running
+                            .iter()
+                            .all(|o| o.id == s.id || !o.blocks.contains(&to)),
+                    "a copy into a block its sequence does not own alone"
+                );
+                for i in 0..BS {
+                    kv[to as usize * BS + i] = kv[from as usize * BS + i];
+                }
+            }
             hits += plan.cache_hits;
+            copies += plan.copies.len();
             prefilled += plan.prefill_tokens;
             assert!(
                 plan.tokens() <= limits.max_batched_tokens,
@@ -734,6 +814,7 @@ mod tests {
             preemptions: st.preemptions_total,
             prefilled,
             hits,
+            copies,
         }
     }
 
@@ -842,7 +923,7 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_prompt_is_prefilled_once_and_its_last_block_recomputed() {
+    fn a_shared_prompt_is_prefilled_once_and_its_last_block_copied_on_write() {
         let limits = Limits {
             max_batched_tokens: 64,
             max_running: 8,
@@ -858,10 +939,11 @@ mod tests {
             window: None,
         };
         let out = drive_with(limits, 100, &arrivals, opts);
-        // The first feeds 22; each other takes 5 blocks from the cache and
-        // computes its partial last block (2 tokens) in a block of its own.
-        assert_eq!(out.hits, 3 * 20);
-        assert_eq!(out.prefilled, 22 + 3 * 2);
+        // The first feeds 22; each other takes 5 blocks from the cache,
+        // copies the first's partial last block into one of its own and
+        // computes only its last token (whose row it samples).
+        assert_eq!(out.hits, 3 * 21);
+        assert_eq!(out.prefilled, 22 + 3);
         let plain = drive_with(
             limits,
             100,
@@ -873,16 +955,42 @@ mod tests {
         );
         assert_eq!(plain.prefilled, 4 * 22);
         assert_eq!(out.outputs, plain.outputs);
-        // A prompt of whole blocks recomputes its last block: the last
-        // token's row gives the first sampled token.
+        assert_eq!(out.copies, 3);
+        // Under preemption (13 blocks a sequence, 16 in the pool): resumed
+        // sequences copy siblings' partial blocks too, and every read
+        // still finds its own prefix.
+        let long = [(0, 22, 30, Priority::Normal); 4];
+        let tight = drive_with(limits, 16, &long, opts);
+        let roomy = drive_with(
+            limits,
+            100,
+            &long,
+            Opts {
+                caching: false,
+                ..opts
+            },
+        );
+        assert!(tight.preemptions > 0);
+        assert!(tight.copies > 3, "{} copies", tight.copies);
+        assert_eq!(tight.outputs, roomy.outputs);
+        // A prompt of whole blocks never shares its last block (the last
+        // token's row gives the first sampled token): it is copied too.
         let aligned = drive_with(
             limits,
             100,
             &[(0, 20, 5, Priority::Normal); 3],
             Opts { shared: 20, ..opts },
         );
-        assert_eq!(aligned.hits, 2 * 16);
-        assert_eq!(aligned.prefilled, 20 + 2 * 4);
+        assert_eq!(aligned.hits, 2 * 19);
+        assert_eq!(aligned.prefilled, 20 + 2);
+        // Shorter than a block: the whole prompt but its last token is copied.
+        let short = drive_with(
+            limits,
+            100,
+            &[(0, 3, 5, Priority::Normal); 3],
+            Opts { shared: 3, ..opts },
+        );
+        assert_eq!(short.prefilled, 3 + 2);
     }
 
     #[test]
@@ -912,16 +1020,20 @@ mod tests {
         assert_eq!(st.waiting().map(|s| s.id).collect::<Vec<_>>(), [2]);
         st.advance(&p);
         st.running[0].tokens.push(1);
-        // Now 2 takes four blocks and computes only its last one.
+        // Now 2 takes four blocks, copies 1's fifth and computes only its
+        // last token.
         let p = st.plan();
         let two = st.running.iter().position(|s| s.id == 2).unwrap();
         let e = p.entries.iter().find(|e| e.index == two).unwrap();
         assert_eq!(
             (e.start, e.len),
-            (16, 4),
-            "four blocks cached, the fifth computed"
+            (19, 1),
+            "four blocks cached, the fifth copied"
         );
-        assert_eq!(p.cache_hits, 16);
+        assert_eq!(p.cache_hits, 19);
+        let (one, own) = (st.running[0].blocks[4], st.running[two].blocks[4]);
+        assert_eq!(p.copies, [(two, one, own)]);
+        assert_ne!(one, own, "the copy is 2's own block");
         st.advance(&p);
         st.audit().unwrap();
     }

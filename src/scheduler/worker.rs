@@ -664,6 +664,15 @@ impl Worker {
                 .preemptions
                 .fetch_add(plan.preempted as u64, Ordering::Relaxed);
         }
+        // Copy-on-write of partial last blocks, before the step reads them.
+        for &(index, from, to) in &plan.copies {
+            if let Err(e) = kv.copy_block(from, to)
+                && let Some(s) = state.running.get_mut(index)
+            {
+                tracing::error!(error = %e, "copying a KV block failed; failing its sequence");
+                s.payload.failed = Some(format!("the engine failed on this request: {e}"));
+            }
+        }
         // First admissions leave the submit-side waiting count.
         for e in &plan.entries {
             let s = &mut state.running[e.index];

@@ -578,7 +578,8 @@ async fn n_choices_share_their_prompt_prefill_and_match_single_requests_with_the
     );
     let (_t2, cached) = spawn(&spec, SchedulerConfig::default());
     // A 50-token prompt: three full blocks of 16 and two tokens in a
-    // fourth, the partial block each choice writes on its own.
+    // fourth, which the other choices copy (copy-on-write) before computing
+    // their last token.
     let prompt = with_system_prompt(50, &[]);
     let choice = |i: u64| Request {
         sampling: SamplingParams {
@@ -592,25 +593,42 @@ async fn n_choices_share_their_prompt_prefill_and_match_single_requests_with_the
     for i in 0..4 {
         single.push(collect(plain.submit(choice(i)).unwrap()).await.0);
     }
-    // As `infer::submit` submits the n choices of one request: back to
-    // back, seeds offset by the choice index.
-    let rxs: Vec<_> = (0..4).map(|i| cached.submit(choice(i)).unwrap()).collect();
-    let n = futures::future::join_all(rxs.into_iter().map(collect)).await;
-    for (i, r) in n.iter().enumerate() {
-        assert_eq!(r.0, single[i], "choice {i}");
-    }
     assert!(
         single.iter().any(|s| s != &single[0]),
         "the seeds must make the choices diverge"
     );
-    let s = cached.stats();
-    assert_eq!(counter(&s.prefix_cache_hits), 3 * 48);
-    assert_eq!(
-        counter(&s.prefill_tokens),
-        50 + 3 * 2,
-        "the prompt prefilled once"
-    );
-    wait_idle(&cached).await;
+    // The tensor path copies blocks on the device tensors.
+    let (_t3, path) = support::write_model(&spec);
+    let tensor = EngineHandle::spawn(
+        llmops::engine::load(
+            &path,
+            &llmops::engine::LoadOptions {
+                engine_path: Some(llmops::engine::EnginePath::Tensor),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+        SchedulerConfig::default(),
+        EngineLabels::default(),
+    )
+    .unwrap();
+    for engine in [&cached, &tensor] {
+        // As `infer::submit` submits the n choices of one request: back to
+        // back, seeds offset by the choice index.
+        let rxs: Vec<_> = (0..4).map(|i| engine.submit(choice(i)).unwrap()).collect();
+        let n = futures::future::join_all(rxs.into_iter().map(collect)).await;
+        for (i, r) in n.iter().enumerate() {
+            assert_eq!(r.0, single[i], "choice {i}");
+        }
+        let s = engine.stats();
+        assert_eq!(counter(&s.prefix_cache_hits), 3 * 49);
+        assert_eq!(
+            counter(&s.prefill_tokens),
+            50 + 3,
+            "the prompt prefilled once, and each other choice's last token"
+        );
+        wait_idle(engine).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
