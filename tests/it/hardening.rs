@@ -34,6 +34,8 @@ async fn a_long_context_model_on_a_small_pool_serves_default_requests_and_report
         max_position_embeddings: 32_768,
         ..SynthSpec::tiny_llama()
     };
+    // A position takes K and V of every layer in f16 (the default cache).
+    let per_token = 2 * spec.layers * spec.kv_heads * spec.head_dim * 2;
     let s = TestServer::start_with(spec, |a| a.scheduler.kv_cache_mb = Some(1)).await;
     let c = reqwest::Client::new();
     let models: Value = c
@@ -48,6 +50,21 @@ async fn a_long_context_model_on_a_small_pool_serves_default_requests_and_report
     assert!(
         max_len < 32_768,
         "max_model_len must be what the pool holds: {models}"
+    );
+    let fits = (1usize << 20) / (per_token * 16) * 16;
+    assert_eq!(max_len as usize, fits, "{models}");
+    let text = c
+        .get(s.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("# HELP llmops_kv_cache_capacity_tokens "));
+    assert_eq!(
+        tiny_sum(&text, "llmops_kv_cache_capacity_tokens"),
+        fits as f64
     );
     // What the official SDK sends by default: no max_tokens.
     let (st, v) = post(
