@@ -121,7 +121,7 @@ impl QuantWeight {
     /// Row `j` dequantized to f32 (an embedding lookup), appended to `out`.
     pub fn row_into(&self, j: usize, out: &mut Vec<f32>) {
         let mut u = Unpacked::new(self.ty, self.k);
-        u.unpack(self.ty, self.row(j));
+        u.unpack(self.ty, self.row(j), false);
         u.dequantize_into(self.ty, out);
     }
 
@@ -271,23 +271,38 @@ impl Unpacked {
         }
     }
 
-    /// Unpacks one row of blocks.
-    fn unpack(&mut self, ty: QuantType, row: &[u8]) {
+    /// Unpacks one row of blocks; with `simd` (only when the CPU has AVX2)
+    /// the values are unpacked by the AVX2 code, to the same bytes.
+    fn unpack(&mut self, ty: QuantType, row: &[u8], simd: bool) {
         let (be, bb) = (ty.block_elems(), ty.block_bytes());
         for (b, blk) in row.chunks_exact(bb).enumerate() {
             let q = &mut self.q[b * be..(b + 1) * be];
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                let aq: &mut [u8] = if ty.is_k() {
+                    &mut []
+                } else {
+                    &mut self.aq[b * be..(b + 1) * be]
+                };
+                // SAFETY: `simd` is only set when the CPU has AVX2
+                // (`has_avx2`); `q` (and `aq`) hold one block's values.
+                unsafe { avx2::unpack_values(ty, blk, q, aq) };
+            }
+            let values = !(simd && cfg!(target_arch = "x86_64"));
             match ty {
                 QuantType::Q8_0 => {
                     self.dm[b] = f16_at(blk, 0);
-                    for (o, &v) in q.iter_mut().zip(&blk[2..34]) {
-                        *o = v as i8;
+                    if values {
+                        for (o, &v) in q.iter_mut().zip(&blk[2..34]) {
+                            *o = v as i8;
+                        }
                     }
                 }
                 QuantType::Q4_0 => {
                     self.dm[b] = f16_at(blk, 0);
                     let qs = &blk[2..18];
                     let (lo, hi) = q.split_at_mut(16);
-                    for j in 0..16 {
+                    for j in (0..16).filter(|_| values) {
                         lo[j] = (qs[j] & 0xF) as i8 - 8;
                         hi[j] = (qs[j] >> 4) as i8 - 8;
                     }
@@ -297,7 +312,7 @@ impl Unpacked {
                     let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
                     let qs = &blk[6..22];
                     let (lo, hi) = q.split_at_mut(16);
-                    for j in 0..16 {
+                    for j in (0..16).filter(|_| values) {
                         let h0 = ((qh >> j) & 1) as u8;
                         let h1 = ((qh >> (j + 16)) & 1) as u8;
                         lo[j] = ((qs[j] & 0xF) | (h0 << 4)) as i8 - 16;
@@ -318,6 +333,9 @@ impl Unpacked {
                         self.sc[(b * 8 + s) * 16..(b * 8 + s + 1) * 16].fill(sc as i16);
                         self.cm[b * 16 + 2 * s] = mn as i16;
                         self.cm[b * 16 + 2 * s + 1] = mn as i16;
+                        if !values {
+                            continue;
+                        }
                         let bytes = &qs[32 * (s / 2)..32 * (s / 2) + 32];
                         let out = &mut q[32 * s..32 * s + 32];
                         let shift = 4 * (s % 2);
@@ -342,7 +360,7 @@ impl Unpacked {
                         let half = (s % 2) * 8;
                         self.sc[(b * 8 + v) * 16 + half..(b * 8 + v) * 16 + half + 8].fill(sc);
                     }
-                    for h in 0..2 {
+                    for h in (0..2).filter(|_| values) {
                         let (ql, qh) = (&ql[64 * h..64 * h + 64], &qh[32 * h..32 * h + 32]);
                         let q = &mut q[128 * h..128 * h + 128];
                         for l in 0..32 {
@@ -355,7 +373,7 @@ impl Unpacked {
                 }
             }
         }
-        if !ty.is_k() {
+        if !ty.is_k() && !(simd && cfg!(target_arch = "x86_64")) {
             for (a, &v) in self.aq.iter_mut().zip(&self.q) {
                 *a = v.unsigned_abs();
             }
@@ -511,7 +529,7 @@ fn matmul_with(
         let mut u = Unpacked::new(ty, k);
         let mut col = vec![0f32; m];
         for j in t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(n) {
-            u.unpack(ty, w.row(j));
+            u.unpack(ty, w.row(j), simd);
             dot_rows(ty, &u, &acts, m, simd, &mut col);
             let b = bias.map_or(0.0, |b| b[j]);
             for (i, v) in col.iter().enumerate() {
@@ -560,6 +578,112 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Acts, QuantType, Unpacked, hsum8};
+
+    /// Unpacks one block's values into `q` (and `|q|` into `aq` for the
+    /// 32-wide types): the bytes `Unpacked::unpack` writes without SIMD.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `blk` is one whole block of `ty`, `q` holds
+    /// its values and `aq` as many (32-wide types) or nothing.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn unpack_values(ty: QuantType, blk: &[u8], q: &mut [i8], aq: &mut [u8]) {
+        assert!(blk.len() == ty.block_bytes() && q.len() == ty.block_elems());
+        let store = |q: &mut [i8], at: usize, v: __m256i| {
+            // SAFETY: callers pass at + 32 <= q.len().
+            unsafe { _mm256_storeu_si256(q.as_mut_ptr().add(at) as *mut __m256i, v) }
+        };
+        let low = _mm256_set1_epi8(0xF);
+        // SAFETY: every load reads inside `blk` (offsets from the block layouts).
+        unsafe {
+            let ld = |at: usize| _mm256_loadu_si256(blk.as_ptr().add(at) as *const __m256i);
+            let ld16 = |at: usize| _mm_loadu_si128(blk.as_ptr().add(at) as *const __m128i);
+            match ty {
+                QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 => {
+                    let v = match ty {
+                        QuantType::Q8_0 => ld(2),
+                        QuantType::Q4_0 => {
+                            let qs = ld16(2);
+                            let b = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
+                            _mm256_sub_epi8(_mm256_and_si256(b, low), _mm256_set1_epi8(8))
+                        }
+                        _ => {
+                            let qs = ld16(6);
+                            let b =
+                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
+                            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                            // Byte j of the spread word gets bit j of qh (llama.cpp's bytes_from_bits_32).
+                            let shuf = _mm256_set_epi64x(
+                                0x0303030303030303,
+                                0x0202020202020202,
+                                0x0101010101010101,
+                                0,
+                            );
+                            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
+                            let bits = _mm256_cmpeq_epi8(
+                                _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                                _mm256_set1_epi64x(-1),
+                            );
+                            let h = _mm256_and_si256(bits, _mm256_set1_epi8(0x10));
+                            _mm256_sub_epi8(_mm256_or_si256(b, h), _mm256_set1_epi8(16))
+                        }
+                    };
+                    store(q, 0, v);
+                    _mm256_storeu_si256(aq.as_mut_ptr() as *mut __m256i, _mm256_abs_epi8(v));
+                }
+                QuantType::Q4K | QuantType::Q5K => {
+                    let (qs, qh) = if ty == QuantType::Q5K {
+                        (48, Some(ld(16)))
+                    } else {
+                        (16, None)
+                    };
+                    for t in 0..4 {
+                        let bytes = ld(qs + 32 * t);
+                        let mut lo = _mm256_and_si256(bytes, low);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+                        if let Some(qh) = qh {
+                            let bit = |s: usize| {
+                                let m = _mm256_set1_epi8(1 << s);
+                                let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m);
+                                _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+                            };
+                            lo = _mm256_or_si256(lo, bit(2 * t));
+                            hi = _mm256_or_si256(hi, bit(2 * t + 1));
+                        }
+                        store(q, 64 * t, lo);
+                        store(q, 64 * t + 32, hi);
+                    }
+                }
+                QuantType::Q6K => {
+                    let three = _mm256_set1_epi8(3);
+                    for h in 0..2 {
+                        let (ql0, ql1, qh) = (ld(64 * h), ld(64 * h + 32), ld(128 + 32 * h));
+                        let hb = |shift: i32| {
+                            let v = match shift {
+                                0 => qh,
+                                2 => _mm256_srli_epi16(qh, 2),
+                                4 => _mm256_srli_epi16(qh, 4),
+                                _ => _mm256_srli_epi16(qh, 6),
+                            };
+                            _mm256_slli_epi16(_mm256_and_si256(v, three), 4)
+                        };
+                        let hi4 = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                        store(
+                            q,
+                            128 * h,
+                            _mm256_or_si256(_mm256_and_si256(ql0, low), hb(0)),
+                        );
+                        store(
+                            q,
+                            128 * h + 32,
+                            _mm256_or_si256(_mm256_and_si256(ql1, low), hb(2)),
+                        );
+                        store(q, 128 * h + 64, _mm256_or_si256(hi4(ql0), hb(4)));
+                        store(q, 128 * h + 96, _mm256_or_si256(hi4(ql1), hb(6)));
+                    }
+                }
+            }
+        }
+    }
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
