@@ -526,16 +526,37 @@ fn matmul_with(
     let ptr = OutPtr(out.as_mut_ptr());
     let tasks = n.div_ceil(COLS_PER_TASK);
     let run = |t: usize| {
-        let mut u = Unpacked::new(ty, k);
-        let mut col = vec![0f32; m];
-        for j in t * COLS_PER_TASK..((t + 1) * COLS_PER_TASK).min(n) {
-            u.unpack(ty, w.row(j), simd);
-            dot_rows(ty, &u, &acts, m, simd, &mut col);
-            let b = bias.map_or(0.0, |b| b[j]);
-            for (i, v) in col.iter().enumerate() {
-                // SAFETY: i < m and j < n (asserted above); this task alone
-                // writes column j.
-                unsafe { *ptr.get().add(i * n + j) = v + b };
+        let mut us: [Unpacked; COLS] = std::array::from_fn(|_| Unpacked::new(ty, k));
+        let mut cols = vec![0f32; m * COLS];
+        let end = ((t + 1) * COLS_PER_TASK).min(n);
+        for j0 in (t * COLS_PER_TASK..end).step_by(COLS) {
+            let c = (end - j0).min(COLS);
+            #[cfg(target_arch = "x86_64")]
+            if simd && j0 + c < n {
+                // The next group's rows: pull them in while this one computes.
+                let next = &w.data[(j0 + c) * w.row_bytes()..];
+                let len = next.len().min(COLS * w.row_bytes());
+                for at in (0..len).step_by(64) {
+                    // SAFETY: a prefetch never faults; the address is inside `next`.
+                    unsafe {
+                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                            next.as_ptr().add(at) as *const i8,
+                        )
+                    };
+                }
+            }
+            for (jj, u) in us.iter_mut().enumerate().take(c) {
+                u.unpack(ty, w.row(j0 + jj), simd);
+            }
+            dot_rows(ty, &us[..c], &acts, m, simd, &mut cols);
+            for (jj, col) in cols.chunks_exact(m).enumerate().take(c) {
+                let j = j0 + jj;
+                let b = bias.map_or(0.0, |b| b[j]);
+                for (i, v) in col.iter().enumerate() {
+                    // SAFETY: i < m and j < n (asserted above); this task alone
+                    // writes column j.
+                    unsafe { *ptr.get().add(i * n + j) = v + b };
+                }
             }
         }
     };
@@ -546,21 +567,57 @@ fn matmul_with(
     }
 }
 
-/// The dot products of one unpacked weight row with every activation row.
-fn dot_rows(ty: QuantType, w: &Unpacked, acts: &Acts, m: usize, simd: bool, out: &mut [f32]) {
+/// Weight rows unpacked and dotted together (independent accumulator
+/// chains for one or two activation rows).
+const COLS: usize = 4;
+
+/// The dot products of unpacked weight rows `ws` with every activation row:
+/// `out[c * m + i]` for row `c` of `ws` and activation row `i`.
+fn dot_rows(ty: QuantType, ws: &[Unpacked], acts: &Acts, m: usize, simd: bool, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if simd {
+        // SAFETY (every call below): `simd` is only set when the CPU has
+        // AVX2 and FMA (`has_avx2`); the rows and columns passed exist.
         let mut i = 0;
         while i < m {
             let r = (m - i).min(4);
-            // SAFETY: `simd` is only set when the CPU has AVX2 and FMA
-            // (`has_avx2`); rows i..i+r exist.
-            unsafe {
-                match r {
-                    1 => avx2::dot::<1>(ty, w, acts, i, &mut out[i..]),
-                    2 => avx2::dot::<2>(ty, w, acts, i, &mut out[i..]),
-                    3 => avx2::dot::<3>(ty, w, acts, i, &mut out[i..]),
-                    _ => avx2::dot::<4>(ty, w, acts, i, &mut out[i..]),
+            match r {
+                4 | 3 => {
+                    for (c, w) in ws.iter().enumerate() {
+                        let o = &mut out[c * m + i..];
+                        unsafe {
+                            if r == 4 {
+                                avx2::dot::<4, 1>(ty, [w], acts, i, o, m)
+                            } else {
+                                avx2::dot::<3, 1>(ty, [w], acts, i, o, m)
+                            }
+                        }
+                    }
+                }
+                2 => {
+                    let mut c = 0;
+                    while c + 2 <= ws.len() {
+                        let o = &mut out[c * m + i..];
+                        unsafe { avx2::dot::<2, 2>(ty, [&ws[c], &ws[c + 1]], acts, i, o, m) };
+                        c += 2;
+                    }
+                    if c < ws.len() {
+                        let o = &mut out[c * m + i..];
+                        unsafe { avx2::dot::<2, 1>(ty, [&ws[c]], acts, i, o, m) };
+                    }
+                }
+                _ => {
+                    let mut c = 0;
+                    while c + 4 <= ws.len() {
+                        let o = &mut out[c * m + i..];
+                        let w4 = [&ws[c], &ws[c + 1], &ws[c + 2], &ws[c + 3]];
+                        unsafe { avx2::dot::<1, 4>(ty, w4, acts, i, o, m) };
+                        c += 4;
+                    }
+                    for c in c..ws.len() {
+                        let o = &mut out[c * m + i..];
+                        unsafe { avx2::dot::<1, 1>(ty, [&ws[c]], acts, i, o, m) };
+                    }
                 }
             }
             i += r;
@@ -568,8 +625,10 @@ fn dot_rows(ty: QuantType, w: &Unpacked, acts: &Acts, m: usize, simd: bool, out:
         return;
     }
     let _ = simd;
-    for (i, o) in out.iter_mut().enumerate().take(m) {
-        *o = dot_scalar(ty, w, acts.row(i));
+    for (c, w) in ws.iter().enumerate() {
+        for i in 0..m {
+            out[c * m + i] = dot_scalar(ty, w, acts.row(i));
+        }
     }
 }
 
@@ -694,75 +753,95 @@ mod avx2 {
         l
     }
 
-    /// `R` activation rows from `row0` against one unpacked weight row,
-    /// into `out[..R]`: the arithmetic of `super::dot_scalar`.
+    /// `R` activation rows from `row0` against `C` unpacked weight rows,
+    /// into `out[c * stride + r]`: the arithmetic of `super::dot_scalar`.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA; rows `row0..row0 + R` must exist.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot<const R: usize>(
+    pub unsafe fn dot<const R: usize, const C: usize>(
         ty: QuantType,
-        w: &Unpacked,
+        ws: [&Unpacked; C],
         acts: &Acts,
         row0: usize,
         out: &mut [f32],
+        stride: usize,
     ) {
         let rows: [_; R] = std::array::from_fn(|r| acts.row(row0 + r));
-        let nb = w.dm.len();
-        let mut acc = [_mm256_setzero_ps(); R];
+        let nb = ws[0].dm.len();
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
         if !ty.is_k() {
             let ones = _mm256_set1_epi16(1);
             for b in 0..nb {
-                // SAFETY: the row holds nb * 32 values; every activation row too.
+                // SAFETY: every weight row holds nb * 32 values; every
+                // activation row too.
                 unsafe {
-                    let wq = _mm256_loadu_si256(w.q.as_ptr().add(b * 32) as *const __m256i);
-                    let aq = _mm256_loadu_si256(w.aq.as_ptr().add(b * 32) as *const __m256i);
+                    let wq: [__m256i; C] = std::array::from_fn(|c| {
+                        _mm256_loadu_si256(ws[c].q.as_ptr().add(b * 32) as *const __m256i)
+                    });
+                    let aq: [__m256i; C] = std::array::from_fn(|c| {
+                        _mm256_loadu_si256(ws[c].aq.as_ptr().add(b * 32) as *const __m256i)
+                    });
                     for (a, x) in acc.iter_mut().zip(&rows) {
                         let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * 32) as *const __m256i);
-                        let p = _mm256_madd_epi16(
-                            _mm256_maddubs_epi16(aq, _mm256_sign_epi8(xq, wq)),
-                            ones,
-                        );
-                        let d = _mm256_set1_ps(w.dm[b] * x.d[b]);
-                        *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), *a);
+                        for c in 0..C {
+                            let p = _mm256_madd_epi16(
+                                _mm256_maddubs_epi16(aq[c], _mm256_sign_epi8(xq, wq[c])),
+                                ones,
+                            );
+                            let d = _mm256_set1_ps(ws[c].dm[b] * x.d[b]);
+                            a[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), a[c]);
+                        }
                     }
                 }
             }
-            for (o, a) in out.iter_mut().zip(acc) {
-                *o = hsum8(lanes(a));
+            for (r, a) in acc.iter().enumerate() {
+                for (c, a) in a.iter().enumerate() {
+                    out[c * stride + r] = hsum8(lanes(*a));
+                }
             }
             return;
         }
-        let mut accc = [_mm256_setzero_ps(); R];
+        let mut accc = [[_mm256_setzero_ps(); C]; R];
         for b in 0..nb {
-            // SAFETY: the row holds nb * 256 values, nb * 128 scales and nb * 16
-            // multipliers; every activation row holds nb * 256 values and nb * 16 sums.
+            // SAFETY: every weight row holds nb * 256 values, nb * 128 scales
+            // and nb * 16 multipliers; every activation row holds nb * 256
+            // values and nb * 16 sums.
             unsafe {
-                let cm = _mm256_loadu_si256(w.cm.as_ptr().add(b * 16) as *const __m256i);
                 for r in 0..R {
                     let x = &rows[r];
-                    let mut isum = _mm256_setzero_si256();
+                    let bs = _mm256_loadu_si256(x.bsums.as_ptr().add(b * 16) as *const __m256i);
+                    let mut isum = [_mm256_setzero_si256(); C];
                     for v in 0..8 {
                         let g = b * 8 + v;
-                        let wq = _mm256_loadu_si256(w.q.as_ptr().add(g * 32) as *const __m256i);
-                        let sc = _mm256_loadu_si256(w.sc.as_ptr().add(g * 16) as *const __m256i);
                         let xq = _mm256_loadu_si256(x.q.as_ptr().add(g * 32) as *const __m256i);
-                        isum = _mm256_add_epi32(
-                            isum,
-                            _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), sc),
-                        );
+                        for c in 0..C {
+                            let w = ws[c];
+                            let wq = _mm256_loadu_si256(w.q.as_ptr().add(g * 32) as *const __m256i);
+                            let sc =
+                                _mm256_loadu_si256(w.sc.as_ptr().add(g * 16) as *const __m256i);
+                            isum[c] = _mm256_add_epi32(
+                                isum[c],
+                                _mm256_madd_epi16(_mm256_maddubs_epi16(wq, xq), sc),
+                            );
+                        }
                     }
-                    let bs = _mm256_loadu_si256(x.bsums.as_ptr().add(b * 16) as *const __m256i);
-                    let c = _mm256_madd_epi16(cm, bs);
-                    let dm = _mm256_set1_ps(w.dm[b] * x.d[b]);
-                    let dc = _mm256_set1_ps(w.dc[b] * x.d[b]);
-                    acc[r] = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(isum), acc[r]);
-                    accc[r] = _mm256_fmadd_ps(dc, _mm256_cvtepi32_ps(c), accc[r]);
+                    for c in 0..C {
+                        let w = ws[c];
+                        let cm = _mm256_loadu_si256(w.cm.as_ptr().add(b * 16) as *const __m256i);
+                        let corr = _mm256_madd_epi16(cm, bs);
+                        let dm = _mm256_set1_ps(w.dm[b] * x.d[b]);
+                        let dc = _mm256_set1_ps(w.dc[b] * x.d[b]);
+                        acc[r][c] = _mm256_fmadd_ps(dm, _mm256_cvtepi32_ps(isum[c]), acc[r][c]);
+                        accc[r][c] = _mm256_fmadd_ps(dc, _mm256_cvtepi32_ps(corr), accc[r][c]);
+                    }
                 }
             }
         }
         for r in 0..R {
-            out[r] = hsum8(lanes(acc[r])) - hsum8(lanes(accc[r]));
+            for c in 0..C {
+                out[c * stride + r] = hsum8(lanes(acc[r][c])) - hsum8(lanes(accc[r][c]));
+            }
         }
     }
 }
@@ -924,7 +1003,16 @@ mod tests {
             return;
         }
         for ty in TYPES {
-            for &(m, n) in &[(1, 3), (2, 65), (5, 17), (33, 9)] {
+            for &(m, n) in &[
+                (1, 3),
+                (1, 9),
+                (2, 65),
+                (3, 7),
+                (5, 17),
+                (6, 10),
+                (7, 5),
+                (33, 9),
+            ] {
                 let k = 768;
                 let w = random_weight(ty, n, k, 3);
                 let x = acts(m, k);
