@@ -274,6 +274,12 @@ impl Unpacked {
     /// Unpacks one row of blocks; with `simd` (only when the CPU has AVX2)
     /// the values are unpacked by the AVX2 code, to the same bytes.
     fn unpack(&mut self, ty: QuantType, row: &[u8], simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd && !ty.is_k() {
+            // SAFETY: `simd` is only set when the CPU has AVX2 (`has_avx2`).
+            unsafe { avx2::unpack_row_32(ty, row, self) };
+            return;
+        }
         let (be, bb) = (ty.block_elems(), ty.block_bytes());
         for (b, blk) in row.chunks_exact(bb).enumerate() {
             let q = &mut self.q[b * be..(b + 1) * be];
@@ -524,27 +530,15 @@ fn matmul_with(
     }
     let acts = Acts::quantize(x, m, k, ty);
     let ptr = OutPtr(out.as_mut_ptr());
-    let tasks = n.div_ceil(COLS_PER_TASK);
+    // Enough tasks to balance the threads, few enough that each amortizes its buffers.
+    let per_task = (n / 256).next_multiple_of(COLS).max(COLS_PER_TASK);
+    let tasks = n.div_ceil(per_task);
     let run = |t: usize| {
         let mut us: [Unpacked; COLS] = std::array::from_fn(|_| Unpacked::new(ty, k));
         let mut cols = vec![0f32; m * COLS];
-        let end = ((t + 1) * COLS_PER_TASK).min(n);
-        for j0 in (t * COLS_PER_TASK..end).step_by(COLS) {
+        let end = ((t + 1) * per_task).min(n);
+        for j0 in (t * per_task..end).step_by(COLS) {
             let c = (end - j0).min(COLS);
-            #[cfg(target_arch = "x86_64")]
-            if simd && j0 + c < n {
-                // The next group's rows: pull them in while this one computes.
-                let next = &w.data[(j0 + c) * w.row_bytes()..];
-                let len = next.len().min(COLS * w.row_bytes());
-                for at in (0..len).step_by(64) {
-                    // SAFETY: a prefetch never faults; the address is inside `next`.
-                    unsafe {
-                        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                            next.as_ptr().add(at) as *const i8,
-                        )
-                    };
-                }
-            }
             for (jj, u) in us.iter_mut().enumerate().take(c) {
                 u.unpack(ty, w.row(j0 + jj), simd);
             }
@@ -637,6 +631,56 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Acts, QuantType, Unpacked, hsum8};
+
+    /// Unpacks a row of 32-wide blocks (Q4_0, Q5_0, Q8_0): the bytes and
+    /// scales `Unpacked::unpack` writes without SIMD.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn unpack_row_32(ty: QuantType, row: &[u8], u: &mut Unpacked) {
+        let bb = ty.block_bytes();
+        let nb = row.len() / bb;
+        assert!(u.q.len() == nb * 32 && u.aq.len() == nb * 32 && u.dm.len() == nb);
+        let (q, aq, dm, row) = (u.q.as_mut_ptr(), u.aq.as_mut_ptr(), &mut u.dm, row.as_ptr());
+        let low = _mm256_set1_epi8(0xF);
+        let shuf = _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0,
+        );
+        for (b, d) in dm.iter_mut().enumerate() {
+            // SAFETY: block b lies inside the row (nb whole blocks); the
+            // buffers hold nb * 32 values (asserted).
+            unsafe {
+                let blk = row.add(b * bb);
+                *d = half::f16::from_bits(u16::from_le_bytes([*blk, *blk.add(1)])).to_f32();
+                let v = match ty {
+                    QuantType::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+                    QuantType::Q4_0 => {
+                        let qs = _mm_loadu_si128(blk.add(2) as *const __m128i);
+                        let b = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
+                        _mm256_sub_epi8(_mm256_and_si256(b, low), _mm256_set1_epi8(8))
+                    }
+                    _ => {
+                        let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
+                        let b = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
+                        let qh = (blk.add(2) as *const u32).read_unaligned();
+                        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
+                        let bits = _mm256_cmpeq_epi8(
+                            _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                            _mm256_set1_epi64x(-1),
+                        );
+                        let h = _mm256_and_si256(bits, _mm256_set1_epi8(0x10));
+                        _mm256_sub_epi8(_mm256_or_si256(b, h), _mm256_set1_epi8(16))
+                    }
+                };
+                _mm256_storeu_si256(q.add(b * 32) as *mut __m256i, v);
+                _mm256_storeu_si256(aq.add(b * 32) as *mut __m256i, _mm256_abs_epi8(v));
+            }
+        }
+    }
 
     /// Unpacks one block's values into `q` (and `|q|` into `aq` for the
     /// 32-wide types): the bytes `Unpacked::unpack` writes without SIMD.
