@@ -539,10 +539,19 @@ fn matmul_with(
         let end = ((t + 1) * per_task).min(n);
         for j0 in (t * per_task..end).step_by(COLS) {
             let c = (end - j0).min(COLS);
-            for (jj, u) in us.iter_mut().enumerate().take(c) {
-                u.unpack(ty, w.row(j0 + jj), simd);
+            #[cfg(target_arch = "x86_64")]
+            let direct = simd && m <= 4 && !ty.is_k();
+            #[cfg(not(target_arch = "x86_64"))]
+            let direct = false;
+            if direct {
+                #[cfg(target_arch = "x86_64")]
+                dot_direct(ty, w, j0, c, &acts, m, &mut cols);
+            } else {
+                for (jj, u) in us.iter_mut().enumerate().take(c) {
+                    u.unpack(ty, w.row(j0 + jj), simd);
+                }
+                dot_rows(ty, &us[..c], &acts, m, simd, &mut cols);
             }
-            dot_rows(ty, &us[..c], &acts, m, simd, &mut cols);
             for (jj, col) in cols.chunks_exact(m).enumerate().take(c) {
                 let j = j0 + jj;
                 let b = bias.map_or(0.0, |b| b[j]);
@@ -558,6 +567,45 @@ fn matmul_with(
         (0..tasks).for_each(run);
     } else {
         (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+/// Small batches (m ≤ 4) on 32-wide blocks: `c` weight rows from `j0`
+/// dotted with all `m` activation rows straight from the file's bytes.
+#[cfg(target_arch = "x86_64")]
+fn dot_direct(
+    ty: QuantType,
+    w: &QuantWeight,
+    j0: usize,
+    c: usize,
+    acts: &Acts,
+    m: usize,
+    out: &mut [f32],
+) {
+    macro_rules! go {
+        ($r:literal, $c:literal, $j:expr) => {{
+            let wrows: [&[u8]; $c] = std::array::from_fn(|i| w.row($j + i));
+            // SAFETY: only called with `simd` set (the CPU has AVX2 and FMA);
+            // the rows are whole rows of this weight; m == $r rows exist.
+            unsafe { avx2::dot_direct_32::<$r, $c>(ty, wrows, acts, &mut out[($j - j0) * m..], m) }
+        }};
+    }
+    let wide = if m <= 2 { 4 } else { 2 };
+    let mut j = j0;
+    while j < j0 + c {
+        let left = j0 + c - j;
+        let step = if left >= wide { wide } else { 1 };
+        match (m, step) {
+            (1, 4) => go!(1, 4, j),
+            (1, _) => go!(1, 1, j),
+            (2, 4) => go!(2, 4, j),
+            (2, _) => go!(2, 1, j),
+            (3, 2) => go!(3, 2, j),
+            (3, _) => go!(3, 1, j),
+            (_, 2) => go!(4, 2, j),
+            _ => go!(4, 1, j),
+        }
+        j += step;
     }
 }
 
@@ -632,6 +680,49 @@ mod avx2 {
 
     use super::{Acts, QuantType, Unpacked, hsum8};
 
+    /// One 32-wide block (Q4_0, Q5_0, Q8_0) at `blk`: its scale and its
+    /// 32 signed values (what `Unpacked::unpack` writes).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `blk` points to a whole block of `ty`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn decode32(ty: QuantType, blk: *const u8) -> (f32, __m256i) {
+        let low = _mm256_set1_epi8(0xF);
+        // SAFETY: every read lies inside the block (the GGUF layouts).
+        unsafe {
+            let d = half::f16::from_bits(u16::from_le_bytes([*blk, *blk.add(1)])).to_f32();
+            let v = match ty {
+                QuantType::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
+                QuantType::Q4_0 => {
+                    let qs = _mm_loadu_si128(blk.add(2) as *const __m128i);
+                    let b = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
+                    _mm256_sub_epi8(_mm256_and_si256(b, low), _mm256_set1_epi8(8))
+                }
+                _ => {
+                    let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
+                    let b = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
+                    let qh = (blk.add(2) as *const u32).read_unaligned();
+                    // Byte j gets bit j of qh (llama.cpp's bytes_from_bits_32).
+                    let shuf = _mm256_set_epi64x(
+                        0x0303030303030303,
+                        0x0202020202020202,
+                        0x0101010101010101,
+                        0,
+                    );
+                    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
+                    let bits = _mm256_cmpeq_epi8(
+                        _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
+                        _mm256_set1_epi64x(-1),
+                    );
+                    let h = _mm256_and_si256(bits, _mm256_set1_epi8(0x10));
+                    _mm256_sub_epi8(_mm256_or_si256(b, h), _mm256_set1_epi8(16))
+                }
+            };
+            (d, v)
+        }
+    }
+
     /// Unpacks a row of 32-wide blocks (Q4_0, Q5_0, Q8_0): the bytes and
     /// scales `Unpacked::unpack` writes without SIMD.
     ///
@@ -643,41 +734,72 @@ mod avx2 {
         let nb = row.len() / bb;
         assert!(u.q.len() == nb * 32 && u.aq.len() == nb * 32 && u.dm.len() == nb);
         let (q, aq, dm, row) = (u.q.as_mut_ptr(), u.aq.as_mut_ptr(), &mut u.dm, row.as_ptr());
-        let low = _mm256_set1_epi8(0xF);
-        let shuf = _mm256_set_epi64x(
-            0x0303030303030303,
-            0x0202020202020202,
-            0x0101010101010101,
-            0,
-        );
         for (b, d) in dm.iter_mut().enumerate() {
             // SAFETY: block b lies inside the row (nb whole blocks); the
             // buffers hold nb * 32 values (asserted).
             unsafe {
-                let blk = row.add(b * bb);
-                *d = half::f16::from_bits(u16::from_le_bytes([*blk, *blk.add(1)])).to_f32();
-                let v = match ty {
-                    QuantType::Q8_0 => _mm256_loadu_si256(blk.add(2) as *const __m256i),
-                    QuantType::Q4_0 => {
-                        let qs = _mm_loadu_si128(blk.add(2) as *const __m128i);
-                        let b = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
-                        _mm256_sub_epi8(_mm256_and_si256(b, low), _mm256_set1_epi8(8))
-                    }
-                    _ => {
-                        let qs = _mm_loadu_si128(blk.add(6) as *const __m128i);
-                        let b = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
-                        let qh = (blk.add(2) as *const u32).read_unaligned();
-                        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
-                        let bits = _mm256_cmpeq_epi8(
-                            _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
-                            _mm256_set1_epi64x(-1),
-                        );
-                        let h = _mm256_and_si256(bits, _mm256_set1_epi8(0x10));
-                        _mm256_sub_epi8(_mm256_or_si256(b, h), _mm256_set1_epi8(16))
-                    }
-                };
+                let (dw, v) = decode32(ty, row.add(b * bb));
+                *d = dw;
                 _mm256_storeu_si256(q.add(b * 32) as *mut __m256i, v);
                 _mm256_storeu_si256(aq.add(b * 32) as *mut __m256i, _mm256_abs_epi8(v));
+            }
+        }
+    }
+
+    /// `R` activation rows (all of a small batch) against `C` weight rows
+    /// of 32-wide blocks read straight from the file's bytes (no unpacking
+    /// pass), into `out[c * stride + r]`: the arithmetic of `dot` and
+    /// `super::dot_scalar`, bit for bit.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `wrows` are whole rows of `ty`
+    /// blocks matching the activations' `k`; rows `0..R` exist.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_direct_32<const R: usize, const C: usize>(
+        ty: QuantType,
+        wrows: [&[u8]; C],
+        acts: &Acts,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let rows: [_; R] = std::array::from_fn(|r| acts.row(r));
+        let bb = ty.block_bytes();
+        let nb = acts.k / 32;
+        for w in &wrows {
+            assert_eq!(w.len(), nb * bb);
+        }
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for b in 0..nb {
+            // SAFETY: block b of each weight row is inside it (asserted);
+            // each activation row holds nb * 32 values.
+            unsafe {
+                let mut dw = [0f32; C];
+                let mut wq = [_mm256_setzero_si256(); C];
+                let mut aq = [_mm256_setzero_si256(); C];
+                for c in 0..C {
+                    let (d, v) = decode32(ty, wrows[c].as_ptr().add(b * bb));
+                    dw[c] = d;
+                    wq[c] = v;
+                    aq[c] = _mm256_abs_epi8(v);
+                }
+                for (a, x) in acc.iter_mut().zip(&rows) {
+                    let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * 32) as *const __m256i);
+                    let dx = x.d[b];
+                    for c in 0..C {
+                        let p = _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(aq[c], _mm256_sign_epi8(xq, wq[c])),
+                            ones,
+                        );
+                        let d = _mm256_set1_ps(dw[c] * dx);
+                        a[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), a[c]);
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (c, a) in a.iter().enumerate() {
+                out[c * stride + r] = hsum8(lanes(*a));
             }
         }
     }
