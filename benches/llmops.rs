@@ -124,7 +124,9 @@ fn quant_head(c: &mut Criterion) {
     let f16 = PackedWeight::pack_f16(&rows, n, k);
     drop(rows);
     for m in [1usize, 32] {
-        let x: Vec<f32> = (0..m * k).map(|i| ((i % 31) as f32 - 15.0) / 31.0).collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i % 31) as f32 - 15.0) / 31.0)
+            .collect();
         let mut out = vec![0f32; m * n];
         g.throughput(criterion::Throughput::Elements((2 * m * n * k) as u64));
         g.bench_function(format!("q8_0_{m}x{k}x{n}"), |b| {

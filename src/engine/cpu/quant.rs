@@ -101,7 +101,7 @@ impl QuantWeight {
     pub fn new(ty: QuantType, data: Vec<u8>, n: usize, k: usize) -> Option<Self> {
         let be = ty.block_elems();
         let len = n.checked_mul(k / be)?.checked_mul(ty.block_bytes())?;
-        (k > 0 && k % be == 0 && data.len() == len).then_some(Self { ty, data, n, k })
+        (k > 0 && k.is_multiple_of(be) && data.len() == len).then_some(Self { ty, data, n, k })
     }
 
     /// The block type.
@@ -358,8 +358,8 @@ impl Unpacked {
                     let (ql, qh, scales) = (&blk[0..128], &blk[128..192], &blk[192..208]);
                     self.dm[b] = f16_at(blk, 208);
                     self.dc[b] = self.dm[b];
-                    for s in 0..16 {
-                        let sc = scales[s] as i8 as i16;
+                    for (s, &sc) in scales.iter().enumerate() {
+                        let sc = sc as i8 as i16;
                         self.cm[b * 16 + s] = 32 * sc;
                         // Per 32 values: lanes 0..8 cover the first 16, 8..16 the next.
                         let v = s / 2;
@@ -379,7 +379,7 @@ impl Unpacked {
                 }
             }
         }
-        if !ty.is_k() && !(simd && cfg!(target_arch = "x86_64")) {
+        if !(ty.is_k() || simd && cfg!(target_arch = "x86_64")) {
             for (a, &v) in self.aq.iter_mut().zip(&self.q) {
                 *a = v.unsigned_abs();
             }
@@ -442,11 +442,11 @@ fn dot_scalar(ty: QuantType, w: &Unpacked, x: ActRow<'_>) -> f32 {
     if !ty.is_k() {
         for (b, (wq, xq)) in w.q.chunks_exact(32).zip(x.q.chunks_exact(32)).enumerate() {
             let d = w.dm[b] * x.d[b];
-            for l in 0..8 {
+            for (l, a) in acc.iter_mut().enumerate() {
                 let p: i32 = (4 * l..4 * l + 4)
                     .map(|e| wq[e] as i32 * xq[e] as i32)
                     .sum();
-                acc[l] = d.mul_add(p as f32, acc[l]);
+                *a = d.mul_add(p as f32, *a);
             }
         }
         return hsum8(acc);
@@ -627,6 +627,7 @@ fn dot_rows(ty: QuantType, ws: &[Unpacked], acts: &Acts, m: usize, simd: bool, o
                 4 | 3 => {
                     for (c, w) in ws.iter().enumerate() {
                         let o = &mut out[c * m + i..];
+                        // SAFETY: see above.
                         unsafe {
                             if r == 4 {
                                 avx2::dot::<4, 1>(ty, [w], acts, i, o, m)
@@ -640,11 +641,13 @@ fn dot_rows(ty: QuantType, ws: &[Unpacked], acts: &Acts, m: usize, simd: bool, o
                     let mut c = 0;
                     while c + 2 <= ws.len() {
                         let o = &mut out[c * m + i..];
+                        // SAFETY: see above.
                         unsafe { avx2::dot::<2, 2>(ty, [&ws[c], &ws[c + 1]], acts, i, o, m) };
                         c += 2;
                     }
                     if c < ws.len() {
                         let o = &mut out[c * m + i..];
+                        // SAFETY: see above.
                         unsafe { avx2::dot::<2, 1>(ty, [&ws[c]], acts, i, o, m) };
                     }
                 }
@@ -653,11 +656,13 @@ fn dot_rows(ty: QuantType, ws: &[Unpacked], acts: &Acts, m: usize, simd: bool, o
                     while c + 4 <= ws.len() {
                         let o = &mut out[c * m + i..];
                         let w4 = [&ws[c], &ws[c + 1], &ws[c + 2], &ws[c + 3]];
+                        // SAFETY: see above.
                         unsafe { avx2::dot::<1, 4>(ty, w4, acts, i, o, m) };
                         c += 4;
                     }
                     for c in c..ws.len() {
                         let o = &mut out[c * m + i..];
+                        // SAFETY: see above.
                         unsafe { avx2::dot::<1, 1>(ty, [&ws[c]], acts, i, o, m) };
                     }
                 }
