@@ -98,6 +98,47 @@ fn gemm(c: &mut Criterion) {
     g.finish();
 }
 
+/// Gemma 3 270M's tied output head (262,144 × 640) on Q8_0 blocks
+/// (`cpu::quant`, int8 activations) vs f16 panels, at batch 1 and 32.
+fn quant_head(c: &mut Criterion) {
+    llmops::init_process();
+    use llmops::engine::cpu::gemm::{PackedWeight, matmul_xwt};
+    use llmops::engine::cpu::quant::{self, QuantType, QuantWeight};
+    let (n, k) = (262_144usize, 640usize);
+    let mut g = c.benchmark_group("quant_head");
+    g.sample_size(10);
+    let blocks = n * k / 32;
+    let mut data = Vec::with_capacity(blocks * 34);
+    for b in 0..blocks {
+        data.extend_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+        data.extend((0..32).map(|i| ((b * 7 + i * 13) % 255) as u8));
+    }
+    let q = QuantWeight::new(QuantType::Q8_0, data, n, k).expect("whole blocks");
+    let mut row = vec![];
+    let mut rows = Vec::with_capacity(n * k);
+    for j in 0..n {
+        row.clear();
+        q.row_into(j, &mut row);
+        rows.extend_from_slice(&row);
+    }
+    let f16 = PackedWeight::pack_f16(&rows, n, k);
+    drop(rows);
+    for m in [1usize, 32] {
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i % 31) as f32 - 15.0) / 31.0)
+            .collect();
+        let mut out = vec![0f32; m * n];
+        g.throughput(criterion::Throughput::Elements((2 * m * n * k) as u64));
+        g.bench_function(format!("q8_0_{m}x{k}x{n}"), |b| {
+            b.iter(|| quant::matmul_xwt(black_box(&x), m, &q, None, &mut out))
+        });
+        g.bench_function(format!("f16_{m}x{k}x{n}"), |b| {
+            b.iter(|| matmul_xwt(black_box(&x), m, &f16, None, &mut out))
+        });
+    }
+    g.finish();
+}
+
 /// Sampling from 262,144 logits (Gemma 3's vocabulary) on a Zipf-shaped row
 /// (rank r has logit -1.2·ln r, like a language model's long tail), for
 /// each parameter combination at batch 1 and batch 32. A batch samples as
@@ -420,6 +461,6 @@ criterion_group! {
         .sample_size(20)
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = engine_step, gemm, sampling, scheduler_plan, routing, metric_recording, rollout_analysis, drift
+    targets = engine_step, gemm, quant_head, sampling, scheduler_plan, routing, metric_recording, rollout_analysis, drift
 }
 criterion_main!(benches);

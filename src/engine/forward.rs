@@ -112,8 +112,8 @@ mod tests {
     /// position, window or norm, each of which moves logits by 0.01 or more.
     const F32_TOLERANCE: f32 = 1e-4;
 
-    /// The same for Q8_0 blocks: candle's quantized matmul rounds each
-    /// block of 32 activations to 8 bits, so the paths' 1e-6 differences
+    /// The same for Q8_0 blocks: candle's quantized matmul and the host
+    /// block kernel round each block of 32 activations to 8 bits, so the paths' 1e-6 differences
     /// in activations can move one rounding step, which moves an output by
     /// a step times its weights (0.021 measured on the tiny Llama).
     const Q8_TOLERANCE: f32 = 0.05;
@@ -292,8 +292,9 @@ mod tests {
 
     #[test]
     fn the_tensor_path_agrees_with_the_host_path_on_quantized_blocks() {
-        // Q8_0 blocks held as candle's quantized matmul: the weights a GPU
-        // would run, on both paths.
+        // Q8_0 blocks kept as blocks: candle's quantized matmul on the
+        // tensor path (the weights a GPU would run), the int8 block kernel
+        // (`cpu::quant`) on the host path.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("model");
         SynthSpec::tiny_llama().write(&path, None).unwrap();

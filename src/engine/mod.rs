@@ -193,8 +193,11 @@ pub enum GgufWeights {
     /// Requantized to int8 panels with one scale per row (1 byte per
     /// parameter): faster single streams, less memory, slower large batches.
     Int8,
-    /// Kept as blocks, run through candle's quantized matmul (least memory;
-    /// each activation row is a separate pass, so batches do not amortize).
+    /// Kept as the file's blocks (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; the
+    /// least memory): on the host path our int8 block kernel
+    /// (`cpu::quant`), activations quantized per block to int8 as llama.cpp
+    /// does, one pass over each weight for the whole batch; other block
+    /// types, and the tensor path, run candle's quantized matmul.
     Blocks,
 }
 

@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Module, Tensor};
 
 use super::config::Arch;
 use super::cpu::gemm::{PackedWeight, PanelFormat};
+use super::cpu::quant::{QuantType, QuantWeight};
 use super::{Error, Result};
 
 /// Storage of a linear layer's weight.
@@ -22,6 +23,9 @@ use super::{Error, Result};
 pub(crate) enum LinearWeight {
     /// f32 in host memory, packed for the CPU kernel.
     Host(Arc<PackedWeight>),
+    /// The GGUF file's blocks in host memory, for the int8 block kernel
+    /// (`cpu::quant`).
+    Blocks(Arc<QuantWeight>),
     /// A candle matmul (quantized blocks, or dense on a GPU).
     Candle(QMatMul),
 }
@@ -112,6 +116,21 @@ impl Linear {
         })
     }
 
+    /// A host layer on the file's blocks.
+    fn blocks(weight: Arc<QuantWeight>, bias: Option<Tensor>) -> Result<Self> {
+        let bias_host = match &bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        Ok(Self {
+            out_features: weight.n,
+            in_features: weight.k,
+            weight: LinearWeight::Blocks(weight),
+            bias,
+            bias_host,
+        })
+    }
+
     fn host(
         weight: Arc<PackedWeight>,
         out_features: usize,
@@ -128,33 +147,44 @@ impl Linear {
     }
 
     /// Stacks layers sharing an input into one (`[out₁ + out₂ + …, in]`), so
-    /// one matmul serves them; `None` unless all are host f32.
+    /// one matmul serves them; `None` unless all are host panels of one
+    /// format or blocks of one type.
     pub(crate) fn stack(parts: &[&Linear]) -> Option<Linear> {
         let in_features = parts.first()?.in_features;
         let mut ws = vec![];
+        let mut qs = vec![];
         let mut bias = vec![];
         let any_bias = parts.iter().any(|p| p.bias_host.is_some());
         for p in parts {
-            let LinearWeight::Host(pw) = &p.weight else {
-                return None;
-            };
+            match &p.weight {
+                LinearWeight::Host(pw) => ws.push(pw.as_ref()),
+                LinearWeight::Blocks(qw) => qs.push(qw.as_ref()),
+                LinearWeight::Candle(_) => return None,
+            }
             if p.in_features != in_features || (p.bias.is_some() && p.bias_host.is_none()) {
                 return None;
             }
-            ws.push(pw.as_ref());
             match &p.bias_host {
                 Some(b) => bias.extend_from_slice(b),
                 None => bias.extend(std::iter::repeat_n(0.0, p.out_features)),
             }
         }
-        let stacked = PackedWeight::stack(&ws)?;
-        let out = stacked.n;
-        Some(Linear::host(
-            Arc::new(stacked),
-            out,
+        if !ws.is_empty() && !qs.is_empty() {
+            return None;
+        }
+        let weight = if qs.is_empty() {
+            LinearWeight::Host(Arc::new(PackedWeight::stack(&ws)?))
+        } else {
+            LinearWeight::Blocks(Arc::new(QuantWeight::stack(&qs)?))
+        };
+        let out_features = parts.iter().map(|p| p.out_features).sum();
+        Some(Self {
+            weight,
+            bias: None,
+            bias_host: any_bias.then_some(bias),
+            out_features,
             in_features,
-            any_bias.then_some(bias),
-        ))
+        })
     }
 
     /// Output width.
@@ -191,6 +221,14 @@ impl Linear {
                 let wt = Tensor::from_vec(rows, (self.out_features, self.in_features), x.device())?;
                 x.matmul(&wt.t()?)?
             }
+            LinearWeight::Blocks(w) => {
+                let mut rows = Vec::with_capacity(w.n * w.k);
+                for j in 0..w.n {
+                    w.row_into(j, &mut rows);
+                }
+                let wt = Tensor::from_vec(rows, (self.out_features, self.in_features), x.device())?;
+                x.matmul(&wt.t()?)?
+            }
         };
         Ok(match (&self.bias, &self.bias_host) {
             (Some(b), _) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
@@ -205,6 +243,9 @@ impl Linear {
         match &self.weight {
             LinearWeight::Host(w) => {
                 super::cpu::gemm::matmul_xwt(x, m, w, self.bias_host.as_deref(), out);
+            }
+            LinearWeight::Blocks(w) => {
+                super::cpu::quant::matmul_xwt(x, m, w, self.bias_host.as_deref(), out);
             }
             LinearWeight::Candle(q) => {
                 let t = Tensor::from_slice(
@@ -234,6 +275,7 @@ impl Linear {
     pub fn size_in_bytes(&self) -> usize {
         match &self.weight {
             LinearWeight::Host(w) => w.size_in_bytes(),
+            LinearWeight::Blocks(w) => w.size_in_bytes(),
             LinearWeight::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
             LinearWeight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.elem_count() * t.dtype().size_in_bytes()
@@ -255,6 +297,10 @@ pub enum Embedding {
         /// Row width.
         hidden: usize,
     },
+    /// `[vocab, hidden]` as the GGUF file's blocks in host memory: rows
+    /// are dequantized on lookup, and a tied output head runs the int8
+    /// block kernel on the same bytes.
+    Blocks(Arc<QuantWeight>),
     /// `[vocab, hidden]` in the compute dtype on a device.
     Dense(Tensor),
     /// `[vocab, hidden]` in a GGUF block format.
@@ -284,6 +330,12 @@ impl Embedding {
                 self.gather_host(&ids, &mut out)?;
                 Tensor::from_vec(out, (ids.len(), *hidden), &Device::Cpu)?
             }
+            Embedding::Blocks(table) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let mut out = vec![];
+                self.gather_host(&ids, &mut out)?;
+                Tensor::from_vec(out, (ids.len(), table.k), &Device::Cpu)?
+            }
             Embedding::Dense(w) => w.embedding(ids)?,
             Embedding::Quantized(q) => q.embedding(ids)?,
         })
@@ -303,12 +355,25 @@ impl Embedding {
                     table.row_into(id as usize, out);
                 }
             }
+            Embedding::Blocks(table) => {
+                out.clear();
+                for &id in ids {
+                    if id as usize >= table.n {
+                        return Err(Error::Internal(format!(
+                            "token id {id} outside the embedding"
+                        )));
+                    }
+                    table.row_into(id as usize, out);
+                }
+            }
             other => {
                 let t = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
                 let rows = match other {
                     Embedding::Quantized(q) => q.embedding(&t)?,
                     Embedding::Dense(w) => w.embedding(&t.to_device(w.device())?)?,
-                    Embedding::Host { .. } => unreachable!("handled above"),
+                    Embedding::Host { .. } | Embedding::Blocks(_) => {
+                        unreachable!("handled above")
+                    }
                 };
                 *out = rows.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             }
@@ -322,6 +387,7 @@ impl Embedding {
             Embedding::Host { table, hidden } => {
                 Ok(Linear::host(table.clone(), table.n, *hidden, None))
             }
+            Embedding::Blocks(table) => Linear::blocks(table.clone(), None),
             Embedding::Dense(w) => Linear::dense_for(w.clone(), None, false),
             Embedding::Quantized(q) => Linear::quantized(q.clone(), None),
         }
@@ -672,13 +738,29 @@ impl WeightSource {
     }
 
     /// The host panel format block-quantized GGUF matrices are dequantized
-    /// into: on the CPU, unless [`super::GgufWeights::Blocks`]. Candle's
-    /// quantized CPU matmul computes each activation row separately, so its
-    /// cost grows linearly with the batch; the packed GEMM serves the whole
-    /// batch from one pass over the weight.
+    /// into on the host path, or `None` with [`super::GgufWeights::Blocks`]
+    /// (then `host_blocks` keeps the file's blocks). Either way one pass
+    /// over each weight serves the whole batch.
     fn host_panels(&self) -> Option<PanelFormat> {
         self.panel_format
             .filter(|_| self.host && self.dtype == DType::F32)
+    }
+
+    /// The file's blocks for the host block kernel: on the host path with
+    /// [`super::GgufWeights::Blocks`], for the block types it reads (others
+    /// stay candle `QMatMul`s).
+    fn host_blocks(&self, q: &QTensor) -> candle_core::Result<Option<QuantWeight>> {
+        if self.panel_format.is_some() || !self.host || self.dtype != DType::F32 {
+            return Ok(None);
+        }
+        let Some(ty) = QuantType::from_ggml(q.dtype()) else {
+            return Ok(None);
+        };
+        let Ok((n, k)) = q.shape().dims2() else {
+            return Ok(None);
+        };
+        let data = q.data()?.into_owned();
+        Ok(QuantWeight::new(ty, data, n, k))
     }
 
     /// Whether GGUF block-quantized matrices are dequantized into dense
@@ -719,6 +801,11 @@ impl WeightSource {
                             .dequantize(&self.device)
                             .map_err(|e| self.wrap(&wname, e))?;
                         Linear::host_packed(&t, bias, format)
+                    }
+                    _ if let Some(w) =
+                        self.host_blocks(&q).map_err(|e| self.wrap(&wname, e))? =>
+                    {
+                        Linear::blocks(Arc::new(w), bias)
                     }
                     _ if self.dense_on_device() => {
                         let t = q
@@ -768,6 +855,8 @@ impl WeightSource {
                         table: Arc::new(PackedWeight::pack_as(&rows, vocab, hidden, format)),
                         hidden,
                     })
+                } else if let Some(w) = self.host_blocks(&q).map_err(|e| self.wrap(name, e))? {
+                    Ok(Embedding::Blocks(Arc::new(w)))
                 } else if self.dense_on_device() {
                     let t = q.dequantize(&self.device).map_err(|e| self.wrap(name, e))?;
                     Ok(Embedding::Dense(t.to_dtype(self.dtype)?))

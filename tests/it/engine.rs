@@ -247,7 +247,7 @@ fn gguf_q8_0_export_agrees_with_f32_on_the_top_token() {
     let streams = token_streams(4, 30);
     let a = support::run_teacher_forced(&f32_model, &plans(&streams), 4);
     // Every CPU path: f16 panels dequantized at load (the default), f32 and
-    // int8 panels, and candle's quantized matmul on the blocks.
+    // int8 panels, and the int8 block kernel (`cpu::quant`) on the file's blocks.
     for gguf_weights in [
         GgufWeights::F16,
         GgufWeights::F32,

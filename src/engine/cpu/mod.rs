@@ -7,3 +7,4 @@ pub mod gemm;
 pub mod limits;
 pub mod math;
 pub mod profile;
+pub mod quant;
