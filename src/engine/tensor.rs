@@ -50,7 +50,7 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
     }
     let kv_shape = kv.shape();
     // Each distinct (layer group, window) among the layers gets a plan.
-    let mut kinds: Vec<(usize, Option<usize>)> = vec![];
+    let mut kinds: Vec<LayerKind> = vec![];
     for (li, l) in m.layers.iter().enumerate() {
         let kind = (kv.groups().of_layer(li).0, l.window);
         if !kinds.contains(&kind) {
@@ -158,11 +158,14 @@ struct AttnPlan {
     /// `scatter_set` wants), `[rows, width]` u32, per layer group.
     write: Vec<Tensor>,
     /// Groups of rows attended together, per (layer group, window).
-    windows: Vec<((usize, Option<usize>), Vec<Group>)>,
+    windows: Vec<(LayerKind, Vec<Group>)>,
     /// Maps the groups' concatenated output back to row order (`None` when
     /// the groups already are in row order).
     order: Option<Tensor>,
 }
+
+/// A layer's (KV group, attention window): layers alike share a plan.
+type LayerKind = (usize, Option<usize>);
 
 /// Rows attended in one padded batch: `b` sequences of `l` new rows each,
 /// over `n` gathered cache slots each.
@@ -187,7 +190,7 @@ impl AttnPlan {
     fn new(
         batch: &Batch<'_>,
         shape: &KvShape,
-        kinds: &[(usize, Option<usize>)],
+        kinds: &[LayerKind],
         dev: &Device,
     ) -> Result<Self> {
         let (bs, groups) = (shape.block_size, shape.groups);
@@ -312,7 +315,7 @@ impl AttnPlan {
     /// scaled) over the layer's cache, which holds the new rows already.
     fn attend(
         &self,
-        kind: (usize, Option<usize>),
+        kind: LayerKind,
         q: &Tensor,
         kc: &Tensor,
         vc: &Tensor,
