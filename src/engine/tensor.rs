@@ -187,12 +187,7 @@ enum Rows {
 }
 
 impl AttnPlan {
-    fn new(
-        batch: &Batch<'_>,
-        shape: &KvShape,
-        kinds: &[LayerKind],
-        dev: &Device,
-    ) -> Result<Self> {
+    fn new(batch: &Batch<'_>, shape: &KvShape, kinds: &[LayerKind], dev: &Device) -> Result<Self> {
         let (bs, groups) = (shape.block_size, shape.groups);
         let width = shape.kv_heads * shape.head_dim;
         let t = batch.len();
