@@ -21,6 +21,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::OutPtr;
+
 /// Output columns per panel.
 pub const NR: usize = 16;
 /// Activation rows per microkernel call.
@@ -179,22 +181,6 @@ impl PackedWeight {
         }
         let n = parts.iter().map(|p| p.n).sum();
         Some(PackedWeight::pack_as(&rows, n, k, format))
-    }
-}
-
-/// A pointer that may cross threads because every task writes disjoint
-/// columns of the output.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of the output (see `matmul_xwt`).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above; the pointer itself is only copied.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper).
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 

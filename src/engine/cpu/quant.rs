@@ -26,6 +26,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::OutPtr;
+
 /// A GGUF block type this kernel reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantType {
@@ -480,21 +482,6 @@ fn dot_scalar(ty: QuantType, w: &Unpacked, x: ActRow<'_>) -> f32 {
     hsum8(acc) - hsum8(accc)
 }
 
-/// A pointer that may cross threads because every task writes disjoint
-/// columns of the output.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint column ranges of the output (see `matmul_xwt`).
-unsafe impl Send for OutPtr {}
-// SAFETY: as above; the pointer itself is only copied.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Output features per parallel task.
 const COLS_PER_TASK: usize = 64;
 
@@ -826,37 +813,9 @@ mod avx2 {
         // SAFETY: every load reads inside `blk` (offsets from the block layouts).
         unsafe {
             let ld = |at: usize| _mm256_loadu_si256(blk.as_ptr().add(at) as *const __m256i);
-            let ld16 = |at: usize| _mm_loadu_si128(blk.as_ptr().add(at) as *const __m128i);
             match ty {
                 QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q5_0 => {
-                    let v = match ty {
-                        QuantType::Q8_0 => ld(2),
-                        QuantType::Q4_0 => {
-                            let qs = ld16(2);
-                            let b = _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs);
-                            _mm256_sub_epi8(_mm256_and_si256(b, low), _mm256_set1_epi8(8))
-                        }
-                        _ => {
-                            let qs = ld16(6);
-                            let b =
-                                _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
-                            let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
-                            // Byte j of the spread word gets bit j of qh (llama.cpp's bytes_from_bits_32).
-                            let shuf = _mm256_set_epi64x(
-                                0x0303030303030303,
-                                0x0202020202020202,
-                                0x0101010101010101,
-                                0,
-                            );
-                            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
-                            let bits = _mm256_cmpeq_epi8(
-                                _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
-                                _mm256_set1_epi64x(-1),
-                            );
-                            let h = _mm256_and_si256(bits, _mm256_set1_epi8(0x10));
-                            _mm256_sub_epi8(_mm256_or_si256(b, h), _mm256_set1_epi8(16))
-                        }
-                    };
+                    let (_, v) = decode32(ty, blk.as_ptr());
                     store(q, 0, v);
                     _mm256_storeu_si256(aq.as_mut_ptr() as *mut __m256i, _mm256_abs_epi8(v));
                 }
