@@ -274,13 +274,16 @@ async fn a_slow_candidate_is_rolled_back_within_its_failure_limit_and_the_audit_
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = load(&s, 16, stop.clone());
     let (interval, limit) = (1.0, 2);
+    // The gate at 2× the stable p99: on a loaded 2-core machine the 26M
+    // candidate's p99 measured only 2.6× the tiny stable model's (a 3× gate
+    // let it through once).
     let ro = start(
         &c,
         &s,
         json!({
             "model": "tiny", "candidate": "slow", "steps": [25, 100], "interval_secs": interval,
             "failure_limit": limit,
-            "analysis": {"gates": ["error_rate <= 0.01", "e2e_p99 <= 3x"], "min_samples": 3, "mann_whitney_alpha": null}
+            "analysis": {"gates": ["error_rate <= 0.01", "e2e_p99 <= 2x"], "min_samples": 3, "mann_whitney_alpha": null}
         }),
     )
     .await;
