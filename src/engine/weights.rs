@@ -284,6 +284,25 @@ impl Linear {
     }
 }
 
+/// Appends the rows of `ids` (each below `rows`) to `out`, cleared first.
+fn gather_rows(
+    ids: &[u32],
+    rows: usize,
+    out: &mut Vec<f32>,
+    row_into: impl Fn(usize, &mut Vec<f32>),
+) -> Result<()> {
+    out.clear();
+    for &id in ids {
+        if id as usize >= rows {
+            return Err(Error::Internal(format!(
+                "token id {id} outside the embedding"
+            )));
+        }
+        row_into(id as usize, out);
+    }
+    Ok(())
+}
+
 /// The token embedding table: host f32 (CPU), a device tensor, or still
 /// quantized (rows are dequantized on lookup, so a 262k-row vocabulary stays
 /// small in memory).
@@ -345,26 +364,10 @@ impl Embedding {
     pub(crate) fn gather_host(&self, ids: &[u32], out: &mut Vec<f32>) -> Result<()> {
         match self {
             Embedding::Host { table, .. } => {
-                out.clear();
-                for &id in ids {
-                    if id as usize >= table.n {
-                        return Err(Error::Internal(format!(
-                            "token id {id} outside the embedding"
-                        )));
-                    }
-                    table.row_into(id as usize, out);
-                }
+                gather_rows(ids, table.n, out, |id, out| table.row_into(id, out))?
             }
             Embedding::Blocks(table) => {
-                out.clear();
-                for &id in ids {
-                    if id as usize >= table.n {
-                        return Err(Error::Internal(format!(
-                            "token id {id} outside the embedding"
-                        )));
-                    }
-                    table.row_into(id as usize, out);
-                }
+                gather_rows(ids, table.n, out, |id, out| table.row_into(id, out))?
             }
             other => {
                 let t = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
