@@ -65,33 +65,88 @@ fn engine_step(c: &mut Criterion) {
     g.finish();
 }
 
-/// The packed GEMM alone on the 26M model's shapes at 32 rows (a batch-32
+/// The packed GEMM alone, on the 26M model's shapes (f32 panels) and Gemma 3
+/// 270M's (f16 panels, the CPU default for GGUF), at 32 rows (a batch-32
 /// decode step) and 512 rows (a prefill chunk); throughput is in FLOPs.
+///
+/// Before criterion's figures it prints each shape's GFLOP/s as a fraction
+/// of the FMA peak measured in the same minute (`cpu::limits`), the figure
+/// BENCHMARKS.md reports.
 fn gemm(c: &mut Criterion) {
     llmops::init_process();
-    use llmops::engine::cpu::gemm::{PackedWeight, matmul_xwt};
+    use llmops::engine::cpu::gemm::{PackedWeight, PanelFormat, matmul_xwt};
+    let shapes = [
+        ("26m_qkv", 512usize, 256usize, PanelFormat::F32),
+        ("26m_gate_up", 1536, 256, PanelFormat::F32),
+        ("26m_down", 256, 768, PanelFormat::F32),
+        ("26m_head", 32000, 256, PanelFormat::F32),
+        ("gemma_qkv", 1536, 640, PanelFormat::F16),
+        ("gemma_o", 640, 1024, PanelFormat::F16),
+        ("gemma_gate_up", 4096, 640, PanelFormat::F16),
+        ("gemma_down", 640, 2048, PanelFormat::F16),
+    ];
+    use llmops::engine::cpu::limits::fma_throughput;
+    let peak = fma_throughput(3).map(|(p, isa)| {
+        eprintln!("gemm: FMA peak {:.1} GFLOP/s ({isa})", p / 1e9);
+        p
+    });
+    // Criterion's name filter (`cargo bench -- gemm/gemma`) selects the
+    // shapes timed here too.
+    let filter = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_default();
     let mut g = c.benchmark_group("gemm");
-    for (name, n, k) in [
-        ("qkv", 512usize, 256usize),
-        ("gate_up", 1536, 256),
-        ("down", 256, 768),
-        ("head", 32000, 256),
-    ] {
+    for (name, n, k, format) in shapes {
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
             .collect();
-        let w = PackedWeight::pack(&w, n, k);
+        let w = PackedWeight::pack_as(&w, n, k, format);
         for m in [32usize, 512] {
-            if name == "head" && m == 512 {
+            if name.ends_with("head") && m == 512 {
                 continue; // prefill chunks need logits for one row each
             }
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i % 31) as f32 - 15.0) / 31.0)
                 .collect();
             let mut out = vec![0f32; m * n];
-            g.throughput(criterion::Throughput::Elements((2 * m * n * k) as u64));
-            g.bench_function(format!("{name}_{m}x{k}x{n}"), |b| {
-                b.iter(|| matmul_xwt(black_box(&x), m, &w, None, &mut out))
+            let flops = (2 * m * n * k) as f64;
+            let id = format!("{name}_{m}x{k}x{n}");
+            // Timed inside the compute pool, as the engine's forward pass
+            // calls it (a call from outside would add a cross-thread
+            // hand-off per product). A shared VM's speed drifts by tens of
+            // percent from second to second, so each sample of the product
+            // (~20 ms) is paired with a measurement of the FMA peak just
+            // before it; the figure is the median of 15 ratios.
+            if let Some(p) = peak.filter(|_| format!("gemm/{id}").contains(&filter)) {
+                matmul_xwt(&x, m, &w, None, &mut out);
+                let t = std::time::Instant::now();
+                matmul_xwt(&x, m, &w, None, &mut out);
+                let reps = ((0.02 / t.elapsed().as_secs_f64()) as usize).max(1);
+                let mut samples: Vec<(f64, f64)> = rayon::scope(|_| {
+                    (0..15)
+                        .map(|_| {
+                            let (peak, _) = fma_throughput(1).unwrap_or((p, ""));
+                            let t = std::time::Instant::now();
+                            for _ in 0..reps {
+                                matmul_xwt(black_box(&x), m, &w, None, &mut out);
+                            }
+                            let rate = flops * reps as f64 / t.elapsed().as_secs_f64();
+                            (rate / peak, rate)
+                        })
+                        .collect()
+                });
+                samples.sort_by(|a, b| a.0.total_cmp(&b.0));
+                let (fraction, rate) = samples[samples.len() / 2];
+                eprintln!(
+                    "gemm: {id:<28} {format:?} {:>6.1} GFLOP/s  {:>3.0}% of the FMA peak",
+                    rate / 1e9,
+                    100.0 * fraction
+                );
+            }
+            g.throughput(criterion::Throughput::Elements(flops as u64));
+            g.bench_function(id, |b| {
+                rayon::scope(|_| b.iter(|| matmul_xwt(black_box(&x), m, &w, None, &mut out)))
             });
         }
     }

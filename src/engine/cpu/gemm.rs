@@ -30,6 +30,51 @@ const MR: usize = 6;
 /// Panels per parallel task.
 const PANELS_PER_TASK: usize = 4;
 
+/// The kernel family the GEMM runs on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Scalar code (any CPU).
+    Portable,
+    /// 8-lane AVX2 + FMA + F16C.
+    Avx2,
+    /// 16-lane AVX-512 (F) for batches, AVX2 for one or two rows.
+    Avx512,
+}
+
+impl Isa {
+    /// The widest family this CPU supports, capped by `LLMOPS_CPU_ISA`
+    /// (`avx2` or `portable`; for comparisons, never above what the CPU has).
+    /// Decided once per process.
+    pub fn detect() -> Isa {
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let cap = match std::env::var("LLMOPS_CPU_ISA").as_deref() {
+                Ok("portable") => Isa::Portable,
+                Ok("avx2") => Isa::Avx2,
+                _ => Isa::Avx512,
+            };
+            Self::supported().min(cap)
+        })
+    }
+
+    /// The widest family the CPU supports.
+    pub fn supported() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c");
+            if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
+    }
+}
+
 /// Panel storage.
 #[derive(Debug, Clone)]
 enum Panels {
@@ -186,32 +231,120 @@ impl PackedWeight {
 
 /// `out[m, n] = x[m, k] · wᵀ + bias[n]`.
 pub fn matmul_xwt(x: &[f32], m: usize, w: &PackedWeight, bias: Option<&[f32]>, out: &mut [f32]) {
+    matmul_xwt_on(Isa::detect(), x, m, w, bias, out)
+}
+
+/// [`matmul_xwt`] on the kernels of `isa` (at most what the CPU supports):
+/// every family gives the same bits, which the tests check.
+pub fn matmul_xwt_on(
+    isa: Isa,
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let isa = isa.min(Isa::supported());
     let (n, k) = (w.n, w.k);
     assert!(x.len() >= m * k && out.len() >= m * n, "matmul shapes");
+    if let Some(b) = bias {
+        assert!(b.len() >= n, "bias shape");
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && m >= avx512::MIN_ROWS {
+        thread_local! {
+            static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+        }
+        let mut packed = PACKED.take();
+        avx512::pack_rows(x, m, k, &mut packed);
+        for_panels(
+            m,
+            w,
+            |lo, hi, out| {
+                // SAFETY: as `for_panels` promises; the CPU has AVX-512F.
+                unsafe { avx512_panels(&packed, m, w, lo, hi, bias, out) }
+            },
+            out,
+        );
+        PACKED.set(packed);
+        return;
+    }
+    for_panels(
+        m,
+        w,
+        |lo, hi, out| {
+            // SAFETY: as `for_panels` promises; `isa` is supported.
+            unsafe { panels_range(isa, x, m, w, lo, hi, bias, out) }
+        },
+        out,
+    );
+}
+
+/// Runs `f(lo, hi, out)` over tasks of a few column panels each, in
+/// parallel unless the product is small. Each call may write the columns
+/// of panels `lo..hi` of `out` (`m × w.n`), which no other call touches.
+fn for_panels(
+    m: usize,
+    w: &PackedWeight,
+    f: impl Fn(usize, usize, *mut f32) + Sync,
+    out: &mut [f32],
+) {
     let ptr = OutPtr(out.as_mut_ptr());
-    let panels = n.div_ceil(NR);
+    let panels = w.n.div_ceil(NR);
     let tasks = panels.div_ceil(PANELS_PER_TASK);
     let run = |t: usize| {
         let lo = t * PANELS_PER_TASK;
-        let hi = (lo + PANELS_PER_TASK).min(panels);
-        // SAFETY: this task writes only the columns of panels lo..hi, which no
-        // other task touches; bounds were asserted above.
-        unsafe { panels_range(x, m, w, lo, hi, bias, ptr.get()) };
+        f(lo, (lo + PANELS_PER_TASK).min(panels), ptr.get())
     };
     // Small products are not worth a fork-join.
-    if m * n * k < 1 << 15 || tasks == 1 {
+    if m * w.n * w.k < 1 << 15 || tasks == 1 {
         (0..tasks).for_each(run);
     } else {
         (0..tasks).into_par_iter().for_each(run);
     }
 }
 
-/// Computes the columns of panels `lo..hi` for every row.
+/// The AVX-512 batch kernel on panels `lo..hi`; `packed` is `x` regrouped
+/// by `avx512::pack_rows`.
+///
+/// # Safety
+/// As [`panels_range`]; the CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+unsafe fn avx512_panels(
+    packed: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    lo: usize,
+    hi: usize,
+    bias: Option<&[f32]>,
+    out: *mut f32,
+) {
+    let (n, k) = (w.n, w.k);
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match &w.data {
+            Panels::F32(d) => {
+                avx512::panels_range(packed, m, d.as_ptr(), n, k, lo, hi, bias, None, out)
+            }
+            Panels::F16(d) => {
+                avx512::panels_range(packed, m, d.as_ptr(), n, k, lo, hi, bias, None, out)
+            }
+            Panels::I8 { q, scale } => {
+                avx512::panels_range(packed, m, q.as_ptr(), n, k, lo, hi, bias, Some(scale), out)
+            }
+        }
+    }
+}
+
+/// Computes the columns of panels `lo..hi` for every row on the AVX2 or
+/// portable kernels.
 ///
 /// # Safety
 /// `out` must point to an `m × w.n` buffer whose columns in these panels
-/// nobody else writes concurrently.
+/// nobody else writes concurrently; the CPU must support `isa`.
+#[allow(clippy::too_many_arguments)]
 unsafe fn panels_range(
+    isa: Isa,
     x: &[f32],
     m: usize,
     w: &PackedWeight,
@@ -222,13 +355,10 @@ unsafe fn panels_range(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && std::arch::is_x86_feature_detected!("f16c")
-        {
-            // SAFETY: the CPU has the features; the caller upholds the rest.
+        let (n, k) = (w.n, w.k);
+        if isa >= Isa::Avx2 {
+            // SAFETY: the CPU has AVX2, FMA and F16C; the caller upholds the rest.
             unsafe {
-                let (n, k) = (w.n, w.k);
                 match &w.data {
                     Panels::F32(d) => {
                         avx2::panels_range(x, m, d.as_ptr(), n, k, lo, hi, bias, None, out)
@@ -244,6 +374,7 @@ unsafe fn panels_range(
             return;
         }
     }
+    let _ = isa;
     // SAFETY: forwarded from the caller.
     unsafe { portable_panels(x, m, w, lo, hi, bias, out) };
 }
@@ -630,6 +761,400 @@ mod avx2 {
     }
 }
 
+/// The batch kernel on AVX-512: 16-lane vectors, one per panel row.
+///
+/// A task widens each pair of panels to f32 once into a thread-local
+/// buffer (f16 and int8 panels; f32 panels are read in place), then runs
+/// every row block over it: the conversion costs one pass per call instead
+/// of one per row block and leaves the FMA ports to the FMAs. The
+/// microkernel is up to 12 rows × 2 panels (32 columns) in 24 of the 32
+/// vector registers: two weight loads and 12 broadcasts feed 24 FMAs per
+/// step of `k`. Each output is one FMA chain over `k` in order, as in the
+/// AVX2 kernel, so both give the same bits.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::cell::Cell;
+
+    use half::f16;
+
+    use super::NR;
+
+    /// Rows per microkernel call at most.
+    const MR: usize = 12;
+    /// Fewer rows than this take the AVX2 kernel (its two-panel paths for
+    /// one or two rows keep enough FMA chains in flight; here a few rows
+    /// would not pay for widening the panels).
+    pub const MIN_ROWS: usize = 3;
+
+    /// A panel element widened to f32, 16 at a time.
+    pub trait Widen: Copy {
+        /// Whether the panels already hold f32 (read in place, no widening).
+        const IS_F32: bool;
+        /// Widens 16 values at `p`.
+        ///
+        /// # Safety
+        /// `p` must point to 16 readable values; the CPU must have AVX-512F.
+        unsafe fn load16(p: *const Self) -> __m512;
+    }
+
+    impl Widen for f32 {
+        const IS_F32: bool = true;
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const f32) -> __m512 {
+            // SAFETY: forwarded from the caller.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+    }
+
+    impl Widen for f16 {
+        const IS_F32: bool = false;
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const f16) -> __m512 {
+            // SAFETY: forwarded from the caller; 16 f16 are 256 bits.
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+        }
+    }
+
+    impl Widen for i8 {
+        const IS_F32: bool = false;
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load16(p: *const i8) -> __m512 {
+            // SAFETY: forwarded from the caller; 16 bytes are read.
+            unsafe {
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+            }
+        }
+    }
+
+    /// Steps of `k` per chunk: a chunk of a panel pair (32 KiB widened)
+    /// stays in L1 while every row block runs over it.
+    const KC: usize = 256;
+
+    thread_local! {
+        /// Widened chunks of the panel pair in flight.
+        static WIDE: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+        /// Partial sums of every row across chunks of `k`, 32 per row.
+        static PARTIAL: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+    }
+
+    /// Cache lines to pull in while a microkernel runs: one from each
+    /// region per step of `k`, `lines` of them from `at[i]`.
+    #[derive(Clone, Copy)]
+    struct Prefetch {
+        at: [*const i8; 2],
+        lines: usize,
+    }
+
+    /// `R` rows packed `[kc][R]` × `P` panel chunks of f32 (`kc * 16`
+    /// each), continuing the sums in `init` (`R × 32` partial sums) or
+    /// starting from zero.
+    ///
+    /// # Safety
+    /// `x` must hold `kc * R` values, each `w[q]` `kc * 16`, `init` `R * 32`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn micro<const R: usize, const P: usize>(
+        x: *const f32,
+        kc: usize,
+        w: [*const f32; P],
+        init: Option<*const f32>,
+        prefetch: Prefetch,
+    ) -> [[__m512; P]; R] {
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        if let Some(init) = init {
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (q, a) in a.iter_mut().enumerate() {
+                    // SAFETY: r < R, q < P <= 2.
+                    *a = unsafe { _mm512_loadu_ps(init.add(r * 2 * NR + q * NR)) };
+                }
+            }
+        }
+        for p in 0..kc {
+            if p < prefetch.lines {
+                for at in prefetch.at {
+                    // A prefetch never faults, whatever the address.
+                    _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(p * 64));
+                }
+            }
+            // SAFETY: p < kc in every panel chunk and row.
+            unsafe {
+                let wv: [__m512; P] = std::array::from_fn(|q| _mm512_loadu_ps(w[q].add(p * NR)));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xb = _mm512_set1_ps(*x.add(p * R + r));
+                    for (a, &wv) in a.iter_mut().zip(&wv) {
+                        *a = _mm512_fmadd_ps(xb, wv, *a);
+                    }
+                }
+            }
+        }
+        acc
+    }
+
+    /// Where a panel pair's results go.
+    struct Dest<'a> {
+        out: *mut f32,
+        n: usize,
+        col0: usize,
+        bias: Option<&'a [f32]>,
+        scale: Option<&'a [f32]>,
+    }
+
+    /// Writes `R` rows × `P` panels: `acc · scale + bias`, dropping padding
+    /// columns (the same two roundings as the AVX2 kernel's store).
+    ///
+    /// # Safety
+    /// Rows `row0..row0 + R` exist in `out` (`m × n`); the caller owns the
+    /// panels' columns.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store<const R: usize, const P: usize>(
+        acc: [[__m512; P]; R],
+        d: &Dest<'_>,
+        row0: usize,
+    ) {
+        for q in 0..P {
+            let c0 = d.col0 + q * NR;
+            if c0 >= d.n {
+                break;
+            }
+            let cols = (d.n - c0).min(NR);
+            let mask: __mmask16 = if cols == NR { !0 } else { (1u16 << cols) - 1 };
+            // SAFETY: columns c0..c0 + cols exist in bias; scale is padded to whole panels.
+            let (b, s) = unsafe {
+                (
+                    d.bias.map_or(_mm512_setzero_ps(), |b| {
+                        _mm512_maskz_loadu_ps(mask, b.as_ptr().add(c0))
+                    }),
+                    d.scale
+                        .map_or(_mm512_set1_ps(1.0), |s| _mm512_loadu_ps(s.as_ptr().add(c0))),
+                )
+            };
+            for (r, a) in acc.iter().enumerate() {
+                let v = _mm512_add_ps(_mm512_mul_ps(a[q], s), b);
+                // SAFETY: row row0 + r, columns c0..c0 + cols: see above.
+                unsafe { _mm512_mask_storeu_ps(d.out.add((row0 + r) * d.n + c0), mask, v) };
+            }
+        }
+    }
+
+    /// Keeps `R` rows' partial sums (`R × 32` at `to`) for the next chunk.
+    ///
+    /// # Safety
+    /// `to` must hold `R * 32` values.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn keep<const R: usize, const P: usize>(acc: [[__m512; P]; R], to: *mut f32) {
+        for (r, a) in acc.iter().enumerate() {
+            for (q, &a) in a.iter().enumerate() {
+                // SAFETY: r < R, q < P <= 2.
+                unsafe { _mm512_storeu_ps(to.add(r * 2 * NR + q * NR), a) };
+            }
+        }
+    }
+
+    /// Row blocks covering `m` rows: as few as blocks of at most 12 allow,
+    /// of nearly equal size, as `(first row, rows)`.
+    fn row_blocks(m: usize) -> impl Iterator<Item = (usize, usize)> {
+        let blocks = m.div_ceil(MR);
+        let (base, extra) = (m / blocks.max(1), m % blocks.max(1));
+        (0..blocks).map(move |b| (b * base + b.min(extra), base + usize::from(b < extra)))
+    }
+
+    /// `x` (`m × k`, row-major) regrouped for the microkernel: each row
+    /// block of `row_blocks` becomes `[k][rows]` at offset `first row * k`,
+    /// so a step of `k` broadcasts consecutive values from one pointer (and
+    /// a chunk of `k` is one contiguous run) instead of reading rows a power
+    /// of two apart, which share L1 sets.
+    pub fn pack_rows(x: &[f32], m: usize, k: usize, packed: &mut Vec<f32>) {
+        use rayon::prelude::*;
+        /// Steps of `k` per packing task.
+        const PIECE: usize = 128;
+        packed.resize(m * k, 0.0);
+        // (first row, rows, first step of k, the destination) per task.
+        let mut tasks = Vec::with_capacity(m.div_ceil(MR) * k.div_ceil(PIECE));
+        let mut rest = packed.as_mut_slice();
+        for (row, rows) in row_blocks(m) {
+            for p0 in (0..k).step_by(PIECE) {
+                let (dst, tail) = rest.split_at_mut(rows * PIECE.min(k - p0));
+                tasks.push((row, rows, p0, dst));
+                rest = tail;
+            }
+        }
+        let pack = |(row, rows, p0, dst): (usize, usize, usize, &mut [f32])| {
+            let src: [&[f32]; MR] = std::array::from_fn(|r| &x[(row + r.min(rows - 1)) * k + p0..]);
+            for (i, d) in dst.chunks_exact_mut(rows).enumerate() {
+                for (d, s) in d.iter_mut().zip(&src) {
+                    *d = s[i];
+                }
+            }
+        };
+        if m * k >= 1 << 14 {
+            tasks.into_par_iter().for_each(pack);
+        } else {
+            tasks.into_iter().for_each(pack);
+        }
+    }
+
+    /// Every row block of `x` (packed by [`pack_rows`]) against one chunk
+    /// (`k0..k0 + kc`) of `P` f32 panels, continuing and keeping partial
+    /// sums in `partial` unless the chunk is the first or the last. The
+    /// row blocks share the prefetch of the next chunk's two regions of
+    /// `next_bytes` each (the hardware prefetcher does not see a jump to
+    /// the next panel coming).
+    ///
+    /// # Safety
+    /// As [`panels_range`], for these panels; `w[q]` holds the chunk
+    /// (`kc * 16`), `partial` holds `m * 32` values.
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn chunk<const P: usize>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        (k0, kc): (usize, usize),
+        w: [*const f32; P],
+        partial: *mut f32,
+        d: &Dest<'_>,
+        (next, next_bytes): ([*const i8; 2], usize),
+    ) {
+        let (first, last) = (k0 == 0, k0 + kc == k);
+        let share = next_bytes.div_ceil(64).div_ceil(m.div_ceil(MR));
+        for (b, (row, rows)) in row_blocks(m).enumerate() {
+            let prefetch = Prefetch {
+                at: next.map(|at| at.wrapping_add(b * share * 64)),
+                lines: share.min(next_bytes.div_ceil(64).saturating_sub(b * share)),
+            };
+            let xr = x[row * k + k0 * rows..].as_ptr();
+            // SAFETY: row < m, so the row's 32 partial sums are in `partial`.
+            let part = unsafe { partial.add(row * 2 * NR) };
+            let init = (!first).then_some(part as *const f32);
+            macro_rules! block {
+                ($r:literal) => {
+                    // SAFETY: rows row..row + $r exist and hold this chunk;
+                    // each panel chunk holds kc * 16 values.
+                    unsafe {
+                        let acc = micro::<$r, P>(xr, kc, w, init, prefetch);
+                        if last {
+                            store(acc, d, row)
+                        } else {
+                            keep(acc, part)
+                        }
+                    }
+                };
+            }
+            match rows {
+                1 => block!(1),
+                2 => block!(2),
+                3 => block!(3),
+                4 => block!(4),
+                5 => block!(5),
+                6 => block!(6),
+                7 => block!(7),
+                8 => block!(8),
+                9 => block!(9),
+                10 => block!(10),
+                11 => block!(11),
+                _ => block!(12),
+            }
+        }
+    }
+
+    /// See `super::panels_range`; `x` is packed by [`pack_rows`], `data` is
+    /// the panel storage of an `[n, k]` weight.
+    ///
+    /// Panels go in pairs; each pair in chunks of `KC` steps of `k`,
+    /// widened to f32 (unless stored as f32) and run against every row
+    /// block while in L1.
+    ///
+    /// # Safety
+    /// As `super::panels_range`; `data` must hold the weight's panels, and
+    /// the CPU must support AVX-512F.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn panels_range<E: Widen>(
+        x: &[f32],
+        m: usize,
+        data: *const E,
+        n: usize,
+        k: usize,
+        lo: usize,
+        hi: usize,
+        bias: Option<&[f32]>,
+        scale: Option<&[f32]>,
+        out: *mut f32,
+    ) {
+        let panel_len = k * NR;
+        let mut wide = WIDE.take();
+        wide.resize(2 * KC * NR, 0.0);
+        let mut partial = PARTIAL.take();
+        if k > KC {
+            partial.resize(m * 2 * NR, 0.0);
+        }
+        let mut panel = lo;
+        while panel < hi {
+            let count = (hi - panel).min(2);
+            let d = Dest {
+                out,
+                n,
+                col0: panel * NR,
+                bias,
+                scale,
+            };
+            for k0 in (0..k).step_by(KC) {
+                let kc = KC.min(k - k0);
+                // SAFETY: panel + q < hi <= the weight's panels, k0 + kc <= k.
+                let src = |q: usize| unsafe { data.add((panel + q) * panel_len + k0 * NR) };
+                let mut w = |q: usize| -> *const f32 {
+                    if E::IS_F32 {
+                        src(q) as *const f32
+                    } else {
+                        // SAFETY: `wide` holds two chunks of KC * 16 values.
+                        let dst = unsafe { wide.as_mut_ptr().add(q * KC * NR) };
+                        for i in (0..kc * NR).step_by(NR) {
+                            // SAFETY: i + 16 <= kc * 16: inside the chunk and `dst`.
+                            unsafe { _mm512_storeu_ps(dst.add(i), E::load16(src(q).add(i))) };
+                        }
+                        dst
+                    }
+                };
+                let part = partial.as_mut_ptr();
+                // The next chunk of this pair, or the first of the next pair.
+                let (np, nk) = if k0 + kc < k {
+                    (panel, k0 + kc)
+                } else {
+                    (panel + count, 0)
+                };
+                let next_bytes = if np < hi {
+                    KC.min(k - nk) * NR * std::mem::size_of::<E>()
+                } else {
+                    0
+                };
+                let region = |q: usize| {
+                    data.wrapping_add((np + q).min(hi - 1) * panel_len + nk * NR) as *const i8
+                };
+                let next = ([region(0), region(1)], next_bytes);
+                // SAFETY: `w` gives `count` chunks of kc * 16 f32; `partial`
+                // holds m * 32 values when there is more than one chunk.
+                unsafe {
+                    if count == 2 {
+                        chunk::<2>(x, m, k, (k0, kc), [w(0), w(1)], part, &d, next);
+                    } else {
+                        chunk::<1>(x, m, k, (k0, kc), [w(0)], part, &d, next);
+                    }
+                }
+            }
+            panel += count;
+        }
+        WIDE.set(wide);
+        PARTIAL.set(partial);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -733,10 +1258,65 @@ mod tests {
     }
 
     #[test]
+    fn every_kernel_family_gives_the_same_bits() {
+        // Portable, AVX2 and AVX-512 (those this CPU has): every output is
+        // one FMA chain over k in order, then one multiply by the scale
+        // and one add of the bias, whatever the blocking. Shapes cover
+        // row blocks of every size, a last odd panel, padding columns,
+        // and k over several AVX-512 chunks with a short last one.
+        let families: Vec<Isa> = [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|&isa| isa <= Isa::supported())
+            .collect();
+        eprintln!("kernel families on this CPU: {families:?}");
+        for &(m, k, n) in &[
+            (1, 5, 7),
+            (2, 300, 33),
+            (3, 64, 16),
+            (5, 700, 70),
+            (12, 256, 48),
+            (13, 513, 33),
+            (25, 100, 130),
+            (32, 640, 96),
+            (40, 37, 17),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
+            let bias: Vec<f32> = (0..n).map(|j| (j as f32 * 0.7).sin()).collect();
+            for format in [PanelFormat::F32, PanelFormat::F16, PanelFormat::I8] {
+                let p = PackedWeight::pack_as(&w, n, k, format);
+                for b in [None, Some(&bias[..])] {
+                    let runs: Vec<Vec<f32>> = families
+                        .iter()
+                        .map(|&isa| {
+                            let mut o = vec![f32::NAN; m * n];
+                            matmul_xwt_on(isa, &x, m, &p, b, &mut o);
+                            o
+                        })
+                        .collect();
+                    for (isa, o) in families.iter().zip(&runs).skip(1) {
+                        let same = o
+                            .iter()
+                            .zip(&runs[0])
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{isa:?} {format:?} {m}x{k}x{n} bias {}", b.is_some());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_row_gets_the_same_bits_alone_or_in_a_batch() {
         // 5 panels: one- and two-row products take panels in pairs, plus
-        // a last single panel; batches take them one at a time.
-        let (k, n) = (96, 70);
+        // a last single panel; batches take them one at a time (AVX2) or
+        // in pairs (AVX-512, where k = 600 is three chunks).
+        for (k, n) in [(96, 70), (600, 70)] {
+            rows_alone_and_batched(k, n);
+        }
+    }
+
+    fn rows_alone_and_batched(k: usize, n: usize) {
         let x: Vec<f32> = (0..9 * k).map(|i| (i as f32 * 0.37).sin()).collect();
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.11).cos()).collect();
         for format in [PanelFormat::F32, PanelFormat::F16, PanelFormat::I8] {

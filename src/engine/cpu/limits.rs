@@ -12,16 +12,24 @@ use rayon::prelude::*;
 pub struct Limits {
     /// Bytes per second read from memory by every pool thread at once.
     pub read_bytes_per_s: f64,
-    /// f32 FLOP/s (2 per lane per FMA) on every pool thread at once; `None`
-    /// where the CPU has no AVX2 + FMA.
+    /// f32 FLOP/s (2 per lane per FMA) on every pool thread at once, with
+    /// the vectors the GEMM uses on this CPU (`fma_isa`); `None` where the
+    /// CPU has no AVX2 + FMA.
     pub fma_flop_per_s: Option<f64>,
+    /// The instruction set of that figure: `avx512`, `avx2` or `none`.
+    pub fma_isa: &'static str,
 }
 
 /// Measures both limits (about half a second).
 pub fn measure() -> Limits {
+    let (fma_flop_per_s, fma_isa) = match fma_throughput(3) {
+        Some((f, isa)) => (Some(f), isa),
+        None => (None, "none"),
+    };
     Limits {
         read_bytes_per_s: read_bandwidth(),
-        fma_flop_per_s: fma_throughput(),
+        fma_flop_per_s,
+        fma_isa,
     }
 }
 
@@ -54,29 +62,35 @@ fn sum(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
-/// Independent FMA chains in registers on every pool thread.
-fn fma_throughput() -> Option<f64> {
+/// Independent FMA chains in registers on every pool thread, with the
+/// widest vectors the GEMM kernels use here: FLOP/s (best of `runs` of
+/// ~10 ms) and the instruction set.
+pub fn fma_throughput(runs: usize) -> Option<(f64, &'static str)> {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            const ITERS: usize = 4_000_000;
-            let threads = rayon::current_num_threads().max(1);
-            let mut best = 0f64;
-            for _ in 0..3 {
-                let t = Instant::now();
-                // SAFETY: the CPU has AVX2 and FMA (checked above).
-                let s: f32 = rayon::broadcast(|_| unsafe { x86::fma_chains(ITERS) })
-                    .into_iter()
-                    .sum();
-                let dt = t.elapsed().as_secs_f64();
-                std::hint::black_box(s);
-                let flops = (threads * ITERS * x86::FLOPS_PER_ITER) as f64;
-                best = best.max(flops / dt);
-            }
-            return Some(best);
+        use super::gemm::Isa;
+        const ITERS: usize = 4_000_000;
+        let (chains, lanes, isa): (unsafe fn(usize) -> f32, usize, _) = match Isa::detect() {
+            Isa::Avx512 => (x86::fma_chains_512, 16, "avx512"),
+            Isa::Avx2 => (x86::fma_chains, 8, "avx2"),
+            Isa::Portable => return None,
+        };
+        let threads = rayon::current_num_threads().max(1);
+        let mut best = 0f64;
+        for _ in 0..runs.max(1) {
+            let t = Instant::now();
+            // SAFETY: `Isa::detect` found the CPU features the chains need.
+            let s: f32 = rayon::broadcast(|_| unsafe { chains(ITERS) })
+                .into_iter()
+                .sum();
+            let dt = t.elapsed().as_secs_f64();
+            std::hint::black_box(s);
+            let flops = (threads * ITERS * x86::CHAINS * lanes * 2) as f64;
+            best = best.max(flops / dt);
         }
+        return Some((best, isa));
     }
+    #[allow(unreachable_code)]
     None
 }
 
@@ -85,9 +99,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// Chains per iteration: enough to cover the FMA latency on two ports.
-    const CHAINS: usize = 12;
-    /// 8 lanes × 2 FLOPs per chain.
-    pub const FLOPS_PER_ITER: usize = CHAINS * 8 * 2;
+    pub const CHAINS: usize = 12;
 
     /// `iters` rounds of `CHAINS` independent FMAs; returns a value that
     /// depends on all of them.
@@ -111,6 +123,26 @@ mod x86 {
         // SAFETY: `lanes` holds 8 floats.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), total) };
         lanes.iter().sum()
+    }
+
+    /// As [`fma_chains`] with 16-lane vectors.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn fma_chains_512(iters: usize) -> f32 {
+        let a = _mm512_set1_ps(0.999_999);
+        let b = _mm512_set1_ps(1e-7);
+        let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, a, b);
+            }
+        }
+        let total = acc
+            .iter()
+            .fold(_mm512_setzero_ps(), |s, &x| _mm512_add_ps(s, x));
+        _mm512_reduce_add_ps(total)
     }
 }
 
