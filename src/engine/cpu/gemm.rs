@@ -428,6 +428,8 @@ mod avx2 {
 
     /// A panel element the kernel can load 8 of as f32.
     pub trait Elem: Copy {
+        /// Whether the panels already hold f32.
+        const IS_F32: bool;
         /// Loads 8 values at `p` as f32.
         ///
         /// # Safety
@@ -436,6 +438,7 @@ mod avx2 {
     }
 
     impl Elem for f32 {
+        const IS_F32: bool = true;
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn load8(p: *const f32) -> __m256 {
@@ -445,6 +448,7 @@ mod avx2 {
     }
 
     impl Elem for f16 {
+        const IS_F32: bool = false;
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn load8(p: *const f16) -> __m256 {
@@ -454,6 +458,7 @@ mod avx2 {
     }
 
     impl Elem for i8 {
+        const IS_F32: bool = false;
         #[inline]
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn load8(p: *const i8) -> __m256 {
@@ -675,6 +680,11 @@ mod avx2 {
             }
             panel += 2;
         }
+        // With more than one row block, f16 and int8 panels are widened to
+        // f32 once per panel rather than converted in every row block (the
+        // conversions run on the FMA ports); the same values either way.
+        let widen = !E::IS_F32 && blocks > 1;
+        let mut wide = if widen { WIDE.take() } else { Vec::new() };
         for panel in panel..hi {
             // SAFETY: panel < panels, so the panel's k * 16 values are in bounds.
             let pw = unsafe { data.add(panel * k * NR) };
@@ -702,9 +712,27 @@ mod avx2 {
                 bias,
                 scale,
             };
-            // SAFETY: the panel holds k * 16 values.
-            unsafe { row_blocks_of(x, m, k, pw, &prefetch, &panel_out) };
+            if widen {
+                wide.resize(k * NR, 0.0);
+                for i in (0..k * NR).step_by(8) {
+                    // SAFETY: i + 8 <= k * 16, inside the panel and `wide`.
+                    unsafe { _mm256_storeu_ps(wide.as_mut_ptr().add(i), E::load8(pw.add(i))) };
+                }
+                // SAFETY: `wide` holds the panel's k * 16 values as f32.
+                unsafe { row_blocks_of(x, m, k, wide.as_ptr(), &prefetch, &panel_out) };
+            } else {
+                // SAFETY: the panel holds k * 16 values.
+                unsafe { row_blocks_of(x, m, k, pw, &prefetch, &panel_out) };
+            }
         }
+        if widen {
+            WIDE.set(wide);
+        }
+    }
+
+    thread_local! {
+        /// The panel in flight widened to f32.
+        static WIDE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     }
 
     /// Where one panel's results go.
