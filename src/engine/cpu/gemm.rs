@@ -418,56 +418,84 @@ unsafe fn portable_panels(
     }
 }
 
+/// A panel element the x86 kernels widen to f32, 8 (AVX2) or 16 (AVX-512)
+/// at a time.
+#[cfg(target_arch = "x86_64")]
+trait Elem: Copy {
+    /// Whether the panels already hold f32 (read in place, never widened).
+    const IS_F32: bool;
+    /// Loads 8 values at `p` as f32.
+    ///
+    /// # Safety
+    /// `p` must point to 8 readable values; the CPU must have AVX2 and F16C.
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Loads 16 values at `p` as f32.
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable values; the CPU must have AVX-512F.
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Elem for f32 {
+    const IS_F32: bool = true;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        // SAFETY: forwarded from the caller.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        // SAFETY: forwarded from the caller.
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Elem for f16 {
+    const IS_F32: bool = false;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const f16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: forwarded from the caller; 8 f16 are 128 bits.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: forwarded from the caller; 16 f16 are 256 bits.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Elem for i8 {
+    const IS_F32: bool = false;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const i8) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: forwarded from the caller; 8 bytes are read.
+        unsafe { _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i))) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const i8) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        // SAFETY: forwarded from the caller; 16 bytes are read.
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i))) }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use half::f16;
-
-    use super::{MR, NR};
-
-    /// A panel element the kernel can load 8 of as f32.
-    pub trait Elem: Copy {
-        /// Whether the panels already hold f32.
-        const IS_F32: bool;
-        /// Loads 8 values at `p` as f32.
-        ///
-        /// # Safety
-        /// `p` must point to 8 readable values; the CPU must have AVX2 and F16C.
-        unsafe fn load8(p: *const Self) -> __m256;
-    }
-
-    impl Elem for f32 {
-        const IS_F32: bool = true;
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn load8(p: *const f32) -> __m256 {
-            // SAFETY: forwarded from the caller.
-            unsafe { _mm256_loadu_ps(p) }
-        }
-    }
-
-    impl Elem for f16 {
-        const IS_F32: bool = false;
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn load8(p: *const f16) -> __m256 {
-            // SAFETY: forwarded from the caller; f16 is 2 bytes, 8 of them are 128 bits.
-            unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
-        }
-    }
-
-    impl Elem for i8 {
-        const IS_F32: bool = false;
-        #[inline]
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn load8(p: *const i8) -> __m256 {
-            // SAFETY: forwarded from the caller; 8 bytes are read.
-            unsafe {
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
-            }
-        }
-    }
+    use super::{Elem, MR, NR};
 
     /// `R` rows × one 16-column panel.
     ///
@@ -804,9 +832,7 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::cell::Cell;
 
-    use half::f16;
-
-    use super::NR;
+    use super::{Elem, NR};
 
     /// Rows per microkernel call at most.
     const MR: usize = 12;
@@ -814,49 +840,6 @@ mod avx512 {
     /// one or two rows keep enough FMA chains in flight; here a few rows
     /// would not pay for widening the panels).
     pub const MIN_ROWS: usize = 3;
-
-    /// A panel element widened to f32, 16 at a time.
-    pub trait Widen: Copy {
-        /// Whether the panels already hold f32 (read in place, no widening).
-        const IS_F32: bool;
-        /// Widens 16 values at `p`.
-        ///
-        /// # Safety
-        /// `p` must point to 16 readable values; the CPU must have AVX-512F.
-        unsafe fn load16(p: *const Self) -> __m512;
-    }
-
-    impl Widen for f32 {
-        const IS_F32: bool = true;
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn load16(p: *const f32) -> __m512 {
-            // SAFETY: forwarded from the caller.
-            unsafe { _mm512_loadu_ps(p) }
-        }
-    }
-
-    impl Widen for f16 {
-        const IS_F32: bool = false;
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn load16(p: *const f16) -> __m512 {
-            // SAFETY: forwarded from the caller; 16 f16 are 256 bits.
-            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)) }
-        }
-    }
-
-    impl Widen for i8 {
-        const IS_F32: bool = false;
-        #[inline]
-        #[target_feature(enable = "avx512f")]
-        unsafe fn load16(p: *const i8) -> __m512 {
-            // SAFETY: forwarded from the caller; 16 bytes are read.
-            unsafe {
-                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
-            }
-        }
-    }
 
     /// Steps of `k` per chunk: a chunk of a panel pair (32 KiB widened)
     /// stays in L1 while every row block runs over it.
@@ -1104,7 +1087,7 @@ mod avx512 {
     /// the CPU must support AVX-512F.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn panels_range<E: Widen>(
+    pub unsafe fn panels_range<E: Elem>(
         x: &[f32],
         m: usize,
         data: *const E,
