@@ -491,11 +491,22 @@ impl Elem for i8 {
     }
 }
 
+/// Where a kernel call's results go: columns from `col0` of the `m × n`
+/// output, with the bias and the int8 panels' row scales.
+#[cfg(target_arch = "x86_64")]
+struct Dest<'a> {
+    out: *mut f32,
+    n: usize,
+    col0: usize,
+    bias: Option<&'a [f32]>,
+    scale: Option<&'a [f32]>,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Elem, MR, NR};
+    use super::{Dest, Elem, MR, NR};
 
     /// `R` rows × one 16-column panel.
     ///
@@ -733,7 +744,7 @@ mod avx2 {
                     }
                 }
             };
-            let panel_out = PanelOut {
+            let panel_out = Dest {
                 out,
                 n,
                 col0: panel * NR,
@@ -763,15 +774,6 @@ mod avx2 {
         static WIDE: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
     }
 
-    /// Where one panel's results go.
-    struct PanelOut<'a> {
-        out: *mut f32,
-        n: usize,
-        col0: usize,
-        bias: Option<&'a [f32]>,
-        scale: Option<&'a [f32]>,
-    }
-
     /// Every row block of `x` against one panel `pw` (`k * 16` values).
     ///
     /// # Safety
@@ -784,7 +786,7 @@ mod avx2 {
         k: usize,
         pw: *const W,
         prefetch: &dyn Fn(usize) -> Prefetch,
-        o: &PanelOut<'_>,
+        o: &Dest<'_>,
     ) {
         let row = |i: usize| x[i * k..].as_ptr();
         for (b, (i, r)) in row_blocks(m).enumerate() {
@@ -832,7 +834,7 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::cell::Cell;
 
-    use super::{Elem, NR};
+    use super::{Dest, Elem, NR};
 
     /// Rows per microkernel call at most.
     const MR: usize = 12;
@@ -903,15 +905,6 @@ mod avx512 {
             }
         }
         acc
-    }
-
-    /// Where a panel pair's results go.
-    struct Dest<'a> {
-        out: *mut f32,
-        n: usize,
-        col0: usize,
-        bias: Option<&'a [f32]>,
-        scale: Option<&'a [f32]>,
     }
 
     /// Writes `R` rows × `P` panels: `acc · scale + bias`, dropping padding
