@@ -191,7 +191,9 @@ pub enum GgufWeights {
     /// file's values, for reference runs.
     F32,
     /// Requantized to int8 panels with one scale per row (1 byte per
-    /// parameter): faster single streams, less memory, slower large batches.
+    /// parameter): less memory and faster single streams, but the rounding
+    /// moves logits more than f16 (it follows llama.cpp's Q4_K_M run up to
+    /// near ties, not the f32 reference's top-2 gaps as the default does).
     Int8,
     /// Kept as the file's blocks (Q4_0, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K; the
     /// least memory): on the host path our int8 block kernel
