@@ -257,36 +257,21 @@ pub fn matmul_xwt_on(
         }
         let mut packed = PACKED.take();
         avx512::pack_rows(x, m, k, &mut packed);
-        for_panels(
-            m,
-            w,
-            |lo, hi, out| {
-                // SAFETY: as `for_panels` promises; the CPU has AVX-512F.
-                unsafe { avx512_panels(&packed, m, w, lo, hi, bias, out) }
-            },
-            out,
-        );
+        for_panels(isa, &packed, m, w, bias, out);
         PACKED.set(packed);
         return;
     }
-    for_panels(
-        m,
-        w,
-        |lo, hi, out| {
-            // SAFETY: as `for_panels` promises; `isa` is supported.
-            unsafe { panels_range(isa, x, m, w, lo, hi, bias, out) }
-        },
-        out,
-    );
+    for_panels(isa, x, m, w, bias, out);
 }
 
-/// Runs `f(lo, hi, out)` over tasks of a few column panels each, in
-/// parallel unless the product is small. Each call may write the columns
-/// of panels `lo..hi` of `out` (`m × w.n`), which no other call touches.
+/// Runs [`panels_range`] over tasks of a few column panels each, in
+/// parallel unless the product is small; `x` as `panels_range` takes it.
 fn for_panels(
+    isa: Isa,
+    x: &[f32],
     m: usize,
     w: &PackedWeight,
-    f: impl Fn(usize, usize, *mut f32) + Sync,
+    bias: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let ptr = OutPtr(out.as_mut_ptr());
@@ -294,7 +279,10 @@ fn for_panels(
     let tasks = panels.div_ceil(PANELS_PER_TASK);
     let run = |t: usize| {
         let lo = t * PANELS_PER_TASK;
-        f(lo, (lo + PANELS_PER_TASK).min(panels), ptr.get())
+        let hi = (lo + PANELS_PER_TASK).min(panels);
+        // SAFETY: this task writes only the columns of panels lo..hi, which no
+        // other task touches; the caller checked the shapes; `isa` is supported.
+        unsafe { panels_range(isa, x, m, w, lo, hi, bias, ptr.get()) };
     };
     // Small products are not worth a fork-join.
     if m * w.n * w.k < 1 << 15 || tasks == 1 {
@@ -304,40 +292,9 @@ fn for_panels(
     }
 }
 
-/// The AVX-512 batch kernel on panels `lo..hi`; `packed` is `x` regrouped
-/// by `avx512::pack_rows`.
-///
-/// # Safety
-/// As [`panels_range`]; the CPU must support AVX-512F.
-#[cfg(target_arch = "x86_64")]
-unsafe fn avx512_panels(
-    packed: &[f32],
-    m: usize,
-    w: &PackedWeight,
-    lo: usize,
-    hi: usize,
-    bias: Option<&[f32]>,
-    out: *mut f32,
-) {
-    let (n, k) = (w.n, w.k);
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match &w.data {
-            Panels::F32(d) => {
-                avx512::panels_range(packed, m, d.as_ptr(), n, k, lo, hi, bias, None, out)
-            }
-            Panels::F16(d) => {
-                avx512::panels_range(packed, m, d.as_ptr(), n, k, lo, hi, bias, None, out)
-            }
-            Panels::I8 { q, scale } => {
-                avx512::panels_range(packed, m, q.as_ptr(), n, k, lo, hi, bias, Some(scale), out)
-            }
-        }
-    }
-}
-
-/// Computes the columns of panels `lo..hi` for every row on the AVX2 or
-/// portable kernels.
+/// Computes the columns of panels `lo..hi` for every row, on the AVX-512
+/// batch kernel (then `x` is packed by `avx512::pack_rows`), the AVX2 kernel
+/// or the portable one.
 ///
 /// # Safety
 /// `out` must point to an `m × w.n` buffer whose columns in these panels
@@ -356,21 +313,26 @@ unsafe fn panels_range(
     #[cfg(target_arch = "x86_64")]
     {
         let (n, k) = (w.n, w.k);
-        if isa >= Isa::Avx2 {
-            // SAFETY: the CPU has AVX2, FMA and F16C; the caller upholds the rest.
-            unsafe {
+        // One kernel entry point over the three panel formats.
+        macro_rules! on_panels {
+            ($kernel:path) => {
                 match &w.data {
-                    Panels::F32(d) => {
-                        avx2::panels_range(x, m, d.as_ptr(), n, k, lo, hi, bias, None, out)
-                    }
-                    Panels::F16(d) => {
-                        avx2::panels_range(x, m, d.as_ptr(), n, k, lo, hi, bias, None, out)
-                    }
+                    Panels::F32(d) => $kernel(x, m, d.as_ptr(), n, k, lo, hi, bias, None, out),
+                    Panels::F16(d) => $kernel(x, m, d.as_ptr(), n, k, lo, hi, bias, None, out),
                     Panels::I8 { q, scale } => {
-                        avx2::panels_range(x, m, q.as_ptr(), n, k, lo, hi, bias, Some(scale), out)
+                        $kernel(x, m, q.as_ptr(), n, k, lo, hi, bias, Some(scale), out)
                     }
                 }
             };
+        }
+        if isa == Isa::Avx512 && m >= avx512::MIN_ROWS {
+            // SAFETY: the CPU has AVX-512F; the caller upholds the rest.
+            unsafe { on_panels!(avx512::panels_range) };
+            return;
+        }
+        if isa >= Isa::Avx2 {
+            // SAFETY: the CPU has AVX2, FMA and F16C; the caller upholds the rest.
+            unsafe { on_panels!(avx2::panels_range) };
             return;
         }
     }
