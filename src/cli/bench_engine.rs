@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::engine::bench::Pick;
 use crate::engine::{self, EnginePath, GgufWeights, LoadOptions};
 
 /// Arguments of `llmops bench-engine`.
@@ -32,6 +33,11 @@ pub struct BenchArgs {
     /// host on the CPU].
     #[arg(long, value_enum)]
     pub engine_path: Option<EnginePath>,
+    /// How tokens are picked: argmax (greedy; on the device on the tensor
+    /// path), top-k (each row's best 40 logits, selected on the device on
+    /// the tensor path) or row (whole rows of logits to the host).
+    #[arg(long, value_enum, default_value_t = Pick::Argmax)]
+    pub pick: Pick,
     /// Also report milliseconds per step in each part of the forward pass (CPU).
     #[arg(long)]
     pub profile: bool,
@@ -68,7 +74,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     for b in args.batch {
         let measured = args.limits.then(crate::engine::cpu::limits::measure);
-        let mut r = crate::engine::bench::decode_throughput(&m, b, args.prompt_len, args.steps)?;
+        let mut r =
+            crate::engine::bench::decode_throughput(&m, b, args.prompt_len, args.steps, args.pick)?;
         if let Some(l) = measured {
             r.against(l, m.model.weight_bytes(), m.info.parameters);
         }

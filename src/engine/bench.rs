@@ -6,11 +6,33 @@ use std::time::Instant;
 use super::cpu::limits::Limits;
 use super::{Batch, BlockAllocator, EnginePath, LoadedModel, Logits, Result, Scratch, sampling};
 
+/// How each step's tokens are picked, which decides what the tensor path
+/// copies back from the device: ids, each row's best logits, or whole rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pick {
+    /// The argmax (on the device on the tensor path): greedy requests.
+    #[default]
+    Argmax,
+    /// Each row's best [`TOP_K`] (token, logit) pairs (selected on the
+    /// device on the tensor path), the argmax taken from them: top-k
+    /// sampled requests.
+    TopK,
+    /// The whole row of logits, the argmax taken on the host: sampled
+    /// requests over the whole vocabulary.
+    Row,
+}
+
+/// The k of [`Pick::TopK`] (llama.cpp's default top_k).
+pub const TOP_K: usize = 40;
+
 /// One measurement.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DecodeBench {
     /// Sequences per step.
     pub batch: usize,
+    /// How tokens were picked.
+    pub pick: Pick,
     /// Decode steps timed.
     pub steps: usize,
     /// Generated tokens per second over the timed steps.
@@ -58,12 +80,13 @@ impl DecodeBench {
 
 /// Prefills `batch` prompts of `prompt_len` tokens, then times `steps`
 /// greedy decode steps of the whole batch (over the served default KV
-/// cache, f16).
+/// cache, f16), each token picked as `pick` says.
 pub fn decode_throughput(
     m: &LoadedModel,
     batch: usize,
     prompt_len: usize,
     steps: usize,
+    pick: Pick,
 ) -> Result<DecodeBench> {
     let block = 16;
     let need = (prompt_len + steps + 1).div_ceil(block) * batch;
@@ -112,20 +135,28 @@ pub fn decode_throughput(
             let pos = s.len() - 1;
             b.push(&s[pos..], pos, t, Logits::Last);
         }
-        if m.model.engine_path() == EnginePath::Tensor {
+        let ids: Vec<u32> = match (pick, m.model.engine_path()) {
             // As the server does for greedy rows: the argmax on the device.
-            let ids = m.model.forward_greedy(&b, &mut kv, &mut scratch)?;
-            drop(b);
-            for (s, id) in seqs.iter_mut().zip(ids) {
-                s.push(id);
+            (Pick::Argmax, EnginePath::Tensor) => {
+                m.model.forward_greedy(&b, &mut kv, &mut scratch)?
             }
-            continue;
-        }
-        m.model.forward_into(&b, &mut kv, &mut scratch, &mut flat)?;
+            (Pick::TopK, _) => {
+                let top = m
+                    .model
+                    .forward_top(&b, &mut kv, &mut scratch, TOP_K, false)?;
+                (0..batch)
+                    .map(|i| top.row(i).first().map_or(0, |p| p.0))
+                    .collect()
+            }
+            (Pick::Argmax | Pick::Row, _) => {
+                m.model.forward_into(&b, &mut kv, &mut scratch, &mut flat)?;
+                let v = flat.len() / batch;
+                flat.chunks(v).map(sampling::argmax).collect()
+            }
+        };
         drop(b);
-        let v = flat.len() / batch;
-        for (s, row) in seqs.iter_mut().zip(flat.chunks(v)) {
-            s.push(sampling::argmax(row));
+        for (s, id) in seqs.iter_mut().zip(ids) {
+            s.push(id);
         }
     }
     let secs = started.elapsed().as_secs_f64();
@@ -136,6 +167,7 @@ pub fn decode_throughput(
         .collect();
     Ok(DecodeBench {
         batch,
+        pick,
         steps,
         tokens_per_second: (batch * steps) as f64 / secs,
         step_ms: secs * 1e3 / steps as f64,

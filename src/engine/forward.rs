@@ -90,6 +90,70 @@ impl Model {
     }
 }
 
+/// What a step picked on the device ([`Model::forward_top`]): each logits
+/// row's `k` best (token, logit) pairs, best first, and with `lse` each
+/// row's log Σ exp.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopRows {
+    /// Pairs per row.
+    pub k: usize,
+    /// `rows × k` pairs, row-major.
+    pub pairs: Vec<(u32, f32)>,
+    /// One per row, when asked.
+    pub lse: Option<Vec<f32>>,
+}
+
+impl TopRows {
+    /// Row `i`'s pairs (its valid ones: a row with fewer than `k` non-NaN
+    /// logits has fewer).
+    pub fn row(&self, i: usize) -> &[(u32, f32)] {
+        let row = self.pairs.get(i * self.k..(i + 1) * self.k).unwrap_or(&[]);
+        let valid = row.iter().take_while(|p| p.0 != u32::MAX).count();
+        &row[..valid]
+    }
+}
+
+impl Model {
+    /// Runs one step and returns each logits row's `k` best logits (and its
+    /// log Σ exp with `lse`), selected on the device on the tensor path so
+    /// that `rows × k` pairs come back instead of `rows × vocab` logits
+    /// (1 MiB a row at Gemma's vocabulary); on the host path selected from
+    /// the host logits.
+    pub fn forward_top(
+        &self,
+        batch: &Batch<'_>,
+        kv: &mut KvCache,
+        scratch: &mut Scratch,
+        k: usize,
+        lse: bool,
+    ) -> Result<TopRows> {
+        if batch.is_empty() {
+            return Err(Error::Internal("empty batch".into()));
+        }
+        let k = k.min(self.cfg.vocab_size).min(tensor::MAX_TOP);
+        let t = match self.path {
+            EnginePath::Host => self.forward(batch, kv, scratch)?,
+            EnginePath::Tensor => tensor::forward(self, batch, kv)?,
+        };
+        if t.dim(0)? == 0 {
+            return Ok(TopRows {
+                k,
+                ..TopRows::default()
+            });
+        }
+        let (ids, values) = tensor::top_rows(&t, k)?;
+        Ok(TopRows {
+            k,
+            pairs: ids.into_iter().zip(values).collect(),
+            lse: if lse {
+                Some(tensor::log_sum_exp_rows(&t)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     //! The tensor path (device KV cache, device attention) against the host
@@ -540,6 +604,107 @@ mod tests {
         let want: Vec<u32> = logits.chunks(m.cfg.vocab_size).map(argmax).collect();
         assert_eq!(ids.len(), batch.len());
         assert_eq!(ids, want);
+    }
+
+    /// The host sampler's candidates: the `k` best of `row` by larger
+    /// value, then lower id, NaN skipped (a full sort: the reference).
+    fn best(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+        let mut v: Vec<(u32, f32)> = (0u32..)
+            .zip(row.iter().copied())
+            .filter(|(_, x)| !x.is_nan())
+            .collect();
+        v.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+        v.truncate(k);
+        v
+    }
+
+    fn log_sum_exp(row: &[f32]) -> f64 {
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+    }
+
+    #[test]
+    fn top_rows_select_the_samplers_candidates_through_ties_nan_and_chunks() {
+        // Coarse values (many ties, also across the k-th place), NaN and
+        // −∞; rows of 5,000 (chunked once) and 300,000 (several rounds);
+        // one row all ties.
+        let dev = test_device();
+        let mut rng = 0x9e37_79b9_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for vocab in [5_000usize, 300_000] {
+            let mut rows: Vec<Vec<f32>> = (0..3)
+                .map(|_| {
+                    (0..vocab)
+                        .map(|_| match next() % 100 {
+                            0 => f32::NAN,
+                            1 => f32::NEG_INFINITY,
+                            r => (r % 23) as f32 * 0.5 - 4.0,
+                        })
+                        .collect()
+                })
+                .collect();
+            rows.push(vec![1.5; vocab]);
+            let flat: Vec<f32> = rows.concat();
+            let t = Tensor::from_vec(flat, (rows.len(), vocab), &dev).unwrap();
+            for k in [1usize, 7, 40, tensor::MAX_TOP] {
+                let (ids, values) = tensor::top_rows(&t, k).unwrap();
+                assert_eq!(ids.len(), rows.len() * k);
+                for (r, row) in rows.iter().enumerate() {
+                    let got: Vec<(u32, f32)> = ids[r * k..(r + 1) * k]
+                        .iter()
+                        .copied()
+                        .zip(values[r * k..(r + 1) * k].iter().copied())
+                        .collect();
+                    assert_eq!(got, best(row, k), "vocab {vocab}, k {k}, row {r}");
+                }
+            }
+        }
+        // Fewer non-NaN logits than k: the rest are marked u32::MAX.
+        let t = Tensor::from_vec(vec![f32::NAN, 2.0, f32::NAN, 1.0], (1, 4), &dev).unwrap();
+        let (ids, values) = tensor::top_rows(&t, 3).unwrap();
+        assert_eq!(ids, vec![1, 3, u32::MAX]);
+        assert_eq!(&values[..2], &[2.0, 1.0]);
+    }
+
+    #[test]
+    fn top_k_on_the_device_gives_the_logits_best_and_their_normaliser() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = tensor_model(&SynthSpec::tiny_gemma3(), dir.path());
+        let mut alloc = BlockAllocator::new(64, 4);
+        let (mut kv, mut kv2) = (m.kv_cache(4, 64), m.kv_cache(4, 64));
+        let mut scratch = Scratch::default();
+        let ps = prompts();
+        let mut tables: Vec<Vec<u32>> = vec![vec![]; ps.len()];
+        for (p, t) in ps.iter().zip(tables.iter_mut()) {
+            assert!(alloc.grow(t, p.len()));
+        }
+        let mut batch = Batch::new();
+        for (p, t) in ps.iter().zip(&tables) {
+            batch.push(p, 0, t, Logits::All);
+        }
+        let top = m
+            .forward_top(&batch, &mut kv, &mut scratch, 40, true)
+            .unwrap();
+        let mut logits = vec![];
+        m.forward_into(&batch, &mut kv2, &mut scratch, &mut logits)
+            .unwrap();
+        let vocab = m.cfg.vocab_size;
+        assert_eq!(top.k, 40);
+        let lse = top.lse.as_ref().unwrap();
+        assert_eq!(lse.len(), batch.len());
+        for (i, row) in logits.chunks(vocab).enumerate() {
+            assert_eq!(top.row(i), best(row, 40).as_slice(), "row {i}");
+            let want = log_sum_exp(row);
+            assert!(
+                (lse[i] as f64 - want).abs() < 1e-4 * want.abs().max(1.0),
+                "row {i}"
+            );
+        }
     }
 
     #[test]

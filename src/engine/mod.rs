@@ -29,6 +29,7 @@ use candle_core::{DType, Device};
 pub use batch::{Batch, Logits, SeqView};
 pub use chat::{ChatTemplate, Message};
 pub use config::{Arch, ModelConfig};
+pub use forward::TopRows;
 pub use host::Scratch;
 pub use kv::{BlockAllocator, BlockHash, KvCache, KvDtype, KvGroups, KvShape, NIL};
 pub use model::Model;

@@ -113,11 +113,25 @@ impl SamplingParams {
         Ok(())
     }
 
-    /// Whether the argmax of the model's raw logits is all a draw needs:
-    /// greedy, no penalty changes the logits, no log-probabilities asked
-    /// (so the tensor path may pick on the device and copy back only ids).
-    pub fn argmax_suffices(&self) -> bool {
-        self.is_greedy() && !self.has_penalties() && self.logprobs.is_none()
+    /// How many of the row's best logits a draw needs when no penalty
+    /// changes the row: 1 for greedy, `top_k` for a top-k draw, at least the
+    /// log-probabilities asked. `None` when the draw needs the whole row
+    /// (penalties, or a draw over more than
+    /// [`super::tensor::MAX_TOP`] tokens or the whole `vocab`, top_k 0
+    /// included): then the tensor path copies the row back.
+    pub fn device_candidates(&self, vocab: usize) -> Option<usize> {
+        if self.has_penalties() || vocab == 0 {
+            return None;
+        }
+        let draw = if self.is_greedy() {
+            1
+        } else if self.top_k > 0 && self.top_k < vocab {
+            self.top_k
+        } else {
+            return None;
+        };
+        let want = draw.max(self.logprobs.unwrap_or(0).min(vocab));
+        (want <= super::tensor::MAX_TOP).then_some(want)
     }
 
     /// Whether the draw is the argmax (temperature 0 or top-k 1).
@@ -189,8 +203,7 @@ impl Sampler {
     }
 
     /// Records a token that was generated without being sampled here (e.g.
-    /// replayed after preemption, or picked on the device when
-    /// [`SamplingParams::argmax_suffices`]), so penalties see it.
+    /// replayed after preemption), so penalties see it.
     pub fn observe(&mut self, token: u32) {
         if !self.params.has_penalties() {
             return;
@@ -242,6 +255,68 @@ impl Sampler {
                 top,
             }
         });
+        Ok((token, logprob))
+    }
+
+    /// Picks the next token from the best logits of a row of `vocab`,
+    /// chosen on the device ([`super::tensor::top_rows`]), and records it:
+    /// `cands` holds at least [`SamplingParams::device_candidates`]
+    /// (token, logit) pairs, best first, and `lse` the row's log Σ exp when
+    /// log-probabilities are asked. Draws the token [`Sampler::sample`]
+    /// would draw from the whole row, from the same random stream.
+    pub fn sample_top(
+        &mut self,
+        cands: &[(u32, f32)],
+        vocab: usize,
+        lse: Option<f32>,
+    ) -> Result<(u32, Option<TokenLogprob>)> {
+        let want = self
+            .params
+            .device_candidates(vocab)
+            .ok_or_else(|| Error::Internal("these parameters need the whole row".into()))?;
+        if cands.len() < want {
+            return Err(Error::Internal(format!(
+                "{} candidates for a draw that needs {want}",
+                cands.len()
+            )));
+        }
+        let best = cands[0].0;
+        let token = if self.params.is_greedy() {
+            best
+        } else {
+            let u: f64 = self.rng.random();
+            let k = self.params.top_k.min(cands.len());
+            SCRATCH
+                .with_borrow_mut(|s| {
+                    s.cands.clear();
+                    s.cands.extend_from_slice(&cands[..k]);
+                    choose_among(&mut s.cands, &self.params, u)
+                })
+                .unwrap_or(best)
+        };
+        self.observe(token);
+        let logprob = match (self.params.logprobs, lse) {
+            (None, _) => None,
+            (Some(n), Some(lse)) => {
+                let raw = cands
+                    .iter()
+                    .find(|c| c.0 == token)
+                    .map_or(f32::NEG_INFINITY, |c| c.1);
+                Some(TokenLogprob {
+                    token,
+                    logprob: raw - lse,
+                    top: cands[..n.min(cands.len())]
+                        .iter()
+                        .map(|&(t, l)| (t, l - lse))
+                        .collect(),
+                })
+            }
+            (Some(_), None) => {
+                return Err(Error::Internal(
+                    "log-probabilities without a normaliser".into(),
+                ));
+            }
+        };
         Ok((token, logprob))
     }
 
@@ -322,12 +397,7 @@ fn choose(logits: &[f32], p: &SamplingParams, u: f64, s: &mut Scratch) -> Option
     if p.top_k > 0 && p.top_k < logits.len() {
         // Temperature does not change the order, so select on the logits.
         select_top(logits, p.top_k, &mut s.cands);
-        let max = s.cands.iter().fold(f32::NEG_INFINITY, |m, c| m.max(c.1));
-        for c in &mut s.cands {
-            c.1 = pow2((c.1 - max) * scale);
-        }
-        let target = top_p.map(|tp| tp * s.cands.iter().map(|c| c.1 as f64).sum::<f64>());
-        return cut_and_draw(&mut s.cands, target, p.min_p, u);
+        return choose_among(&mut s.cands, p, u);
     }
     let Some(top_p) = top_p else {
         return draw_full(logits, scale, p.min_p, u, &mut s.peaks);
@@ -353,6 +423,23 @@ fn choose(logits: &[f32], p: &SamplingParams, u: f64, s: &mut Scratch) -> Option
     let (tau, ties) = nucleus_boundary(&s.weights, target, hi);
     cut_dense(&mut s.weights, &mut s.blocks, tau, ties, p.min_p);
     draw_dense(&s.weights, &s.blocks, u)
+}
+
+/// The top-k draw over its candidates: `cands` holds the row's `top_k`
+/// best (token, logit) pairs, in any order. They are put best first (see
+/// [`best_first`]) before the draw, so the token drawn for `u` depends only
+/// on the set: the host's selection and the device's
+/// ([`super::tensor::top_rows`]) give the same token.
+fn choose_among(cands: &mut Vec<(u32, f32)>, p: &SamplingParams, u: f64) -> Option<u32> {
+    let scale = std::f32::consts::LOG2_E / p.temperature;
+    cands.sort_unstable_by(best_first);
+    let max = cands.first().map_or(f32::NEG_INFINITY, |c| c.1);
+    for c in cands.iter_mut() {
+        c.1 = pow2((c.1 - max) * scale);
+    }
+    let target =
+        (p.top_p < 1.0).then(|| p.top_p as f64 * cands.iter().map(|c| c.1 as f64).sum::<f64>());
+    cut_and_draw(cands, target, p.min_p, u)
 }
 
 /// 2^y for y ≤ 0 to about 2 ulp: `exp_fast`'s reduction and polynomial in
@@ -975,6 +1062,61 @@ mod tests {
             probs[i] = wi / z;
         }
         probs
+    }
+
+    #[test]
+    fn a_draw_from_the_devices_best_logits_is_the_draw_from_the_whole_row() {
+        // Rows with ties (also at the k-th place) and NaN; for each setting
+        // the device can serve, two samplers with one seed: one draws from
+        // the whole row, the other from the row's best (as
+        // `tensor::top_rows` returns them). Same tokens, same log-probs.
+        let vocab = 3_000;
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let settings = [
+            (0.0, 0, 1.0, 0.0, Some(5)),
+            (0.8, 40, 1.0, 0.0, None),
+            (1.3, 7, 0.9, 0.0, Some(2)),
+            (0.5, 200, 0.95, 0.05, Some(20)),
+            (1.0, 256, 1.0, 0.1, None),
+            (0.7, 1, 1.0, 0.0, Some(3)),
+        ];
+        for (temperature, top_k, top_p, min_p, logprobs) in settings {
+            let p = SamplingParams {
+                logprobs,
+                ..params(temperature, top_k, top_p, min_p)
+            };
+            let want = p.device_candidates(vocab).expect("a device draw");
+            let (mut whole, mut device) =
+                (Sampler::new(p.clone(), &[]), Sampler::new(p.clone(), &[]));
+            for step in 0..200 {
+                let row: Vec<f32> = (0..vocab)
+                    .map(|_| match rng.random_range(0..200) {
+                        0 => f32::NAN,
+                        r => (r % 37) as f32 * 0.25,
+                    })
+                    .collect();
+                let mut cands: Vec<(u32, f32)> = (0u32..)
+                    .zip(row.iter().copied())
+                    .filter(|c| !c.1.is_nan())
+                    .collect();
+                cands.sort_by(best_first);
+                cands.truncate(want);
+                let lse = logprobs.map(|_| top_logprobs(&row, 1).0);
+                let a = whole.sample(&mut row.clone()).unwrap();
+                let b = device.sample_top(&cands, vocab, lse).unwrap();
+                assert_eq!(a, b, "{p:?}, step {step}");
+            }
+        }
+        // What the device cannot serve: the whole row, penalties, too many.
+        assert_eq!(params(0.8, 0, 1.0, 0.0).device_candidates(vocab), None);
+        assert_eq!(params(0.8, 257, 1.0, 0.0).device_candidates(vocab), None);
+        assert_eq!(params(0.8, 40, 1.0, 0.0).device_candidates(40), None);
+        let penalised = SamplingParams {
+            presence_penalty: 0.5,
+            ..params(0.0, 0, 1.0, 0.0)
+        };
+        assert_eq!(penalised.device_candidates(vocab), None);
+        assert_eq!(params(0.0, 0, 1.0, 0.0).device_candidates(vocab), Some(1));
     }
 
     /// Upper 0.001 point of χ² with `df` degrees of freedom

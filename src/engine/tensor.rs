@@ -376,3 +376,112 @@ impl AttnPlan {
 pub(crate) fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
 }
+
+/// Columns per device sort. candle's CUDA sort keeps a row in shared memory
+/// (4 KiB at 1,024 indices), so longer rows are sorted in chunks of this
+/// many and the best of each chunk sorted again.
+const SORT_COLS: usize = 1024;
+
+/// The most candidates per row [`top_rows`] selects: at most half a chunk,
+/// so each round of chunked sorting at least halves a row.
+pub(crate) const MAX_TOP: usize = SORT_COLS / 4;
+
+/// Each row's `k` best logits (`logits`: `[rows, vocab]` on the device),
+/// chosen on the device so that only `rows × k` ids and logits come back.
+/// The set is the host sampler's: every logit above the k-th largest, then
+/// the lowest ids among those equal to it (NaN never chosen). Rows come back
+/// best first (larger logit, then lower id), `k` entries each (fewer only
+/// when a row has fewer than `k` non-NaN logits: the rest are `u32::MAX`).
+///
+/// Device sorts are not stable, so the k-th largest value is found first
+/// (its value does not depend on how ties are ordered), then a second
+/// selection over a key that puts every larger logit first and orders the
+/// logits equal to it by id.
+pub(crate) fn top_rows(logits: &Tensor, k: usize) -> Result<(Vec<u32>, Vec<f32>)> {
+    let (rows, vocab) = logits.dims2()?;
+    let k = k.min(vocab).min(MAX_TOP);
+    if rows == 0 || k == 0 {
+        return Ok((vec![], vec![]));
+    }
+    let dev = logits.device();
+    let neg_inf = Tensor::full(f32::NEG_INFINITY, (rows, vocab), dev)?;
+    // NaN sorts anywhere: it becomes −∞ (and is dropped below by its key).
+    let x = logits.eq(logits)?.where_cond(logits, &neg_inf)?;
+    let ids = Tensor::arange(0u32, vocab as u32, dev)?
+        .reshape((1, vocab))?
+        .broadcast_as((rows, vocab))?
+        .contiguous()?;
+    let (best, _) = best_unordered(&x, &ids, k)?;
+    let kth = best.narrow(1, k - 1, 1)?;
+    // The key: above the k-th value first (any order: all of them are in),
+    // then ties by increasing id (−id as f32 is exact below 2²⁴), then
+    // nothing (smaller, NaN).
+    let above = Tensor::full(f32::MAX, (rows, vocab), dev)?;
+    let by_id = ids.to_dtype(DType::F32)?.neg()?;
+    let key = logits.broadcast_gt(&kth)?.where_cond(
+        &above,
+        &logits.broadcast_eq(&kth)?.where_cond(&by_id, &neg_inf)?,
+    )?;
+    let (key, chosen) = best_unordered(&key, &ids, k)?;
+    let chosen = key
+        .ne(f32::NEG_INFINITY)?
+        .where_cond(&chosen, &Tensor::full(u32::MAX, (rows, k), dev)?)?;
+    // Padding ids (u32::MAX) read a −∞ column appended to the row.
+    let padded = Tensor::cat(&[&x, &neg_inf.narrow(1, 0, 1)?], 1)?;
+    let at = chosen.minimum(vocab as u32)?;
+    let values = padded.gather(&at.contiguous()?, 1)?;
+    let (ids, values) = (
+        chosen.flatten_all()?.to_vec1::<u32>()?,
+        values.flatten_all()?.to_vec1::<f32>()?,
+    );
+    // Best first within each row, as the host orders candidates.
+    let mut pairs: Vec<(u32, f32)> = ids.into_iter().zip(values).collect();
+    for row in pairs.chunks_mut(k) {
+        row.sort_unstable_by(|a, b| {
+            b.1.partial_cmp(&a.1)
+                .unwrap_or(std::cmp::Ordering::Equal)
+                .then(a.0.cmp(&b.0))
+        });
+    }
+    Ok(pairs.into_iter().unzip())
+}
+
+/// The `k` largest of each row of `x` (`[rows, n]`, no NaN) with their
+/// `ids` (`[rows, n]` u32), largest first, ties in any order: rows longer
+/// than [`SORT_COLS`] are cut into chunks padded with −∞ (id `u32::MAX`),
+/// each chunk's best `k` kept, until a row fits one sort.
+fn best_unordered(x: &Tensor, ids: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
+    let (rows, _) = x.dims2()?;
+    let dev = x.device();
+    let (mut x, mut ids) = (x.clone(), ids.clone());
+    loop {
+        let n = x.dim(1)?;
+        if n <= SORT_COLS {
+            let order = x.arg_sort_last_dim(false)?.narrow(1, 0, k)?.contiguous()?;
+            return Ok((x.gather(&order, 1)?, ids.gather(&order, 1)?));
+        }
+        let chunks = n.div_ceil(SORT_COLS);
+        let pad = chunks * SORT_COLS - n;
+        if pad > 0 {
+            x = Tensor::cat(
+                &[&x, &Tensor::full(f32::NEG_INFINITY, (rows, pad), dev)?],
+                1,
+            )?;
+            ids = Tensor::cat(&[&ids, &Tensor::full(u32::MAX, (rows, pad), dev)?], 1)?;
+        }
+        let x_c = x.reshape((rows * chunks, SORT_COLS))?;
+        let ids_c = ids.reshape((rows * chunks, SORT_COLS))?;
+        let order = x_c
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, k)?
+            .contiguous()?;
+        x = x_c.gather(&order, 1)?.reshape((rows, chunks * k))?;
+        ids = ids_c.gather(&order, 1)?.reshape((rows, chunks * k))?;
+    }
+}
+
+/// log Σ exp of each row of `logits` (`[rows, vocab]` on the device): the
+/// normaliser of the model's log-probabilities, one number per row.
+pub(crate) fn log_sum_exp_rows(logits: &Tensor) -> Result<Vec<f32>> {
+    Ok(logits.log_sum_exp(D::Minus1)?.to_vec1::<f32>()?)
+}

@@ -300,6 +300,9 @@ pub struct EngineStats {
     pub prefix_cache_hits: AtomicU64,
     /// Tokens generated.
     pub generated_tokens: AtomicU64,
+    /// Of those, tokens picked from the device's best logits (tensor path:
+    /// steps that copied back ids or the best few logits, not whole rows).
+    pub device_picked_tokens: AtomicU64,
     /// Recent throughput in tokens per second (f64 bits), for retry-after.
     pub tokens_per_second: AtomicU64,
 }

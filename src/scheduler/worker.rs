@@ -13,7 +13,7 @@ use super::state::{Limits, Priority, Seq, State};
 use super::{Completion, Event, FinishReason, Job, Msg, ScoreJob, Shared, Timings};
 use crate::engine::{
     Batch, BlockAllocator, EnginePath, KvCache, LoadedModel, Logits, PositionScore, Sampler,
-    Scratch, StopMatcher, StopOutcome, TextStream, Tokenizer,
+    Scratch, StopMatcher, StopOutcome, TextStream, Tokenizer, TopRows,
 };
 use crate::monitor::canary::Sample;
 use crate::monitor::drift::{Observation, TextProfile};
@@ -710,25 +710,55 @@ impl Worker {
         }
         let rows: usize = entry_rows.iter().sum();
         let mut flat = std::mem::take(&mut self.logits);
-        // On the tensor path, a step whose every row is a plain greedy pick
-        // takes the argmax on the device and copies back only the ids.
-        let greedy = model.engine_path() == EnginePath::Tensor
-            && rows > 0
-            && plan.entries.iter().zip(&entry_rows).all(|(e, &n)| {
-                let p = &state.running[e.index].payload;
-                n == 0 || (p.score.is_none() && p.sampler.params().argmax_suffices())
-            });
+        // On the tensor path, a step whose every row needs only its best
+        // logits (greedy, top-k, log-probabilities; no penalty, no entropy
+        // probe) picks them on the device: a plain greedy step copies back
+        // only ids, others each row's best few (token, logit) pairs.
+        let vocab_size = model.config().vocab_size;
+        let mut device = model.engine_path() == EnginePath::Tensor && rows > 0;
+        let (mut top_k, mut lse) = (1, false);
+        for (e, &n) in plan.entries.iter().zip(&entry_rows) {
+            if n == 0 || !device {
+                continue;
+            }
+            let p = &state.running[e.index].payload;
+            let probed = p.drift.as_ref().is_some_and(|d| d.entropy);
+            match p.sampler.params().device_candidates(vocab_size) {
+                Some(k) if p.score.is_none() && !probed => {
+                    top_k = top_k.max(k);
+                    lse |= p.sampler.params().logprobs.is_some();
+                }
+                _ => device = false,
+            }
+        }
         let mut picked = None;
-        if greedy {
-            match model.forward_greedy(&batch, kv, &mut self.scratch) {
-                Ok(ids) if ids.len() == rows => picked = Some(ids),
-                Ok(_) => tracing::error!("the device greedy step returned the wrong number of ids"),
+        if device {
+            let got = if top_k == 1 && !lse {
+                model
+                    .forward_greedy(&batch, kv, &mut self.scratch)
+                    .map(|ids| TopRows {
+                        k: 1,
+                        pairs: ids.into_iter().map(|id| (id, 0.0)).collect(),
+                        lse: None,
+                    })
+            } else {
+                model.forward_top(&batch, kv, &mut self.scratch, top_k, lse)
+            };
+            match got {
+                Ok(t) if t.pairs.len() == rows * t.k => {
+                    self.shared
+                        .stats
+                        .device_picked_tokens
+                        .fetch_add(rows as u64, Ordering::Relaxed);
+                    picked = Some(t)
+                }
+                Ok(_) => tracing::error!("the device step returned the wrong number of picks"),
                 Err(e) => {
-                    tracing::error!(error = %e, "the device greedy step failed; running the step again")
+                    tracing::error!(error = %e, "the device step failed; running the step again")
                 }
             }
         }
-        // (A failed greedy step is run again: each sequence rewrites the KV
+        // (A failed device step is run again: each sequence rewrites the KV
         // of its own positions with the same values.)
         let result = match picked {
             Some(_) => {
@@ -750,17 +780,15 @@ impl Worker {
         // of the prefix cache.
         state.advance_where(&plan, |s| s.payload.failed.is_none());
         let vocab = flat.len().checked_div(rows).unwrap_or(0);
-        // Each sequence's device-picked token.
-        let mut picks: Vec<Option<u32>> = vec![None; state.running.len()];
-        if let Some(ids) = &picked {
-            let mut ids = ids.iter();
+        // Each sequence's row of device picks.
+        let mut picks: Vec<Option<usize>> = vec![None; state.running.len()];
+        if picked.is_some() {
+            let mut row = 0;
             for (e, &n) in plan.entries.iter().zip(&entry_rows) {
-                if n > 0
-                    && let Some(&id) = ids.next()
-                    && state.running[e.index].payload.failed.is_none()
-                {
-                    picks[e.index] = Some(id);
+                if n > 0 && state.running[e.index].payload.failed.is_none() {
+                    picks[e.index] = Some(row);
                 }
+                row += n;
             }
         }
         // Each sequence's rows: one to sample from, or a scoring job's span
@@ -808,7 +836,13 @@ impl Worker {
                     (Some((row, _)), None, _) => {
                         emit_token(s, Pick::Row(row), tokenizer, ctx, m, now)
                     }
-                    (None, None, Some(id)) => emit_token(s, Pick::Id(*id), tokenizer, ctx, m, now),
+                    (None, None, Some(row)) => {
+                        if let Some(t) = &picked {
+                            let lse = t.lse.as_ref().and_then(|l| l.get(*row).copied());
+                            let pick = Pick::Top(t.row(*row), vocab_size, lse);
+                            emit_token(s, pick, tokenizer, ctx, m, now)
+                        }
+                    }
                     (None, _, _) => {}
                 }
             });
@@ -914,8 +948,10 @@ impl Worker {
 enum Pick<'a> {
     /// Sampled here from its logits row.
     Row(&'a mut [f32]),
-    /// Already chosen on the device (a plain greedy pick).
-    Id(u32),
+    /// The row's best (token, logit) pairs, picked on the device, with the
+    /// vocabulary size and, when log-probabilities are asked, the row's
+    /// log Σ exp.
+    Top(&'a [(u32, f32)], usize, Option<f32>),
 }
 
 /// Samples one sequence's next token, streams its text and decides whether
@@ -932,7 +968,7 @@ fn emit_token(
         Pick::Row(row) => {
             // The model's own distribution, before penalties and temperature
             // touch the row: one more pass over it, for requests drift
-            // samples. (A step greedy on the device has no row: no entropy.)
+            // samples. (Such requests never take a device pick.)
             if let Some(d) = s.payload.drift.as_mut()
                 && d.entropy
             {
@@ -947,10 +983,13 @@ fn emit_token(
                 }
             }
         }
-        Pick::Id(id) => {
-            s.payload.sampler.observe(id);
-            (id, None)
-        }
+        Pick::Top(cands, vocab, lse) => match s.payload.sampler.sample_top(cands, vocab, lse) {
+            Ok(t) => t,
+            Err(e) => {
+                s.payload.failed = Some(format!("sampling failed: {e}"));
+                return;
+            }
+        },
     };
     s.tokens.push(token);
     let io = &mut s.payload;

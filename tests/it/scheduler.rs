@@ -690,6 +690,106 @@ async fn the_tensor_path_reads_cached_blocks_as_the_host_path_does() {
     wait_idle(&tensor).await;
 }
 
+/// On the tensor path a step whose rows need only their best logits
+/// (greedy, top-k, log-probs) picks them on the device; a step with a
+/// penalised request copies whole rows to the host. A seeded top-k request
+/// gets the same tokens either way, and the same log-probs up to the last
+/// bits of the normaliser (log Σ exp on the device or on the host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_k_picked_on_the_device_gives_what_whole_rows_give() {
+    use llmops::engine::{EnginePath, LoadOptions};
+    let (_tmp, path) = support::write_model(&SynthSpec {
+        seed: 5,
+        ..SynthSpec::tiny_llama()
+    });
+    let engine = EngineHandle::spawn(
+        llmops::engine::load(
+            &path,
+            &LoadOptions {
+                engine_path: Some(EnginePath::Tensor),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+        SchedulerConfig::default(),
+        EngineLabels::default(),
+    )
+    .unwrap();
+    let prompt = vec![256, 17, 3, 99, 41];
+    let top_k = Request {
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: 20,
+            seed: Some(11),
+            logprobs: Some(3),
+            ..Default::default()
+        },
+        ..greedy(prompt.clone(), 24)
+    };
+    // Every token with its log-probs: the chosen one's, then the best 3.
+    type Logprobs = Vec<(u32, f32)>;
+    async fn events(mut rx: tokio::sync::mpsc::Receiver<Event>) -> Vec<Logprobs> {
+        let mut out = vec![];
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Token { id, logprob, .. } => {
+                    let l = logprob.expect("log-probs were asked");
+                    assert_eq!(l.token, id);
+                    out.push([(id, l.logprob)].into_iter().chain(l.top).collect());
+                }
+                Event::Done(_) => return out,
+                Event::Failed(e) => panic!("request failed: {e}"),
+            }
+        }
+        panic!("event stream ended without a Done");
+    }
+    let picked = || counter(&engine.stats().device_picked_tokens);
+    let alone = events(engine.submit(top_k.clone()).unwrap()).await;
+    assert_eq!(alone.len(), 24);
+    assert_eq!(
+        picked(),
+        24,
+        "every step of the request alone picks on the device"
+    );
+    // Beside a longer penalised request from the first step on, every step
+    // copies whole rows.
+    let penalised = Request {
+        sampling: SamplingParams {
+            temperature: 0.8,
+            repetition_penalty: 1.3,
+            seed: Some(1),
+            ..Default::default()
+        },
+        ..greedy(prompt.clone(), 40)
+    };
+    let (before, rx_p) = (picked(), engine.submit(penalised).unwrap());
+    let rx = engine.submit(top_k.clone()).unwrap();
+    let (beside, _) = tokio::join!(events(rx), collect(rx_p));
+    assert!(picked() - before < 24, "whole rows were copied");
+    assert_eq!(beside.len(), alone.len());
+    for (i, (b, a)) in beside.iter().zip(&alone).enumerate() {
+        assert_eq!(b.len(), a.len());
+        for (x, y) in b.iter().zip(a) {
+            assert_eq!(x.0, y.0, "token {i}: {b:?} against {a:?}");
+            assert!((x.1 - y.1).abs() < 1e-5, "token {i}: {b:?} against {a:?}");
+        }
+    }
+    // A different seed draws differently (the draw is not the argmax).
+    let other = Request {
+        sampling: SamplingParams {
+            seed: Some(12),
+            ..top_k.sampling.clone()
+        },
+        ..top_k.clone()
+    };
+    let ids = |e: &[Logprobs]| e.iter().map(|t| t[0].0).collect::<Vec<_>>();
+    assert_ne!(
+        ids(&events(engine.submit(other).unwrap()).await),
+        ids(&alone)
+    );
+    wait_idle(&engine).await;
+}
+
 /// Sliding-window layers keep only their window: on a Gemma 3 whose two
 /// local layers see 5 positions, 60-token generations (12 windows) on the
 /// real engine, host and tensor paths, with the window groups giving their
