@@ -260,27 +260,25 @@ impl Sampler {
 
     /// Picks the next token from the best logits of a row of `vocab`,
     /// chosen on the device ([`super::tensor::top_rows`]), and records it:
-    /// `cands` holds at least [`SamplingParams::device_candidates`]
-    /// (token, logit) pairs, best first, and `lse` the row's log Σ exp when
-    /// log-probabilities are asked. Draws the token [`Sampler::sample`]
-    /// would draw from the whole row, from the same random stream.
+    /// `cands` holds the row's best [`SamplingParams::device_candidates`]
+    /// (token, logit) pairs (NaN skipped), best first, and `lse` the row's
+    /// log Σ exp when log-probabilities are asked. Draws the token
+    /// [`Sampler::sample`] would draw from the whole row, from the same
+    /// random stream.
     pub fn sample_top(
         &mut self,
         cands: &[(u32, f32)],
         vocab: usize,
         lse: Option<f32>,
     ) -> Result<(u32, Option<TokenLogprob>)> {
-        let want = self
-            .params
-            .device_candidates(vocab)
-            .ok_or_else(|| Error::Internal("these parameters need the whole row".into()))?;
-        if cands.len() < want {
-            return Err(Error::Internal(format!(
-                "{} candidates for a draw that needs {want}",
-                cands.len()
-            )));
+        if self.params.device_candidates(vocab).is_none() {
+            return Err(Error::Internal(
+                "these parameters need the whole row".into(),
+            ));
         }
-        let best = cands[0].0;
+        // Fewer candidates than asked only when the row had fewer non-NaN
+        // logits; none at all, and the host's argmax would give token 0.
+        let best = cands.first().map_or(0, |c| c.0);
         let token = if self.params.is_greedy() {
             best
         } else {

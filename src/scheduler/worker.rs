@@ -711,28 +711,13 @@ impl Worker {
         let rows: usize = entry_rows.iter().sum();
         let mut flat = std::mem::take(&mut self.logits);
         // On the tensor path, a step whose every row needs only its best
-        // logits (greedy, top-k, log-probabilities; no penalty, no entropy
-        // probe) picks them on the device: a plain greedy step copies back
+        // logits picks them on the device: a plain greedy step copies back
         // only ids, others each row's best few (token, logit) pairs.
         let vocab_size = model.config().vocab_size;
-        let mut device = model.engine_path() == EnginePath::Tensor && rows > 0;
-        let (mut top_k, mut lse) = (1, false);
-        for (e, &n) in plan.entries.iter().zip(&entry_rows) {
-            if n == 0 || !device {
-                continue;
-            }
-            let p = &state.running[e.index].payload;
-            let probed = p.drift.as_ref().is_some_and(|d| d.entropy);
-            match p.sampler.params().device_candidates(vocab_size) {
-                Some(k) if p.score.is_none() && !probed => {
-                    top_k = top_k.max(k);
-                    lse |= p.sampler.params().logprobs.is_some();
-                }
-                _ => device = false,
-            }
-        }
         let mut picked = None;
-        if device {
+        if model.engine_path() == EnginePath::Tensor
+            && let Some((top_k, lse)) = device_picks(state, &plan, &entry_rows, vocab_size)
+        {
             let got = if top_k == 1 && !lse {
                 model
                     .forward_greedy(&batch, kv, &mut self.scratch)
@@ -878,6 +863,34 @@ impl Worker {
             .record(plan.decode_tokens as f64);
         self.metrics.step_time.record(elapsed.as_secs_f64());
     }
+}
+
+/// What a step's rows need from the device when every one needs only its
+/// best logits (greedy, top-k, log-probabilities; no penalty, no drift
+/// entropy probe, no scoring job): the largest number of candidates any row
+/// asks, and whether any asks log-probabilities. `None` when a row needs its
+/// whole row of logits, or no row is sampled.
+fn device_picks(
+    state: &State<Io>,
+    plan: &super::state::Plan,
+    entry_rows: &[usize],
+    vocab: usize,
+) -> Option<(usize, bool)> {
+    let (mut top_k, mut lse, mut rows) = (1, false, 0);
+    for (e, &n) in plan.entries.iter().zip(entry_rows) {
+        if n == 0 {
+            continue;
+        }
+        let p = &state.running[e.index].payload;
+        let probed = p.drift.as_ref().is_some_and(|d| d.entropy);
+        if p.score.is_some() || probed {
+            return None;
+        }
+        top_k = top_k.max(p.sampler.params().device_candidates(vocab)?);
+        lse |= p.sampler.params().logprobs.is_some();
+        rows += n;
+    }
+    (rows > 0).then_some((top_k, lse))
 }
 
 /// Scores a scoring job's rows: `rows` holds consecutive positions from
