@@ -706,7 +706,7 @@ fn draw_dense(w: &[f32], blocks: &[f64], u: f64) -> Option<u32> {
 /// Best first: larger value, then lower id. The values are never NaN here
 /// (selection skips them), so this is a total order; ±0 are equal, as for
 /// the `>` tests of the heap's fast path.
-fn best_first(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
+pub(crate) fn best_first(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
     b.1.partial_cmp(&a.1)
         .unwrap_or(Ordering::Equal)
         .then(a.0.cmp(&b.0))

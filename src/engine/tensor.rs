@@ -404,7 +404,10 @@ pub(crate) fn top_rows(logits: &Tensor, k: usize) -> Result<(Vec<u32>, Vec<f32>)
         return Ok((vec![], vec![]));
     }
     let dev = logits.device();
-    let neg_inf = Tensor::full(f32::NEG_INFINITY, (rows, vocab), dev)?;
+    // Constants broadcast over the rows (stride 0: nothing allocated per
+    // element).
+    let fill = |v: f32| -> Result<Tensor> { Ok(Tensor::new(v, dev)?.broadcast_as((rows, vocab))?) };
+    let neg_inf = fill(f32::NEG_INFINITY)?;
     // NaN sorts anywhere: it becomes −∞ (and is dropped below by its key).
     let x = logits.eq(logits)?.where_cond(logits, &neg_inf)?;
     let ids = Tensor::arange(0u32, vocab as u32, dev)?
@@ -416,20 +419,27 @@ pub(crate) fn top_rows(logits: &Tensor, k: usize) -> Result<(Vec<u32>, Vec<f32>)
     // The key: above the k-th value first (any order: all of them are in),
     // then ties by increasing id (−id as f32 is exact below 2²⁴), then
     // nothing (smaller, NaN).
-    let above = Tensor::full(f32::MAX, (rows, vocab), dev)?;
-    let by_id = ids.to_dtype(DType::F32)?.neg()?;
+    let by_id = Tensor::arange(0f32, vocab as f32, dev)?
+        .neg()?
+        .reshape((1, vocab))?
+        .broadcast_as((rows, vocab))?;
     let key = logits.broadcast_gt(&kth)?.where_cond(
-        &above,
+        &fill(f32::MAX)?,
         &logits.broadcast_eq(&kth)?.where_cond(&by_id, &neg_inf)?,
     )?;
     let (key, chosen) = best_unordered(&key, &ids, k)?;
-    let chosen = key
-        .ne(f32::NEG_INFINITY)?
-        .where_cond(&chosen, &Tensor::full(u32::MAX, (rows, k), dev)?)?;
-    // Padding ids (u32::MAX) read a −∞ column appended to the row.
-    let padded = Tensor::cat(&[&x, &neg_inf.narrow(1, 0, 1)?], 1)?;
-    let at = chosen.minimum(vocab as u32)?;
-    let values = padded.gather(&at.contiguous()?, 1)?;
+    // Places whose key is −∞ hold no candidate (a row with fewer than k
+    // non-NaN logits, or chunk padding): id u32::MAX, value −∞.
+    let valid = key.ne(f32::NEG_INFINITY)?;
+    let values = x.gather(&chosen.minimum(vocab as u32 - 1)?.contiguous()?, 1)?;
+    let values = valid.where_cond(
+        &values,
+        &Tensor::new(f32::NEG_INFINITY, dev)?.broadcast_as((rows, k))?,
+    )?;
+    let chosen = valid.where_cond(
+        &chosen,
+        &Tensor::new(u32::MAX, dev)?.broadcast_as((rows, k))?,
+    )?;
     let (ids, values) = (
         chosen.flatten_all()?.to_vec1::<u32>()?,
         values.flatten_all()?.to_vec1::<f32>()?,
@@ -437,11 +447,7 @@ pub(crate) fn top_rows(logits: &Tensor, k: usize) -> Result<(Vec<u32>, Vec<f32>)
     // Best first within each row, as the host orders candidates.
     let mut pairs: Vec<(u32, f32)> = ids.into_iter().zip(values).collect();
     for row in pairs.chunks_mut(k) {
-        row.sort_unstable_by(|a, b| {
-            b.1.partial_cmp(&a.1)
-                .unwrap_or(std::cmp::Ordering::Equal)
-                .then(a.0.cmp(&b.0))
-        });
+        row.sort_unstable_by(super::sampling::best_first);
     }
     Ok(pairs.into_iter().unzip())
 }
