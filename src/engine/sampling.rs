@@ -64,6 +64,10 @@ impl Default for SamplingParams {
     }
 }
 
+/// Most candidates a row may ask of the device (`tensor::top_rows`
+/// selects at most this many); a top-k draw over more copies the row.
+pub const MAX_DEVICE_TOP_K: usize = 256;
+
 /// Largest number of alternatives a request may ask for.
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
@@ -117,7 +121,7 @@ impl SamplingParams {
     /// changes the row: 1 for greedy, `top_k` for a top-k draw, at least the
     /// log-probabilities asked. `None` when the draw needs the whole row
     /// (penalties, or a draw over more than
-    /// [`super::tensor::MAX_TOP`] tokens or the whole `vocab`, top_k 0
+    /// [`MAX_DEVICE_TOP_K`] tokens or the whole `vocab`, top_k 0
     /// included): then the tensor path copies the row back.
     pub fn device_candidates(&self, vocab: usize) -> Option<usize> {
         if self.has_penalties() || vocab == 0 {
@@ -131,7 +135,7 @@ impl SamplingParams {
             return None;
         };
         let want = draw.max(self.logprobs.unwrap_or(0).min(vocab));
-        (want <= super::tensor::MAX_TOP).then_some(want)
+        (want <= MAX_DEVICE_TOP_K).then_some(want)
     }
 
     /// Whether the draw is the argmax (temperature 0 or top-k 1).
@@ -259,7 +263,7 @@ impl Sampler {
     }
 
     /// Picks the next token from the best logits of a row of `vocab`,
-    /// chosen on the device ([`super::tensor::top_rows`]), and records it:
+    /// chosen on the device (`tensor::top_rows`), and records it:
     /// `cands` holds the row's best [`SamplingParams::device_candidates`]
     /// (token, logit) pairs (NaN skipped), best first, and `lse` the row's
     /// log Σ exp when log-probabilities are asked. Draws the token
@@ -427,7 +431,7 @@ fn choose(logits: &[f32], p: &SamplingParams, u: f64, s: &mut Scratch) -> Option
 /// best (token, logit) pairs, in any order. They are put best first (see
 /// [`best_first`]) before the draw, so the token drawn for `u` depends only
 /// on the set: the host's selection and the device's
-/// ([`super::tensor::top_rows`]) give the same token.
+/// (`tensor::top_rows`) give the same token.
 fn choose_among(cands: &mut Vec<(u32, f32)>, p: &SamplingParams, u: f64) -> Option<u32> {
     let scale = std::f32::consts::LOG2_E / p.temperature;
     cands.sort_unstable_by(best_first);

@@ -382,9 +382,11 @@ pub(crate) fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
 /// many and the best of each chunk sorted again.
 const SORT_COLS: usize = 1024;
 
-/// The most candidates per row [`top_rows`] selects: at most half a chunk,
-/// so each round of chunked sorting at least halves a row.
-pub(crate) const MAX_TOP: usize = SORT_COLS / 4;
+/// The most candidates per row [`top_rows`] selects, the sampler's bound:
+/// at most half a chunk, so each round of chunked sorting at least halves a
+/// row.
+pub(crate) const MAX_TOP: usize = super::sampling::MAX_DEVICE_TOP_K;
+const _: () = assert!(MAX_TOP <= SORT_COLS / 2);
 
 /// Each row's `k` best logits (`logits`: `[rows, vocab]` on the device),
 /// chosen on the device so that only `rows × k` ids and logits come back.
