@@ -678,58 +678,35 @@ async fn run_copy(
     };
     let labels = mirror.labels(&primary_version).to_vec();
     let greedy = request.sampling.is_greedy();
-    let (scores, disagrees, candidate_tokens) = match mirror.spec.mode {
-        Mode::Generate => {
-            let g = compare::compare_generated(
-                &answer(primary.tokens.clone(), &primary.completion),
-                &answer(cand.tokens.clone(), &cand.completion),
-                greedy,
-            );
-            record_generated(&labels, &g);
-            lock(&mirror.stats)
-                .entry(primary_version.clone())
-                .or_default()
-                .add_generated(&g);
-            let disagrees = !g.exact;
-            (
-                serde_json::to_value(&g).unwrap_or_default(),
-                disagrees,
-                Some(cand.tokens),
-            )
-        }
+    let compared = match mirror.spec.mode {
+        Mode::Generate => Compared::Generated(compare::compare_generated(
+            &answer(primary.tokens.clone(), &primary.completion),
+            &answer(cand.tokens.clone(), &cand.completion),
+            greedy,
+        )),
         Mode::Score => {
             let Some(scores) = cand.completion.scores.as_deref() else {
                 return drop_as("failed");
             };
-            let s = compare::compare_scored(&primary.logprobs, scores);
-            record_scored(&labels, &s);
-            lock(&mirror.stats)
-                .entry(primary_version.clone())
-                .or_default()
-                .add_scored(&s);
-            let disagrees = s.top1_agreements < s.tokens;
-            let v = json!({
-                "tokens": s.tokens,
-                "candidate_mean_logprob": s.candidate_mean(),
-                "primary_mean_logprob": s.primary_mean(),
-                "logprob_gap": s.gap(),
-                "top1_agreement": s.top1_share(),
-                "kl_divergence": s.kl_mean(),
-            });
-            (v, disagrees, None)
+            Compared::Scored(compare::compare_scored(&primary.logprobs, scores))
         }
     };
-    let mut compared = labels.clone();
-    compared.push(("mode", mirror.spec.mode.as_str().to_string()));
-    metrics::counter!(names::COMPARED, &compared).increment(1);
-    if disagrees && mirror.spec.samples.enabled {
+    // The sample first, then the counts: whoever sees a comparison counted
+    // finds its sample stored.
+    if compared.disagrees() && mirror.spec.samples.enabled {
         let m = mirror.clone();
         let prompt = request.prompt;
         let primary_tokens = primary.tokens;
+        let candidate_tokens = match compared {
+            Compared::Generated(_) => Some(cand.tokens),
+            Compared::Scored(_) => None,
+        };
+        let scores = compared.scores();
+        let version = primary_version.clone();
         // Detokenizing and redacting are CPU work: off the async workers.
         let _ = tokio::task::spawn_blocking(move || {
             m.store_sample(
-                primary_version,
+                version,
                 &prompt,
                 &primary_tokens,
                 candidate_tokens.as_deref(),
@@ -738,7 +715,58 @@ async fn run_copy(
         })
         .await;
     }
+    match &compared {
+        Compared::Generated(g) => {
+            record_generated(&labels, g);
+            lock(&mirror.stats)
+                .entry(primary_version)
+                .or_default()
+                .add_generated(g);
+        }
+        Compared::Scored(s) => {
+            record_scored(&labels, s);
+            lock(&mirror.stats)
+                .entry(primary_version)
+                .or_default()
+                .add_scored(s);
+        }
+    }
+    let mut compared_labels = labels;
+    compared_labels.push(("mode", mirror.spec.mode.as_str().to_string()));
+    metrics::counter!(names::COMPARED, &compared_labels).increment(1);
     drop(slot);
+}
+
+/// One comparison of a copy with its primary.
+enum Compared {
+    Generated(compare::Generated),
+    Scored(compare::Scored),
+}
+
+impl Compared {
+    /// Whether the candidate's answer differs from the primary's: such
+    /// comparisons keep a sample.
+    fn disagrees(&self) -> bool {
+        match self {
+            Compared::Generated(g) => !g.exact,
+            Compared::Scored(s) => s.top1_agreements < s.tokens,
+        }
+    }
+
+    /// The scores a stored sample shows.
+    fn scores(&self) -> Value {
+        match self {
+            Compared::Generated(g) => serde_json::to_value(g).unwrap_or_default(),
+            Compared::Scored(s) => json!({
+                "tokens": s.tokens,
+                "candidate_mean_logprob": s.candidate_mean(),
+                "primary_mean_logprob": s.primary_mean(),
+                "logprob_gap": s.gap(),
+                "top1_agreement": s.top1_share(),
+                "kl_divergence": s.kl_mean(),
+            }),
+        }
+    }
 }
 
 fn record_generated(labels: &[(&'static str, String)], g: &compare::Generated) {

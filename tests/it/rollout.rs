@@ -274,16 +274,23 @@ async fn a_slow_candidate_is_rolled_back_within_its_failure_limit_and_the_audit_
     let stop = Arc::new(AtomicBool::new(false));
     let traffic = load(&s, 16, stop.clone());
     let (interval, limit) = (1.0, 2);
-    // The gate at 2× the stable p99: on a loaded 2-core machine the 26M
-    // candidate's p99 measured only 2.6× the tiny stable model's (a 3× gate
-    // let it through once).
+    // Quiet, the 26M candidate's p99 is about 8× the tiny stable model's;
+    // but when other tests saturate both cores, one window's p99 can be a
+    // scheduling stall on either side (a p99 gate alone let it through at
+    // 2×, 1.35× that window). So the window is judged three ways: the p99,
+    // the mean throughput, and the rank test on every request's latency;
+    // and promotion takes two passing windows (two steps) while rollback
+    // takes two failing ones.
     let ro = start(
         &c,
         &s,
         json!({
-            "model": "tiny", "candidate": "slow", "steps": [25, 100], "interval_secs": interval,
+            "model": "tiny", "candidate": "slow", "steps": [25, 50, 100], "interval_secs": interval,
             "failure_limit": limit,
-            "analysis": {"gates": ["error_rate <= 0.01", "e2e_p99 <= 2x"], "min_samples": 3, "mann_whitney_alpha": null}
+            "analysis": {
+                "gates": ["error_rate <= 0.01", "e2e_p99 <= 2x", "tokens_per_second >= 0.5x"],
+                "min_samples": 3, "mann_whitney_alpha": 0.01
+            }
         }),
     )
     .await;
@@ -314,13 +321,12 @@ async fn a_slow_candidate_is_rolled_back_within_its_failure_limit_and_the_audit_
         to_rollback.as_secs_f64(),
         took.as_secs_f64()
     );
+    for h in done["history"].as_array().into_iter().flatten() {
+        eprintln!("window at {}%: {}", h["weight"], h["report"]["reason"]);
+    }
     stop.store(true, Ordering::Relaxed);
     let (sent, fails, _) = traffic.await.unwrap();
     assert_eq!(done["phase"], "rolled_back", "{done}");
-    assert!(
-        to_rollback.as_secs_f64() <= (limit as f64 - 1.0) * interval + 1.0,
-        "{to_rollback:?}"
-    );
     assert!(
         fails.is_empty(),
         "{} of {sent} requests failed: {:?}",
@@ -332,33 +338,68 @@ async fn a_slow_candidate_is_rolled_back_within_its_failure_limit_and_the_audit_
         .iter()
         .position(|h| h["report"]["verdict"] == "failed")
         .expect("a failed window");
-    // Rolled back at the `limit`-th failed window: no later than
-    // `limit` intervals after the first one failed (plus the first window).
+    // Rolled back at the `limit`-th failed window, the last one, and no
+    // later than the end of that window (plus the time to roll back).
     let failed = history
         .iter()
         .filter(|h| h["report"]["verdict"] == "failed")
         .count();
     assert_eq!(failed, limit, "{done}");
-    assert!(history.len() - first_fail <= limit + 1, "{done}");
+    assert_eq!(
+        history.last().unwrap()["report"]["verdict"],
+        "failed",
+        "{done}"
+    );
+    let windows_after_first = (history.len() - first_fail - 1) as f64;
+    assert!(
+        to_rollback.as_secs_f64() <= windows_after_first * interval + 1.0,
+        "{to_rollback:?} for {windows_after_first} windows after the first failure"
+    );
     assert!(
         took.as_secs_f64() <= (history.len() as f64 + 1.0) * interval + 5.0,
         "{took:?}"
     );
-    assert!(
-        done["reason"].as_str().unwrap().contains("e2e_p99"),
-        "{done}"
-    );
-    let gate = &history[first_fail]["report"]["gates"]
-        .as_array()
-        .unwrap()
+    // Every failed window names a check that failed, with the numbers: a
+    // gate whose canary value is past its limit, or the rank test.
+    for h in history
         .iter()
-        .find(|g| g["metric"] == "e2e_p99")
-        .unwrap()
-        .clone();
-    assert_eq!(gate["passed"], false, "{gate}");
+        .filter(|h| h["report"]["verdict"] == "failed")
+    {
+        let report = &h["report"];
+        let reason = report["reason"].as_str().unwrap();
+        let gate = report["gates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["passed"] == false);
+        match gate {
+            Some(g) => {
+                assert!(reason.contains(g["gate"].as_str().unwrap()), "{report}");
+                let (canary, limit) = (g["canary"].as_f64().unwrap(), g["limit"].as_f64().unwrap());
+                match g["metric"].as_str().unwrap() {
+                    "tokens_per_second" => assert!(canary < limit, "{g}"),
+                    _ => assert!(canary > limit, "{g}"),
+                }
+            }
+            None => {
+                assert!(reason.contains("Mann–Whitney"), "{report}");
+                assert!(
+                    report["tests"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|t| t["passed"] == false),
+                    "{report}"
+                );
+            }
+        }
+    }
+    let last_reason = history.last().unwrap()["report"]["reason"]
+        .as_str()
+        .unwrap();
     assert!(
-        gate["canary"].as_f64().unwrap() > gate["limit"].as_f64().unwrap(),
-        "{gate}"
+        done["reason"].as_str().unwrap().ends_with(last_reason),
+        "{done}"
     );
     // The canary is gone from the table and the stable version serves.
     for i in 0..8 {
@@ -384,10 +425,7 @@ async fn a_slow_candidate_is_rolled_back_within_its_failure_limit_and_the_audit_
         .unwrap()
         .clone();
     assert_eq!(last["event"], "rolled_back", "{last}");
-    assert!(
-        last["new"]["reason"].as_str().unwrap().contains("e2e_p99"),
-        "{last}"
-    );
+    assert_eq!(last["new"]["reason"], done["reason"], "{last}");
     s.stop().await;
 }
 
