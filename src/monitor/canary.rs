@@ -491,7 +491,9 @@ pub struct Analysis {
     pub min_samples: usize,
     /// Also run a one-sided Mann–Whitney U test on e2e latency (and TTFT):
     /// canary stochastically slower than stable at this significance fails
-    /// the window. None disables. Default Some(0.01).
+    /// the window. None disables (`null` in JSON; `false` in JSON or TOML,
+    /// which has no null). Default Some(0.01).
+    #[serde(deserialize_with = "alpha_or_off")]
     pub mann_whitney_alpha: Option<f64>,
     /// How much slower (canary median / stable median − 1) a significant
     /// difference must also be to fail the window: with thousands of
@@ -524,6 +526,42 @@ impl Default for Analysis {
             mann_whitney_min_effect: DEFAULT_MANN_WHITNEY_MIN_EFFECT,
         }
     }
+}
+
+/// [`Analysis::mann_whitney_alpha`] from a number, `null` or `false` (off).
+fn alpha_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    struct Alpha;
+    impl<'de> serde::de::Visitor<'de> for Alpha {
+        type Value = Option<f64>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a significance level such as 0.01, or false to turn the test off")
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+            Ok(Some(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(Some(v as f64))
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v as f64))
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Self::Value, E> {
+            match v {
+                false => Ok(None),
+                true => Err(E::invalid_value(serde::de::Unexpected::Bool(true), &self)),
+            }
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    d.deserialize_option(Alpha)
 }
 
 /// The outcome of one window, as in Argo Rollouts' AnalysisRun.
@@ -1452,6 +1490,19 @@ mod tests {
         assert_eq!(serde_json::from_str::<Analysis>("{}").unwrap(), default);
         let off: Analysis = serde_json::from_str(r#"{"mann_whitney_alpha": null}"#).unwrap();
         assert_eq!(off.mann_whitney_alpha, None);
+        // TOML has no null: `false` turns the test off there (and in JSON).
+        let off: Analysis = toml::from_str("mann_whitney_alpha = false").unwrap();
+        assert_eq!(off.mann_whitney_alpha, None);
+        let off: Analysis = serde_json::from_str(r#"{"mann_whitney_alpha": false}"#).unwrap();
+        assert_eq!(off.mann_whitney_alpha, None);
+        let set: Analysis = toml::from_str("mann_whitney_alpha = 0.05").unwrap();
+        assert_eq!(set.mann_whitney_alpha, Some(0.05));
+        let on = toml::from_str::<Analysis>("mann_whitney_alpha = true").unwrap_err();
+        assert!(
+            on.to_string().contains("or false to turn the test off"),
+            "{on}"
+        );
+        assert!(serde_json::from_str::<Analysis>(r#"{"mann_whitney_alpha": "0.01"}"#).is_err());
         assert!(serde_json::from_str::<Analysis>(r#"{"min_sample": 5}"#).is_err());
     }
 
