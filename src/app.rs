@@ -54,10 +54,17 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let metrics = crate::monitor::exporter::install()?;
-    let auth = Authenticator::new(&cfg.keys);
-    if auth.is_open() {
+    let auth = Authenticator::new(&cfg.keys)
+        .with_anonymous_role(crate::config::anonymous_role(&cfg.server));
+    if auth.is_open() && cfg.server.insecure_no_auth {
         tracing::warn!(
-            "NO API KEYS CONFIGURED: the server is open to anyone who can reach it (set LLMOPS_API_KEYS or [auth] in the config)"
+            http = %cfg.server.http_addr,
+            grpc = %cfg.server.grpc_addr,
+            "--insecure-no-auth: NO API KEYS CONFIGURED and the server may listen beyond loopback: anyone who can reach it may run inference; the admin API is closed to all (set LLMOPS_API_KEYS or [auth] keys)"
+        );
+    } else if auth.is_open() {
+        tracing::warn!(
+            "no API keys configured: every caller on this loopback-only server is an admin (set LLMOPS_API_KEYS or [auth] keys before listening beyond loopback)"
         );
     }
     let router = Arc::new(Router::default().with_pinning(cfg.server.allow_version_pinning));
@@ -88,6 +95,7 @@ pub async fn run(
         .with_replica_id(replica_id)
         .with_model_roots(cfg.server.model_roots.clone())
         .with_trained_dir(cfg.server.trained_dir.clone())
+        .with_secrets_key(cfg.server.secrets_key_file.as_deref())?
         .with_hooks(&cfg.hooks)?
         .with_drift(cfg.drift.clone())
         .with_engine_path(cfg.server.engine_path),

@@ -86,6 +86,18 @@ pub struct ServeArgs {
     /// evaluation); off by default, so clients cannot bypass a rollout.
     #[arg(long, env = "LLMOPS_ALLOW_VERSION_PINNING")]
     pub allow_version_pinning: bool,
+    /// Serve without API keys on an address beyond loopback: anyone who
+    /// reaches the port may run inference, and nobody may use the admin
+    /// API. Without keys and without this flag the server refuses to
+    /// listen anywhere but loopback. Logged at every start.
+    #[arg(long, env = "LLMOPS_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// A file (mode 0600 or stricter, at least 16 bytes) holding the key
+    /// that seals inline webhook secrets in a fleet's shared log; every
+    /// replica mounts the same file (e.g. from a Kubernetes Secret).
+    /// Without it a fleet refuses inline secrets (use `secret_env`).
+    #[arg(long, env = "LLMOPS_SECRETS_KEY_FILE")]
+    pub secrets_key_file: Option<PathBuf>,
     /// Serve HTTP and gRPC over TLS with this certificate chain (PEM);
     /// needs --tls-key.
     #[arg(long, env = "LLMOPS_TLS_CERT", requires = "tls_key")]
@@ -147,6 +159,11 @@ pub struct ServerConfig {
     pub model_roots: Vec<PathBuf>,
     /// Whether clients may ask for `model@version`.
     pub allow_version_pinning: bool,
+    /// Run without keys beyond loopback: the anonymous caller gets the
+    /// inference role, never admin.
+    pub insecure_no_auth: bool,
+    /// The key sealing inline webhook secrets in a fleet's log.
+    pub secrets_key_file: Option<PathBuf>,
     /// TLS for the HTTP and gRPC listeners; plain TCP when absent.
     pub tls: Option<TlsConfig>,
     /// The fleet's shared registry; `None`: the local log in `data_dir`.
@@ -251,6 +268,8 @@ struct FileServer {
     engine_path: Option<EnginePath>,
     model_roots: Option<Vec<PathBuf>>,
     allow_version_pinning: Option<bool>,
+    insecure_no_auth: Option<bool>,
+    secrets_key_file: Option<PathBuf>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     admin_client_ca: Option<PathBuf>,
@@ -293,12 +312,15 @@ impl Config {
             Some(p) => FileConfig::read(p)?,
             None => FileConfig::default(),
         };
+        let server = server_config(args, &file.server)?;
+        let keys = keys(args, &file.auth)?;
+        check_open_listeners(&server, &keys)?;
         Ok(Config {
-            server: server_config(args, &file.server)?,
+            server,
             limits: limits_config(&args.limits, &file.limits)?,
             scheduler: scheduler_config(&args.scheduler, &file.scheduler)?,
             models: models(args, &file)?,
-            keys: keys(args, &file.auth)?,
+            keys,
             hooks: hooks(&file.hooks)?,
             drift: match &file.drift {
                 None => Default::default(),
@@ -313,6 +335,40 @@ impl Config {
                 .map(serde_json::to_value)
                 .transpose()?,
         })
+    }
+}
+
+/// Without API keys every caller is anonymous: that is for a developer's
+/// own machine, so such a server listens on loopback only unless the
+/// operator says `--insecure-no-auth` (and then nobody is an admin).
+fn check_open_listeners(server: &ServerConfig, keys: &[KeyConfig]) -> anyhow::Result<()> {
+    if !keys.is_empty() || server.insecure_no_auth {
+        return Ok(());
+    }
+    for (name, addr) in [
+        ("http_addr", server.http_addr),
+        ("grpc_addr", server.grpc_addr),
+    ] {
+        if !addr.ip().is_loopback() {
+            bail!(
+                "no API keys are configured and {name} {addr} is not a loopback address: \
+                 anyone who can reach it would be an admin. Configure keys \
+                 (LLMOPS_API_KEYS or [auth] keys), listen on 127.0.0.1, or pass \
+                 --insecure-no-auth (LLMOPS_INSECURE_NO_AUTH=1) to serve inference to \
+                 anyone with the admin API closed"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The role of a caller without a key when the server has none: admin on
+/// a loopback-only server, inference once `--insecure-no-auth` opens it.
+pub fn anonymous_role(server: &ServerConfig) -> Role {
+    if server.insecure_no_auth {
+        Role::Inference
+    } else {
+        Role::Admin
     }
 }
 
@@ -377,6 +433,11 @@ fn server_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<ServerCo
             .collect::<anyhow::Result<_>>()?,
         allow_version_pinning: args.allow_version_pinning
             || file.allow_version_pinning.unwrap_or(false),
+        insecure_no_auth: args.insecure_no_auth || file.insecure_no_auth.unwrap_or(false),
+        secrets_key_file: args
+            .secrets_key_file
+            .clone()
+            .or(file.secrets_key_file.clone()),
         tls: tls_config(args, file)?,
         registry: registry_config(args, file)?,
     })

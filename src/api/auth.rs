@@ -39,7 +39,9 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
-    /// Builds the key table.
+    /// Builds the key table. Without keys every caller is `anonymous` with
+    /// the admin role, as on a developer's loopback-only server; see
+    /// [`Authenticator::with_anonymous_role`].
     pub fn new(keys: &[KeyConfig]) -> Self {
         let keys = keys
             .iter()
@@ -66,6 +68,18 @@ impl Authenticator {
                 quota: Arc::new(Quota::unlimited("anonymous")),
             }),
         }
+    }
+
+    /// The role a caller gets when no key is configured
+    /// ([`crate::config::anonymous_role`]): inference on a server opened
+    /// beyond loopback with `--insecure-no-auth`.
+    pub fn with_anonymous_role(mut self, role: Role) -> Self {
+        self.open = Arc::new(Principal {
+            key_id: "anonymous".into(),
+            role,
+            quota: Arc::new(Quota::unlimited("anonymous")),
+        });
+        self
     }
 
     /// Whether any key is configured.
@@ -106,5 +120,15 @@ mod tests {
         assert!(a.authenticate(Some("Bearer nope")).is_err());
         let p = a.authenticate(Some("Bearer s3cret")).unwrap();
         assert_eq!((p.key_id.as_str(), p.role), ("ops", Role::Admin));
+    }
+
+    #[test]
+    fn an_open_server_opened_beyond_loopback_has_no_anonymous_admin() {
+        let a = Authenticator::new(&[]);
+        assert!(a.authenticate(None).unwrap().require_admin().is_ok());
+        let a = a.with_anonymous_role(Role::Inference);
+        let p = a.authenticate(None).unwrap();
+        assert_eq!(p.role, Role::Inference);
+        assert!(p.require_admin().is_err());
     }
 }

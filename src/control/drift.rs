@@ -61,6 +61,7 @@ impl Controller {
             .map(PathBuf::from);
         let e = engine.clone();
         let p = path.clone();
+        let roots = self.data_roots();
         // Reading and tokenizing is CPU and disk work: the blocking pool.
         let found =
             tokio::task::spawn_blocking(move || -> anyhow::Result<Option<(Reference, bool)>> {
@@ -69,7 +70,13 @@ impl Controller {
                     return Ok(Some((r, false)));
                 }
                 match file {
-                    Some(f) => Ok(Some((reference_from_file(&e, &f)?, true))),
+                    Some(f) => {
+                        // The record may come from an older server or
+                        // another replica: held to this one's roots.
+                        crate::registry::paths::data_files(&f, &roots)
+                            .map_err(|e| anyhow::anyhow!("drift_reference: {e}"))?;
+                        Ok(Some((reference_from_file(&e, &f)?, true)))
+                    }
                     None => Ok(None),
                 }
             })

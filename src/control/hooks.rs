@@ -1,9 +1,15 @@
 //! Hooks as the admin API sees them: list, read, set, remove, and restore
 //! at start. Hooks from `llmops.toml` are read-only here (the file is their
 //! record); hooks set through the API are kept in the catalog (their
-//! settings, without the secret, in the audit log) and their inline
-//! secrets in `hook-secrets.json` beside it, readable by the server's user
-//! only.
+//! settings, without the secret, in the audit log). They never run a
+//! program: command hooks come from the config file only.
+//!
+//! An inline secret reaches every replica sealed in the log when the
+//! replicas share a `--secrets-key-file`; without one, a single server
+//! keeps it in `hook-secrets.json` beside the log (mode 0600), and a fleet
+//! refuses it (use `secret_env`, backed by a Kubernetes Secret). A signed
+//! hook whose secret a replica cannot find is marked failed there, never
+//! delivered unsigned.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -25,6 +31,17 @@ impl Controller {
             self.hooks
                 .set(h.clone(), Source::Config)
                 .map_err(|e| anyhow::anyhow!("hook `{}`: {e}", h.name))?;
+        }
+        Ok(self)
+    }
+
+    /// Loads the key that seals inline hook secrets in the log (every
+    /// replica of a fleet mounts the same file).
+    pub fn with_secrets_key(self, file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        if let Some(f) = file {
+            self.hooks
+                .with_secrets_key(crate::hooks::SecretsKey::load(f)?);
+            tracing::info!(file = %f.display(), "hook secrets sealed with the secrets key");
         }
         Ok(self)
     }
@@ -85,6 +102,46 @@ impl Controller {
             ));
         }
         spec.name = name.to_string();
+        if spec.sealed_secret.is_some() {
+            return Err(ControlError::invalid(
+                "sealed_secret",
+                "written by the server; send the secret as `secret` or `secret_env`",
+            ));
+        }
+        if let Err(e) = crate::hooks::Hooks::admit_source(&spec, Source::Admin) {
+            let rule = if spec.command.is_some() {
+                ControlError::Forbidden(e)
+            } else {
+                ControlError::invalid("secret_env", e)
+            };
+            tracing::warn!(hook = name, key = %actor.key_id, error = %rule, "hook refused");
+            let _write = self.writes.lock().await;
+            let previous = json!(self.catalog().state().hooks.get(name));
+            let action = Action::Hook {
+                name: name.to_string(),
+                spec: None,
+            };
+            self.record(actor, action, previous, Value::Null, Err(rule.to_string()))
+                .await?;
+            return Err(rule);
+        }
+        spec.signed |= spec.secret.is_some() || spec.secret_env.is_some();
+        if let Some(secret) = &spec.secret {
+            match self.hooks.secrets_key() {
+                Some(key) => {
+                    spec.sealed_secret = Some(key.seal(name, secret).map_err(super::internal)?);
+                }
+                None if self.fleet.is_some() => {
+                    return Err(ControlError::invalid(
+                        "secret",
+                        "an inline secret in a fleet needs the same --secrets-key-file \
+                         (LLMOPS_SECRETS_KEY_FILE) on every replica, or use `secret_env` \
+                         backed by a secret every replica mounts",
+                    ));
+                }
+                None => {}
+            }
+        }
         let _write = self.writes.lock().await;
         if let Some((_, Source::Config)) = self.hooks.get(name) {
             return Err(ControlError::Conflict(format!(
@@ -104,7 +161,11 @@ impl Controller {
         }
         let mut secrets = self.read_secrets();
         let had = secrets.contains_key(name);
-        match &spec.secret {
+        match spec
+            .secret
+            .as_ref()
+            .filter(|_| spec.sealed_secret.is_none())
+        {
             Some(s) => {
                 secrets.insert(name.to_string(), s.clone());
             }
@@ -156,9 +217,10 @@ impl Controller {
         Ok(())
     }
 
-    /// At start: the hooks set through the admin API, with their secrets.
-    /// One that no longer resolves (its `secret_env` is unset) is logged
-    /// and left out.
+    /// At start and as a fleet's log changes: the hooks set through the
+    /// admin API, with their secrets. One that cannot run here (a command,
+    /// a secret this replica cannot find) is logged and kept as failed,
+    /// with why.
     pub(super) fn restore_hooks(&self) {
         let stored = self.catalog().state().hooks.clone();
         let secrets = self.read_secrets();
@@ -178,9 +240,13 @@ impl Controller {
                 }
             };
             spec.secret = secrets.get(&name).cloned();
-            match self.hooks.set(spec, Source::Admin) {
+            match self.hooks.set(spec.clone(), Source::Admin) {
                 Ok(()) => tracing::info!(hook = name, "hook restored"),
-                Err(e) => tracing::error!(hook = name, error = %e, "hook not restored"),
+                Err(e) => {
+                    tracing::error!(hook = name, error = %e, "hook cannot run on this replica; marked failed");
+                    spec.secret = None;
+                    self.hooks.set_failed(spec, Source::Admin, e);
+                }
             }
         }
     }

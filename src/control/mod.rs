@@ -48,6 +48,10 @@ pub enum ControlError {
     /// The operation contradicts the current state.
     #[error("{0}")]
     Conflict(String),
+    /// No admin key may do this through the API (it is the config file's
+    /// or the host's to decide), whatever the caller's role.
+    #[error("{0}")]
+    Forbidden(String),
     /// A version failed to load or warm up, or an engine is gone.
     #[error("{0}")]
     Unavailable(String),
@@ -200,8 +204,15 @@ struct Loaded {
 }
 
 fn valid_name(kind: &str, s: &str) -> Result<(), ControlError> {
-    if s.is_empty()
-        || s.len() > 128
+    if !registry::paths::is_path_component(s) {
+        return Err(ControlError::invalid(
+            kind,
+            format!(
+                "`{s}` is not a valid {kind} (a name of dots only, or with a separator, would be a path)"
+            ),
+        ));
+    }
+    if s.len() > 128
         || !s
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
@@ -312,6 +323,16 @@ impl Controller {
     pub fn with_model_roots(mut self, roots: Vec<PathBuf>) -> Self {
         self.model_roots = roots;
         self
+    }
+
+    /// Where paths an admin names as data (training, replay, a drift
+    /// reference) may lie: the model roots and the capture directory.
+    pub fn data_roots(&self) -> Vec<PathBuf> {
+        let mut roots = self.model_roots.clone();
+        if let Ok(c) = std::fs::canonicalize(self.data_dir.join("capture")) {
+            roots.push(c);
+        }
+        roots
     }
 
     /// Writes retrained versions under `dir` (`None`: under the data
@@ -461,6 +482,16 @@ impl Controller {
                 && let Err(e) = registry::check_model_path(Path::new(&req.path), &self.model_roots)
             {
                 return Err(fail(ControlError::invalid("path", e.to_string())));
+            }
+            if let Some(reference) = req.metadata.get(drift::REFERENCE_KEY) {
+                let file = reference.as_str().ok_or_else(|| {
+                    fail(ControlError::invalid(
+                        "metadata.drift_reference",
+                        "must be a path (a JSON-lines file of prompts)",
+                    ))
+                })?;
+                registry::paths::data_files(Path::new(file), &self.data_roots())
+                    .map_err(|e| fail(ControlError::invalid("metadata.drift_reference", e)))?;
             }
             let path = req.path.clone();
             let (device, gguf_weights, engine_path) =

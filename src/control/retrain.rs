@@ -429,10 +429,6 @@ pub async fn start(
     } else {
         PathBuf::from(&parent.source)
     };
-    for f in &spec.data {
-        registry::check_model_path(f, &[])
-            .map_err(|e| ControlError::invalid("data", e.to_string()))?;
-    }
     let card = if parent.source == EMBEDDED {
         ParentCard::default()
     } else {
@@ -442,10 +438,6 @@ pub async fn start(
         .replay_data
         .clone()
         .unwrap_or_else(|| card.files.clone());
-    for f in &replay {
-        registry::check_model_path(f, &[])
-            .map_err(|e| ControlError::invalid("replay_data", e.to_string()))?;
-    }
     let trained = match (&ctl.trained_dir, &ctl.fleet) {
         (Some(dir), _) => dir.clone(),
         (None, None) => ctl.data_dir.join("trained"),
@@ -458,6 +450,23 @@ pub async fn start(
             ));
         }
     };
+    // Every path is held to the data roots before anything is read: an
+    // admin key (or a parent's card) does not make the server's own files
+    // training text. Replay data is read only with a replay share.
+    let roots = ctl.data_roots();
+    for f in &spec.data {
+        registry::paths::data_files(f, &roots).map_err(|e| ControlError::invalid("data", e))?;
+    }
+    if spec.replay_share > 0.0 {
+        let field = if spec.replay_data.is_some() {
+            "replay_data"
+        } else {
+            "model_card.data.files"
+        };
+        for f in &replay {
+            registry::paths::data_files(f, &roots).map_err(|e| ControlError::invalid(field, e))?;
+        }
+    }
     let id = now_id();
     let out = trained.join(model).join(&id);
     let mut args = TrainArgs::new(spec.data.clone(), out.clone())

@@ -182,29 +182,48 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The variables a command hook's child inherits from the server: the
+/// rest (API keys, the etcd password, hook secrets) is cleared.
+const INHERITED_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ"];
+/// `PATH` when the server has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
 /// Runs the command with the event on stdin and in `LLMOPS_EVENT` (also
-/// `LLMOPS_EVENT_TYPE`, `LLMOPS_EVENT_ID`); no shell. Killed when the
-/// timeout passes.
+/// `LLMOPS_EVENT_TYPE`, `LLMOPS_EVENT_ID`); no shell. The child gets a
+/// cleared environment (plus [`INHERITED_ENV`]) and a process group of its
+/// own, killed whole when the timeout passes, so a forked helper does not
+/// outlive its hook.
 async fn run(argv: &[String], event: &Event, body: &[u8], timeout: Duration) -> Attempt {
     let Some((program, args)) = argv.split_first() else {
         return Attempt::Fail("empty command".into());
     };
     let json = String::from_utf8_lossy(body);
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .env("LLMOPS_EVENT", json.as_ref())
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args).env_clear();
+    for var in INHERITED_ENV {
+        if let Some(v) = std::env::var_os(var) {
+            cmd.env(var, v);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        cmd.env("PATH", DEFAULT_PATH);
+    }
+    cmd.env("LLMOPS_EVENT", json.as_ref())
         .env("LLMOPS_EVENT_TYPE", event.kind_name())
         .env("LLMOPS_EVENT_ID", &event.id)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn();
-    let mut child = match child {
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    cmd.process_group(0);
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         // Not found, not executable: the next attempt would fail alike.
         Err(e) => return Attempt::Fail(format!("cannot start `{program}`: {e}")),
     };
+    // The group's id is the child's pid (`process_group(0)`).
+    let group = child.id();
     let work = async {
         if let Some(mut stdin) = child.stdin.take() {
             // A command that does not read its stdin closes the pipe: that
@@ -222,12 +241,30 @@ async fn run(argv: &[String], event: &Event, body: &[u8], timeout: Duration) -> 
         }),
         Ok(Err(e)) => Attempt::Retry(format!("wait: {e}")),
         Err(_) => {
+            kill_group(group);
             // `kill_on_drop` would also do it; kill and reap now so no
             // zombie is left for the runtime to collect.
             let _ = child.kill().await;
             Attempt::Retry(format!("timed out after {timeout:?} (killed)"))
         }
     }
+}
+
+/// SIGKILL to every process of the hook's group (the child and whatever it
+/// forked).
+fn kill_group(group: Option<u32>) {
+    #[cfg(unix)]
+    if let Some(pgid) = group.and_then(|g| libc::pid_t::try_from(g).ok())
+        && pgid > 0
+    {
+        // SAFETY: killpg only sends a signal; the group is the one the
+        // child leads (`process_group(0)`), never the server's own.
+        unsafe {
+            libc::killpg(pgid, libc::SIGKILL);
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = group;
 }
 
 #[cfg(test)]

@@ -12,10 +12,11 @@
 
 pub mod deliver;
 pub mod event;
+pub mod seal;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 // tokio's clock: the system's unless a test pauses it.
@@ -26,6 +27,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Semaphore, mpsc};
 
 pub use event::{Event, Kind as EventKind};
+pub use seal::SecretsKey;
 
 use crate::monitor::names;
 use crate::registry::{Action, Registry};
@@ -37,8 +39,14 @@ const HOOK_QUEUE: usize = 256;
 /// Event ids remembered per hook, for dedup.
 const REMEMBERED_IDS: usize = 1024;
 
+/// Variables an admin-set hook may name in `secret_env`: only these, so the
+/// signature cannot be made an oracle on another secret of the server's
+/// (`LLMOPS_API_KEYS`, `LLMOPS_ETCD_PASSWORD`).
+pub const ADMIN_SECRET_ENV_PREFIX: &str = "LLMOPS_HOOK_SECRET";
+
 /// A hook's settings, as `[[hooks]]` in `llmops.toml` and the body of
-/// `PUT /admin/v1/hooks/{name}`. Exactly one of `url` and `command`.
+/// `PUT /admin/v1/hooks/{name}`. Exactly one of `url` and `command`;
+/// `command` only in the config file (an admin key is not a shell).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HookSpec {
@@ -59,9 +67,20 @@ pub struct HookSpec {
     #[serde(default, skip_serializing)]
     pub secret: Option<String>,
     /// The environment variable holding the signing secret, read when the
-    /// hook is set.
+    /// hook is set (through the admin API: a name starting with
+    /// [`ADMIN_SECRET_ENV_PREFIX`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_env: Option<String>,
+    /// The inline secret sealed under the fleet's secrets key
+    /// ([`seal::SecretsKey`]): how an inline secret reaches every replica.
+    /// Written by the server, never taken from a request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_secret: Option<String>,
+    /// Deliveries must be signed: set by the server whenever a secret was
+    /// given, so a replica that cannot find the secret marks the hook
+    /// failed instead of sending its events unsigned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub signed: bool,
     /// Each attempt's limit (the request, or the command until it exits).
     #[serde(default = "default_timeout")]
     pub timeout_secs: f64,
@@ -145,13 +164,18 @@ pub struct Target {
 impl Target {
     /// Whether the hook takes events of type `kind`.
     pub fn wants(&self, kind: &str) -> bool {
-        self.events.is_empty() || self.events.iter().any(|e| e == kind || e == "*")
+        wants(&self.events, kind)
     }
+}
+
+/// Whether a hook filtering on `events` takes events of type `kind`.
+fn wants(events: &[String], kind: &str) -> bool {
+    events.is_empty() || events.iter().any(|e| e == kind || e == "*")
 }
 
 /// Checks a hook or step name: letters, digits, `-`, `_`, `.`.
 pub fn valid_name(name: &str) -> Result<(), String> {
-    if name.is_empty()
+    if !crate::registry::paths::is_path_component(name)
         || name.len() > 64
         || !name
             .chars()
@@ -168,6 +192,13 @@ impl HookSpec {
     /// Checks the settings and resolves the secret (`secret`, else the
     /// variable `secret_env` names). The message names the field.
     pub fn resolve(&self) -> Result<Target, String> {
+        self.resolve_with(None)
+    }
+
+    /// [`HookSpec::resolve`], opening a sealed secret with `key`. A hook
+    /// marked `signed` whose secret cannot be found here is an error, never
+    /// an unsigned hook.
+    pub fn resolve_with(&self, key: Option<&SecretsKey>) -> Result<Target, String> {
         valid_name(&self.name)?;
         for e in &self.events {
             if e != "*" && !event::TYPES.contains(&e.as_str()) {
@@ -195,18 +226,40 @@ impl HookSpec {
         if self.secret.is_some() && self.secret_env.is_some() {
             return Err("secret: give `secret` or `secret_env`, not both".into());
         }
-        let secret = match (&self.secret, &self.secret_env) {
-            (Some(s), _) if s.is_empty() => return Err("secret: must not be empty".into()),
-            (Some(s), _) => Some(s.as_bytes().to_vec()),
-            (None, Some(var)) => match std::env::var(var) {
+        let secret = match (&self.secret, &self.secret_env, &self.sealed_secret) {
+            (Some(s), _, _) if s.is_empty() => return Err("secret: must not be empty".into()),
+            (Some(s), _, _) => Some(s.as_bytes().to_vec()),
+            (None, Some(var), _) => match std::env::var(var) {
                 Ok(s) if !s.is_empty() => Some(s.into_bytes()),
                 _ => {
                     return Err(format!(
-                        "secret_env: the environment variable `{var}` is not set"
+                        "secret_env: the environment variable `{var}` is not set on this replica"
                     ));
                 }
             },
-            (None, None) => None,
+            (None, None, Some(sealed)) => match key {
+                Some(k) => Some(
+                    k.open(&self.name, sealed)
+                        .map_err(|e| format!("secret: {e}"))?
+                        .into_bytes(),
+                ),
+                None => {
+                    return Err(
+                        "secret: the hook's secret is sealed in the fleet's log and \
+                                this replica has no --secrets-key-file to open it"
+                            .into(),
+                    );
+                }
+            },
+            (None, None, None) if self.signed => {
+                return Err(
+                    "secret: the hook is signed but its secret is not on this replica \
+                            (an inline secret kept in another replica's data dir; set it \
+                            again with --secrets-key-file on every replica, or use secret_env)"
+                        .into(),
+                );
+            }
+            (None, None, None) => None,
         };
         let kind = match (&self.url, &self.command) {
             (Some(url), None) => {
@@ -223,7 +276,7 @@ impl HookSpec {
                 if argv.is_empty() || argv[0].is_empty() {
                     return Err("command: give the program and its arguments".into());
                 }
-                if secret.is_some() {
+                if secret.is_some() || self.signed {
                     return Err(
                         "secret: a command hook is not signed (it runs on this host)".into(),
                     );
@@ -258,6 +311,12 @@ pub struct Hooks {
 
 struct Shared {
     hooks: Mutex<BTreeMap<String, Arc<Running>>>,
+    /// Hooks this replica cannot run as set (a signed hook whose secret it
+    /// cannot find): listed with why, their events recorded as failed,
+    /// never delivered unsigned.
+    failed: Mutex<BTreeMap<String, Failed>>,
+    /// Opens secrets sealed in a fleet's log.
+    secrets_key: OnceLock<SecretsKey>,
     audit: Option<AuditLog>,
     client: reqwest::Client,
     /// Events dropped at `emit` since the dispatcher last audited drops.
@@ -271,6 +330,13 @@ struct Running {
     target: Arc<Target>,
     queue: mpsc::Sender<Event>,
     recent: Mutex<Recent>,
+}
+
+/// A hook that cannot run here, and why.
+struct Failed {
+    spec: HookSpec,
+    source: Source,
+    why: String,
 }
 
 #[derive(Default)]
@@ -330,6 +396,8 @@ impl Hooks {
             .unwrap_or_default();
         let shared = Arc::new(Shared {
             hooks: Mutex::new(BTreeMap::new()),
+            failed: Mutex::new(BTreeMap::new()),
+            secrets_key: OnceLock::new(),
             audit,
             client,
             dropped: AtomicU64::new(0),
@@ -354,10 +422,47 @@ impl Hooks {
         }
     }
 
+    /// The key that opens secrets sealed in a fleet's log (set once, at
+    /// start).
+    pub fn with_secrets_key(&self, key: SecretsKey) {
+        let _ = self.shared.secrets_key.set(key);
+    }
+
+    /// The secrets key, if this replica has one.
+    pub fn secrets_key(&self) -> Option<&SecretsKey> {
+        self.shared.secrets_key.get()
+    }
+
+    /// Checks what only the config file may configure: a hook from the
+    /// admin API (or replicated from a fleet's log) runs no program and
+    /// reads only the variables meant for hook secrets.
+    pub fn admit_source(spec: &HookSpec, source: Source) -> Result<(), String> {
+        if source == Source::Config {
+            return Ok(());
+        }
+        if spec.command.is_some() {
+            return Err(
+                "command: command hooks come from llmops.toml only; an admin key \
+                        cannot run programs on the host (use a webhook `url`)"
+                    .into(),
+            );
+        }
+        if let Some(var) = &spec.secret_env
+            && !var.starts_with(ADMIN_SECRET_ENV_PREFIX)
+        {
+            return Err(format!(
+                "secret_env: a hook set through the admin API reads only variables \
+                 named {ADMIN_SECRET_ENV_PREFIX}*, not `{var}`"
+            ));
+        }
+        Ok(())
+    }
+
     /// Adds or replaces a hook. A replaced hook's queued events are still
     /// delivered by its old settings.
     pub fn set(&self, spec: HookSpec, source: Source) -> Result<(), String> {
-        let target = Arc::new(spec.resolve()?);
+        Self::admit_source(&spec, source)?;
+        let target = Arc::new(spec.resolve_with(self.secrets_key())?);
         let (queue, rx) = mpsc::channel(HOOK_QUEUE);
         let running = Arc::new(Running {
             spec,
@@ -369,40 +474,73 @@ impl Hooks {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(work(self.shared.clone(), target.clone(), rx));
         }
+        lock(&self.shared.failed).remove(&target.name);
         lock(&self.shared.hooks).insert(target.name.clone(), running);
         Ok(())
+    }
+
+    /// Keeps a hook this replica cannot run (`why`): it is listed as
+    /// failed, and each event it wants is recorded as not delivered.
+    pub fn set_failed(&self, spec: HookSpec, source: Source, why: String) {
+        lock(&self.shared.hooks).remove(&spec.name);
+        lock(&self.shared.failed).insert(spec.name.clone(), Failed { spec, source, why });
     }
 
     /// Removes a hook; false if there was none. Its queued events are
     /// still delivered.
     pub fn remove(&self, name: &str) -> bool {
-        lock(&self.shared.hooks).remove(name).is_some()
+        let failed = lock(&self.shared.failed).remove(name).is_some();
+        lock(&self.shared.hooks).remove(name).is_some() || failed
     }
 
     /// A hook's settings (secret left out) and where they come from.
     pub fn get(&self, name: &str) -> Option<(HookSpec, Source)> {
-        lock(&self.shared.hooks)
+        let running = lock(&self.shared.hooks)
             .get(name)
-            .map(|r| (r.spec.clone(), r.source))
+            .map(|r| (r.spec.clone(), r.source));
+        running.or_else(|| {
+            lock(&self.shared.failed)
+                .get(name)
+                .map(|f| (f.spec.clone(), f.source))
+        })
     }
 
     /// Every hook, as the admin API shows it: settings without the secret,
-    /// whether one is set, and the source.
+    /// whether one is set, the source, and `state` (`ok`, or `failed` with
+    /// the `error` that keeps it from running here).
     pub fn list(&self) -> Vec<Value> {
-        lock(&self.shared.hooks)
-            .values()
-            .map(|r| view(&r.spec, r.source))
-            .collect()
+        let mut all: BTreeMap<String, Value> = lock(&self.shared.hooks)
+            .iter()
+            .map(|(n, r)| {
+                let mut v = view(&r.spec, r.source);
+                v["state"] = json!("ok");
+                (n.clone(), v)
+            })
+            .collect();
+        for (n, f) in lock(&self.shared.failed).iter() {
+            let mut v = view(&f.spec, f.source);
+            v["state"] = json!("failed");
+            v["error"] = json!(f.why);
+            all.insert(n.clone(), v);
+        }
+        all.into_values().collect()
     }
 }
 
-/// A hook as the admin API shows it: never the secret itself.
+/// A hook as the admin API shows it: never the secret itself (sealed or
+/// not).
 pub fn view(spec: &HookSpec, source: Source) -> Value {
     let mut v = serde_json::to_value(spec).unwrap_or_default();
     if let Some(o) = v.as_object_mut() {
+        o.remove("sealed_secret");
         o.insert(
             "signed".into(),
-            json!(spec.secret.is_some() || spec.secret_env.is_some()),
+            json!(
+                spec.signed
+                    || spec.secret.is_some()
+                    || spec.secret_env.is_some()
+                    || spec.sealed_secret.is_some()
+            ),
         );
         o.insert("source".into(), json!(source));
     }
@@ -422,6 +560,19 @@ async fn dispatch(shared: Arc<Shared>, mut rx: mpsc::Receiver<Event>) {
                     json!({"count": dropped, "why": "the hook queue was full"}),
                     Err(format!("{dropped} events dropped: the hook queue was full")),
                 )
+                .await;
+        }
+        let failed: Vec<(String, String)> = lock(&shared.failed)
+            .values()
+            .filter(|f| wants(&f.spec.events, ev.kind_name()))
+            .map(|f| (f.spec.name.clone(), f.why.clone()))
+            .collect();
+        for (name, why) in failed {
+            shared.count(&name, &ev, "failed", None);
+            tracing::error!(hook = %name, event = ev.kind_name(), id = %ev.id, why = %why, "hook not delivered: it cannot run on this replica");
+            let why = format!("not delivered: {why}");
+            shared
+                .record(&name, Some(&ev), "failed", json!({"detail": why}), Err(why))
                 .await;
         }
         let hooks: Vec<Arc<Running>> = lock(&shared.hooks).values().cloned().collect();

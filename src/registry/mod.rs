@@ -13,6 +13,7 @@
 //! and read by every replica as they come ([`Registry::catch_up`]).
 
 pub mod etcd;
+pub mod paths;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};

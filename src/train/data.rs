@@ -103,9 +103,24 @@ fn collect(p: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
         for e in entries {
             collect(&e, out)?;
         }
-    } else if p.exists() {
-        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-        if matches!(ext, "txt" | "md" | "jsonl" | "text" | "") {
+    } else if let Ok(meta) = std::fs::metadata(p) {
+        // Reading a FIFO blocks and `/dev/zero` never ends: regular files
+        // only, at every level, and none past the size a data file may have.
+        if !meta.is_file() {
+            bail!(
+                "{}: not a regular file (devices, FIFOs and sockets are refused)",
+                p.display()
+            );
+        }
+        if crate::registry::paths::is_data_file_name(p) {
+            let max = crate::registry::paths::MAX_DATA_FILE_BYTES;
+            if meta.len() > max {
+                bail!(
+                    "{}: {} bytes; a data file may hold at most {max}",
+                    p.display(),
+                    meta.len()
+                );
+            }
             out.push(p.to_path_buf());
         }
     } else {

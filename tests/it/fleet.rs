@@ -1064,3 +1064,180 @@ policy = "notify"
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(autopilot_steps(&c, all[0]).await.len(), 1);
 }
+
+/// What a verifying receiver saw: one entry per delivery, whether its
+/// signature checked out under the secret, and the replica the event
+/// names.
+type Verified = Arc<std::sync::Mutex<Vec<(bool, String)>>>;
+
+/// A webhook receiver on loopback that recomputes each delivery's HMAC
+/// under `secret`, as `README.md` tells a receiver to.
+async fn verifying_receiver(secret: &'static str) -> (String, Verified) {
+    use hmac::{Hmac, Mac};
+    let seen: Verified = Arc::default();
+    let s = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let s = s.clone();
+                async move {
+                    let sig = headers
+                        .get("x-llmops-signature")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    let t = sig.split(',').find_map(|p| p.strip_prefix("t="));
+                    let v1 = sig.split(',').find_map(|p| p.strip_prefix("v1="));
+                    let ok = match (t, v1) {
+                        (Some(t), Some(v1)) => {
+                            let mut mac =
+                                Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+                            mac.update(format!("{t}.").as_bytes());
+                            mac.update(&body);
+                            hex::decode(v1).is_ok_and(|v| mac.verify_slice(&v).is_ok())
+                        }
+                        _ => false,
+                    };
+                    let ev: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let version = ev["version"].as_str().unwrap_or("").to_string();
+                    s.lock().unwrap().push((ok, version));
+                    if ok {
+                        axum::http::StatusCode::OK
+                    } else {
+                        axum::http::StatusCode::UNAUTHORIZED
+                    }
+                }
+            },
+        ),
+    );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_secret_set_on_one_replica_signs_every_replicas_deliveries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    etcd.healthy().await;
+    let url = etcd.url("secrets-test");
+    let model = tmp.path().join("m");
+    SynthSpec::tiny_llama().write(&model, None).unwrap();
+    // The fleet's secrets key, as a mounted Kubernetes Secret would be.
+    let key = tmp.path().join("secrets.key");
+    std::fs::write(&key, "a fleet key of more than sixteen bytes\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // a, b and c share the key; d lacks it.
+    let mut rs: Vec<Served> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|name| {
+            let (url, key) = (url.clone(), key.clone());
+            let name = name.to_string();
+            Served::spawn(
+                &model,
+                &tmp.path().join(format!("data-{name}")),
+                &tmp.path().join(format!("{name}.log")),
+                move |cmd| {
+                    cmd.args(["--registry", &url, "--replica-id", &name])
+                        .args(["--leader-ttl-secs", "2"]);
+                    if name != "d" {
+                        cmd.arg("--secrets-key-file").arg(&key);
+                    }
+                },
+            )
+        })
+        .collect();
+    for r in rs.iter_mut() {
+        r.ready().await;
+    }
+    let c = reqwest::Client::new();
+    let (hook_url, seen) = verifying_receiver("fleet-hook-secret").await;
+    let (st, v) = call(
+        &c,
+        Method::PUT,
+        rs[0].url("/admin/v1/hooks/ci"),
+        Some(json!({"url": hook_url, "secret": "fleet-hook-secret",
+                    "events": ["version_registered"], "retries": 0})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["signed"], true, "{v}");
+    assert!(!v.to_string().contains("fleet-hook-secret"), "{v}");
+
+    // Every replica has the hook: running where the key opens its
+    // secret, failed (and saying why) on d.
+    let t0 = Instant::now();
+    loop {
+        let mut states = vec![];
+        for r in &rs {
+            let (_, v) = call(&c, Method::GET, r.url("/admin/v1/hooks"), None).await;
+            let h = v["hooks"]
+                .as_array()
+                .and_then(|a| a.iter().find(|h| h["name"] == "ci"))
+                .cloned()
+                .unwrap_or(Value::Null);
+            states.push(h);
+        }
+        let state = |i: usize| states[i]["state"].as_str().unwrap_or("").to_string();
+        if (0..3).all(|i| state(i) == "ok") && state(3) == "failed" {
+            let why = states[3]["error"].as_str().unwrap();
+            assert!(why.contains("--secrets-key-file"), "{why}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{states:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Each replica that takes a registration delivers its event, signed.
+    for (i, version) in [(1, "from-b"), (2, "from-c"), (3, "from-d")] {
+        let p = tmp.path().join(version);
+        SynthSpec {
+            seed: 40 + i as u64,
+            ..SynthSpec::tiny_llama()
+        }
+        .write(&p, None)
+        .unwrap();
+        let (st, v) = call(
+            &c,
+            Method::POST,
+            rs[i].url("/admin/v1/models/tiny/versions"),
+            Some(json!({"path": p, "version": version})),
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let t0 = Instant::now();
+    loop {
+        let got = seen.lock().unwrap().clone();
+        let versions: Vec<&str> = got.iter().map(|(_, v)| v.as_str()).collect();
+        if versions.contains(&"from-b") && versions.contains(&"from-c") {
+            assert!(got.iter().all(|(ok, _)| *ok), "unsigned or forged: {got:?}");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // d sent nothing unsigned: it recorded the event as not delivered.
+    let t0 = Instant::now();
+    loop {
+        let entries = audit(&c, &rs[3]).await;
+        let failed = entries.iter().any(|e| {
+            e["action"] == "hook_delivery"
+                && e["hook"] == "ci"
+                && e["outcome"] == "failed"
+                && e["result"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("not delivered"))
+        });
+        if failed {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "{entries:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !seen.lock().unwrap().iter().any(|(_, v)| v == "from-d"),
+        "d delivered without the secret"
+    );
+}

@@ -281,13 +281,30 @@ async fn a_client_error_is_not_retried_and_bad_settings_are_refused_by_field() {
     for (body, field) in [
         (json!({"url": "ftp://x/"}), "url"),
         (json!({"url": "http://x/", "events": ["nope"]}), "events"),
-        (json!({"url": "http://x/", "command": ["true"]}), "url"),
-        (json!({"command": ["true"], "secret": "s"}), "secret"),
+        (
+            json!({"url": "http://x/", "secret_env": "HOME"}),
+            "secret_env",
+        ),
     ] {
         let (st, v) = call(&s, reqwest::Method::PUT, "/admin/v1/hooks/bad", Some(body)).await;
         assert_eq!(st, 400, "{v}");
         assert!(
             v["error"]["message"].as_str().unwrap().contains(field),
+            "{v}"
+        );
+    }
+    // A program is the config file's to name, never an admin key's.
+    for body in [
+        json!({"command": ["true"]}),
+        json!({"url": "http://x/", "command": ["true"]}),
+    ] {
+        let (st, v) = call(&s, reqwest::Method::PUT, "/admin/v1/hooks/bad", Some(body)).await;
+        assert_eq!(st, 403, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("llmops.toml"),
             "{v}"
         );
     }
@@ -418,7 +435,6 @@ async fn a_receiver_that_hangs_does_not_delay_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_command_hook_gets_the_event_on_stdin_and_its_exit_code_decides() {
-    let s = TestServer::start(keys).await;
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
@@ -432,25 +448,21 @@ async fn a_command_hook_gets_the_event_on_stdin_and_its_exit_code_decides() {
             d = out.display()
         )
     };
-    set_hook(
-        &s,
-        "cmd-ok",
-        json!({"command": ["sh", "-c", script(0, "ok")], "events": ["version_registered"]}),
-    )
-    .await;
-    set_hook(
-        &s,
-        "cmd-bad",
-        json!({"command": ["sh", "-c", script(3, "bad")], "events": ["version_registered"],
-               "retries": 2, "backoff_ms": 10}),
-    )
-    .await;
-    set_hook(
-        &s,
-        "cmd-slow",
-        json!({"command": ["sleep", "30"], "events": ["version_registered"],
-               "retries": 0, "timeout_secs": 0.5}),
-    )
+    // Command hooks come from the config file only.
+    let hooks = json!({"hooks": [
+        {"name": "cmd-ok", "command": ["sh", "-c", script(0, "ok")],
+         "events": ["version_registered"]},
+        {"name": "cmd-bad", "command": ["sh", "-c", script(3, "bad")],
+         "events": ["version_registered"], "retries": 2, "backoff_ms": 10},
+        {"name": "cmd-slow", "command": ["sleep", "30"], "events": ["version_registered"],
+         "retries": 0, "timeout_secs": 0.5},
+    ]});
+    let cfg = tmp.path().join("llmops.toml");
+    std::fs::write(&cfg, toml::to_string(&hooks).unwrap()).unwrap();
+    let s = TestServer::start(|a| {
+        keys(a);
+        a.config = Some(cfg);
+    })
     .await;
     register(&s, tmp.path(), "v2", 81).await;
     let ok = until_outcomes(&s, "cmd-ok", 1, Duration::from_secs(30)).await;

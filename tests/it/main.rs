@@ -25,6 +25,7 @@ mod registry;
 mod retrain;
 mod rollout;
 mod scheduler;
+mod security;
 mod server;
 mod shadow;
 mod soak;
