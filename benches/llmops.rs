@@ -360,7 +360,7 @@ fn routing(c: &mut Criterion) {
     c.bench_function("router_pick_16_models", |b| {
         b.iter(|| black_box(router.pick(black_box("model-11"), black_box(&key)).is_ok()))
     });
-    router.set_canary("model-11", target("v2"), 2500, StickyKey::Session);
+    router.set_canary("model-11", target("v2"), 2500, StickyKey::Session, 11);
     let spec = llmops::shadow::ShadowSpec {
         version: "v3".into(),
         rate: 0.1,
@@ -419,6 +419,8 @@ fn rollout_analysis(c: &mut Criterion) {
         e2e_s: 0.5 * slow * (1.0 + (i % 17) as f64 / 17.0),
         output_tokens: 32 + (i % 64) as u32,
         stopped: i.is_multiple_of(3),
+        outcome: Default::default(),
+        key: i as u64 + 1,
     };
     let analysis = Analysis::default();
     let mut g = c.benchmark_group("rollout_analysis");

@@ -139,7 +139,10 @@ pub async fn run(
         health_service,
     )?
     .prepare()
-    .into_axum_router();
+    .into_axum_router()
+    // Every gRPC request gets an id, as every HTTP one does: without one,
+    // every request without a session would be one key to the split.
+    .layer(axum::middleware::from_fn(http::request_id));
 
     tracing::info!(http = %listeners.http.local_addr()?, grpc = %listeners.grpc.local_addr()?, models = served.len(), "listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -165,6 +165,7 @@ pub fn submit(
         }
         for mut req in v.choices {
             req.variant = picked.variant;
+            req.split_key = picked.split_key;
             if receivers.is_empty()
                 && let Some(k) = ticket.as_ref().and_then(|t| t.primary_logprobs())
             {

@@ -258,6 +258,7 @@ pub fn validate(
                 protocol: spec.protocol,
                 // Set by the router's pick, when the request is submitted.
                 variant: Default::default(),
+                split_key: 0,
                 text_profile,
             }
         })

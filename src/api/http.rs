@@ -108,15 +108,26 @@ fn panicked(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal(format!("handler panicked: {what}")).into_response()
 }
 
-/// Accepts or generates `x-request-id` and echoes it.
-async fn request_id(mut req: Request, next: Next) -> Response {
-    let id = req
+/// Accepts or generates `x-request-id` and echoes it; a generated one is
+/// also set on the request, so gRPC handlers (which read metadata) see it
+/// as HTTP handlers do.
+pub async fn request_id(mut req: Request, next: Next) -> Response {
+    let given = req
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| random_id(16));
+        .map(str::to_string);
+    let id = match given {
+        Some(id) => id,
+        None => {
+            let id = random_id(16);
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                req.headers_mut().insert("x-request-id", v);
+            }
+            id
+        }
+    };
     req.extensions_mut().insert(RequestId(id.clone()));
     let mut resp = next.run(req).await;
     if let Ok(v) = HeaderValue::from_str(&id) {

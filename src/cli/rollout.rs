@@ -32,6 +32,10 @@ pub enum RolloutCommand {
         /// Seconds between analyses.
         #[arg(long, default_value_t = 30.0)]
         interval: f64,
+        /// Seconds at the start whose canary requests are not judged (its
+        /// prefix cache is cold) [default: half the interval, at most 30].
+        #[arg(long)]
+        warmup: Option<f64>,
         /// A gate, e.g. "error_rate <= 0.01", "ttft_p99 < 500ms",
         /// "e2e_p99 <= 1.2x" (relative to stable); repeat for more. The
         /// defaults when none is given.
@@ -101,6 +105,7 @@ pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
             candidate,
             steps,
             interval,
+            warmup,
             gates,
             min_samples,
             failure_limit,
@@ -116,6 +121,7 @@ pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
                     candidate,
                     steps,
                     interval_seconds: Some(interval),
+                    warmup_seconds: warmup,
                     gates,
                     min_samples,
                     failure_limit,

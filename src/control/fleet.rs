@@ -55,6 +55,22 @@ pub struct Published {
     pub at_ms: u64,
     /// By model, then `stable` / `canary`: `(finished at, Unix ms; sample)`.
     pub models: BTreeMap<String, BTreeMap<String, Vec<(u64, Sample)>>>,
+    /// By model, the sides (`stable`, `canary`) whose engine failed here: a
+    /// dead engine publishes no samples, only refusals, and the leader must
+    /// not judge the survivors elsewhere.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failed: BTreeMap<String, Vec<String>>,
+}
+
+/// What the other replicas published for one model's rollout window.
+#[derive(Debug, Default)]
+pub struct FleetSamples {
+    /// Stable's samples.
+    pub stable: Vec<Sample>,
+    /// The canary's samples.
+    pub canary: Vec<Sample>,
+    /// `replica: side` of every engine of the rollout that failed there.
+    pub failed: Vec<String>,
 }
 
 /// A replica's drift state of every stable version it serves, as published
@@ -253,6 +269,7 @@ impl Controller {
                                 target,
                                 s.weight * 100,
                                 s.spec.sticky_key,
+                                crate::router::split::salt_of(&s.id),
                             );
                             tracing::info!(model, version = %s.spec.candidate, weight = s.weight, "fleet: canary reconciled");
                         }
@@ -363,6 +380,12 @@ impl Controller {
                 ("stable", &d.stable.engine, Variant::Stable),
                 ("canary", &c.target.engine, Variant::Canary),
             ] {
+                if engine.has_failed() {
+                    out.failed
+                        .entry(d.model.clone())
+                        .or_default()
+                        .push(name.to_string());
+                }
                 sides.insert(
                     name.to_string(),
                     engine
@@ -383,7 +406,7 @@ impl Controller {
         match serde_json::to_vec(&out) {
             Ok(bytes) => {
                 if let Err(e) = store.put(&key, bytes) {
-                    tracing::debug!(error = %e, "samples not published");
+                    tracing::warn!(error = %e, "samples not published: the leader judges the rollout without this replica's traffic");
                 }
             }
             Err(e) => tracing::debug!(error = %e, "samples not serialised"),
@@ -481,29 +504,37 @@ impl Controller {
         model: &str,
         from: u64,
         to: u64,
-    ) -> (Vec<Sample>, Vec<Sample>) {
-        let (mut stable, mut canary) = (vec![], vec![]);
+    ) -> FleetSamples {
+        let mut got = FleetSamples::default();
         let Some(store) = &self.fleet else {
-            return (stable, canary);
+            return got;
         };
         let listed = match store.list("samples") {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(error = %e, "other replicas' samples unreadable; analysing this replica's alone");
-                return (stable, canary);
+                return got;
             }
         };
         for (replica, bytes) in listed {
             if replica == self.replica_id {
                 continue;
             }
-            let Ok(p) = serde_json::from_slice::<Published>(&bytes) else {
-                continue;
+            let p = match serde_json::from_slice::<Published>(&bytes) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(replica, error = %e, "a replica's samples are unreadable; the window is judged without them");
+                    continue;
+                }
             };
+            for side in p.failed.get(model).into_iter().flatten() {
+                got.failed.push(format!("{replica}: {side}"));
+            }
             let Some(sides) = p.models.get(model) else {
                 continue;
             };
-            for (side, out) in [("stable", &mut stable), ("canary", &mut canary)] {
+            let (stable, canary) = (&mut got.stable, &mut got.canary);
+            for (side, out) in [("stable", stable), ("canary", canary)] {
                 out.extend(
                     sides
                         .get(side)
@@ -514,7 +545,7 @@ impl Controller {
                 );
             }
         }
-        (stable, canary)
+        got
     }
 }
 

@@ -225,6 +225,27 @@ fn valid_name(kind: &str, s: &str) -> Result<(), ControlError> {
     Ok(())
 }
 
+/// Refuses a candidate whose tokenizer differs from the stable version's
+/// (vocabulary, special tokens, BOS/EOS: [`engine::Tokenizer::fingerprint`]),
+/// saying `why` that matters.
+fn same_tokenizer(
+    stable: &Target,
+    candidate: &str,
+    engine: &EngineHandle,
+    why: &str,
+) -> Result<(), ControlError> {
+    let (a, b) = (stable.engine.tokenizer(), engine.tokenizer());
+    if a.fingerprint() != b.fingerprint() {
+        return Err(ControlError::Conflict(format!(
+            "version `{candidate}` has another tokenizer ({} tokens) than the stable version `{}` ({} tokens, or the same count with other tokens); {why}",
+            b.vocab_size(),
+            stable.version,
+            a.vocab_size()
+        )));
+    }
+    Ok(())
+}
+
 fn internal(e: impl std::fmt::Display) -> ControlError {
     ControlError::Internal(e.to_string())
 }
@@ -603,11 +624,12 @@ impl Controller {
             // Versions are immutable: files replaced at the same path must not
             // change what a version (or a rollback to it) serves.
             let found = if source == EMBEDDED {
-                crate::engine::embedded::digest()
+                registry::Digests::one(crate::engine::embedded::digest())
             } else {
-                registry::digest_path(Path::new(&source)).map_err(failed)?
+                registry::digests(Path::new(&source)).map_err(failed)?
             };
-            if found != registered {
+            if !found.matches(&registered) {
+                let found = found.current;
                 return Err(ControlError::Unavailable(format!(
                     "version `{version}` of `{model_name}` refused: the weights at {source} changed since it was registered (registered sha256 {registered}, found {found}); register the new weights as a new version"
                 )));
@@ -1099,13 +1121,13 @@ impl Controller {
         if state.alias(&spec.name, "stable").is_some() {
             tracing::info!(model = %spec.name, "restoring the registry's stable version (the configured path is registered but not forced)");
         }
-        let digest = {
+        let digests = {
             let s = source.clone();
             tokio::task::spawn_blocking(move || {
                 if s == EMBEDDED {
-                    Ok(crate::engine::embedded::digest())
+                    Ok(registry::Digests::one(crate::engine::embedded::digest()))
                 } else {
-                    registry::digest_path(Path::new(&s))
+                    registry::digests(Path::new(&s))
                 }
             })
             .await??
@@ -1113,7 +1135,7 @@ impl Controller {
         let existing = state
             .models
             .get(&spec.name)
-            .and_then(|m| m.versions.values().find(|v| v.sha256 == digest))
+            .and_then(|m| m.versions.values().find(|v| digests.matches(&v.sha256)))
             .map(|v| v.version.clone());
         let version = match existing {
             Some(v) => v,

@@ -698,7 +698,11 @@ impl Finish {
             )
             .await
             .map_err(|e| failed(format!("registering the result: {e}")))?;
-        self.ctl
+        // The version is registered: from here on nothing may fail the job,
+        // or its files (which the registered version now names) would be
+        // deleted under it. A lost `training_finished` entry is logged.
+        if let Err(e) = self
+            .ctl
             .record(
                 &self.actor,
                 Action::TrainingFinished {
@@ -713,7 +717,9 @@ impl Finish {
                 Ok(()),
             )
             .await
-            .map_err(|e| failed(e.to_string()))?;
+        {
+            tracing::error!(model = %self.model, job = %self.id, version = %record.version, error = %e, "the training_finished entry could not be written; the version stays registered");
+        }
         tracing::info!(model = %self.model, job = %self.id, version = %record.version, gate = gate.passed, "retrain registered");
         self.ctl.hooks().emit(crate::hooks::Event::training_finished(
             &self.model,

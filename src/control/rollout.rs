@@ -68,6 +68,12 @@ pub struct RolloutSpec {
     /// Seconds between analyses.
     #[serde(default = "default_interval")]
     pub interval_secs: f64,
+    /// Seconds at the start of the rollout whose canary requests are not
+    /// judged: the candidate starts with a cold prefix cache against a
+    /// warm stable, and its first requests pay for that. Default: half the
+    /// interval, at most 30 s; 0 judges from the first request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_secs: Option<f64>,
     /// Gates, minimum samples, statistical test.
     #[serde(default)]
     pub analysis: Analysis,
@@ -94,6 +100,15 @@ pub struct RolloutSpec {
 }
 
 impl RolloutSpec {
+    /// The warm-up: [`RolloutSpec::warmup_secs`] or its default.
+    pub fn warmup(&self) -> Duration {
+        Duration::from_secs_f64(
+            self.warmup_secs
+                .unwrap_or((self.interval_secs / 2.0).min(30.0))
+                .max(0.0),
+        )
+    }
+
     fn validate(&self) -> Result<(), ControlError> {
         if self.steps.is_empty() || self.steps.iter().any(|&s| s == 0 || s > 100) {
             return Err(ControlError::invalid(
@@ -108,6 +123,14 @@ impl RolloutSpec {
             return Err(ControlError::invalid(
                 "interval_secs",
                 "interval_secs must be at least 0.05",
+            ));
+        }
+        if let Some(w) = self.warmup_secs
+            && !(w.is_finite() && w >= 0.0 && w < self.interval_secs)
+        {
+            return Err(ControlError::invalid(
+                "warmup_secs",
+                "warmup_secs must be at least 0 and less than interval_secs",
             ));
         }
         if self.failure_limit == 0 || self.successes_per_step == 0 {
@@ -337,9 +360,13 @@ impl Controller {
                 RolloutEvent::RolloutPromoted { status: boxed },
                 EventKind::RolloutPromoted { rollout: value },
             ),
-            Phase::RolledBack | Phase::Aborted => (
+            Phase::RolledBack => (
                 RolloutEvent::RolloutRolledBack { status: boxed },
                 EventKind::RolloutRolledBack { rollout: value },
+            ),
+            Phase::Aborted => (
+                RolloutEvent::RolloutRolledBack { status: boxed },
+                EventKind::RolloutAborted { rollout: value },
             ),
             _ if event == "started" => (
                 RolloutEvent::RolloutStarted { status: boxed },
@@ -407,6 +434,20 @@ impl Controller {
             .engines()
             .contains_key(&(model.clone(), spec.candidate.clone()));
         let engine = self.ensure_loaded(&model, &record, true).await?;
+        // A canary's latencies and outputs are compared with stable's on the
+        // same prompts, tokenized once by the front end for the version
+        // picked; another tokenizer is another model, not a candidate.
+        if let Err(e) = super::same_tokenizer(
+            &deployment.stable,
+            &spec.candidate,
+            &engine,
+            "a canary is compared with stable on the same requests",
+        ) {
+            if !was_loaded {
+                self.unpin(&model, &spec.candidate);
+            }
+            return Err(e);
+        }
         let target = Arc::new(crate::router::Target {
             version: spec.candidate.clone(),
             engine,
@@ -428,9 +469,21 @@ impl Controller {
             history: vec![],
             spec,
         };
-        self.router
-            .set_canary(&model, target, status.weight * 100, status.spec.sticky_key);
-        self.record_rollout(actor, &mut status, "started").await?;
+        // Recorded first: a canary whose rollout could not be written would
+        // take traffic that nothing analyses and nothing can abort.
+        if let Err(e) = self.record_rollout(actor, &mut status, "started").await {
+            if !was_loaded {
+                self.unpin(&model, &status.spec.candidate);
+            }
+            return Err(e);
+        }
+        self.router.set_canary(
+            &model,
+            target,
+            status.weight * 100,
+            status.spec.sticky_key,
+            crate::router::split::salt_of(&status.id),
+        );
         tracing::info!(model, id = %status.id, candidate = %status.spec.candidate, weight = status.weight, key = %actor.key_id, "rollout started");
         // In a fleet the leader drives it (this replica, or the one that
         // adopts it when the entry reaches it).
@@ -555,6 +608,13 @@ impl Controller {
         };
         let interval = Duration::from_secs_f64(status.spec.interval_secs);
         let mut window_start = Instant::now();
+        // A fresh rollout's first requests meet the candidate's cold prefix
+        // cache: they are not judged (a resumed one is warm by now).
+        let mut judged_from = if status.history.is_empty() {
+            window_start + status.spec.warmup()
+        } else {
+            window_start
+        };
         loop {
             if self.is_fleet() {
                 // Another replica may have paused, resumed, promoted or
@@ -584,10 +644,10 @@ impl Controller {
                 }
                 None => {
                     let end = Instant::now();
-                    let r = self
-                        .analyse_window(&mut status, window_start, end, &system)
-                        .await;
+                    let from = window_start.max(judged_from).min(end);
+                    let r = self.analyse_window(&mut status, from, end, &system).await;
                     window_start = end;
+                    judged_from = end;
                     r
                 }
             };
@@ -671,15 +731,39 @@ impl Controller {
             .window()
             .between(Variant::Canary, from, to);
         // A fleet's leader judges every replica's traffic.
-        let (others_stable, others_canary) =
-            self.fleet_samples(&model, window::wall_ms(from), window::wall_ms(to));
-        stable.extend(others_stable);
-        canary.extend(others_canary);
+        let others = self.fleet_samples(&model, window::wall_ms(from), window::wall_ms(to));
+        stable.extend(others.stable);
+        canary.extend(others.canary);
         let mut report = canary::analyse(&status.spec.analysis, &stable, &canary);
-        // A dead engine is a failed check whatever its last samples said.
+        // A split that did not hold (a few sticky clients, one key for
+        // everyone) never passes a window.
+        if report.verdict == Verdict::Successful
+            && let Some(why) =
+                canary::split_check(&status.spec.analysis, status.weight, &stable, &canary)
+        {
+            report.verdict = Verdict::Inconclusive;
+            report.reason = why;
+        }
+        // A dead engine is a failed check whatever its last samples said,
+        // on this replica or any other.
+        let canary_failed_elsewhere: Vec<&String> = others
+            .failed
+            .iter()
+            .filter(|f| f.ends_with(": canary"))
+            .collect();
         if canary_target.engine.has_failed() {
             report.verdict = Verdict::Failed;
             report.reason = "the canary's engine thread panicked".into();
+        } else if !canary_failed_elsewhere.is_empty() {
+            report.verdict = Verdict::Failed;
+            report.reason = format!(
+                "the canary's engine failed on another replica ({})",
+                canary_failed_elsewhere
+                    .iter()
+                    .map(|s| s.trim_end_matches(": canary"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
         } else if d.stable.engine.has_failed() {
             report.verdict = Verdict::Error;
             report.reason = "the stable engine failed; nothing to compare with".into();

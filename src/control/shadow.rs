@@ -78,16 +78,7 @@ impl Controller {
                 ControlError::NotFound(format!("model `{model}` has no version `{}`", spec.version))
             })?;
         let engine = self.ensure_loaded(model, &record, false).await?;
-        let (a, b) = (deployment.stable.engine.tokenizer(), engine.tokenizer());
-        if a.vocab_size() != b.vocab_size() || a.eos() != b.eos() {
-            return Err(ControlError::Conflict(format!(
-                "version `{}` has another tokenizer ({} tokens) than the stable version `{}` ({} tokens); a shadow is compared token by token",
-                spec.version,
-                b.vocab_size(),
-                deployment.stable.version,
-                a.vocab_size()
-            )));
-        }
+        super::same_tokenizer(&deployment.stable, &spec.version, &engine, "a shadow is compared token by token")?;
         let mirror = Mirror::new(model, spec.clone(), engine.clone())
             .map_err(|m| ControlError::invalid("shadow", m))?;
         let target = Arc::new(Target {

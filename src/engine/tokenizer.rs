@@ -65,6 +65,40 @@ impl Tokenizer {
         }
     }
 
+    /// A digest of what the ids mean: every token's text by id, the special
+    /// tokens, BOS and EOS. Two models compare token by token (a shadow, a
+    /// canary of the same prompts) only when theirs are equal: Llama 2 and
+    /// Mistral share a vocabulary size and an EOS id, not their tokens.
+    /// Computed on demand (an admin action, not a request).
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut vocab: Vec<(u32, String)> = self
+            .inner
+            .get_vocab(true)
+            .into_iter()
+            .map(|(t, id)| (id, t))
+            .collect();
+        vocab.sort_unstable();
+        let mut h = Sha256::new();
+        for (id, t) in &vocab {
+            h.update(id.to_le_bytes());
+            h.update(t.as_bytes());
+            h.update([0u8]);
+        }
+        h.update(b"specials");
+        for s in &self.specials {
+            h.update(s.as_bytes());
+            h.update([0u8]);
+        }
+        h.update(b"bos");
+        h.update(self.bos.unwrap_or(u32::MAX).to_le_bytes());
+        h.update(b"eos");
+        for e in &self.eos {
+            h.update(e.to_le_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
     /// A lower bound on the tokens `bytes` bytes of text encode to, without
     /// encoding them (0 when the tokenizer normalizes, which may drop text).
     pub fn min_tokens_for(&self, bytes: usize) -> usize {

@@ -13,6 +13,7 @@ pub const TYPES: &[&str] = &[
     "rollout_step",
     "rollout_promoted",
     "rollout_rolled_back",
+    "rollout_aborted",
     "shadow_report",
     "training_started",
     "training_finished",
@@ -77,8 +78,13 @@ pub enum Kind {
         /// The rollout's status.
         rollout: Value,
     },
-    /// A rollout's canary was removed (failed analysis, abort or restart).
+    /// A rollout's canary was removed after failed analysis (or a restart).
     RolloutRolledBack {
+        /// The rollout's status.
+        rollout: Value,
+    },
+    /// An operator aborted a rollout: its canary was removed.
+    RolloutAborted {
         /// The rollout's status.
         rollout: Value,
     },
@@ -126,6 +132,7 @@ impl Kind {
             Kind::RolloutStep { .. } => "rollout_step",
             Kind::RolloutPromoted { .. } => "rollout_promoted",
             Kind::RolloutRolledBack { .. } => "rollout_rolled_back",
+            Kind::RolloutAborted { .. } => "rollout_aborted",
             Kind::ShadowReport { .. } => "shadow_report",
             Kind::TrainingStarted { .. } => "training_started",
             Kind::TrainingFinished { .. } => "training_finished",
@@ -245,6 +252,9 @@ mod tests {
                 rollout: Value::Null,
             },
             Kind::RolloutRolledBack {
+                rollout: Value::Null,
+            },
+            Kind::RolloutAborted {
                 rollout: Value::Null,
             },
             Kind::ShadowReport {

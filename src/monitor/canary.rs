@@ -22,29 +22,122 @@ use serde::{Deserialize, Serialize};
 /// this the normal approximation of U is too coarse to trust.
 pub const MANN_WHITNEY_MIN_VALUES: usize = 8;
 
-/// One finished request as the analysis sees it.
+/// How a request the router sent to a side ended, beyond ok or failed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The engine ran it to its end: `ok`, or failed (engine error,
+    /// aborted, timed out).
+    #[default]
+    Served,
+    /// Refused when submitted: the side's queue was full (429) or its
+    /// engine unavailable (503). A candidate too slow for its share sheds
+    /// load here.
+    Refused,
+    /// Its client left (disconnected, cancelled, or stopped reading)
+    /// before the end: impatient clients of a slow side.
+    ClientCancelled,
+}
+
+impl Outcome {
+    /// The snake_case name, as in JSON and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Served => "served",
+            Outcome::Refused => "refused",
+            Outcome::ClientCancelled => "client_cancelled",
+        }
+    }
+}
+
+/// One request as the analysis sees it: finished, refused or abandoned.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
-    /// `false`: the request failed (engine error, aborted).
+    /// `false`: the request did not end well (failed, refused, or
+    /// abandoned by its client; `outcome` says which).
     pub ok: bool,
-    /// Time to first token, seconds (NaN if no token).
+    /// Time to first token, seconds (NaN if no token; `null` in JSON).
+    #[serde(with = "nan_as_null")]
     pub ttft_s: f64,
     /// Mean inter-token latency of the request, seconds (NaN if < 2 tokens).
+    #[serde(with = "nan_as_null")]
     pub itl_s: f64,
-    /// Arrival to last token, seconds.
+    /// Arrival to last token, seconds (NaN for a refused request).
+    #[serde(with = "nan_as_null")]
     pub e2e_s: f64,
     /// Tokens generated.
     pub output_tokens: u32,
     /// The finish reason was "stop" (rather than length or timeout).
     pub stopped: bool,
+    /// How it ended (samples from before outcomes were recorded: served).
+    #[serde(default)]
+    pub outcome: Outcome,
+    /// A hash of the key the split decided on (0: unknown), so a window can
+    /// tell how many distinct clients each side saw.
+    #[serde(default)]
+    pub key: u64,
+}
+
+/// A float that may be NaN, as JSON: NaN is `null` (JSON has no NaN, and
+/// serde_json writes `null` for it but cannot read it back as an `f64`: one
+/// 1-token sample made a replica's whole publication unreadable).
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_nan() {
+            s.serialize_none()
+        } else {
+            s.serialize_f64(*v)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
+impl Sample {
+    /// A request refused at submit.
+    pub fn refused(key: u64) -> Self {
+        Self {
+            ok: false,
+            ttft_s: f64::NAN,
+            itl_s: f64::NAN,
+            e2e_s: f64::NAN,
+            output_tokens: 0,
+            stopped: false,
+            outcome: Outcome::Refused,
+            key,
+        }
+    }
+
+    /// A request whose client left after `e2e_s` seconds and `tokens`
+    /// tokens.
+    pub fn cancelled(key: u64, e2e_s: f64, tokens: u32) -> Self {
+        Self {
+            ok: false,
+            ttft_s: f64::NAN,
+            itl_s: f64::NAN,
+            e2e_s,
+            output_tokens: tokens,
+            stopped: false,
+            outcome: Outcome::ClientCancelled,
+            key,
+        }
+    }
 }
 
 /// What a gate measures on one side's samples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
-    /// Failed / all samples.
+    /// Served but failed / all samples.
     ErrorRate,
+    /// Refused at submit / all samples.
+    RefusedRate,
+    /// Abandoned by their clients / all samples.
+    CancelledRate,
     /// 99th percentile (nearest rank) of time to first token over ok samples, seconds.
     TtftP99,
     /// 99th percentile (nearest rank) of mean inter-token latency over ok samples, seconds.
@@ -61,8 +154,10 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, in declaration order.
-    pub const ALL: [Metric; 7] = [
+    pub const ALL: [Metric; 9] = [
         Metric::ErrorRate,
+        Metric::RefusedRate,
+        Metric::CancelledRate,
         Metric::TtftP99,
         Metric::ItlP99,
         Metric::E2eP99,
@@ -75,6 +170,8 @@ impl Metric {
     pub fn as_str(self) -> &'static str {
         match self {
             Metric::ErrorRate => "error_rate",
+            Metric::RefusedRate => "refused_rate",
+            Metric::CancelledRate => "cancelled_rate",
             Metric::TtftP99 => "ttft_p99",
             Metric::ItlP99 => "itl_p99",
             Metric::E2eP99 => "e2e_p99",
@@ -89,13 +186,9 @@ impl Metric {
         let ok = || samples.iter().filter(|s| s.ok);
         let ok_count = ok().count();
         match self {
-            Metric::ErrorRate => {
-                if samples.is_empty() {
-                    return None;
-                }
-                let failed = samples.iter().filter(|s| !s.ok).count();
-                Some(failed as f64 / samples.len() as f64)
-            }
+            Metric::ErrorRate => share(samples, |s| s.outcome == Outcome::Served && !s.ok),
+            Metric::RefusedRate => share(samples, |s| s.outcome == Outcome::Refused),
+            Metric::CancelledRate => share(samples, |s| s.outcome == Outcome::ClientCancelled),
             Metric::TtftP99 => p99(ok().map(|s| s.ttft_s)),
             Metric::ItlP99 => p99(ok().map(|s| s.itl_s)),
             Metric::E2eP99 => p99(ok().map(|s| s.e2e_s)),
@@ -134,7 +227,12 @@ impl Metric {
     /// the usual operator; a gate's own operator is what decides.
     pub fn higher_is_worse(self) -> bool {
         match self {
-            Metric::ErrorRate | Metric::TtftP99 | Metric::ItlP99 | Metric::E2eP99 => true,
+            Metric::ErrorRate
+            | Metric::RefusedRate
+            | Metric::CancelledRate
+            | Metric::TtftP99
+            | Metric::ItlP99
+            | Metric::E2eP99 => true,
             // The typical output-length regression is a model that rambles or
             // loops until max_tokens: longer costs more and reads worse.
             Metric::OutputLength => true,
@@ -148,13 +246,18 @@ impl Metric {
     }
 
     fn is_fraction(self) -> bool {
-        matches!(self, Metric::ErrorRate | Metric::StopShare)
+        matches!(
+            self,
+            Metric::ErrorRate | Metric::RefusedRate | Metric::CancelledRate | Metric::StopShare
+        )
     }
 
     /// Why `of` can return `None`, for notes.
     fn needs(self) -> &'static str {
         match self {
-            Metric::ErrorRate => "it needs at least one sample",
+            Metric::ErrorRate | Metric::RefusedRate | Metric::CancelledRate => {
+                "it needs at least one sample"
+            }
             Metric::TtftP99 => "it needs an ok sample with a first token",
             Metric::ItlP99 => "it needs an ok sample with at least 2 tokens",
             Metric::E2eP99 | Metric::OutputLength | Metric::StopShare => {
@@ -175,7 +278,9 @@ impl Metric {
                     format!("{:.3} ms", v * 1e3)
                 }
             }
-            Metric::ErrorRate | Metric::StopShare => format!("{:.2}%", v * 100.0),
+            Metric::ErrorRate | Metric::RefusedRate | Metric::CancelledRate | Metric::StopShare => {
+                format!("{:.2}%", v * 100.0)
+            }
             Metric::TokensPerSecond => format!("{v:.1} tok/s"),
             Metric::OutputLength => format!("{v:.1} tokens"),
         }
@@ -200,6 +305,14 @@ impl FromStr for Metric {
             .find(|m| m.as_str() == wanted)
             .ok_or_else(|| ParseGateError::UnknownMetric(s.trim().to_owned()))
     }
+}
+
+/// The share of `samples` for which `f` holds; `None` without samples.
+fn share(samples: &[Sample], f: impl Fn(&Sample) -> bool) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    Some(samples.iter().filter(|s| f(s)).count() as f64 / samples.len() as f64)
 }
 
 fn p99(values: impl Iterator<Item = f64>) -> Option<f64> {
@@ -306,6 +419,11 @@ pub enum Threshold {
     Relative {
         /// The multiple of stable's value; finite and above 0.
         factor: f64,
+        /// An absolute value the canary may reach whatever stable did
+        /// (`ttft_p99 <= 1.5x or <= 50ms`): on a noisy machine a few
+        /// milliseconds are not a regression however large their ratio.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        floor: Option<f64>,
     },
 }
 
@@ -314,8 +432,8 @@ pub enum Threshold {
 pub enum ParseGateError {
     /// The metric name is not one of [`Metric::ALL`].
     #[error(
-        "unknown metric `{0}`: expected one of error_rate, ttft_p99, itl_p99, e2e_p99, \
-         tokens_per_second, output_length, stop_share"
+        "unknown metric `{0}`: expected one of error_rate, refused_rate, cancelled_rate, \
+         ttft_p99, itl_p99, e2e_p99, tokens_per_second, output_length, stop_share"
     )]
     UnknownMetric(String),
     /// The operator is not one of `<`, `<=`, `>`, `>=`.
@@ -377,13 +495,50 @@ impl FromStr for Gate {
             .unwrap_or(rest.len());
         let (op, threshold) = rest.split_at(op_len);
         let op: Op = op.parse()?;
-        let threshold = parse_threshold(metric, threshold.trim())?;
+        let (threshold, floor) = match split_or(threshold) {
+            Some((relative, floor)) => (relative, Some(floor)),
+            None => (threshold, None),
+        };
+        let mut threshold = parse_threshold(metric, threshold.trim())?;
+        if let Some(floor) = floor {
+            // `<relative> or <op> <absolute>`: the same operator, an
+            // absolute value the canary may reach whatever stable did.
+            let floor = floor.trim();
+            let at = floor
+                .find(|c: char| !OP_CHARS.contains(&c))
+                .unwrap_or(floor.len());
+            let (op2, value) = floor.split_at(at);
+            let bad = |why: &str| ParseGateError::BadThreshold {
+                metric,
+                text: floor.to_owned(),
+                why: why.to_owned(),
+            };
+            if op2.trim().parse::<Op>().ok() != Some(op) {
+                return Err(bad("the floor after `or` takes the gate's own operator"));
+            }
+            let Threshold::Absolute { value } = parse_threshold(metric, value.trim())? else {
+                return Err(bad("the floor after `or` is an absolute value, e.g. 50ms"));
+            };
+            match &mut threshold {
+                Threshold::Relative { floor, .. } => *floor = Some(value),
+                Threshold::Absolute { .. } => {
+                    return Err(bad("only a relative limit (e.g. 1.5x) takes a floor"));
+                }
+            }
+        }
         Ok(Gate {
             metric,
             op,
             threshold,
         })
     }
+}
+
+/// `"1.5x or <= 50ms"` → `("1.5x", "<= 50ms")`.
+fn split_or(text: &str) -> Option<(&str, &str)> {
+    let lower = text.to_ascii_lowercase();
+    let at = lower.find(" or ")?;
+    Some((&text[..at], &text[at + 4..]))
 }
 
 fn parse_threshold(metric: Metric, text: &str) -> Result<Threshold, ParseGateError> {
@@ -405,7 +560,10 @@ fn parse_threshold(metric: Metric, text: &str) -> Result<Threshold, ParseGateErr
         if !(factor.is_finite() && factor > 0.0) {
             return Err(bad("a relative factor must be a finite number above 0"));
         }
-        return Ok(Threshold::Relative { factor });
+        return Ok(Threshold::Relative {
+            factor,
+            floor: None,
+        });
     }
     // Divide rather than multiply by 1e-3 / 1e-2: division is correctly
     // rounded, so "300ms" gives exactly the f64 nearest 0.3 and Display
@@ -452,7 +610,18 @@ impl fmt::Display for Gate {
                 write!(f, "{metric} {op} {value}s")
             }
             Threshold::Absolute { value } => write!(f, "{metric} {op} {value}"),
-            Threshold::Relative { factor } => write!(f, "{metric} {op} {factor}x"),
+            Threshold::Relative {
+                factor,
+                floor: None,
+            } => write!(f, "{metric} {op} {factor}x"),
+            Threshold::Relative {
+                factor,
+                floor: Some(v),
+            } if metric.is_latency() => write!(f, "{metric} {op} {factor}x or {op} {v}s"),
+            Threshold::Relative {
+                factor,
+                floor: Some(v),
+            } => write!(f, "{metric} {op} {factor}x or {op} {v}"),
         }
     }
 }
@@ -477,6 +646,10 @@ pub const DEFAULT_MIN_SAMPLES: usize = 20;
 pub const DEFAULT_MANN_WHITNEY_ALPHA: f64 = 0.01;
 /// Default for [`Analysis::mann_whitney_min_effect`].
 pub const DEFAULT_MANN_WHITNEY_MIN_EFFECT: f64 = 0.2;
+/// Default for [`Analysis::mann_whitney_min_delta_s`].
+pub const DEFAULT_MANN_WHITNEY_MIN_DELTA_S: f64 = 0.02;
+/// Default for [`Analysis::min_keys`].
+pub const DEFAULT_MIN_KEYS: usize = 10;
 
 /// The analysis settings of a rollout.
 ///
@@ -502,11 +675,30 @@ pub struct Analysis {
     /// cores), so significance alone is not an effect (as Kayenta pairs its
     /// test with an effect size). Default 0.2.
     pub mann_whitney_min_effect: f64,
+    /// How many seconds apart the two medians must also be to fail the
+    /// window: on a shared machine a 5 ms time to first token that becomes
+    /// 7 ms is 40% slower and noticed by nobody. Default 0.02.
+    pub mann_whitney_min_delta_s: f64,
+    /// Fewest distinct split keys (sessions, users, or requests when the
+    /// split is per request) either side must have seen: a window decided
+    /// by a handful of clients is inconclusive, never a pass. Default 10.
+    pub min_keys: usize,
 }
 
+/// The default gates, as typed: every outcome a client can meet is
+/// gated, and the relative latency gates have absolute floors, so an
+/// identical candidate passes on a noisy machine.
+pub const DEFAULT_GATES: [&str; 5] = [
+    "error_rate <= 0.05",
+    "refused_rate <= 1.5x or <= 0.02",
+    "cancelled_rate <= 1.5x or <= 0.02",
+    "ttft_p99 <= 1.5x or <= 50ms",
+    "e2e_p99 <= 1.5x or <= 250ms",
+];
+
 impl Default for Analysis {
-    /// Gates `error_rate <= 0.05`, `ttft_p99 <= 1.5x`, `e2e_p99 <= 1.5x`;
-    /// 20 samples a side; Mann–Whitney at alpha 0.01.
+    /// Gates [`DEFAULT_GATES`]; 20 samples and 10 keys a side;
+    /// Mann–Whitney at alpha 0.01, 20% and 20 ms slower.
     fn default() -> Self {
         // Built as values rather than parsed so that no fallible call is
         // needed here; a test checks they equal the documented strings.
@@ -515,15 +707,23 @@ impl Default for Analysis {
             op: Op::Le,
             threshold,
         };
+        let relative = |factor, floor| Threshold::Relative {
+            factor,
+            floor: Some(floor),
+        };
         Analysis {
             gates: vec![
                 le(Metric::ErrorRate, Threshold::Absolute { value: 0.05 }),
-                le(Metric::TtftP99, Threshold::Relative { factor: 1.5 }),
-                le(Metric::E2eP99, Threshold::Relative { factor: 1.5 }),
+                le(Metric::RefusedRate, relative(1.5, 0.02)),
+                le(Metric::CancelledRate, relative(1.5, 0.02)),
+                le(Metric::TtftP99, relative(1.5, 0.05)),
+                le(Metric::E2eP99, relative(1.5, 0.25)),
             ],
             min_samples: DEFAULT_MIN_SAMPLES,
             mann_whitney_alpha: Some(DEFAULT_MANN_WHITNEY_ALPHA),
             mann_whitney_min_effect: DEFAULT_MANN_WHITNEY_MIN_EFFECT,
+            mann_whitney_min_delta_s: DEFAULT_MANN_WHITNEY_MIN_DELTA_S,
+            min_keys: DEFAULT_MIN_KEYS,
         }
     }
 }
@@ -670,9 +870,7 @@ pub fn analyse(analysis: &Analysis, stable: &[Sample], canary: &[Sample]) -> Rep
     let alpha = analysis.mann_whitney_alpha;
     let alpha_ok = alpha.is_none_or(|a| a > 0.0 && a < 1.0);
     let tests = match alpha {
-        Some(alpha) if alpha_ok => {
-            latency_tests(stable, canary, alpha, analysis.mann_whitney_min_effect)
-        }
+        Some(alpha) if alpha_ok => latency_tests(stable, canary, alpha, analysis),
         _ => Vec::new(),
     };
     let (verdict, reason) = decide(analysis, stable.len(), canary.len(), &gates, &tests);
@@ -684,6 +882,52 @@ pub fn analyse(analysis: &Analysis, stable: &[Sample], canary: &[Sample]) -> Rep
         tests,
         reason,
     }
+}
+
+/// Why a window's split cannot be trusted, or `None` when it held: the
+/// canary's share of the requests outside [w/2, 2w] of its weight `w` (in
+/// percent), or fewer than [`Analysis::min_keys`] (at most
+/// `min_samples`) distinct split keys on a side (counted over samples that
+/// carry a key). Such a window is never a
+/// pass: its comparison says more about a few clients than the versions.
+pub fn split_check(
+    analysis: &Analysis,
+    weight_pct: u32,
+    stable: &[Sample],
+    canary: &[Sample],
+) -> Option<String> {
+    let total = stable.len() + canary.len();
+    if total == 0 || weight_pct == 0 || weight_pct >= 100 {
+        return None;
+    }
+    let share = canary.len() as f64 / total as f64;
+    let w = f64::from(weight_pct) / 100.0;
+    if share < w / 2.0 || share > (2.0 * w).min(1.0) {
+        return Some(format!(
+            "the split did not hold: the canary took {:.1}% of {total} requests at weight \
+             {weight_pct}% (outside [{:.1}%, {:.1}%]); few clients with sticky keys? \
+             (sticky_key \"request\" splits each request)",
+            share * 100.0,
+            w * 50.0,
+            (w * 200.0).min(100.0)
+        ));
+    }
+    let distinct = |samples: &[Sample]| {
+        let keys: std::collections::HashSet<u64> =
+            samples.iter().map(|s| s.key).filter(|k| *k != 0).collect();
+        keys.len()
+    };
+    // Never more keys than samples are asked for.
+    let need = analysis.min_keys.min(analysis.min_samples.max(1));
+    for (side, samples) in [("canary", canary), ("stable", stable)] {
+        let n = distinct(samples);
+        if n > 0 && n < need {
+            return Some(format!(
+                "too few clients: {side} saw {n} distinct split keys, need {need}"
+            ));
+        }
+    }
+    None
 }
 
 fn decide(
@@ -827,7 +1071,7 @@ fn judge(
                 format!("threshold {value} is not a finite number"),
             );
         }
-        Threshold::Relative { factor } if !(factor.is_finite() && factor > 0.0) => {
+        Threshold::Relative { factor, .. } if !(factor.is_finite() && factor > 0.0) => {
             return (
                 None,
                 None,
@@ -843,9 +1087,26 @@ fn judge(
             format!("no canary value for {m}: {}", m.needs()),
         );
     };
+    // Within the floor: no regression worth a rollback, whatever stable did.
+    if let Threshold::Relative {
+        floor: Some(floor), ..
+    } = gate.threshold
+        && gate.op.holds(c, floor)
+    {
+        return (
+            Some(floor),
+            Some(true),
+            format!(
+                "canary {} {} floor {}",
+                show(c),
+                gate.op.as_str(),
+                show(floor)
+            ),
+        );
+    }
     let (limit, basis) = match gate.threshold {
         Threshold::Absolute { value } => (value, String::new()),
-        Threshold::Relative { factor } => {
+        Threshold::Relative { factor, .. } => {
             let Some(s) = stable else {
                 return (
                     None,
@@ -860,6 +1121,23 @@ fn judge(
             // a non-zero canary against 0 cannot be judged relatively (pair
             // the gate with an absolute one).
             if s == 0.0 {
+                if let Threshold::Relative {
+                    floor: Some(floor), ..
+                } = gate.threshold
+                {
+                    // Past its floor (checked above) against a stable at 0.
+                    return (
+                        Some(floor),
+                        Some(false),
+                        format!(
+                            "canary {} {} floor {} (stable {})",
+                            show(c),
+                            gate.op.negated_str(),
+                            show(floor),
+                            show(0.0)
+                        ),
+                    );
+                }
                 return if c == 0.0 {
                     (
                         Some(limit),
@@ -899,8 +1177,12 @@ fn latency_tests(
     stable: &[Sample],
     canary: &[Sample],
     alpha: f64,
-    min_effect: f64,
+    analysis: &Analysis,
 ) -> Vec<TestResult> {
+    let (min_effect, min_delta) = (
+        analysis.mann_whitney_min_effect,
+        analysis.mann_whitney_min_delta_s,
+    );
     type Pick = fn(&Sample) -> f64;
     let picks: [(Metric, Pick); 2] = [
         (Metric::E2eP99, |s| s.e2e_s),
@@ -922,10 +1204,15 @@ fn latency_tests(
                 return None;
             }
             let (u, z, p_value) = mann_whitney_greater(&c, &s)?;
-            let median_ratio = match (percentile(&mut c, 50.0), percentile(&mut s, 50.0)) {
+            let (mc, ms) = (percentile(&mut c, 50.0), percentile(&mut s, 50.0));
+            let median_ratio = match (mc, ms) {
                 (Some(a), Some(b)) if b > 0.0 => a / b,
                 (Some(a), Some(_)) if a > 0.0 => f64::INFINITY,
                 _ => 1.0,
+            };
+            let delta = match (mc, ms) {
+                (Some(a), Some(b)) => a - b,
+                _ => 0.0,
             };
             Some(TestResult {
                 metric,
@@ -933,7 +1220,9 @@ fn latency_tests(
                 z,
                 p_value,
                 median_ratio,
-                passed: !(p_value < alpha && median_ratio > 1.0 + min_effect),
+                passed: !(p_value < alpha
+                    && median_ratio > 1.0 + min_effect
+                    && delta > min_delta),
             })
         })
         .collect()
@@ -1038,6 +1327,8 @@ mod tests {
             e2e_s: e2e,
             output_tokens: 64,
             stopped: true,
+            outcome: Outcome::Served,
+            key: 0,
         }
     }
 
@@ -1049,6 +1340,8 @@ mod tests {
             e2e_s: 0.1,
             output_tokens: 0,
             stopped: false,
+            outcome: Outcome::Served,
+            key: 0,
         }
     }
 
@@ -1117,7 +1410,11 @@ mod tests {
         );
         assert_eq!(report.verdict, Verdict::Failed);
         assert_says(&report, "e2e_p99");
-        let e2e = &report.gates[2];
+        let e2e = report
+            .gates
+            .iter()
+            .find(|g| g.metric == Metric::E2eP99)
+            .unwrap();
         assert_eq!(e2e.passed, Some(false));
         assert!(e2e.note.contains(" > limit "), "{}", e2e.note);
         let test = report
@@ -1413,7 +1710,10 @@ mod tests {
         );
         assert_eq!(
             gate("e2e_p99 <= 1.2x").threshold,
-            Threshold::Relative { factor: 1.2 }
+            Threshold::Relative {
+                factor: 1.2,
+                floor: None
+            }
         );
         // Correctly rounded ms → s, so odd values survive the round trip.
         for ms in [1, 3, 7, 123, 300, 999, 1234] {
@@ -1466,7 +1766,11 @@ mod tests {
         assert_eq!(back, g);
         let err = serde_json::from_str::<Gate>("\"ttft_p99 << 1\"").unwrap_err();
         assert!(err.to_string().contains("unknown operator"), "{err}");
-        let threshold = serde_json::to_value(Threshold::Relative { factor: 1.5 }).unwrap();
+        let threshold = serde_json::to_value(Threshold::Relative {
+            factor: 1.5,
+            floor: None,
+        })
+        .unwrap();
         assert_eq!(
             threshold,
             serde_json::json!({"kind": "relative", "factor": 1.5})
@@ -1476,16 +1780,15 @@ mod tests {
     #[test]
     fn the_default_analysis_is_the_documented_gates_and_survives_json() {
         let default = Analysis::default();
-        let gates: Vec<Gate> = ["error_rate <= 0.05", "ttft_p99 <= 1.5x", "e2e_p99 <= 1.5x"]
-            .into_iter()
-            .map(gate)
-            .collect();
+        let gates: Vec<Gate> = DEFAULT_GATES.into_iter().map(gate).collect();
         assert_eq!(default.gates, gates);
         assert_eq!(default.min_samples, 20);
+        assert_eq!(default.min_keys, 10);
         assert_eq!(default.mann_whitney_alpha, Some(0.01));
 
         let json = serde_json::to_value(&default).unwrap();
-        assert_eq!(json["gates"][1], "ttft_p99 <= 1.5x");
+        assert_eq!(json["gates"][1], "refused_rate <= 1.5x or <= 0.02");
+        assert_eq!(json["gates"][3], "ttft_p99 <= 1.5x or <= 0.05s");
         assert_eq!(serde_json::from_value::<Analysis>(json).unwrap(), default);
         assert_eq!(serde_json::from_str::<Analysis>("{}").unwrap(), default);
         let off: Analysis = serde_json::from_str(r#"{"mann_whitney_alpha": null}"#).unwrap();
@@ -1669,5 +1972,90 @@ mod tests {
             // by far more.
             prop_assert!(p_shifted <= p + 1e-12, "p {} -> {}", p, p_shifted);
         }
+    }
+
+    #[test]
+    fn refused_and_abandoned_requests_count_against_the_canary() {
+        // 100 finished alike on both sides; the canary also refused 40 and
+        // lost 30 clients: its survivors look fine, its clients did not.
+        let stable = window(1, 100, 1.0);
+        let mut canary = window(2, 100, 1.0);
+        canary.extend((0..40).map(|i| Sample::refused(i + 1)));
+        canary.extend((0..30).map(|i| Sample::cancelled(i + 100, 2.0, 3)));
+        let report = analyse(&Analysis::default(), &stable, &canary);
+        assert_eq!(report.verdict, Verdict::Failed, "{}", report.reason);
+        let value = |m: Metric| report.gates.iter().find(|g| g.metric == m).unwrap();
+        assert_eq!(value(Metric::ErrorRate).passed, Some(true));
+        assert_eq!(value(Metric::RefusedRate).passed, Some(false));
+        assert_eq!(value(Metric::CancelledRate).passed, Some(false));
+        assert_eq!(Metric::RefusedRate.of(&canary), Some(40.0 / 170.0));
+        assert_eq!(Metric::ErrorRate.of(&canary), Some(0.0));
+        assert_says(&report, "refused_rate");
+        // A refused sample is no latency: p99s are over served requests.
+        assert_eq!(Metric::E2eP99.of(&canary), Metric::E2eP99.of(&canary[..100]));
+    }
+
+    #[test]
+    fn a_floor_lets_a_few_milliseconds_pass_whatever_their_ratio() {
+        let g = gate("ttft_p99 <= 1.5x or <= 50ms");
+        assert_eq!(g.to_string(), "ttft_p99 <= 1.5x or <= 0.05s");
+        assert_eq!(gate(&g.to_string()), g);
+        let fast = |ttft: f64| -> Vec<Sample> { (0..50).map(|_| ok(ttft, 1.0)).collect() };
+        let analysis = Analysis {
+            mann_whitney_alpha: None,
+            ..gated(&["ttft_p99 <= 1.5x or <= 50ms"])
+        };
+        // 8 ms against 5 ms: 1.6x, inside the floor.
+        let r = analyse(&analysis, &fast(0.005), &fast(0.008));
+        assert_eq!(r.verdict, Verdict::Successful, "{}", r.reason);
+        assert!(r.gates[0].note.contains("floor"), "{}", r.gates[0].note);
+        // 80 ms against 50 ms: past the floor and the factor.
+        let r = analyse(&analysis, &fast(0.05), &fast(0.08));
+        assert_eq!(r.verdict, Verdict::Failed, "{}", r.reason);
+        // A floor needs a relative limit and the gate's own operator.
+        assert!("ttft_p99 <= 0.1 or <= 50ms".parse::<Gate>().is_err());
+        assert!("ttft_p99 <= 1.5x or >= 50ms".parse::<Gate>().is_err());
+        assert!("ttft_p99 <= 1.5x or <= 2x".parse::<Gate>().is_err());
+    }
+
+    #[test]
+    fn the_rank_test_ignores_a_slowdown_of_a_few_milliseconds() {
+        // Medians 5 ms and 8 ms: significant and 60% slower, 3 ms apart.
+        let side = |base: f64| -> Vec<Sample> {
+            (0..200)
+                .map(|i| ok(base + f64::from(i % 10) * 1e-4, base * 10.0))
+                .collect()
+        };
+        let analysis = Analysis {
+            gates: vec![],
+            ..Analysis::default()
+        };
+        let r = analyse(&analysis, &side(0.005), &side(0.008));
+        let t = r.tests.iter().find(|t| t.metric == Metric::TtftP99).unwrap();
+        assert!(t.p_value < 0.01 && t.median_ratio > 1.2, "{t:?}");
+        assert!(t.passed, "{t:?}");
+    }
+
+    #[test]
+    fn a_split_far_from_its_weight_or_with_few_clients_is_caught() {
+        let keyed = |n: usize, keys: u64, from: u64| -> Vec<Sample> {
+            (0..n)
+                .map(|i| Sample {
+                    key: from + (i as u64 % keys),
+                    ..ok(0.1, 1.0)
+                })
+                .collect()
+        };
+        let a = Analysis::default();
+        // 25% of 400 at weight 25: fine.
+        assert_eq!(split_check(&a, 25, &keyed(300, 300, 1), &keyed(100, 100, 1000)), None);
+        // Everything on the canary at weight 25: one key's worth.
+        let why = split_check(&a, 25, &keyed(20, 20, 1), &keyed(380, 380, 1000)).unwrap();
+        assert!(why.contains("split did not hold"), "{why}");
+        // Enough requests but three clients on the canary side.
+        let why = split_check(&a, 25, &keyed(300, 300, 1), &keyed(100, 3, 1000)).unwrap();
+        assert!(why.contains("3 distinct"), "{why}");
+        // Samples without keys (older replicas) are not counted as clients.
+        assert_eq!(split_check(&a, 25, &window(1, 300, 1.0), &window(2, 100, 1.0)), None);
     }
 }

@@ -60,6 +60,9 @@ pub mod names {
     pub const SUCCESS: &str = "llmops_request_success_total";
     /// Requests failed, by error type.
     pub const FAILURE: &str = "llmops_request_failure_total";
+    /// Counter: requests an engine refused at submit, by model, version,
+    /// variant and reason (`overloaded`, `unavailable`).
+    pub const REFUSED: &str = "llmops_request_refused_total";
     /// Sequences preempted.
     pub const PREEMPTIONS: &str = "llmops_num_preemptions_total";
     /// Prompt tokens looked up in the prefix cache (vLLM's

@@ -73,10 +73,55 @@ pub fn check_model_path(path: &Path, roots: &[PathBuf]) -> anyhow::Result<PathBu
     Ok(real)
 }
 
-/// Hex SHA-256 over a model's weights: the GGUF file, or the folder's
-/// safetensors files in name order. Refuses what [`check_model_path`]
-/// refuses before opening anything.
+/// Files beside a folder model's weights that change what it computes or
+/// how it tokenizes: its digest covers them, so a changed `config.json` or
+/// tokenizer is a different version.
+pub const DIGESTED_SIDECARS: &[&str] = &[
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+];
+
+/// A model's digests: the one recorded for new versions, and the one
+/// versions registered before sidecars were covered carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digests {
+    /// Hex SHA-256 over the weights, then each sidecar present (its name,
+    /// then its bytes); equal to `legacy` when there is none (and for a
+    /// GGUF file, which holds everything).
+    pub current: String,
+    /// Hex SHA-256 over the weights alone.
+    pub legacy: String,
+}
+
+impl Digests {
+    /// A model with one digest (the embedded model, a GGUF file).
+    pub fn one(digest: String) -> Self {
+        Self {
+            current: digest.clone(),
+            legacy: digest,
+        }
+    }
+
+    /// Whether a recorded digest names these files.
+    pub fn matches(&self, recorded: &str) -> bool {
+        recorded == self.current || recorded == self.legacy
+    }
+}
+
+/// Hex SHA-256 over a model: the GGUF file, or the folder's safetensors
+/// files in name order followed by its [`DIGESTED_SIDECARS`]. Refuses what
+/// [`check_model_path`] refuses before opening anything.
 pub fn digest_path(path: &Path) -> anyhow::Result<String> {
+    Ok(digests(path)?.current)
+}
+
+/// Both digests of a model ([`Digests`]), reading each file once.
+pub fn digests(path: &Path) -> anyhow::Result<Digests> {
     check_model_path(path, &[])?;
     let mut files = vec![];
     if path.is_dir() {
@@ -95,17 +140,35 @@ pub fn digest_path(path: &Path) -> anyhow::Result<String> {
     }
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    for f in files {
-        let mut file = File::open(&f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+    let mut feed = |h: &mut Sha256, f: &Path| -> anyhow::Result<()> {
+        let mut file = File::open(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
         loop {
             let n = file.read(&mut buf)?;
             if n == 0 {
-                break;
+                return Ok(());
             }
             h.update(&buf[..n]);
         }
+    };
+    for f in &files {
+        feed(&mut h, f)?;
     }
-    Ok(hex::encode(h.finalize()))
+    let legacy = hex::encode(h.clone().finalize());
+    if path.is_dir() {
+        for name in DIGESTED_SIDECARS {
+            let f = path.join(name);
+            if f.is_file() {
+                h.update(b"\0llmops-sidecar\0");
+                h.update(name.as_bytes());
+                h.update(b"\0");
+                feed(&mut h, &f)?;
+            }
+        }
+    }
+    Ok(Digests {
+        current: hex::encode(h.finalize()),
+        legacy,
+    })
 }
 
 /// An immutable model version.

@@ -41,10 +41,10 @@ pub enum RouteError {
 #[serde(rename_all = "snake_case")]
 pub enum StickyKey {
     /// The session the client names (`x-llmops-route-key`), else the user,
-    /// else the API key.
+    /// else nothing (each request on its own).
     #[default]
     Session,
-    /// The end user (OpenAI `user`), else the session, else the API key.
+    /// The end user (OpenAI `user`), else the session, else nothing.
     User,
     /// The API key: every request of an application on one side.
     ApiKey,
@@ -82,9 +82,12 @@ impl RouteKey {
             self.user.as_deref().map(|v| ("user", v)),
             self.api_key.as_deref().map(|v| ("key", v)),
         );
+        // Without a session or a user, the split is per request: an
+        // application with one API key would otherwise be one bucket, all
+        // canary or none. Stickiness is for clients that send a key.
         let pick = match sticky {
-            StickyKey::Session => s.or(u).or(k),
-            StickyKey::User => u.or(s).or(k),
+            StickyKey::Session => s.or(u),
+            StickyKey::User => u.or(s),
             StickyKey::ApiKey => k,
             StickyKey::Request => None,
         };
@@ -113,6 +116,9 @@ pub struct Canary {
     pub weight_bp: u32,
     /// Which identity keeps a request on one side.
     pub sticky: StickyKey,
+    /// Salts the buckets, per rollout, so the same clients are not the
+    /// canary of every rollout.
+    pub salt: u64,
 }
 
 /// A shadow: a candidate receiving copies of a sample of the traffic.
@@ -186,6 +192,9 @@ pub struct Picked {
     pub target: Arc<Target>,
     /// Its role, the `variant` label of the request's metrics.
     pub variant: Variant,
+    /// The split's key hash (0 without a canary): how the rollout counts
+    /// the distinct clients each side saw.
+    pub split_key: u64,
     /// The shadow to mirror it to, when the request falls in its sample.
     pub shadow: Option<Arc<crate::shadow::Mirror>>,
     /// Where to capture it, when the model captures.
@@ -259,6 +268,7 @@ impl Router {
             return Ok(Picked {
                 target,
                 variant,
+                split_key: 0,
                 shadow: None,
                 capture: d.capture.clone(),
             });
@@ -267,11 +277,17 @@ impl Router {
             .models
             .get(model)
             .ok_or_else(|| RouteError::ModelNotFound(model.to_string()))?;
-        let (target, variant) = match &d.canary {
-            Some(c) if split::to_canary(&key.for_split(c.sticky), c.weight_bp) => {
-                (c.target.clone(), Variant::Canary)
+        let (target, variant, split_key) = match &d.canary {
+            Some(c) => {
+                let k = key.for_split(c.sticky);
+                let hash = split::key_hash(c.salt, &k);
+                if split::to_canary(hash, c.weight_bp) {
+                    (c.target.clone(), Variant::Canary, hash)
+                } else {
+                    (d.stable.clone(), Variant::Stable, hash)
+                }
             }
-            _ => (d.stable.clone(), Variant::Stable),
+            None => (d.stable.clone(), Variant::Stable, 0),
         };
         let shadow = d
             .shadow
@@ -281,6 +297,7 @@ impl Router {
         Ok(Picked {
             target,
             variant,
+            split_key,
             shadow,
             capture: d.capture.clone(),
         })
@@ -339,12 +356,14 @@ impl Router {
         target: Arc<Target>,
         weight_bp: u32,
         sticky: StickyKey,
+        salt: u64,
     ) -> bool {
         self.edit(model, |d| {
             d.canary = Some(Canary {
                 target,
                 weight_bp: weight_bp.min(split::BUCKETS),
                 sticky,
+                salt,
             })
         })
         .is_some()

@@ -10,11 +10,12 @@
 /// Resolution of weights: basis points (1 = 0.01%).
 pub const BUCKETS: u32 = 10_000;
 
-/// The bucket of a route key: FNV-1a over the bytes, then a finaliser so
-/// that keys differing in one character spread over the whole range.
-pub fn bucket(key: &str) -> u32 {
+/// A route key's 64-bit hash under a salt: FNV-1a over the salt's bytes
+/// and the key's, then a finaliser so that keys differing in one
+/// character spread over the whole range. Never 0 (0 means "no key").
+pub fn key_hash(salt: u64, key: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in key.as_bytes() {
+    for b in salt.to_le_bytes().iter().chain(key.as_bytes()) {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -24,12 +25,29 @@ pub fn bucket(key: &str) -> u32 {
     h ^= h >> 27;
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^= h >> 31;
-    (h % u64::from(BUCKETS)) as u32
+    h.max(1)
 }
 
-/// Whether `key` goes to a canary holding `weight_bp` basis points.
-pub fn to_canary(key: &str, weight_bp: u32) -> bool {
-    bucket(key) < weight_bp.min(BUCKETS)
+/// The bucket of a key hash.
+pub fn bucket_of(hash: u64) -> u32 {
+    (hash % u64::from(BUCKETS)) as u32
+}
+
+/// The bucket of a route key, unsalted.
+pub fn bucket(key: &str) -> u32 {
+    bucket_of(key_hash(0, key))
+}
+
+/// Salt for a rollout's split, from its id: each rollout draws its own
+/// canary cohort.
+pub fn salt_of(rollout_id: &str) -> u64 {
+    key_hash(0, rollout_id)
+}
+
+/// Whether a key of hash `hash` goes to a canary holding `weight_bp` basis
+/// points.
+pub fn to_canary(hash: u64, weight_bp: u32) -> bool {
+    bucket_of(hash) < weight_bp.min(BUCKETS)
 }
 
 /// Whether `key` is mirrored to a shadow sampling `rate_bp` basis points.
@@ -49,14 +67,15 @@ mod tests {
 
     proptest! {
         #[test]
-        fn the_same_key_and_weight_always_pick_the_same_variant(key in ".{0,40}", w in 0u32..=BUCKETS) {
-            prop_assert_eq!(to_canary(&key, w), to_canary(&key, w));
+        fn the_same_key_and_weight_always_pick_the_same_variant(key in ".{0,40}", salt in any::<u64>(), w in 0u32..=BUCKETS) {
+            prop_assert_eq!(to_canary(key_hash(salt, &key), w), to_canary(key_hash(salt, &key), w));
         }
 
         #[test]
-        fn raising_the_weight_never_moves_a_key_back_to_stable(key in ".{0,40}", a in 0u32..=BUCKETS, b in 0u32..=BUCKETS) {
+        fn raising_the_weight_never_moves_a_key_back_to_stable(key in ".{0,40}", salt in any::<u64>(), a in 0u32..=BUCKETS, b in 0u32..=BUCKETS) {
             let (lo, hi) = (a.min(b), a.max(b));
-            prop_assert!(!to_canary(&key, lo) || to_canary(&key, hi));
+            let h = key_hash(salt, &key);
+            prop_assert!(!to_canary(h, lo) || to_canary(h, hi));
         }
 
         #[test]
@@ -65,7 +84,9 @@ mod tests {
             seed in any::<u64>(),
         ) {
             let n = 2000;
-            let hits = (0..n).filter(|i| to_canary(&format!("key-{seed}-{i}"), w)).count();
+            let hits = (0..n)
+                .filter(|i| to_canary(key_hash(seed, &format!("key-{i}")), w))
+                .count();
             let share = hits as f64 / n as f64;
             let want = f64::from(w) / f64::from(BUCKETS);
             prop_assert!((share - want).abs() <= 0.05, "share {share} for weight {want}");
@@ -75,9 +96,9 @@ mod tests {
     #[test]
     fn weight_zero_sends_nothing_and_full_weight_everything() {
         for i in 0..1000 {
-            let k = format!("user-{i}");
-            assert!(!to_canary(&k, 0));
-            assert!(to_canary(&k, BUCKETS));
+            let h = key_hash(7, &format!("user-{i}"));
+            assert!(!to_canary(h, 0));
+            assert!(to_canary(h, BUCKETS));
         }
     }
 
@@ -87,10 +108,27 @@ mod tests {
         let both = (0..n)
             .filter(|i| {
                 let k = format!("k{i}");
-                to_canary(&k, 5000) && to_shadow(&k, 5000)
+                to_canary(key_hash(0, &k), 5000) && to_shadow(&k, 5000)
             })
             .count();
         let share = both as f64 / n as f64;
         assert!((share - 0.25).abs() < 0.04, "{share}");
+    }
+
+    #[test]
+    fn each_rollout_draws_its_own_cohort() {
+        // At 20%, two rollouts' canaries share about 4% of the keys (20% of
+        // 20%), not 20%: the same users are not the canary every time.
+        let n = 10_000;
+        let (a, b) = (salt_of("rollout-a"), salt_of("rollout-b"));
+        let both = (0..n)
+            .filter(|i| {
+                let k = format!("user-{i}");
+                to_canary(key_hash(a, &k), 2000) && to_canary(key_hash(b, &k), 2000)
+            })
+            .count();
+        let share = both as f64 / n as f64;
+        assert!((share - 0.04).abs() < 0.015, "{share}");
+        assert_ne!(key_hash(a, "x"), 0);
     }
 }

@@ -97,6 +97,9 @@ pub struct Request {
     pub protocol: crate::monitor::Protocol,
     /// The role of this engine's version for this request (a metrics label).
     pub variant: crate::monitor::Variant,
+    /// A hash of the key the router's split decided on (0: none), recorded
+    /// with the request's canary sample.
+    pub split_key: u64,
     /// Score these tokens after the prompt instead of generating (`max_tokens`
     /// must then be their count): one teacher-forced prefill, no decode.
     pub score: Option<Arc<ScoreJob>>,
@@ -132,6 +135,7 @@ impl Request {
             arrival: Instant::now(),
             protocol: crate::monitor::Protocol::Internal,
             variant: crate::monitor::Variant::Stable,
+            split_key: 0,
             score: None,
             text_profile: Default::default(),
         }
@@ -561,6 +565,31 @@ impl EngineHandle {
     /// the queue is full, the request cannot fit, or the engine is draining.
     pub fn submit(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
         self.check(&request)?;
+        let (variant, key) = (request.variant, request.split_key);
+        self.admit(request).inspect_err(|e| {
+            // A refused request is a sample too: a candidate too slow for its
+            // share sheds load here, and a rollout must see it.
+            let reason = match e {
+                SubmitError::Overloaded { .. } => "overloaded",
+                SubmitError::Unavailable => "unavailable",
+                _ => return,
+            };
+            let l = &self.shared.labels;
+            metrics::counter!(
+                crate::monitor::names::REFUSED,
+                "model" => l.model.clone(),
+                "version" => l.version.clone(),
+                "variant" => variant.as_str(),
+                "reason" => reason
+            )
+            .increment(1);
+            self.shared
+                .window
+                .record(variant, crate::monitor::canary::Sample::refused(key));
+        })
+    }
+
+    fn admit(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
         if !self.is_ready() {
             return Err(SubmitError::Unavailable);
         }

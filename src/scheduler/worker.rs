@@ -15,7 +15,7 @@ use crate::engine::{
     Batch, BlockAllocator, EnginePath, KvCache, LoadedModel, Logits, PositionScore, Sampler,
     Scratch, StopMatcher, StopOutcome, TextStream, Tokenizer, TopRows,
 };
-use crate::monitor::canary::Sample;
+use crate::monitor::canary::{Outcome, Sample};
 use crate::monitor::drift::{Observation, TextProfile};
 use crate::monitor::{EngineMetrics, Protocol, RequestMetrics, Variant};
 
@@ -30,6 +30,8 @@ struct Io {
     deadline: Option<Instant>,
     protocol: Protocol,
     variant: Variant,
+    /// The split's key hash, for the canary sample.
+    split_key: u64,
     arrival: Instant,
     submitted: Instant,
     admitted: Option<Instant>,
@@ -307,6 +309,7 @@ impl Worker {
                     deadline: request.deadline,
                     protocol: request.protocol,
                     variant: request.variant,
+                    split_key: request.split_key,
                     arrival: request.arrival,
                     submitted,
                     admitted: None,
@@ -352,6 +355,7 @@ impl Worker {
             deadline: Some(now + PROBE_DEADLINE),
             protocol: Protocol::Internal,
             variant: Variant::Shadow,
+            split_key: 0,
             arrival: now,
             submitted: now,
             admitted: None,
@@ -428,13 +432,25 @@ impl Worker {
         });
         for mut s in gone {
             self.uncount_waiting(&mut s);
-            if unread(&s.payload.events) > UNREAD_LIMIT {
+            let io = &s.payload;
+            // A client that left is a sample of its side too: a slow
+            // candidate loses its impatient clients here.
+            let left = || {
+                Sample::cancelled(
+                    io.split_key,
+                    (now - io.arrival).as_secs_f64(),
+                    s.generated() as u32,
+                )
+            };
+            if unread(&io.events) > UNREAD_LIMIT {
                 tracing::info!(seq = s.id, "client stopped reading; sequence cancelled");
-            } else if !s.payload.events.is_closed() {
+                self.shared.window.record(io.variant, left());
+            } else if !io.events.is_closed() {
                 s.payload.finished = Some(FinishReason::Timeout);
                 self.finish(&mut s);
             } else {
                 tracing::debug!(seq = s.id, "client left; sequence cancelled");
+                self.shared.window.record(io.variant, left());
             }
         }
     }
@@ -558,6 +574,8 @@ impl Worker {
                     e2e_s: io.arrival.elapsed().as_secs_f64(),
                     output_tokens: generated as u32,
                     stopped: false,
+                    outcome: Outcome::Served,
+                    key: io.split_key,
                 },
             );
             let _ = io.events.try_send(Event::Failed(err));
@@ -618,6 +636,8 @@ impl Worker {
                 e2e_s: (now - io.arrival).as_secs_f64(),
                 output_tokens: generated as u32,
                 stopped: reason == FinishReason::Stop,
+                outcome: Outcome::Served,
+                key: io.split_key,
             },
         );
         let scores = io

@@ -122,8 +122,11 @@ async fn run_loop(gates: &str) -> (Vec<String>, Vec<String>, Value, Value) {
     let parent = parent(tmp.path());
     let (hook, events) = receiver().await;
     let cfg = config(tmp.path(), gates, &hook);
-    let s = TestServer::start_in(&parent, &tmp.path().join("registry"), |a| {
+    let root = tmp.path().to_path_buf();
+    let s = TestServer::start_in(&parent, &tmp.path().join("registry"), move |a| {
         a.api_keys = vec![format!("ops:admin:{ADMIN}")];
+        // The parent's card names its training data here (replay).
+        a.model_roots = vec![root];
         a.config = Some(cfg);
     })
     .await;

@@ -7,6 +7,7 @@
 )]
 
 mod autopilot;
+mod canary_truth;
 mod capture;
 mod clients;
 mod drift;

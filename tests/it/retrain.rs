@@ -136,8 +136,11 @@ async fn retrain_registers_a_gated_version_that_serves_and_cancels_cleanly() {
     let parent = parent(tmp.path());
     let window = captured(tmp.path());
     let registry = tmp.path().join("registry");
-    let s = TestServer::start_in(&parent, &registry, |a| {
+    let root = tmp.path().to_path_buf();
+    let s = TestServer::start_in(&parent, &registry, move |a| {
         a.api_keys = vec![format!("ops:admin:{ADMIN}")];
+        // The captured window and the parent's data lie here.
+        a.model_roots = vec![root];
     })
     .await;
     let c = reqwest::Client::new();

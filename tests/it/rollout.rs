@@ -16,19 +16,19 @@ use serde_json::{Value, json};
 use crate::process::{ADMIN, call_as};
 use crate::server::TestServer;
 
-const APP: &str = "1nf";
+pub(crate) const APP: &str = "1nf";
 
-fn keys(a: &mut llmops::config::ServeArgs) {
+pub(crate) fn keys(a: &mut llmops::config::ServeArgs) {
     a.api_keys = vec![format!("ops:admin:{ADMIN}"), format!("app:inference:{APP}")];
 }
 
-fn write(dir: &Path, name: &str, spec: SynthSpec) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, spec: SynthSpec) -> PathBuf {
     let p = dir.join(name);
     spec.write(&p, None).unwrap();
     p
 }
 
-async fn register(c: &reqwest::Client, s: &TestServer, path: &Path, version: &str) {
+pub(crate) async fn register(c: &reqwest::Client, s: &TestServer, path: &Path, version: &str) {
     let (st, v) = call_as(
         c,
         reqwest::Method::POST,
@@ -40,7 +40,7 @@ async fn register(c: &reqwest::Client, s: &TestServer, path: &Path, version: &st
     assert_eq!(st, 201, "{v}");
 }
 
-async fn start(c: &reqwest::Client, s: &TestServer, spec: Value) -> Value {
+pub(crate) async fn start(c: &reqwest::Client, s: &TestServer, spec: Value) -> Value {
     let (st, v) = call_as(
         c,
         reqwest::Method::POST,
@@ -53,7 +53,7 @@ async fn start(c: &reqwest::Client, s: &TestServer, spec: Value) -> Value {
     v
 }
 
-async fn status(c: &reqwest::Client, s: &TestServer, id: &str) -> Value {
+pub(crate) async fn status(c: &reqwest::Client, s: &TestServer, id: &str) -> Value {
     let (st, v) = call_as(
         c,
         reqwest::Method::GET,
@@ -67,7 +67,7 @@ async fn status(c: &reqwest::Client, s: &TestServer, id: &str) -> Value {
 }
 
 /// Waits until the rollout leaves `progressing`/`paused`, or the deadline.
-async fn until_finished(
+pub(crate) async fn until_finished(
     c: &reqwest::Client,
     s: &TestServer,
     id: &str,
@@ -90,7 +90,7 @@ async fn until_finished(
 
 /// One streamed completion with a route key; returns the serving version or
 /// why it failed.
-async fn stream(c: &reqwest::Client, base: &str, key: &str) -> Result<String, String> {
+pub(crate) async fn stream(c: &reqwest::Client, base: &str, key: &str) -> Result<String, String> {
     let body = json!({"model": "tiny", "prompt": "roll", "max_tokens": 12, "temperature": 0, "ignore_eos": true, "stream": true});
     let resp = c
         .post(format!("{base}/v1/completions"))
@@ -129,7 +129,7 @@ async fn stream(c: &reqwest::Client, base: &str, key: &str) -> Result<String, St
 
 /// `clients` streaming clients with fresh route keys until `stop`; returns
 /// (requests, failures, by version).
-fn load(
+pub(crate) fn load(
     s: &TestServer,
     clients: usize,
     stop: Arc<AtomicBool>,

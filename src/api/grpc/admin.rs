@@ -252,6 +252,7 @@ impl pb::admin_server::Admin for AdminService {
                 r.steps
             },
             interval_secs: r.interval_seconds.unwrap_or(30.0),
+            warmup_secs: r.warmup_seconds,
             analysis,
             failure_limit: r.failure_limit.unwrap_or(2),
             successes_per_step: r.successes_per_step.unwrap_or(1),

@@ -117,7 +117,7 @@ impl InferenceService {
             session: metadata_str(req, "x-llmops-route-key")
                 .filter(|k| !k.is_empty())
                 .map(str::to_string),
-            user: None,
+            user: Some(req.get_ref().user.clone()).filter(|u| !u.is_empty()),
             api_key: (principal.key_id != "anonymous").then(|| principal.key_id.clone()),
             request: metadata_str(req, "x-request-id")
                 .unwrap_or_default()
