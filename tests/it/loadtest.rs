@@ -1,5 +1,7 @@
 //! `llmops-loadtest` against a real server on loopback: its counts match the
-//! server's own metrics exactly, and failures are classified by kind.
+//! server's own metrics exactly, and failures are classified by kind. Route
+//! keys, users and extra headers are checked against small recording servers
+//! (OpenAI-compatible HTTP, llmops gRPC) that keep what each request carried.
 //!
 //! Each test serves the model under its own name, so the process-wide
 //! metrics of other tests running at the same time do not mix in.
@@ -354,7 +356,9 @@ async fn recording_http_server() -> (std::net::SocketAddr, Log) {
         let chat = body.get("messages").is_some();
         log.lock().unwrap().push(Seen {
             session: header("x-llmops-route-key"),
-            user: body.get("user").map(|u| u.as_str().unwrap_or("<not a string>").to_string()),
+            user: body
+                .get("user")
+                .map(|u| u.as_str().unwrap_or("<not a string>").to_string()),
             tenant: header("x-tenant"),
             chat,
         });
@@ -429,6 +433,7 @@ impl llmops::proto::inference_server::Inference for RecordingGrpc {
             usage: Some(llmops::proto::Usage {
                 prompt_tokens: 3,
                 completion_tokens: 1,
+                ..Default::default()
             }),
             ..Default::default()
         };
@@ -543,7 +548,10 @@ async fn sessions_users_and_extra_headers_reach_the_server_on_every_request_over
             ),
             "{what}"
         );
-        assert!(!json.to_string().contains("blue"), "{what}: header values stay out");
+        assert!(
+            !json.to_string().contains("blue"),
+            "{what}: header values stay out"
+        );
         let table = r.table();
         assert!(
             table.contains("4 sessions (x-llmops-route-key: s-0..s-3); 5 users (user: u-0..u-4); headers x-tenant"),
@@ -567,7 +575,11 @@ async fn sessions_users_and_extra_headers_reach_the_server_on_every_request_over
             seen.iter().all(|s| *s == Seen::default()),
             "{protocol:?}: {seen:?}"
         );
-        assert!(r.table().contains("keys      no session key; no user\n"), "{}", r.table());
+        assert!(
+            r.table().contains("keys      no session key; no user\n"),
+            "{}",
+            r.table()
+        );
         let json = serde_json::to_value(&r).unwrap();
         assert!(json["config"]["sessions"].is_null() && json["config"]["users"].is_null());
     }
