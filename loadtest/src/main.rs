@@ -141,52 +141,6 @@ fn parse_vocab(s: &str) -> Result<(u32, u32), String> {
     Ok((lo, hi))
 }
 
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn parse(extra: &[&str]) -> anyhow::Result<Config> {
-        let mut argv = vec!["llmops-loadtest", "--model", "m", "--concurrency", "1"];
-        argv.extend_from_slice(extra);
-        Ok(config(Args::try_parse_from(argv)?)?.0)
-    }
-
-    #[test]
-    fn sessions_users_and_headers_reach_the_config() {
-        let c = parse(&[
-            "--sessions",
-            "16",
-            "--users",
-            "3",
-            "--header",
-            "X-Tenant: blue",
-            "-H",
-            "x-trace:1",
-        ])
-        .unwrap();
-        assert_eq!((c.sessions, c.users), (Some(16), Some(3)));
-        let h: Vec<(&str, &str)> = c.headers.iter().map(|h| (h.name(), h.value())).collect();
-        assert_eq!(h, [("x-tenant", "blue"), ("x-trace", "1")]);
-        let c = parse(&[]).unwrap();
-        assert_eq!((c.sessions, c.users, c.headers.len()), (None, None, 0));
-    }
-
-    #[test]
-    fn zero_sessions_bad_headers_and_a_second_route_key_are_refused() {
-        for bad in [
-            &["--sessions", "0"][..],
-            &["--users", "0"],
-            &["--header", "nocolon"],
-            &["--sessions", "2", "--header", "x-llmops-route-key: a"],
-            &["--api-key", "k", "--header", "Authorization: Bearer j"],
-        ] {
-            assert!(parse(bad).is_err(), "{bad:?} was accepted");
-        }
-        assert!(parse(&["--header", "x-llmops-route-key: a"]).is_ok());
-    }
-}
-
 fn config(a: Args) -> anyhow::Result<(Config, bool, Option<PathBuf>)> {
     let protocol = match a.protocol {
         Proto::Http => Protocol::Http,
@@ -285,4 +239,50 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("during output:\n{}", d.output.trim_end());
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> anyhow::Result<Config> {
+        let mut argv = vec!["llmops-loadtest", "--model", "m", "--concurrency", "1"];
+        argv.extend_from_slice(extra);
+        Ok(config(Args::try_parse_from(argv)?)?.0)
+    }
+
+    #[test]
+    fn sessions_users_and_headers_reach_the_config() {
+        let c = parse(&[
+            "--sessions",
+            "16",
+            "--users",
+            "3",
+            "--header",
+            "X-Tenant: blue",
+            "-H",
+            "x-trace:1",
+        ])
+        .unwrap();
+        assert_eq!((c.sessions, c.users), (Some(16), Some(3)));
+        let h: Vec<(&str, &str)> = c.headers.iter().map(|h| (h.name(), h.value())).collect();
+        assert_eq!(h, [("x-tenant", "blue"), ("x-trace", "1")]);
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.sessions, c.users, c.headers.len()), (None, None, 0));
+    }
+
+    #[test]
+    fn zero_sessions_bad_headers_and_a_second_route_key_are_refused() {
+        for bad in [
+            &["--sessions", "0"][..],
+            &["--users", "0"],
+            &["--header", "nocolon"],
+            &["--sessions", "2", "--header", "x-llmops-route-key: a"],
+            &["--api-key", "k", "--header", "Authorization: Bearer j"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(parse(&["--header", "x-llmops-route-key: a"]).is_ok());
+    }
 }
