@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
+use tonic::metadata::{Ascii, MetadataKey, MetadataValue};
+
+use crate::keys::ROUTE_KEY_HEADER;
 use crate::sse::{Chunk, SseParser};
 use crate::workload::{Input, RequestSpec};
 use crate::{Config, Endpoint, Protocol};
@@ -67,6 +70,10 @@ struct Inner {
     temperature: Option<f32>,
     top_p: Option<f32>,
     timeout: Duration,
+    /// Extra HTTP headers (`Config::headers`).
+    headers: reqwest::header::HeaderMap,
+    /// The same as gRPC metadata.
+    metadata: Vec<(MetadataKey<Ascii>, MetadataValue<Ascii>)>,
 }
 
 enum Target {
@@ -126,8 +133,17 @@ impl Client {
                 }
             }
         };
+        let mut headers = reqwest::header::HeaderMap::new();
+        let mut metadata = vec![];
+        for h in &cfg.headers {
+            let (name, value) = h.http()?;
+            headers.append(name, value);
+            metadata.push(h.grpc()?);
+        }
         Ok(Self {
             inner: Arc::new(Inner {
+                headers,
+                metadata,
                 target,
                 model: cfg.model.clone(),
                 api_key: cfg.api_key.clone().filter(|k| !k.is_empty()),
@@ -213,9 +229,15 @@ impl Client {
         if let Some(top_p) = inner.top_p {
             body["top_p"] = json!(top_p);
         }
-        let mut req = client.post(url).json(&body);
+        if let Some(user) = &spec.user {
+            body["user"] = json!(user);
+        }
+        let mut req = client.post(url).headers(inner.headers.clone()).json(&body);
         if let Some(k) = &inner.api_key {
             req = req.bearer_auth(k);
+        }
+        if let Some(session) = &spec.session {
+            req = req.header(ROUTE_KEY_HEADER, session);
         }
         let resp = req.send().await.map_err(reqwest_error)?;
         let status = resp.status();
@@ -304,8 +326,21 @@ impl Client {
                     ..Default::default()
                 }
             }),
+            user: spec.user.clone().unwrap_or_default(),
             ..Default::default()
         });
+        for (k, v) in &inner.metadata {
+            req.metadata_mut().append(k.clone(), v.clone());
+        }
+        if let Some(session) = &spec.session {
+            let v = session.parse().map_err(|_| {
+                (
+                    "bad_request".to_string(),
+                    format!("the session key `{session}` is not valid metadata"),
+                )
+            })?;
+            req.metadata_mut().insert(ROUTE_KEY_HEADER, v);
+        }
         if let Some(k) = &inner.api_key {
             let v = format!("Bearer {k}").parse().map_err(|_| {
                 (

@@ -24,6 +24,7 @@
 
 pub mod client;
 pub mod dist;
+pub mod keys;
 mod report;
 pub mod sse;
 pub mod stats;
@@ -40,6 +41,7 @@ use tokio::task::JoinSet;
 
 pub use client::{Client, Outcome};
 pub use dist::Dist;
+pub use keys::Header;
 pub use report::{DuringReport, Report};
 pub use stats::{Latency, Second};
 pub use workload::{Prompts, Workload};
@@ -129,6 +131,16 @@ pub struct Config {
     /// Show a progress bar on stderr.
     #[serde(skip)]
     pub progress: bool,
+    /// Each request names a session `s-<k>`, k uniform over this many, in the
+    /// `x-llmops-route-key` header (gRPC metadata); none sends no key.
+    pub sessions: Option<u64>,
+    /// Each request names an end user `u-<k>`, k uniform over this many, in
+    /// the OpenAI `user` field (gRPC `user`); none sends no user.
+    pub users: Option<u64>,
+    /// Extra headers (gRPC metadata) on every request; reports list their
+    /// names only, since values may be credentials.
+    #[serde(serialize_with = "keys::header_names")]
+    pub headers: Vec<Header>,
 }
 
 impl Default for Config {
@@ -157,6 +169,9 @@ impl Default for Config {
             during: None,
             during_at_s: 0.0,
             progress: false,
+            sessions: None,
+            users: None,
+            headers: vec![],
         }
     }
 }
@@ -208,6 +223,24 @@ impl Config {
         }
         if self.model.is_empty() {
             anyhow::bail!("the model name is empty");
+        }
+        if self.sessions == Some(0) {
+            anyhow::bail!("the session count must be at least 1");
+        }
+        if self.users == Some(0) {
+            anyhow::bail!("the user count must be at least 1");
+        }
+        for h in &self.headers {
+            if self.sessions.is_some() && h.name() == keys::ROUTE_KEY_HEADER {
+                anyhow::bail!(
+                    "give the route key with the sessions or a `{}` header, not both",
+                    keys::ROUTE_KEY_HEADER
+                );
+            }
+            if self.api_key.as_deref().is_some_and(|k| !k.is_empty()) && h.name() == "authorization"
+            {
+                anyhow::bail!("give the API key or an `authorization` header, not both");
+            }
         }
         if let Prompts::Synthetic { tokens, vocab } = &self.prompts {
             if vocab.0 >= vocab.1 {
@@ -366,7 +399,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<Report> {
 pub async fn run_until(cfg: Config, interrupt: impl Future<Output = ()>) -> anyhow::Result<Report> {
     cfg.validate()?;
     let client = Client::new(&cfg)?;
-    let workload = Workload::new(cfg.prompts.clone(), cfg.max_tokens.clone(), cfg.seed)?;
+    let workload = Workload::new(cfg.prompts.clone(), cfg.max_tokens.clone(), cfg.seed)?
+        .with_keys(cfg.sessions, cfg.users);
     let chat = client.is_chat();
     let sh = Arc::new(Shared {
         client,

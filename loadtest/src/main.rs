@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Parser, ValueEnum};
-use llmops_loadtest::{Config, Dist, Endpoint, Load, Prompts, Protocol};
+use llmops_loadtest::{Config, Dist, Endpoint, Header, Load, Prompts, Protocol};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Proto {
@@ -24,6 +24,7 @@ enum Api {
 ///   llmops-loadtest --model tiny --concurrency 8 --duration 30 --prompt-tokens uniform:16:256 --max-tokens 128 --ignore-eos
 ///   llmops-loadtest --protocol grpc --url http://127.0.0.1:50051 --model tiny --rate 20 --requests 500
 ///   llmops-loadtest --model tiny --concurrency 4 --duration 20 --warmup 3 --during-at 5 --during "./hot-swap.sh" --json out.json
+///   llmops-loadtest --model tiny --concurrency 8 --duration 60 --sessions 200 --users 50 --header "x-tenant: blue"
 #[derive(Debug, Parser)]
 #[command(name = "llmops-loadtest", version, verbatim_doc_comment)]
 #[command(group(ArgGroup::new("mode").required(true).args(["concurrency", "rate"])))]
@@ -102,6 +103,20 @@ struct Args {
     /// Print the per-second timeline even without --during.
     #[arg(long)]
     timeline: bool,
+    /// Each request names a session `s-K`, K uniform over N sessions (drawn
+    /// from --seed), in the `x-llmops-route-key` header (gRPC metadata): a
+    /// canary split keeps a session on one side. Without it no key is sent.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    sessions: Option<u64>,
+    /// Each request names an end user `u-K`, K uniform over N users (drawn
+    /// from --seed), in the OpenAI `user` field (gRPC `user`). Without it no
+    /// user is sent.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    users: Option<u64>,
+    /// An extra HTTP header (gRPC metadata) on every request, NAME:VALUE;
+    /// repeatable. Reports list the names only.
+    #[arg(long = "header", short = 'H', value_name = "NAME:VALUE")]
+    headers: Vec<Header>,
     /// Write the report as JSON here (`-` for stdout, replacing the table).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -175,6 +190,9 @@ fn config(a: Args) -> anyhow::Result<(Config, bool, Option<PathBuf>)> {
         during: a.during,
         during_at_s: a.during_at,
         progress: !a.quiet && std::io::stderr().is_terminal(),
+        sessions: a.sessions,
+        users: a.users,
+        headers: a.headers,
     };
     cfg.validate()?;
     Ok((cfg, a.timeline, a.json))
@@ -221,4 +239,50 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("during output:\n{}", d.output.trim_end());
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> anyhow::Result<Config> {
+        let mut argv = vec!["llmops-loadtest", "--model", "m", "--concurrency", "1"];
+        argv.extend_from_slice(extra);
+        Ok(config(Args::try_parse_from(argv)?)?.0)
+    }
+
+    #[test]
+    fn sessions_users_and_headers_reach_the_config() {
+        let c = parse(&[
+            "--sessions",
+            "16",
+            "--users",
+            "3",
+            "--header",
+            "X-Tenant: blue",
+            "-H",
+            "x-trace:1",
+        ])
+        .unwrap();
+        assert_eq!((c.sessions, c.users), (Some(16), Some(3)));
+        let h: Vec<(&str, &str)> = c.headers.iter().map(|h| (h.name(), h.value())).collect();
+        assert_eq!(h, [("x-tenant", "blue"), ("x-trace", "1")]);
+        let c = parse(&[]).unwrap();
+        assert_eq!((c.sessions, c.users, c.headers.len()), (None, None, 0));
+    }
+
+    #[test]
+    fn zero_sessions_bad_headers_and_a_second_route_key_are_refused() {
+        for bad in [
+            &["--sessions", "0"][..],
+            &["--users", "0"],
+            &["--header", "nocolon"],
+            &["--sessions", "2", "--header", "x-llmops-route-key: a"],
+            &["--api-key", "k", "--header", "Authorization: Bearer j"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(parse(&["--header", "x-llmops-route-key: a"]).is_ok());
+    }
 }

@@ -68,6 +68,28 @@ pub struct Report {
     pub interrupted: bool,
 }
 
+/// What identifies the requests to the server: sessions, users, extra headers.
+fn keys_line(cfg: &Config) -> String {
+    let mut parts = vec![];
+    match cfg.sessions {
+        Some(n) => parts.push(format!(
+            "{n} sessions ({}: s-0..s-{})",
+            crate::keys::ROUTE_KEY_HEADER,
+            n - 1
+        )),
+        None => parts.push("no session key".to_string()),
+    }
+    match cfg.users {
+        Some(n) => parts.push(format!("{n} users (user: u-0..u-{})", n - 1)),
+        None => parts.push("no user".to_string()),
+    }
+    if !cfg.headers.is_empty() {
+        let names: Vec<&str> = cfg.headers.iter().map(|h| h.name()).collect();
+        parts.push(format!("headers {}", names.join(", ")));
+    }
+    parts.join("; ")
+}
+
 fn per_s(n: u64, s: f64) -> f64 {
     per_s_f(n as f64, s)
 }
@@ -136,6 +158,7 @@ impl Report {
             cfg.max_tokens,
             if cfg.ignore_eos { ", ignore_eos" } else { "" }
         );
+        let _ = writeln!(s, "keys      {}", keys_line(cfg));
         let _ = writeln!(
             s,
             "requests  {} ok, {} failed in {:.2} s: {:.2} req/s{}",

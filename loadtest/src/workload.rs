@@ -132,6 +132,10 @@ pub struct RequestSpec {
     pub input: Input,
     /// Completion length asked for.
     pub max_tokens: u32,
+    /// Its session key (`s-<k>`), with `Workload::with_keys`' sessions.
+    pub session: Option<String>,
+    /// Its end-user id (`u-<k>`), with `Workload::with_keys`' users.
+    pub user: Option<String>,
 }
 
 /// Short common words, mostly one token each in BPE vocabularies: the text of
@@ -149,7 +153,12 @@ pub struct Workload {
     prompts: Prompts,
     max_tokens: Dist,
     seed: u64,
+    sessions: Option<u64>,
+    users: Option<u64>,
 }
+
+/// Salt of the key stream, so drawing keys leaves prompts and lengths as they were.
+const KEYS_SALT: u64 = 0x6b65_7973_6b65_7973;
 
 /// SplitMix64: decorrelates (seed, index) pairs into RNG seeds.
 fn mix(mut z: u64) -> u64 {
@@ -173,7 +182,18 @@ impl Workload {
             prompts,
             max_tokens,
             seed,
+            sessions: None,
+            users: None,
         })
+    }
+
+    /// Gives each request a session key drawn uniformly from `sessions`
+    /// sessions and an end-user id drawn from `users` users (independently,
+    /// from the seed and the request's index); `None` (or 0) sends none.
+    pub fn with_keys(mut self, sessions: Option<u64>, users: Option<u64>) -> Self {
+        self.sessions = sessions.filter(|n| *n > 0);
+        self.users = users.filter(|n| *n > 0);
+        self
     }
 
     /// The RNG of request `index` (independent of every other request's).
@@ -209,10 +229,19 @@ impl Workload {
             },
         };
         let max_tokens = self.max_tokens.sample(&mut rng);
+        let mut keys = ChaCha8Rng::seed_from_u64(mix(self.seed ^ mix(index)) ^ KEYS_SALT);
+        let session = self
+            .sessions
+            .map(|n| crate::keys::session_key(keys.random_range(0..n)));
+        let user = self
+            .users
+            .map(|n| crate::keys::user_id(keys.random_range(0..n)));
         RequestSpec {
             index,
             input,
             max_tokens,
+            session,
+            user,
         }
     }
 
@@ -256,6 +285,48 @@ mod tests {
             panic!("chat")
         };
         assert!((5..=9).contains(&m[0].content.split(' ').count()));
+    }
+
+    #[test]
+    fn session_and_user_keys_are_uniform_reproducible_and_leave_prompts_alone() {
+        let prompts = Prompts::Synthetic {
+            tokens: "uniform:5:9".parse().unwrap(),
+            vocab: (10, 20),
+        };
+        let plain = Workload::new(prompts.clone(), "4".parse().unwrap(), 7).unwrap();
+        let keyed = plain.clone().with_keys(Some(4), Some(3));
+        let mut sessions = std::collections::BTreeMap::<String, u32>::new();
+        let mut users = std::collections::BTreeMap::<String, u32>::new();
+        for i in 0..400 {
+            let (p, k) = (plain.request(i, false), keyed.request(i, false));
+            assert_eq!(
+                (&p.session, &p.user),
+                (&None, &None),
+                "no keys unless asked"
+            );
+            assert_eq!((&p.input, p.max_tokens), (&k.input, k.max_tokens));
+            assert_eq!(keyed.request(i, false), k, "same index, same keys");
+            *sessions.entry(k.session.unwrap()).or_default() += 1;
+            *users.entry(k.user.unwrap()).or_default() += 1;
+        }
+        assert_eq!(
+            sessions.keys().collect::<Vec<_>>(),
+            ["s-0", "s-1", "s-2", "s-3"]
+        );
+        assert_eq!(users.keys().collect::<Vec<_>>(), ["u-0", "u-1", "u-2"]);
+        // Uniform: each of 4 sessions near 100 of 400, each of 3 users near 133.
+        assert!(
+            sessions.values().all(|n| (60..140).contains(n)),
+            "{sessions:?}"
+        );
+        assert!(users.values().all(|n| (90..180).contains(n)), "{users:?}");
+        let other = Workload::new(prompts, "4".parse().unwrap(), 8)
+            .unwrap()
+            .with_keys(Some(4), Some(3));
+        assert!(
+            (0..20).any(|i| other.request(i, false).session != keyed.request(i, false).session),
+            "another seed, other keys"
+        );
     }
 
     #[test]

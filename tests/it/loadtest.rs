@@ -1,5 +1,7 @@
 //! `llmops-loadtest` against a real server on loopback: its counts match the
-//! server's own metrics exactly, and failures are classified by kind.
+//! server's own metrics exactly, and failures are classified by kind. Route
+//! keys, users and extra headers are checked against small recording servers
+//! (OpenAI-compatible HTTP, llmops gRPC) that keep what each request carried.
 //!
 //! Each test serves the model under its own name, so the process-wide
 //! metrics of other tests running at the same time do not mix in.
@@ -8,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use llmops_loadtest::workload::Input;
-use llmops_loadtest::{Config, Load, Prompts, Protocol, Report, Workload};
+use llmops_loadtest::{Config, Endpoint, Load, Prompts, Protocol, Report, Workload};
 
 use crate::server::TestServer;
 
@@ -319,5 +321,266 @@ async fn a_server_stopped_mid_run_gives_connection_errors_and_a_report() {
             r.duration_s >= 2.0,
             "the run went on after the server stopped"
         );
+    }
+}
+
+/// What a recording server saw of one request: its route key, its `user`,
+/// its `x-tenant` header, whether it came to the chat endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct Seen {
+    session: Option<String>,
+    user: Option<String>,
+    tenant: Option<String>,
+    chat: bool,
+}
+
+type Log = std::sync::Arc<std::sync::Mutex<Vec<Seen>>>;
+
+/// An OpenAI-compatible HTTP server on loopback that records what each
+/// request carried and streams one token back.
+async fn recording_http_server() -> (std::net::SocketAddr, Log) {
+    use axum::extract::State;
+    use axum::http::HeaderMap;
+    use serde_json::{Value, json};
+
+    async fn handle(
+        State(log): State<Log>,
+        headers: HeaderMap,
+        axum::Json(body): axum::Json<Value>,
+    ) -> impl axum::response::IntoResponse {
+        let header = |n: &str| {
+            headers
+                .get(n)
+                .map(|v| v.to_str().unwrap_or("<not text>").to_string())
+        };
+        let chat = body.get("messages").is_some();
+        log.lock().unwrap().push(Seen {
+            session: header("x-llmops-route-key"),
+            user: body
+                .get("user")
+                .map(|u| u.as_str().unwrap_or("<not a string>").to_string()),
+            tenant: header("x-tenant"),
+            chat,
+        });
+        let (token, end) = if chat {
+            (
+                json!({"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": null}]}),
+                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}),
+            )
+        } else {
+            (
+                json!({"choices": [{"index": 0, "text": "hi", "finish_reason": null}]}),
+                json!({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]}),
+            )
+        };
+        let usage = json!({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}});
+        (
+            [(axum::http::header::CONTENT_TYPE, "text/event-stream")],
+            format!("data: {token}\n\ndata: {end}\n\ndata: {usage}\n\ndata: [DONE]\n\n"),
+        )
+    }
+    let log = Log::default();
+    let app = axum::Router::new()
+        .route("/v1/completions", axum::routing::post(handle))
+        .route("/v1/chat/completions", axum::routing::post(handle))
+        .with_state(log.clone());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    (addr, log)
+}
+
+/// llmops's gRPC `Inference` on loopback, recording what each
+/// `GenerateStream` carried and streaming one token back.
+struct RecordingGrpc(Log);
+
+#[tonic::async_trait]
+impl llmops::proto::inference_server::Inference for RecordingGrpc {
+    async fn generate(
+        &self,
+        _: tonic::Request<llmops::proto::GenerateRequest>,
+    ) -> Result<tonic::Response<llmops::proto::GenerateResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("streaming only"))
+    }
+
+    type GenerateStreamStream = tokio_stream::Iter<
+        std::vec::IntoIter<Result<llmops::proto::GenerateStreamResponse, tonic::Status>>,
+    >;
+
+    async fn generate_stream(
+        &self,
+        req: tonic::Request<llmops::proto::GenerateRequest>,
+    ) -> Result<tonic::Response<Self::GenerateStreamStream>, tonic::Status> {
+        let meta = |n: &str| {
+            req.metadata()
+                .get(n)
+                .map(|v| v.to_str().unwrap_or("<not text>").to_string())
+        };
+        let user = &req.get_ref().user;
+        self.0.lock().unwrap().push(Seen {
+            session: meta("x-llmops-route-key"),
+            user: (!user.is_empty()).then(|| user.clone()),
+            tenant: meta("x-tenant"),
+            chat: false,
+        });
+        let token = llmops::proto::GenerateStreamResponse {
+            text: "hi".into(),
+            token_ids: vec![42],
+            ..Default::default()
+        };
+        let end = llmops::proto::GenerateStreamResponse {
+            finish_reason: llmops::proto::FinishReason::Length as i32,
+            usage: Some(llmops::proto::Usage {
+                prompt_tokens: 3,
+                completion_tokens: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Ok(tonic::Response::new(tokio_stream::iter(vec![
+            Ok(token),
+            Ok(end),
+        ])))
+    }
+
+    async fn tokenize(
+        &self,
+        _: tonic::Request<llmops::proto::TokenizeRequest>,
+    ) -> Result<tonic::Response<llmops::proto::TokenizeResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("streaming only"))
+    }
+
+    async fn list_models(
+        &self,
+        _: tonic::Request<llmops::proto::ListModelsRequest>,
+    ) -> Result<tonic::Response<llmops::proto::ListModelsResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("streaming only"))
+    }
+}
+
+async fn recording_grpc_server() -> (std::net::SocketAddr, Log) {
+    let log = Log::default();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let svc = llmops::proto::inference_server::InferenceServer::new(RecordingGrpc(log.clone()));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l)),
+    );
+    (addr, log)
+}
+
+/// The sessions and users the workload plans for requests `0..n`, sorted.
+fn planned_keys(cfg: &Config, n: u64) -> Vec<(Option<String>, Option<String>)> {
+    let w = Workload::new(cfg.prompts.clone(), cfg.max_tokens.clone(), cfg.seed)
+        .unwrap()
+        .with_keys(cfg.sessions, cfg.users);
+    let mut keys: Vec<_> = (0..n)
+        .map(|i| {
+            let r = w.request(i, false);
+            (r.session, r.user)
+        })
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_users_and_extra_headers_reach_the_server_on_every_request_over_http_and_grpc() {
+    let (http, http_log) = recording_http_server().await;
+    let (grpc, grpc_log) = recording_grpc_server().await;
+    for (protocol, addr, endpoint, log) in [
+        (Protocol::Http, http, Endpoint::Completions, &http_log),
+        (Protocol::Http, http, Endpoint::Chat, &http_log),
+        (Protocol::Grpc, grpc, Endpoint::Completions, &grpc_log),
+    ] {
+        let what = format!("{protocol:?} {endpoint:?}");
+        log.lock().unwrap().clear();
+        let mut cfg = base("rec", format!("http://{addr}"), protocol);
+        cfg.endpoint = endpoint;
+        cfg.load = Load::Closed { concurrency: 3 };
+        cfg.requests = Some(60);
+        cfg.sessions = Some(4);
+        cfg.users = Some(5);
+        cfg.headers = vec!["X-Tenant: blue".parse().unwrap()];
+        let r = llmops_loadtest::run(cfg.clone()).await.unwrap();
+        assert_eq!(
+            (r.tally.ok, r.tally.failed),
+            (60, 0),
+            "{what}: {:?} {:?}",
+            r.tally.errors,
+            r.tally.error_examples
+        );
+        let seen = log.lock().unwrap().clone();
+        assert_eq!(seen.len(), 60, "{what}");
+        assert!(
+            seen.iter().all(|s| s.tenant.as_deref() == Some("blue")),
+            "{what}: the extra header on every request: {seen:?}"
+        );
+        assert!(
+            seen.iter().all(|s| s.chat == (endpoint == Endpoint::Chat)),
+            "{what}"
+        );
+        // Every session and every user occurs, and nothing else.
+        let sessions: BTreeSet<_> = seen.iter().map(|s| s.session.clone()).collect();
+        let users: BTreeSet<_> = seen.iter().map(|s| s.user.clone()).collect();
+        let want = |p: &str, n: u64| (0..n).map(|k| Some(format!("{p}-{k}"))).collect();
+        assert_eq!(sessions, want("s", 4), "{what}");
+        assert_eq!(users, want("u", 5), "{what}");
+        // Request i carries the keys the seed gives it, whatever the timing.
+        let mut got: Vec<_> = seen.into_iter().map(|s| (s.session, s.user)).collect();
+        got.sort();
+        assert_eq!(got, planned_keys(&cfg, 60), "{what}");
+
+        // The report says what was sent (the header by name only).
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            (
+                &json["config"]["sessions"],
+                &json["config"]["users"],
+                &json["config"]["headers"]
+            ),
+            (
+                &serde_json::json!(4),
+                &serde_json::json!(5),
+                &serde_json::json!(["x-tenant"])
+            ),
+            "{what}"
+        );
+        assert!(
+            !json.to_string().contains("blue"),
+            "{what}: header values stay out"
+        );
+        let table = r.table();
+        assert!(
+            table.contains("4 sessions (x-llmops-route-key: s-0..s-3); 5 users (user: u-0..u-4); headers x-tenant"),
+            "{what}: {table}"
+        );
+    }
+
+    // Without the flags nothing is sent: the server splits each request on its own.
+    for (protocol, addr, log) in [
+        (Protocol::Http, http, &http_log),
+        (Protocol::Grpc, grpc, &grpc_log),
+    ] {
+        log.lock().unwrap().clear();
+        let mut cfg = base("rec", format!("http://{addr}"), protocol);
+        cfg.requests = Some(5);
+        let r = llmops_loadtest::run(cfg).await.unwrap();
+        assert_eq!(r.tally.ok, 5, "{protocol:?}: {:?}", r.tally.error_examples);
+        let seen = log.lock().unwrap().clone();
+        assert_eq!(seen.len(), 5);
+        assert!(
+            seen.iter().all(|s| *s == Seen::default()),
+            "{protocol:?}: {seen:?}"
+        );
+        assert!(
+            r.table().contains("keys      no session key; no user\n"),
+            "{}",
+            r.table()
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json["config"]["sessions"].is_null() && json["config"]["users"].is_null());
     }
 }
