@@ -62,6 +62,9 @@ impl Controller {
         let path = self.secrets_path();
         let tmp = path.with_extension("json.tmp");
         let write = || -> std::io::Result<()> {
+            // A fleet's replica keeps its log in etcd: its data dir may not
+            // exist yet.
+            std::fs::create_dir_all(&self.data_dir)?;
             let mut opts = std::fs::OpenOptions::new();
             opts.write(true).create(true).truncate(true);
             #[cfg(unix)]
@@ -159,13 +162,15 @@ impl Controller {
                 .await?;
             return Err(err);
         }
+        // The local file holds an inline secret only where it is not sealed
+        // into the log.
         let mut secrets = self.read_secrets();
         let had = secrets.contains_key(name);
-        match spec
+        let local = spec
             .secret
             .as_ref()
-            .filter(|_| spec.sealed_secret.is_none())
-        {
+            .filter(|_| spec.sealed_secret.is_none());
+        match local {
             Some(s) => {
                 secrets.insert(name.to_string(), s.clone());
             }
@@ -173,7 +178,7 @@ impl Controller {
                 secrets.remove(name);
             }
         }
-        if had || spec.secret.is_some() {
+        if had || local.is_some() {
             self.write_secrets(&secrets)?;
         }
         let shown = view(&spec, Source::Admin);

@@ -464,7 +464,8 @@ async fn a_command_hook_gets_the_event_on_stdin_and_its_exit_code_decides() {
         a.config = Some(cfg);
     })
     .await;
-    register(&s, tmp.path(), "v2", 81).await;
+    // The configured hooks are there before the server registers its
+    // model at start: that `version_registered` (v1) is the event.
     let ok = until_outcomes(&s, "cmd-ok", 1, Duration::from_secs(30)).await;
     assert_eq!(ok[0]["outcome"], "delivered", "{ok:?}");
     let stdin: Value =
@@ -473,7 +474,7 @@ async fn a_command_hook_gets_the_event_on_stdin_and_its_exit_code_decides() {
         serde_json::from_slice(&std::fs::read(out.join("ok-env.json")).unwrap()).unwrap();
     assert_eq!(stdin, env, "the same event on stdin and in LLMOPS_EVENT");
     assert_eq!(stdin["type"], "version_registered");
-    assert_eq!(stdin["version"], "v2");
+    assert_eq!(stdin["version"], "v1");
     assert_eq!(
         std::fs::read_to_string(out.join("ok-type")).unwrap(),
         "version_registered"
