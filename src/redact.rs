@@ -142,16 +142,16 @@ impl Redactor {
             }
             out = match p.accept {
                 None => p.re.replace_all(&out, p.tag).into_owned(),
-                Some(accept) => p
-                    .re
-                    .replace_all(&out, |c: &Captures| {
+                Some(accept) => {
+                    p.re.replace_all(&out, |c: &Captures| {
                         if accept(&c[0]) {
                             p.tag.to_string()
                         } else {
                             c[0].to_string()
                         }
                     })
-                    .into_owned(),
+                    .into_owned()
+                }
             };
         }
         out
@@ -187,7 +187,11 @@ mod tests {
             ("my cell is 4155550132", "4155550132", "[PHONE]"),
             ("or 14155550132", "4155550132", "[PHONE]"),
             // IBANs, whole and in groups.
-            ("pay DE89370400440532013000 now", "370400440532013000", "[IBAN]"),
+            (
+                "pay DE89370400440532013000 now",
+                "370400440532013000",
+                "[IBAN]",
+            ),
             ("pay DE89 3704 0044 0532 0130 00", "3704", "[IBAN]"),
             // Non-ASCII and very long local parts: nothing of the address stays.
             ("write josé.garcía@correo.es", "correo", "[EMAIL]"),
@@ -198,11 +202,27 @@ mod tests {
                 "[EMAIL]",
             ),
             // AWS access key ids: temporary and principal ids too.
-            ("aws ASIAIOSFODNN7EXAMPLE temp", "IOSFODNN7EXAMPLE", "[SECRET]"),
-            ("aws AKIAIOSFODNN7EXAMPLE key", "IOSFODNN7EXAMPLE", "[SECRET]"),
+            (
+                "aws ASIAIOSFODNN7EXAMPLE temp",
+                "IOSFODNN7EXAMPLE",
+                "[SECRET]",
+            ),
+            (
+                "aws AKIAIOSFODNN7EXAMPLE key",
+                "IOSFODNN7EXAMPLE",
+                "[SECRET]",
+            ),
             ("group AGPAJSSL2QZXT7EXAMPL", "JSSL2QZXT7EXAMPL", "[SECRET]"),
-            ("user AIDAJQABLZS4A3QDU576Q", "JQABLZS4A3QDU576Q", "[SECRET]"),
-            ("role AROA3XFRBF535PLBIFPI4", "3XFRBF535PLBIFPI4", "[SECRET]"),
+            (
+                "user AIDAJQABLZS4A3QDU576Q",
+                "JQABLZS4A3QDU576Q",
+                "[SECRET]",
+            ),
+            (
+                "role AROA3XFRBF535PLBIFPI4",
+                "3XFRBF535PLBIFPI4",
+                "[SECRET]",
+            ),
             // Social security numbers, with and without dashes.
             ("ssn 078-05-1120 on file", "1120", "[SSN]"),
             ("ssn 078051120 on file", "078051120", "[SSN]"),

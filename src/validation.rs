@@ -538,9 +538,30 @@ mod tests {
         let engine = EngineHandle::spawn(model, config, EngineLabels::default()).unwrap();
         let cases: &[(&str, usize, usize, Result<(), (&str, &str)>)] = &[
             ("as many choices as may wait", 4, 10, Ok(())),
-            ("one choice more", 5, 2, Err(("n", "n is 5, and this server lets at most 4 requests wait per model (max_waiting)"))),
-            ("their prompt tokens past the limit", 4, 12, Err(("n", "n is 4, 48 prompt tokens in all, and this server lets at most 40 prompt tokens wait per model (max_waiting_tokens)"))),
-            ("one prompt past the limit", 1, 41, Err(("prompt", "at most 40 prompt tokens"))),
+            (
+                "one choice more",
+                5,
+                2,
+                Err((
+                    "n",
+                    "n is 5, and this server lets at most 4 requests wait per model (max_waiting)",
+                )),
+            ),
+            (
+                "their prompt tokens past the limit",
+                4,
+                12,
+                Err((
+                    "n",
+                    "n is 4, 48 prompt tokens in all, and this server lets at most 40 prompt tokens wait per model (max_waiting_tokens)",
+                )),
+            ),
+            (
+                "one prompt past the limit",
+                1,
+                41,
+                Err(("prompt", "at most 40 prompt tokens")),
+            ),
         ];
         for &(case, n, prompt, ref want) in cases {
             let (mut spec, limits) = base();
@@ -565,7 +586,7 @@ mod tests {
         );
         // What fits an idle queue is admitted there, all of it.
         let (mut spec, limits) = base();
-        spec.n = 4;
+        (spec.n, spec.input) = (4, Input::Tokens(vec![5; 10]));
         let v = validate(spec, &engine, &limits).unwrap();
         let rxs: Vec<_> = v
             .choices

@@ -319,7 +319,12 @@ struct Writer {
 impl Writer {
     /// The writer of `dir`: creates it 0700 (or narrows it to 0700) and
     /// takes in the segments already there, narrowed to 0600.
-    fn open(model: &str, spec: CaptureSpec, dir: PathBuf, stats: Arc<Stats>) -> Result<Self, String> {
+    fn open(
+        model: &str,
+        spec: CaptureSpec,
+        dir: PathBuf,
+        stats: Arc<Stats>,
+    ) -> Result<Self, String> {
         spec.validate()?;
         let redactor = Redactor::new(&spec.redact)?;
         DirBuilder::new()
@@ -654,7 +659,10 @@ mod tests {
             }
         }
         let rotations = stats.rotations.load(Ordering::Relaxed);
-        assert!(rotations >= 40, "a segment spans max_age/8: {rotations} rotations");
+        assert!(
+            rotations >= 40,
+            "a segment spans max_age/8: {rotations} rotations"
+        );
         // The idle writer wakes when the oldest segment's first record
         // reaches max_age, and deletes it then.
         let oldest = w.segments.front().unwrap().first;

@@ -407,7 +407,7 @@ pub fn describe() {
         describe_gauge!(
             names::BACKGROUND_WAITING,
             Unit::Count,
-            "Background work waiting for admission: low-priority shadow copies and drift probes (including preempted ones), held to its own max_waiting."
+            "Background work waiting for admission: low-priority shadow copies and drift probes (including preempted ones); its own queue of max_waiting, which preempted ones can exceed by the running ones."
         );
         describe_gauge!(
             names::KV_USAGE,

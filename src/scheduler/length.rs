@@ -264,7 +264,11 @@ mod tests {
         };
         assert_eq!(chat(20, None), Some("messages"));
         assert_eq!(chat(4, Some(13)), Some("messages"));
-        assert_eq!(chat(4, Some(16)), Some("max_tokens"), "alone past the context");
+        assert_eq!(
+            chat(4, Some(16)),
+            Some("max_tokens"),
+            "alone past the context"
+        );
         assert_eq!(chat(4, Some(usize::MAX)), Some("max_tokens"));
         assert_eq!(chat(4, Some(0)), Some("max_tokens"));
         assert_eq!(chat(0, Some(1)), Some("messages"));

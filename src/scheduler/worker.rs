@@ -432,8 +432,7 @@ impl Worker {
         st.kv_blocks_cached
             .store(alloc.evictable(), Ordering::Relaxed);
         let waiting = st.waiting.load(Ordering::Acquire) + requeued;
-        let background =
-            st.background_waiting.load(Ordering::Acquire) + background_requeued;
+        let background = st.background_waiting.load(Ordering::Acquire) + background_requeued;
         self.metrics.running.set(state.running.len() as f64);
         self.metrics.waiting.set(waiting as f64);
         self.metrics.background_waiting.set(background as f64);

@@ -288,8 +288,8 @@ async fn shifted_traffic_turns_the_drift_state_to_drift_and_the_metric_shows_it(
 /// more clients than the queue holds and two sequences running at a time:
 /// the probes wait behind client work. The client waiting gauge, which the
 /// HPA scales on, never shows more than `--max-waiting`; the probes show in
-/// the background gauge, held to the same bound, which empties once the
-/// traffic stops. Then a request whose `n` choices could never wait
+/// the background gauge, held to the same bound (plus preempted ones), which
+/// empties once the traffic stops. Then a request whose `n` choices could never wait
 /// together is a 400 naming `n` and the limit (not a 429 forever), and `n`
 /// at the limit is served by the idle server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -382,7 +382,10 @@ async fn with_drift_probes_at_their_maximum_rate_the_waiting_gauge_stays_within_
     done.store(true, Ordering::Relaxed);
     let (client, background, scrapes) = sampler.await.unwrap();
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    assert!(scrapes >= 10 && client.len() == scrapes, "{scrapes} scrapes");
+    assert!(
+        scrapes >= 10 && client.len() == scrapes,
+        "{scrapes} scrapes"
+    );
     assert!(
         refused.load(Ordering::Relaxed) > 0,
         "the queue was full at times"
@@ -396,8 +399,11 @@ async fn with_drift_probes_at_their_maximum_rate_the_waiting_gauge_stays_within_
         max(&background) >= 1.0,
         "drift probes waited behind client work (so the test shows something)"
     );
+    // Probes are skipped while the background queue is full; background
+    // sequences preempted for client work go back in line on top of it
+    // (at most the running ones: 2 here).
     assert!(
-        max(&background) <= MAX_WAITING as f64,
+        max(&background) <= (MAX_WAITING + 2) as f64,
         "background waiting gauge reached {}",
         max(&background)
     );
@@ -410,7 +416,10 @@ async fn with_drift_probes_at_their_maximum_rate_the_waiting_gauge_stays_within_
         {
             break;
         }
-        assert!(t1.elapsed() < Duration::from_secs(60), "queues did not empty");
+        assert!(
+            t1.elapsed() < Duration::from_secs(60),
+            "queues did not empty"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 

@@ -252,7 +252,11 @@ async fn every_bad_input_gets_its_documented_error_and_the_server_keeps_serving(
             let want = format!(
                 "you requested {} tokens ({prompt} in the {}, 18446744073709551615 for the completion)",
                 prompt + u128::from(u64::MAX),
-                if name.starts_with("chat") { "messages" } else { "prompt" },
+                if name.starts_with("chat") {
+                    "messages"
+                } else {
+                    "prompt"
+                },
             );
             assert!(m.contains(&want), "{name}: `{m}` lacks `{want}`");
             assert!(m.contains("reduce max_tokens"), "{name}: {m}");
