@@ -536,7 +536,14 @@ mod tests {
             ..Default::default()
         };
         let engine = EngineHandle::spawn(model, config, EngineLabels::default()).unwrap();
-        let cases: &[(&str, usize, usize, Result<(), (&str, &str)>)] = &[
+        // (case, n, prompt tokens, Ok or the error's parameter and text).
+        type Case = (
+            &'static str,
+            usize,
+            usize,
+            Result<(), (&'static str, &'static str)>,
+        );
+        let cases: &[Case] = &[
             ("as many choices as may wait", 4, 10, Ok(())),
             (
                 "one choice more",
