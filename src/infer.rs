@@ -130,11 +130,25 @@ pub fn submit(
     valid: Vec<ValidRequest>,
     quota: &Arc<Quota>,
 ) -> Result<Generation, InferError> {
+    if valid.len() > 1 {
+        // Each prompt's choices fit the queue (validation); all of them
+        // together must too, or the batch would be refused forever.
+        let n = valid.iter().map(|v| v.choices.len()).max().unwrap_or(1);
+        let tokens = valid
+            .iter()
+            .map(|v| v.prompt.len().saturating_mul(v.choices.len()))
+            .fold(0, usize::saturating_add);
+        validation::check_queueable(&picked.target.engine, valid.len(), n, tokens, "prompt")?;
+    }
     let prompt_tokens: usize = valid.iter().map(|v| v.prompt.len()).sum();
     let worst: usize = valid
         .iter()
-        .map(|v| v.prompt.len() + v.max_tokens * v.choices.len())
-        .sum();
+        .map(|v| {
+            v.prompt
+                .len()
+                .saturating_add(v.max_tokens.saturating_mul(v.choices.len()))
+        })
+        .fold(0, usize::saturating_add);
     let mut reservation = quota.reserve(worst as u64)?;
     let mut ticket = None;
     let mut client_logprobs = None;

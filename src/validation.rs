@@ -7,7 +7,7 @@ use crate::config::LimitsConfig;
 use crate::engine::{Message, SamplingParams};
 use crate::monitor::Protocol;
 use crate::scheduler::length::{self, LengthCaps, LengthError};
-use crate::scheduler::{EngineHandle, Priority, Request};
+use crate::scheduler::{EngineHandle, Priority, QueueLimit, Request};
 
 /// What the caller wants generated from.
 #[derive(Debug, Clone)]
@@ -181,6 +181,42 @@ pub fn tokenize_input(engine: &EngineHandle, input: &Input) -> Result<Vec<u32>, 
     }
 }
 
+/// Refuses `prompts` prompts with `n` choices each, `prompt_tokens` prompt
+/// tokens over all the choices, when the choices could never wait together
+/// in `engine`'s queue, however idle: more of them than `max_waiting`, or
+/// more prompt tokens than `max_waiting_tokens`. The message names `n` (or,
+/// for one choice, the prompt) and the limit.
+pub fn check_queueable(
+    engine: &EngineHandle,
+    prompts: usize,
+    n: usize,
+    prompt_tokens: usize,
+    param: &'static str,
+) -> Result<(), ValidationError> {
+    let requests = prompts.saturating_mul(n);
+    let tokens = prompt_tokens;
+    let what = if prompts > 1 {
+        format!("{prompts} prompts with n = {n} are {requests} requests")
+    } else {
+        format!("n is {n}")
+    };
+    match engine.fits_queue(requests, tokens) {
+        Ok(()) => Ok(()),
+        Err(QueueLimit::Requests { limit, .. }) => Err(ValidationError::invalid(
+            "n",
+            format!(
+                "{what}, and this server lets at most {limit} requests wait per model (max_waiting): the choices could never be queued together; ask for at most {limit}"
+            ),
+        )),
+        Err(QueueLimit::PromptTokens { asked, limit }) => Err(ValidationError::invalid(
+            if requests > 1 { "n" } else { param },
+            format!(
+                "{what}, {asked} prompt tokens in all, and this server lets at most {limit} prompt tokens wait per model (max_waiting_tokens): the request could never be queued; lower n or shorten the {param}"
+            ),
+        )),
+    }
+}
+
 /// Checks a spec against the limits and the model, and builds the requests.
 pub fn validate(
     spec: GenerationSpec,
@@ -231,6 +267,15 @@ pub fn validate(
         max_tokens: limits.max_tokens,
     };
     let max_tokens = length::max_new_tokens(context, caps, param, prompt.len(), spec.max_tokens)?;
+    // Choices that could never wait together would get 429 forever, even
+    // from an idle server: refused here, naming what to change.
+    check_queueable(
+        engine,
+        1,
+        spec.n,
+        prompt.len().saturating_mul(spec.n),
+        param,
+    )?;
     // Drift's script mix: the text a caller wrote, one pass, no allocation.
     let mut text_profile = crate::monitor::drift::TextProfile::default();
     match &spec.input {
@@ -374,7 +419,10 @@ mod tests {
         (
             "max_tokens as large as the wire allows",
             |s, _| s.max_tokens = Some(usize::MAX),
-            Want::Context("prompt", "maximum context length is 512"),
+            Want::Context(
+                "max_tokens",
+                "you requested 18446744073709551627 tokens (12 in the prompt, 18446744073709551615 for the completion)",
+            ),
         ),
         (
             "a prompt filling the context",
@@ -475,6 +523,85 @@ mod tests {
                 (got, want) => panic!("{case}: got {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn choices_that_could_never_wait_together_are_refused_naming_n_and_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model");
+        SynthSpec::tiny_llama().write(&path, None).unwrap();
+        let model = crate::engine::load(&path, &Default::default()).unwrap();
+        let config = SchedulerConfig {
+            max_waiting: 4,
+            max_waiting_tokens: 40,
+            ..Default::default()
+        };
+        let engine = EngineHandle::spawn(model, config, EngineLabels::default()).unwrap();
+        // (case, n, prompt tokens, Ok or the error's parameter and text).
+        type Case = (
+            &'static str,
+            usize,
+            usize,
+            Result<(), (&'static str, &'static str)>,
+        );
+        let cases: &[Case] = &[
+            ("as many choices as may wait", 4, 10, Ok(())),
+            (
+                "one choice more",
+                5,
+                2,
+                Err((
+                    "n",
+                    "n is 5, and this server lets at most 4 requests wait per model (max_waiting)",
+                )),
+            ),
+            (
+                "their prompt tokens past the limit",
+                4,
+                12,
+                Err((
+                    "n",
+                    "n is 4, 48 prompt tokens in all, and this server lets at most 40 prompt tokens wait per model (max_waiting_tokens)",
+                )),
+            ),
+            (
+                "one prompt past the limit",
+                1,
+                41,
+                Err(("prompt", "at most 40 prompt tokens")),
+            ),
+        ];
+        for &(case, n, prompt, ref want) in cases {
+            let (mut spec, limits) = base();
+            (spec.n, spec.input) = (n, Input::Tokens(vec![5; prompt]));
+            match (validate(spec, &engine, &limits), want) {
+                (Ok(v), Ok(())) => assert_eq!(v.choices.len(), n, "{case}"),
+                (Err(ValidationError::Invalid { param, message }), Err((p, text))) => {
+                    assert_eq!(param, *p, "{case}: {message}");
+                    assert!(message.contains(text), "{case}: `{message}` lacks `{text}`");
+                }
+                (got, want) => panic!("{case}: got {got:?}, want {want:?}"),
+            }
+        }
+        // A batch: three prompts of two choices are six requests.
+        let e = check_queueable(&engine, 3, 2, 1, "prompt").unwrap_err();
+        assert_eq!(
+            e,
+            ValidationError::invalid(
+                "n",
+                "3 prompts with n = 2 are 6 requests, and this server lets at most 4 requests wait per model (max_waiting): the choices could never be queued together; ask for at most 4"
+            )
+        );
+        // What fits an idle queue is admitted there, all of it.
+        let (mut spec, limits) = base();
+        (spec.n, spec.input) = (4, Input::Tokens(vec![5; 10]));
+        let v = validate(spec, &engine, &limits).unwrap();
+        let rxs: Vec<_> = v
+            .choices
+            .into_iter()
+            .map(|r| engine.submit(r).unwrap())
+            .collect();
+        assert_eq!(rxs.len(), 4);
     }
 
     #[test]

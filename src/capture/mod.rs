@@ -11,12 +11,21 @@
 //!   channel; a writer thread per model redacts and appends. A full channel
 //!   drops the record and counts it.
 //! - The bytes on disk never exceed `max_bytes`: before a line is written
-//!   the oldest segments are deleted until it fits. Segments older than
-//!   `max_age_secs` (by their last write) are deleted too.
+//!   the oldest segments are deleted until it fits.
+//! - No record outlives `max_age_secs`: ages are those of records, not of a
+//!   segment's last write. A segment takes records for at most an eighth of
+//!   `max_age_secs` from its first (then a new one is started), and is
+//!   deleted once that first, oldest record is `max_age_secs` old; the
+//!   writer wakes for that deadline even when idle. So a record is kept
+//!   between 7/8 of `max_age_secs` and `max_age_secs`.
+//! - Only the server's user can read what is captured: segments are created
+//!   0600 in folders created 0700, and a folder or segment found with wider
+//!   permissions when capture starts is narrowed to those.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::{DirBuilder, File, OpenOptions, Permissions};
 use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,22 +42,32 @@ use crate::redact::Redactor;
 
 /// Finished requests waiting for the writer.
 const QUEUE: usize = 1024;
-/// How often the writer checks ages while idle.
+/// How often the writer checks ages while idle (at the latest: it wakes
+/// earlier for the next segment's deadline).
 const SWEEP: Duration = Duration::from_secs(30);
+/// A segment takes records for this fraction of `max_age_secs` from its
+/// first one.
+const SEGMENT_AGE_FRACTION: u32 = 8;
+/// Mode of the capture folders: the server's user only.
+const DIR_MODE: u32 = 0o700;
+/// Mode of the segment files: the server's user only.
+const FILE_MODE: u32 = 0o600;
 
 /// A model's capture settings (`PUT /admin/v1/models/{m}/capture`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureSpec {
     /// Regular expressions redacted (as `[REDACTED]`) besides the built-in
-    /// patterns (e-mail, phone, card, IP, keys), which always apply.
+    /// patterns (e-mail, phone, card, IBAN, SSN, IP, keys), which always apply.
     #[serde(default)]
     pub redact: Vec<String>,
     /// Most bytes kept on disk; the oldest segments go first.
     #[serde(default = "default_max_bytes")]
     pub max_bytes: u64,
-    /// Segments whose last write is older than this are deleted (0: no
-    /// age limit).
+    /// Most seconds a record is kept (0: no age limit). A segment takes
+    /// records for an eighth of this from its first and is deleted when
+    /// that first record is this old, so every record is kept between 7/8
+    /// of this and this.
     #[serde(default = "default_max_age")]
     pub max_age_secs: u64,
     /// A segment is closed and a new one started past this size.
@@ -139,38 +158,22 @@ pub fn dir(data_dir: &Path, model: &str) -> PathBuf {
 }
 
 impl Capture {
-    /// Starts capturing `model`'s requests into `dir` (created if needed;
-    /// segments already there count toward the caps).
+    /// Starts capturing `model`'s requests into `dir` (created 0700 if
+    /// needed, narrowed to 0700 if not; segments already there count toward
+    /// the caps and are narrowed to 0600).
     pub fn start(model: &str, spec: CaptureSpec, dir: PathBuf) -> Result<Arc<Self>, String> {
-        spec.validate()?;
-        let redactor = Redactor::new(&spec.redact)?;
-        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
         let stats = Arc::new(Stats::default());
-        let mut writer = Writer {
-            model: model.to_string(),
-            spec: spec.clone(),
-            dir: dir.clone(),
-            redactor,
-            segments: segments(&dir)
-                .into_iter()
-                .map(|p| {
-                    let len = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-                    (p, len)
-                })
-                .collect(),
-            file: None,
-            stats: stats.clone(),
-        };
-        writer.enforce(0);
-        writer.publish();
+        let mut writer = Writer::open(model, spec.clone(), dir.clone(), stats.clone())?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        writer.enforce(0, SystemTime::now());
         std::thread::Builder::new()
             .name(format!("capture-{model}"))
             .spawn(move || {
                 loop {
-                    match rx.recv_timeout(SWEEP) {
-                        Ok(c) => writer.write(c),
-                        Err(RecvTimeoutError::Timeout) => writer.enforce(0),
+                    let wait = writer.next_deadline(SystemTime::now()).min(SWEEP);
+                    match rx.recv_timeout(wait) {
+                        Ok(c) => writer.write(c, SystemTime::now()),
+                        Err(RecvTimeoutError::Timeout) => writer.enforce(0, SystemTime::now()),
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
                 }
@@ -263,22 +266,113 @@ pub fn export(dir: PathBuf) -> impl futures::Stream<Item = std::io::Result<Vec<u
     })
 }
 
+/// When a segment's first record was written: the time in its name
+/// (`seg-{unix ms}-{seq}.jsonl`, taken before that record's line), or, for
+/// a name that does not say, its creation or last-modification time.
+fn first_record(path: &Path) -> SystemTime {
+    let named = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("seg-"))
+        .and_then(|n| n.split('-').next())
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+    named.unwrap_or_else(|| {
+        std::fs::metadata(path)
+            .and_then(|m| m.created().or_else(|_| m.modified()))
+            .unwrap_or_else(|_| SystemTime::now())
+    })
+}
+
+/// Narrows `path` to `mode` when it allows more (never widens it).
+fn narrow(path: &Path, mode: u32) -> Result<(), String> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o777 & !mode != 0 {
+        std::fs::set_permissions(path, Permissions::from_mode(mode))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// A segment on disk.
+struct Segment {
+    path: PathBuf,
+    /// Bytes in it.
+    len: u64,
+    /// When its first (oldest) record was written.
+    first: SystemTime,
+}
+
 /// The writer thread's state.
 struct Writer {
     model: String,
     spec: CaptureSpec,
     dir: PathBuf,
     redactor: Redactor,
-    /// Every segment on disk with its size, oldest first; the last one is
-    /// the one written when `file` is open.
-    segments: VecDeque<(PathBuf, u64)>,
+    /// Every segment on disk, oldest first; the last one is the one written
+    /// when `file` is open.
+    segments: VecDeque<Segment>,
     file: Option<File>,
     stats: Arc<Stats>,
 }
 
 impl Writer {
+    /// The writer of `dir`: creates it 0700 (or narrows it to 0700) and
+    /// takes in the segments already there, narrowed to 0600.
+    fn open(
+        model: &str,
+        spec: CaptureSpec,
+        dir: PathBuf,
+        stats: Arc<Stats>,
+    ) -> Result<Self, String> {
+        spec.validate()?;
+        let redactor = Redactor::new(&spec.redact)?;
+        DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        narrow(&dir, DIR_MODE)?;
+        let mut found = VecDeque::new();
+        for path in segments(&dir) {
+            narrow(&path, FILE_MODE)?;
+            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let first = first_record(&path);
+            found.push_back(Segment { path, len, first });
+        }
+        let w = Writer {
+            model: model.to_string(),
+            spec,
+            dir,
+            redactor,
+            segments: found,
+            file: None,
+            stats,
+        };
+        w.publish();
+        Ok(w)
+    }
+
     fn total(&self) -> u64 {
-        self.segments.iter().map(|(_, n)| n).sum()
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// The age limit, when there is one.
+    fn max_age(&self) -> Option<Duration> {
+        (self.spec.max_age_secs > 0).then(|| Duration::from_secs(self.spec.max_age_secs))
+    }
+
+    /// How long until the oldest segment must go (`Duration::MAX` with no
+    /// age limit or no segment).
+    fn next_deadline(&self, now: SystemTime) -> Duration {
+        match (self.max_age(), self.segments.front()) {
+            (Some(max_age), Some(oldest)) => (oldest.first + max_age)
+                .duration_since(now)
+                .unwrap_or_default()
+                // Past the deadline by a hair, so that the check sees it.
+                .saturating_add(Duration::from_millis(1)),
+            _ => Duration::MAX,
+        }
     }
 
     fn publish(&self) {
@@ -320,7 +414,9 @@ impl Writer {
         line
     }
 
-    fn write(&mut self, c: Captured) {
+    /// Writes `c` at `now` (taken before its line, which records the time
+    /// again: a segment's name is never later than its first record).
+    fn write(&mut self, c: Captured, now: SystemTime) {
         let line = self.line(c);
         let n = line.len() as u64;
         if n > self.spec.max_bytes {
@@ -331,18 +427,26 @@ impl Writer {
         let full = self
             .segments
             .back()
-            .is_some_and(|(_, len)| *len > 0 && len + n > self.spec.segment_bytes);
-        if self.file.is_none() || full {
+            .is_some_and(|s| s.len > 0 && s.len + n > self.spec.segment_bytes);
+        // A segment takes records for a fraction of the age limit from its
+        // first, so that deleting it by that first record's age takes no
+        // record much younger.
+        let stale = self.max_age().is_some_and(|max_age| {
+            self.segments.back().is_some_and(|s| {
+                now.duration_since(s.first).unwrap_or_default() >= max_age / SEGMENT_AGE_FRACTION
+            })
+        });
+        if self.file.is_none() || full || stale {
             if self.file.is_some() {
                 self.stats.rotations.fetch_add(1, Ordering::Relaxed);
             }
-            if let Err(e) = self.open_segment() {
+            if let Err(e) = self.open_segment(now) {
                 tracing::error!(model = %self.model, error = %e, "capture: cannot open a segment; record dropped");
                 self.count("dropped");
                 return;
             }
         }
-        self.enforce(n);
+        self.enforce(n, now);
         let Some(f) = self.file.as_mut() else { return };
         if let Err(e) = f.write_all(&line) {
             tracing::error!(model = %self.model, error = %e, "capture: write failed; starting a new segment");
@@ -350,17 +454,18 @@ impl Writer {
             self.count("dropped");
             return;
         }
-        if let Some((_, len)) = self.segments.back_mut() {
-            *len += n;
+        if let Some(s) = self.segments.back_mut() {
+            s.len += n;
         }
         self.stats.written.fetch_add(1, Ordering::Relaxed);
         self.count("written");
         self.publish();
     }
 
-    fn open_segment(&mut self) -> std::io::Result<()> {
+    /// Starts a segment whose first record is written at `now`.
+    fn open_segment(&mut self, now: SystemTime) -> std::io::Result<()> {
         self.file = None;
-        let ms = SystemTime::now()
+        let ms = now
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
             .as_millis();
@@ -372,40 +477,48 @@ impl Writer {
         let f = OpenOptions::new()
             .create_new(true)
             .append(true)
+            .mode(FILE_MODE)
             .open(&path)?;
-        self.segments.push_back((path, 0));
+        // The mode above is masked by the umask, which can only narrow it.
+        self.segments.push_back(Segment {
+            path,
+            len: 0,
+            // The name's time, to the millisecond, as a restart reads it.
+            first: UNIX_EPOCH + Duration::from_millis(ms as u64),
+        });
         self.file = Some(f);
         Ok(())
     }
 
-    /// Deletes segments past the age limit, then the oldest ones until
-    /// `incoming` more bytes fit under `max_bytes`. The segment being
-    /// written is deleted last, and then a fresh one is opened.
-    fn enforce(&mut self, incoming: u64) {
-        let max_age = Duration::from_secs(self.spec.max_age_secs);
-        let now = SystemTime::now();
-        let mut i = 0;
-        while self.spec.max_age_secs > 0 && i < self.segments.len() {
-            let old = std::fs::metadata(&self.segments[i].0)
-                .and_then(|m| m.modified())
-                .is_ok_and(|t| now.duration_since(t).unwrap_or_default() > max_age);
-            if old {
-                self.delete(i);
-            } else {
-                i += 1;
+    /// Deletes the segments whose first record is `max_age_secs` old at
+    /// `now`, then the oldest ones until `incoming` more bytes fit under
+    /// `max_bytes`. The segment being written is deleted last, and then a
+    /// fresh one is opened.
+    fn enforce(&mut self, incoming: u64, now: SystemTime) {
+        if let Some(max_age) = self.max_age() {
+            let mut i = 0;
+            while i < self.segments.len() {
+                let age = now
+                    .duration_since(self.segments[i].first)
+                    .unwrap_or_default();
+                if age >= max_age {
+                    self.delete(i);
+                } else {
+                    i += 1;
+                }
             }
         }
         while !self.segments.is_empty() && self.total() + incoming > self.spec.max_bytes {
             self.delete(0);
         }
-        if incoming > 0 && self.file.is_none() && self.open_segment().is_err() {
+        if incoming > 0 && self.file.is_none() && self.open_segment(now).is_err() {
             tracing::error!(model = %self.model, "capture: cannot open a segment");
         }
         self.publish();
     }
 
     fn delete(&mut self, i: usize) {
-        let Some((path, _)) = self.segments.remove(i) else {
+        let Some(Segment { path, .. }) = self.segments.remove(i) else {
             return;
         };
         if i == self.segments.len() && self.file.is_some() {
@@ -483,6 +596,131 @@ mod tests {
             let v: Value = serde_json::from_str(line).unwrap();
             assert_eq!(v["completion"], "yes ".repeat(12));
             assert_eq!(v["model"], "m");
+        }
+    }
+
+    fn record(i: usize) -> Captured {
+        Captured {
+            prompt: Prompt::Text(format!("record {i} end")),
+            completion: "ok".into(),
+            finish_reason: "stop",
+            version: "v1".into(),
+        }
+    }
+
+    /// The record ids in the segments of `dir`.
+    fn on_disk(dir: &Path) -> Vec<usize> {
+        let mut ids = vec![];
+        for p in segments(dir) {
+            for line in std::fs::read_to_string(p).unwrap().lines() {
+                let v: Value = serde_json::from_str(line).unwrap();
+                let prompt = v["prompt"].as_str().unwrap();
+                ids.push(prompt.split(' ').nth(1).unwrap().parse().unwrap());
+            }
+        }
+        ids
+    }
+
+    #[test]
+    fn no_record_outlives_max_age_and_none_goes_before_seven_eighths_of_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("c");
+        let spec = CaptureSpec {
+            max_age_secs: 800,
+            ..CaptureSpec::default()
+        };
+        let max_age = Duration::from_secs(800);
+        let stats = Arc::new(Stats::default());
+        let mut w = Writer::open("m", spec.clone(), dir.clone(), stats.clone()).unwrap();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        // Irregular traffic over five max_ages, with a quiet spell longer
+        // than a segment's span; the writer is asked at every write and
+        // between writes (as its idle wake-ups do).
+        let mut written: Vec<SystemTime> = vec![];
+        let mut t = t0;
+        for i in 0..400usize {
+            let gap = if i == 200 { 500 } else { 3 + (i * 7919) % 17 };
+            let before = t + Duration::from_secs(gap as u64 / 2);
+            w.enforce(0, before);
+            t += Duration::from_secs(gap as u64);
+            w.write(record(i), t);
+            written.push(t);
+            let kept = on_disk(&dir);
+            for (id, &at) in written.iter().enumerate() {
+                let age = t.duration_since(at).unwrap();
+                if kept.contains(&id) {
+                    assert!(age < max_age, "record {id} kept at age {age:?}");
+                } else {
+                    assert!(
+                        age >= max_age * 7 / 8,
+                        "record {id} deleted at age {age:?}, before 7/8 of {max_age:?}"
+                    );
+                }
+            }
+        }
+        let rotations = stats.rotations.load(Ordering::Relaxed);
+        assert!(
+            rotations >= 40,
+            "a segment spans max_age/8: {rotations} rotations"
+        );
+        // The idle writer wakes when the oldest segment's first record
+        // reaches max_age, and deletes it then.
+        let oldest = w.segments.front().unwrap().first;
+        let wait = w.next_deadline(t);
+        assert!(
+            t + wait >= oldest + max_age && t + wait <= oldest + max_age + Duration::from_millis(5),
+            "wakes {wait:?} after {t:?} for a segment begun at {oldest:?}"
+        );
+        // A restart reads each segment's first record from its name.
+        drop(w);
+        let mut w = Writer::open("m", spec, dir.clone(), stats).unwrap();
+        let before = on_disk(&dir);
+        w.enforce(0, oldest + max_age - Duration::from_millis(1));
+        assert_eq!(on_disk(&dir), before, "nothing is due yet");
+        w.enforce(0, oldest + max_age);
+        let after = on_disk(&dir);
+        assert!(after.len() < before.len(), "the oldest segment went");
+        assert_eq!(after, before[before.len() - after.len()..]);
+    }
+
+    #[test]
+    fn segments_are_readable_by_the_server_user_only_and_wider_modes_are_narrowed() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let tmp = tempfile::tempdir().unwrap();
+        // A new folder (and its parents) is created 0700.
+        let fresh = tmp.path().join("capture").join("m");
+        let cap = Capture::start("m", CaptureSpec::default(), fresh.clone()).unwrap();
+        cap.offer(record(1));
+        wait_for(&cap, 1);
+        assert_eq!(mode(&fresh), 0o700);
+        assert_eq!(mode(&tmp.path().join("capture")), 0o700);
+        let files = segments(&fresh);
+        assert_eq!(files.len(), 1);
+        assert_eq!(mode(&files[0]), 0o600, "{}", files[0].display());
+        // A folder and a segment left world-readable (by an older version)
+        // are narrowed when capture starts.
+        let old = tmp.path().join("old");
+        std::fs::create_dir(&old).unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let seg = old.join("seg-001800000000000-000000.jsonl");
+        std::fs::write(&seg, "{\"prompt\": \"record 0 end\"}\n").unwrap();
+        std::fs::set_permissions(&seg, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let cap = Capture::start(
+            "m",
+            CaptureSpec {
+                max_age_secs: 0,
+                ..CaptureSpec::default()
+            },
+            old.clone(),
+        )
+        .unwrap();
+        assert_eq!(mode(&old), 0o700);
+        assert_eq!(mode(&seg), 0o600);
+        cap.offer(record(2));
+        wait_for(&cap, 1);
+        for f in segments(&old) {
+            assert_eq!(mode(&f), 0o600, "{}", f.display());
         }
     }
 

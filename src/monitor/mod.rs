@@ -38,8 +38,10 @@ pub mod names {
     pub const GENERATION_TOKENS_HIST: &str = "llmops_request_generation_tokens";
     /// Sequences running.
     pub const RUNNING: &str = "llmops_num_requests_running";
-    /// Requests waiting.
+    /// Client requests waiting (background work is not counted).
     pub const WAITING: &str = "llmops_num_requests_waiting";
+    /// Background work waiting: shadow copies and drift probes.
+    pub const BACKGROUND_WAITING: &str = "llmops_num_background_requests_waiting";
     /// KV pool in use, 0–1.
     pub const KV_USAGE: &str = "llmops_kv_cache_usage_perc";
     /// Tokens the KV pool holds for sequences that keep every position.
@@ -246,6 +248,8 @@ pub struct EngineMetrics {
     pub running: Gauge,
     /// See [`names::WAITING`].
     pub waiting: Gauge,
+    /// See [`names::BACKGROUND_WAITING`].
+    pub background_waiting: Gauge,
     /// See [`names::KV_USAGE`].
     pub kv_usage: Gauge,
     /// See [`names::KV_CAPACITY`].
@@ -315,6 +319,7 @@ impl EngineMetrics {
             requests,
             running: metrics::gauge!(names::RUNNING, base.clone()),
             waiting: metrics::gauge!(names::WAITING, base.clone()),
+            background_waiting: metrics::gauge!(names::BACKGROUND_WAITING, base.clone()),
             kv_usage: metrics::gauge!(names::KV_USAGE, base.clone()),
             kv_capacity: metrics::gauge!(names::KV_CAPACITY, base.clone()),
             kv_window_freed: metrics::counter!(names::KV_WINDOW_FREED, base.clone()),
@@ -400,7 +405,12 @@ pub fn describe() {
         describe_gauge!(
             names::WAITING,
             Unit::Count,
-            "Requests waiting for admission (including preempted ones)."
+            "Client requests waiting for admission (including preempted ones); at most max_waiting, except briefly after preemptions. Background work is not counted here."
+        );
+        describe_gauge!(
+            names::BACKGROUND_WAITING,
+            Unit::Count,
+            "Background work waiting for admission: low-priority shadow copies and drift probes (including preempted ones); its own queue of max_waiting, which preempted ones can exceed by the running ones."
         );
         describe_gauge!(
             names::KV_USAGE,
@@ -419,7 +429,7 @@ pub fn describe() {
         );
         describe_gauge!(
             names::POD_WAITING,
-            "Requests waiting on every engine of this process (the endpoint picker's queue)."
+            "Client requests waiting on every engine of this process (the endpoint picker's queue); background work is not counted."
         );
         describe_gauge!(
             names::POD_RUNNING,

@@ -14,7 +14,8 @@ use super::names;
 /// One engine's part of the pod's load.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Share {
-    /// Requests waiting (preempted ones included).
+    /// Client requests waiting (preempted ones included; background work
+    /// is not counted).
     pub waiting: usize,
     /// Sequences running.
     pub running: usize,

@@ -64,10 +64,7 @@ pub enum LengthError {
         prompt: usize,
     },
     /// Prompt and completion together do not fit.
-    #[error(
-        "This model's maximum context length is {context} tokens. However, you requested {} tokens ({prompt} in the {param}, {max_tokens} for the completion). Please reduce the length of the {param} or the completion.",
-        prompt + max_tokens
-    )]
+    #[error("{}", too_long(*.context, .param, *.prompt, *.max_tokens))]
     TooLong {
         /// The context.
         context: usize,
@@ -80,10 +77,35 @@ pub enum LengthError {
     },
 }
 
+/// The message of [`LengthError::TooLong`]. The sum is taken in `u128`:
+/// `max_tokens` may be as large as the wire allows, and a wrapped sum would
+/// tell the client it asked for a few tokens.
+fn too_long(context: usize, param: &str, prompt: usize, max_tokens: usize) -> String {
+    let requested = prompt as u128 + max_tokens as u128;
+    let advice = if max_tokens >= context {
+        // No prompt could make room: the completion alone is too long.
+        format!(
+            "Please reduce max_tokens to at most {}.",
+            context.saturating_sub(prompt)
+        )
+    } else {
+        format!("Please reduce the length of the {param} or the completion.")
+    };
+    format!(
+        "This model's maximum context length is {context} tokens. However, you requested {requested} tokens ({prompt} in the {param}, {max_tokens} for the completion). {advice}"
+    )
+}
+
 impl LengthError {
-    /// The request parameter the client should change.
+    /// The request parameter the client should change: `max_tokens` when it
+    /// alone is past the context (no shorter prompt would help).
     pub fn param(&self) -> &'static str {
         match self {
+            LengthError::TooLong {
+                context,
+                max_tokens,
+                ..
+            } if max_tokens >= context => "max_tokens",
             LengthError::ZeroMaxTokens | LengthError::OverCap { .. } => "max_tokens",
             LengthError::EmptyPrompt { param }
             | LengthError::PromptBytes { param, .. }
@@ -193,6 +215,8 @@ mod tests {
         ("fits exactly", 512, (None, None), 12, Some(500), Ok(500)),
         ("one over", 512, (None, None), 12, Some(501), Err("TooLong:you requested 513 tokens (12 in the prompt, 501 for the completion)")),
         ("huge", 512, (None, None), 1, Some(usize::MAX / 2), Err("TooLong:maximum context length is 512")),
+        ("as large as the wire allows", 512, (None, None), 3, Some(usize::MAX), Err("TooLong:you requested 18446744073709551618 tokens (3 in the prompt, 18446744073709551615 for the completion). Please reduce max_tokens to at most 509.")),
+        ("the context alone", 512, (None, None), 3, Some(512), Err("TooLong:you requested 515 tokens (3 in the prompt, 512 for the completion). Please reduce max_tokens to at most 509.")),
         ("zero", 512, (None, None), 12, Some(0), Err("ZeroMaxTokens:max_tokens must be at least 1")),
         ("over the cap", 512, (None, Some(64)), 12, Some(65), Err("OverCap:max_tokens is 65; this server allows at most 64")),
         ("at the cap", 512, (None, Some(64)), 12, Some(64), Ok(64)),
@@ -240,6 +264,12 @@ mod tests {
         };
         assert_eq!(chat(20, None), Some("messages"));
         assert_eq!(chat(4, Some(13)), Some("messages"));
+        assert_eq!(
+            chat(4, Some(16)),
+            Some("max_tokens"),
+            "alone past the context"
+        );
+        assert_eq!(chat(4, Some(usize::MAX)), Some("max_tokens"));
         assert_eq!(chat(4, Some(0)), Some("max_tokens"));
         assert_eq!(chat(0, Some(1)), Some("messages"));
         let e = check_prompt_bytes(16, "messages", 4000, 16).unwrap_err();

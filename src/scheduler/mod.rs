@@ -31,9 +31,12 @@ pub struct SchedulerConfig {
     pub max_batched_tokens: usize,
     /// Sequences running at once.
     pub max_running: usize,
-    /// Requests allowed to wait; beyond it submissions are refused.
+    /// Client requests allowed to wait (preempted ones included); beyond
+    /// it submissions are refused. Background work (`Priority::Low`: shadow
+    /// copies, drift probes) has a queue of its own, as long.
     pub max_waiting: usize,
-    /// Prompt tokens allowed to wait; beyond it submissions are refused.
+    /// Prompt tokens of client requests allowed to wait; beyond it
+    /// submissions are refused. Background work has as many of its own.
     pub max_waiting_tokens: usize,
     /// Bytes of KV cache.
     pub kv_cache_bytes: usize,
@@ -276,14 +279,46 @@ impl From<LengthError> for SubmitError {
     }
 }
 
-/// Counters and gauges shared with the handle, written only by the engine
-/// thread (atomics; no locks on the hot path).
+/// What could never wait in an engine's queue, even an empty one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueLimit {
+    /// More requests than `max_waiting`.
+    Requests {
+        /// Requests asked to wait together.
+        asked: usize,
+        /// `max_waiting`.
+        limit: usize,
+    },
+    /// More prompt tokens than `max_waiting_tokens`.
+    PromptTokens {
+        /// Prompt tokens asked to wait together.
+        asked: usize,
+        /// `max_waiting_tokens`.
+        limit: usize,
+    },
+}
+
+/// Counters and gauges shared with the handle (atomics; no locks on the hot
+/// path). Client requests (`Priority::Normal`) and background work
+/// (`Priority::Low`) are counted apart: each has its own queue limit, and
+/// the client gauges, which autoscalers and load balancers read, count
+/// client requests only.
 #[derive(Debug, Default)]
 pub struct EngineStats {
-    /// Requests waiting (submitted, not yet admitted).
+    /// Client requests waiting (submitted, not yet admitted).
     pub waiting: AtomicUsize,
-    /// Prompt tokens waiting.
+    /// Their prompt tokens.
     pub waiting_tokens: AtomicUsize,
+    /// Client sequences back in line after a preemption (set by the engine
+    /// thread each step); they count toward `max_waiting` too.
+    pub requeued: AtomicUsize,
+    /// Background requests waiting (submitted, not yet admitted).
+    pub background_waiting: AtomicUsize,
+    /// Their prompt tokens.
+    pub background_waiting_tokens: AtomicUsize,
+    /// Background sequences in line that no submission counted: preempted
+    /// ones and the engine's own drift probes (set by the engine thread).
+    pub background_requeued: AtomicUsize,
     /// Sequences running.
     pub running: AtomicUsize,
     /// KV blocks held by sequences (cached blocks none holds are free).
@@ -436,7 +471,9 @@ impl EngineHandle {
             .stats
             .kv_blocks_total
             .store(blocks, Ordering::Relaxed);
-        let (tx, rx) = std::sync::mpsc::sync_channel(config.max_waiting.max(1));
+        // Room for both queues: client and background submissions are
+        // limited apart, so neither fills the channel for the other.
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.max_waiting.max(1).saturating_mul(2));
         let tokenizer = Arc::new(model.tokenizer.clone());
         let chat_template = model.chat_template.clone();
         let info = Arc::new(model.info.clone());
@@ -523,6 +560,33 @@ impl EngineHandle {
         &self.shared.drift
     }
 
+    /// Most client requests that may wait (and as many background ones).
+    pub fn max_waiting(&self) -> usize {
+        self.shared.config.max_waiting
+    }
+
+    /// Whether `requests` sequences holding `prompt_tokens` prompt tokens in
+    /// all could wait together in this engine's queue when it is empty. A
+    /// request that fits an emptier queue but not the present one is
+    /// refused as overloaded (429, retry later); one that fits none never
+    /// will be, and is refused as invalid (400) with this.
+    pub fn fits_queue(&self, requests: usize, prompt_tokens: usize) -> Result<(), QueueLimit> {
+        let cfg = &self.shared.config;
+        if requests > cfg.max_waiting {
+            return Err(QueueLimit::Requests {
+                asked: requests,
+                limit: cfg.max_waiting,
+            });
+        }
+        if prompt_tokens > cfg.max_waiting_tokens {
+            return Err(QueueLimit::PromptTokens {
+                asked: prompt_tokens,
+                limit: cfg.max_waiting_tokens,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks a request against the model's limits without queueing it: the
     /// same rule, and the same messages, as validation (without the server's
     /// caps).
@@ -562,7 +626,8 @@ impl EngineHandle {
     }
 
     /// Queues a request; the receiver yields its events. Fails at once when
-    /// the queue is full, the request cannot fit, or the engine is draining.
+    /// its queue (client or background, by priority) is full, the request
+    /// cannot fit, or the engine is draining.
     pub fn submit(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
         self.check(&request)?;
         let (variant, key) = (request.variant, request.split_key);
@@ -590,34 +655,59 @@ impl EngineHandle {
     }
 
     fn admit(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        let prompt_len = request.prompt.len();
+        if let Err(limit) = self.fits_queue(1, prompt_len) {
+            return Err(SubmitError::Invalid {
+                param: "prompt".into(),
+                message: match limit {
+                    QueueLimit::PromptTokens { asked, limit } => format!(
+                        "the prompt has {asked} tokens, and this server lets at most {limit} prompt tokens wait per model (max_waiting_tokens): it could never be queued"
+                    ),
+                    QueueLimit::Requests { limit, .. } => format!(
+                        "this server lets {limit} requests wait per model (max_waiting): none can be queued"
+                    ),
+                },
+            });
+        }
         if !self.is_ready() {
             return Err(SubmitError::Unavailable);
         }
         let stats = &self.shared.stats;
         let cfg = &self.shared.config;
-        let waiting = stats.waiting.load(Ordering::Relaxed);
-        let waiting_tokens = stats.waiting_tokens.load(Ordering::Relaxed);
-        let prompt_len = request.prompt.len();
+        let (count, tokens, requeued) = match request.priority {
+            Priority::Normal => (&stats.waiting, &stats.waiting_tokens, &stats.requeued),
+            Priority::Low => (
+                &stats.background_waiting,
+                &stats.background_waiting_tokens,
+                &stats.background_requeued,
+            ),
+        };
         let overloaded = |reason: String| SubmitError::Overloaded {
             reason,
-            retry_after: self.retry_after(waiting_tokens + prompt_len),
+            retry_after: self.retry_after(tokens.load(Ordering::Relaxed) + prompt_len),
         };
-        if waiting >= cfg.max_waiting {
+        // A place in line is taken only while one is free, so that
+        // concurrent submissions never hold more than `max_waiting` places
+        // together (with the preempted sequences already back in line).
+        let requeued = requeued.load(Ordering::Relaxed);
+        if let Err(waiting) = count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            (w + requeued < cfg.max_waiting).then_some(w + 1)
+        }) {
             return Err(overloaded(format!(
-                "{waiting} requests are already waiting"
+                "{} requests are already waiting",
+                waiting + requeued
             )));
         }
-        if waiting_tokens + prompt_len > cfg.max_waiting_tokens {
+        if let Err(waiting_tokens) = tokens.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+            (t + prompt_len <= cfg.max_waiting_tokens).then_some(t + prompt_len)
+        }) {
+            count.fetch_sub(1, Ordering::AcqRel);
             return Err(overloaded(format!(
                 "{waiting_tokens} prompt tokens are already waiting"
             )));
         }
         // Room for every token plus the final event: the engine never blocks on it.
-        let (etx, erx) = mpsc::channel(request.max_tokens + 2);
-        stats.waiting.fetch_add(1, Ordering::Relaxed);
-        stats
-            .waiting_tokens
-            .fetch_add(prompt_len, Ordering::Relaxed);
+        let (etx, erx) = mpsc::channel(request.max_tokens.saturating_add(2));
         let job = Job {
             request,
             events: etx,
@@ -626,10 +716,8 @@ impl EngineHandle {
         match self.tx.try_send(Msg::Job(Box::new(job))) {
             Ok(()) => Ok(erx),
             Err(e) => {
-                stats.waiting.fetch_sub(1, Ordering::Relaxed);
-                stats
-                    .waiting_tokens
-                    .fetch_sub(prompt_len, Ordering::Relaxed);
+                count.fetch_sub(1, Ordering::AcqRel);
+                tokens.fetch_sub(prompt_len, Ordering::AcqRel);
                 match e {
                     std::sync::mpsc::TrySendError::Full(_) => {
                         Err(overloaded("the request queue is full".into()))

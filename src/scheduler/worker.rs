@@ -246,6 +246,7 @@ pub(super) fn run(model: LoadedModel, blocks: usize, rx: Receiver<Msg>, shared: 
     shared.stats.running.store(0, Ordering::Relaxed);
     w.metrics.running.set(0.0);
     w.metrics.waiting.set(0.0);
+    w.metrics.background_waiting.set(0.0);
     w.metrics.kv_usage.set(0.0);
     w.pod.set(Default::default());
     shared.stopped.store(true, Ordering::Release);
@@ -298,7 +299,13 @@ impl Worker {
                     entropy_sum: 0.0,
                     entropy_n: 0,
                 });
-                if admission.prompt_logprob && request.prompt.len() >= 2 {
+                if admission.prompt_logprob
+                    && request.prompt.len() >= 2
+                    && self.background_waiting(state) < self.shared.config.max_waiting
+                {
+                    // A probe is skipped while the background queue is
+                    // full: drift then samples fewer prompts, and the
+                    // queue stays bounded however busy the engine is.
                     self.enqueue_probe(&request.prompt, state);
                 }
                 let io = Io {
@@ -387,28 +394,52 @@ impl Worker {
         if s.payload.counted_waiting {
             s.payload.counted_waiting = false;
             let st = &self.shared.stats;
-            st.waiting.fetch_sub(1, Ordering::Relaxed);
-            st.waiting_tokens
-                .fetch_sub(s.payload.counted_tokens, Ordering::Relaxed);
+            let (count, tokens) = match s.priority {
+                Priority::Normal => (&st.waiting, &st.waiting_tokens),
+                Priority::Low => (&st.background_waiting, &st.background_waiting_tokens),
+            };
+            count.fetch_sub(1, Ordering::AcqRel);
+            tokens.fetch_sub(s.payload.counted_tokens, Ordering::AcqRel);
         }
     }
 
-    /// Publishes the gauges (running, waiting, KV usage).
+    /// Sequences of `priority` in line that no submission counts:
+    /// preempted ones, and (background) the engine's own drift probes.
+    fn requeued(state: &State<Io>, priority: Priority) -> usize {
+        state
+            .waiting()
+            .filter(|s| s.priority == priority && !s.payload.counted_waiting)
+            .count()
+    }
+
+    /// Background sequences waiting now: submitted ones not yet admitted,
+    /// preempted ones and drift probes.
+    fn background_waiting(&self, state: &State<Io>) -> usize {
+        self.shared.stats.background_waiting.load(Ordering::Acquire)
+            + Self::requeued(state, Priority::Low)
+    }
+
+    /// Publishes the gauges (running, waiting, KV usage). The client
+    /// waiting gauge counts client requests only; background work has its
+    /// own.
     fn publish(&mut self, state: &State<Io>) {
         let st = &self.shared.stats;
         let alloc = state.allocator();
-        let preempted_waiting = state
-            .waiting()
-            .filter(|s| !s.payload.counted_waiting)
-            .count();
+        let requeued = Self::requeued(state, Priority::Normal);
+        let background_requeued = Self::requeued(state, Priority::Low);
+        st.requeued.store(requeued, Ordering::Release);
+        st.background_requeued
+            .store(background_requeued, Ordering::Release);
         st.running.store(state.running.len(), Ordering::Relaxed);
         st.kv_blocks_used
             .store(alloc.total() - alloc.free(), Ordering::Relaxed);
         st.kv_blocks_cached
             .store(alloc.evictable(), Ordering::Relaxed);
-        let waiting = st.waiting.load(Ordering::Relaxed) + preempted_waiting;
+        let waiting = st.waiting.load(Ordering::Acquire) + requeued;
+        let background = st.background_waiting.load(Ordering::Acquire) + background_requeued;
         self.metrics.running.set(state.running.len() as f64);
         self.metrics.waiting.set(waiting as f64);
+        self.metrics.background_waiting.set(background as f64);
         self.metrics.kv_usage.set(alloc.usage());
         self.metrics
             .kv_window_freed

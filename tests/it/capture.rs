@@ -81,6 +81,11 @@ async fn planted_personal_data_never_reaches_capture_files_exports_or_logs() {
             "4eC39HqLyjWDarjtT1zdp7dc",
         ),
         ("the codename Nightjar is secret", "Nightjar"),
+        ("text me on +14155550132", "4155550132"),
+        ("pay DE89370400440532013000 by friday", "370400440532013000"),
+        ("write to josé.garcía@correo.es", "correo.es"),
+        ("temp key ASIAIOSFODNN7EXAMPLE", "IOSFODNN7EXAMPLE"),
+        ("my ssn is 078051120", "078051120"),
     ];
     for (i, (p, _)) in planted.iter().enumerate() {
         // Completions and chat, streamed and not.
@@ -108,7 +113,20 @@ async fn planted_personal_data_never_reaches_capture_files_exports_or_logs() {
     let status = until_written(&c, &base, planted.len() as u64).await;
     assert_eq!(status["written"], planted.len() as u64, "{status}");
 
-    let on_disk: String = files(&data.join("capture").join("tiny"))
+    // Only the server's user can read what was captured.
+    let mode = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    let dir = data.join("capture").join("tiny");
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    assert_eq!(mode(&data.join("capture")), 0o700);
+    let segments = files(&dir);
+    assert!(!segments.is_empty());
+    for p in &segments {
+        assert_eq!(mode(p), 0o600, "{}", p.display());
+    }
+    let on_disk: String = segments
         .iter()
         .map(|p| std::fs::read_to_string(p).unwrap())
         .collect();
@@ -130,6 +148,8 @@ async fn planted_personal_data_never_reaches_capture_files_exports_or_logs() {
         "[IP]",
         "[SECRET]",
         "[REDACTED]",
+        "[IBAN]",
+        "[SSN]",
     ] {
         assert!(export.contains(tag), "{tag} missing: {export}");
     }

@@ -283,3 +283,173 @@ async fn shifted_traffic_turns_the_drift_state_to_drift_and_the_metric_shows_it(
     assert_eq!(v["reference"]["requests"], reference, "{v}");
     assert_eq!(v["collecting_reference"], 0);
 }
+
+/// Every prompt probed by a drift scoring job (the most drift can ask),
+/// more clients than the queue holds and two sequences running at a time:
+/// the probes wait behind client work. The client waiting gauge, which the
+/// HPA scales on, never shows more than `--max-waiting`; the probes show in
+/// the background gauge, held to the same bound (plus preempted ones), which
+/// empties once the traffic stops. Then a request whose `n` choices could never wait
+/// together is a 400 naming `n` and the limit (not a 429 forever), and `n`
+/// at the limit is served by the idle server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_drift_probes_at_their_maximum_rate_the_waiting_gauge_stays_within_max_waiting() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    const MAX_WAITING: usize = 8;
+    const CLIENTS: usize = 24;
+    const SERVED: usize = 240;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("llmops.toml");
+    std::fs::write(
+        &config,
+        "[drift]\nprompt_logprob_rate = 1.0\nentropy_rate = 1.0\n",
+    )
+    .unwrap();
+    let model = dir.path().join("tiny");
+    llmops::engine::synth::SynthSpec {
+        seed: 9,
+        ..llmops::engine::synth::SynthSpec::tiny_llama()
+    }
+    .write(&model, None)
+    .unwrap();
+    // Its own model name: metrics are process-wide.
+    let s = TestServer::start_in(&model, &dir.path().join("registry"), |a| {
+        a.model_names = vec!["queued".into()];
+        a.api_keys = vec![format!("ops:admin:{ADMIN}")];
+        a.config = Some(config.clone());
+        a.scheduler.max_waiting = Some(MAX_WAITING);
+        a.scheduler.max_running = Some(2);
+    })
+    .await;
+    let (c, base) = (reqwest::Client::new(), s.url(""));
+    let labels = ["model=\"queued\""];
+
+    // Samples both gauges while the traffic runs.
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (done, url) = (done.clone(), s.url("/metrics"));
+        tokio::spawn(async move {
+            let (mut client, mut background, mut scrapes) = (vec![], vec![], 0usize);
+            while !done.load(Ordering::Relaxed) {
+                let m = reqwest::get(&url).await.unwrap().text().await.unwrap();
+                client.extend(sample(&m, "llmops_num_requests_waiting", &labels));
+                background.extend(sample(
+                    &m,
+                    "llmops_num_background_requests_waiting",
+                    &labels,
+                ));
+                scrapes += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (client, background, scrapes)
+        })
+    };
+    let (served, refused) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let (c, url) = (c.clone(), format!("{base}/v1/completions"));
+            let (served, refused) = (served.clone(), refused.clone());
+            tokio::spawn(async move {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(i as u64);
+                while served.load(Ordering::Relaxed) < SERVED {
+                    assert!(t0.elapsed() < Duration::from_secs(240), "traffic too slow");
+                    let p = prompt(&mut rng, ENGLISH, 6..14);
+                    let r = c
+                        .post(&url)
+                        .bearer_auth(ADMIN)
+                        .json(&json!({"model": "queued", "prompt": p, "max_tokens": 8}))
+                        .send()
+                        .await
+                        .unwrap();
+                    match r.status().as_u16() {
+                        200 => served.fetch_add(1, Ordering::Relaxed),
+                        429 => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            refused.fetch_add(1, Ordering::Relaxed)
+                        }
+                        other => panic!("{other}: {}", r.text().await.unwrap()),
+                    };
+                }
+            })
+        })
+        .collect();
+    for cl in clients {
+        cl.await.unwrap();
+    }
+    done.store(true, Ordering::Relaxed);
+    let (client, background, scrapes) = sampler.await.unwrap();
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    assert!(
+        scrapes >= 10 && client.len() == scrapes,
+        "{scrapes} scrapes"
+    );
+    assert!(
+        refused.load(Ordering::Relaxed) > 0,
+        "the queue was full at times"
+    );
+    assert!(
+        max(&client) <= MAX_WAITING as f64,
+        "client waiting gauge reached {} with --max-waiting {MAX_WAITING}",
+        max(&client)
+    );
+    assert!(
+        max(&background) >= 1.0,
+        "drift probes waited behind client work (so the test shows something)"
+    );
+    // Probes are skipped while the background queue is full; background
+    // sequences preempted for client work go back in line on top of it
+    // (at most the running ones: 2 here).
+    assert!(
+        max(&background) <= (MAX_WAITING + 2) as f64,
+        "background waiting gauge reached {}",
+        max(&background)
+    );
+    // Once the traffic stops, the probes run and the background queue empties.
+    let t1 = Instant::now();
+    loop {
+        let m = s.metrics_text().await;
+        if sample(&m, "llmops_num_background_requests_waiting", &labels) == Some(0.0)
+            && sample(&m, "llmops_num_requests_waiting", &labels) == Some(0.0)
+        {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(60),
+            "queues did not empty"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // `n` past the queue: never admissible, so a 400 naming n and the limit.
+    let r = c
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"model": "queued", "prompt": "the ship", "max_tokens": 2, "n": MAX_WAITING + 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.headers().get("retry-after").is_none());
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "n", "{v}");
+    let m = v["error"]["message"].as_str().unwrap();
+    assert!(
+        m.contains(&format!("n is {}", MAX_WAITING + 1))
+            && m.contains(&format!("at most {MAX_WAITING} requests wait")),
+        "{m}"
+    );
+    // `n` at the limit fits the idle queue.
+    let r = c
+        .post(format!("{base}/v1/completions"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"model": "queued", "prompt": "the ship", "max_tokens": 2, "n": MAX_WAITING}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["choices"].as_array().unwrap().len(), MAX_WAITING, "{v}");
+}

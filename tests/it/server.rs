@@ -193,7 +193,9 @@ async fn every_bad_input_gets_its_documented_error_and_the_server_keeps_serving(
         ("10 MB body", "/v1/completions".into(), vec![b' '; 10 << 20], key, 413, None),
         ("negative max_tokens", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": -5})), key, 400, Some("max_tokens")),
         ("zero max_tokens", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": 0})), key, 400, Some("max_tokens")),
-        ("huge max_tokens", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": 1_000_000_000u64})), key, 400, Some("prompt")),
+        ("huge max_tokens", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": 1_000_000_000u64})), key, 400, Some("max_tokens")),
+        ("max_tokens 2^64-1", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "max_tokens": u64::MAX})), key, 400, Some("max_tokens")),
+        ("chat max_tokens 2^64-1", "/v1/chat/completions".into(), chat(json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": u64::MAX})), key, 400, Some("max_tokens")),
         ("temperature < 0", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": "hi", "temperature": -0.5})), key, 400, Some("temperature")),
         ("top_p > 1", "/v1/chat/completions".into(), chat(json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_p": 1.5})), key, 400, Some("top_p")),
         ("prompt over context", "/v1/completions".into(), chat(json!({"model": "tiny", "prompt": long_prompt})), key, 400, Some("prompt")),
@@ -229,8 +231,35 @@ async fn every_bad_input_gets_its_documented_error_and_the_server_keeps_serving(
         if let Some(p) = param {
             assert_eq!(e["param"], p, "{name}: param in {err}");
         }
-        if name == "prompt over context" || name == "huge max_tokens" {
+        if [
+            "prompt over context",
+            "huge max_tokens",
+            "max_tokens 2^64-1",
+            "chat max_tokens 2^64-1",
+        ]
+        .contains(&name)
+        {
             assert_eq!(e["code"], "context_length_exceeded", "{name}");
+        }
+        if name.contains("2^64-1") {
+            // The sum is the true one (a wrapped one said "2 tokens").
+            let m = e["message"].as_str().unwrap();
+            let prompt: u128 = m
+                .split_once("tokens (")
+                .and_then(|(_, rest)| rest.split(' ').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("{name}: no prompt count in `{m}`"));
+            let want = format!(
+                "you requested {} tokens ({prompt} in the {}, 18446744073709551615 for the completion)",
+                prompt + u128::from(u64::MAX),
+                if name.starts_with("chat") {
+                    "messages"
+                } else {
+                    "prompt"
+                },
+            );
+            assert!(m.contains(&want), "{name}: `{m}` lacks `{want}`");
+            assert!(m.contains("reduce max_tokens"), "{name}: {m}");
         }
         // The next valid request is served correctly.
         let (status, ok, _) = post(&c, s.url("/v1/completions"), ok_completion(), key).await;
