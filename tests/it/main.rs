@@ -9,6 +9,7 @@
 mod autopilot;
 mod capture;
 mod clients;
+mod connections;
 mod drift;
 mod engine;
 mod faults;
