@@ -157,7 +157,7 @@ pub async fn guard(req: Request, next: Next) -> Response {
     let g = req
         .extensions()
         .get::<Arc<AdminGuard>>()
-        .unwrap_or(&STRICT)
+        .unwrap_or(&*STRICT)
         .clone();
     let body = req.body();
     let has_body = !body.is_end_stream() && body.size_hint().exact() != Some(0);
@@ -236,13 +236,14 @@ mod tests {
         ("a JSON write from curl", true, "POST", &[("host", "127.0.0.1:8080"), ("content-type", "application/json")], true, None),
         ("charset parameter", true, "PUT", &[("host", "localhost:8080"), ("content-type", "Application/JSON; charset=utf-8")], true, None),
         ("text/plain write", true, "POST", &[("host", "127.0.0.1:8080"), ("content-type", "text/plain")], true, Some(415)),
-        ("form write", false, "PUT", &[("host", "llm.internal:8080"), ("content-type", "application/x-www-form-urlencoded")], true, Some(415)),
+        ("form write", false, "PUT", &[("host", "box.lan:8080"), ("content-type", "application/x-www-form-urlencoded")], true, Some(415)),
         ("no content type with a body", true, "POST", &[("host", "127.0.0.1:8080")], true, Some(415)),
         ("a body-less POST", true, "POST", &[("host", "127.0.0.1:8080")], false, None),
         ("a body-less DELETE", true, "DELETE", &[("host", "[::1]:8080")], false, None),
         ("a read needs no content type", true, "GET", &[("host", "127.0.0.1:8080")], false, None),
         ("same origin", true, "POST", &[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:8080"), ("content-type", "application/json")], true, None),
-        ("same origin, default port", false, "POST", &[("host", "llm.example"), ("origin", "https://llm.example"), ("content-type", "application/json")], true, None),
+        ("same origin, default port", false, "POST", &[("host", "a.corp.example"), ("origin", "https://a.corp.example"), ("content-type", "application/json")], true, None),
+        ("with keys and hosts listed, another host", false, "GET", &[("host", "llm.example")], false, Some(403)),
         ("foreign origin", true, "POST", &[("host", "127.0.0.1:8080"), ("origin", "https://evil.example"), ("content-type", "application/json")], true, Some(403)),
         ("foreign origin, with keys", false, "DELETE", &[("host", "127.0.0.1:8080"), ("origin", "http://127.0.0.1:3000")], false, Some(403)),
         ("foreign origin on a read", false, "GET", &[("host", "127.0.0.1:8080"), ("origin", "https://evil.example")], false, Some(403)),

@@ -39,7 +39,7 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -57,7 +57,8 @@ pub const RESERVED_FDS: u64 = 256;
 /// No cap is lowered below this, whatever the file limit.
 const MIN_CAP: usize = 16;
 
-/// How long an HTTP/2 connection closed for idleness gets to say GOAWAY.
+/// How long an HTTP/2 connection closed for idleness gets, once it has no
+/// stream, after its GOAWAY.
 const GOAWAY_GRACE: Duration = Duration::from_secs(1);
 
 /// Longest an HTTP/2 keep-alive ping may go unanswered.
@@ -101,7 +102,7 @@ pub fn raise_file_limit() -> Option<u64> {
             tracing::warn!(error = %std::io::Error::last_os_error(), soft = before, hard = lim.rlim_max, "cannot raise the file descriptor limit");
         }
     }
-    let now = u64::try_from(lim.rlim_cur).unwrap_or(u64::MAX);
+    let now: u64 = lim.rlim_cur;
     tracing::info!(
         from = before,
         to = now,
@@ -143,8 +144,9 @@ pub async fn serve(
 ) {
     let listener = Arc::new(listener);
     let name = listener.name;
-    metrics::gauge!(names::CONNECTIONS_OPEN, "listener" => name).set(0.0);
-    metrics::counter!(names::CONNECTIONS_REFUSED, "listener" => name).absolute(0);
+    // Exported from the start (at 0), not from the first connection.
+    metrics::gauge!(names::CONNECTIONS_OPEN, "listener" => name).increment(0.0);
+    metrics::counter!(names::CONNECTIONS_REFUSED, "listener" => name).increment(0);
     let slots = Arc::new(Semaphore::new(listener.max_connections));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // Each connection holds a sender; all gone = all connections closed.
@@ -377,9 +379,19 @@ async fn drive<I>(
             timed_out(listener.name, phase, peer);
             if state.http2.load(Ordering::Relaxed) {
                 // No stream is open: GOAWAY, so the client reconnects
-                // rather than fails its next call.
+                // rather than fails its next call. A stream it opened
+                // before it read the GOAWAY is still served; then the
+                // connection gets GOAWAY_GRACE of idleness to close.
                 conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(GOAWAY_GRACE, conn.as_mut()).await;
+                state.idle_since.store(state.now(), Ordering::Relaxed);
+                let grace = ListenerConfig {
+                    idle_timeout: GOAWAY_GRACE,
+                    ..cfg.clone()
+                };
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = state.watchdog(&grace) => {}
+                }
             }
             // Dropping the connection closes the socket.
             return;
@@ -510,7 +522,7 @@ struct Tracked {
     _in_flight: InFlight,
 }
 
-impl hyper::body::Body for Tracked {
+impl HttpBody for Tracked {
     type Data = axum::body::Bytes;
     type Error = axum::Error;
 
@@ -557,7 +569,7 @@ impl TimedBody {
 #[error("no part of the request body arrived for {} s (the body-read timeout)", .0.as_secs_f64())]
 pub struct BodyTimeout(pub Duration);
 
-impl hyper::body::Body for TimedBody {
+impl HttpBody for TimedBody {
     type Data = axum::body::Bytes;
     type Error = Box<dyn StdError + Send + Sync>;
 
