@@ -756,19 +756,21 @@ impl Default for ListenerConfig {
 /// The listeners' `[server]` keys under their flags, checked.
 fn listener_config(args: &ListenerSettings, file: &FileServer) -> anyhow::Result<ListenerConfig> {
     let d = ListenerConfig::default();
-    let secs = |name: &str, flag: Option<f64>, key: Option<f64>, default: Duration| {
-        match flag.or(key) {
-            None => Ok(default),
-            Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
-            Some(s) => bail!("{name} must be a number of seconds above 0 and at most a day, not {s}"),
-        }
+    let secs = |name: &str, flag: Option<f64>, key: Option<f64>, default: Duration| match flag
+        .or(key)
+    {
+        None => Ok(default),
+        Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        Some(s) => bail!("{name} must be a number of seconds above 0 and at most a day, not {s}"),
     };
     let keepalive = args
         .http2_keepalive_secs
         .or(file.http2_keepalive_secs)
         .unwrap_or(30.0);
     if !keepalive.is_finite() || !(0.0..=86_400.0).contains(&keepalive) {
-        bail!("http2_keepalive_secs must be 0 (off) or a number of seconds up to a day, not {keepalive}");
+        bail!(
+            "http2_keepalive_secs must be 0 (off) or a number of seconds up to a day, not {keepalive}"
+        );
     }
     let max_connections = args
         .max_connections
@@ -836,7 +838,10 @@ pub fn normalize_origin(origin: &str) -> Option<String> {
         _ => return None,
     };
     let (host, port) = split_host_port(rest)?;
-    Some(format!("{scheme}://{host}:{}", port.unwrap_or(default_port)))
+    Some(format!(
+        "{scheme}://{host}:{}",
+        port.unwrap_or(default_port)
+    ))
 }
 
 /// `host[:port]` (IPv6 in brackets) into the host (brackets kept) and the
@@ -1190,7 +1195,10 @@ mod tests {
             Config::load(&Cli::try_parse_from(argv).unwrap().serve)
         };
         std::fs::write(&path, "").unwrap();
-        assert_eq!(load(&[]).unwrap().server.listener, ListenerConfig::default());
+        assert_eq!(
+            load(&[]).unwrap().server.listener,
+            ListenerConfig::default()
+        );
         std::fs::write(
             &path,
             "[server]\nheader_read_timeout_secs = 2.5\nidle_timeout_secs = 20\n\
@@ -1218,13 +1226,23 @@ mod tests {
         .server
         .listener;
         assert_eq!(l.idle_timeout, Duration::from_secs(5), "flag beats file");
-        assert_eq!(l.header_read_timeout, Duration::from_millis(2500), "file kept");
+        assert_eq!(
+            l.header_read_timeout,
+            Duration::from_millis(2500),
+            "file kept"
+        );
         assert_eq!((l.max_connections, l.allowed_hosts.len()), (7, 2));
         for (bad, names) in [
             (&["--idle-timeout-secs", "0"][..], "idle_timeout_secs"),
-            (&["--body-read-timeout-secs=-1"][..], "body_read_timeout_secs"),
+            (
+                &["--body-read-timeout-secs=-1"][..],
+                "body_read_timeout_secs",
+            ),
             (&["--max-connections", "0"][..], "max_connections"),
-            (&["--allowed-origins", "evil.example"][..], "allowed_origins"),
+            (
+                &["--allowed-origins", "evil.example"][..],
+                "allowed_origins",
+            ),
             (&["--allowed-hosts", "http://x"][..], "allowed_hosts"),
         ] {
             let err = format!("{:#}", load(bad).unwrap_err());
@@ -1242,7 +1260,14 @@ mod tests {
             normalize_origin("https://[::1]:8443").as_deref(),
             Some("https://[::1]:8443")
         );
-        for bad in ["null", "file://", "ftp://x", "http://a/b", "http://a:99999", "http://"] {
+        for bad in [
+            "null",
+            "file://",
+            "ftp://x",
+            "http://a/b",
+            "http://a:99999",
+            "http://",
+        ] {
             assert_eq!(normalize_origin(bad), None, "{bad}");
         }
     }

@@ -50,7 +50,10 @@ impl AdminGuard {
     }
 
     /// `routes` (the admin API) with this guard for [`guard`] to find.
-    pub fn provide<S: Clone + Send + Sync + 'static>(self, routes: axum::Router<S>) -> axum::Router<S> {
+    pub fn provide<S: Clone + Send + Sync + 'static>(
+        self,
+        routes: axum::Router<S>,
+    ) -> axum::Router<S> {
         routes.layer(axum::Extension(Arc::new(self)))
     }
 
@@ -133,12 +136,14 @@ impl AdminGuard {
             return true;
         }
         let name = name.trim_end_matches('.');
-        self.allowed_hosts.iter().any(|a| match a.strip_prefix("*.") {
-            Some(domain) => name
-                .strip_suffix(domain)
-                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
-            None => a == name,
-        })
+        self.allowed_hosts
+            .iter()
+            .any(|a| match a.strip_prefix("*.") {
+                Some(domain) => name
+                    .strip_suffix(domain)
+                    .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+                None => a == name,
+            })
     }
 }
 

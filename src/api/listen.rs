@@ -185,8 +185,12 @@ pub async fn serve(
             continue;
         };
         crate::api::tune_socket(&stream);
-        let (listener, app, stop_rx, open) =
-            (listener.clone(), app.clone(), stop_rx.clone(), open_tx.clone());
+        let (listener, app, stop_rx, open) = (
+            listener.clone(),
+            app.clone(),
+            stop_rx.clone(),
+            open_tx.clone(),
+        );
         tokio::spawn(async move {
             let _slot = slot;
             let _open = (open, OpenGauge::new(name));
@@ -257,7 +261,16 @@ async fn connection(
 ) {
     let state = Arc::new(ConnState::new());
     let Some(tls) = &listener.tls else {
-        return drive(Watched::new(tcp, state.clone()), state, listener, app, false, stop, peer).await;
+        return drive(
+            Watched::new(tcp, state.clone()),
+            state,
+            listener,
+            app,
+            false,
+            stop,
+            peer,
+        )
+        .await;
     };
     let limit = listener.config.header_read_timeout;
     let stream = match tokio::time::timeout(limit, crate::api::tls::handshake(tcp, tls)).await {

@@ -114,7 +114,10 @@ impl Tls {
 
     /// Whether the admin API is refused on `stream`: an admin client CA is
     /// configured and the client presented no certificate.
-    pub(crate) fn refuses_admin(&self, stream: &tokio_rustls::server::TlsStream<TcpStream>) -> bool {
+    pub(crate) fn refuses_admin(
+        &self,
+        stream: &tokio_rustls::server::TlsStream<TcpStream>,
+    ) -> bool {
         let has_client_cert = stream
             .get_ref()
             .1

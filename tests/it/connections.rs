@@ -82,7 +82,8 @@ async fn slowloris_idle_and_stalled_body_connections_are_closed_within_their_tim
     let (mut slow_read, mut slow_write) = slow.into_split();
     let started = Instant::now();
     let dripping = tokio::spawn(async move {
-        let head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let head =
+            b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
         for b in head.iter().cycle() {
             if slow_write.write_all(&[*b]).await.is_err() {
                 return;
@@ -144,7 +145,9 @@ async fn slowloris_idle_and_stalled_body_connections_are_closed_within_their_tim
         "closed after {:?}, before the header timeout",
         slow_closed - started
     );
-    let idle_closed = idle_closed.1.expect("the idle keep-alive connection is still open");
+    let idle_closed = idle_closed
+        .1
+        .expect("the idle keep-alive connection is still open");
     assert!(
         idle_closed - answered >= IDLE - Duration::from_millis(100),
         "idle connection closed after {:?}",
@@ -416,7 +419,10 @@ async fn admin_writes_a_web_page_could_send_are_refused_and_change_nothing() {
         .unwrap();
     assert_eq!(r.status(), 403);
     let v: Value = r.json().await.unwrap();
-    assert!(v["error"]["message"].as_str().unwrap().contains("Origin"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("Origin"),
+        "{v}"
+    );
     // DNS rebinding: the page's own name, resolved to this server.
     let r = c
         .put(alias("rebound"))
@@ -509,7 +515,12 @@ async fn a_flood_of_idle_sockets_under_a_low_file_limit_locks_ready_out_no_longe
         &data.path().join("server.log"),
         |cmd| {
             cmd.env_remove("LLMOPS_API_KEYS")
-                .args(["--idle-timeout-secs", "2", "--header-read-timeout-secs", "1"])
+                .args([
+                    "--idle-timeout-secs",
+                    "2",
+                    "--header-read-timeout-secs",
+                    "1",
+                ])
                 .env("RUST_LOG", "info");
             // SAFETY: setrlimit is async-signal-safe and touches only the
             // child's limits.

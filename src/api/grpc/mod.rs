@@ -71,7 +71,9 @@ fn conventional_code(code: tonic::Code, message: &str) -> Option<tonic::Code> {
         {
             Some(tonic::Code::InvalidArgument)
         }
-        tonic::Code::OutOfRange if message.starts_with("Error, decoded message length too large") => {
+        tonic::Code::OutOfRange
+            if message.starts_with("Error, decoded message length too large") =>
+        {
             Some(tonic::Code::ResourceExhausted)
         }
         _ => None,
@@ -99,16 +101,34 @@ mod tests {
     fn decode_errors_are_invalid_argument_and_oversize_messages_resource_exhausted() {
         use tonic::Code;
         let cases = [
-            (Code::Internal, "failed to decode Protobuf message: GenerateRequest.prompt: invalid wire type", Some(Code::InvalidArgument)),
-            (Code::Internal, "Unexpected EOF decoding stream.", Some(Code::InvalidArgument)),
-            (Code::OutOfRange, "Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes", Some(Code::ResourceExhausted)),
+            (
+                Code::Internal,
+                "failed to decode Protobuf message: GenerateRequest.prompt: invalid wire type",
+                Some(Code::InvalidArgument),
+            ),
+            (
+                Code::Internal,
+                "Unexpected EOF decoding stream.",
+                Some(Code::InvalidArgument),
+            ),
+            (
+                Code::OutOfRange,
+                "Error, decoded message length too large: found 5000000 bytes, the limit is: 4194304 bytes",
+                Some(Code::ResourceExhausted),
+            ),
             (Code::Internal, "internal error", None),
-            (Code::InvalidArgument, "failed to decode Protobuf message", None),
+            (
+                Code::InvalidArgument,
+                "failed to decode Protobuf message",
+                None,
+            ),
         ];
         for (code, message, want) in cases {
             assert_eq!(conventional_code(code, message), want, "{code:?} {message}");
             let mut headers = axum::http::HeaderMap::new();
-            tonic::Status::new(code, message).add_header(&mut headers).unwrap();
+            tonic::Status::new(code, message)
+                .add_header(&mut headers)
+                .unwrap();
             recode(&mut headers);
             let seen = tonic::Status::from_header_map(&headers).unwrap();
             assert_eq!(seen.code(), want.unwrap_or(code));
