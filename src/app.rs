@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 use crate::api::auth::Authenticator;
 use crate::api::grpc::AdminService;
@@ -124,7 +123,10 @@ pub async fn run(
         metrics: Some(metrics.clone()),
         ops: Some(ops.clone()),
     };
-    let admin = crate::api::admin::routes();
+    // Web pages must not drive the admin API (foreign Origin, rebound Host,
+    // text/plain writes).
+    let admin = crate::api::browser::AdminGuard::new(&cfg.server.listener, auth.is_open())
+        .provide(crate::api::admin::routes());
     let http_app = http::app(http_state, Some(admin));
     let grpc_app = grpc::routes(
         InferenceService {
@@ -143,6 +145,7 @@ pub async fn run(
     // Every gRPC request gets an id, as every HTTP one does: without one,
     // every request without a session would be one key to the split.
     .layer(axum::middleware::from_fn(http::request_id));
+    let grpc_app = grpc::conventional_codes(grpc_app);
 
     tracing::info!(http = %listeners.http.local_addr()?, grpc = %listeners.grpc.local_addr()?, models = served.len(), "listening");
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -160,15 +163,30 @@ pub async fn run(
         // SIGHUP and changed files swap the certificate in place.
         tokio::spawn(t.clone().watch(wait(stop_rx.clone())));
     }
+    // Every listener gets its share of the file limit (raised to the hard
+    // limit first), past which connections are refused rather than starve
+    // `accept` of descriptors.
+    let max_connections = crate::api::listen::fit_cap(
+        cfg.server.listener.max_connections,
+        crate::api::listen::raise_file_limit(),
+        2 + usize::from(listeners.metrics.is_some()),
+    );
+    let listener = |name| crate::api::listen::Listener {
+        name,
+        max_connections,
+        config: cfg.server.listener.clone(),
+        tls: tls.clone(),
+    };
+    let serve = crate::api::listen::serve;
     let http_server = tokio::spawn(serve(
         listeners.http,
-        tls.clone(),
+        listener("http"),
         http_app,
         wait(stop_rx.clone()),
     ));
     let grpc_server = tokio::spawn(serve(
         listeners.grpc,
-        tls.clone(),
+        listener("grpc"),
         grpc_app,
         wait(stop_rx.clone()),
     ));
@@ -177,7 +195,7 @@ pub async fn run(
     let metrics_server = listeners.metrics.map(|l| {
         tokio::spawn(serve(
             l,
-            tls,
+            listener("metrics"),
             http::metrics_app(metrics.clone()),
             wait(stop_rx.clone()),
         ))
@@ -241,31 +259,6 @@ pub async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-}
-
-/// Serves `app` on `listener`, over TLS when configured, until `shutdown`.
-async fn serve(
-    listener: TcpListener,
-    tls: Option<crate::api::tls::Tls>,
-    app: axum::Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) {
-    match tls {
-        Some(tls) => crate::api::tls::serve(listener, tls, app, shutdown).await,
-        None => {
-            let served = axum::serve(listener.tap_io(tune), app.into_make_service())
-                .with_graceful_shutdown(shutdown)
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "server stopped");
-            }
-        }
-    }
-}
-
-/// [`crate::api::tune_socket`], in `tap_io`'s shape.
-fn tune(stream: &mut TcpStream) {
-    crate::api::tune_socket(stream);
 }
 
 /// Connects to the fleet's registry in etcd and reads its log, trying for

@@ -65,6 +65,10 @@ pub struct ServeArgs {
     /// `[limits]` keys, all of which have flags.
     #[command(flatten)]
     pub limits: LimitSettings,
+    /// `[server]` keys of every listener: timeouts, the connection cap,
+    /// the admin API's allowed origins and hosts.
+    #[command(flatten)]
+    pub listener: ListenerSettings,
     /// Seconds to drain in-flight requests on shutdown [default: 30].
     #[arg(long, env = "LLMOPS_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<u64>,
@@ -168,6 +172,8 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// The fleet's shared registry; `None`: the local log in `data_dir`.
     pub registry: Option<crate::registry::etcd::EtcdOptions>,
+    /// What every listener enforces on its connections.
+    pub listener: ListenerConfig,
 }
 
 /// TLS files, read when the server starts and again on SIGHUP or when
@@ -277,6 +283,14 @@ struct FileServer {
     registry: Option<String>,
     replica_id: Option<String>,
     leader_ttl_secs: Option<u64>,
+    // Listeners ([`ListenerSettings`] has their flags).
+    header_read_timeout_secs: Option<f64>,
+    idle_timeout_secs: Option<f64>,
+    body_read_timeout_secs: Option<f64>,
+    max_connections: Option<usize>,
+    http2_keepalive_secs: Option<f64>,
+    allowed_origins: Option<Vec<String>>,
+    allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -440,6 +454,7 @@ fn server_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<ServerCo
             .or(file.secrets_key_file.clone()),
         tls: tls_config(args, file)?,
         registry: registry_config(args, file)?,
+        listener: listener_config(&args.listener, file)?,
     })
 }
 
@@ -725,6 +740,198 @@ fn tls_config(args: &ServeArgs, file: &FileServer) -> anyhow::Result<Option<TlsC
             bail!("tls_key is set but tls_cert is not (--tls-cert, LLMOPS_TLS_CERT)")
         }
     }
+}
+
+/// `[server]` keys of the listeners, as flags: each wins over the file's key.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ListenerSettings {
+    /// Seconds a client has to send a request's head once its first byte
+    /// arrived (a slowloris client is closed after this); also the TLS
+    /// handshake's limit [default: 10].
+    #[arg(long, env = "LLMOPS_HEADER_READ_TIMEOUT_SECS")]
+    pub header_read_timeout_secs: Option<f64>,
+    /// Seconds a connection may stay open with no request in progress
+    /// (HTTP/1 keep-alive, HTTP/2 without streams) before it is closed
+    /// [default: 60].
+    #[arg(long, env = "LLMOPS_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<f64>,
+    /// Seconds the server waits for the next part of a request body before
+    /// answering 408 and closing the connection [default: 30].
+    #[arg(long, env = "LLMOPS_BODY_READ_TIMEOUT_SECS")]
+    pub body_read_timeout_secs: Option<f64>,
+    /// Connections open at once per listener; more are closed as they
+    /// arrive, counted in `llmops_connections_refused_total` [default: 4096,
+    /// lowered to what the file limit allows].
+    #[arg(long, env = "LLMOPS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Seconds between HTTP/2 keep-alive pings (a peer that does not answer
+    /// within 20 s is closed); 0 turns them off [default: 30].
+    #[arg(long, env = "LLMOPS_HTTP2_KEEPALIVE_SECS")]
+    pub http2_keepalive_secs: Option<f64>,
+    /// Origins (`scheme://host[:port]`) whose pages may call the admin API,
+    /// besides the server's own; comma-separated [default: none].
+    #[arg(long, env = "LLMOPS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Host names (`name`, or `*.domain` for its subdomains) the admin API
+    /// answers to besides loopback ones. Without API keys only loopback and
+    /// these are served (DNS rebinding); with keys, any host unless this is
+    /// set [default: none].
+    #[arg(long, env = "LLMOPS_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+}
+
+/// What every listener enforces (see [`ListenerSettings`] for each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    /// First byte of a request's head to its end; also the TLS handshake.
+    pub header_read_timeout: Duration,
+    /// No request in progress.
+    pub idle_timeout: Duration,
+    /// Between two parts of a request body.
+    pub body_read_timeout: Duration,
+    /// Connections per listener, before the file limit is applied.
+    pub max_connections: usize,
+    /// HTTP/2 keep-alive ping interval; `None`: no pings.
+    pub http2_keepalive: Option<Duration>,
+    /// Extra origins allowed on the admin API, normalized
+    /// (`scheme://host:port`, lower case).
+    pub allowed_origins: Vec<String>,
+    /// Extra host names allowed on the admin API, lower case.
+    pub allowed_hosts: Vec<String>,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            http2_keepalive: Some(Duration::from_secs(30)),
+            allowed_origins: vec![],
+            allowed_hosts: vec![],
+        }
+    }
+}
+
+/// The listeners' `[server]` keys under their flags, checked.
+fn listener_config(args: &ListenerSettings, file: &FileServer) -> anyhow::Result<ListenerConfig> {
+    let d = ListenerConfig::default();
+    let secs = |name: &str, flag: Option<f64>, key: Option<f64>, default: Duration| match flag
+        .or(key)
+    {
+        None => Ok(default),
+        Some(s) if s.is_finite() && s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        Some(s) => bail!("{name} must be a number of seconds above 0 and at most a day, not {s}"),
+    };
+    let keepalive = args
+        .http2_keepalive_secs
+        .or(file.http2_keepalive_secs)
+        .unwrap_or(30.0);
+    if !keepalive.is_finite() || !(0.0..=86_400.0).contains(&keepalive) {
+        bail!(
+            "http2_keepalive_secs must be 0 (off) or a number of seconds up to a day, not {keepalive}"
+        );
+    }
+    let max_connections = args
+        .max_connections
+        .or(file.max_connections)
+        .unwrap_or(d.max_connections);
+    if max_connections == 0 {
+        bail!("max_connections must be at least 1");
+    }
+    let list = |flag: &[String], key: &Option<Vec<String>>| {
+        if flag.is_empty() {
+            key.clone().unwrap_or_default()
+        } else {
+            flag.to_vec()
+        }
+    };
+    Ok(ListenerConfig {
+        header_read_timeout: secs(
+            "header_read_timeout_secs",
+            args.header_read_timeout_secs,
+            file.header_read_timeout_secs,
+            d.header_read_timeout,
+        )?,
+        idle_timeout: secs(
+            "idle_timeout_secs",
+            args.idle_timeout_secs,
+            file.idle_timeout_secs,
+            d.idle_timeout,
+        )?,
+        body_read_timeout: secs(
+            "body_read_timeout_secs",
+            args.body_read_timeout_secs,
+            file.body_read_timeout_secs,
+            d.body_read_timeout,
+        )?,
+        max_connections,
+        http2_keepalive: (keepalive > 0.0).then(|| Duration::from_secs_f64(keepalive)),
+        allowed_origins: list(&args.allowed_origins, &file.allowed_origins)
+            .iter()
+            .map(|o| normalize_origin(o).with_context(|| format!("allowed_origins: `{o}`")))
+            .collect::<anyhow::Result<_>>()?,
+        allowed_hosts: list(&args.allowed_hosts, &file.allowed_hosts)
+            .iter()
+            .map(|h| {
+                let h = h.trim().to_ascii_lowercase();
+                let name = h.strip_prefix("*.").unwrap_or(&h);
+                if name.is_empty() || name.contains(['/', ':', '*', ' ']) {
+                    bail!("allowed_hosts: `{h}` is not a host name (`name` or `*.domain`, no scheme or port)");
+                }
+                Ok(h)
+            })
+            .collect::<anyhow::Result<_>>()?,
+    })
+}
+
+/// An origin as browsers send it, `scheme://host[:port]`, as
+/// `scheme://host:port` in lower case (the scheme's default port made
+/// explicit), so equal origins compare equal; `None` for anything else
+/// (`null`, a path, an unknown scheme).
+pub fn normalize_origin(origin: &str) -> Option<String> {
+    let origin = origin.trim().to_ascii_lowercase();
+    let (scheme, rest) = origin.split_once("://")?;
+    let default_port = match scheme {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    let (host, port) = split_host_port(rest)?;
+    Some(format!(
+        "{scheme}://{host}:{}",
+        port.unwrap_or(default_port)
+    ))
+}
+
+/// `host[:port]` (IPv6 in brackets) into the host (brackets kept) and the
+/// port; `None` when it is not that shape.
+pub fn split_host_port(authority: &str) -> Option<(&str, Option<u16>)> {
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@', ' ']) {
+        return None;
+    }
+    let (host, port) = if authority.starts_with('[') {
+        let end = authority.find(']')?;
+        let (host, rest) = authority.split_at(end + 1);
+        match rest {
+            "" => (host, None),
+            r => (host, Some(r.strip_prefix(':')?)),
+        }
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() || (!host.starts_with('[') && host.contains(':')) {
+        return None;
+    }
+    let port = match port {
+        None => None,
+        Some(p) => Some(p.parse::<u16>().ok()?),
+    };
+    Some((host, port))
 }
 
 /// `$XDG_DATA_HOME/llmops` or `~/.local/share/llmops`.
@@ -1036,5 +1243,93 @@ mod tests {
                 .model_roots
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn listener_timeouts_caps_and_allowlists_come_from_the_file_unless_flags_say_otherwise() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmops.toml");
+        let config = path.display().to_string();
+        let load = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--config", &config];
+            argv.extend_from_slice(extra);
+            Config::load(&Cli::try_parse_from(argv).unwrap().serve)
+        };
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(
+            load(&[]).unwrap().server.listener,
+            ListenerConfig::default()
+        );
+        std::fs::write(
+            &path,
+            "[server]\nheader_read_timeout_secs = 2.5\nidle_timeout_secs = 20\n\
+             body_read_timeout_secs = 7\nmax_connections = 100\nhttp2_keepalive_secs = 0\n\
+             allowed_origins = [\"HTTPS://Console.Example\"]\nallowed_hosts = [\"LLM.prod\", \"*.corp.example\"]\n",
+        )
+        .unwrap();
+        let l = load(&[]).unwrap().server.listener;
+        assert_eq!(l.header_read_timeout, Duration::from_millis(2500));
+        assert_eq!(l.idle_timeout, Duration::from_secs(20));
+        assert_eq!(l.body_read_timeout, Duration::from_secs(7));
+        assert_eq!(l.max_connections, 100);
+        assert_eq!(l.http2_keepalive, None, "0 turns pings off");
+        assert_eq!(l.allowed_origins, vec!["https://console.example:443"]);
+        assert_eq!(l.allowed_hosts, vec!["llm.prod", "*.corp.example"]);
+        let l = load(&[
+            "--idle-timeout-secs",
+            "5",
+            "--max-connections",
+            "7",
+            "--allowed-hosts",
+            "a.lan,b.lan",
+        ])
+        .unwrap()
+        .server
+        .listener;
+        assert_eq!(l.idle_timeout, Duration::from_secs(5), "flag beats file");
+        assert_eq!(
+            l.header_read_timeout,
+            Duration::from_millis(2500),
+            "file kept"
+        );
+        assert_eq!((l.max_connections, l.allowed_hosts.len()), (7, 2));
+        for (bad, names) in [
+            (&["--idle-timeout-secs", "0"][..], "idle_timeout_secs"),
+            (
+                &["--body-read-timeout-secs=-1"][..],
+                "body_read_timeout_secs",
+            ),
+            (&["--max-connections", "0"][..], "max_connections"),
+            (
+                &["--allowed-origins", "evil.example"][..],
+                "allowed_origins",
+            ),
+            (&["--allowed-hosts", "http://x"][..], "allowed_hosts"),
+        ] {
+            let err = format!("{:#}", load(bad).unwrap_err());
+            assert!(err.contains(names), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn origins_normalize_to_scheme_host_and_port() {
+        assert_eq!(
+            normalize_origin("http://LocalHost").as_deref(),
+            Some("http://localhost:80")
+        );
+        assert_eq!(
+            normalize_origin("https://[::1]:8443").as_deref(),
+            Some("https://[::1]:8443")
+        );
+        for bad in [
+            "null",
+            "file://",
+            "ftp://x",
+            "http://a/b",
+            "http://a:99999",
+            "http://",
+        ] {
+            assert_eq!(normalize_origin(bad), None, "{bad}");
+        }
     }
 }

@@ -88,6 +88,8 @@ pub fn routes() -> axum::Router<HttpState> {
         .route("/admin/v1/rollouts", post(start_rollout).get(list_rollouts))
         .route("/admin/v1/rollouts/{id}", get(get_rollout))
         .route("/admin/v1/rollouts/{id}/{action}", post(command_rollout))
+        // Runs after the role check: what a web page could have sent.
+        .route_layer(axum::middleware::from_fn(super::browser::guard))
         .route_layer(axum::middleware::from_fn(admins_only))
 }
 

@@ -50,6 +50,16 @@ pub enum ApiError {
     /// Body over the limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The route exists; the method does not (the `Allow` header lists
+    /// those that do).
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// A body in a media type the route does not take.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The client stopped sending its request body.
+    #[error("{0}")]
+    RequestTimeout(String),
     /// A per-key limit.
     #[error("{message}")]
     RateLimited {
@@ -102,6 +112,9 @@ impl ApiError {
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -119,7 +132,10 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. }
             | ApiError::ContextLength { .. }
-            | ApiError::PayloadTooLarge(_) => tonic::Code::InvalidArgument,
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::UnsupportedMediaType(_) => tonic::Code::InvalidArgument,
+            ApiError::MethodNotAllowed(_) => tonic::Code::Unimplemented,
+            ApiError::RequestTimeout(_) => tonic::Code::DeadlineExceeded,
             ApiError::Unauthenticated(_) => tonic::Code::Unauthenticated,
             ApiError::Forbidden(_) => tonic::Code::PermissionDenied,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => tonic::Code::NotFound,
@@ -145,6 +161,9 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::MethodNotAllowed(_) => "method_not_allowed",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Overloaded { .. } => "overloaded",
             ApiError::Unavailable(_) => "unavailable",
@@ -165,6 +184,9 @@ impl ApiError {
             | ApiError::BadRequest { .. }
             | ApiError::ContextLength { .. }
             | ApiError::PayloadTooLarge(_)
+            | ApiError::MethodNotAllowed(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::RequestTimeout(_)
             | ApiError::Conflict(_) => "invalid_request_error",
             ApiError::RateLimited { .. } | ApiError::Overloaded { .. } => "rate_limit_error",
             ApiError::Unavailable(_)
@@ -454,6 +476,12 @@ mod tests {
             (403, "permission_error", None, None, Code::PermissionDenied, "permission_denied", None)),
         ("body too large", || ApiError::PayloadTooLarge("over 4 MiB".into()),
             (413, "invalid_request_error", None, None, Code::InvalidArgument, "payload_too_large", None)),
+        ("method not allowed", || ApiError::MethodNotAllowed("POST only".into()),
+            (405, "invalid_request_error", None, None, Code::Unimplemented, "method_not_allowed", None)),
+        ("not JSON", || ApiError::UnsupportedMediaType("send application/json".into()),
+            (415, "invalid_request_error", None, None, Code::InvalidArgument, "unsupported_media_type", None)),
+        ("body stalled", || ApiError::RequestTimeout("no body for 30 s".into()),
+            (408, "invalid_request_error", None, None, Code::DeadlineExceeded, "request_timeout", None)),
         ("deadline", || ApiError::DeadlineExceeded("the request timed out".into()),
             (504, "server_error", None, None, Code::DeadlineExceeded, "deadline_exceeded", None)),
         ("client left", || ApiError::Cancelled,

@@ -80,11 +80,12 @@ pub fn app(state: HttpState, admin: Option<axum::Router<HttpState>>) -> axum::Ro
         .route("/metrics", get(metrics))
         .merge(api)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
-        .method_not_allowed_fallback(|| async {
-            ApiError::BadRequest {
-                message: "method not allowed on this route".into(),
-                param: None,
-            }
+        // axum adds the route's `Allow` header to this answer.
+        .method_not_allowed_fallback(|req: Request| async move {
+            ApiError::MethodNotAllowed(format!(
+                "{} is not allowed on this route (see the Allow header)",
+                req.method()
+            ))
         })
         .layer(middleware::from_fn(track))
         .layer(middleware::from_fn(request_id))
@@ -211,8 +212,10 @@ async fn read_body(req: Request, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut buf: Vec<u8> = vec![];
     let mut total = 0usize;
     while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| ApiError::invalid("body", format!("could not read the body: {e}")))?;
+        let frame = frame.map_err(|e| match crate::api::listen::body_timeout(&e) {
+            Some(t) => ApiError::RequestTimeout(t.to_string()),
+            None => ApiError::invalid("body", format!("could not read the body: {e}")),
+        })?;
         if let Ok(data) = frame.into_data() {
             total += data.len();
             if total <= limit {

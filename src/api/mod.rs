@@ -3,9 +3,11 @@
 
 pub mod admin;
 pub mod auth;
+pub mod browser;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod listen;
 pub mod openai;
 pub mod tls;
 

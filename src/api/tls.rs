@@ -17,8 +17,10 @@
 //! for new connections, open ones keep theirs, and files that do not make a
 //! valid config (unparsable, a key that is not the certificate's) leave the
 //! previous one serving, logged and counted in `llmops_tls_reloads_total`.
+//!
+//! Connections are accepted and served by [`crate::api::listen`], plain or
+//! TLS alike; this module gives it the handshake and the admin refusal.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
@@ -27,21 +29,16 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
 use axum::response::IntoResponse;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
-use tower::ServiceExt;
 
 use crate::api::error::ApiError;
 use crate::config::TlsConfig;
 use crate::monitor::names;
-
-/// A handshake (or the first byte of one) must arrive within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first byte of a TLS record carrying a handshake.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -113,6 +110,20 @@ impl Tls {
                 Err(e)
             }
         }
+    }
+
+    /// Whether the admin API is refused on `stream`: an admin client CA is
+    /// configured and the client presented no certificate.
+    pub(crate) fn refuses_admin(
+        &self,
+        stream: &tokio_rustls::server::TlsStream<TcpStream>,
+    ) -> bool {
+        let has_client_cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .is_some_and(|c| !c.is_empty());
+        self.inner.admin_needs_client_cert && !has_client_cert
     }
 
     /// The current config, for a new connection.
@@ -249,13 +260,13 @@ fn server_config(cfg: &TlsConfig) -> anyhow::Result<rustls::ServerConfig> {
 }
 
 /// Whether a request path belongs to the admin API, on either protocol.
-fn is_admin_path(path: &str) -> bool {
+pub(crate) fn is_admin_path(path: &str) -> bool {
     path.starts_with("/admin/") || path.starts_with("/llmops.v1.Admin/")
 }
 
 /// The refusal of an admin request on a connection without a client
 /// certificate: gRPC's status for gRPC paths, the OpenAI shape otherwise.
-fn refuse_admin(path: &str) -> axum::response::Response {
+pub(crate) fn refuse_admin(path: &str) -> axum::response::Response {
     let e = ApiError::Forbidden(
         "the admin API needs a client certificate signed by the admin client CA".into(),
     );
@@ -268,89 +279,9 @@ fn refuse_admin(path: &str) -> axum::response::Response {
     }
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` resolves, then lets
-/// open connections finish (HTTP/2 GOAWAY, HTTP/1 after the response).
-pub async fn serve(
-    listener: TcpListener,
-    tls: Tls,
-    app: axum::Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) {
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // Each connection holds a sender; all gone = all connections closed.
-    let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
-    tokio::pin!(shutdown);
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of descriptors and the like: back off, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        crate::api::tune_socket(&tcp);
-        let (tls, app, mut stop_rx, open) =
-            (tls.clone(), app.clone(), stop_rx.clone(), open_tx.clone());
-        tokio::spawn(async move {
-            let _open = open;
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp, &tls)).await {
-                Ok(Ok(Some(s))) => s,
-                Ok(Ok(None)) => return,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let has_client_cert = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .is_some_and(|c| !c.is_empty());
-            let guard = tls.inner.admin_needs_client_cert && !has_client_cert;
-            let svc = tower::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
-                let app = app.clone();
-                async move {
-                    if guard && is_admin_path(req.uri().path()) {
-                        return Ok::<_, Infallible>(refuse_admin(req.uri().path()));
-                    }
-                    app.oneshot(req.map(axum::body::Body::new)).await
-                }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(
-                TokioIo::new(stream),
-                hyper_util::service::TowerToHyperService::new(svc),
-            );
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { stop_rx.wait_for(|v| *v).await.map(|_| ()) } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    let _ = stop_tx.send(true);
-    drop(open_tx);
-    let _ = open_rx.recv().await;
-}
-
 /// The TLS handshake, or `None` when the client spoke plain HTTP (answered
 /// with a 400 that says so) or went away first.
-async fn handshake(
+pub(crate) async fn handshake(
     mut tcp: TcpStream,
     tls: &Tls,
 ) -> std::io::Result<Option<tokio_rustls::server::TlsStream<TcpStream>>> {

@@ -108,6 +108,13 @@ pub mod names {
     pub const CAPTURE_BYTES: &str = "llmops_capture_bytes";
     /// Counter: TLS certificate reloads by result (ok, error).
     pub const TLS_RELOADS: &str = "llmops_tls_reloads_total";
+    /// Gauge: connections open, by listener (http, grpc, metrics).
+    pub const CONNECTIONS_OPEN: &str = "llmops_connections_open";
+    /// Counter: connections closed on arrival at the listener's cap.
+    pub const CONNECTIONS_REFUSED: &str = "llmops_connections_refused_total";
+    /// Counter: connections closed by a timeout, by listener and phase
+    /// (handshake, header, idle, body).
+    pub const CONNECTIONS_TIMED_OUT: &str = "llmops_connections_timed_out_total";
 }
 
 /// vLLM's TTFT buckets.
@@ -550,6 +557,21 @@ pub fn describe() {
             names::TLS_RELOADS,
             Unit::Count,
             "TLS certificate reloads (SIGHUP or changed files) by result: ok, or error (the previous certificate stays)."
+        );
+        describe_gauge!(
+            names::CONNECTIONS_OPEN,
+            Unit::Count,
+            "Connections open, by listener (http, grpc, metrics)."
+        );
+        describe_counter!(
+            names::CONNECTIONS_REFUSED,
+            Unit::Count,
+            "Connections closed on arrival because the listener had max_connections open, by listener."
+        );
+        describe_counter!(
+            names::CONNECTIONS_TIMED_OUT,
+            Unit::Count,
+            "Connections closed by a timeout, by listener and phase (handshake, header, idle, body)."
         );
     }
     shadow::describe();

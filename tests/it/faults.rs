@@ -162,6 +162,7 @@ async fn an_inference_key_is_refused_before_its_admin_body_is_read_and_admin_bod
     let r = c
         .post(&url)
         .bearer_auth("adm1n")
+        .header("content-type", "application/json")
         .body(big)
         .send()
         .await

@@ -10,6 +10,7 @@ mod autopilot;
 mod canary_truth;
 mod capture;
 mod clients;
+mod connections;
 mod drift;
 mod engine;
 mod faults;

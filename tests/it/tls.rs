@@ -641,3 +641,91 @@ fn replaced_certificates_are_served_after_sighup_or_a_file_change_and_bad_files_
     let (status, body) = https_get(server.http, "/health", None, client).unwrap();
     assert_eq!(status, 200, "{body}");
 }
+
+/// Reads from `s` until the server closes it; when that was (`None`: still
+/// open after `within`).
+fn closed_within(s: &mut impl Read, within: Duration) -> Option<Instant> {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 1024];
+    while t0.elapsed() < within {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(Instant::now()),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            // Reset, or a TLS close without close_notify: closed.
+            Err(_) => return Some(Instant::now()),
+        }
+    }
+    None
+}
+
+#[test]
+fn over_tls_a_stalled_handshake_a_slow_head_and_an_idle_connection_are_closed_in_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    let model = tmp.path().join("model");
+    SynthSpec::tiny_llama().write(&model, None).unwrap();
+    let (header, idle) = (Duration::from_secs(1), Duration::from_secs(3));
+    let margin = Duration::from_secs(6);
+    let server = start_tls_server(
+        tmp.path(),
+        &model,
+        &pki,
+        &[
+            "--header-read-timeout-secs".into(),
+            "1".into(),
+            "--idle-timeout-secs".into(),
+            "3".into(),
+        ],
+    );
+    let config = client_config(&pki, None);
+    let open_tls = || {
+        let tcp = TcpStream::connect_timeout(&server.http, Duration::from_secs(2)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let conn =
+            rustls::ClientConnection::new(config.clone(), "localhost".try_into().unwrap()).unwrap();
+        rustls::StreamOwned::new(conn, tcp)
+    };
+
+    // A TLS record header's first byte, then nothing: the handshake limit.
+    let mut stalled = TcpStream::connect_timeout(&server.http, Duration::from_secs(2)).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    stalled.write_all(&[0x16]).unwrap();
+    let t0 = Instant::now();
+    let closed = closed_within(&mut stalled, header + margin).expect("handshake still open");
+    assert!(closed - t0 >= header - Duration::from_millis(100));
+
+    // A finished handshake and half a request head, dripping.
+    let mut slow = open_tls();
+    slow.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+    let t0 = Instant::now();
+    let mut closed = None;
+    while closed.is_none() && t0.elapsed() < header + margin {
+        let _ = slow.write_all(b"x");
+        closed = closed_within(&mut slow, Duration::from_millis(500));
+    }
+    let closed = closed.expect("a slow head over TLS is still open");
+    assert!(closed - t0 >= header - Duration::from_millis(100));
+
+    // One request answered, then idle.
+    let mut kept = open_tls();
+    assert_eq!(keep_alive_get(&mut kept), "200");
+    let t0 = Instant::now();
+    let closed = closed_within(&mut kept, idle + margin).expect("idle TLS connection still open");
+    assert!(
+        closed - t0 >= idle - Duration::from_millis(100),
+        "{:?}",
+        closed - t0
+    );
+
+    // The server still serves.
+    let (status, body) = https_get(server.http, "/health", None, config).unwrap();
+    assert_eq!(status, 200, "{body}");
+}
