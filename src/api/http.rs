@@ -69,7 +69,9 @@ pub fn app(state: HttpState, admin: Option<axum::Router<HttpState>>) -> axum::Ro
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/tokenize", post(tokenize))
-        .route("/detokenize", post(detokenize));
+        .route("/detokenize", post(detokenize))
+        .route("/v1/embeddings", post(super::embeddings::create))
+        .merge(super::responses::routes());
     if let Some(admin) = admin {
         api = api.merge(admin);
     }
@@ -331,7 +333,7 @@ fn completion_logprobs(
 
 /// When the request must end: the server's request timeout, or less when
 /// the client asks for less with `x-request-timeout` (seconds).
-fn deadline(
+pub(crate) fn deadline(
     headers: &HeaderMap,
     limits: &LimitsConfig,
     arrival: Instant,

@@ -10,6 +10,7 @@ mod autopilot;
 mod capture;
 mod clients;
 mod drift;
+mod embeddings;
 mod engine;
 mod faults;
 mod fleet;
