@@ -28,6 +28,9 @@ use crate::router::{Picked, RouteKey, Router, Target};
 use crate::scheduler::{Event, FinishReason};
 use crate::validation::{self, GenerationSpec, Input};
 
+pub mod embeddings;
+pub mod responses;
+
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
 pub struct HttpState {
@@ -70,8 +73,8 @@ pub fn app(state: HttpState, admin: Option<axum::Router<HttpState>>) -> axum::Ro
         .route("/v1/models", get(list_models))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
-        .route("/v1/embeddings", post(super::embeddings::create))
-        .merge(super::responses::routes());
+        .route("/v1/embeddings", post(embeddings::create))
+        .merge(responses::routes());
     if let Some(admin) = admin {
         api = api.merge(admin);
     }
@@ -333,7 +336,7 @@ fn completion_logprobs(
 
 /// When the request must end: the server's request timeout, or less when
 /// the client asks for less with `x-request-timeout` (seconds).
-pub(crate) fn deadline(
+fn deadline(
     headers: &HeaderMap,
     limits: &LimitsConfig,
     arrival: Instant,

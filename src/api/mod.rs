@@ -3,12 +3,10 @@
 
 pub mod admin;
 pub mod auth;
-pub mod embeddings;
 pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod openai;
-pub mod responses;
 pub mod tls;
 
 /// The kernel send buffer of an accepted connection, fixed. Left to

@@ -11,11 +11,11 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
-use super::auth::Principal;
-use super::error::ApiError;
-use super::http::{HttpState, JsonBody, RequestId, deadline};
-use super::openai::Prompt;
-use crate::embed::{self, EmbedError, EmbedSpec};
+use crate::api::auth::Principal;
+use crate::api::error::ApiError;
+use super::{HttpState, JsonBody, RequestId, deadline};
+use crate::api::openai::Prompt;
+use crate::embed::{self, EmbedSpec};
 use crate::monitor::Protocol;
 use crate::router::RouteKey;
 use crate::validation::Input;
@@ -76,17 +76,6 @@ pub struct EmbeddingList {
     pub model: String,
     /// Token counts.
     pub usage: EmbeddingUsage,
-}
-
-impl From<EmbedError> for ApiError {
-    fn from(e: EmbedError) -> Self {
-        match e {
-            EmbedError::Infer(e) => e.into(),
-            EmbedError::DeadlinePassed => ApiError::DeadlineExceeded(
-                "the request's deadline passed before it finished (see x-request-timeout)".into(),
-            ),
-        }
-    }
 }
 
 /// The inputs of a wire `input`.

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -31,10 +31,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use super::auth::Principal;
-use super::error::ApiError;
-use super::http::{HttpState, JsonBody, RequestId, deadline, random_id};
-use super::openai::SamplingFields;
+use crate::api::auth::Principal;
+use crate::api::error::ApiError;
+use super::{HttpState, JsonBody, RequestId, deadline, random_id, unix_now};
+use crate::api::openai::SamplingFields;
 use crate::engine::Message;
 use crate::infer::{self, Generation};
 use crate::monitor::Protocol;
@@ -237,13 +237,6 @@ pub fn routes() -> axum::Router<HttpState> {
         .route("/v1/responses", post(create))
         .route("/v1/responses/{id}", get(retrieve).delete(remove))
         .layer(Extension(ResponseStore::default()))
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The text of one content entry of an input message: a string, or parts
