@@ -175,7 +175,9 @@ pub async fn embed(
             .map_err(|e| InferError::Engine(format!("tokenization task failed: {e}")))??
     };
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
-    let mut reservation = quota.reserve(prompt_tokens as u64).map_err(InferError::from)?;
+    let mut reservation = quota
+        .reserve(prompt_tokens as u64)
+        .map_err(InferError::from)?;
     let n = prompts.len();
     let mut prompts = prompts.into_iter().enumerate();
     let mut pending: VecDeque<(usize, tokio::sync::mpsc::Receiver<Event>)> = VecDeque::new();
@@ -250,7 +252,11 @@ pub fn finish_vector(mut v: Vec<f32>, dimensions: Option<usize>) -> Vec<f32> {
     if let Some(d) = dimensions {
         v.truncate(d);
     }
-    let norm = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+    let norm = v
+        .iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
     if norm > 0.0 && norm.is_finite() {
         let inv = (1.0 / norm) as f32;
         v.iter_mut().for_each(|x| *x *= inv);

@@ -133,7 +133,9 @@ impl Model {
         let k = k.min(self.cfg.vocab_size).min(tensor::MAX_TOP);
         let t = match self.path {
             EnginePath::Host => self.forward(batch, kv, scratch)?,
-            EnginePath::Tensor => tensor::forward_with_hidden(self, batch, kv, scratch.hidden_rows_mut())?,
+            EnginePath::Tensor => {
+                tensor::forward_with_hidden(self, batch, kv, scratch.hidden_rows_mut())?
+            }
         };
         if t.dim(0)? == 0 {
             return Ok(TopRows {

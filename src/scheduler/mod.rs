@@ -584,10 +584,7 @@ impl EngineHandle {
     /// final-normed hidden states (after the final norm, before the LM
     /// head). It is batched with other work like any prefill; the prefix
     /// cache is not used for it (every row's state is needed).
-    pub fn submit_embedding(
-        &self,
-        request: Request,
-    ) -> Result<mpsc::Receiver<Event>, SubmitError> {
+    pub fn submit_embedding(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
         if request.max_tokens != 1 || request.score.is_some() {
             return Err(SubmitError::Invalid {
                 param: "max_tokens".into(),

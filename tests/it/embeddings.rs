@@ -55,7 +55,10 @@ async fn embed(s: &TestServer, input: Value) -> Vec<Vec<f32>> {
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn norm(v: &[f32]) -> f32 {
@@ -86,7 +89,10 @@ async fn an_embedding_is_a_unit_vector_that_neither_its_batch_nor_the_engine_pat
     for v in &batch {
         assert!((norm(v) - 1.0).abs() < 1e-5, "{}", norm(v));
     }
-    assert!(max_diff(&batch[0], &batch[2]) > 1e-3, "two texts, one vector");
+    assert!(
+        max_diff(&batch[0], &batch[2]) > 1e-3,
+        "two texts, one vector"
+    );
     for (i, text) in TEXTS.iter().enumerate() {
         let alone = embed(&host, json!(text)).await;
         assert!(max_diff(&batch[i], &alone[0]) < 1e-5, "input {i}");
@@ -106,11 +112,13 @@ async fn an_embedding_is_a_unit_vector_that_neither_its_batch_nor_the_engine_pat
     }
     // While other requests generate on the same engine.
     let c = reqwest::Client::new();
-    let gen = c
+    let generation = c
         .post(host.url("/v1/completions"))
-        .json(&json!({"model": "tiny", "prompt": "hello there", "max_tokens": 24, "temperature": 0}))
+        .json(
+            &json!({"model": "tiny", "prompt": "hello there", "max_tokens": 24, "temperature": 0}),
+        )
         .send();
-    let (during, g) = futures::join!(embed(&host, json!(TEXTS)), gen);
+    let (during, g) = futures::join!(embed(&host, json!(TEXTS)), generation);
     assert_eq!(g.unwrap().status(), 200);
     for i in 0..TEXTS.len() {
         assert!(max_diff(&batch[i], &during[i]) < 1e-5);
@@ -193,7 +201,9 @@ async fn the_grpc_embed_rpc_answers_what_http_answers() {
     assert!((norm(&short.embeddings[0].values) - 1.0).abs() < 1e-5);
 
     let code = |r: Result<tonic::Response<pb::EmbedResponse>, tonic::Status>| {
-        r.err().map(|e| (e.code(), e.message().to_string())).unwrap()
+        r.err()
+            .map(|e| (e.code(), e.message().to_string()))
+            .unwrap()
     };
     let (c1, m) = code(cl.embed(req("nope", vec![text("hi")], 0)).await);
     assert_eq!(c1, tonic::Code::NotFound, "{m}");
@@ -217,18 +227,78 @@ async fn bad_embedding_requests_get_openai_errors_and_the_server_keeps_serving()
     let long = "word ".repeat(2000);
     // (body, status, param, words of the message)
     let cases: Vec<(Value, u16, Value, &str)> = vec![
-        (json!({"model": "tiny", "input": ""}), 400, json!("input"), "empty"),
-        (json!({"model": "tiny", "input": []}), 400, json!("input"), "empty"),
-        (json!({"model": "tiny", "input": ["a", ""]}), 400, json!("input"), "input[1]"),
-        (json!({"model": "tiny", "input": [[]]}), 400, json!("input"), "empty"),
-        (json!({"model": "tiny", "input": many}), 400, json!("input"), "at most 2048"),
-        (json!({"model": "tiny", "input": [[1, 99999]]}), 400, json!("input"), "vocabulary"),
-        (json!({"model": "tiny", "input": long}), 400, json!("input"), "context"),
-        (json!({"model": "tiny", "input": "a", "dimensions": 0}), 400, json!("dimensions"), "between 1"),
-        (json!({"model": "tiny", "input": "a", "dimensions": 100000}), 400, json!("dimensions"), "between 1"),
-        (json!({"model": "tiny", "input": "a", "encoding_format": "int8"}), 400, json!("encoding_format"), "base64"),
-        (json!({"model": "nope", "input": "a"}), 404, json!("model"), "nope"),
-        (json!({"model": "tiny"}), 400, Value::Null, "missing field `input`"),
+        (
+            json!({"model": "tiny", "input": ""}),
+            400,
+            json!("input"),
+            "empty",
+        ),
+        (
+            json!({"model": "tiny", "input": []}),
+            400,
+            json!("input"),
+            "empty",
+        ),
+        (
+            json!({"model": "tiny", "input": ["a", ""]}),
+            400,
+            json!("input"),
+            "input[1]",
+        ),
+        (
+            json!({"model": "tiny", "input": [[]]}),
+            400,
+            json!("input"),
+            "empty",
+        ),
+        (
+            json!({"model": "tiny", "input": many}),
+            400,
+            json!("input"),
+            "at most 2048",
+        ),
+        (
+            json!({"model": "tiny", "input": [[1, 99999]]}),
+            400,
+            json!("input"),
+            "vocabulary",
+        ),
+        (
+            json!({"model": "tiny", "input": long}),
+            400,
+            json!("input"),
+            "context",
+        ),
+        (
+            json!({"model": "tiny", "input": "a", "dimensions": 0}),
+            400,
+            json!("dimensions"),
+            "between 1",
+        ),
+        (
+            json!({"model": "tiny", "input": "a", "dimensions": 100000}),
+            400,
+            json!("dimensions"),
+            "between 1",
+        ),
+        (
+            json!({"model": "tiny", "input": "a", "encoding_format": "int8"}),
+            400,
+            json!("encoding_format"),
+            "base64",
+        ),
+        (
+            json!({"model": "nope", "input": "a"}),
+            404,
+            json!("model"),
+            "nope",
+        ),
+        (
+            json!({"model": "tiny"}),
+            400,
+            Value::Null,
+            "missing field `input`",
+        ),
     ];
     for (body, status, param, words) in cases {
         let (got, v) = post(&s, "/v1/embeddings", body.clone()).await;
@@ -239,7 +309,12 @@ async fn bad_embedding_requests_get_openai_errors_and_the_server_keeps_serving()
         let message = err["message"].as_str().unwrap();
         assert!(message.contains(words), "{body}: {message}");
     }
-    let (status, v) = post(&s, "/v1/embeddings", json!({"model": "tiny", "input": "ok"})).await;
+    let (status, v) = post(
+        &s,
+        "/v1/embeddings",
+        json!({"model": "tiny", "input": "ok"}),
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["model"], "tiny");
     assert!(v["data"][0]["embedding"].is_array());
@@ -307,7 +382,11 @@ async fn a_streamed_response_sends_the_responses_events_in_order_with_the_whole_
             last
         ]
     );
-    assert!(kinds[4..n - 4].iter().all(|k| *k == "response.output_text.delta"));
+    assert!(
+        kinds[4..n - 4]
+            .iter()
+            .all(|k| *k == "response.output_text.delta")
+    );
     for (i, (k, v)) in events.iter().enumerate() {
         assert_eq!(v["type"], *k);
         assert_eq!(v["sequence_number"], i);

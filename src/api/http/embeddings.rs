@@ -11,9 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 
+use super::{HttpState, JsonBody, RequestId, deadline};
 use crate::api::auth::Principal;
 use crate::api::error::ApiError;
-use super::{HttpState, JsonBody, RequestId, deadline};
 use crate::api::openai::Prompt;
 use crate::embed::{self, EmbedSpec};
 use crate::monitor::Protocol;

@@ -31,9 +31,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
+use super::{HttpState, JsonBody, RequestId, deadline, random_id, unix_now};
 use crate::api::auth::Principal;
 use crate::api::error::ApiError;
-use super::{HttpState, JsonBody, RequestId, deadline, random_id, unix_now};
 use crate::api::openai::SamplingFields;
 use crate::engine::Message;
 use crate::infer::{self, Generation};
