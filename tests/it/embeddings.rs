@@ -77,11 +77,13 @@ async fn an_embedding_is_a_unit_vector_that_neither_its_batch_nor_the_engine_pat
     let host = TestServer::start_with(spec.clone(), |a| {
         a.engine_path = Some(EnginePath::Host);
         a.scheduler.max_batched_tokens = Some(8);
+        a.scheduler.max_running = Some(8);
     })
     .await;
     let tensor = TestServer::start_with(spec, |a| {
         a.engine_path = Some(EnginePath::Tensor);
         a.scheduler.max_batched_tokens = Some(8);
+        a.scheduler.max_running = Some(8);
     })
     .await;
     let batch = embed(&host, json!(TEXTS)).await;
