@@ -34,6 +34,7 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod embed;
 pub mod engine;
 pub mod hooks;
 pub mod infer;

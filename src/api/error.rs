@@ -381,6 +381,17 @@ impl From<InferError> for ApiError {
     }
 }
 
+impl From<crate::embed::EmbedError> for ApiError {
+    fn from(e: crate::embed::EmbedError) -> Self {
+        match e {
+            crate::embed::EmbedError::Infer(e) => e.into(),
+            crate::embed::EmbedError::DeadlinePassed => ApiError::DeadlineExceeded(
+                "the request's deadline passed before it finished (see x-request-timeout)".into(),
+            ),
+        }
+    }
+}
+
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
         match e {

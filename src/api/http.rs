@@ -28,6 +28,9 @@ use crate::router::{Picked, RouteKey, Router, Target};
 use crate::scheduler::{Event, FinishReason};
 use crate::validation::{self, GenerationSpec, Input};
 
+pub mod embeddings;
+pub mod responses;
+
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
 pub struct HttpState {
@@ -69,7 +72,9 @@ pub fn app(state: HttpState, admin: Option<axum::Router<HttpState>>) -> axum::Ro
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/tokenize", post(tokenize))
-        .route("/detokenize", post(detokenize));
+        .route("/detokenize", post(detokenize))
+        .route("/v1/embeddings", post(embeddings::create))
+        .merge(responses::routes());
     if let Some(admin) = admin {
         api = api.merge(admin);
     }

@@ -13,6 +13,10 @@ pub struct Batch<'a> {
     pub seqs: Vec<SeqView<'a>>,
     /// Rows whose logits the caller wants, in the order they are returned.
     pub logit_rows: Vec<u32>,
+    /// Rows whose final-normed hidden states (the LM head's input) the
+    /// caller wants instead of logits (embedding jobs), in row order; the
+    /// step leaves them in its scratch ([`super::Scratch::hidden_rows`]).
+    pub hidden_rows: Vec<u32>,
 }
 
 /// Which logits a sequence needs from a step.
@@ -64,6 +68,15 @@ impl<'a> Batch<'a> {
                 (offset + from.min(tokens.len())..offset + to.min(tokens.len())).map(|r| r as u32),
             ),
         }
+    }
+
+    /// Appends `tokens` of a sequence whose final hidden states are wanted
+    /// for every row (an embedding job): no logits.
+    pub fn push_hidden(&mut self, tokens: &[u32], start_pos: usize, blocks: &'a [u32]) {
+        let offset = self.tokens.len();
+        self.push(tokens, start_pos, blocks, Logits::None);
+        self.hidden_rows
+            .extend((offset..offset + tokens.len()).map(|r| r as u32));
     }
 
     /// Rows in the step.

@@ -50,7 +50,7 @@ impl Model {
             // split between it and a warm sibling instead of waking sleepers.
             EnginePath::Host => rayon::scope(|_| host::forward(self, batch, kv, scratch, logits)),
             EnginePath::Tensor => {
-                let t = tensor::forward(self, batch, kv)?;
+                let t = tensor::forward_with_hidden(self, batch, kv, scratch.hidden_rows_mut())?;
                 logits.clear();
                 logits.extend(t.flatten_all()?.to_vec1::<f32>()?);
                 Ok(())
@@ -80,7 +80,7 @@ impl Model {
                 Ok(logits.chunks(vocab).map(super::sampling::argmax).collect())
             }
             EnginePath::Tensor => {
-                let t = tensor::forward(self, batch, kv)?;
+                let t = tensor::forward_with_hidden(self, batch, kv, scratch.hidden_rows_mut())?;
                 if t.dim(0)? == 0 {
                     return Ok(vec![]);
                 }
@@ -133,7 +133,9 @@ impl Model {
         let k = k.min(self.cfg.vocab_size).min(tensor::MAX_TOP);
         let t = match self.path {
             EnginePath::Host => self.forward(batch, kv, scratch)?,
-            EnginePath::Tensor => tensor::forward(self, batch, kv)?,
+            EnginePath::Tensor => {
+                tensor::forward_with_hidden(self, batch, kv, scratch.hidden_rows_mut())?
+            }
         };
         if t.dim(0)? == 0 {
             return Ok(TopRows {

@@ -32,6 +32,8 @@ pub struct Scratch {
     up: Vec<f32>,
     act: Vec<f32>,
     logits: Vec<f32>,
+    /// Final-normed hidden states of the step's `hidden_rows`.
+    hidden: Vec<f32>,
     owner: Vec<(u32, u32)>,
     /// cos then sin, `[rows, head_dim / 2]` each, per rotary table.
     rope: Vec<(Vec<f32>, Vec<f32>)>,
@@ -44,6 +46,18 @@ impl Scratch {
     /// path, which keeps them on the device.
     pub fn head_input(&self) -> &[f32] {
         &self.h
+    }
+
+    /// The last step's final-normed hidden states of its batch's
+    /// `hidden_rows` (row-major `[rows, hidden]`), on either path: what
+    /// embedding jobs mean-pool. Empty when the step asked none.
+    pub fn hidden_rows(&self) -> &[f32] {
+        &self.hidden
+    }
+
+    /// The buffer the tensor path fills with those states.
+    pub(crate) fn hidden_rows_mut(&mut self) -> &mut Vec<f32> {
+        &mut self.hidden
     }
 }
 
@@ -284,6 +298,13 @@ pub(crate) fn forward(
         add_in_place(&mut s.x, &s.y);
         laps.lap(Op::Residual);
     }
+    // Embedding rows: the LM head's input, without the head.
+    s.hidden.clear();
+    for &r in &batch.hidden_rows {
+        s.hidden
+            .extend_from_slice(&s.x[r as usize * hidden..(r as usize + 1) * hidden]);
+    }
+    rms_norm_in_place(&mut s.hidden, &m.final_norm.host, eps);
     let rows = batch.logit_rows.len();
     if rows == 0 {
         logits.clear();

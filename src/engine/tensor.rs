@@ -22,8 +22,16 @@ use super::model::{GateUp, Model, Qkv};
 use super::{Error, Result};
 
 /// One step as candle tensor ops on the model's device. Returns
-/// `[batch.logit_rows.len(), vocab]` f32 logits on the device.
-pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<Tensor> {
+/// `[batch.logit_rows.len(), vocab]` f32 logits on the device, and copies
+/// the final-normed hidden states of the batch's `hidden_rows` (embedding
+/// jobs) back into `hidden` as f32.
+pub(crate) fn forward_with_hidden(
+    m: &Model,
+    batch: &Batch<'_>,
+    kv: &mut KvCache,
+    hidden: &mut Vec<f32>,
+) -> Result<Tensor> {
+    hidden.clear();
     let t = batch.len();
     let cfg = &m.cfg;
     let (d, hq, hk) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
@@ -124,6 +132,11 @@ pub(crate) fn forward(m: &Model, batch: &Batch<'_>, kv: &mut KvCache) -> Result<
             y = candle_nn::ops::rms_norm(&y, &n.t, eps)?;
         }
         x = (residual + y)?;
+    }
+    if !batch.hidden_rows.is_empty() {
+        let rows = Tensor::from_slice(&batch.hidden_rows, batch.hidden_rows.len(), dev)?;
+        let h = candle_nn::ops::rms_norm(&x.index_select(&rows, 0)?, &m.final_norm.t, eps)?;
+        hidden.extend(h.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
     }
     if batch.logit_rows.is_empty() {
         return Ok(Tensor::zeros((0, cfg.vocab_size), DType::F32, dev)?);

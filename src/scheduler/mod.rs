@@ -214,6 +214,9 @@ pub struct Completion {
     pub timings: Timings,
     /// A scoring job's result, one entry per scored token.
     pub scores: Option<Vec<PositionScore>>,
+    /// An embedding job's result: the mean of the prompt's final-normed
+    /// hidden states (not normalised), `hidden_size` wide.
+    pub embedding: Option<Vec<f32>>,
 }
 
 /// What a request's receiver gets.
@@ -363,6 +366,9 @@ struct Job {
     request: Request,
     events: mpsc::Sender<Event>,
     submitted: Instant,
+    /// An embedding job: prefill only, the prompt's hidden states pooled
+    /// instead of a token sampled ([`EngineHandle::submit_embedding`]).
+    embed: bool,
 }
 
 struct Shared {
@@ -374,6 +380,8 @@ struct Shared {
     context_length: usize,
     /// Rows of the embedding: the ids a forward pass can take.
     embedding_rows: usize,
+    /// Width of the final hidden states (an embedding's dimensions).
+    hidden_size: usize,
     labels: EngineLabels,
     /// Set when the thread has exited (model memory freed).
     stopped: AtomicBool,
@@ -456,6 +464,7 @@ impl EngineHandle {
             draining: AtomicBool::new(false),
             context_length,
             embedding_rows: model.model.config().vocab_size,
+            hidden_size: model.model.config().hidden_size,
             config: config.clone(),
             labels: labels.clone(),
             stopped: AtomicBool::new(false),
@@ -517,6 +526,12 @@ impl EngineHandle {
     /// tokenizer may exceed (the loader allows a larger vocabulary).
     pub fn embedding_rows(&self) -> usize {
         self.shared.embedding_rows
+    }
+
+    /// Width of the model's final hidden states: the dimensions of the
+    /// embeddings it serves.
+    pub fn hidden_size(&self) -> usize {
+        self.shared.hidden_size
     }
 
     /// The labels it was started with.
@@ -629,6 +644,31 @@ impl EngineHandle {
     /// its queue (client or background, by priority) is full, the request
     /// cannot fit, or the engine is draining.
     pub fn submit(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        self.submit_job(request, false)
+    }
+
+    /// Queues an embedding job for `request.prompt` (`max_tokens` must be
+    /// 1; sampling and stops are ignored): one prefill, nothing generated,
+    /// and a [`Completion`] whose `embedding` is the mean of the prompt's
+    /// final-normed hidden states (after the final norm, before the LM
+    /// head). It is batched with other work like any prefill; the prefix
+    /// cache is not used for it (every row's state is needed).
+    pub fn submit_embedding(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        if request.max_tokens != 1 || request.score.is_some() {
+            return Err(SubmitError::Invalid {
+                param: "max_tokens".into(),
+                message: "max_tokens: an embedding job generates nothing (max_tokens 1, no score)"
+                    .into(),
+            });
+        }
+        self.submit_job(request, true)
+    }
+
+    fn submit_job(
+        &self,
+        request: Request,
+        embed: bool,
+    ) -> Result<mpsc::Receiver<Event>, SubmitError> {
         self.check(&request)?;
         let (variant, key) = (request.variant, request.split_key);
         self.admit(request).inspect_err(|e| {
@@ -712,6 +752,7 @@ impl EngineHandle {
             request,
             events: etx,
             submitted: self.shared.clock.now(),
+            embed,
         };
         match self.tx.try_send(Msg::Job(Box::new(job))) {
             Ok(()) => Ok(erx),

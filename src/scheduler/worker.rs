@@ -55,6 +55,9 @@ struct Io {
     /// here so the sequence is not taken for abandoned); its result goes to
     /// the drift recorder.
     probe: Option<mpsc::Receiver<Event>>,
+    /// An embedding job: the running sum of its prompt's final-normed
+    /// hidden states and the rows summed. It samples nothing.
+    embed: Option<(Vec<f32>, usize)>,
 }
 
 /// A request's drift measurements, accumulated in place.
@@ -265,6 +268,7 @@ impl Worker {
                     request,
                     events,
                     submitted,
+                    embed,
                 } = *job;
                 let score = request.score.clone().map(|job| Scoring {
                     first: request.prompt.len() - 1,
@@ -286,6 +290,7 @@ impl Worker {
                 }
                 // Drift watches the traffic a version serves as stable.
                 let eligible = request.score.is_none()
+                    && !embed
                     && request.variant == Variant::Stable
                     && request.protocol != Protocol::Internal;
                 let admission = if eligible {
@@ -331,11 +336,17 @@ impl Worker {
                     events,
                     drift,
                     probe: None,
+                    embed: embed.then(|| (vec![0.0; self.hidden], 0)),
                 };
                 self.next_id += 1;
                 // A scoring job needs the logits of every position it scores:
-                // the prefix cache may stand in only for those before.
-                let logits_from = io.score.as_ref().map_or(usize::MAX, |sc| sc.first);
+                // the prefix cache may stand in only for those before. An
+                // embedding job needs every position's hidden state.
+                let logits_from = if embed {
+                    0
+                } else {
+                    io.score.as_ref().map_or(usize::MAX, |sc| sc.first)
+                };
                 state.enqueue(
                     Seq::new(self.next_id, request.priority, tokens, max_new_tokens, io)
                         .needs_logits_from(logits_from),
@@ -382,6 +393,7 @@ impl Worker {
             events,
             drift: None,
             probe: Some(rx),
+            embed: None,
         };
         self.next_id += 1;
         // Every position is scored (and pooled): nothing comes from the cache.
@@ -536,11 +548,93 @@ impl Worker {
         }
     }
 
+    /// Adds each embedding job's rows of this step's final hidden states
+    /// (left in the scratch, in plan order, by either path) to its pooled
+    /// sum. A chunk at position 0 starts the sum over: a preempted job
+    /// recomputes its prompt from the start.
+    fn pool_embed_rows(&mut self, state: &mut State<Io>, plan: &crate::scheduler::state::Plan) {
+        let h = self.scratch.hidden_rows();
+        let width = self.hidden;
+        let mut at = 0;
+        for e in &plan.entries {
+            let Some((sum, count)) = state.running[e.index].payload.embed.as_mut() else {
+                continue;
+            };
+            let Some(mine) = h.get(at * width..(at + e.len) * width) else {
+                // Fewer rows than asked: the job cannot finish with a full
+                // sum, and `finish` fails it.
+                return;
+            };
+            at += e.len;
+            if e.start == 0 {
+                sum.iter_mut().for_each(|v| *v = 0.0);
+                *count = 0;
+            }
+            for row in mine.chunks_exact(width.max(1)) {
+                sum.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+            }
+            *count += e.len;
+        }
+    }
+
+    /// Ends an embedding job: its mean-pooled hidden state, or why not.
+    fn finish_embedding(&self, s: &mut Seq<Io>, sum: Vec<f32>, rows: usize) {
+        let prompt_len = s.prompt_len;
+        let preemptions = s.preemptions;
+        let io = &mut s.payload;
+        let m = self.metrics.requests(io.protocol, io.variant);
+        if let Some(err) = io.failed.take() {
+            m.failure.increment(1);
+            let _ = io.events.try_send(Event::Failed(err));
+            return;
+        }
+        let reason = io.finished.unwrap_or(FinishReason::Aborted);
+        let embedding = if reason == FinishReason::Stop {
+            if rows != prompt_len || rows == 0 {
+                m.failure.increment(1);
+                let _ = io.events.try_send(Event::Failed(format!(
+                    "the engine pooled {rows} of the prompt's {prompt_len} hidden states"
+                )));
+                return;
+            }
+            let inv = 1.0 / rows as f32;
+            Some(sum.into_iter().map(|v| v * inv).collect())
+        } else {
+            None
+        };
+        let now = self.shared.clock.now();
+        m.success[reason.index()].increment(1);
+        m.prompt_tokens.increment(prompt_len as u64);
+        m.prompt_tokens_hist.record(prompt_len as f64);
+        m.e2e.record((now - io.arrival).as_secs_f64());
+        let queue = io.admitted.map(|a| a - io.submitted).unwrap_or_default();
+        if io.admitted.is_some() {
+            m.queue.record(queue.as_secs_f64());
+        }
+        let _ = io.events.try_send(Event::Done(Completion {
+            reason,
+            prompt_tokens: prompt_len,
+            completion_tokens: 0,
+            tail: String::new(),
+            preemptions,
+            timings: Timings {
+                queue,
+                ..Default::default()
+            },
+            scores: None,
+            embedding,
+        }));
+    }
+
     /// Sends the final event and records the request's metrics.
     fn finish(&self, s: &mut Seq<Io>) {
         let generated = s.generated();
         let prompt_len = s.prompt_len;
         let preemptions = s.preemptions;
+        if let Some((sum, rows)) = s.payload.embed.take() {
+            self.finish_embedding(s, sum, rows);
+            return;
+        }
         let io = &mut s.payload;
         if io.probe.take().is_some() {
             // A drift probe: only a complete result counts (one preempted
@@ -683,6 +777,7 @@ impl Worker {
             preemptions,
             timings,
             scores,
+            embedding: None,
         }));
     }
 
@@ -739,6 +834,13 @@ impl Worker {
         let mut sampled = 0;
         for e in &plan.entries {
             let s = &state.running[e.index];
+            if s.payload.embed.is_some() {
+                // Prefill only: hidden states, no logits, nothing sampled.
+                batch.push_hidden(&s.tokens[e.start..e.start + e.len], e.start, &s.blocks);
+                entry_rows.push(0);
+                entry_logits.push(Logits::None);
+                continue;
+            }
             let (logits, n) = match &s.payload.score {
                 Some(sc) => match sc.span(e.start, e.len) {
                     Some((from, to)) => (Logits::Span { from, to }, to - from),
@@ -806,6 +908,7 @@ impl Worker {
         drop(batch);
         if result.is_ok() {
             self.pool_probe_rows(state, &plan, &entry_rows, rows);
+            self.pool_embed_rows(state, &plan);
         }
         if let Err(e) = result {
             tracing::error!(error = %e, sequences = plan.entries.len(), "forward pass failed; running its sequences one by one");
@@ -849,7 +952,9 @@ impl Worker {
         // A scoring job that fed its last token is done.
         for e in &plan.entries {
             let s = &mut state.running[e.index];
-            if s.payload.score.is_some() && s.computed == s.tokens.len() {
+            if (s.payload.score.is_some() || s.payload.embed.is_some())
+                && s.computed == s.tokens.len()
+            {
                 s.payload.finished = Some(FinishReason::Stop);
             }
         }

@@ -12,6 +12,7 @@ mod capture;
 mod clients;
 mod connections;
 mod drift;
+mod embeddings;
 mod engine;
 mod faults;
 mod fleet;

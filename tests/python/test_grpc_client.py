@@ -93,7 +93,7 @@ def test_reflection_v1_lists_the_services(channel):
 
 
 def test_reflection_describes_the_inference_service(api):
-    assert set(api.methods) == {"Generate", "GenerateStream", "Tokenize", "ListModels"}
+    assert set(api.methods) == {"Generate", "GenerateStream", "Tokenize", "ListModels", "Embed"}
     assert api.methods["GenerateStream"].server_streaming
     assert not api.methods["Generate"].server_streaming
     assert not any(m.client_streaming for m in api.methods.values())
@@ -151,6 +151,27 @@ def test_tokenize_matches_the_http_api(api, server):
     http = server.tokenize(prompt=PROMPT, add_special_tokens=True)
     assert list(r.token_ids) == http["tokens"]
     assert len(r.tokens) == len(r.token_ids)
+
+
+def test_embed_matches_the_http_api(api, server):
+    EmbedInput = api.message("llmops.v1.EmbedInput")
+    r = api.call("Embed", model=server.model, inputs=[EmbedInput(text=PROMPT)])
+    assert len(r.embeddings) == 1
+    got = list(r.embeddings[0].values)
+    status, _, body = server.request(
+        "POST",
+        "/v1/embeddings",
+        {"model": server.model, "input": PROMPT, "encoding_format": "float"},
+        key=server.inference_key,
+    )
+    assert status == 200, body
+    want = body["data"][0]["embedding"]
+    assert len(got) == len(want)
+    assert max(abs(x - y) for x, y in zip(got, want)) < 1e-6
+    assert r.usage.prompt_tokens == body["usage"]["prompt_tokens"] == r.usage.total_tokens
+    with pytest.raises(grpc.RpcError) as e:
+        api.call("Embed", model=server.model, inputs=[])
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_generate_stream_delivers_tokens_then_usage(api, server):

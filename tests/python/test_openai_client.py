@@ -488,3 +488,211 @@ def test_a_burst_over_the_queue_limit_gets_rate_limit_errors(client, server):
             s.close()
     # Closing the streams cancels them: the autouse fixture checks the
     # engine goes idle (long before 4 × 4000 tokens could have been made).
+
+
+# ----------------------------------------------------------------- embeddings
+
+EMBED_TEXTS = [
+    "The whale swam under the grey sea at dawn.",
+    "The baker opened his shop at six every morning.",
+    "In the spring the river rose and covered the low fields.",
+]
+
+
+def _cosine(a, b) -> float:
+    dot = sum(x * y for x, y in zip(a, b))
+    na = sum(x * x for x in a) ** 0.5
+    nb = sum(y * y for y in b) ** 0.5
+    return dot / (na * nb)
+
+
+def _floats(client, server, inputs, **kw):
+    r = client.embeddings.create(model=server.model, input=inputs, encoding_format="float", **kw)
+    return r, [d.embedding for d in sorted(r.data, key=lambda d: d.index)]
+
+
+def test_embeddings_are_unit_vectors_and_a_text_is_its_own_nearest(client, server):
+    r, rows = _floats(client, server, EMBED_TEXTS)
+    assert r.object == "list" and len(rows) == len(EMBED_TEXTS)
+    assert [d.index for d in r.data] == [0, 1, 2]
+    width = len(rows[0])
+    assert width > 1 and all(len(v) == width for v in rows)
+    for v in rows:
+        assert abs(sum(x * x for x in v) - 1.0) < 1e-4
+    assert abs(_cosine(rows[0], rows[0]) - 1.0) < 1e-6
+    # Different texts give different vectors.
+    assert _cosine(rows[0], rows[1]) < 0.9999
+    expected = sum(server.tokenize(prompt=t)["count"] for t in EMBED_TEXTS)
+    assert r.usage.prompt_tokens == expected
+    assert r.usage.total_tokens == expected
+
+
+def test_an_embedding_does_not_depend_on_its_batch_or_its_place_in_it(client, server):
+    _, batch = _floats(client, server, EMBED_TEXTS)
+    _, reversed_batch = _floats(client, server, list(reversed(EMBED_TEXTS)))
+    for i, text in enumerate(EMBED_TEXTS):
+        _, alone = _floats(client, server, text)
+        other = reversed_batch[len(EMBED_TEXTS) - 1 - i]
+        assert max(abs(x - y) for x, y in zip(batch[i], alone[0])) < 1e-5
+        assert max(abs(x - y) for x, y in zip(batch[i], other)) < 1e-5
+
+
+def test_base64_embeddings_decode_to_the_float_result(client, server):
+    # The SDK asks base64 when no format is given and decodes it itself.
+    sdk = client.embeddings.create(model=server.model, input=EMBED_TEXTS[0])
+    _, floats = _floats(client, server, EMBED_TEXTS[0])
+    assert len(sdk.data[0].embedding) == len(floats[0])
+    assert max(abs(x - y) for x, y in zip(sdk.data[0].embedding, floats[0])) < 1e-7
+    # Raw: little-endian f32, as OpenAI sends it.
+    import base64
+    import struct
+
+    status, _, body = server.request(
+        "POST",
+        "/v1/embeddings",
+        {"model": server.model, "input": EMBED_TEXTS[0], "encoding_format": "base64"},
+        key=server.inference_key,
+    )
+    assert status == 200, body
+    raw = base64.b64decode(body["data"][0]["embedding"])
+    decoded = struct.unpack(f"<{len(raw) // 4}f", raw)
+    assert list(decoded) == [float(x) for x in struct.unpack(f"<{len(floats[0])}f", struct.pack(f"<{len(floats[0])}f", *floats[0]))]
+
+
+def test_embeddings_take_token_arrays_and_truncate_to_dimensions(client, server):
+    ids = server.tokenize(prompt=EMBED_TEXTS[0])["tokens"]
+    _, by_text = _floats(client, server, EMBED_TEXTS[0])
+    _, by_ids = _floats(client, server, [ids, ids[:3]])
+    assert max(abs(x - y) for x, y in zip(by_text[0], by_ids[0])) < 1e-5
+    _, short = _floats(client, server, EMBED_TEXTS[0], dimensions=4)
+    assert len(short[0]) == 4
+    assert abs(sum(x * x for x in short[0]) - 1.0) < 1e-5
+    norm = sum(x * x for x in by_text[0][:4]) ** 0.5
+    assert max(abs(x - y / norm) for x, y in zip(short[0], by_text[0][:4])) < 1e-5
+
+
+def test_bad_embedding_requests_are_openai_errors(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=server.model, input="", encoding_format="float")
+    assert e.value.param == "input"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=server.model, input=["x"] * 2049, encoding_format="float")
+    assert e.value.param == "input"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=server.model, input="x", dimensions=0, encoding_format="float")
+    assert e.value.param == "dimensions"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.embeddings.create(model="no-such-model", input="x")
+    assert e.value.code == "model_not_found"
+
+
+# ------------------------------------------------------------------ responses
+
+RESPONSE_INPUT = "Tell me about the old town."
+
+
+def test_responses_create_answers_with_text_and_usage(client, server):
+    r = client.responses.create(
+        model=server.model,
+        input=RESPONSE_INPUT,
+        instructions="You are a quiet lighthouse keeper.",
+        max_output_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.object == "response"
+    assert r.id.startswith("resp_")
+    assert r.status in ("completed", "incomplete")
+    assert r.output_text and r.output[0].role == "assistant"
+    assert r.usage.output_tokens <= 12
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens
+    if r.status == "incomplete":
+        assert r.incomplete_details.reason == "max_output_tokens"
+        assert r.usage.output_tokens == 12
+
+
+def test_responses_stream_sends_the_event_sequence_and_the_same_text(client, server):
+    kw = dict(model=server.model, input=RESPONSE_INPUT, max_output_tokens=16, temperature=1.0, extra_body={"seed": 7, "ignore_eos": True})
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    last = "response.incomplete" if whole.status == "incomplete" else "response.completed"
+    head = [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    tail = [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        last,
+    ]
+    assert kinds[:4] == head, kinds
+    assert kinds[-4:] == tail, kinds
+    assert set(kinds[4:-4]) == {"response.output_text.delta"}, kinds
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert streamed == whole.output_text
+    assert events[-4].text == whole.output_text
+    assert events[-1].response.output_text == whole.output_text
+    assert events[-1].response.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_previous_response_id_continues_the_conversation(client, server):
+    eos = {"ignore_eos": True}
+    first = client.responses.create(
+        model=server.model, input=RESPONSE_INPUT, max_output_tokens=8, temperature=0, extra_body=eos
+    )
+    second = client.responses.create(
+        model=server.model,
+        input="And the harbour?",
+        previous_response_id=first.id,
+        max_output_tokens=8,
+        temperature=0,
+        extra_body=eos,
+    )
+    assert second.previous_response_id == first.id
+    # The second turn's prompt is the whole conversation: the same as a chat
+    # completion given both turns.
+    chat = client.chat.completions.create(
+        model=server.model,
+        messages=[
+            {"role": "user", "content": RESPONSE_INPUT},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "And the harbour?"},
+        ],
+        max_tokens=8,
+        temperature=0,
+        extra_body=eos,
+    )
+    assert second.usage.input_tokens == chat.usage.prompt_tokens
+    assert second.output_text == chat.choices[0].message.content
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+
+
+def test_a_response_not_stored_cannot_be_continued(client, server):
+    r = client.responses.create(model=server.model, input=RESPONSE_INPUT, max_output_tokens=4, temperature=0, store=False)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=server.model, input="more", previous_response_id=r.id, max_output_tokens=4)
+    assert e.value.param == "previous_response_id"
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+
+
+def test_responses_refuse_structured_output_and_tools_until_supported(client, server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(
+            model=server.model,
+            input="x",
+            text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+        )
+    assert e.value.param == "text.format"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(
+            model=server.model,
+            input="x",
+            tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+        )
+    assert e.value.param == "tools"

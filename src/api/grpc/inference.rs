@@ -1,4 +1,5 @@
-//! `llmops.v1.Inference`: Generate, GenerateStream, Tokenize, ListModels.
+//! `llmops.v1.Inference`: Generate, GenerateStream, Tokenize, ListModels,
+//! Embed.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -386,6 +387,86 @@ impl Inference for InferenceService {
             .collect();
         record("ListModels", started, tonic::Code::Ok);
         Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    async fn embed(
+        &self,
+        req: Request<pb::EmbedRequest>,
+    ) -> Result<Response<pb::EmbedResponse>, Status> {
+        let started = Instant::now();
+        let route = "Embed";
+        let (version, out) = self
+            .embed_inputs(&req, started)
+            .await
+            .map_err(|e| fail(route, started, e))?;
+        record(route, started, tonic::Code::Ok);
+        let tokens = out.prompt_tokens as u32;
+        Ok(Response::new(pb::EmbedResponse {
+            embeddings: out
+                .vectors
+                .into_iter()
+                .map(|values| pb::Embedding { values })
+                .collect(),
+            usage: Some(pb::Usage {
+                prompt_tokens: tokens,
+                completion_tokens: 0,
+                total_tokens: tokens,
+            }),
+            model: req.get_ref().model.clone(),
+            version,
+            request_id: metadata_str(&req, "x-request-id")
+                .map(str::to_string)
+                .unwrap_or_default(),
+        }))
+    }
+}
+
+impl InferenceService {
+    /// Authenticates, picks the target and embeds every input.
+    async fn embed_inputs(
+        &self,
+        req: &Request<pb::EmbedRequest>,
+        started: Instant,
+    ) -> Result<(String, crate::embed::Embeddings), ApiError> {
+        let principal = self.principal(req)?;
+        let r = req.get_ref();
+        let key = RouteKey {
+            session: metadata_str(req, "x-llmops-route-key")
+                .filter(|k| !k.is_empty())
+                .map(str::to_string),
+            user: (!r.user.is_empty()).then(|| r.user.clone()),
+            api_key: (principal.key_id != "anonymous").then(|| principal.key_id.clone()),
+            request: metadata_str(req, "x-request-id")
+                .unwrap_or_default()
+                .to_string(),
+        };
+        let picked = self.router.pick(&r.model, &key)?;
+        let inputs = r
+            .inputs
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match &e.input {
+                Some(pb::embed_input::Input::Text(t)) => Ok(Input::Text(t.clone())),
+                Some(pb::embed_input::Input::Tokens(t)) => Ok(Input::Tokens(t.ids.clone())),
+                None => Err(ApiError::invalid(
+                    "inputs",
+                    format!("inputs[{i}]: one of text or tokens is required"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let deadline = metadata_str(req, "grpc-timeout")
+            .and_then(parse_grpc_timeout)
+            .map(|d| started + d - deadline_margin(d))
+            .or(Some(started + self.limits.request_timeout));
+        let spec = crate::embed::EmbedSpec {
+            inputs,
+            dimensions: (r.dimensions > 0).then_some(r.dimensions as usize),
+            deadline,
+            arrival: started,
+            protocol: Protocol::Grpc,
+        };
+        let out = crate::embed::embed(&picked, spec, &self.limits, &principal.quota).await?;
+        Ok((picked.target.version.clone(), out))
     }
 }
 
