@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use crate::config::LimitsConfig;
+use crate::engine::grammar::{Compiled, Constraint};
 use crate::engine::{Message, SamplingParams};
 use crate::monitor::Protocol;
 use crate::scheduler::length::{self, LengthCaps, LengthError};
@@ -43,6 +44,46 @@ pub struct GenerationSpec {
     pub arrival: Instant,
     /// Which front end.
     pub protocol: Protocol,
+    /// What the output must match (structured outputs), if anything.
+    pub constraint: Option<OutputConstraint>,
+}
+
+/// A request's output constraint and the parameter that asked for it (named
+/// in errors).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputConstraint {
+    /// The parameter, e.g. `response_format` or `guided_regex`.
+    pub param: String,
+    /// The constraint.
+    pub constraint: Constraint,
+}
+
+/// Compiles a request's constraint against the engine's vocabulary (built
+/// once per engine), within the size and time limits; counts it by kind, or
+/// counts the failure.
+fn compile(engine: &EngineHandle, oc: &OutputConstraint) -> Result<Compiled, ValidationError> {
+    use crate::monitor::names;
+    let kind = oc.constraint.kind();
+    let model = engine.labels().model.clone();
+    let env = engine
+        .tokenizer()
+        .grammar_env(engine.embedding_rows())
+        .map_err(|e| ValidationError::invalid(&oc.param, format!("{}: {e}", oc.param)))?;
+    match env.compile(&oc.constraint) {
+        Ok(c) => {
+            metrics::counter!(names::STRUCTURED_REQUESTS, "model" => model, "kind" => kind)
+                .increment(1);
+            Ok(c)
+        }
+        Err(e) => {
+            metrics::counter!(names::STRUCTURED_COMPILE_FAILURES, "model" => model, "kind" => kind)
+                .increment(1);
+            Err(ValidationError::invalid(
+                &oc.param,
+                format!("{}: cannot compile the {kind} constraint: {e}", oc.param),
+            ))
+        }
+    }
 }
 
 /// Why a request is refused before it reaches an engine.
@@ -231,6 +272,12 @@ pub fn validate(
         max_tokens: limits.max_tokens,
     };
     let max_tokens = length::max_new_tokens(context, caps, param, prompt.len(), spec.max_tokens)?;
+    // Last of the checks: compiling is the most expensive.
+    let grammar = spec
+        .constraint
+        .as_ref()
+        .map(|oc| compile(engine, oc))
+        .transpose()?;
     // Drift's script mix: the text a caller wrote, one pass, no allocation.
     let mut text_profile = crate::monitor::drift::TextProfile::default();
     match &spec.input {
@@ -259,6 +306,7 @@ pub fn validate(
                 // Set by the router's pick, when the request is submitted.
                 variant: Default::default(),
                 text_profile,
+                grammar: grammar.clone(),
             }
         })
         .collect();
@@ -303,6 +351,7 @@ mod tests {
             deadline: None,
             arrival: Instant::now(),
             protocol: Protocol::Internal,
+            constraint: None,
         };
         let limits = LimitsConfig {
             max_body_bytes: 1 << 20,

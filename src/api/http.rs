@@ -381,6 +381,7 @@ fn spec(
         deadline: Some(deadline),
         arrival,
         protocol: Protocol::Http,
+        constraint: common.structured.constraint()?,
     })
 }
 

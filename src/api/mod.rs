@@ -7,6 +7,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod openai;
+pub mod structured;
 pub mod tls;
 
 /// The kernel send buffer of an accepted connection, fixed. Left to

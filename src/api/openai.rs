@@ -131,10 +131,9 @@ impl SamplingFields {
 /// present with a value other than its no-op is refused with a 400 naming
 /// it, rather than silently ignored (a client asking for JSON output or
 /// tools must not get plain text and believe it got what it asked for).
+/// Structured outputs are `api::structured`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Unsupported {
-    /// Structured output.
-    pub response_format: Option<serde_json::Value>,
     /// Tool calling.
     pub tools: Option<serde_json::Value>,
     /// Tool choice.
@@ -159,14 +158,6 @@ pub struct Unsupported {
     pub web_search_options: Option<serde_json::Value>,
     /// Reasoning effort.
     pub reasoning_effort: Option<serde_json::Value>,
-    /// Guided decoding (vLLM extensions).
-    pub guided_json: Option<serde_json::Value>,
-    /// Guided decoding by regex (vLLM extension).
-    pub guided_regex: Option<serde_json::Value>,
-    /// Guided decoding by choice (vLLM extension).
-    pub guided_choice: Option<serde_json::Value>,
-    /// Guided decoding by grammar (vLLM extension).
-    pub guided_grammar: Option<serde_json::Value>,
 }
 
 impl Unsupported {
@@ -178,10 +169,7 @@ impl Unsupported {
         };
         let never = |_: &Value| false;
         type Check<'a> = (&'a str, &'a Option<Value>, &'a dyn Fn(&Value) -> bool);
-        let checks: [Check; 17] = [
-            ("response_format", &self.response_format, &|v| {
-                v.get("type").and_then(Value::as_str) == Some("text")
-            }),
+        let checks: [Check; 12] = [
             ("tools", &self.tools, &|v| {
                 v.as_array().is_some_and(Vec::is_empty)
             }),
@@ -208,10 +196,6 @@ impl Unsupported {
             ("prediction", &self.prediction, &never),
             ("web_search_options", &self.web_search_options, &never),
             ("reasoning_effort", &self.reasoning_effort, &never),
-            ("guided_json", &self.guided_json, &never),
-            ("guided_regex", &self.guided_regex, &never),
-            ("guided_choice", &self.guided_choice, &never),
-            ("guided_grammar", &self.guided_grammar, &never),
         ];
         for (name, value, ok) in checks {
             if !noop(value, ok) {
@@ -251,6 +235,9 @@ pub struct GenerationFields {
     /// Sampling.
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Structured outputs (`response_format`, `guided_*`).
+    #[serde(flatten)]
+    pub structured: crate::api::structured::StructuredFields,
     /// Parameters refused when they would have an effect.
     #[serde(flatten)]
     pub unsupported: Unsupported,

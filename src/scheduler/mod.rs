@@ -103,6 +103,9 @@ pub struct Request {
     /// The prompt text's characters by class, counted by validation (which
     /// has the text) for drift detection; zeros for token prompts.
     pub text_profile: crate::monitor::drift::TextProfile,
+    /// The output constraint, compiled by validation (structured outputs):
+    /// every token is drawn from the logits it allows.
+    pub grammar: Option<crate::engine::grammar::Compiled>,
 }
 
 /// A teacher-forced scoring job: the log-probability the model gives each
@@ -134,6 +137,7 @@ impl Request {
             variant: crate::monitor::Variant::Stable,
             score: None,
             text_profile: Default::default(),
+            grammar: None,
         }
     }
 }

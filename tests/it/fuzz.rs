@@ -534,6 +534,7 @@ fn fuzz_openai_request_json() {
         if let Ok(r) = parse_json::<ChatCompletionRequest>(bytes) {
             label = "parsed";
             let _ = r.common.refuse_unsupported();
+            let _ = r.common.structured.constraint();
             let _ = r.common.sampling.to_params(Some(5));
             let _ = flatten_messages(&r.messages);
         }

@@ -28,6 +28,7 @@ mod scheduler;
 mod server;
 mod shadow;
 mod soak;
+mod structured;
 mod support;
 mod tensor_path;
 mod tls;

@@ -189,6 +189,7 @@ impl InferenceService {
             deadline,
             arrival,
             protocol: Protocol::Grpc,
+            constraint: crate::api::structured::from_proto(r.constraint.as_ref())?,
         })
     }
 }
