@@ -38,9 +38,8 @@ fn string(param: &str, v: &Value) -> Result<String, ApiError> {
 fn schema(param: &str, v: &Value) -> Result<Value, ApiError> {
     match v {
         Value::Object(_) | Value::Bool(_) => Ok(v.clone()),
-        Value::String(s) => serde_json::from_str(s).map_err(|e| {
-            ApiError::invalid(param, format!("{param} is not valid JSON: {e}"))
-        }),
+        Value::String(s) => serde_json::from_str(s)
+            .map_err(|e| ApiError::invalid(param, format!("{param} is not valid JSON: {e}"))),
         _ => Err(ApiError::invalid(
             param,
             format!("{param} must be a JSON schema (an object)"),
@@ -66,7 +65,10 @@ impl StructuredFields {
                 Some("json_object") => add(P, Constraint::JsonObject),
                 Some("json_schema") => {
                     let js = rf.get("json_schema").ok_or_else(|| {
-                        ApiError::invalid(P, "response_format.json_schema is required with type json_schema")
+                        ApiError::invalid(
+                            P,
+                            "response_format.json_schema is required with type json_schema",
+                        )
                     })?;
                     if !js.is_object() {
                         return Err(ApiError::invalid(
@@ -93,13 +95,20 @@ impl StructuredFields {
             }
         }
         if let Some(v) = self.guided_json.as_ref().filter(|v| !v.is_null()) {
-            add("guided_json", Constraint::JsonSchema(schema("guided_json", v)?));
+            add(
+                "guided_json",
+                Constraint::JsonSchema(schema("guided_json", v)?),
+            );
         }
         if let Some(v) = self.guided_regex.as_ref().filter(|v| !v.is_null()) {
-            add("guided_regex", Constraint::Regex(string("guided_regex", v)?));
+            add(
+                "guided_regex",
+                Constraint::Regex(string("guided_regex", v)?),
+            );
         }
         if let Some(v) = self.guided_choice.as_ref().filter(|v| !v.is_null()) {
-            let bad = || ApiError::invalid("guided_choice", "guided_choice must be a list of strings");
+            let bad =
+                || ApiError::invalid("guided_choice", "guided_choice must be a list of strings");
             let choices = v
                 .as_array()
                 .ok_or_else(bad)?
@@ -109,7 +118,10 @@ impl StructuredFields {
             add("guided_choice", Constraint::Choice(choices));
         }
         if let Some(v) = self.guided_grammar.as_ref().filter(|v| !v.is_null()) {
-            add("guided_grammar", Constraint::Lark(string("guided_grammar", v)?));
+            add(
+                "guided_grammar",
+                Constraint::Lark(string("guided_grammar", v)?),
+            );
         }
         if found.len() > 1 {
             let names: Vec<&str> = found.iter().map(|c| c.param.as_str()).collect();
@@ -158,14 +170,21 @@ mod tests {
     #[test]
     fn each_parameter_reads_into_its_constraint() {
         let c = |v| fields(v).constraint().unwrap().map(|c| c.constraint);
-        assert_eq!(c(serde_json::json!({"response_format": {"type": "text"}})), None);
+        assert_eq!(
+            c(serde_json::json!({"response_format": {"type": "text"}})),
+            None
+        );
         assert_eq!(
             c(serde_json::json!({"response_format": {"type": "json_object"}})),
             Some(Constraint::JsonObject)
         );
         assert_eq!(
-            c(serde_json::json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer"}, "strict": true}}})),
-            Some(Constraint::JsonSchema(serde_json::json!({"type": "integer"})))
+            c(
+                serde_json::json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer"}, "strict": true}}})
+            ),
+            Some(Constraint::JsonSchema(
+                serde_json::json!({"type": "integer"})
+            ))
         );
         assert_eq!(
             c(serde_json::json!({"guided_choice": ["a", "b"]})),
@@ -173,14 +192,19 @@ mod tests {
         );
         assert_eq!(
             c(serde_json::json!({"guided_json": "{\"type\": \"string\"}"})),
-            Some(Constraint::JsonSchema(serde_json::json!({"type": "string"})))
+            Some(Constraint::JsonSchema(
+                serde_json::json!({"type": "string"})
+            ))
         );
     }
 
     #[test]
     fn two_constraints_or_a_malformed_one_are_refused_by_name() {
         let e = |v| fields(v).constraint().unwrap_err().to_string();
-        assert!(e(serde_json::json!({"guided_regex": "a", "guided_choice": ["a"]})).contains("only one"));
+        assert!(
+            e(serde_json::json!({"guided_regex": "a", "guided_choice": ["a"]}))
+                .contains("only one")
+        );
         assert!(e(serde_json::json!({"response_format": {"type": "xml"}})).contains("`xml`"));
         assert!(e(serde_json::json!({"guided_choice": [1]})).contains("list of strings"));
     }

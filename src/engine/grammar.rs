@@ -145,7 +145,14 @@ fn spelling_of(decoder: &serde_json::Value, out: &mut Spelling) {
     match decoder["type"].as_str() {
         Some("ByteLevel") => out.byte_level = true,
         Some("ByteFallback") => out.byte_fallback = true,
-        Some("Metaspace") => out.space = Some(decoder["replacement"].as_str().and_then(|s| s.chars().next()).unwrap_or('▁')),
+        Some("Metaspace") => {
+            out.space = Some(
+                decoder["replacement"]
+                    .as_str()
+                    .and_then(|s| s.chars().next())
+                    .unwrap_or('▁'),
+            )
+        }
         Some("Replace") if decoder["content"].as_str() == Some(" ") => {
             let pattern = decoder["pattern"]["String"].as_str().unwrap_or("");
             let mut chars = pattern.chars();
@@ -374,7 +381,9 @@ impl Clone for Compiled {
 
 impl std::fmt::Debug for Compiled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Compiled").field("kind", &self.kind).finish()
+        f.debug_struct("Compiled")
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 
@@ -464,7 +473,8 @@ mod tests {
     use super::*;
 
     fn embedded() -> Tokenizer {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default/tokenizer.json");
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default/tokenizer.json");
         Tokenizer::from_file(&path, Some(0), vec![1]).unwrap()
     }
 

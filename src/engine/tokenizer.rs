@@ -76,7 +76,10 @@ impl Tokenizer {
     /// The constrained-decoding environment for this vocabulary and a model
     /// with `rows` logits per row: built once (the first structured request
     /// pays for it, on the blocking pool), then shared.
-    pub fn grammar_env(&self, rows: usize) -> std::result::Result<std::sync::Arc<GrammarEnv>, String> {
+    pub fn grammar_env(
+        &self,
+        rows: usize,
+    ) -> std::result::Result<std::sync::Arc<GrammarEnv>, String> {
         self.grammar
             .get_or_init(|| GrammarEnv::new(self, rows).map(std::sync::Arc::new))
             .clone()

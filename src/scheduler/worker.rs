@@ -1024,21 +1024,23 @@ fn emit_token(
             // one come here, it draws among its allowed candidates.
             let allowed;
             let cands = match s.payload.grammar.as_mut() {
-                Some(g) => match g.mask_candidates(cands) {
-                    Ok(c) if !c.is_empty() => {
-                        allowed = c;
-                        &allowed[..]
-                    }
-                    Ok(_) => {
-                        s.payload.failed =
+                Some(g) => {
+                    match g.mask_candidates(cands) {
+                        Ok(c) if !c.is_empty() => {
+                            allowed = c;
+                            &allowed[..]
+                        }
+                        Ok(_) => {
+                            s.payload.failed =
                             Some("no candidate picked on the device is allowed by the output constraint".into());
-                        return;
+                            return;
+                        }
+                        Err(e) => {
+                            s.payload.failed = Some(e);
+                            return;
+                        }
                     }
-                    Err(e) => {
-                        s.payload.failed = Some(e);
-                        return;
-                    }
-                },
+                }
                 None => cands,
             };
             match s.payload.sampler.sample_top(cands, vocab, lse) {

@@ -119,7 +119,10 @@ fn schema() -> Value {
 
 fn check_pet(text: &str) {
     let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
-    assert!(["cat", "dog", "bird"].contains(&v["kind"].as_str().unwrap()), "{v}");
+    assert!(
+        ["cat", "dog", "bird"].contains(&v["kind"].as_str().unwrap()),
+        "{v}"
+    );
     assert!(v["age"].as_u64().unwrap() <= 30, "{v}");
     let names = v["names"].as_array().unwrap();
     assert!((1..=2).contains(&names.len()), "{v}");
@@ -221,7 +224,11 @@ async fn every_sampling_setting_draws_only_what_the_constraint_allows() {
             "Answer:",
             16,
             i as u64,
-            Some(Constraint::Choice(vec!["yes".into(), "no".into(), "maybe not".into()])),
+            Some(Constraint::Choice(vec![
+                "yes".into(),
+                "no".into(),
+                "maybe not".into(),
+            ])),
         );
         s.sampling = SamplingParams {
             temperature,
@@ -234,7 +241,10 @@ async fn every_sampling_setting_draws_only_what_the_constraint_allows() {
             ..Default::default()
         };
         let (_, text, reason, _) = collect(submit(&engine, s)).await;
-        assert!(["yes", "no", "maybe not"].contains(&text.as_str()), "{i}: {text:?}");
+        assert!(
+            ["yes", "no", "maybe not"].contains(&text.as_str()),
+            "{i}: {text:?}"
+        );
         assert_eq!(reason, FinishReason::Stop);
     }
 }
@@ -264,7 +274,9 @@ async fn grpc_takes_a_constraint_and_refuses_one_that_cannot_compile() {
         .unwrap()
         .into_inner();
     assert!(
-        regex::Regex::new("^[A-Z]{2}-[0-9]{3}$").unwrap().is_match(&r.text),
+        regex::Regex::new("^[A-Z]{2}-[0-9]{3}$")
+            .unwrap()
+            .is_match(&r.text),
         "{:?}",
         r.text
     );
@@ -284,12 +296,17 @@ async fn grpc_takes_a_constraint_and_refuses_one_that_cannot_compile() {
         .into_inner();
     assert!(r.text == "left" || r.text == "right", "{:?}", r.text);
     let e = cl
-        .generate(req(C::JsonSchema(r#"{"type": "object", "properties": {"a": {"$ref": "#/$defs/nowhere"}}}"#.into())))
+        .generate(req(C::JsonSchema(
+            r##"{"type": "object", "properties": {"a": {"$ref": "#/$defs/nowhere"}}}"##.into(),
+        )))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("nowhere"), "{}", e.message());
-    let e = cl.generate(req(C::Grammar("start: (".into()))).await.unwrap_err();
+    let e = cl
+        .generate(req(C::Grammar("start: (".into())))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
     s.stop().await;
 }
@@ -325,7 +342,12 @@ async fn http_applies_response_format_on_both_endpoints_and_refuses_a_huge_schem
     check_pet(v["choices"][0]["text"].as_str().unwrap());
     // A 1 MB schema: a 400 naming the limit, before anything compiles.
     let props: serde_json::Map<String, Value> = (0..16_000)
-        .map(|i| (format!("field_{i:06}"), json!({"type": "string", "description": "x".repeat(40)})))
+        .map(|i| {
+            (
+                format!("field_{i:06}"),
+                json!({"type": "string", "description": "x".repeat(40)}),
+            )
+        })
         .collect();
     let huge = json!({"type": "json_schema", "json_schema": {"name": "huge", "schema": {"type": "object", "properties": props}}});
     let r = c
@@ -337,7 +359,10 @@ async fn http_applies_response_format_on_both_endpoints_and_refuses_a_huge_schem
     assert_eq!(r.status(), 400);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["param"], "response_format", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("at most"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("at most"),
+        "{v}"
+    );
     s.stop().await;
 }
 
@@ -364,7 +389,12 @@ async fn gemma3_270m_writes_json_for_a_schema_and_one_of_its_choices() {
     for seed in 0..3 {
         let (_, text, reason, _) = collect(submit(
             &engine,
-            spec("A pet as JSON:", 120, seed, Some(Constraint::JsonSchema(schema()))),
+            spec(
+                "A pet as JSON:",
+                120,
+                seed,
+                Some(Constraint::JsonSchema(schema())),
+            ),
         ))
         .await;
         assert_eq!(reason, FinishReason::Stop, "{text:?}");
