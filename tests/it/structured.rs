@@ -253,7 +253,10 @@ async fn every_sampling_setting_draws_only_what_the_constraint_allows() {
 async fn grpc_takes_a_constraint_and_refuses_one_that_cannot_compile() {
     let dir = tempfile::tempdir().unwrap();
     let model = embedded_folder(dir.path());
-    let s = TestServer::start_in(&model, &dir.path().join("data"), |_| {}).await;
+    let s = TestServer::start_in(&model, &dir.path().join("data"), |a| {
+        a.model_names = vec!["embedded".into()]
+    })
+    .await;
     let mut cl = s.grpc_client().await;
     let req = |c: pb::generate_request::Constraint| pb::GenerateRequest {
         model: "embedded".into(),
@@ -315,7 +318,10 @@ async fn grpc_takes_a_constraint_and_refuses_one_that_cannot_compile() {
 async fn http_applies_response_format_on_both_endpoints_and_refuses_a_huge_schema() {
     let dir = tempfile::tempdir().unwrap();
     let model = embedded_folder(dir.path());
-    let s = TestServer::start_in(&model, &dir.path().join("data"), |_| {}).await;
+    let s = TestServer::start_in(&model, &dir.path().join("data"), |a| {
+        a.model_names = vec!["embedded".into()]
+    })
+    .await;
     let c = reqwest::Client::new();
     let url = |p: &str| format!("http://{}{p}", s.http);
     let rf = json!({"type": "json_schema", "json_schema": {"name": "pet", "schema": schema(), "strict": true}});
