@@ -261,7 +261,7 @@ async fn grpc_takes_a_constraint_and_refuses_one_that_cannot_compile() {
     let req = |c: pb::generate_request::Constraint| pb::GenerateRequest {
         model: "embedded".into(),
         input: Some(pb::generate_request::Input::Prompt("Code:".into())),
-        max_tokens: 24,
+        max_tokens: 120,
         sampling: Some(pb::SamplingParams {
             temperature: Some(1.0),
             seed: Some(3),
