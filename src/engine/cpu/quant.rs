@@ -2,7 +2,8 @@
 //! Q5_K, Q6_K), with activations quantized to int8 per block as llama.cpp
 //! does: a single stream reads 4.5–8.5 bits per weight instead of 16.
 //!
-//! [`QuantWeight`] keeps the file's bytes, row-major per output feature.
+//! [`QuantWeight`] keeps the file's bytes, row-major per output feature (Q8_0
+//! interleaved by 16 rows where the CPU has AVX512-VNNI).
 //! Each call quantizes every activation row once (Q8_0-style blocks of 32
 //! with an f16-rounded scale for the 32-wide weight types, Q8_K blocks of
 //! 256 with an f32 scale and 16 partial sums for the k-quants). Rayon splits
@@ -11,22 +12,34 @@
 //! scales) and dots that buffer with every activation row, so a batch
 //! converts each block once per pass, not once per row.
 //!
-//! **The arithmetic** (the same in the AVX2 kernel and in
-//! [`dot_scalar`], bit for bit): per weight block and activation row,
-//! integer products are summed exactly into 8 i32 lanes, lane `l` holding
-//! elements `4l..4l+3` of each 32-element group (what `maddubs` +
-//! `madd` produce), k-quant sub-block scales multiplied in as i16 (`madd`).
-//! Each lane is then converted to f32 and accumulated with one fused
-//! multiply-add by `d_w · d_x` (an f32 product) per block, in block order.
-//! K-quant corrections (Q4_K/Q5_K mins, Q6_K's offset of 32) come from the
-//! activation's per-16 sums, as a second 8-lane accumulator subtracted at
-//! the end. The 8 lanes are summed in a fixed tree order. Nothing depends on
-//! which other rows are in the batch, so results are batch-invariant.
+//! **The arithmetic** (the same in every kernel and in [`dot_scalar`], bit
+//! for bit). 32-wide types (Q4_0, Q5_0, Q8_0): per weight block and
+//! activation row, the exact i32 dot product of the 32 int8 pairs, converted
+//! to f32 and added with one fused multiply-add by `d_w · d_x` (an f32
+//! product), in block order (llama.cpp's scalar `vec_dot_q8_0_q8_0`, fused).
+//! How the integer sum is formed does not matter (it is exact): the AVX2
+//! kernel uses `maddubs` + `madd` and a horizontal add; on AVX512-VNNI,
+//! Q8_0 rows are interleaved by 16 at load ([`QuantWeight::new`]) so that
+//! each `vpdpbusd` lane accumulates one row's block and 16 rows share one
+//! conversion and one FMA per block.
+//!
+//! K-quants: per weight block and activation row, integer products are
+//! summed exactly into 8 i32 lanes, lane `l` holding elements `4l..4l+3`
+//! of each 32-element group (what `maddubs` + `madd` produce), sub-block
+//! scales multiplied in as i16 (`madd`). Each lane is then converted to f32
+//! and accumulated with one fused multiply-add by `d_w · d_x` per block, in
+//! block order. The corrections (Q4_K/Q5_K mins, Q6_K's offset of 32) come
+//! from the activation's per-16 sums, as a second 8-lane accumulator
+//! subtracted at the end. The 8 lanes are summed in a fixed tree order.
+//!
+//! Nothing depends on which other rows are in the batch, so results are
+//! batch-invariant.
 
 use half::f16;
 use rayon::prelude::*;
 
 use super::OutPtr;
+use super::gemm::Isa;
 
 /// A GGUF block type this kernel reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,11 +99,15 @@ impl QuantType {
     }
 }
 
-/// A weight `[n, k]` as the file's blocks, row-major per output feature.
+/// A weight `[n, k]` as the file's blocks: row-major per output feature, or
+/// (Q8_0 where the CPU has AVX512-VNNI) interleaved by 16 rows, see
+/// [`QuantWeight::new`].
 #[derive(Debug, Clone)]
 pub struct QuantWeight {
     ty: QuantType,
     data: Vec<u8>,
+    /// `data` holds groups of [`GROUP`] rows interleaved (Q8_0 only).
+    interleaved: bool,
     /// Output features.
     pub n: usize,
     /// Input features.
@@ -100,10 +117,41 @@ pub struct QuantWeight {
 impl QuantWeight {
     /// Wraps `n` rows of `k` weights as GGUF blocks of `ty`; `None` if `k`
     /// is not a whole number of blocks or `data` has the wrong length.
+    ///
+    /// Q8_0 weights are interleaved by 16 rows when the kernels run on
+    /// AVX512-VNNI ([`Path::detect`]): per group of 16 rows and block, the
+    /// 16 f16 scales, then for each 4 consecutive values the 16 rows' 4
+    /// bytes (64 bytes, one `vpdpbusd` operand). The same bytes as the file
+    /// (a last partial group is padded with zero rows).
     pub fn new(ty: QuantType, data: Vec<u8>, n: usize, k: usize) -> Option<Self> {
+        Self::with_layout(ty, data, n, k, Path::detect() == Path::Vnni512)
+    }
+
+    /// As [`QuantWeight::new`], interleaving Q8_0 if `interleave`.
+    fn with_layout(
+        ty: QuantType,
+        data: Vec<u8>,
+        n: usize,
+        k: usize,
+        interleave: bool,
+    ) -> Option<Self> {
         let be = ty.block_elems();
         let len = n.checked_mul(k / be)?.checked_mul(ty.block_bytes())?;
-        (k > 0 && k.is_multiple_of(be) && data.len() == len).then_some(Self { ty, data, n, k })
+        if !(k > 0 && k.is_multiple_of(be) && data.len() == len) {
+            return None;
+        }
+        let mut w = Self {
+            ty,
+            data,
+            interleaved: false,
+            n,
+            k,
+        };
+        if interleave && !ty.is_k() {
+            w.data = interleave_32(ty, &w.data, n, k);
+            w.interleaved = true;
+        }
+        Some(w)
     }
 
     /// The block type.
@@ -115,15 +163,32 @@ impl QuantWeight {
         self.k / self.ty.block_elems() * self.ty.block_bytes()
     }
 
-    fn row(&self, j: usize) -> &[u8] {
+    /// Row `j`'s blocks as the file has them: a slice of the weight, or
+    /// (interleaved) gathered into `buf`.
+    fn row<'a>(&'a self, j: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
         let rb = self.row_bytes();
-        &self.data[j * rb..(j + 1) * rb]
+        if !self.interleaved {
+            return &self.data[j * rb..(j + 1) * rb];
+        }
+        buf.resize(rb, 0);
+        let (nb, bb) = (self.k / 32, self.ty.block_bytes());
+        let (g, c) = (j / GROUP, j % GROUP);
+        for (b, blk) in buf.chunks_exact_mut(bb).enumerate() {
+            let at = (g * nb + b) * GROUP * bb;
+            blk[..2].copy_from_slice(&self.data[at + 2 * c..at + 2 * c + 2]);
+            for t in 0..(bb - 2) / 4 {
+                let v = at + 32 + 64 * t + 4 * c;
+                blk[2 + 4 * t..6 + 4 * t].copy_from_slice(&self.data[v..v + 4]);
+            }
+        }
+        buf
     }
 
     /// Row `j` dequantized to f32 (an embedding lookup), appended to `out`.
     pub fn row_into(&self, j: usize, out: &mut Vec<f32>) {
         let mut u = Unpacked::new(self.ty, self.k);
-        u.unpack(self.ty, self.row(j), false);
+        let mut buf = vec![];
+        u.unpack(self.ty, self.row(j, &mut buf), false);
         u.dequantize_into(self.ty, out);
     }
 
@@ -138,10 +203,42 @@ impl QuantWeight {
         if parts.iter().any(|p| p.k != first.k || p.ty != first.ty) {
             return None;
         }
-        let data = parts.iter().flat_map(|p| p.data.iter().copied()).collect();
+        let mut data = vec![];
+        let mut buf = vec![];
+        for p in parts {
+            for j in 0..p.n {
+                data.extend_from_slice(p.row(j, &mut buf));
+            }
+        }
         let n = parts.iter().map(|p| p.n).sum();
-        QuantWeight::new(first.ty, data, n, first.k)
+        QuantWeight::with_layout(first.ty, data, n, first.k, first.interleaved)
     }
+}
+
+/// Rows per interleaved group (one AVX-512 lane each).
+const GROUP: usize = 16;
+
+/// The file's rows `[n, k]` of a 32-wide type interleaved by [`GROUP`]:
+/// per group and block, the 16 rows' f16 scales, then each 4-byte word of
+/// the rest of the block (Q5_0's high bits, then the values or nibbles) as
+/// 16 rows × 4 bytes. A last partial group is padded with zero rows.
+fn interleave_32(ty: QuantType, data: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let (nb, bb) = (k / 32, ty.block_bytes());
+    let groups = n.div_ceil(GROUP);
+    let mut out = vec![0u8; groups * nb * GROUP * bb];
+    for j in 0..n {
+        let (g, c) = (j / GROUP, j % GROUP);
+        for b in 0..nb {
+            let blk = &data[(j * nb + b) * bb..(j * nb + b + 1) * bb];
+            let at = (g * nb + b) * GROUP * bb;
+            out[at + 2 * c..at + 2 * c + 2].copy_from_slice(&blk[..2]);
+            for t in 0..(bb - 2) / 4 {
+                let v = at + 32 + 64 * t + 4 * c;
+                out[v..v + 4].copy_from_slice(&blk[2 + 4 * t..6 + 4 * t]);
+            }
+        }
+    }
+    out
 }
 
 fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -154,7 +251,7 @@ struct Acts {
     q: Vec<i8>,
     /// `[m, k / block]` scales.
     d: Vec<f32>,
-    /// `[m, k / 16]` sums of 16 consecutive values (k-quants only).
+    /// `[m, k / 16]` sums of 16 consecutive values.
     bsums: Vec<i16>,
     k: usize,
     block: usize,
@@ -171,11 +268,7 @@ impl Acts {
         let nb = k / block;
         let mut q = vec![0i8; m * k];
         let mut d = vec![0f32; m * nb];
-        let mut bsums = if ty.is_k() {
-            vec![0i16; m * k / 16]
-        } else {
-            vec![]
-        };
+        let mut bsums = vec![0i16; m * k / 16];
         for (b, (xs, qs)) in x[..m * k]
             .chunks_exact(block)
             .zip(q.chunks_exact_mut(block))
@@ -210,6 +303,9 @@ impl Acts {
                     *o = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
                 }
                 d[b] = f16::from_f32(amax / 127.0).to_f32();
+                for (s, g) in bsums[b * 2..b * 2 + 2].iter_mut().zip(qs.chunks_exact(16)) {
+                    *s = g.iter().map(|&v| v as i16).sum();
+                }
             }
         }
         Self {
@@ -226,11 +322,7 @@ impl Acts {
         ActRow {
             q: &self.q[i * self.k..(i + 1) * self.k],
             d: &self.d[i * nb..(i + 1) * nb],
-            bsums: if self.bsums.is_empty() {
-                &[]
-            } else {
-                &self.bsums[i * self.k / 16..(i + 1) * self.k / 16]
-            },
+            bsums: &self.bsums[i * self.k / 16..(i + 1) * self.k / 16],
         }
     }
 }
@@ -278,7 +370,7 @@ impl Unpacked {
     fn unpack(&mut self, ty: QuantType, row: &[u8], simd: bool) {
         #[cfg(target_arch = "x86_64")]
         if simd && !ty.is_k() {
-            // SAFETY: `simd` is only set when the CPU has AVX2 (`has_avx2`).
+            // SAFETY: `simd` is only set when the CPU has AVX2 (`Path::Avx2` or above).
             unsafe { avx2::unpack_row_32(ty, row, self) };
             return;
         }
@@ -293,7 +385,7 @@ impl Unpacked {
                     &mut self.aq[b * be..(b + 1) * be]
                 };
                 // SAFETY: `simd` is only set when the CPU has AVX2
-                // (`has_avx2`); `q` (and `aq`) hold one block's values.
+                // (`Path::Avx2` or above); `q` (and `aq`) hold one block's values.
                 unsafe { avx2::unpack_values(ty, blk, q, aq) };
             }
             let values = !(simd && cfg!(target_arch = "x86_64"));
@@ -440,19 +532,15 @@ fn hsum8(l: [f32; 8]) -> f32 {
 /// The dot product of an unpacked weight row and a quantized activation row:
 /// the reference arithmetic (see the module docs) in portable code.
 fn dot_scalar(ty: QuantType, w: &Unpacked, x: ActRow<'_>) -> f32 {
-    let mut acc = [0f32; 8];
     if !ty.is_k() {
+        let mut acc = 0f32;
         for (b, (wq, xq)) in w.q.chunks_exact(32).zip(x.q.chunks_exact(32)).enumerate() {
-            let d = w.dm[b] * x.d[b];
-            for (l, a) in acc.iter_mut().enumerate() {
-                let p: i32 = (4 * l..4 * l + 4)
-                    .map(|e| wq[e] as i32 * xq[e] as i32)
-                    .sum();
-                *a = d.mul_add(p as f32, *a);
-            }
+            let p: i32 = wq.iter().zip(xq).map(|(&a, &b)| a as i32 * b as i32).sum();
+            acc = (w.dm[b] * x.d[b]).mul_add(p as f32, acc);
         }
-        return hsum8(acc);
+        return acc;
     }
+    let mut acc = [0f32; 8];
     let mut accc = [0f32; 8];
     for b in 0..w.dm.len() {
         let mut isum = [0i32; 8];
@@ -485,21 +573,66 @@ fn dot_scalar(ty: QuantType, w: &Unpacked, x: ActRow<'_>) -> f32 {
 /// Output features per parallel task.
 const COLS_PER_TASK: usize = 64;
 
-/// Whether this CPU runs the AVX2 kernel.
-fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+/// The kernels this module runs on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Path {
+    /// [`dot_scalar`] (any CPU).
+    Portable,
+    /// AVX2 + FMA: `maddubs` + `madd`.
+    Avx2,
+    /// AVX2 + FMA, and AVX-512 (F, BW) with VNNI: `vpdpbusd` on 16
+    /// interleaved Q8_0 rows at once (the other types as `Avx2`).
+    Vnni512,
+}
+
+impl Path {
+    /// What this CPU supports, capped like the GEMM by `LLMOPS_CPU_ISA`
+    /// ([`Isa::detect`]: `avx2` or `portable`). Decided once per process.
+    pub fn detect() -> Path {
+        static PATH: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+        *PATH.get_or_init(|| {
+            let cap = match Isa::detect() {
+                Isa::Portable => Path::Portable,
+                Isa::Avx2 => Path::Avx2,
+                Isa::Avx512 => Path::Vnni512,
+            };
+            Self::supported().min(cap)
+        })
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+
+    /// The widest path the CPU supports.
+    pub fn supported() -> Path {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma") && has!("f16c");
+            if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+                return Path::Vnni512;
+            }
+            if avx2 {
+                return Path::Avx2;
+            }
+        }
+        Path::Portable
     }
 }
 
 /// `out[m, n] = x[m, k] · wᵀ + bias[n]`.
 pub fn matmul_xwt(x: &[f32], m: usize, w: &QuantWeight, bias: Option<&[f32]>, out: &mut [f32]) {
-    matmul_with(x, m, w, bias, out, has_avx2());
+    matmul_with(x, m, w, bias, out, Path::detect());
+}
+
+/// As [`matmul_xwt`] on the kernels of `path` (capped at what the CPU has):
+/// every path gives the same bits.
+pub fn matmul_xwt_on(
+    path: Path,
+    x: &[f32],
+    m: usize,
+    w: &QuantWeight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    matmul_with(x, m, w, bias, out, path.min(Path::supported()));
 }
 
 fn matmul_with(
@@ -508,7 +641,7 @@ fn matmul_with(
     w: &QuantWeight,
     bias: Option<&[f32]>,
     out: &mut [f32],
-    simd: bool,
+    path: Path,
 ) {
     let (n, k, ty) = (w.n, w.k, w.ty);
     assert!(x.len() >= m * k && out.len() >= m * n, "matmul shapes");
@@ -517,11 +650,18 @@ fn matmul_with(
     }
     let acts = Acts::quantize(x, m, k, ty);
     let ptr = OutPtr(out.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if path == Path::Vnni512 && w.interleaved {
+        vnni::matmul_interleaved(w, &acts, m, bias, ptr);
+        return;
+    }
+    let simd = path >= Path::Avx2;
     // Enough tasks to balance the threads, few enough that each amortizes its buffers.
     let per_task = (n / 256).next_multiple_of(COLS).max(COLS_PER_TASK);
     let tasks = n.div_ceil(per_task);
     let run = |t: usize| {
         let mut us: [Unpacked; COLS] = std::array::from_fn(|_| Unpacked::new(ty, k));
+        let mut bufs: [Vec<u8>; COLS] = Default::default();
         let mut cols = vec![0f32; m * COLS];
         let end = ((t + 1) * per_task).min(n);
         for j0 in (t * per_task..end).step_by(COLS) {
@@ -532,10 +672,10 @@ fn matmul_with(
             let direct = false;
             if direct {
                 #[cfg(target_arch = "x86_64")]
-                dot_direct(ty, w, j0, c, &acts, m, &mut cols);
+                dot_direct(ty, w, j0, c, &acts, m, &mut cols, &mut bufs);
             } else {
                 for (jj, u) in us.iter_mut().enumerate().take(c) {
-                    u.unpack(ty, w.row(j0 + jj), simd);
+                    u.unpack(ty, w.row(j0 + jj, &mut bufs[jj]), simd);
                 }
                 dot_rows(ty, &us[..c], &acts, m, simd, &mut cols);
             }
@@ -568,10 +708,16 @@ fn dot_direct(
     acts: &Acts,
     m: usize,
     out: &mut [f32],
+    bufs: &mut [Vec<u8>; COLS],
 ) {
     macro_rules! go {
         ($r:literal, $c:literal, $j:expr) => {{
-            let wrows: [&[u8]; $c] = std::array::from_fn(|i| w.row($j + i));
+            let [b0, b1, b2, b3] = &mut *bufs;
+            let mut bs = [b0, b1, b2, b3].into_iter();
+            let wrows: [&[u8]; $c] = std::array::from_fn(|i| {
+                let buf = bs.next().expect("COLS buffers");
+                w.row($j + i, buf)
+            });
             // SAFETY: only called with `simd` set (the CPU has AVX2 and FMA);
             // the rows are whole rows of this weight; m == $r rows exist.
             unsafe { avx2::dot_direct_32::<$r, $c>(ty, wrows, acts, &mut out[($j - j0) * m..], m) }
@@ -606,7 +752,7 @@ fn dot_rows(ty: QuantType, ws: &[Unpacked], acts: &Acts, m: usize, simd: bool, o
     #[cfg(target_arch = "x86_64")]
     if simd {
         // SAFETY (every call below): `simd` is only set when the CPU has
-        // AVX2 and FMA (`has_avx2`); the rows and columns passed exist.
+        // AVX2 and FMA (`Path::Avx2` or above); the rows and columns passed exist.
         let mut i = 0;
         while i < m {
             let r = (m - i).min(4);
@@ -761,7 +907,8 @@ mod avx2 {
             assert_eq!(w.len(), nb * bb);
         }
         let ones = _mm256_set1_epi16(1);
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut acc = [[0f32; C]; R];
+        let mut acc4 = [_mm_setzero_ps(); R];
         for b in 0..nb {
             // SAFETY: block b of each weight row is inside it (asserted);
             // each activation row holds nb * 32 values.
@@ -775,25 +922,56 @@ mod avx2 {
                     wq[c] = v;
                     aq[c] = _mm256_abs_epi8(v);
                 }
-                for (a, x) in acc.iter_mut().zip(&rows) {
+                for (r, x) in rows.iter().enumerate() {
                     let xq = _mm256_loadu_si256(x.q.as_ptr().add(b * 32) as *const __m256i);
                     let dx = x.d[b];
-                    for c in 0..C {
-                        let p = _mm256_madd_epi16(
+                    let p: [__m256i; C] = std::array::from_fn(|c| {
+                        _mm256_madd_epi16(
                             _mm256_maddubs_epi16(aq[c], _mm256_sign_epi8(xq, wq[c])),
                             ones,
+                        )
+                    });
+                    if C == 4 {
+                        // Four columns' lanes reduced together, one conversion.
+                        let s = _mm256_hadd_epi32(
+                            _mm256_hadd_epi32(p[0], p[1]),
+                            _mm256_hadd_epi32(p[2], p[3]),
                         );
-                        let d = _mm256_set1_ps(dw[c] * dx);
-                        a[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), a[c]);
+                        let s = _mm_add_epi32(
+                            _mm256_castsi256_si128(s),
+                            _mm256_extracti128_si256(s, 1),
+                        );
+                        let d = _mm_mul_ps(_mm_loadu_ps(dw.as_ptr()), _mm_set1_ps(dx));
+                        acc4[r] = _mm_fmadd_ps(d, _mm_cvtepi32_ps(s), acc4[r]);
+                    } else {
+                        for c in 0..C {
+                            acc[r][c] = (dw[c] * dx).mul_add(hsum_i32(p[c]) as f32, acc[r][c]);
+                        }
                     }
                 }
             }
         }
-        for (r, a) in acc.iter().enumerate() {
-            for (c, a) in a.iter().enumerate() {
-                out[c * stride + r] = hsum8(lanes(*a));
+        for r in 0..R {
+            if C == 4 {
+                let mut l = [0f32; 4];
+                // SAFETY: l holds 4 f32.
+                unsafe { _mm_storeu_ps(l.as_mut_ptr(), acc4[r]) };
+                acc[r].copy_from_slice(&l[..C]);
+            }
+            for c in 0..C {
+                out[c * stride + r] = acc[r][c];
             }
         }
+    }
+
+    /// The sum of 8 i32 lanes (exact).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s)
     }
 
     /// Unpacks one block's values into `q` (and `|q|` into `aq` for the
@@ -899,8 +1077,8 @@ mod avx2 {
     ) {
         let rows: [_; R] = std::array::from_fn(|r| acts.row(row0 + r));
         let nb = ws[0].dm.len();
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
         if !ty.is_k() {
+            let mut acc = [[0f32; C]; R];
             let ones = _mm256_set1_epi16(1);
             for b in 0..nb {
                 // SAFETY: every weight row holds nb * 32 values; every
@@ -919,19 +1097,20 @@ mod avx2 {
                                 _mm256_maddubs_epi16(aq[c], _mm256_sign_epi8(xq, wq[c])),
                                 ones,
                             );
-                            let d = _mm256_set1_ps(ws[c].dm[b] * x.d[b]);
-                            a[c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), a[c]);
+                            let d = ws[c].dm[b] * x.d[b];
+                            a[c] = d.mul_add(hsum_i32(p) as f32, a[c]);
                         }
                     }
                 }
             }
             for (r, a) in acc.iter().enumerate() {
                 for (c, a) in a.iter().enumerate() {
-                    out[c * stride + r] = hsum8(lanes(*a));
+                    out[c * stride + r] = *a;
                 }
             }
             return;
         }
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
         let mut accc = [[_mm256_setzero_ps(); C]; R];
         for b in 0..nb {
             // SAFETY: every weight row holds nb * 256 values, nb * 128 scales
@@ -972,6 +1151,217 @@ mod avx2 {
             for c in 0..C {
                 out[c * stride + r] = hsum8(lanes(acc[r][c])) - hsum8(lanes(accc[r][c]));
             }
+        }
+    }
+}
+
+/// AVX512-VNNI on Q8_0 interleaved by 16 rows (see [`QuantWeight::new`]).
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
+
+    use rayon::prelude::*;
+
+    use super::{Acts, GROUP, OutPtr, QuantType, QuantWeight};
+
+    /// `out[i, j] = x_i · w_j + bias[j]` over the interleaved groups;
+    /// the caller checked the CPU (`Path::Vnni512`).
+    pub fn matmul_interleaved(
+        w: &QuantWeight,
+        acts: &Acts,
+        m: usize,
+        bias: Option<&[f32]>,
+        out: OutPtr,
+    ) {
+        let (n, nb) = (w.n, w.k / 32);
+        let gb = GROUP * w.ty.block_bytes();
+        let groups = n.div_ceil(GROUP);
+        // Enough tasks to balance the threads, few enough to amortize them.
+        let per_task = groups.div_ceil(64).max(4);
+        let tasks = groups.div_ceil(per_task);
+        let run = |t: usize| {
+            let mut res = [[0f32; GROUP]; 4];
+            for g in t * per_task..((t + 1) * per_task).min(groups) {
+                let grp = &w.data[g * nb * gb..(g + 1) * nb * gb];
+                let cols = (n - g * GROUP).min(GROUP);
+                let mut i = 0;
+                while i < m {
+                    let r = (m - i).min(4);
+                    // SAFETY: `Path::Vnni512` means the CPU has AVX-512 F/BW,
+                    // VNNI, AVX2, FMA and F16C; the group holds nb blocks;
+                    // rows i..i + r exist.
+                    unsafe {
+                        match (w.ty, r) {
+                            (QuantType::Q8_0, 4) => dot16::<4>(grp, nb, acts, i, &mut res),
+                            (QuantType::Q8_0, 3) => dot16::<3>(grp, nb, acts, i, &mut res),
+                            (QuantType::Q8_0, 2) => dot16::<2>(grp, nb, acts, i, &mut res),
+                            (QuantType::Q8_0, _) => dot16::<1>(grp, nb, acts, i, &mut res),
+                            (QuantType::Q5_0, 4) => nib16::<4, true>(grp, nb, acts, i, &mut res),
+                            (QuantType::Q5_0, 3) => nib16::<3, true>(grp, nb, acts, i, &mut res),
+                            (QuantType::Q5_0, 2) => nib16::<2, true>(grp, nb, acts, i, &mut res),
+                            (QuantType::Q5_0, _) => nib16::<1, true>(grp, nb, acts, i, &mut res),
+                            (_, 4) => nib16::<4, false>(grp, nb, acts, i, &mut res),
+                            (_, 3) => nib16::<3, false>(grp, nb, acts, i, &mut res),
+                            (_, 2) => nib16::<2, false>(grp, nb, acts, i, &mut res),
+                            _ => nib16::<1, false>(grp, nb, acts, i, &mut res),
+                        }
+                    }
+                    for (rr, res) in res.iter().enumerate().take(r) {
+                        for (c, v) in res.iter().enumerate().take(cols) {
+                            let j = g * GROUP + c;
+                            let b = bias.map_or(0.0, |b| b[j]);
+                            // SAFETY: i + rr < m and j < n (the caller checked
+                            // `out` holds m * n); this task alone writes column j.
+                            unsafe { *out.get().add((i + rr) * n + j) = v + b };
+                        }
+                    }
+                    i += r;
+                }
+            }
+        };
+        if m * n * w.k < 1 << 15 || tasks == 1 {
+            (0..tasks).for_each(run);
+        } else {
+            (0..tasks).into_par_iter().for_each(run);
+        }
+    }
+
+    /// `R` activation rows from `row0` against one group of 16 rows, into
+    /// `out[r][c]`: per block, the exact integer dot product of each row
+    /// (`vpdpbusd` of `x + 128` with the weights, less `vpdpbusd` of 128
+    /// with them), then one FMA by `d_w · d_x` per block in block order,
+    /// the arithmetic of `super::dot_scalar` in 16 lanes.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F/BW, VNNI and F16C; `grp` holds `nb`
+    /// interleaved blocks; rows `row0..row0 + R` exist with `nb` blocks.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn dot16<const R: usize>(
+        grp: &[u8],
+        nb: usize,
+        acts: &Acts,
+        row0: usize,
+        out: &mut [[f32; 16]; 4],
+    ) {
+        assert!(grp.len() >= nb * GROUP * 34 && acts.block == 32);
+        let rows: [_; R] = std::array::from_fn(|r| acts.row(row0 + r));
+        for x in &rows {
+            assert!(x.q.len() >= nb * 32 && x.d.len() >= nb);
+        }
+        let bias = _mm512_set1_epi8(-128);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let p = grp.as_ptr();
+        for b in 0..nb {
+            // SAFETY: block b of the group and of each row lies inside them (asserted).
+            unsafe {
+                let blk = p.add(b * GROUP * 34);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+                let mut sw = _mm512_setzero_si512();
+                let mut s = [_mm512_setzero_si512(); R];
+                for t in 0..8 {
+                    let wv = _mm512_loadu_si512(blk.add(32 + 64 * t) as *const _);
+                    sw = _mm512_dpbusd_epi32(sw, bias, wv);
+                    for r in 0..R {
+                        let xq =
+                            (rows[r].q.as_ptr().add(b * 32 + 4 * t) as *const i32).read_unaligned();
+                        let xu = _mm512_xor_si512(_mm512_set1_epi32(xq), bias);
+                        s[r] = _mm512_dpbusd_epi32(s[r], xu, wv);
+                    }
+                }
+                for r in 0..R {
+                    let d = _mm512_mul_ps(dw, _mm512_set1_ps(*rows[r].d.get_unchecked(b)));
+                    let si = _mm512_sub_epi32(s[r], sw);
+                    acc[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(si), acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: out[r] holds 16 f32.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
+        }
+    }
+
+    /// As [`dot16`] for Q4_0 (`Q5` false) and Q5_0 (`Q5` true): the
+    /// nibbles (and Q5_0's fifth bits) widened to unsigned bytes `u` in
+    /// registers, `vpdpbusd` of `u` with `x`, less the offset (8 or 16)
+    /// times the activation block's sum: the exact `Σ (u - offset) · x`.
+    ///
+    /// # Safety
+    /// As [`dot16`], with Q4_0/Q5_0 groups.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+    unsafe fn nib16<const R: usize, const Q5: bool>(
+        grp: &[u8],
+        nb: usize,
+        acts: &Acts,
+        row0: usize,
+        out: &mut [[f32; 16]; 4],
+    ) {
+        let (bb, hoff, off) = if Q5 { (22, 64, 16) } else { (18, 0, 8) };
+        assert!(grp.len() >= nb * GROUP * bb && acts.block == 32);
+        let rows: [_; R] = std::array::from_fn(|r| acts.row(row0 + r));
+        for x in &rows {
+            assert!(x.q.len() >= nb * 32 && x.d.len() >= nb && x.bsums.len() >= 2 * nb);
+        }
+        let low = _mm512_set1_epi8(0xF);
+        let five = _mm512_set1_epi8(0x10);
+        // Per 32-bit lane, its byte 0 four times, then (the next lanes) 4, 8, 12.
+        let lane_byte0 = _mm512_set1_epi64(0x0404_0404_0000_0000);
+        let lane_byte0 = _mm512_add_epi8(
+            lane_byte0,
+            _mm512_broadcast_i32x4(_mm_set_epi64x(0x0808_0808_0808_0808, 0)),
+        );
+        let mut acc = [_mm512_setzero_ps(); R];
+        let p = grp.as_ptr();
+        for b in 0..nb {
+            // SAFETY: block b of the group and of each row lies inside them (asserted).
+            unsafe {
+                let blk = p.add(b * GROUP * bb);
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk as *const __m256i));
+                let qh = if Q5 {
+                    _mm512_loadu_si512(blk.add(32) as *const _)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                // Quad q (values 4q..4q+3) gets bits 4q..4q+3 of qh at bit 4.
+                let high = |v: __m512i, q: i32| {
+                    if !Q5 {
+                        return v;
+                    }
+                    let idx = _mm512_add_epi8(lane_byte0, _mm512_set1_epi8((q / 2) as i8));
+                    let bytes = _mm512_shuffle_epi8(qh, idx);
+                    let sel = _mm512_set1_epi32((0x0804_0201u32 << (4 * (q % 2))) as i32);
+                    let k = _mm512_test_epi8_mask(bytes, sel);
+                    _mm512_or_si512(v, _mm512_maskz_mov_epi8(k, five))
+                };
+                let mut s = [_mm512_setzero_si512(); R];
+                for t in 0..4 {
+                    let qs = _mm512_loadu_si512(blk.add(32 + hoff + 64 * t) as *const _);
+                    let lo = high(_mm512_and_si512(qs, low), t as i32);
+                    let hi = high(
+                        _mm512_and_si512(_mm512_srli_epi16(qs, 4), low),
+                        t as i32 + 4,
+                    );
+                    for r in 0..R {
+                        let xq = rows[r].q.as_ptr().add(b * 32);
+                        let xlo = (xq.add(4 * t) as *const i32).read_unaligned();
+                        let xhi = (xq.add(16 + 4 * t) as *const i32).read_unaligned();
+                        s[r] = _mm512_dpbusd_epi32(s[r], lo, _mm512_set1_epi32(xlo));
+                        s[r] = _mm512_dpbusd_epi32(s[r], hi, _mm512_set1_epi32(xhi));
+                    }
+                }
+                for r in 0..R {
+                    let x = &rows[r];
+                    let sum = *x.bsums.get_unchecked(2 * b) as i32
+                        + *x.bsums.get_unchecked(2 * b + 1) as i32;
+                    let si = _mm512_sub_epi32(s[r], _mm512_set1_epi32(off * sum));
+                    let d = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(b)));
+                    acc[r] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(si), acc[r]);
+                }
+            }
+        }
+        for r in 0..R {
+            // SAFETY: out[r] holds 16 f32.
+            unsafe { _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
         }
     }
 }
@@ -1125,39 +1515,103 @@ mod tests {
         }
     }
 
-    /// The AVX2 kernel computes the reference arithmetic bit for bit.
+    /// Every kernel path this CPU has (AVX2, AVX512-VNNI on interleaved
+    /// Q8_0) computes the scalar reference's arithmetic bit for bit, on
+    /// both layouts, for every type, batch sizes around the 4-row blocks
+    /// and row counts around the 16-row groups.
     #[test]
-    fn avx2_equals_the_scalar_reference_bit_for_bit() {
-        if !has_avx2() {
-            eprintln!("no AVX2: nothing to compare");
-            return;
-        }
+    fn every_kernel_path_equals_the_scalar_reference_bit_for_bit() {
+        let paths: Vec<Path> = [Path::Portable, Path::Avx2, Path::Vnni512]
+            .into_iter()
+            .filter(|&p| p <= Path::supported())
+            .collect();
+        eprintln!("quant kernel paths on this CPU: {paths:?}");
         for ty in TYPES {
-            for &(m, n) in &[
-                (1, 3),
-                (1, 9),
-                (2, 65),
-                (3, 7),
-                (5, 17),
-                (6, 10),
-                (7, 5),
-                (33, 9),
+            for &(m, n, k) in &[
+                (1usize, 3usize, 768usize),
+                (1, 9, 32 * 7),
+                (1, 48, 640),
+                (2, 65, 768),
+                (3, 7, 768),
+                (4, 33, 256 * 3),
+                (5, 17, 768),
+                (6, 10, 768),
+                (7, 5, 768),
+                (33, 9, 768),
+                (9, 130, 512),
             ] {
-                let k = 768;
-                let w = random_weight(ty, n, k, 3);
+                if !k.is_multiple_of(ty.block_elems()) {
+                    continue;
+                }
+                let file = random_weight(ty, n, k, 3);
                 let x = acts(m, k);
-                let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
-                matmul_with(&x, m, &w, None, &mut a, true);
-                matmul_with(&x, m, &w, None, &mut b, false);
-                for (idx, (p, q)) in a.iter().zip(&b).enumerate() {
-                    assert_eq!(
-                        p.to_bits(),
-                        q.to_bits(),
-                        "{ty:?} m={m} n={n} at {idx}: {p} vs {q}"
-                    );
+                let mut want = vec![0f32; m * n];
+                matmul_with(&x, m, &file, None, &mut want, Path::Portable);
+                for interleave in [false, true] {
+                    let w =
+                        QuantWeight::with_layout(ty, file.data.clone(), n, k, interleave).unwrap();
+                    for &path in &paths {
+                        let mut got = vec![f32::NAN; m * n];
+                        matmul_xwt_on(path, &x, m, &w, None, &mut got);
+                        for (idx, (p, q)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                p.to_bits(),
+                                q.to_bits(),
+                                "{ty:?} {path:?} interleaved {interleave} m={m} n={n} k={k} \
+                                 at {idx}: {p} vs {q}"
+                            );
+                        }
+                    }
                 }
             }
         }
+    }
+
+    /// The 32-wide types' reference is one exact integer dot product per
+    /// block, scaled by `d_w · d_x` and added in block order with one FMA.
+    #[test]
+    fn a_32_wide_block_is_one_integer_dot_product_scaled_once() {
+        let (n, k) = (2, 64);
+        let w = random_weight(QuantType::Q8_0, n, k, 9);
+        let x = acts(1, k);
+        let a = Acts::quantize(&x, 1, k, QuantType::Q8_0);
+        let mut out = vec![0f32; n];
+        matmul_with(&x, 1, &w, None, &mut out, Path::Portable);
+        let mut buf = vec![];
+        for (j, &got) in out.iter().enumerate() {
+            let row = w.row(j, &mut buf);
+            let mut want = 0f32;
+            for b in 0..2 {
+                let blk = &row[b * 34..(b + 1) * 34];
+                let s: i32 = (0..32)
+                    .map(|e| blk[2 + e] as i8 as i32 * a.q[b * 32 + e] as i32)
+                    .sum();
+                want = (f16_at(blk, 0) * a.d[b]).mul_add(s as f32, want);
+            }
+            assert_eq!(got.to_bits(), want.to_bits(), "row {j}");
+        }
+    }
+
+    /// Interleaving keeps every row's bytes: lookups and stacking see the file.
+    #[test]
+    fn interleaved_rows_read_back_as_the_file_has_them() {
+        let (n, k) = (21, 96);
+        let file = random_weight(QuantType::Q8_0, n, k, 4);
+        let w = QuantWeight::with_layout(QuantType::Q8_0, file.data.clone(), n, k, true).unwrap();
+        assert!(w.interleaved);
+        assert_eq!(w.size_in_bytes(), 2 * 16 * 3 * 34);
+        let (mut a, mut b) = (vec![], vec![]);
+        for j in 0..n {
+            assert_eq!(w.row(j, &mut a), file.row(j, &mut b), "row {j}");
+            let (mut x, mut y) = (vec![], vec![]);
+            w.row_into(j, &mut x);
+            file.row_into(j, &mut y);
+            assert_eq!(x, y);
+        }
+        let s = QuantWeight::stack(&[&w, &w]).unwrap();
+        assert!(s.interleaved);
+        assert_eq!(s.n, 2 * n);
+        assert_eq!(s.row(n + 5, &mut a), file.row(5, &mut b));
     }
 
     /// Row i of an m-row product equals the 1-row product bit for bit.
