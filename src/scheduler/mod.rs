@@ -671,7 +671,7 @@ impl EngineHandle {
     ) -> Result<mpsc::Receiver<Event>, SubmitError> {
         self.check(&request)?;
         let (variant, key) = (request.variant, request.split_key);
-        self.admit(request).inspect_err(|e| {
+        self.admit(request, embed).inspect_err(|e| {
             // A refused request is a sample too: a candidate too slow for its
             // share sheds load here, and a rollout must see it.
             let reason = match e {
@@ -694,7 +694,11 @@ impl EngineHandle {
         })
     }
 
-    fn admit(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
+    fn admit(
+        &self,
+        request: Request,
+        embed: bool,
+    ) -> Result<mpsc::Receiver<Event>, SubmitError> {
         let prompt_len = request.prompt.len();
         if let Err(limit) = self.fits_queue(1, prompt_len) {
             return Err(SubmitError::Invalid {
