@@ -456,6 +456,13 @@ impl llmops::proto::inference_server::Inference for RecordingGrpc {
     ) -> Result<tonic::Response<llmops::proto::ListModelsResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("streaming only"))
     }
+
+    async fn embed(
+        &self,
+        _: tonic::Request<llmops::proto::EmbedRequest>,
+    ) -> Result<tonic::Response<llmops::proto::EmbedResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("streaming only"))
+    }
 }
 
 async fn recording_grpc_server() -> (std::net::SocketAddr, Log) {
