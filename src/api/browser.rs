@@ -236,8 +236,17 @@ mod tests {
     }
 
     /// (case, anonymous, method, headers, has a body, the status or OK).
+    type Case = (
+        &'static str,
+        bool,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        bool,
+        Option<u16>,
+    );
+
     #[rustfmt::skip] // one row a case
-    const CASES: &[(&str, bool, &str, &[(&str, &str)], bool, Option<u16>)] = &[
+    const CASES: &[Case] = &[
         ("a JSON write from curl", true, "POST", &[("host", "127.0.0.1:8080"), ("content-type", "application/json")], true, None),
         ("charset parameter", true, "PUT", &[("host", "localhost:8080"), ("content-type", "Application/JSON; charset=utf-8")], true, None),
         ("text/plain write", true, "POST", &[("host", "127.0.0.1:8080"), ("content-type", "text/plain")], true, Some(415)),

@@ -107,10 +107,9 @@ pub async fn create(
             ));
         }
     };
-    let dimensions = match req.dimensions {
-        None => None,
-        Some(d) => Some(usize::try_from(d).unwrap_or(usize::MAX)),
-    };
+    let dimensions = req
+        .dimensions
+        .map(|d| usize::try_from(d).unwrap_or(usize::MAX));
     let key = RouteKey {
         session: headers
             .get("x-llmops-route-key")
