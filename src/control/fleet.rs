@@ -499,12 +499,7 @@ impl Controller {
 
     /// Other replicas' samples of `model` finished within `[from, to]`
     /// (Unix ms): `(stable, canary)`. Empty on a local registry.
-    pub(super) fn fleet_samples(
-        &self,
-        model: &str,
-        from: u64,
-        to: u64,
-    ) -> FleetSamples {
+    pub(super) fn fleet_samples(&self, model: &str, from: u64, to: u64) -> FleetSamples {
         let mut got = FleetSamples::default();
         let Some(store) = &self.fleet else {
             return got;

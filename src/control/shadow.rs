@@ -78,7 +78,12 @@ impl Controller {
                 ControlError::NotFound(format!("model `{model}` has no version `{}`", spec.version))
             })?;
         let engine = self.ensure_loaded(model, &record, false).await?;
-        super::same_tokenizer(&deployment.stable, &spec.version, &engine, "a shadow is compared token by token")?;
+        super::same_tokenizer(
+            &deployment.stable,
+            &spec.version,
+            &engine,
+            "a shadow is compared token by token",
+        )?;
         let mirror = Mirror::new(model, spec.clone(), engine.clone())
             .map_err(|m| ControlError::invalid("shadow", m))?;
         let target = Arc::new(Target {

@@ -1220,9 +1220,7 @@ fn latency_tests(
                 z,
                 p_value,
                 median_ratio,
-                passed: !(p_value < alpha
-                    && median_ratio > 1.0 + min_effect
-                    && delta > min_delta),
+                passed: !(p_value < alpha && median_ratio > 1.0 + min_effect && delta > min_delta),
             })
         })
         .collect()
@@ -1992,7 +1990,10 @@ mod tests {
         assert_eq!(Metric::ErrorRate.of(&canary), Some(0.0));
         assert_says(&report, "refused_rate");
         // A refused sample is no latency: p99s are over served requests.
-        assert_eq!(Metric::E2eP99.of(&canary), Metric::E2eP99.of(&canary[..100]));
+        assert_eq!(
+            Metric::E2eP99.of(&canary),
+            Metric::E2eP99.of(&canary[..100])
+        );
     }
 
     #[test]
@@ -2031,7 +2032,11 @@ mod tests {
             ..Analysis::default()
         };
         let r = analyse(&analysis, &side(0.005), &side(0.008));
-        let t = r.tests.iter().find(|t| t.metric == Metric::TtftP99).unwrap();
+        let t = r
+            .tests
+            .iter()
+            .find(|t| t.metric == Metric::TtftP99)
+            .unwrap();
         assert!(t.p_value < 0.01 && t.median_ratio > 1.2, "{t:?}");
         assert!(t.passed, "{t:?}");
     }
@@ -2048,7 +2053,10 @@ mod tests {
         };
         let a = Analysis::default();
         // 25% of 400 at weight 25: fine.
-        assert_eq!(split_check(&a, 25, &keyed(300, 300, 1), &keyed(100, 100, 1000)), None);
+        assert_eq!(
+            split_check(&a, 25, &keyed(300, 300, 1), &keyed(100, 100, 1000)),
+            None
+        );
         // Everything on the canary at weight 25: one key's worth.
         let why = split_check(&a, 25, &keyed(20, 20, 1), &keyed(380, 380, 1000)).unwrap();
         assert!(why.contains("split did not hold"), "{why}");
@@ -2056,6 +2064,9 @@ mod tests {
         let why = split_check(&a, 25, &keyed(300, 300, 1), &keyed(100, 3, 1000)).unwrap();
         assert!(why.contains("3 distinct"), "{why}");
         // Samples without keys (older replicas) are not counted as clients.
-        assert_eq!(split_check(&a, 25, &window(1, 300, 1.0), &window(2, 100, 1.0)), None);
+        assert_eq!(
+            split_check(&a, 25, &window(1, 300, 1.0), &window(2, 100, 1.0)),
+            None
+        );
     }
 }

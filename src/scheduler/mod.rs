@@ -694,11 +694,7 @@ impl EngineHandle {
         })
     }
 
-    fn admit(
-        &self,
-        request: Request,
-        embed: bool,
-    ) -> Result<mpsc::Receiver<Event>, SubmitError> {
+    fn admit(&self, request: Request, embed: bool) -> Result<mpsc::Receiver<Event>, SubmitError> {
         let prompt_len = request.prompt.len();
         if let Err(limit) = self.fits_queue(1, prompt_len) {
             return Err(SubmitError::Invalid {

@@ -27,7 +27,10 @@ fn impatient(
 ) -> tokio::task::JoinHandle<usize> {
     let url = s.url("/v1/completions");
     tokio::spawn(async move {
-        let c = reqwest::Client::builder().timeout(patience).build().unwrap();
+        let c = reqwest::Client::builder()
+            .timeout(patience)
+            .build()
+            .unwrap();
         let tasks: Vec<_> = (0..clients)
             .map(|_| {
                 let (c, url, stop) = (c.clone(), url.clone(), stop.clone());
