@@ -464,6 +464,11 @@ pub fn describe() {
             "Requests that failed, by error type."
         );
         describe_counter!(
+            names::REFUSED,
+            Unit::Count,
+            "Requests an engine refused at submit (queue full, engine unavailable), by variant and reason."
+        );
+        describe_counter!(
             names::PREEMPTIONS,
             Unit::Count,
             "Sequences preempted (KV blocks freed, recomputed later)."
