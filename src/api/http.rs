@@ -408,7 +408,7 @@ fn spec(
 /// API key, the request id.
 fn route_key(
     headers: &HeaderMap,
-    common: &GenerationFields,
+    user: Option<&str>,
     principal: &Principal,
     rid: &RequestId,
 ) -> RouteKey {
@@ -418,7 +418,7 @@ fn route_key(
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty())
             .map(str::to_string),
-        user: common.user.clone().filter(|u| !u.is_empty()),
+        user: user.filter(|u| !u.is_empty()).map(str::to_string),
         api_key: (principal.key_id != "anonymous").then(|| principal.key_id.clone()),
         request: rid.0.clone(),
     }
@@ -435,9 +435,10 @@ fn pick(
     rid: &RequestId,
 ) -> Result<Picked, ApiError> {
     common.refuse_unsupported()?;
-    Ok(st
-        .router
-        .pick(model, &route_key(headers, common, principal, rid))?)
+    Ok(st.router.pick(
+        model,
+        &route_key(headers, common.user.as_deref(), principal, rid),
+    )?)
 }
 
 /// A count of log-prob alternatives, within the engine's limit (checked

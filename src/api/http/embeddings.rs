@@ -17,7 +17,6 @@ use crate::api::error::ApiError;
 use crate::api::openai::Prompt;
 use crate::embed::{self, EmbedSpec};
 use crate::monitor::Protocol;
-use crate::router::RouteKey;
 use crate::validation::Input;
 
 /// `POST /v1/embeddings`.
@@ -110,16 +109,7 @@ pub async fn create(
     let dimensions = req
         .dimensions
         .map(|d| usize::try_from(d).unwrap_or(usize::MAX));
-    let key = RouteKey {
-        session: headers
-            .get("x-llmops-route-key")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .map(str::to_string),
-        user: req.user.clone().filter(|u| !u.is_empty()),
-        api_key: (principal.key_id != "anonymous").then(|| principal.key_id.clone()),
-        request: rid.0.clone(),
-    };
+    let key = super::route_key(&headers, req.user.as_deref(), &principal, &rid);
     let picked = st.router.pick(&req.model, &key)?;
     let spec = EmbedSpec {
         inputs: inputs(req.input),

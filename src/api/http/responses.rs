@@ -38,7 +38,6 @@ use crate::api::openai::SamplingFields;
 use crate::engine::Message;
 use crate::infer::{self, Generation};
 use crate::monitor::Protocol;
-use crate::router::RouteKey;
 use crate::scheduler::{Event, FinishReason};
 use crate::validation::{GenerationSpec, Input};
 
@@ -493,16 +492,7 @@ pub async fn create(
     };
     let until = deadline(&headers, &st.limits, arrival)?;
     let (spec, conversation) = translate(&req, history, arrival, until)?;
-    let key = RouteKey {
-        session: headers
-            .get("x-llmops-route-key")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty())
-            .map(str::to_string),
-        user: req.user.clone().filter(|u| !u.is_empty()),
-        api_key: (principal.key_id != "anonymous").then(|| principal.key_id.clone()),
-        request: rid.0.clone(),
-    };
+    let key = super::route_key(&headers, req.user.as_deref(), &principal, &rid);
     let picked = st.router.pick(&req.model, &key)?;
     let target = picked.target.clone();
     let span = tracing::info_span!("responses", request_id = %rid.0, model = %req.model, version = %target.version);
