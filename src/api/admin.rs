@@ -316,8 +316,9 @@ async fn delete_alias(
 
 #[derive(Deserialize)]
 struct AuditQuery {
+    /// Entries after this sequence number; absent: the newest `limit`.
     #[serde(default)]
-    after: u64,
+    after: Option<u64>,
     #[serde(default = "default_limit")]
     limit: usize,
 }

@@ -130,15 +130,34 @@ pub enum ModelsCommand {
     },
     /// What each model name serves right now.
     Serving,
-    /// Read the audit log.
+    /// Read the audit log: the newest entries, or those after `--after`.
     Audit {
-        /// Only entries after this sequence number.
-        #[arg(long, default_value_t = 0)]
-        after: u64,
+        /// Entries after this sequence number, oldest first (default: the
+        /// newest `--limit` entries).
+        #[arg(long)]
+        after: Option<u64>,
         /// At most this many entries.
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+}
+
+/// An admin call's error as the CLI prints it. A JSON answer where gRPC was
+/// expected (tonic reads its `{` as a compression flag of 123) means `--url`
+/// names the HTTP port: said so, rather than the decoder's complaint.
+pub fn rpc_error(e: tonic::Status) -> anyhow::Error {
+    let http = e.message().contains("compression flag: 123")
+        || e.metadata()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| !t.starts_with("application/grpc"));
+    match http {
+        true => anyhow::anyhow!(
+            "the server at --url answered with JSON, not gRPC: --url must name the gRPC port \
+             (`llmops serve --grpc-addr`, 50051 by default), not the HTTP one"
+        ),
+        false => anyhow::anyhow!("{:?}: {}", e.code(), e.message()),
+    }
 }
 
 /// Adds the API key to every call.
@@ -193,7 +212,7 @@ pub async fn connect_with(
 pub async fn run(args: ModelsArgs) -> anyhow::Result<()> {
     let mut client = args.admin.connect().await?;
     let reason = args.reason.unwrap_or_default();
-    let status = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
+    let status = super::models::rpc_error;
     let out = match args.command {
         ModelsCommand::List => {
             let r = client

@@ -36,6 +36,9 @@ pub struct RetrainArgs {
     /// The gate's limit on relative held-out perplexity growth.
     #[arg(long)]
     pub max_regression: Option<f64>,
+    /// The smallest reference set the gate accepts, in target tokens.
+    #[arg(long)]
+    pub min_reference_tokens: Option<u64>,
     /// How much CPU the job may take from serving.
     #[command(flatten)]
     pub budget: BudgetArgs,
@@ -71,7 +74,7 @@ pub struct BudgetArgs {
 /// Runs the command and prints the job's status as JSON.
 pub async fn run(args: RetrainArgs) -> anyhow::Result<()> {
     let mut client = args.admin.connect().await?;
-    let status = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
+    let status = super::models::rpc_error;
     let reason = args.reason.clone().unwrap_or_default();
     let r = if args.status {
         client
@@ -98,6 +101,7 @@ pub async fn run(args: RetrainArgs) -> anyhow::Result<()> {
                 lr: args.lr,
                 batch_size: args.batch_size,
                 max_regression: args.max_regression,
+                min_reference_tokens: args.min_reference_tokens,
                 threads: args.budget.threads,
                 duty: args.budget.duty,
                 version: args.version.clone().unwrap_or_default(),

@@ -98,7 +98,7 @@ fn status_json(r: &pb::Rollout) -> serde_json::Value {
 pub async fn run(args: RolloutArgs) -> anyhow::Result<()> {
     let mut client = args.admin.connect().await?;
     let reason = args.reason.unwrap_or_default();
-    let status = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
+    let status = super::models::rpc_error;
     let out = match args.command {
         RolloutCommand::Start {
             model,

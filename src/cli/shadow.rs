@@ -77,7 +77,7 @@ pub enum ShadowCommand {
 pub async fn run(args: ShadowArgs) -> anyhow::Result<()> {
     let mut client = args.admin.connect().await?;
     let reason = args.reason.unwrap_or_default();
-    let status = |e: tonic::Status| anyhow::anyhow!("{:?}: {}", e.code(), e.message());
+    let status = super::models::rpc_error;
     let json = |s: &pb::ShadowStatus| {
         serde_json::from_str::<serde_json::Value>(&s.status_json).unwrap_or_default()
     };

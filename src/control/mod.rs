@@ -416,15 +416,20 @@ impl Controller {
         self.catalog().state().clone()
     }
 
-    /// Audit entries with `seq > after`, at most `limit`.
-    pub async fn audit(&self, after: u64, limit: usize) -> Vec<AuditEntry> {
+    /// Audit entries with `seq > after` (oldest first), at most `limit`;
+    /// without `after`, the newest `limit` entries (oldest first).
+    pub async fn audit(&self, after: Option<u64>, limit: usize) -> Vec<AuditEntry> {
         let r = self.catalog();
-        r.entries()
-            .iter()
-            .filter(|e| e.seq > after)
-            .take(limit)
-            .cloned()
-            .collect()
+        let entries = r.entries();
+        match after {
+            Some(after) => entries
+                .iter()
+                .filter(|e| e.seq > after)
+                .take(limit)
+                .cloned()
+                .collect(),
+            None => entries[entries.len().saturating_sub(limit)..].to_vec(),
+        }
     }
 
     async fn record(

@@ -7,12 +7,20 @@
 //! `training_failed` (failed or cancelled; nothing is left on disk).
 //!
 //! The offline gate: the held-out perplexity of the candidate on (a) the
-//! reference set (held out of the replay data, the parent's own held-out
-//! split when the parent's card gives its split) and (b) the held-out split
-//! of the captured window must not exceed the parent's by more than
-//! `max_regression` (relative). The parent's figures are the starting
-//! weights' losses on the same examples, computed by the job before its
-//! first step. A candidate that fails is registered all the same, marked
+//! reference set and (b) the held-out split of the captured window must not
+//! exceed the parent's by more than `max_regression` (relative). The
+//! parent's figures are the starting weights' losses on the same examples,
+//! computed by the job before its first step.
+//!
+//! The window check alone is circular (the captured completions are the
+//! parent's own outputs), so the gate requires a reference set of at least
+//! `min_reference_tokens` target tokens, taken from what the parent did not
+//! write: held out of the replay data (with a replay share), else held out
+//! of the parent's own data (the files its card names, read for the
+//! reference only: the parent's own held-out split when the card gives its
+//! split and seed), else the prompts of the window's held-out records. The
+//! card's `gate` says which source was used and why the others were not.
+//! A candidate that fails is registered all the same, marked
 //! `gate.passed = false` in its metadata, and must not be shadowed or
 //! canaried; nothing held out at all is a failure, never a pass.
 //!
@@ -59,6 +67,9 @@ pub struct RetrainSpec {
     /// The gate's limit: the candidate's held-out perplexity may exceed
     /// the parent's by at most this fraction (default 0.05).
     pub max_regression: f64,
+    /// The smallest reference set the gate accepts as evidence, in target
+    /// tokens (default 256).
+    pub min_reference_tokens: usize,
     /// How much CPU the job may take from serving.
     pub budget: CpuBudget,
     /// The new version's id (default: the next `vN`).
@@ -82,6 +93,7 @@ impl Default for RetrainSpec {
             eval_fraction: 0.1,
             seed: None,
             max_regression: 0.05,
+            min_reference_tokens: 256,
             budget: CpuBudget::default(),
             version: None,
             window: None,
@@ -144,6 +156,9 @@ pub struct GateCheck {
     pub set: String,
     /// Examples evaluated.
     pub examples: usize,
+    /// Target tokens evaluated.
+    #[serde(default)]
+    pub tokens: usize,
     /// The parent's perplexity.
     pub parent_perplexity: f64,
     /// The candidate's perplexity.
@@ -154,22 +169,46 @@ pub struct GateCheck {
     pub passed: bool,
 }
 
+/// Where the gate's reference set came from, and why the sources before
+/// it were not used.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReferenceSource {
+    /// `replay`, `parent_data` or `captured_prompts`; absent when there
+    /// was no reference set at all.
+    pub source: Option<String>,
+    /// The smallest reference set accepted, in target tokens.
+    pub min_tokens: usize,
+    /// Sources passed over, each with its reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed_over: Vec<String>,
+}
+
 /// The offline gate's verdict.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GateReport {
-    /// Every check passed, and there was at least one.
+    /// Every check passed, the reference check among them.
     pub passed: bool,
     /// The limit on the relative change of perplexity.
     pub max_regression: f64,
-    /// One per held-out set.
+    /// One per held-out set that was evaluated.
     pub checks: Vec<GateCheck>,
+    /// The reference set's origin.
+    #[serde(default)]
+    pub reference: ReferenceSource,
     /// Why it failed, in words.
     pub reason: Option<String>,
 }
 
 impl GateReport {
-    /// Judges a finished job's held-out losses.
-    pub fn judge(report: &TrainReport, max_regression: f64) -> Self {
+    /// Judges a finished job's held-out losses: every check within
+    /// `max_regression`, and a reference check of at least
+    /// `reference.min_tokens` target tokens among them.
+    pub fn judge(
+        report: &TrainReport,
+        max_regression: f64,
+        mut reference: ReferenceSource,
+    ) -> Self {
+        reference.source = report.reference_source.clone();
         let checks: Vec<GateCheck> = report
             .held_out
             .iter()
@@ -179,6 +218,7 @@ impl GateReport {
                 GateCheck {
                     set: h.name.clone(),
                     examples: h.examples,
+                    tokens: h.tokens,
                     parent_perplexity: p,
                     candidate_perplexity: c,
                     change,
@@ -187,7 +227,7 @@ impl GateReport {
                 }
             })
             .collect();
-        let failed: Vec<String> = checks
+        let mut failed: Vec<String> = checks
             .iter()
             .filter(|c| !c.passed)
             .map(|c| {
@@ -201,6 +241,21 @@ impl GateReport {
                 )
             })
             .collect();
+        match checks.iter().find(|c| c.set == "reference") {
+            None => failed.push(
+                "no reference set: the window's completions are the parent's own outputs, \
+                 not evidence alone (give replay data, a parent card naming its data, or \
+                 captured prompts)"
+                    .into(),
+            ),
+            Some(c) if c.tokens < reference.min_tokens => failed.push(format!(
+                "the reference set ({}) has {} target tokens, fewer than min_reference_tokens {}",
+                reference.source.as_deref().unwrap_or("unknown"),
+                c.tokens,
+                reference.min_tokens
+            )),
+            Some(_) => {}
+        }
         let reason = match (checks.is_empty(), failed.is_empty()) {
             (true, _) => Some("nothing was held out: the gate cannot pass without evidence".into()),
             (false, true) => None,
@@ -210,6 +265,7 @@ impl GateReport {
             passed: reason.is_none(),
             max_regression,
             checks,
+            reference,
             reason,
         }
     }
@@ -457,6 +513,10 @@ pub async fn start(
     for f in &spec.data {
         registry::paths::data_files(f, &roots).map_err(|e| ControlError::invalid("data", e))?;
     }
+    let mut reference = ReferenceSource {
+        min_tokens: spec.min_reference_tokens,
+        ..Default::default()
+    };
     if spec.replay_share > 0.0 {
         let field = if spec.replay_data.is_some() {
             "replay_data"
@@ -466,7 +526,34 @@ pub async fn start(
         for f in &replay {
             registry::paths::data_files(f, &roots).map_err(|e| ControlError::invalid(field, e))?;
         }
+    } else {
+        reference
+            .passed_over
+            .push("replay: replay_share is 0".into());
     }
+    // Without replay, the parent's own data (as its card names it) gives
+    // the reference set, read for that only; a file outside the data roots
+    // is passed over, with the reason in the card.
+    let parent_data = match (spec.replay_share > 0.0, card.files.is_empty()) {
+        (true, _) => vec![],
+        (false, true) => {
+            reference
+                .passed_over
+                .push("parent_data: the parent's card names no data files".into());
+            vec![]
+        }
+        (false, false) => match card
+            .files
+            .iter()
+            .try_for_each(|f| registry::paths::data_files(f, &roots).map(drop))
+        {
+            Ok(()) => card.files.clone(),
+            Err(e) => {
+                reference.passed_over.push(format!("parent_data: {e}"));
+                vec![]
+            }
+        },
+    };
     let id = now_id();
     let out = trained.join(model).join(&id);
     let mut args = TrainArgs::new(spec.data.clone(), out.clone())
@@ -479,6 +566,7 @@ pub async fn start(
     };
     args.replay_share = spec.replay_share;
     args.replay_eval_fraction = card.eval_fraction;
+    args.reference = parent_data;
     args.steps = spec.steps;
     args.lr = spec.lr;
     args.warmup = spec.warmup.unwrap_or(spec.steps / 10);
@@ -551,6 +639,7 @@ pub async fn start(
         id,
         parent,
         parent_card_sha256: card.sha256,
+        reference,
         spec,
         out,
         handle: handle.clone(),
@@ -570,6 +659,8 @@ struct Finish {
     id: String,
     parent: registry::VersionRecord,
     parent_card_sha256: Option<String>,
+    /// The reference set's settings and the sources passed over.
+    reference: ReferenceSource,
     spec: RetrainSpec,
     out: PathBuf,
     handle: RetrainHandle,
@@ -642,7 +733,7 @@ impl Finish {
     /// Gates the result, completes its card and registers it.
     async fn register(&self, report: &TrainReport) -> Result<RetrainOutcome, JobError> {
         let failed = |e: String| JobError::Failed(anyhow::anyhow!(e));
-        let gate = GateReport::judge(report, self.spec.max_regression);
+        let gate = GateReport::judge(report, self.spec.max_regression, self.reference.clone());
         let card_path = self.out.join(CARD_FILE);
         let mut card: Value = tokio::fs::read(&card_path)
             .await

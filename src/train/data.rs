@@ -250,6 +250,24 @@ fn truncate(mut e: Example, seq_len: usize) -> Example {
     e
 }
 
+/// The example with its loss moved to what the client wrote: the prompt of
+/// a prompt/completion pair, the non-assistant turns of a chat (role
+/// headers included). `None` for free text (all of it is a target) and for
+/// an example with no prompt tokens.
+pub fn prompt_only(e: &Example) -> Option<Example> {
+    let mask: Vec<f32> = e
+        .mask
+        .iter()
+        .map(|m| if *m > 0.0 { 0.0 } else { 1.0 })
+        .collect();
+    let last = mask.iter().rposition(|m| *m > 0.0)?;
+    // The example ends at the last prompt token: nothing after it counts.
+    Some(Example {
+        tokens: e.tokens[..last + 2].to_vec(),
+        mask: mask[..=last].to_vec(),
+    })
+}
+
 /// Splits examples into training and held-out sets, deterministically.
 pub fn split(
     examples: Vec<Example>,
@@ -288,4 +306,28 @@ pub fn batch_indices(n: usize, batch: usize, micro_step: u64, seed: u64) -> Vec<
         .skip(within * batch)
         .take(batch)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_only_counts_what_the_client_wrote_and_nothing_after_it() {
+        // BOS, 3 prompt tokens, 2 completion tokens and EOS.
+        let pair = Example {
+            tokens: vec![1, 10, 11, 12, 20, 21, 2],
+            mask: vec![0.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+        };
+        let p = prompt_only(&pair).unwrap();
+        // Targets 10, 11 and 12 count; the completion is cut off.
+        assert_eq!(p.tokens, [1, 10, 11, 12]);
+        assert_eq!(p.mask, [1.0, 1.0, 1.0]);
+        // Free text is all target: no prompt to score.
+        let text = Example {
+            tokens: vec![1, 5, 6],
+            mask: vec![1.0, 1.0],
+        };
+        assert!(prompt_only(&text).is_none());
+    }
 }

@@ -54,6 +54,13 @@ pub struct TrainArgs {
     /// --eval-fraction); use the base's own to hold out what it held out.
     #[arg(long)]
     pub replay_eval_fraction: Option<f64>,
+    /// The base's own data, for the reference set only (never trained on):
+    /// used when there is no replay data; its held-out split (by
+    /// --replay-eval-fraction) is the reference set. Without either, the
+    /// reference set is the prompts of the held-out window (what clients
+    /// wrote, never what the base answered).
+    #[arg(long = "reference-data", num_args = 1..)]
+    pub reference: Vec<PathBuf>,
     /// Shape preset when training from scratch: nano, small.
     #[arg(long, default_value = "small")]
     pub preset: String,
@@ -175,6 +182,11 @@ pub struct TrainReport {
     /// first step) and of the result on each.
     #[serde(default)]
     pub held_out: Vec<HeldOut>,
+    /// Where the reference set came from: `replay` (held out of the replay
+    /// data), `parent_data` (held out of the base's own data) or
+    /// `captured_prompts` (the prompts of the held-out window).
+    #[serde(default)]
+    pub reference_source: Option<String>,
 }
 
 /// One held-out set's loss before and after fine-tuning.
@@ -185,6 +197,9 @@ pub struct HeldOut {
     pub name: String,
     /// Examples evaluated.
     pub examples: usize,
+    /// Target tokens evaluated (the loss's denominator).
+    #[serde(default)]
+    pub tokens: usize,
     /// Mean loss of the starting weights (the parent).
     pub base_loss: f32,
     /// Mean loss of the trained weights.
@@ -387,6 +402,10 @@ pub fn run_with(args: &TrainArgs, ctl: &job::Control) -> anyhow::Result<TrainRep
         true => None,
         false => Some(Corpus::load(&args.replay)?),
     };
+    let reference = match (replay.is_some(), args.reference.is_empty()) {
+        (false, false) => Some(Corpus::load(&args.reference)?),
+        _ => None,
+    };
     let mut start = match &args.base {
         Some(base) if base.as_os_str() == "embedded" => Start::embedded()?,
         Some(base) => Start::from_base(base)?,
@@ -394,7 +413,16 @@ pub fn run_with(args: &TrainArgs, ctl: &job::Control) -> anyhow::Result<TrainRep
     };
     start.vars.sort_by(|a, b| a.0.cmp(&b.0));
     let cfg = ModelConfig::from_hf_json(&start.config.to_string(), Path::new("config.json"))?;
-    let sets = examples(&start.tokenizer, &cfg, &corpus, replay.as_ref(), args)?;
+    let sets = examples(
+        &start.tokenizer,
+        &cfg,
+        &corpus,
+        Extra {
+            replay: replay.as_ref(),
+            reference: reference.as_ref(),
+        },
+        args,
+    )?;
     let (train, eval, eos) = (&sets.train, &sets.eval, sets.eos);
     let parameters: usize = start.vars.iter().map(|(_, v)| v.elem_count()).sum();
     if !args.quiet {
@@ -422,6 +450,8 @@ pub fn run_with(args: &TrainArgs, ctl: &job::Control) -> anyhow::Result<TrainRep
     report.parameters = parameters;
     report.train_examples = train.len();
     report.replay_examples = sets.replayed;
+    report.reference_source = (args.base.is_some() && !sets.reference.is_empty())
+        .then(|| sets.reference_source.to_string());
     let model = TrainModel::new(cfg.clone(), start.vars.clone(), &dev)?;
     // The starting weights are the parent's: their held-out losses are the
     // baseline the result is compared with.
@@ -504,9 +534,14 @@ pub fn run_with(args: &TrainArgs, ctl: &job::Control) -> anyhow::Result<TrainRep
             ("window", Some(&(s, l))) if s == report.steps => l,
             _ => evaluate(&model, set, args, eos, &dev)?,
         };
+        let evaluated = &set[..set.len().min(args.batch_size * args.eval_batches.max(1))];
         report.held_out.push(HeldOut {
             name: name.to_string(),
-            examples: set.len().min(args.batch_size * args.eval_batches.max(1)),
+            examples: evaluated.len(),
+            tokens: evaluated
+                .iter()
+                .map(|e| e.mask.iter().filter(|m| **m > 0.0).count())
+                .sum(),
             base_loss: *base_loss,
             loss,
         });
@@ -522,24 +557,36 @@ pub fn run_with(args: &TrainArgs, ctl: &job::Control) -> anyhow::Result<TrainRep
 }
 
 /// The tokenized data: training examples (replay mixed in), the held-out
-/// window, the reference set (held out of the replay data), and the
+/// window, the reference set and where it came from, and the
 /// end-of-sequence id (also the padding).
 struct Sets {
     train: Vec<Example>,
     eval: Vec<Example>,
     reference: Vec<Example>,
+    reference_source: &'static str,
     replayed: usize,
     eos: u32,
+}
+
+/// The data beside the training corpus: replay data (trained on in part,
+/// its held-out split the reference set), or the base's own data (for the
+/// reference set only).
+struct Extra<'a> {
+    replay: Option<&'a Corpus>,
+    reference: Option<&'a Corpus>,
 }
 
 /// Tokenizes the corpus into training examples and splits off the held-out
 /// ones; with replay data, holds out its reference set and mixes in enough
 /// of the rest that it makes `replay_share` of the training examples.
+/// Without replay data the reference set is held out of the base's own
+/// data, or else it is the held-out window's prompts: never text the base
+/// wrote, so a candidate cannot pass by agreeing with its parent.
 fn examples(
     tokenizer_json: &str,
     cfg: &ModelConfig,
     corpus: &Corpus,
-    replay: Option<&Corpus>,
+    extra: Extra<'_>,
     args: &TrainArgs,
 ) -> anyhow::Result<Sets> {
     let bos = cfg.bos_token_id.context("config has no bos_token_id")?;
@@ -559,12 +606,11 @@ fn examples(
     if train.is_empty() {
         bail!("no training examples");
     }
-    let (mut reference, mut replayed) = (vec![], 0);
-    if let Some(replay) = replay {
+    let fraction = args.replay_eval_fraction.unwrap_or(args.eval_fraction);
+    let mut replayed = 0;
+    let (reference, reference_source) = if let Some(replay) = extra.replay {
         let all = data::examples(replay, &tokenizer, sp, args.seq_len)?;
-        let fraction = args.replay_eval_fraction.unwrap_or(args.eval_fraction);
         let (pool, held) = data::split(all, fraction, args.seed);
-        reference = held;
         let want =
             (train.len() as f64 * args.replay_share / (1.0 - args.replay_share)).round() as usize;
         if want > 0 && pool.is_empty() {
@@ -573,11 +619,19 @@ fn examples(
         let picks = data::batch_indices(pool.len(), want, 0, args.seed ^ 0x007e_91a7);
         replayed = picks.len();
         train.extend(picks.into_iter().map(|i| pool[i].clone()));
-    }
+        (held, "replay")
+    } else if let Some(parent) = extra.reference {
+        let all = data::examples(parent, &tokenizer, sp, args.seq_len)?;
+        (data::split(all, fraction, args.seed).1, "parent_data")
+    } else {
+        let prompts = eval.iter().filter_map(data::prompt_only).collect();
+        (prompts, "captured_prompts")
+    };
     Ok(Sets {
         train,
         eval,
         reference,
+        reference_source,
         replayed,
         eos,
     })

@@ -276,3 +276,319 @@ async fn an_identical_candidate_under_load_passes_ten_rollouts_with_the_default_
     assert!(fails.is_empty(), "{:?}", &fails[..fails.len().min(3)]);
     s.stop().await;
 }
+
+// ---- Measure (BENCHMARKS.md, "Rollouts"): not run by CI. ----
+
+/// Clients as applications send: one API key, no session, prompts of mixed
+/// length (a few words to a few hundred), half sampled at temperature 0.8
+/// and half greedy, 16 to 64 tokens, streamed. Returns (sent, failed).
+fn mixed_load(
+    s: &TestServer,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, usize)> {
+    let url = s.url("/v1/completions");
+    tokio::spawn(async move {
+        let c = reqwest::Client::new();
+        let tasks: Vec<_> = (0..clients)
+            .map(|w| {
+                let (c, url, stop) = (c.clone(), url.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (mut sent, mut failed) = (0, 0);
+                    while !stop.load(Ordering::Relaxed) {
+                        sent += 1;
+                        let i = sent * 31 + w * 7;
+                        let prompt = "the tide came in over the rocks ".repeat(1 + i % 40);
+                        let temperature = if i % 2 == 0 { 0.8 } else { 0.0 };
+                        let body = json!({"model": "tiny", "prompt": prompt, "stream": true,
+                                          "max_tokens": 16 + i % 49, "temperature": temperature,
+                                          "top_p": 1.0, "ignore_eos": true});
+                        let r = c.post(&url).bearer_auth(APP).json(&body).send().await;
+                        match r {
+                            Ok(resp) if resp.status() == 200 => {
+                                let text = resp.text().await.unwrap_or_default();
+                                if !text.contains("[DONE]") {
+                                    failed += 1;
+                                }
+                            }
+                            _ => failed += 1,
+                        }
+                    }
+                    (sent, failed)
+                })
+            })
+            .collect();
+        let (mut sent, mut failed) = (0, 0);
+        for t in tasks {
+            let (s, f) = t.await.unwrap();
+            sent += s;
+            failed += f;
+        }
+        (sent, failed)
+    })
+}
+
+async fn stable_version(c: &reqwest::Client, s: &TestServer) -> String {
+    let (st, v) = crate::process::call(
+        c,
+        reqwest::Method::GET,
+        s.url("/admin/v1/models/tiny"),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    v["aliases"]["stable"].as_str().unwrap().to_string()
+}
+
+/// One scenario's rollouts: how many ended rolled back, the time to each
+/// verdict, and canary / stable e2e p99 over the analysed windows.
+#[derive(Default)]
+struct Tally {
+    rolled_back: usize,
+    promoted: usize,
+    verdict_secs: Vec<f64>,
+    e2e_ratio: Vec<f64>,
+}
+
+impl Tally {
+    fn line(&self, what: &str) -> String {
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        let max = self.verdict_secs.iter().copied().fold(f64::NAN, f64::max);
+        format!(
+            "| {what} | {} | {} rolled back, {} promoted | {:.1} s (max {:.1} s) | {:.2}× |",
+            self.rolled_back + self.promoted,
+            self.rolled_back,
+            self.promoted,
+            median(&self.verdict_secs),
+            max,
+            median(&self.e2e_ratio),
+        )
+    }
+}
+
+/// Runs `n` rollouts of `candidate` against the model's stable version
+/// with the default analysis (gates, minimums, rank tests, warm-up, failure
+/// limit) and 1.5 s windows. A candidate that is promoted is rolled back
+/// by hand to `stable` before the next rollout, unless `swap` (identical
+/// candidates): then the replaced version is the next candidate.
+async fn rollouts(
+    c: &reqwest::Client,
+    s: &TestServer,
+    stable: &str,
+    candidate: &str,
+    n: usize,
+    swap: bool,
+) -> Tally {
+    let mut tally = Tally::default();
+    let (mut stable, mut candidate) = (stable.to_string(), candidate.to_string());
+    for i in 0..n {
+        let ro = start(
+            c,
+            s,
+            json!({"model": "tiny", "candidate": candidate, "steps": [25, 50, 100],
+                   "interval_secs": 1.5}),
+        )
+        .await;
+        let id = ro["id"].as_str().unwrap().to_string();
+        let (done, took) = until_finished(c, s, &id, Duration::from_secs(120)).await;
+        tally.verdict_secs.push(took.as_secs_f64());
+        for h in done["history"].as_array().unwrap() {
+            let gates = h["report"]["gates"].as_array().unwrap();
+            if let Some(g) = gates.iter().find(|g| g["metric"] == "e2e_p99")
+                && let (Some(a), Some(b)) = (g["canary"].as_f64(), g["stable"].as_f64())
+            {
+                tally.e2e_ratio.push(a / b);
+            }
+        }
+        let phase = done["phase"].as_str().unwrap().to_string();
+        eprintln!(
+            "  rollout {i} of {candidate}: {phase} in {took:.1?}: {}",
+            done["reason"]
+        );
+        if phase == "promoted" {
+            tally.promoted += 1;
+            if swap {
+                std::mem::swap(&mut stable, &mut candidate);
+            } else {
+                let (st, v) = crate::process::call(
+                    c,
+                    reqwest::Method::PUT,
+                    s.url("/admin/v1/models/tiny/aliases/stable"),
+                    Some(json!({"version": stable})),
+                )
+                .await;
+                assert_eq!(st, 200, "{v}");
+            }
+        } else {
+            tally.rolled_back += 1;
+        }
+    }
+    tally
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "a benchmark (minutes): cargo test --release --test it canary_truth::measure -- --ignored --nocapture"]
+async fn measure_false_and_missed_rollbacks_with_the_default_analysis() {
+    let n: usize = std::env::var("LLMOPS_BENCH_ROLLOUTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let tmp = tempfile::tempdir().unwrap();
+    let base = SynthSpec {
+        seed: 9,
+        ..SynthSpec::tiny_llama()
+    };
+    let twin = write(tmp.path(), "twin", base.clone());
+    let cfg = twin.join("config.json");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push('\n');
+    std::fs::write(&cfg, text).unwrap();
+    // Slower candidates: the same shape with more layers (the measured
+    // ratio is reported beside each).
+    let layers: Vec<usize> = std::env::var("LLMOPS_BENCH_SLOW_LAYERS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|l| l.parse().ok()).collect())
+        .unwrap_or_else(|| vec![4, 6, 10]);
+    let s = TestServer::start(keys).await;
+    let c = reqwest::Client::new();
+    register(&c, &s, &twin, "twin").await;
+    for l in &layers {
+        let p = write(
+            tmp.path(),
+            &format!("slow{l}"),
+            SynthSpec {
+                layers: *l,
+                ..base.clone()
+            },
+        );
+        register(&c, &s, &p, &format!("slow{l}")).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = mixed_load(&s, 16, stop.clone());
+    let t0 = Instant::now();
+    let mut lines = vec![];
+    eprintln!("identical candidate, {n} rollouts");
+    let stable = stable_version(&c, &s).await;
+    let identical = rollouts(&c, &s, &stable, "twin", n, true).await;
+    lines.push(identical.line("identical weights"));
+    // After the swaps, stable is one of the two identical versions.
+    let stable = stable_version(&c, &s).await;
+    let per_slow = (n / 4).max(3);
+    for l in &layers {
+        eprintln!("{l} layers (stable 2), {per_slow} rollouts");
+        let t = rollouts(&c, &s, &stable, &format!("slow{l}"), per_slow, false).await;
+        lines.push(t.line(&format!("{l} layers (stable: 2)")));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (sent, failed) = traffic.await.unwrap();
+    eprintln!(
+        "\n{sent} requests ({failed} failed) in {:.0?}\n\n| candidate | rollouts | outcome | time to verdict, median | canary/stable e2e p99, median window |\n|---|---:|---|---:|---:|",
+        t0.elapsed()
+    );
+    for l in lines {
+        eprintln!("{l}");
+    }
+    s.stop().await;
+}
+
+/// A failing candidate, judged by the real analysis
+/// ([`llmops::monitor::canary::analyse`] with the default settings) and the
+/// rollout's rule (steps 25/50/100, one success per step, failure limit 2)
+/// on simulated windows: the server has no switch that makes a version
+/// fail a set share of its requests, so the failures are drawn here.
+/// Latencies on both sides come from one log-normal (e2e median 0.5 s,
+/// TTFT median 50 ms), stable fails nothing, the canary fails `p` of its
+/// requests; windows are 30 s (the default interval) at `rate` requests/s.
+#[test]
+#[ignore = "a benchmark: cargo test --release --test it canary_truth::measure -- --ignored --nocapture"]
+fn measure_missed_rollbacks_of_a_failing_candidate_in_simulation() {
+    use llmops::monitor::canary::{Analysis, Outcome, Sample, Verdict, analyse};
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let mut sample = |fail: f64, key: u64| {
+        let (u1, u2) = (uniform().max(1e-12), uniform());
+        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        let e2e = 0.5 * (0.4 * z).exp();
+        let ok = uniform() >= fail;
+        Sample {
+            ok,
+            ttft_s: if ok { 0.05 * (0.5 * z).exp() } else { f64::NAN },
+            itl_s: e2e / 40.0,
+            e2e_s: e2e,
+            output_tokens: 40,
+            stopped: false,
+            outcome: Outcome::Served,
+            key,
+        }
+    };
+    let analysis = Analysis::default();
+    eprintln!(
+        "\n| canary fails | requests/s | rollouts | rolled back | missed | windows to a rollback, median |\n|---:|---:|---:|---:|---:|---:|"
+    );
+    for p in [0.0, 0.02, 0.05, 0.10] {
+        for rate in [2.0, 20.0] {
+            let n = 200;
+            let (mut rolled_back, mut windows) = (0, vec![]);
+            let mut key = 0u64;
+            for _ in 0..n {
+                let (mut step, mut failures, mut w) = (0usize, 0u32, 0usize);
+                let steps = [25.0, 50.0, 100.0];
+                loop {
+                    w += 1;
+                    let total = (rate * 30.0) as usize;
+                    let canary_n = (total as f64 * steps[step] / 100.0) as usize;
+                    let mut draw = |k: usize, fail: f64| -> Vec<Sample> {
+                        (0..k)
+                            .map(|_| {
+                                key += 1;
+                                sample(fail, key)
+                            })
+                            .collect()
+                    };
+                    let canary = draw(canary_n, p);
+                    let stable = draw(total - canary_n, 0.0);
+                    match analyse(&analysis, &stable, &canary).verdict {
+                        Verdict::Successful => {
+                            step += 1;
+                            if steps[step] >= 100.0 {
+                                break;
+                            }
+                        }
+                        Verdict::Failed | Verdict::Error => {
+                            failures += 1;
+                            if failures >= 2 {
+                                rolled_back += 1;
+                                windows.push(w);
+                                break;
+                            }
+                        }
+                        Verdict::Inconclusive => {}
+                    }
+                    assert!(w < 1000, "a rollout that never ends");
+                }
+            }
+            windows.sort();
+            let median = windows
+                .get(windows.len() / 2)
+                .map_or("–".to_string(), |w| w.to_string());
+            let missed = if p > 0.0 {
+                format!("{:.0}%", 100.0 * (n - rolled_back) as f64 / n as f64)
+            } else {
+                "–".into()
+            };
+            eprintln!(
+                "| {:.0}% | {rate} | {n} | {rolled_back} | {missed} | {median} |",
+                p * 100.0
+            );
+        }
+    }
+}

@@ -242,7 +242,7 @@ async fn admin_routes_refuse_inference_keys_and_bad_inputs_change_nothing() {
         tonic::Code::PermissionDenied
     );
     let mut r = tonic::Request::new(llmops::proto::ReadAuditRequest {
-        after: 0,
+        after: None,
         limit: 10,
     });
     r.metadata_mut()
@@ -1477,4 +1477,75 @@ async fn sigkill_during_loads_unloads_and_rollouts_leaves_a_consistent_registry(
         rolled_back_by_restart.len() >= 3,
         "rollouts in flight at a kill are rolled back at the next start: {rolled_back_by_restart:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reads_the_newest_audit_entries_and_names_a_wrong_port() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = TestServer::start(keys).await;
+    let c = reqwest::Client::new();
+    for (i, name) in ["a", "b", "c"].iter().enumerate() {
+        let path = tiny(tmp.path(), name, 20 + i as u64);
+        let (st, v) = call_as(
+            &c,
+            reqwest::Method::POST,
+            s.url("/admin/v1/models/tiny/versions"),
+            Some(json!({"path": path, "version": name})),
+            ADMIN,
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+    }
+    let cli = |url: String, extra: &[&str]| {
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                Command::new(env!("CARGO_BIN_EXE_llmops"))
+                    .args(["models", "--url", &url, "--api-key", ADMIN, "audit"])
+                    .args(extra)
+                    .env_remove("LLMOPS_API_KEY")
+                    .env_remove("LLMOPS_ADMIN_URL")
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let grpc = format!("http://{}", s.grpc);
+    let seqs = |out: &std::process::Output| -> Vec<u64> {
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    // The whole log, oldest first, from the start.
+    let all = seqs(&cli(grpc.clone(), &["--after", "0"]).await);
+    assert!(all.len() >= 3, "{all:?}");
+    // By default: the newest entries (the last registration among them).
+    let newest = seqs(&cli(grpc.clone(), &["--limit", "2"]).await);
+    assert_eq!(newest, all[all.len() - 2..], "{all:?}");
+    let (_, v) = call_as(
+        &c,
+        reqwest::Method::GET,
+        s.url("/admin/v1/audit?limit=1"),
+        None,
+        ADMIN,
+    )
+    .await;
+    assert_eq!(v["entries"][0]["seq"], *all.last().unwrap(), "{v}");
+    assert_eq!(v["entries"][0]["new"]["version"], "c", "{v}");
+
+    // The HTTP port where the gRPC one belongs: said in words.
+    let wrong = cli(format!("http://{}", s.http), &[]).await;
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        err.contains("not gRPC") && err.contains("gRPC port"),
+        "{err}"
+    );
+    s.stop().await;
 }

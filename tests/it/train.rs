@@ -19,6 +19,7 @@ fn args(data: &Path, out: &Path) -> TrainArgs {
         replay: vec![],
         replay_share: 0.2,
         replay_eval_fraction: None,
+        reference: vec![],
         preset: "nano".into(),
         layers: None,
         hidden: None,

@@ -385,6 +385,9 @@ impl pb::admin_server::Admin for AdminService {
             lr: r.lr.unwrap_or(d.lr),
             batch_size: r.batch_size.map_or(d.batch_size, |b| b as usize),
             max_regression: r.max_regression.unwrap_or(d.max_regression),
+            min_reference_tokens: r
+                .min_reference_tokens
+                .map_or(d.min_reference_tokens, |t| t as usize),
             budget: crate::train::job::CpuBudget {
                 threads: r.threads.map_or(d.budget.threads, |t| t as usize),
                 duty: r.duty.unwrap_or(d.budget.duty),
