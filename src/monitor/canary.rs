@@ -650,6 +650,8 @@ pub const DEFAULT_MANN_WHITNEY_MIN_EFFECT: f64 = 0.2;
 pub const DEFAULT_MANN_WHITNEY_MIN_DELTA_S: f64 = 0.02;
 /// Default for [`Analysis::min_keys`].
 pub const DEFAULT_MIN_KEYS: usize = 10;
+/// Default for [`Analysis::failure_min_delta`].
+pub const DEFAULT_FAILURE_MIN_DELTA: f64 = 0.01;
 
 /// The analysis settings of a rollout.
 ///
@@ -683,6 +685,13 @@ pub struct Analysis {
     /// split is per request) either side must have seen: a window decided
     /// by a handful of clients is inconclusive, never a pass. Default 10.
     pub min_keys: usize,
+    /// With the rank tests on (at their alpha), a one-sided Fisher exact
+    /// test also asks whether the canary's requests end unsuccessfully
+    /// (failed, refused or abandoned) more often than stable's: a window
+    /// fails when they do significantly and by more than this share of the
+    /// requests (absolute gates alone miss a canary failing 2% against
+    /// 0%). Default 0.01.
+    pub failure_min_delta: f64,
 }
 
 /// The default gates, as typed: every outcome a client can meet is
@@ -724,6 +733,7 @@ impl Default for Analysis {
             mann_whitney_min_effect: DEFAULT_MANN_WHITNEY_MIN_EFFECT,
             mann_whitney_min_delta_s: DEFAULT_MANN_WHITNEY_MIN_DELTA_S,
             min_keys: DEFAULT_MIN_KEYS,
+            failure_min_delta: DEFAULT_FAILURE_MIN_DELTA,
         }
     }
 }
@@ -834,6 +844,27 @@ pub struct TestResult {
     pub passed: bool,
 }
 
+/// A one-sided Fisher exact test of "the canary's requests end
+/// unsuccessfully more often than stable's" (every outcome but a served,
+/// successful request counts as a failure).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FailureTest {
+    /// Canary requests that did not succeed, of `canary_n`.
+    pub canary_failed: usize,
+    /// Canary requests in the window.
+    pub canary_n: usize,
+    /// Stable requests that did not succeed, of `stable_n`.
+    pub stable_failed: usize,
+    /// Stable requests in the window.
+    pub stable_n: usize,
+    /// P(at least `canary_failed` of the window's failures on the canary
+    /// side | as many failures overall), hypergeometric.
+    pub p_value: f64,
+    /// False when `p_value < alpha` and the canary's failure share exceeds
+    /// stable's by more than [`Analysis::failure_min_delta`].
+    pub passed: bool,
+}
+
 /// The verdict on one window, with everything that led to it.
 ///
 /// Gates are evaluated and reported even when the verdict is Inconclusive or
@@ -850,6 +881,10 @@ pub struct Report {
     pub gates: Vec<GateResult>,
     /// Mann–Whitney results: metric, U, z, one-sided p, passed.
     pub tests: Vec<TestResult>,
+    /// The failure-share test (absent when the tests are off, and in
+    /// reports written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failures: Option<FailureTest>,
     /// One sentence: why this verdict (names the failing gate and its value).
     pub reason: String,
 }
@@ -873,13 +908,30 @@ pub fn analyse(analysis: &Analysis, stable: &[Sample], canary: &[Sample]) -> Rep
         Some(alpha) if alpha_ok => latency_tests(stable, canary, alpha, analysis),
         _ => Vec::new(),
     };
-    let (verdict, reason) = decide(analysis, stable.len(), canary.len(), &gates, &tests);
+    let failures = match alpha {
+        Some(alpha) if alpha_ok => Some(failure_test(stable, canary, alpha, analysis)),
+        _ => None,
+    };
+    let (mut verdict, mut reason) = decide(analysis, stable.len(), canary.len(), &gates, &tests);
+    // A significant excess of failures fails a window the rest passed (a
+    // window already failed names its first failing check).
+    if let Some(f) = failures.as_ref().filter(|f| !f.passed)
+        && verdict == Verdict::Successful
+    {
+        verdict = Verdict::Failed;
+        reason = format!(
+            "the canary fails more often than stable: {} of {} requests against {} of {} \
+             (Fisher one-sided p = {:.2e})",
+            f.canary_failed, f.canary_n, f.stable_failed, f.stable_n, f.p_value
+        );
+    }
     Report {
         verdict,
         canary_samples: canary.len(),
         stable_samples: stable.len(),
         gates,
         tests,
+        failures,
         reason,
     }
 }
@@ -1171,6 +1223,43 @@ fn judge(
         Some(passed),
         format!("canary {} {rel} limit {}{basis}", show(c), show(limit)),
     )
+}
+
+fn failure_test(stable: &[Sample], canary: &[Sample], alpha: f64, a: &Analysis) -> FailureTest {
+    let failed = |s: &[Sample]| s.iter().filter(|s| !s.ok).count();
+    let (cf, cn, sf, sn) = (failed(canary), canary.len(), failed(stable), stable.len());
+    let p_value = fisher_greater(cf, cn, sf, sn);
+    let share = |f: usize, n: usize| f as f64 / n.max(1) as f64;
+    let excess = share(cf, cn) - share(sf, sn);
+    FailureTest {
+        canary_failed: cf,
+        canary_n: cn,
+        stable_failed: sf,
+        stable_n: sn,
+        p_value,
+        passed: !(p_value < alpha && excess > a.failure_min_delta),
+    }
+}
+
+/// One-sided Fisher exact test: with `cf` of `cn` canary and `sf` of `sn`
+/// stable requests failed, P(X ≥ cf) for X hypergeometric (the failures
+/// spread over the two sides at random). 1 when nothing failed.
+pub fn fisher_greater(cf: usize, cn: usize, sf: usize, sn: usize) -> f64 {
+    let (n, k) = (cn + sn, cf + sf);
+    if k == 0 || cn == 0 || sn == 0 {
+        return 1.0;
+    }
+    let mut ln_fact = vec![0.0f64; n + 1];
+    for i in 1..=n {
+        ln_fact[i] = ln_fact[i - 1] + (i as f64).ln();
+    }
+    let ln_choose = |a: usize, b: usize| ln_fact[a] - ln_fact[b] - ln_fact[a - b];
+    let total = ln_choose(n, cn);
+    let p: f64 = (cf..=k.min(cn))
+        .filter(|&x| k - x <= sn)
+        .map(|x| (ln_choose(k, x) + ln_choose(n - k, cn - x) - total).exp())
+        .sum();
+    p.min(1.0)
 }
 
 fn latency_tests(
@@ -1970,6 +2059,39 @@ mod tests {
             // by far more.
             prop_assert!(p_shifted <= p + 1e-12, "p {} -> {}", p, p_shifted);
         }
+    }
+
+    #[test]
+    fn fisher_matches_scipy_and_fails_a_canary_that_fails_more_often() {
+        // The exact sums (as scipy.stats.fisher_exact(table,
+        // alternative="greater")): [[3, 7], [1, 19]] → 2/21,
+        // [[8, 392], [0, 1200]] → 1.4472e-5.
+        assert!((fisher_greater(3, 10, 1, 20) - 2.0 / 21.0).abs() < 1e-9);
+        let p = fisher_greater(8, 400, 0, 1200);
+        assert!((p - 1.4472e-5).abs() < 1e-8, "{p}");
+        assert_eq!(fisher_greater(0, 100, 0, 300), 1.0);
+        // Fewer canary failures than stable's share: no evidence.
+        assert!(fisher_greater(0, 100, 5, 300) > 0.5);
+
+        // 2% of 400 canary requests fail, none of stable's 1,200: the
+        // window fails on the test though every gate (error_rate <= 5%)
+        // passes; the same at 0.5% (under the 1-point minimum) passes.
+        let analysis = Analysis::default();
+        let with_failures = |n: usize, failed: usize| -> Vec<Sample> {
+            let mut v = window(2, n, 1.0);
+            for s in v.iter_mut().take(failed) {
+                s.ok = false;
+            }
+            v
+        };
+        let stable = window(1, 1200, 1.0);
+        let r = analyse(&analysis, &stable, &with_failures(400, 8));
+        assert_eq!(r.verdict, Verdict::Failed, "{}", r.reason);
+        assert!(r.gates.iter().all(|g| g.passed == Some(true)), "{r:?}");
+        assert!(r.reason.contains("fails more often"), "{}", r.reason);
+        let r = analyse(&analysis, &stable, &with_failures(400, 2));
+        assert_eq!(r.verdict, Verdict::Successful, "{}", r.reason);
+        assert!(r.failures.as_ref().is_some_and(|f| f.passed));
     }
 
     #[test]
