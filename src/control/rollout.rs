@@ -229,6 +229,14 @@ pub struct RolloutStatus {
     pub reason: String,
     /// The last analyses, newest last (at most [`HISTORY`]).
     pub history: Vec<Analysed>,
+    /// Bumped by every recorded change. The log applies a change only on
+    /// top of the revision it was made from, so of two replicas writing
+    /// from the same revision (a command on one, the leader's analysis on
+    /// another) the first in the log wins and the other is not applied;
+    /// an ended rollout is final (see [`crate::registry`]). 0 in entries
+    /// written before revisions existed.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// Analyses kept per rollout.
@@ -268,6 +276,8 @@ impl std::str::FromStr for Command {
 
 /// A running rollout's mailbox and who sent what.
 pub(super) struct Running {
+    /// The rollout's id: a driver that ends removes its own entry only.
+    id: String,
     tx: mpsc::Sender<(Command, Actor)>,
 }
 
@@ -334,6 +344,7 @@ impl Controller {
         event: &str,
     ) -> Result<(), ControlError> {
         status.updated = crate::registry::now_rfc3339();
+        status.revision += 1;
         let value = serde_json::to_value(&*status)
             .map_err(|e| ControlError::Internal(format!("rollout status: {e}")))?;
         self.record(
@@ -350,6 +361,9 @@ impl Controller {
         )
         .await?;
         let model = status.spec.model.clone();
+        if !status.phase.is_active() {
+            self.forget_driver(&model, &status.id);
+        }
         metrics::gauge!(names::ROLLOUT_WEIGHT, "model" => model.clone())
             .set(f64::from(status.weight));
         metrics::counter!(names::ROLLOUT_TRANSITIONS, "model" => model, "event" => event.to_string())
@@ -468,6 +482,7 @@ impl Controller {
             reason: format!("started at {}%", spec.steps[0]),
             history: vec![],
             spec,
+            revision: 0,
         };
         // Recorded first: a canary whose rollout could not be written would
         // take traffic that nothing analyses and nothing can abort.
@@ -501,7 +516,13 @@ impl Controller {
             return false;
         }
         let (tx, rx) = mpsc::channel(8);
-        running.insert(status.spec.model.clone(), Running { tx });
+        running.insert(
+            status.spec.model.clone(),
+            Running {
+                id: status.id.clone(),
+                tx,
+            },
+        );
         let me = self.clone();
         tokio::spawn(async move { me.drive(status, rx).await });
         true
@@ -624,7 +645,7 @@ impl Controller {
                     break;
                 }
                 if let Ok(now) = self.rollout(&status.id).await
-                    && now.updated != status.updated
+                    && (now.updated != status.updated || now.revision != status.revision)
                 {
                     status = now;
                 }
@@ -636,6 +657,27 @@ impl Controller {
                 c = commands.recv() => c,
                 _ = tokio::time::sleep_until((window_start + interval).into()) => None,
             };
+            // In a fleet a command may have reached another replica while
+            // this one slept: the log's status wins over this copy, and the
+            // window it slept through is not judged against it. Leadership
+            // is checked again right before the write.
+            if command.is_none() && self.is_fleet() {
+                if !self.leads() {
+                    tracing::info!(model, id = %status.id, "no longer the leader; another replica drives the rollout");
+                    break;
+                }
+                if let Ok(now) = self.rollout(&status.id).await
+                    && now.revision != status.revision
+                {
+                    status = now;
+                    window_start = Instant::now();
+                    judged_from = window_start;
+                    if !status.phase.is_active() {
+                        break;
+                    }
+                    continue;
+                }
+            }
             let outcome = match command {
                 Some((c, actor)) => self.apply_command(&mut status, c, &actor).await,
                 None if status.phase == Phase::Paused => {
@@ -658,10 +700,17 @@ impl Controller {
                 break;
             }
         }
-        self.rollouts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&model);
+        self.forget_driver(&model, &status.id);
+    }
+
+    /// Drops the model's driver entry if it is rollout `id`'s. Called as
+    /// soon as the end is recorded, so that a client who reads "promoted"
+    /// can start the next rollout at once.
+    fn forget_driver(&self, model: &str, id: &str) {
+        let mut running = self.rollouts.lock().unwrap_or_else(|p| p.into_inner());
+        if running.get(model).is_some_and(|r| r.id == id) {
+            running.remove(model);
+        }
     }
 
     async fn apply_command(

@@ -433,7 +433,9 @@ impl State {
                 }
             }
             Action::Rollout { id, status, .. } => {
-                self.rollouts.insert(id.clone(), status.clone());
+                if rollout_applies(self.rollouts.get(id), status) {
+                    self.rollouts.insert(id.clone(), status.clone());
+                }
             }
             Action::Shadow { model, spec } => set_or_clear(&mut self.shadows, model, spec),
             Action::Hook { name, spec } => set_or_clear(&mut self.hooks, name, spec),
@@ -775,6 +777,29 @@ impl Registry {
         }
         self.entries.push(entry.clone());
         Ok(entry)
+    }
+}
+
+/// Whether a rollout's status, as written, replaces `current`: an ended
+/// rollout (promoted, rolled back, aborted) is final, and a status written
+/// from an older revision than the one now in the log lost a race (two
+/// replicas wrote from the same revision; the first in the log won).
+/// Entries without revisions (older logs) apply as they always did, except
+/// after the end.
+fn rollout_applies(current: Option<&serde_json::Value>, new: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    let Some(current) = current else {
+        return true;
+    };
+    let ended = matches!(
+        current.get("phase").and_then(Value::as_str),
+        Some("promoted" | "rolled_back" | "aborted")
+    );
+    let revision = |v: &Value| v.get("revision").and_then(Value::as_u64).unwrap_or(0);
+    match (ended, revision(new)) {
+        (true, _) => false,
+        (false, 0) => true,
+        (false, r) => r > revision(current),
     }
 }
 
