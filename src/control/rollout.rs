@@ -592,10 +592,28 @@ impl Controller {
         let Some(tx) = tx else {
             if self.is_fleet() {
                 // The leader drives it elsewhere: the command is recorded
-                // here, and the leader's driver reads it from the log.
+                // here, and the leader's driver reads it from the log. The
+                // log applies it only over the revision it was made from:
+                // if the leader wrote first, it is made again on top.
                 let mut status = status;
-                self.apply_command(&mut status, command, actor).await?;
-                return Ok(status);
+                for _ in 0..10 {
+                    let mut mine = status.clone();
+                    self.apply_command(&mut mine, command, actor).await?;
+                    let now = self.rollout(id).await?;
+                    if now.revision == mine.revision && now.updated == mine.updated {
+                        return Ok(now);
+                    }
+                    if !now.phase.is_active() {
+                        return Err(ControlError::Conflict(format!(
+                            "rollout `{id}` has ended ({})",
+                            now.phase.as_str()
+                        )));
+                    }
+                    status = now;
+                }
+                return Err(ControlError::Conflict(format!(
+                    "rollout `{id}` kept changing under the command; try again"
+                )));
             }
             return Err(ControlError::Conflict(format!(
                 "rollout `{id}` is not running"

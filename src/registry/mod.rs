@@ -807,6 +807,38 @@ fn rollout_applies(current: Option<&serde_json::Value>, new: &serde_json::Value)
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_rollout_status_applies_over_its_own_revision_only_and_never_after_the_end() {
+        let st = |phase: &str, revision: Option<u64>| match revision {
+            Some(r) => serde_json::json!({"phase": phase, "revision": r}),
+            None => serde_json::json!({"phase": phase}),
+        };
+        // The first status, and one written on top of it.
+        assert!(rollout_applies(None, &st("progressing", Some(1))));
+        assert!(rollout_applies(
+            Some(&st("progressing", Some(1))),
+            &st("paused", Some(2))
+        ));
+        // The leader's analysis, written from revision 1 after a pause
+        // (revision 2) from another replica: the pause stands.
+        assert!(!rollout_applies(
+            Some(&st("paused", Some(2))),
+            &st("progressing", Some(2))
+        ));
+        // Ended is final, whatever the revision.
+        for end in ["promoted", "rolled_back", "aborted"] {
+            assert!(!rollout_applies(
+                Some(&st(end, Some(3))),
+                &st("rolled_back", Some(9))
+            ));
+        }
+        // Entries from before revisions apply in log order, as they did.
+        assert!(rollout_applies(
+            Some(&st("progressing", None)),
+            &st("paused", None)
+        ));
+    }
+
     fn record(v: &str) -> Box<VersionRecord> {
         Box::new(VersionRecord {
             version: v.into(),

@@ -1241,3 +1241,129 @@ async fn a_webhook_secret_set_on_one_replica_signs_every_replicas_deliveries() {
         "d delivered without the secret"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_sent_to_non_leaders_hold_and_end_a_rollout_exactly_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    etcd.healthy().await;
+    let url = etcd.url("fleet-commands");
+    let v1 = tmp.path().join("v1");
+    SynthSpec::tiny_llama().write(&v1, None).unwrap();
+    let v2 = tmp.path().join("v2");
+    SynthSpec {
+        seed: 2,
+        ..SynthSpec::tiny_llama()
+    }
+    .write(&v2, None)
+    .unwrap();
+    let mut rs = vec![
+        replica(tmp.path(), "a", &v1, &url),
+        replica(tmp.path(), "b", &v1, &url),
+        replica(tmp.path(), "c", &v1, &url),
+    ];
+    for r in rs.iter_mut() {
+        r.ready().await;
+    }
+    let c = reqwest::Client::new();
+    let all: Vec<&Served> = rs.iter().collect();
+    let lead = leader(&c, &all, Duration::from_secs(10)).await;
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        rs[0].url("/admin/v1/models/tiny/versions"),
+        Some(json!({"path": v2, "version": "v2"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = traffic(all.iter().map(|r| r.url("")).collect(), stop.clone());
+    // Lenient checks and 1-s windows: left alone, it steps every second.
+    let (st, ro) = call(
+        &c,
+        Method::POST,
+        rs[lead].url("/admin/v1/rollouts"),
+        Some(json!({
+            "model": "tiny", "candidate": "v2", "steps": [10, 20, 30, 40, 50, 100],
+            "interval_secs": 1.0, "warmup_secs": 0.0,
+            "analysis": {"gates": ["error_rate <= 0.5"], "min_samples": 1, "min_keys": 1,
+                         "mann_whitney_alpha": false}
+        })),
+    )
+    .await;
+    assert_eq!(st, 200, "{ro}");
+    let id = ro["id"].as_str().unwrap().to_string();
+    on_all(&c, &all, Duration::from_secs(5), "canary on", |s| {
+        s["serving"]["canary"]["version"] == "v2"
+    })
+    .await;
+    let rollout_on = |r: &Served| r.url(&format!("/admin/v1/rollouts/{id}"));
+
+    // Paused on a replica that does not lead: it holds on every replica
+    // for three intervals (the leader's analysis does not undo it).
+    let (a, b) = ((lead + 1) % 3, (lead + 2) % 3);
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        rs[a].url(&format!("/admin/v1/rollouts/{id}/pause")),
+        Some(json!({"reason": "hold on"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let t0 = Instant::now();
+    let mut weight = None;
+    while t0.elapsed() < Duration::from_secs(4) {
+        for r in &rs {
+            let (_, v) = call(&c, Method::GET, rollout_on(r), None).await;
+            if v["phase"] == "progressing" && t0.elapsed() < Duration::from_secs(1) {
+                continue; // not yet seen by this replica
+            }
+            assert_eq!(v["phase"], "paused", "{v:#}");
+            let w = v["weight"].as_u64().unwrap();
+            assert_eq!(
+                *weight.get_or_insert(w),
+                w,
+                "the weight moved while paused: {v:#}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Aborted on the other non-leader: ended once, as an abort, everywhere.
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        rs[b].url(&format!("/admin/v1/rollouts/{id}/abort")),
+        Some(json!({"reason": "enough"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    on_all(&c, &all, Duration::from_secs(5), "no canary", |s| {
+        s["serving"]["canary"].is_null() && s["serving"]["version"] == "v1"
+    })
+    .await;
+    // Two more intervals for a stale write to show up, if one were made.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.await.unwrap();
+    for r in &rs {
+        let (_, v) = call(&c, Method::GET, rollout_on(r), None).await;
+        assert_eq!(v["phase"], "aborted", "{v:#}");
+        assert!(
+            v["reason"].as_str().unwrap().starts_with("aborted by"),
+            "{v:#}"
+        );
+    }
+    let ends: Vec<Value> = audit(&c, &rs[lead])
+        .await
+        .into_iter()
+        .filter(|e| e["action"] == "rollout" && e["id"] == id.as_str())
+        .filter(|e| {
+            matches!(
+                e["new"]["phase"].as_str(),
+                Some("aborted" | "rolled_back" | "promoted")
+            )
+        })
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:#?}");
+}
