@@ -97,7 +97,8 @@ async fn unsupported_openai_parameters_are_refused_by_name_and_their_no_ops_acce
         b
     };
     for (param, value) in [
-        ("response_format", json!({"type": "json_object"})),
+        ("response_format", json!({"type": "xml"})),
+        ("guided_choice", json!("not a list")),
         (
             "tools",
             json!([{"type": "function", "function": {"name": "f"}}]),
