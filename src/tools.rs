@@ -665,7 +665,10 @@ mod tests {
             panic!("a schema")
         };
         assert_eq!(s["type"], "array");
-        assert_eq!(s["items"]["anyOf"][0]["properties"]["name"]["const"], "get_weather");
+        assert_eq!(
+            s["items"]["anyOf"][0]["properties"]["name"]["const"],
+            "get_weather"
+        );
         let named = tools(json!({"type": "function", "function": {"name": "get_weather"}}));
         let Some(Constraint::JsonSchema(s)) = named.constraint() else {
             panic!("a schema")
@@ -753,7 +756,11 @@ mod tests {
         let roles: Vec<&str> = out.iter().map(|m| m.role.as_str()).collect();
         assert_eq!(roles, ["system", "user", "assistant", "user"]);
         assert!(out[0].content.contains("get_weather"));
-        assert!(out[2].content.contains(r#""arguments":{"city":"Paris"}"#), "{}", out[2].content);
+        assert!(
+            out[2].content.contains(r#""arguments":{"city":"Paris"}"#),
+            "{}",
+            out[2].content
+        );
         assert!(out[3].content.contains(r#""name":"get_weather""#));
         // An existing system message is extended, not duplicated.
         let mut with_system = vec![Message::new("system", "be brief")];

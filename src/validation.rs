@@ -193,19 +193,18 @@ pub fn tokenize_with_tools(
         _ => (input, tools),
     };
     if let Input::Chat(messages) = input {
-        let tool_text = tools
-            .iter()
-            .map(|t| ("tools", t))
-            .chain(messages.iter().flat_map(|m| {
-                m.tool_calls
-                    .iter()
-                    .map(|c| ("messages", c))
-            }));
+        let tool_text = tools.iter().map(|t| ("tools", t)).chain(
+            messages
+                .iter()
+                .flat_map(|m| m.tool_calls.iter().map(|c| ("messages", c))),
+        );
         for (param, v) in tool_text {
             if let Some(special) = tok.special_in(&v.to_string()) {
                 return Err(ValidationError::invalid(
                     param,
-                    format!("{param} holds the control token `{special}`, which this model's chat template would read as one"),
+                    format!(
+                        "{param} holds the control token `{special}`, which this model's chat template would read as one"
+                    ),
                 ));
             }
         }
@@ -464,10 +463,7 @@ mod tests {
     }
 
     fn user(content: String) -> Message {
-        Message {
-            role: "user".into(),
-            content,
-        }
+        Message::new("user", content)
     }
 
     /// What a case expects: the completion length granted, or the error's

@@ -830,7 +830,9 @@ impl ToolStream {
                 }
                 let call_like = !auto
                     || start.starts_with(['{', '[', '`'])
-                    || CALL_MARKERS.iter().any(|m| m.starts_with(start) || start.starts_with(m))
+                    || CALL_MARKERS
+                        .iter()
+                        .any(|m| m.starts_with(start) || start.starts_with(m))
                     || start.starts_with("<|python_tag|>");
                 let held = std::mem::take(held);
                 *mode = if call_like {
@@ -866,7 +868,9 @@ impl ToolStream {
             return (None, vec![]);
         };
         match std::mem::replace(mode, Mode::Undecided(String::new())) {
-            Mode::Undecided(held) | Mode::Text(held) => ((!held.is_empty()).then_some(held), vec![]),
+            Mode::Undecided(held) | Mode::Text(held) => {
+                ((!held.is_empty()).then_some(held), vec![])
+            }
             Mode::Calls(sent, held) => {
                 let whole = format!("{sent}{held}");
                 let p = crate::tools::parse(&self.tools.0, self.tools.1, &whole);

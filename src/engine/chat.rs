@@ -115,7 +115,8 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
-        let tools = (!tools.is_empty()).then(|| minijinja::Value::from(minijinja::value::Serde(tools)));
+        let tools =
+            (!tools.is_empty()).then(|| minijinja::Value::from(minijinja::value::Serde(tools)));
         tmpl.render(context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             tools => tools,

@@ -52,7 +52,10 @@ fn check_args(name: &str, args: &str) {
     match name {
         "get_weather" => {
             assert_eq!(o.len(), 2, "{v}");
-            assert!(o["city"].as_str().is_some_and(|c| c.chars().count() <= 10), "{v}");
+            assert!(
+                o["city"].as_str().is_some_and(|c| c.chars().count() <= 10),
+                "{v}"
+            );
             assert!((1..=7).contains(&o["days"].as_i64().unwrap()), "{v}");
         }
         "get_time" => {
@@ -295,7 +298,7 @@ async fn responses_take_a_json_schema_text_format_and_function_tools() {
     let v: Value = c
         .post(&url)
         .json(&json!({"model": "embedded", "input": "time?", "max_output_tokens": 60, "temperature": 1.0, "seed": 3,
-            "tools": [tool], "tool_choice": "required"}))
+            "tools": [tool], "tool_choice": "required", "parallel_tool_calls": false}))
         .send()
         .await
         .unwrap()

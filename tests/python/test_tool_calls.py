@@ -141,7 +141,7 @@ def test_a_two_turn_conversation_with_a_tool_result_answers_in_text(client, mode
 
 def test_streamed_tool_call_deltas_reassemble_to_the_non_streamed_answer(client, model):
     for seed, choice in [(1, "required"), (2, {"type": "function", "function": {"name": "get_time"}}), (3, "auto")]:
-        kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice=choice, temperature=1.0, seed=seed, max_tokens=120)
+        kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=120)
         whole = client.chat.completions.create(**kw).choices[0]
         with client.chat.completions.stream(**kw) as stream:
             for _ in stream:
@@ -197,6 +197,7 @@ def test_responses_create_with_a_function_tool_returns_a_function_call_and_takes
         input="What is the weather in Paris?",
         tools=[tool],
         tool_choice="required",
+        parallel_tool_calls=False,
         temperature=1.0,
         max_output_tokens=120,
         extra_body={"seed": 5},

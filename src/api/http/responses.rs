@@ -36,10 +36,10 @@ use crate::api::auth::Principal;
 use crate::api::error::ApiError;
 use crate::api::openai::SamplingFields;
 use crate::engine::Message;
+use crate::engine::grammar::Constraint;
 use crate::infer::{self, Generation};
 use crate::monitor::Protocol;
 use crate::scheduler::{Event, FinishReason};
-use crate::engine::grammar::Constraint;
 use crate::tools::{Family, ToolCall, Tools};
 use crate::validation::{GenerationSpec, Input, OutputConstraint};
 
@@ -288,7 +288,10 @@ fn input_messages(input: &ResponsesInput) -> Result<Vec<Message>, ApiError> {
             let mut out: Vec<Message> = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
                 let at = format!("input[{i}]");
-                let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
+                let kind = item
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message");
                 let field = |name: &str| {
                     item.get(name).and_then(Value::as_str).ok_or_else(|| {
                         ApiError::invalid("input", format!("{at}: a {kind} item needs `{name}`"))
@@ -339,7 +342,9 @@ fn input_messages(input: &ResponsesInput) -> Result<Vec<Message>, ApiError> {
                     _ => {
                         return Err(ApiError::invalid(
                             "input",
-                            format!("{at}: item type `{kind}` is not supported (message, function_call, function_call_output)"),
+                            format!(
+                                "{at}: item type `{kind}` is not supported (message, function_call, function_call_output)"
+                            ),
                         ));
                     }
                 }
@@ -347,7 +352,9 @@ fn input_messages(input: &ResponsesInput) -> Result<Vec<Message>, ApiError> {
                 if !matches!(role, "user" | "assistant" | "system" | "developer") {
                     return Err(ApiError::invalid(
                         "input",
-                        format!("{at}.role: `{role}` is not a role (user, assistant, system, developer)"),
+                        format!(
+                            "{at}.role: `{role}` is not a role (user, assistant, system, developer)"
+                        ),
                     ));
                 }
                 let content = item.get("content").unwrap_or(&Value::Null);
@@ -944,7 +951,10 @@ mod tests {
         let spec = translated(json!({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}})).unwrap();
         let c = spec.constraint.unwrap();
         assert_eq!(c.param, "text.format");
-        assert_eq!(c.constraint, Constraint::JsonSchema(json!({"type": "object"})));
+        assert_eq!(
+            c.constraint,
+            Constraint::JsonSchema(json!({"type": "object"}))
+        );
         let spec = translated(json!({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}], "tool_choice": "required"})).unwrap();
         assert_eq!(spec.tools.len(), 1);
         assert_eq!(spec.tools[0]["function"]["name"], "f");
