@@ -136,23 +136,46 @@ def test_a_two_turn_conversation_with_a_tool_result_answers_in_text(client, mode
     ch = second.choices[0]
     assert ch.message.tool_calls is None, ch
     assert isinstance(ch.message.content, str) and ch.finish_reason in ("stop", "length"), ch
-    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    # The call and its result are in the prompt (`none` shows no tools).
+    alone = client.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="none", max_tokens=1)
+    assert second.usage.prompt_tokens > alone.usage.prompt_tokens + 10, (second.usage, alone.usage)
+
+
+def _reassemble(chunks) -> tuple[str, list[tuple[str, dict]], str]:
+    """Content, calls and finish reason of a raw chat stream (for `auto`,
+    which may end with `length`: the SDK's stream helper refuses those)."""
+    content, calls, reason = "", {}, None
+    for chunk in chunks:
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for d in ch.delta.tool_calls or []:
+                c = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                c["name"] += d.function.name or ""
+                c["arguments"] += d.function.arguments or ""
+            reason = ch.finish_reason or reason
+    return content, [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())], reason
 
 
 def test_streamed_tool_call_deltas_reassemble_to_the_non_streamed_answer(client, model):
-    for seed, choice in [(1, "required"), (2, {"type": "function", "function": {"name": "get_time"}}), (3, "auto")]:
+    for seed, choice in [(1, "required"), (2, {"type": "function", "function": {"name": "get_time"}}), (5, "required")]:
         kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice=choice, parallel_tool_calls=False, temperature=1.0, seed=seed, max_tokens=120)
         whole = client.chat.completions.create(**kw).choices[0]
         with client.chat.completions.stream(**kw) as stream:
             for _ in stream:
                 pass
             streamed = stream.get_final_completion().choices[0]
-        assert streamed.finish_reason == whole.finish_reason, (seed, streamed, whole)
-        got = [(c.function.name, json.loads(c.function.arguments)) for c in streamed.message.tool_calls or []]
-        want = [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls or []]
+        assert streamed.finish_reason == whole.finish_reason == "tool_calls", (seed, streamed, whole)
+        got = [(c.function.name, json.loads(c.function.arguments)) for c in streamed.message.tool_calls]
+        want = [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls]
         assert got == want, (seed, got, want)
-        if not want:
-            assert (streamed.message.content or "").strip() == (whole.message.content or "").strip()
+    # `auto`: text or calls, whichever the model writes, the same both ways.
+    for seed in range(3):
+        kw = dict(model=model, messages=ASK, tools=TOOLS, tool_choice="auto", temperature=1.0, seed=seed, max_tokens=40)
+        whole = client.chat.completions.create(**kw).choices[0]
+        content, calls, reason = _reassemble(client.chat.completions.create(stream=True, **kw))
+        want = [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls or []]
+        assert calls == want and reason == whole.finish_reason, (seed, calls, reason, whole)
+        assert content.strip() == (whole.message.content or "").strip(), (seed, content, whole)
 
 
 def test_an_unknown_tool_name_in_tool_choice_is_a_400(client, model):
@@ -216,3 +239,26 @@ def test_responses_create_with_a_function_tool_returns_a_function_call_and_takes
     )
     assert follow.status in ("completed", "incomplete"), follow
     assert all(o.type == "message" for o in follow.output), follow.output
+
+
+def test_responses_streamed_with_a_function_tool_end_with_the_same_call_as_the_whole_response(client, model):
+    tool = {"type": "function", **TIME["function"]}
+    kw = dict(
+        model=model,
+        input="What time is it in Tokyo?",
+        tools=[tool],
+        tool_choice={"type": "function", "name": "get_time"},
+        temperature=1.0,
+        max_output_tokens=80,
+        extra_body={"seed": 11},
+    )
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1, kinds
+    want = [o for o in whole.output if o.type == "function_call"][0]
+    assert json.loads(done[0].arguments) == json.loads(want.arguments)
+    final = [o for o in events[-1].response.output if o.type == "function_call"][0]
+    assert final.name == "get_time" and final.arguments == done[0].arguments

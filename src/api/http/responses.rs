@@ -633,12 +633,6 @@ pub async fn create(
     let until = deadline(&headers, &st.limits, arrival)?;
     let (spec, conversation) = translate(&req, history, arrival, until)?;
     let tools = tools(&req)?;
-    if req.stream && tools.active() {
-        return Err(ApiError::invalid(
-            "stream",
-            "streaming a response that may call tools is not supported yet; send stream: false (or tool_choice: none)",
-        ));
-    }
     let key = super::route_key(&headers, req.user.as_deref(), &principal, &rid);
     let picked = st.router.pick(&req.model, &key)?;
     let target = picked.target.clone();
@@ -661,6 +655,9 @@ pub async fn create(
         owner: principal.key_id.clone(),
         conversation,
     });
+    if head.req.stream && head.tools.is_some() {
+        return Ok(stream_with_tools(generation, head, keep).into_response());
+    }
     if head.req.stream {
         return Ok(stream(generation, head, keep).into_response());
     }
@@ -829,6 +826,93 @@ fn stream(
         if let Some(k) = keep {
             let out = Output { text: Some(text.clone()), calls: vec![] };
             k.save(&head.id, &out, object.clone());
+        }
+        let last = if reason == FinishReason::Length { "response.incomplete" } else { "response.completed" };
+        yield event(last, &mut seq, json!({"response": object}));
+    };
+    Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// The event sequence of a response that may call tools: the output is
+/// read for calls only once it is whole, so its items follow the generation
+/// (`response.created`, `response.in_progress`, then per item
+/// `response.output_item.added`, the text's `content_part` and
+/// `output_text` events or the call's `function_call_arguments.delta` and
+/// `.done`, `response.output_item.done`; then `response.completed` or
+/// `response.incomplete`).
+fn stream_with_tools(
+    generation: Generation,
+    head: Head,
+    keep: Option<Keep>,
+) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+    let prompt_tokens = generation.prompt_tokens;
+    let s = async_stream::stream! {
+        let mut seq = 0u64;
+        yield event("response.created", &mut seq, json!({"response": head.object("", None)}));
+        yield event("response.in_progress", &mut seq, json!({"response": head.object("", None)}));
+        let out = match generation.collect().await {
+            Ok(outs) => outs.into_iter().next(),
+            Err(e) => {
+                tracing::error!(error = %e, "response failed");
+                yield failed(&head, &mut seq, "", ("server_error", "the engine failed on this request".into()));
+                return;
+            }
+        };
+        let Some(out) = out else {
+            yield failed(&head, &mut seq, "", ("server_error", "the engine returned no output".into()));
+            return;
+        };
+        let reason = match out.finish_reason {
+            Some(FinishReason::Timeout) => {
+                let e = ("timeout", "the request's deadline passed before it finished (see x-request-timeout)".to_string());
+                yield failed(&head, &mut seq, &out.text, e);
+                return;
+            }
+            Some(FinishReason::Aborted) | None => {
+                yield failed(&head, &mut seq, &out.text, ("server_error", "the server stopped before the request finished".into()));
+                return;
+            }
+            Some(r) => r,
+        };
+        let output = Output::read(&head, &out.text);
+        let object = head.object_of(&output, Some((reason, prompt_tokens, out.completion_tokens)));
+        let items = object["output"].as_array().cloned().unwrap_or_default();
+        for (i, item) in items.iter().enumerate() {
+            let id = item["id"].clone();
+            let mut added = item.clone();
+            added["status"] = json!("in_progress");
+            if item["type"] == "function_call" {
+                added["arguments"] = json!("");
+                yield event("response.output_item.added", &mut seq, json!({"output_index": i, "item": added}));
+                yield event("response.function_call_arguments.delta", &mut seq, json!({
+                    "item_id": id, "output_index": i, "delta": item["arguments"],
+                }));
+                yield event("response.function_call_arguments.done", &mut seq, json!({
+                    "item_id": id, "output_index": i, "arguments": item["arguments"],
+                }));
+            } else {
+                let text = item["content"][0]["text"].as_str().unwrap_or_default().to_string();
+                added["content"] = json!([]);
+                yield event("response.output_item.added", &mut seq, json!({"output_index": i, "item": added}));
+                yield event("response.content_part.added", &mut seq, json!({
+                    "item_id": id, "output_index": i, "content_index": 0, "part": part(""),
+                }));
+                if !text.is_empty() {
+                    yield event("response.output_text.delta", &mut seq, json!({
+                        "item_id": id, "output_index": i, "content_index": 0, "delta": text, "logprobs": [],
+                    }));
+                }
+                yield event("response.output_text.done", &mut seq, json!({
+                    "item_id": id, "output_index": i, "content_index": 0, "text": text, "logprobs": [],
+                }));
+                yield event("response.content_part.done", &mut seq, json!({
+                    "item_id": id, "output_index": i, "content_index": 0, "part": part(&text),
+                }));
+            }
+            yield event("response.output_item.done", &mut seq, json!({"output_index": i, "item": item}));
+        }
+        if let Some(k) = keep {
+            k.save(&head.id, &output, object.clone());
         }
         let last = if reason == FinishReason::Length { "response.incomplete" } else { "response.completed" };
         yield event(last, &mut seq, json!({"response": object}));
