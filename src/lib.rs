@@ -13,7 +13,11 @@
 //! - [`router`]: the deployment table (stable, canary, shadow), one snapshot
 //!   and one sticky pick per request.
 //! - [`infer`]: below both front ends: validate, reserve, submit, stream.
-//! - [`validation`]: wire-neutral request → valid request (tokenize, limits).
+//! - [`tools`]: tool calls, wire-neutral: the functions offered, the
+//!   constraint `required` and a named choice compile to, the fallback
+//!   prompt for templates without tool syntax, the per-family parsers.
+//! - [`validation`]: wire-neutral request → valid request (tokenize, limits,
+//!   the output constraint compiled).
 //! - [`scheduler`]: continuous batching on an engine thread per version.
 //! - [`engine`]: candle models (Llama family, Gemma 3), weights from
 //!   safetensors or GGUF, the paged KV cache, CPU kernels, sampling,
@@ -46,6 +50,7 @@ pub mod registry;
 pub mod router;
 pub mod scheduler;
 pub mod shadow;
+pub mod tools;
 pub mod train;
 pub mod validation;
 

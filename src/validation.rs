@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use crate::config::LimitsConfig;
+use crate::engine::grammar::{Compiled, Constraint};
 use crate::engine::{Message, SamplingParams};
 use crate::monitor::Protocol;
 use crate::scheduler::length::{self, LengthCaps, LengthError};
@@ -43,6 +44,51 @@ pub struct GenerationSpec {
     pub arrival: Instant,
     /// Which front end.
     pub protocol: Protocol,
+    /// What the output must match (structured outputs, or the tool calls
+    /// `tool_choice` requires), if anything.
+    pub constraint: Option<OutputConstraint>,
+    /// The tools the chat template shows the model (OpenAI's chat `tools`
+    /// entries; empty for none): rendered by the template when it has tool
+    /// syntax, else described in a system prompt (`crate::tools`).
+    pub tools: Vec<serde_json::Value>,
+}
+
+/// A request's output constraint and the parameter that asked for it (named
+/// in errors).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputConstraint {
+    /// The parameter, e.g. `response_format` or `guided_regex`.
+    pub param: String,
+    /// The constraint.
+    pub constraint: Constraint,
+}
+
+/// Compiles a request's constraint against the engine's vocabulary (built
+/// once per engine), within the size and time limits; counts it by kind, or
+/// counts the failure.
+fn compile(engine: &EngineHandle, oc: &OutputConstraint) -> Result<Compiled, ValidationError> {
+    use crate::monitor::names;
+    let kind = oc.constraint.kind();
+    let model = engine.labels().model.clone();
+    let env = engine
+        .tokenizer()
+        .grammar_env(engine.embedding_rows())
+        .map_err(|e| ValidationError::invalid(&oc.param, format!("{}: {e}", oc.param)))?;
+    match env.compile(&oc.constraint) {
+        Ok(c) => {
+            metrics::counter!(names::STRUCTURED_REQUESTS, "model" => model, "kind" => kind)
+                .increment(1);
+            Ok(c)
+        }
+        Err(e) => {
+            metrics::counter!(names::STRUCTURED_COMPILE_FAILURES, "model" => model, "kind" => kind)
+                .increment(1);
+            Err(ValidationError::invalid(
+                &oc.param,
+                format!("{}: cannot compile the {kind} constraint: {e}", oc.param),
+            ))
+        }
+    }
 }
 
 /// Why a request is refused before it reaches an engine.
@@ -117,7 +163,52 @@ fn input_param(input: &Input) -> &'static str {
 
 /// Tokenizes the input with the engine's tokenizer and chat template.
 pub fn tokenize_input(engine: &EngineHandle, input: &Input) -> Result<Vec<u32>, ValidationError> {
+    tokenize_with_tools(engine, input, &[])
+}
+
+/// [`tokenize_input`], with the tools a chat's template shows the model.
+/// A template without tool syntax gets the fallback rendering (the tools in
+/// a system prompt, tool turns as text: `crate::tools::fallback_messages`).
+/// Tool definitions and past calls are template text where the template
+/// writes them: a control token in them is refused, as it cannot be kept
+/// plain text there.
+pub fn tokenize_with_tools(
+    engine: &EngineHandle,
+    input: &Input,
+    tools: &[serde_json::Value],
+) -> Result<Vec<u32>, ValidationError> {
     let tok = engine.tokenizer();
+    let rewritten;
+    let (input, tools) = match input {
+        Input::Chat(messages)
+            if !engine.chat_template().takes_tools()
+                && (!tools.is_empty()
+                    || messages
+                        .iter()
+                        .any(|m| m.role == "tool" || !m.tool_calls.is_empty())) =>
+        {
+            rewritten = Input::Chat(crate::tools::fallback_messages(messages, tools));
+            (&rewritten, &[][..])
+        }
+        _ => (input, tools),
+    };
+    if let Input::Chat(messages) = input {
+        let tool_text = tools.iter().map(|t| ("tools", t)).chain(
+            messages
+                .iter()
+                .flat_map(|m| m.tool_calls.iter().map(|c| ("messages", c))),
+        );
+        for (param, v) in tool_text {
+            if let Some(special) = tok.special_in(&v.to_string()) {
+                return Err(ValidationError::invalid(
+                    param,
+                    format!(
+                        "{param} holds the control token `{special}`, which this model's chat template would read as one"
+                    ),
+                ));
+            }
+        }
+    }
     match input {
         Input::Text(t) => tok
             .encode(t, true)
@@ -132,12 +223,12 @@ pub fn tokenize_input(engine: &EngineHandle, input: &Input) -> Result<Vec<u32>, 
             for (i, m) in messages.iter().enumerate() {
                 if !matches!(
                     m.role.as_str(),
-                    "system" | "user" | "assistant" | "developer"
+                    "system" | "user" | "assistant" | "developer" | "tool"
                 ) {
                     return Err(ValidationError::invalid(
                         "messages",
                         format!(
-                            "messages[{i}].role: unknown role `{}` (system, user, assistant)",
+                            "messages[{i}].role: unknown role `{}` (system, user, assistant, tool)",
                             m.role
                         ),
                     ));
@@ -150,7 +241,10 @@ pub fn tokenize_input(engine: &EngineHandle, input: &Input) -> Result<Vec<u32>, 
                 .find_map(|(i, m)| tok.special_in(&m.content).map(|s| (i, s)));
             let Some((i, special)) = forged else {
                 // The template writes BOS itself where the model wants it.
-                let text = engine.chat_template().render(messages, true).map_err(bad)?;
+                let text = engine
+                    .chat_template()
+                    .render_with_tools(messages, tools, true)
+                    .map_err(bad)?;
                 return tok.encode(&text, false).map_err(bad);
             };
             // A message holds a control token's text (`<start_of_turn>`, …):
@@ -158,7 +252,7 @@ pub fn tokenize_input(engine: &EngineHandle, input: &Input) -> Result<Vec<u32>, 
             // the plain text it is; only the template's own text is parsed.
             let Some(pieces) = engine
                 .chat_template()
-                .render_pieces(messages, true)
+                .render_pieces(messages, tools, true)
                 .map_err(bad)?
             else {
                 return Err(ValidationError::invalid(
@@ -252,7 +346,7 @@ pub fn validate(
     };
     let at_least = engine.tokenizer().min_tokens_for(bytes);
     length::check_prompt_bytes(context, param, bytes, at_least)?;
-    let prompt = tokenize_input(engine, &spec.input)?;
+    let prompt = tokenize_with_tools(engine, &spec.input, &spec.tools)?;
     // Ids the model cannot embed would fail the whole batch's forward pass:
     // given ones, and ones a tokenizer larger than the embedding produced.
     let rows = engine.embedding_rows().min(engine.tokenizer().vocab_size()) as u32;
@@ -276,6 +370,12 @@ pub fn validate(
         prompt.len().saturating_mul(spec.n),
         param,
     )?;
+    // Last of the checks: compiling is the most expensive.
+    let grammar = spec
+        .constraint
+        .as_ref()
+        .map(|oc| compile(engine, oc))
+        .transpose()?;
     // Drift's script mix: the text a caller wrote, one pass, no allocation.
     let mut text_profile = crate::monitor::drift::TextProfile::default();
     match &spec.input {
@@ -305,6 +405,7 @@ pub fn validate(
                 variant: Default::default(),
                 split_key: 0,
                 text_profile,
+                grammar: grammar.clone(),
             }
         })
         .collect();
@@ -349,6 +450,8 @@ mod tests {
             deadline: None,
             arrival: Instant::now(),
             protocol: Protocol::Internal,
+            constraint: None,
+            tools: vec![],
         };
         let limits = LimitsConfig {
             max_body_bytes: 1 << 20,
@@ -360,10 +463,7 @@ mod tests {
     }
 
     fn user(content: String) -> Message {
-        Message {
-            role: "user".into(),
-            content,
-        }
+        Message::new("user", content)
     }
 
     /// What a case expects: the completion length granted, or the error's
@@ -470,6 +570,7 @@ mod tests {
                 s.input = Input::Chat(vec![Message {
                     role: "wizard".into(),
                     content: "hi".into(),
+                    ..Default::default()
                 }])
             },
             Want::Invalid("messages", "messages[0].role: unknown role `wizard`"),

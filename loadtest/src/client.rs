@@ -310,6 +310,7 @@ impl Client {
                     .map(|m| pb::ChatMessage {
                         role: m.role.clone(),
                         content: m.content.clone(),
+                        ..Default::default()
                     })
                     .collect(),
             }),

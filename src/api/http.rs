@@ -400,6 +400,8 @@ fn spec(
         deadline: Some(deadline),
         arrival,
         protocol: Protocol::Http,
+        constraint: common.structured.constraint()?,
+        tools: vec![],
     })
 }
 
@@ -499,7 +501,14 @@ async fn chat_completions(
     let max_tokens = count(req.max_completion_tokens.or(req.common.max_tokens));
     let input = Input::Chat(flatten_messages(&req.messages)?);
     let until = deadline(&headers, &st.limits, arrival)?;
-    let spec = spec(&req.common, input, max_tokens, logprobs, arrival, until)?;
+    let tools = crate::tools::Tools::from_wire(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )
+    .map_err(super::structured::tool_error)?;
+    let mut spec = spec(&req.common, input, max_tokens, logprobs, arrival, until)?;
+    super::structured::with_tools(&mut spec, &tools)?;
     let span = tracing::info_span!("chat", request_id = %rid.0, model = %req.model, version = %target.version);
     // The span is entered only where no await follows: a guard held across
     // an await leaves it current on a worker thread that runs other tasks,
@@ -515,22 +524,39 @@ async fn chat_completions(
     };
     let head = response_head("chatcmpl", object, &req.model, &target);
     let tok = target.engine.tokenizer().clone();
+    let family = crate::tools::Family::of_template(target.engine.chat_template().source());
+    let tools = tools.active().then(|| Arc::new((tools, family)));
     if req.common.stream {
         let writer = ChatWriter {
             head,
             tok,
             logprobs: req.logprobs,
+            tools: tools.map(|t| ToolStream {
+                tools: t,
+                choices: vec![Mode::Undecided(String::new()); generation.choices()],
+            }),
         };
         return Ok(sse_stream(generation, writer, req.common.include_usage()).into_response());
     }
-    whole(generation, span, arrival, head, |i, o| ChatChoice {
-        index: i,
-        logprobs: req.logprobs.then(|| chat_logprobs(&tok, &o.logprobs)),
-        finish_reason: o.finish_reason.map_or("stop", FinishReason::as_str),
-        message: AssistantMessage {
-            role: "assistant",
-            content: o.text,
-        },
+    whole(generation, span, arrival, head, |i, o| {
+        let reason = o.finish_reason.map_or("stop", FinishReason::as_str);
+        let (content, calls) = match &tools {
+            Some(t) => {
+                let p = crate::tools::parse(&t.0, t.1, &o.text);
+                (p.content, p.calls)
+            }
+            None => (Some(o.text), vec![]),
+        };
+        ChatChoice {
+            index: i,
+            logprobs: req.logprobs.then(|| chat_logprobs(&tok, &o.logprobs)),
+            finish_reason: tool_finish(reason, !calls.is_empty()),
+            message: AssistantMessage {
+                role: "assistant",
+                content,
+                tool_calls: calls.into_iter().map(WireToolCall::new).collect(),
+            },
+        }
     })
     .await
 }
@@ -732,12 +758,135 @@ fn sse_stream(
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
+/// `tool_calls` when a choice that stopped made calls (OpenAI's reason);
+/// `length` stays `length`.
+fn tool_finish(reason: &'static str, calls: bool) -> &'static str {
+    if calls && reason == "stop" {
+        "tool_calls"
+    } else {
+        reason
+    }
+}
+
 /// `chat.completion.chunk`s.
 struct ChatWriter {
     /// Every chunk's head (`chat.completion.chunk`).
     head: ResponseHead,
     tok: Tokenizer,
     logprobs: bool,
+    /// Set when the model may call tools.
+    tools: Option<ToolStream>,
+}
+
+/// A tool-calling stream: what each choice has written that may be calls.
+/// Text that cannot be a call streams as content; a call (a named or
+/// required choice's whole output; in `auto`, output that opens like JSON
+/// or from a family's call marker on) is held and sent whole, as
+/// `tool_calls` deltas, in the choice's last chunk, parsed exactly as the
+/// non-streamed answer is.
+struct ToolStream {
+    tools: Arc<(crate::tools::Tools, crate::tools::Family)>,
+    choices: Vec<Mode>,
+}
+
+/// What a choice of a tool-calling stream is writing.
+#[derive(Debug, Clone)]
+enum Mode {
+    /// Nothing but blanks yet (held).
+    Undecided(String),
+    /// Content, streamed; the held tail may be the start of a call marker.
+    Text(String),
+    /// Possibly calls, held whole: the content already sent, the rest.
+    Calls(String, String),
+}
+
+/// Call markers that switch `auto` content to held text.
+const CALL_MARKERS: [&str; 2] = ["<tool_call>", "[TOOL_CALLS]"];
+
+/// How much of `s` can be sent as content: all but a tail that is the
+/// start of a call marker.
+fn sendable(s: &str) -> usize {
+    for (i, _) in s.char_indices().rev().take(12) {
+        let tail = &s[i..];
+        if CALL_MARKERS.iter().any(|m| m.starts_with(tail)) {
+            return i;
+        }
+    }
+    s.len()
+}
+
+impl ToolStream {
+    /// The content to send now for choice `i` after `text`.
+    fn push(&mut self, i: usize, text: &str) -> Option<String> {
+        use crate::tools::ToolChoice;
+        let auto = self.tools.0.choice == ToolChoice::Auto;
+        let mode = self.choices.get_mut(i)?;
+        match mode {
+            Mode::Undecided(held) => {
+                held.push_str(text);
+                let start = held.trim_start();
+                if start.is_empty() {
+                    return None;
+                }
+                let call_like = !auto
+                    || start.starts_with(['{', '[', '`'])
+                    || CALL_MARKERS
+                        .iter()
+                        .any(|m| m.starts_with(start) || start.starts_with(m))
+                    || start.starts_with("<|python_tag|>");
+                let held = std::mem::take(held);
+                *mode = if call_like {
+                    Mode::Calls(String::new(), held)
+                } else {
+                    Mode::Text(held)
+                };
+                self.push(i, "")
+            }
+            Mode::Text(held) => {
+                held.push_str(text);
+                if let Some(at) = CALL_MARKERS.iter().filter_map(|m| held.find(m)).min() {
+                    let send = held[..at].to_string();
+                    let rest = held[at..].to_string();
+                    *mode = Mode::Calls(send.clone(), rest);
+                    return (!send.is_empty()).then_some(send);
+                }
+                let n = sendable(held);
+                let send: String = held.drain(..n).collect();
+                (!send.is_empty()).then_some(send)
+            }
+            Mode::Calls(_, held) => {
+                held.push_str(text);
+                None
+            }
+        }
+    }
+
+    /// Choice `i`'s last content and its calls.
+    fn finish(&mut self, i: usize, tail: &str) -> (Option<String>, Vec<crate::tools::ToolCall>) {
+        let _ = self.push(i, tail);
+        let Some(mode) = self.choices.get_mut(i) else {
+            return (None, vec![]);
+        };
+        match std::mem::replace(mode, Mode::Undecided(String::new())) {
+            Mode::Undecided(held) | Mode::Text(held) => {
+                ((!held.is_empty()).then_some(held), vec![])
+            }
+            Mode::Calls(sent, held) => {
+                let whole = format!("{sent}{held}");
+                let p = crate::tools::parse(&self.tools.0, self.tools.1, &whole);
+                if p.calls.is_empty() {
+                    return ((!held.is_empty()).then_some(held), vec![]);
+                }
+                // The content the non-streamed answer has, less what was
+                // already sent.
+                let content = p
+                    .content
+                    .and_then(|c| c.strip_prefix(sent.trim()).map(str::to_string))
+                    .filter(|c| !c.is_empty());
+                (content, p.calls)
+            }
+        }
+    }
 }
 
 impl ChatWriter {
@@ -755,6 +904,7 @@ impl ChatWriter {
             delta: Delta {
                 role: None,
                 content,
+                tool_calls: vec![],
             },
             logprobs: None,
             finish_reason: None,
@@ -774,6 +924,12 @@ impl ChunkWriter for ChatWriter {
     }
 
     fn token(&mut self, i: usize, text: String, logprob: Option<TokenLogprob>) -> Option<String> {
+        if let Some(t) = self.tools.as_mut() {
+            // Tool calls are sent whole; log-probabilities are not streamed
+            // with them.
+            let send = t.push(i, &text)?;
+            return Some(self.chunk(vec![self.choice(i, Some(send))], None));
+        }
         let logprob = logprob.filter(|_| self.logprobs);
         if text.is_empty() && logprob.is_none() {
             return None;
@@ -784,8 +940,20 @@ impl ChunkWriter for ChatWriter {
     }
 
     fn done(&mut self, i: usize, tail: String, reason: FinishReason) -> String {
-        let mut c = self.choice(i, (!tail.is_empty()).then_some(tail));
-        c.finish_reason = Some(reason.as_str());
+        let (content, calls) = match self.tools.as_mut() {
+            Some(t) => t.finish(i, &tail),
+            None => ((!tail.is_empty()).then_some(tail), vec![]),
+        };
+        let mut c = self.choice(i, content);
+        c.finish_reason = Some(tool_finish(reason.as_str(), !calls.is_empty()));
+        c.delta.tool_calls = calls
+            .into_iter()
+            .enumerate()
+            .map(|(index, call)| ToolCallDelta {
+                index,
+                call: WireToolCall::new(call),
+            })
+            .collect();
         self.chunk(vec![c], None)
     }
 

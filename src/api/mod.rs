@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod http;
 pub mod listen;
 pub mod openai;
+pub mod structured;
 pub mod tls;
 
 /// The kernel send buffer of an accepted connection, fixed. Left to

@@ -77,6 +77,13 @@ pub struct ChatMessage {
     /// Content.
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant's tool calls (`{"id", "type": "function", "function":
+    /// {"name", "arguments"}}`).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A `tool` message's call id.
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// Sampling fields shared by both endpoints.
@@ -131,10 +138,9 @@ impl SamplingFields {
 /// present with a value other than its no-op is refused with a 400 naming
 /// it, rather than silently ignored (a client asking for JSON output or
 /// tools must not get plain text and believe it got what it asked for).
+/// Structured outputs are `api::structured`.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Unsupported {
-    /// Structured output.
-    pub response_format: Option<serde_json::Value>,
     /// Tool calling.
     pub tools: Option<serde_json::Value>,
     /// Tool choice.
@@ -159,14 +165,6 @@ pub struct Unsupported {
     pub web_search_options: Option<serde_json::Value>,
     /// Reasoning effort.
     pub reasoning_effort: Option<serde_json::Value>,
-    /// Guided decoding (vLLM extensions).
-    pub guided_json: Option<serde_json::Value>,
-    /// Guided decoding by regex (vLLM extension).
-    pub guided_regex: Option<serde_json::Value>,
-    /// Guided decoding by choice (vLLM extension).
-    pub guided_choice: Option<serde_json::Value>,
-    /// Guided decoding by grammar (vLLM extension).
-    pub guided_grammar: Option<serde_json::Value>,
 }
 
 impl Unsupported {
@@ -178,10 +176,7 @@ impl Unsupported {
         };
         let never = |_: &Value| false;
         type Check<'a> = (&'a str, &'a Option<Value>, &'a dyn Fn(&Value) -> bool);
-        let checks: [Check; 17] = [
-            ("response_format", &self.response_format, &|v| {
-                v.get("type").and_then(Value::as_str) == Some("text")
-            }),
+        let checks: [Check; 12] = [
             ("tools", &self.tools, &|v| {
                 v.as_array().is_some_and(Vec::is_empty)
             }),
@@ -208,10 +203,6 @@ impl Unsupported {
             ("prediction", &self.prediction, &never),
             ("web_search_options", &self.web_search_options, &never),
             ("reasoning_effort", &self.reasoning_effort, &never),
-            ("guided_json", &self.guided_json, &never),
-            ("guided_regex", &self.guided_regex, &never),
-            ("guided_choice", &self.guided_choice, &never),
-            ("guided_grammar", &self.guided_grammar, &never),
         ];
         for (name, value, ok) in checks {
             if !noop(value, ok) {
@@ -251,6 +242,9 @@ pub struct GenerationFields {
     /// Sampling.
     #[serde(flatten)]
     pub sampling: SamplingFields,
+    /// Structured outputs (`response_format`, `guided_*`).
+    #[serde(flatten)]
+    pub structured: crate::api::structured::StructuredFields,
     /// Parameters refused when they would have an effect.
     #[serde(flatten)]
     pub unsupported: Unsupported,
@@ -284,6 +278,14 @@ pub struct ChatCompletionRequest {
     pub logprobs: bool,
     /// Alternatives per token (0–20).
     pub top_logprobs: Option<u64>,
+    /// Functions the model may call (`{"type": "function", "function":
+    /// {…}}`). (Named here, so the flattened `Unsupported` never sees them:
+    /// `/v1/completions` still refuses them.)
+    pub tools: Option<Vec<serde_json::Value>>,
+    /// `none`, `auto`, `required` or a named function.
+    pub tool_choice: Option<serde_json::Value>,
+    /// Several calls in one answer (default true).
+    pub parallel_tool_calls: Option<bool>,
     /// The rest.
     #[serde(flatten)]
     pub common: GenerationFields,
@@ -331,9 +333,23 @@ pub fn flatten_messages(messages: &[ChatMessage]) -> Result<Vec<Message>, ApiErr
                     s
                 }
             };
+            let tool_calls = m
+                .tool_calls
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    crate::tools::history_call(c).map_err(|e| {
+                        ApiError::invalid("messages", format!("messages[{i}].tool_calls[{j}]: {e}"))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(Message {
                 role: m.role.clone(),
                 content,
+                tool_calls,
+                tool_call_id: m.tool_call_id.clone(),
             })
         })
         .collect()
@@ -399,8 +415,56 @@ pub struct CompletionLogprobs {
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: &'static str,
-    /// The text.
-    pub content: String,
+    /// The text (null when the answer is only tool calls).
+    pub content: Option<String>,
+    /// The tool calls read from the output.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<WireToolCall>,
+}
+
+/// A tool call as OpenAI's chat API writes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WireToolCall {
+    /// `call_…`, unique within the response.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The function and its arguments (JSON text).
+    pub function: WireFunctionCall,
+}
+
+/// The function of a [`WireToolCall`].
+#[derive(Debug, Clone, Serialize)]
+pub struct WireFunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments, JSON text.
+    pub arguments: String,
+}
+
+impl WireToolCall {
+    /// A parsed call with a fresh id.
+    pub fn new(call: crate::tools::ToolCall) -> Self {
+        Self {
+            id: format!("call_{}", hex::encode(rand::random::<[u8; 12]>())),
+            kind: "function",
+            function: WireFunctionCall {
+                name: call.name,
+                arguments: call.arguments,
+            },
+        }
+    }
+}
+
+/// A tool call's delta in a stream chunk (each call sent whole, once).
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolCallDelta {
+    /// The call's position in the message's `tool_calls`.
+    pub index: usize,
+    /// The call.
+    #[serde(flatten)]
+    pub call: WireToolCall,
 }
 
 /// A chat choice.
@@ -479,6 +543,9 @@ pub struct Delta {
     /// New text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Tool calls (each whole, in the choice's last chunk).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallDelta>,
 }
 
 /// A chat stream choice.

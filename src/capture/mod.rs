@@ -736,6 +736,7 @@ mod tests {
             prompt: Prompt::Chat(vec![Message {
                 role: "user".into(),
                 content: "I am jane@example.com, codename Nightjar".into(),
+                ..Default::default()
             }]),
             completion: "call +1 415-555-0132".into(),
             finish_reason: "length",

@@ -68,6 +68,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             &[Message {
                 role: "user".into(),
                 content: args.prompt.clone(),
+                ..Default::default()
             }],
             true,
         )?;

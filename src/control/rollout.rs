@@ -345,6 +345,12 @@ impl Controller {
     ) -> Result<(), ControlError> {
         status.updated = crate::registry::now_rfc3339();
         status.revision += 1;
+        // An end frees the model before it is written: a client that reads
+        // the end may start the next rollout at once (its canary is gone
+        // already; the record below is this rollout's last).
+        if !status.phase.is_active() {
+            self.forget_driver(&status.spec.model, &status.id);
+        }
         let value = serde_json::to_value(&*status)
             .map_err(|e| ControlError::Internal(format!("rollout status: {e}")))?;
         self.record(
@@ -361,9 +367,6 @@ impl Controller {
         )
         .await?;
         let model = status.spec.model.clone();
-        if !status.phase.is_active() {
-            self.forget_driver(&model, &status.id);
-        }
         metrics::gauge!(names::ROLLOUT_WEIGHT, "model" => model.clone())
             .set(f64::from(status.weight));
         metrics::counter!(names::ROLLOUT_TRANSITIONS, "model" => model, "event" => event.to_string())

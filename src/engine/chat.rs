@@ -13,12 +13,33 @@ use super::{Error, Result};
 pub const DEFAULT_CHAT_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}";
 
 /// One chat message with its text already flattened.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text.
     pub content: String,
+    /// An assistant's tool calls, in the shape chat templates read:
+    /// `{"id", "type": "function", "function": {"name", "arguments"}}` with
+    /// `arguments` an object (decoded from the wire's JSON text, as vLLM
+    /// hands them to templates). Absent (not null) when empty: templates
+    /// test `message.tool_calls is defined`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<serde_json::Value>,
+    /// A `tool` message's answer to this call id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl Message {
+    /// A plain message: a role and its text.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            ..Default::default()
+        }
+    }
 }
 
 /// The template used when a model ships none: plain role-prefixed turns.
@@ -71,12 +92,34 @@ impl ChatTemplate {
     /// Renders a conversation, ending with the assistant's turn opened when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, &[], add_generation_prompt)
+    }
+
+    /// Whether the template has tool syntax of its own (it reads `tools`);
+    /// for one that has not, tools are described in a system prompt
+    /// instead (`crate::tools`).
+    pub fn takes_tools(&self) -> bool {
+        self.source.contains("tools")
+    }
+
+    /// Renders a conversation with the tools its model may call (the
+    /// OpenAI `tools` list, `{"type": "function", "function": {…}}` each),
+    /// handed to the template as `tools` (undefined when empty).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
+        let tools =
+            (!tools.is_empty()).then(|| minijinja::Value::from(minijinja::value::Serde(tools)));
         tmpl.render(context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos,
             eos_token => &self.eos,
@@ -116,9 +159,10 @@ impl ChatTemplate {
     pub fn render_pieces(
         &self,
         messages: &[Message],
+        tools: &[serde_json::Value],
         add_generation_prompt: bool,
     ) -> Result<Option<Pieces>> {
-        let rendered = self.render(messages, add_generation_prompt)?;
+        let rendered = self.render_with_tools(messages, tools, add_generation_prompt)?;
         // The same conversation with each content replaced by a marker no
         // user text contains: what lies between markers is template text.
         let nonce = format!("{:016x}", rand::random::<u64>());
@@ -127,11 +171,11 @@ impl ChatTemplate {
             .iter()
             .enumerate()
             .map(|(i, m)| Message {
-                role: m.role.clone(),
                 content: marker(i),
+                ..m.clone()
             })
             .collect();
-        let skeleton = self.render(&marked, add_generation_prompt)?;
+        let skeleton = self.render_with_tools(&marked, tools, add_generation_prompt)?;
         let mut template = vec![];
         let mut order = vec![];
         let mut rest = skeleton.as_str();
@@ -209,10 +253,7 @@ mod tests {
     const GEMMA_LIKE: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}";
 
     fn msg(role: &str, content: &str) -> Message {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message::new(role, content)
     }
 
     #[test]
@@ -233,7 +274,7 @@ mod tests {
             msg("assistant", "ok"),
             msg("user", "go"),
         ];
-        let p = t.render_pieces(&msgs, true).unwrap().unwrap();
+        let p = t.render_pieces(&msgs, &[], true).unwrap().unwrap();
         assert_eq!(
             p.content,
             vec!["Hi<end_of_turn>\n<start_of_turn>model\nSure", "ok", "go"]

@@ -12,6 +12,7 @@ pub mod cpu;
 pub mod embedded;
 pub mod export_gguf;
 mod forward;
+pub mod grammar;
 mod host;
 pub mod kv;
 pub mod model;

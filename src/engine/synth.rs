@@ -305,7 +305,12 @@ impl SynthSpec {
             for (k, chunk) in tensors.chunks(per).enumerate() {
                 let file = format!("model-{:05}-of-{:05}.safetensors", k + 1, shards);
                 let map: HashMap<String, Tensor> = chunk.iter().cloned().collect();
-                for name in map.keys() {
+                // In name order: serde_json keeps insertion order (llguidance
+                // turns on `preserve_order`), and a HashMap's would change the
+                // index's bytes from one run to the next.
+                let mut names: Vec<&String> = map.keys().collect();
+                names.sort();
+                for name in names {
                     weight_map.insert(name.clone(), file.clone().into());
                 }
                 candle_core::safetensors::save(&map, dir.join(&file))?;

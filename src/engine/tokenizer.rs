@@ -18,6 +18,7 @@ use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use super::config::GgufMeta;
+use super::grammar::GrammarEnv;
 use super::{Error, Result};
 
 /// The model's tokenizer plus the special ids generation needs.
@@ -36,7 +37,13 @@ pub struct Tokenizer {
     max_token_bytes: usize,
     bos: Option<u32>,
     eos: Vec<u32>,
+    /// The constrained-decoding environment, built on first use and shared
+    /// by every clone (one per engine).
+    grammar: GrammarCache,
 }
+
+type GrammarCache =
+    std::sync::Arc<std::sync::OnceLock<std::result::Result<std::sync::Arc<GrammarEnv>, String>>>;
 
 impl Tokenizer {
     /// Wraps a loaded `tokenizers` tokenizer.
@@ -62,6 +69,7 @@ impl Tokenizer {
             max_token_bytes,
             bos,
             eos,
+            grammar: Default::default(),
         }
     }
 
@@ -97,6 +105,18 @@ impl Tokenizer {
             h.update(e.to_le_bytes());
         }
         hex::encode(h.finalize())
+    }
+
+    /// The constrained-decoding environment for this vocabulary and a model
+    /// with `rows` logits per row: built once (the first structured request
+    /// pays for it, on the blocking pool), then shared.
+    pub fn grammar_env(
+        &self,
+        rows: usize,
+    ) -> std::result::Result<std::sync::Arc<GrammarEnv>, String> {
+        self.grammar
+            .get_or_init(|| GrammarEnv::new(self, rows).map(std::sync::Arc::new))
+            .clone()
     }
 
     /// A lower bound on the tokens `bytes` bytes of text encode to, without

@@ -40,6 +40,7 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         (names::STEP_BATCH, super::BATCH_BUCKETS),
         (names::STEP_TOKENS, super::TOKEN_BUCKETS),
         (names::STEP_TIME, super::STEP_BUCKETS),
+        (names::STRUCTURED_MASK_TIME, super::MASK_BUCKETS),
         (names::API_DURATION, super::API_BUCKETS),
         (names::HOOK_LATENCY, super::API_BUCKETS),
         (shadow::AGREEMENT, super::shadow::SHARE_BUCKETS),

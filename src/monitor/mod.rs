@@ -115,6 +115,14 @@ pub mod names {
     /// Counter: connections closed by a timeout, by listener and phase
     /// (handshake, header, idle, body).
     pub const CONNECTIONS_TIMED_OUT: &str = "llmops_connections_timed_out_total";
+    /// Counter: requests with an output constraint, by model and kind
+    /// (json_object, json_schema, regex, choice, grammar).
+    pub const STRUCTURED_REQUESTS: &str = "llmops_structured_requests_total";
+    /// Counter: output constraints refused at compilation (invalid, too
+    /// large, too slow), by model and kind.
+    pub const STRUCTURED_COMPILE_FAILURES: &str = "llmops_structured_compile_failures_total";
+    /// Histogram: time to compute one token mask of a constrained sequence.
+    pub const STRUCTURED_MASK_TIME: &str = "llmops_structured_mask_seconds";
 }
 
 /// vLLM's TTFT buckets.
@@ -140,6 +148,11 @@ pub const TOKEN_BUCKETS: &[f64] = &[
 /// Engine step buckets (seconds).
 pub const STEP_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Token-mask time buckets (seconds): llguidance's ~50 µs on a 128k
+/// vocabulary sits in the middle.
+pub const MASK_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
 ];
 /// Batch-size buckets.
 pub const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0];
@@ -277,6 +290,8 @@ pub struct EngineMetrics {
     pub step_decode_tokens: Histogram,
     /// See [`names::STEP_TIME`].
     pub step_time: Histogram,
+    /// See [`names::STRUCTURED_MASK_TIME`].
+    pub mask_time: Histogram,
 }
 
 impl EngineMetrics {
@@ -342,7 +357,8 @@ impl EngineMetrics {
                 names::STEP_TOKENS,
                 with(&[("kind", "decode")])
             ),
-            step_time: metrics::histogram!(names::STEP_TIME, base),
+            step_time: metrics::histogram!(names::STEP_TIME, base.clone()),
+            mask_time: metrics::histogram!(names::STRUCTURED_MASK_TIME, base),
         })
     }
 
@@ -557,6 +573,21 @@ pub fn describe() {
             names::CAPTURE_BYTES,
             Unit::Bytes,
             "Bytes of a model's captured traffic on disk."
+        );
+        describe_counter!(
+            names::STRUCTURED_REQUESTS,
+            Unit::Count,
+            "Requests with an output constraint (structured outputs), by model and kind: json_object, json_schema, regex, choice, grammar."
+        );
+        describe_counter!(
+            names::STRUCTURED_COMPILE_FAILURES,
+            Unit::Count,
+            "Output constraints refused when compiled (invalid, over the size limit, over the time limit), by model and kind."
+        );
+        describe_histogram!(
+            names::STRUCTURED_MASK_TIME,
+            Unit::Seconds,
+            "Time to compute one token mask of a constrained sequence (on the sampling pass, in parallel across sequences)."
         );
         describe_counter!(
             names::TLS_RELOADS,

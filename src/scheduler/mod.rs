@@ -109,6 +109,9 @@ pub struct Request {
     /// The prompt text's characters by class, counted by validation (which
     /// has the text) for drift detection; zeros for token prompts.
     pub text_profile: crate::monitor::drift::TextProfile,
+    /// The output constraint, compiled by validation (structured outputs):
+    /// every token is drawn from the logits it allows.
+    pub grammar: Option<crate::engine::grammar::Compiled>,
 }
 
 /// A teacher-forced scoring job: the log-probability the model gives each
@@ -141,6 +144,7 @@ impl Request {
             split_key: 0,
             score: None,
             text_profile: Default::default(),
+            grammar: None,
         }
     }
 }

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use super::governor;
 use super::state::{Limits, Priority, Seq, State};
 use super::{Completion, Event, FinishReason, Job, Msg, ScoreJob, Shared, Timings};
+use crate::engine::grammar::Grammar;
 use crate::engine::{
     Batch, BlockAllocator, EnginePath, KvCache, LoadedModel, Logits, PositionScore, Sampler,
     Scratch, StopMatcher, StopOutcome, TextStream, Tokenizer, TopRows,
@@ -23,6 +24,10 @@ use crate::monitor::{EngineMetrics, Protocol, RequestMetrics, Variant};
 struct Io {
     events: mpsc::Sender<Event>,
     sampler: Sampler,
+    /// The output constraint's state (structured outputs): masks the row
+    /// before each draw, advances by each token, ends the sequence when
+    /// complete. Kept across preemption with the tokens it has seen.
+    grammar: Option<Grammar>,
     text: TextStream,
     stop: StopMatcher,
     /// Ids that end generation (EOS unless ignored, plus the request's own).
@@ -314,6 +319,7 @@ impl Worker {
                     self.enqueue_probe(&request.prompt, state);
                 }
                 let io = Io {
+                    grammar: request.grammar.clone().map(Grammar::new),
                     sampler: Sampler::new(request.sampling.clone(), &request.prompt),
                     text: TextStream::new(&request.prompt),
                     stop: StopMatcher::new(request.stop.clone()),
@@ -366,6 +372,7 @@ impl Worker {
         let (events, rx) = mpsc::channel(2);
         let now = self.shared.clock.now();
         let io = Io {
+            grammar: None,
             sampler: Sampler::new(Default::default(), &prompt[..1]),
             text: TextStream::new(&prompt[..1]),
             stop: StopMatcher::new(vec![]),
@@ -961,6 +968,7 @@ impl Worker {
         let tokenizer = &self.tokenizer;
         let ctx = self.context_length;
         let metrics = &self.metrics;
+        let mask_time = &self.metrics.mask_time;
         let now = self.shared.clock.now();
         state
             .running
@@ -975,13 +983,13 @@ impl Worker {
                         score_rows(sc, rows, vocab, *first_pos)
                     }
                     (Some((row, _)), None, _) => {
-                        emit_token(s, Pick::Row(row), tokenizer, ctx, m, now)
+                        emit_token(s, Pick::Row(row), tokenizer, ctx, m, mask_time, now)
                     }
                     (None, None, Some(row)) => {
                         if let Some(t) = &picked {
                             let lse = t.lse.as_ref().and_then(|l| l.get(*row).copied());
                             let pick = Pick::Top(t.row(*row), vocab_size, lse);
-                            emit_token(s, pick, tokenizer, ctx, m, now)
+                            emit_token(s, pick, tokenizer, ctx, m, mask_time, now)
                         }
                     }
                     (None, _, _) => {}
@@ -1023,7 +1031,7 @@ impl Worker {
 
 /// What a step's rows need from the device when every one needs only its
 /// best logits (greedy, top-k, log-probabilities; no penalty, no drift
-/// entropy probe, no scoring job): the largest number of candidates any row
+/// entropy probe, no scoring job, no output constraint): the largest number of candidates any row
 /// asks, and whether any asks log-probabilities. `None` when a row needs its
 /// whole row of logits, or no row is sampled.
 fn device_picks(
@@ -1039,7 +1047,9 @@ fn device_picks(
         }
         let p = &state.running[e.index].payload;
         let probed = p.drift.as_ref().is_some_and(|d| d.entropy);
-        if p.score.is_some() || probed {
+        // A constrained row masks its whole row before the draw (the
+        // device's best k may all be forbidden): the step takes the host path.
+        if p.score.is_some() || probed || p.grammar.is_some() {
             return None;
         }
         top_k = top_k.max(p.sampler.params().device_candidates(vocab)?);
@@ -1131,10 +1141,23 @@ fn emit_token(
     tokenizer: &Tokenizer,
     ctx: usize,
     m: &RequestMetrics,
+    mask_time: &metrics::Histogram,
     now: Instant,
 ) {
     let (token, logprob) = match pick {
         Pick::Row(row) => {
+            // The constraint first: every sampling setting then draws
+            // among the tokens it allows (this runs on the rayon pass over
+            // the step's sequences, so constrained rows mask in parallel).
+            if let Some(g) = s.payload.grammar.as_mut() {
+                let started = Instant::now();
+                let masked = g.mask_row(row);
+                mask_time.record(started.elapsed().as_secs_f64());
+                if let Err(e) = masked {
+                    s.payload.failed = Some(e);
+                    return;
+                }
+            }
             // The model's own distribution, before penalties and temperature
             // touch the row: one more pass over it, for requests drift
             // samples. (Such requests never take a device pick.)
@@ -1152,14 +1175,45 @@ fn emit_token(
                 }
             }
         }
-        Pick::Top(cands, vocab, lse) => match s.payload.sampler.sample_top(cands, vocab, lse) {
-            Ok(t) => t,
-            Err(e) => {
-                s.payload.failed = Some(format!("sampling failed: {e}"));
-                return;
+        Pick::Top(cands, vocab, lse) => {
+            // Constrained rows take the host path (`device_picks`); should
+            // one come here, it draws among its allowed candidates.
+            let allowed;
+            let cands = match s.payload.grammar.as_mut() {
+                Some(g) => {
+                    match g.mask_candidates(cands) {
+                        Ok(c) if !c.is_empty() => {
+                            allowed = c;
+                            &allowed[..]
+                        }
+                        Ok(_) => {
+                            s.payload.failed =
+                            Some("no candidate picked on the device is allowed by the output constraint".into());
+                            return;
+                        }
+                        Err(e) => {
+                            s.payload.failed = Some(e);
+                            return;
+                        }
+                    }
+                }
+                None => cands,
+            };
+            match s.payload.sampler.sample_top(cands, vocab, lse) {
+                Ok(t) => t,
+                Err(e) => {
+                    s.payload.failed = Some(format!("sampling failed: {e}"));
+                    return;
+                }
             }
-        },
+        }
     };
+    if let Some(g) = s.payload.grammar.as_mut()
+        && let Err(e) = g.commit(token)
+    {
+        s.payload.failed = Some(e);
+        return;
+    }
     s.tokens.push(token);
     let io = &mut s.payload;
     match io.last_token {
@@ -1191,6 +1245,10 @@ fn emit_token(
                 return;
             }
         }
+    }
+    // A complete constraint ends the sequence (nothing may follow).
+    if io.finished.is_none() && io.grammar.as_ref().is_some_and(Grammar::is_finished) {
+        io.finished = Some(FinishReason::Stop);
     }
     let generated = s.tokens.len() - s.prompt_len;
     if io.finished.is_none() && (generated >= s.max_new_tokens || s.tokens.len() >= ctx) {

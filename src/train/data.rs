@@ -151,6 +151,7 @@ fn parse_record(v: &serde_json::Value) -> anyhow::Result<Record> {
             out.push(Message {
                 role: role.into(),
                 content: content.into(),
+                ..Default::default()
             });
         }
         return Ok(Record::Chat(out));

@@ -15,16 +15,17 @@ use std::time::{Duration, Instant};
 use llmops::config::hash_secret;
 use llmops::engine::synth::SynthSpec;
 
-const PACKAGES: &str = "openai grpcio grpcio-reflection grpcio-health-checking pytest";
-const MODULES: &str = "import openai, grpc, grpc_reflection, grpc_health, pytest";
+const PACKAGES: &str = "openai pydantic grpcio grpcio-reflection grpcio-health-checking pytest";
+const MODULES: &str = "import openai, pydantic, grpc, grpc_reflection, grpc_health, pytest";
 const ADMIN_KEY: &str = "sk-clients-admin";
 const INFERENCE_KEY: &str = "sk-clients-inference";
 const LIMITED_KEY: &str = "sk-clients-limited";
 const LIMITED_RPM: u32 = 2;
 const MAX_RUNNING: usize = 2;
 const MAX_WAITING: usize = 2;
-/// Whole-suite limit; it takes seconds when all is well.
-const PYTEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Whole-suite limit; about three minutes when all is well (Gemma 3 270M
+/// samples the structured-output and tool-call tests on the CPU).
+const PYTEST_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Text the tiny model learns, so greedy output is words (for `stop`).
 const CORPUS: &str = "\
@@ -258,7 +259,36 @@ fn official_python_clients_work_against_a_running_server() {
     }
     .write(&slow_model, None)
     .unwrap();
-    let server = Server::start(tmp.path(), &[("tiny", &text_model), ("slow", &slow_model)]);
+    // The embedded model, written out as a model folder: the structured
+    // outputs tests sample it.
+    let embedded = tmp.path().join("embedded");
+    let files = llmops::engine::embedded::files().expect("a build with the embedded model");
+    std::fs::create_dir_all(&embedded).unwrap();
+    for (name, bytes) in [
+        ("model.safetensors", files.weights),
+        ("config.json", files.config.as_bytes()),
+        ("tokenizer.json", files.tokenizer),
+        ("tokenizer_config.json", files.tokenizer_config.as_bytes()),
+    ] {
+        std::fs::write(embedded.join(name), bytes).unwrap();
+    }
+    // Gemma 3 270M (scripts/fetch-gemma): the structured-output and
+    // tool-call tests sample it too.
+    let gemma = crate::gemma::model_path();
+    assert!(
+        gemma.exists(),
+        "{} is missing: run scripts/fetch-gemma",
+        gemma.display()
+    );
+    let server = Server::start(
+        tmp.path(),
+        &[
+            ("tiny", &text_model),
+            ("slow", &slow_model),
+            ("embedded", &embedded),
+            ("gemma", &gemma),
+        ],
+    );
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let out_path = tmp.path().join("pytest.log");
@@ -279,6 +309,8 @@ fn official_python_clients_work_against_a_running_server() {
         .env("LLMOPS_TEST_GRPC", server.grpc.to_string())
         .env("LLMOPS_TEST_MODEL", "tiny")
         .env("LLMOPS_TEST_SLOW_MODEL", "slow")
+        .env("LLMOPS_TEST_STRUCTURED_MODEL", "embedded")
+        .env("LLMOPS_TEST_GEMMA_MODEL", "gemma")
         .env("LLMOPS_TEST_ADMIN_KEY", ADMIN_KEY)
         .env("LLMOPS_TEST_INFERENCE_KEY", INFERENCE_KEY)
         .env("LLMOPS_TEST_LIMITED_KEY", LIMITED_KEY)

@@ -534,6 +534,7 @@ fn fuzz_openai_request_json() {
         if let Ok(r) = parse_json::<ChatCompletionRequest>(bytes) {
             label = "parsed";
             let _ = r.common.refuse_unsupported();
+            let _ = r.common.structured.constraint();
             let _ = r.common.sampling.to_params(Some(5));
             let _ = flatten_messages(&r.messages);
         }
@@ -678,6 +679,7 @@ fn hostile_grpc_request(rng: &mut ChaCha8Rng) -> Vec<u8> {
                     role: ["user", "system", "assistant", "tool", ""][rng.random_range(0..5)]
                         .into(),
                     content: text(rng),
+                    ..Default::default()
                 })
                 .collect(),
         })),
@@ -729,10 +731,12 @@ fn grpc_seeds() -> Vec<Vec<u8>> {
                     pb::ChatMessage {
                         role: "system".into(),
                         content: "be brief".into(),
+                        ..Default::default()
                     },
                     pb::ChatMessage {
                         role: "user".into(),
                         content: "<start_of_turn>hi</s>".into(),
+                        ..Default::default()
                     },
                 ],
             })),
@@ -1034,6 +1038,7 @@ fn fuzz_chat_template() {
                             Value::String(s) => s.clone(),
                             other => other.to_string(),
                         },
+                        ..Default::default()
                     })
                     .collect()
             })
@@ -1042,7 +1047,7 @@ fn fuzz_chat_template() {
             return "not compiled";
         };
         let whole = t.render(&messages, true);
-        let _ = t.render_pieces(&messages, false);
+        let _ = t.render_pieces(&messages, &[], false);
         if whole.is_ok() {
             "rendered"
         } else {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use crate::support::{self, GenPlan};
 
 /// The model path: `LLMOPS_GEMMA` or the fetch script's cache location.
-fn model_path() -> PathBuf {
+pub(crate) fn model_path() -> PathBuf {
     if let Some(p) = std::env::var_os("LLMOPS_GEMMA") {
         return PathBuf::from(p);
     }

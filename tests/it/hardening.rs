@@ -97,10 +97,12 @@ async fn unsupported_openai_parameters_are_refused_by_name_and_their_no_ops_acce
         b
     };
     for (param, value) in [
-        ("response_format", json!({"type": "json_object"})),
+        ("response_format", json!({"type": "xml"})),
+        ("guided_choice", json!("not a list")),
+        // Tools are supported on chat; malformed ones are refused by name.
         (
             "tools",
-            json!([{"type": "function", "function": {"name": "f"}}]),
+            json!([{"type": "function", "function": {"name": "not a name"}}]),
         ),
         ("tool_choice", json!("required")),
         ("logit_bias", json!({"42": 100})),
@@ -135,6 +137,17 @@ async fn unsupported_openai_parameters_are_refused_by_name_and_their_no_ops_acce
     )
     .await;
     assert_eq!(st, 400, "{v}");
+    // Tools are a chat parameter: completions refuse them by name.
+    let (st, v) = post(
+        &c,
+        &s,
+        "/v1/completions",
+        None,
+        json!({"model": "tiny", "prompt": "x", "max_tokens": 2, "tools": [{"type": "function", "function": {"name": "f"}}]}),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "tools", "{v}");
     s.stop().await;
 }
 

@@ -32,9 +32,11 @@ mod security;
 mod server;
 mod shadow;
 mod soak;
+mod structured;
 mod support;
 mod tensor_path;
 mod tls;
+mod tools;
 mod train;
 
 /// Runs before any test (and any thread they start).

@@ -681,18 +681,18 @@ def test_a_response_not_stored_cannot_be_continued(client, server):
         client.responses.retrieve(r.id)
 
 
-def test_responses_refuse_structured_output_and_tools_until_supported(client, server):
+def test_responses_refuse_a_malformed_text_format_or_tool_by_name(client, server):
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(
             model=server.model,
             input="x",
-            text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+            text={"format": {"type": "xml"}},
         )
     assert e.value.param == "text.format"
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(
             model=server.model,
             input="x",
-            tools=[{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+            tools=[{"type": "function", "name": "f f", "parameters": {"type": "object"}}],
         )
     assert e.value.param == "tools"

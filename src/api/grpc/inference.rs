@@ -16,6 +16,7 @@ use crate::infer::{self, Generation};
 use crate::monitor::{Protocol, names};
 use crate::router::{RouteKey, Router, Target};
 use crate::scheduler::{Event, FinishReason};
+use crate::tools::{Family, Tools};
 use crate::validation::{GenerationSpec, Input};
 
 use crate::proto as pb;
@@ -112,7 +113,7 @@ impl InferenceService {
         &self,
         req: &Request<pb::GenerateRequest>,
         started: Instant,
-    ) -> Result<(Arc<Target>, Generation), ApiError> {
+    ) -> Result<(Arc<Target>, Generation, Option<ToolsOf>), ApiError> {
         let principal = self.principal(req)?;
         let key = RouteKey {
             session: metadata_str(req, "x-llmops-route-key")
@@ -125,10 +126,17 @@ impl InferenceService {
                 .to_string(),
         };
         let picked = self.router.pick(&req.get_ref().model, &key)?;
-        let spec = self.spec(req, started)?;
+        let mut spec = self.spec(req, started)?;
+        let tools = tools_of(req.get_ref())?;
+        if tools.active() && !matches!(spec.input, Input::Chat(_)) {
+            return Err(ApiError::invalid("tools", "tools need a chat input"));
+        }
+        crate::api::structured::with_tools(&mut spec, &tools)?;
         let valid = infer::validate(&picked.target, vec![spec], &self.limits).await?;
         let generation = infer::submit(&picked, valid, &principal.quota)?;
-        Ok((picked.target, generation))
+        let family = Family::of_template(picked.target.engine.chat_template().source());
+        let tools = tools.active().then(|| Arc::new((tools, family)));
+        Ok((picked.target, generation, tools))
     }
 
     fn principal<T>(&self, req: &Request<T>) -> Result<Arc<Principal>, ApiError> {
@@ -153,11 +161,30 @@ impl InferenceService {
             Some(pb::generate_request::Input::Chat(c)) => Input::Chat(
                 c.messages
                     .iter()
-                    .map(|m| Message {
-                        role: m.role.clone(),
-                        content: m.content.clone(),
+                    .enumerate()
+                    .map(|(i, m)| {
+                        let tool_calls = m
+                            .tool_calls
+                            .iter()
+                            .map(|c| {
+                                crate::tools::history_call(&serde_json::json!({
+                                    "id": c.id,
+                                    "type": "function",
+                                    "function": {"name": c.name, "arguments": c.arguments},
+                                }))
+                                .map_err(|e| {
+                                    ApiError::invalid("chat", format!("chat.messages[{i}]: {e}"))
+                                })
+                            })
+                            .collect::<Result<Vec<_>, _>>()?;
+                        Ok(Message {
+                            role: m.role.clone(),
+                            content: m.content.clone(),
+                            tool_calls,
+                            tool_call_id: Some(m.tool_call_id.clone()).filter(|t| !t.is_empty()),
+                        })
                     })
-                    .collect(),
+                    .collect::<Result<Vec<_>, ApiError>>()?,
             ),
             Some(pb::generate_request::Input::PromptTokens(t)) => Input::Tokens(t.ids.clone()),
             None => {
@@ -190,8 +217,67 @@ impl InferenceService {
             deadline,
             arrival,
             protocol: Protocol::Grpc,
+            constraint: crate::api::structured::from_proto(r.constraint.as_ref())?,
+            tools: vec![],
         })
     }
+}
+
+/// A request's tools and how its model writes calls.
+type ToolsOf = Arc<(Tools, Family)>;
+
+/// The tools of a `GenerateRequest`, checked as the chat API's are.
+fn tools_of(r: &pb::GenerateRequest) -> Result<Tools, ApiError> {
+    let tools = r
+        .tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let mut f = serde_json::json!({"name": t.name});
+            if !t.description.is_empty() {
+                f["description"] = serde_json::json!(t.description);
+            }
+            if !t.parameters.is_empty() {
+                f["parameters"] = serde_json::from_str(&t.parameters).map_err(|e| {
+                    ApiError::invalid("tools", format!("tools[{i}].parameters is not JSON: {e}"))
+                })?;
+            }
+            Ok(serde_json::json!({"type": "function", "function": f}))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    use pb::tool_choice::Choice;
+    let choice = match r.tool_choice.as_ref().and_then(|c| c.choice.as_ref()) {
+        None => None,
+        Some(Choice::Mode(m)) => Some(serde_json::json!(m)),
+        Some(Choice::Function(f)) => {
+            Some(serde_json::json!({"type": "function", "function": {"name": f}}))
+        }
+    };
+    Tools::from_wire(Some(&tools), choice.as_ref(), r.parallel_tool_calls)
+        .map_err(crate::api::structured::tool_error)
+}
+
+/// The calls read from a finished output, and its finish reason (tool
+/// calls when a stopped output made some).
+fn calls_pb(tools: Option<&ToolsOf>, text: &str, reason: i32) -> (Vec<pb::ToolCall>, i32) {
+    let Some(t) = tools else {
+        return (vec![], reason);
+    };
+    let calls: Vec<pb::ToolCall> = crate::tools::parse(&t.0, t.1, text)
+        .calls
+        .into_iter()
+        .map(|c| pb::ToolCall {
+            id: format!("call_{}", crate::api::http::random_id(12)),
+            name: c.name,
+            arguments: c.arguments,
+        })
+        .collect();
+    let reason = if !calls.is_empty() && reason == pb::FinishReason::Stop as i32 {
+        pb::FinishReason::ToolCalls as i32
+    } else {
+        reason
+    };
+    (calls, reason)
 }
 
 type GenStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateStreamResponse, Status>> + Send>>;
@@ -204,7 +290,7 @@ impl Inference for InferenceService {
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let started = Instant::now();
         let route = "Generate";
-        let (target, generation) = self
+        let (target, generation, tools) = self
             .start(&req, started)
             .await
             .map_err(|e| fail(route, started, e))?;
@@ -224,10 +310,16 @@ impl Inference for InferenceService {
         }
         let tok = target.engine.tokenizer();
         record(route, started, tonic::Code::Ok);
+        let (tool_calls, reason) = calls_pb(
+            tools.as_ref(),
+            &out.text,
+            out.finish_reason.map(finish_reason).unwrap_or(0),
+        );
         Ok(Response::new(pb::GenerateResponse {
             text: out.text,
             token_ids: out.token_ids,
-            finish_reason: out.finish_reason.map(finish_reason).unwrap_or(0),
+            finish_reason: reason,
+            tool_calls,
             usage: Some(pb::Usage {
                 prompt_tokens: prompt_tokens as u32,
                 completion_tokens: out.completion_tokens as u32,
@@ -250,7 +342,7 @@ impl Inference for InferenceService {
     ) -> Result<Response<GenStream>, Status> {
         let started = Instant::now();
         let route = "GenerateStream";
-        let (target, generation) = self
+        let (target, generation, tools) = self
             .start(&req, started)
             .await
             .map_err(|e| fail(route, started, e))?;
@@ -262,9 +354,14 @@ impl Inference for InferenceService {
         let stream = async_stream::stream! {
             let tok = target.engine.tokenizer().clone();
             let mut events = generation.events();
+            // The whole output, for the calls the last message carries.
+            let mut whole = String::new();
             while let Some((_, ev)) = events.next().await {
                 match ev {
                     Event::Token { id, text, logprob } => {
+                        if tools.is_some() {
+                            whole.push_str(&text);
+                        }
                         yield Ok(pb::GenerateStreamResponse {
                             text,
                             token_ids: vec![id],
@@ -274,6 +371,7 @@ impl Inference for InferenceService {
                             version: target.version.clone(),
                             request_id: request_id.clone(),
                             logprobs: logprob.map(|l| logprobs_pb(&tok, &[l])).unwrap_or_default(),
+                            tool_calls: vec![],
                         });
                     }
                     Event::Done(c) => {
@@ -285,10 +383,14 @@ impl Inference for InferenceService {
                             yield Err(Status::unavailable("the server stopped before the request finished"));
                             return;
                         }
+                        whole.push_str(&c.tail);
+                        let (tool_calls, reason) =
+                            calls_pb(tools.as_ref(), &whole, finish_reason(c.reason));
                         yield Ok(pb::GenerateStreamResponse {
                             text: c.tail,
                             token_ids: vec![],
-                            finish_reason: finish_reason(c.reason),
+                            finish_reason: reason,
+                            tool_calls,
                             usage: Some(pb::Usage {
                                 prompt_tokens: c.prompt_tokens as u32,
                                 completion_tokens: c.completion_tokens as u32,

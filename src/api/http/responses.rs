@@ -36,10 +36,12 @@ use crate::api::auth::Principal;
 use crate::api::error::ApiError;
 use crate::api::openai::SamplingFields;
 use crate::engine::Message;
+use crate::engine::grammar::Constraint;
 use crate::infer::{self, Generation};
 use crate::monitor::Protocol;
 use crate::scheduler::{Event, FinishReason};
-use crate::validation::{GenerationSpec, Input};
+use crate::tools::{Family, ToolCall, Tools};
+use crate::validation::{GenerationSpec, Input, OutputConstraint};
 
 /// How long a stored response is kept after its last use.
 pub const STORE_TTL: Duration = Duration::from_secs(3600);
@@ -66,12 +68,15 @@ pub struct ResponsesRequest {
     pub previous_response_id: Option<String>,
     /// Keep this response for `previous_response_id` (default true).
     pub store: Option<bool>,
-    /// Output format (`{"format": {"type": "text"}}` only, for now).
+    /// Output format: `{"format": {"type": "text" | "json_object" |
+    /// "json_schema", …}}`.
     pub text: Option<Value>,
-    /// Tools (none supported yet).
+    /// Function tools (`{"type": "function", "name", "parameters", …}`).
     pub tools: Option<Vec<Value>>,
-    /// Tool choice (`none` or `auto` without tools).
+    /// `none`, `auto`, `required` or `{"type": "function", "name"}`.
     pub tool_choice: Option<Value>,
+    /// Several calls in one response (default true).
+    pub parallel_tool_calls: Option<bool>,
     /// Echoed back.
     pub metadata: Option<Value>,
     /// End-user id (a canary route key).
@@ -274,70 +279,142 @@ fn input_messages(input: &ResponsesInput) -> Result<Vec<Message>, ApiError> {
         ResponsesInput::Text(t) => Ok(vec![Message {
             role: "user".into(),
             content: t.clone(),
+            ..Default::default()
         }]),
         ResponsesInput::Items(items) => {
             if items.is_empty() {
                 return Err(ApiError::invalid("input", "input must not be empty"));
             }
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, item)| {
-                    let at = format!("input[{i}]");
-                    let kind = item.get("type").and_then(Value::as_str).unwrap_or("message");
-                    if kind != "message" {
-                        return Err(ApiError::invalid(
-                            "input",
-                            format!("{at}: item type `{kind}` is not supported yet (message items only)"),
-                        ));
-                    }
-                    let role = item.get("role").and_then(Value::as_str).unwrap_or("");
-                    if !matches!(role, "user" | "assistant" | "system" | "developer") {
-                        return Err(ApiError::invalid(
-                            "input",
-                            format!("{at}.role: `{role}` is not a role (user, assistant, system, developer)"),
-                        ));
-                    }
-                    let content = item.get("content").unwrap_or(&Value::Null);
-                    Ok(Message {
-                        role: if role == "developer" { "system" } else { role }.to_string(),
-                        content: item_text(content, &at)?,
+            let mut out: Vec<Message> = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let at = format!("input[{i}]");
+                let kind = item
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or("message");
+                let field = |name: &str| {
+                    item.get(name).and_then(Value::as_str).ok_or_else(|| {
+                        ApiError::invalid("input", format!("{at}: a {kind} item needs `{name}`"))
                     })
-                })
-                .collect()
+                };
+                match kind {
+                    "message" => {}
+                    // A call the model made earlier: the assistant's turn
+                    // (calls in a row are one turn).
+                    "function_call" => {
+                        let call = crate::tools::history_call(&json!({
+                            "id": field("call_id")?,
+                            "type": "function",
+                            "function": {"name": field("name")?, "arguments": field("arguments")?},
+                        }))
+                        .map_err(|e| ApiError::invalid("input", format!("{at}: {e}")))?;
+                        match out.last_mut() {
+                            Some(m) if m.role == "assistant" && !m.tool_calls.is_empty() => {
+                                m.tool_calls.push(call)
+                            }
+                            _ => out.push(Message {
+                                role: "assistant".into(),
+                                tool_calls: vec![call],
+                                ..Default::default()
+                            }),
+                        }
+                        continue;
+                    }
+                    "function_call_output" => {
+                        let output = match item.get("output") {
+                            Some(Value::String(s)) => s.clone(),
+                            Some(v @ Value::Array(_)) => item_text(v, &at)?,
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    "input",
+                                    format!("{at}: a function_call_output item needs `output`"),
+                                ));
+                            }
+                        };
+                        out.push(Message {
+                            role: "tool".into(),
+                            content: output,
+                            tool_call_id: Some(field("call_id")?.to_string()),
+                            ..Default::default()
+                        });
+                        continue;
+                    }
+                    _ => {
+                        return Err(ApiError::invalid(
+                            "input",
+                            format!(
+                                "{at}: item type `{kind}` is not supported (message, function_call, function_call_output)"
+                            ),
+                        ));
+                    }
+                }
+                let role = item.get("role").and_then(Value::as_str).unwrap_or("");
+                if !matches!(role, "user" | "assistant" | "system" | "developer") {
+                    return Err(ApiError::invalid(
+                        "input",
+                        format!(
+                            "{at}.role: `{role}` is not a role (user, assistant, system, developer)"
+                        ),
+                    ));
+                }
+                let content = item.get("content").unwrap_or(&Value::Null);
+                out.push(Message {
+                    role: if role == "developer" { "system" } else { role }.to_string(),
+                    content: item_text(content, &at)?,
+                    ..Default::default()
+                });
+            }
+            Ok(out)
         }
     }
 }
 
-/// Refuses what is not supported yet: structured output and tools.
-/// (Constrained decoding plugs in here: a `json_schema` format or function
-/// tools become constraints on the [`GenerationSpec`].)
-fn refuse_unsupported(req: &ResponsesRequest) -> Result<(), ApiError> {
-    if let Some(text) = &req.text
-        && let Some(format) = text.get("format")
-    {
-        let kind = format.get("type").and_then(Value::as_str).unwrap_or("");
-        if kind != "text" {
+/// The request's function tools (`{"type": "function", "name", …}`, flat
+/// as the Responses API has them).
+fn tools(req: &ResponsesRequest) -> Result<Tools, ApiError> {
+    Tools::from_wire(
+        req.tools.as_deref(),
+        req.tool_choice.as_ref(),
+        req.parallel_tool_calls,
+    )
+    .map_err(crate::api::structured::tool_error)
+}
+
+/// `text.format` as an output constraint: `json_schema` (`{"type":
+/// "json_schema", "name", "schema", "strict"}`, flat as the Responses API
+/// has it) or `json_object`; `text` is none.
+fn text_format(req: &ResponsesRequest) -> Result<Option<OutputConstraint>, ApiError> {
+    let Some(format) = req.text.as_ref().and_then(|t| t.get("format")) else {
+        return Ok(None);
+    };
+    if format.is_null() {
+        return Ok(None);
+    }
+    let kind = format.get("type").and_then(Value::as_str).unwrap_or("");
+    let constraint = match kind {
+        "text" => return Ok(None),
+        "json_object" => Constraint::JsonObject,
+        "json_schema" => match format.get("schema") {
+            None | Some(Value::Null) => Constraint::JsonSchema(json!({})),
+            Some(s @ (Value::Object(_) | Value::Bool(_))) => Constraint::JsonSchema(s.clone()),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "text.format",
+                    "text.format.schema must be a JSON schema (an object)",
+                ));
+            }
+        },
+        other => {
             return Err(ApiError::invalid(
                 "text.format",
-                format!("text.format of type `{kind}` is not supported yet (only `text`)"),
+                format!("text.format.type must be text, json_object or json_schema, got `{other}`"),
             ));
         }
-    }
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::invalid("tools", "tools are not supported yet"));
-    }
-    match req.tool_choice.as_ref() {
-        None | Some(Value::Null) => {}
-        Some(Value::String(s)) if s == "none" || s == "auto" => {}
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "tool_choice",
-                "tool_choice is not supported yet (only `none` or `auto`, without tools)",
-            ));
-        }
-    }
-    Ok(())
+    };
+    Ok(Some(OutputConstraint {
+        param: "text.format".into(),
+        constraint,
+    }))
 }
 
 /// A Responses request as the protocol-neutral generation it is, given the
@@ -350,7 +427,7 @@ pub fn translate(
     arrival: Instant,
     deadline: Instant,
 ) -> Result<(GenerationSpec, Vec<Message>), ApiError> {
-    refuse_unsupported(req)?;
+    let constraint = text_format(req)?;
     let mut conversation = history;
     conversation.extend(input_messages(&req.input)?);
     let mut messages = Vec::with_capacity(conversation.len() + 1);
@@ -358,6 +435,7 @@ pub fn translate(
         messages.push(Message {
             role: "system".into(),
             content: i.clone(),
+            ..Default::default()
         });
     }
     messages.extend(conversation.iter().cloned());
@@ -382,7 +460,11 @@ pub fn translate(
         deadline: Some(deadline),
         arrival,
         protocol: Protocol::Http,
+        constraint,
+        tools: vec![],
     };
+    let mut spec = spec;
+    crate::api::structured::with_tools(&mut spec, &tools(req)?)?;
     Ok((spec, conversation))
 }
 
@@ -393,6 +475,48 @@ struct Head {
     created_at: u64,
     model: String,
     req: ResponsesRequest,
+    /// The request's tools, when the model may call them, and how its
+    /// family writes calls.
+    tools: Option<(Tools, Family)>,
+}
+
+/// A function call of a response, as its `function_call` output item.
+fn call_item(c: &ToolCall, call_id: &str) -> Value {
+    json!({
+        "type": "function_call",
+        "id": format!("fc_{}", random_id(16)),
+        "call_id": call_id,
+        "name": c.name,
+        "arguments": c.arguments,
+        "status": "completed",
+    })
+}
+
+/// A finished output read for calls: its text (none when only calls) and
+/// its calls with their ids.
+struct Output {
+    text: Option<String>,
+    calls: Vec<(String, ToolCall)>,
+}
+
+impl Output {
+    fn read(head: &Head, text: &str) -> Self {
+        let Some((tools, family)) = &head.tools else {
+            return Self {
+                text: Some(text.to_string()),
+                calls: vec![],
+            };
+        };
+        let p = crate::tools::parse(tools, *family, text);
+        Self {
+            text: p.content,
+            calls: p
+                .calls
+                .into_iter()
+                .map(|c| (format!("call_{}", random_id(12)), c))
+                .collect(),
+        }
+    }
 }
 
 impl Head {
@@ -408,6 +532,15 @@ impl Head {
 
     /// The response object. `done`: the finish reason and token counts.
     fn object(&self, text: &str, done: Option<(FinishReason, usize, usize)>) -> Value {
+        let out = Output {
+            text: Some(text.to_string()),
+            calls: vec![],
+        };
+        self.object_of(&out, done)
+    }
+
+    /// The response object of an output read for calls.
+    fn object_of(&self, out: &Output, done: Option<(FinishReason, usize, usize)>) -> Value {
         let (status, incomplete, output, usage) = match done {
             None => ("in_progress", Value::Null, json!([]), Value::Null),
             Some((reason, input, output)) => {
@@ -419,10 +552,17 @@ impl Head {
                     ),
                     _ => ("completed", Value::Null, "completed"),
                 };
+                let mut items: Vec<Value> = out
+                    .text
+                    .iter()
+                    .filter(|t| out.calls.is_empty() || !t.is_empty())
+                    .map(|t| self.message(t, item))
+                    .collect();
+                items.extend(out.calls.iter().map(|(id, c)| call_item(c, id)));
                 (
                     status,
                     incomplete,
-                    json!([self.message(text, item)]),
+                    Value::Array(items),
                     json!({
                         "input_tokens": input,
                         "input_tokens_details": {"cached_tokens": 0},
@@ -446,14 +586,14 @@ impl Head {
             "max_output_tokens": r.max_output_tokens,
             "model": self.model,
             "output": output,
-            "parallel_tool_calls": true,
+            "parallel_tool_calls": r.parallel_tool_calls.unwrap_or(true),
             "previous_response_id": r.previous_response_id,
             "store": r.store.unwrap_or(true),
             "temperature": r.sampling.temperature.unwrap_or(1.0),
             "top_p": r.sampling.top_p.unwrap_or(1.0),
-            "text": {"format": {"type": "text"}},
-            "tool_choice": "auto",
-            "tools": [],
+            "text": r.text.clone().filter(|t| t.get("format").is_some()).unwrap_or_else(|| json!({"format": {"type": "text"}})),
+            "tool_choice": r.tool_choice.clone().unwrap_or_else(|| json!("auto")),
+            "tools": r.tools.clone().unwrap_or_default(),
             "truncation": "disabled",
             "usage": usage,
             "metadata": r.metadata.clone().unwrap_or_else(|| json!({})),
@@ -492,9 +632,11 @@ pub async fn create(
     };
     let until = deadline(&headers, &st.limits, arrival)?;
     let (spec, conversation) = translate(&req, history, arrival, until)?;
+    let tools = tools(&req)?;
     let key = super::route_key(&headers, req.user.as_deref(), &principal, &rid);
     let picked = st.router.pick(&req.model, &key)?;
     let target = picked.target.clone();
+    let family = Family::of_template(target.engine.chat_template().source());
     let span = tracing::info_span!("responses", request_id = %rid.0, model = %req.model, version = %target.version);
     let valid = infer::validate(&target, vec![spec], &st.limits)
         .instrument(span.clone())
@@ -506,12 +648,16 @@ pub async fn create(
         created_at: unix_now(),
         model: req.model.clone(),
         req,
+        tools: tools.active().then_some((tools, family)),
     };
     let keep = head.req.store.unwrap_or(true).then(|| Keep {
         store,
         owner: principal.key_id.clone(),
         conversation,
     });
+    if head.req.stream && head.tools.is_some() {
+        return Ok(stream_with_tools(generation, head, keep).into_response());
+    }
     if head.req.stream {
         return Ok(stream(generation, head, keep).into_response());
     }
@@ -529,12 +675,13 @@ pub async fn create(
             "the request's deadline passed before it finished (see x-request-timeout)".into(),
         ));
     }
-    let object = head.object(
-        &out.text,
+    let output = Output::read(&head, &out.text);
+    let object = head.object_of(
+        &output,
         Some((reason, prompt_tokens, out.completion_tokens)),
     );
     if let Some(k) = keep {
-        k.save(&head.id, &out.text, object.clone());
+        k.save(&head.id, &output, object.clone());
     }
     span.in_scope(|| {
         tracing::info!(
@@ -555,10 +702,23 @@ struct Keep {
 }
 
 impl Keep {
-    fn save(mut self, id: &str, text: &str, object: Value) {
+    fn save(mut self, id: &str, out: &Output, object: Value) {
         self.conversation.push(Message {
             role: "assistant".into(),
-            content: text.to_string(),
+            content: out.text.clone().unwrap_or_default(),
+            tool_calls: out
+                .calls
+                .iter()
+                .filter_map(|(call_id, c)| {
+                    crate::tools::history_call(&json!({
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments},
+                    }))
+                    .ok()
+                })
+                .collect(),
+            ..Default::default()
         });
         self.store
             .insert(id.to_string(), &self.owner, self.conversation, object);
@@ -664,7 +824,95 @@ fn stream(
         }));
         let object = head.object(&text, Some((reason, prompt_tokens, output_tokens)));
         if let Some(k) = keep {
-            k.save(&head.id, &text, object.clone());
+            let out = Output { text: Some(text.clone()), calls: vec![] };
+            k.save(&head.id, &out, object.clone());
+        }
+        let last = if reason == FinishReason::Length { "response.incomplete" } else { "response.completed" };
+        yield event(last, &mut seq, json!({"response": object}));
+    };
+    Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// The event sequence of a response that may call tools: the output is
+/// read for calls only once it is whole, so its items follow the generation
+/// (`response.created`, `response.in_progress`, then per item
+/// `response.output_item.added`, the text's `content_part` and
+/// `output_text` events or the call's `function_call_arguments.delta` and
+/// `.done`, `response.output_item.done`; then `response.completed` or
+/// `response.incomplete`).
+fn stream_with_tools(
+    generation: Generation,
+    head: Head,
+    keep: Option<Keep>,
+) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
+    let prompt_tokens = generation.prompt_tokens;
+    let s = async_stream::stream! {
+        let mut seq = 0u64;
+        yield event("response.created", &mut seq, json!({"response": head.object("", None)}));
+        yield event("response.in_progress", &mut seq, json!({"response": head.object("", None)}));
+        let out = match generation.collect().await {
+            Ok(outs) => outs.into_iter().next(),
+            Err(e) => {
+                tracing::error!(error = %e, "response failed");
+                yield failed(&head, &mut seq, "", ("server_error", "the engine failed on this request".into()));
+                return;
+            }
+        };
+        let Some(out) = out else {
+            yield failed(&head, &mut seq, "", ("server_error", "the engine returned no output".into()));
+            return;
+        };
+        let reason = match out.finish_reason {
+            Some(FinishReason::Timeout) => {
+                let e = ("timeout", "the request's deadline passed before it finished (see x-request-timeout)".to_string());
+                yield failed(&head, &mut seq, &out.text, e);
+                return;
+            }
+            Some(FinishReason::Aborted) | None => {
+                yield failed(&head, &mut seq, &out.text, ("server_error", "the server stopped before the request finished".into()));
+                return;
+            }
+            Some(r) => r,
+        };
+        let output = Output::read(&head, &out.text);
+        let object = head.object_of(&output, Some((reason, prompt_tokens, out.completion_tokens)));
+        let items = object["output"].as_array().cloned().unwrap_or_default();
+        for (i, item) in items.iter().enumerate() {
+            let id = item["id"].clone();
+            let mut added = item.clone();
+            added["status"] = json!("in_progress");
+            if item["type"] == "function_call" {
+                added["arguments"] = json!("");
+                yield event("response.output_item.added", &mut seq, json!({"output_index": i, "item": added}));
+                yield event("response.function_call_arguments.delta", &mut seq, json!({
+                    "item_id": id, "output_index": i, "delta": item["arguments"],
+                }));
+                yield event("response.function_call_arguments.done", &mut seq, json!({
+                    "item_id": id, "output_index": i, "arguments": item["arguments"],
+                }));
+            } else {
+                let text = item["content"][0]["text"].as_str().unwrap_or_default().to_string();
+                added["content"] = json!([]);
+                yield event("response.output_item.added", &mut seq, json!({"output_index": i, "item": added}));
+                yield event("response.content_part.added", &mut seq, json!({
+                    "item_id": id, "output_index": i, "content_index": 0, "part": part(""),
+                }));
+                if !text.is_empty() {
+                    yield event("response.output_text.delta", &mut seq, json!({
+                        "item_id": id, "output_index": i, "content_index": 0, "delta": text, "logprobs": [],
+                    }));
+                }
+                yield event("response.output_text.done", &mut seq, json!({
+                    "item_id": id, "output_index": i, "content_index": 0, "text": text, "logprobs": [],
+                }));
+                yield event("response.content_part.done", &mut seq, json!({
+                    "item_id": id, "output_index": i, "content_index": 0, "part": part(&text),
+                }));
+            }
+            yield event("response.output_item.done", &mut seq, json!({"output_index": i, "item": item}));
+        }
+        if let Some(k) = keep {
+            k.save(&head.id, &output, object.clone());
         }
         let last = if reason == FinishReason::Length { "response.incomplete" } else { "response.completed" };
         yield event(last, &mut seq, json!({"response": object}));
@@ -722,6 +970,7 @@ mod tests {
         Message {
             role: "user".into(),
             content: text.into(),
+            ..Default::default()
         }
     }
 
@@ -771,21 +1020,47 @@ mod tests {
         assert_eq!(conversation[2].content, "again");
     }
 
-    #[test]
-    fn structured_output_and_tools_are_refused_until_supported() {
-        for extra in [
-            json!({"text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}),
-            json!({"tools": [{"type": "function", "name": "f"}]}),
-            json!({"tool_choice": "required"}),
-        ] {
-            let mut body = json!({"model": "m", "input": "hi"});
-            for (k, v) in extra.as_object().unwrap() {
-                body[k] = v.clone();
-            }
-            let req: ResponsesRequest = serde_json::from_value(body).unwrap();
-            let now = Instant::now();
-            let err = translate(&req, vec![], now, now).unwrap_err();
-            assert!(err.to_string().contains("not supported yet"), "{err}");
+    fn translated(extra: Value) -> Result<GenerationSpec, ApiError> {
+        let mut body = json!({"model": "m", "input": "hi"});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
         }
+        let req: ResponsesRequest = serde_json::from_value(body).unwrap();
+        let now = Instant::now();
+        translate(&req, vec![], now, now).map(|(spec, _)| spec)
+    }
+
+    #[test]
+    fn a_json_schema_text_format_and_function_tools_become_the_specs_constraint_and_tools() {
+        let spec = translated(json!({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}})).unwrap();
+        let c = spec.constraint.unwrap();
+        assert_eq!(c.param, "text.format");
+        assert_eq!(
+            c.constraint,
+            Constraint::JsonSchema(json!({"type": "object"}))
+        );
+        let spec = translated(json!({"tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}], "tool_choice": "required"})).unwrap();
+        assert_eq!(spec.tools.len(), 1);
+        assert_eq!(spec.tools[0]["function"]["name"], "f");
+        assert!(spec.constraint.is_some());
+        let err = translated(json!({"tool_choice": "required"})).unwrap_err();
+        assert!(err.to_string().contains("at least one tool"), "{err}");
+        let err = translated(json!({"tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": "function", "name": "g"}})).unwrap_err();
+        assert!(err.to_string().contains("`g`"), "{err}");
+    }
+
+    #[test]
+    fn function_call_items_and_their_outputs_are_the_assistants_calls_and_tool_turns() {
+        let input = ResponsesInput::Items(vec![
+            json!({"role": "user", "content": "weather?"}),
+            json!({"type": "function_call", "call_id": "c1", "name": "w", "arguments": "{\"city\": \"Oslo\"}"}),
+            json!({"type": "function_call_output", "call_id": "c1", "output": "cold"}),
+        ]);
+        let m = input_messages(&input).unwrap();
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[1].role, "assistant");
+        assert_eq!(m[1].tool_calls[0]["function"]["arguments"]["city"], "Oslo");
+        assert_eq!(m[2].role, "tool");
+        assert_eq!(m[2].tool_call_id.as_deref(), Some("c1"));
     }
 }
