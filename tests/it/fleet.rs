@@ -169,6 +169,31 @@ fn replica(tmp: &Path, name: &str, model: &Path, registry: &str) -> Served {
     })
 }
 
+/// The tiny synthetic model with `seed`, written to `dir/name`.
+fn tiny(dir: &Path, name: &str, seed: u64) -> std::path::PathBuf {
+    let p = dir.join(name);
+    SynthSpec {
+        seed,
+        ..SynthSpec::tiny_llama()
+    }
+    .write(&p, None)
+    .unwrap();
+    p
+}
+
+/// Replicas `a`, `b` and `c` of the fleet at `registry`, started together
+/// and ready.
+async fn three_replicas(tmp: &Path, model: &Path, registry: &str) -> Vec<Served> {
+    let mut rs: Vec<Served> = ["a", "b", "c"]
+        .iter()
+        .map(|n| replica(tmp, n, model, registry))
+        .collect();
+    for r in rs.iter_mut() {
+        r.ready().await;
+    }
+    rs
+}
+
 async fn serving(c: &reqwest::Client, r: &Served) -> Value {
     let (st, v) = call(c, Method::GET, r.url("/admin/v1/serving"), None).await;
     assert_eq!(st, 200, "{v}");
@@ -342,33 +367,15 @@ async fn three_replicas_share_one_registry_in_etcd_through_swaps_rollouts_failov
     let mut etcd = Etcd::start(&tmp.path().join("etcd"));
     etcd.healthy().await;
     let url = etcd.url("fleet-test");
-    let v1 = tmp.path().join("v1");
-    SynthSpec::tiny_llama().write(&v1, None).unwrap();
-    let v2 = tmp.path().join("v2");
-    SynthSpec {
-        seed: 2,
-        ..SynthSpec::tiny_llama()
-    }
-    .write(&v2, None)
-    .unwrap();
-    let v3 = tmp.path().join("v3");
-    SynthSpec {
-        seed: 3,
-        ..SynthSpec::tiny_llama()
-    }
-    .write(&v3, None)
-    .unwrap();
+    let (v1, v2, v3) = (
+        tiny(tmp.path(), "v1", 1),
+        tiny(tmp.path(), "v2", 2),
+        tiny(tmp.path(), "v3", 3),
+    );
 
     // Three replicas start together on an empty registry: one registers
     // the configured model, the others find it; all serve the same version.
-    let mut rs = vec![
-        replica(tmp.path(), "a", &v1, &url),
-        replica(tmp.path(), "b", &v1, &url),
-        replica(tmp.path(), "c", &v1, &url),
-    ];
-    for r in rs.iter_mut() {
-        r.ready().await;
-    }
+    let mut rs = three_replicas(tmp.path(), &v1, &url).await;
     let c = reqwest::Client::new();
     let all: Vec<&Served> = rs.iter().collect();
     on_all(&c, &all, Duration::from_secs(5), "v1 stable", |s| {
@@ -1248,23 +1255,8 @@ async fn commands_sent_to_non_leaders_hold_and_end_a_rollout_exactly_once() {
     let etcd = Etcd::start(&tmp.path().join("etcd"));
     etcd.healthy().await;
     let url = etcd.url("fleet-commands");
-    let v1 = tmp.path().join("v1");
-    SynthSpec::tiny_llama().write(&v1, None).unwrap();
-    let v2 = tmp.path().join("v2");
-    SynthSpec {
-        seed: 2,
-        ..SynthSpec::tiny_llama()
-    }
-    .write(&v2, None)
-    .unwrap();
-    let mut rs = vec![
-        replica(tmp.path(), "a", &v1, &url),
-        replica(tmp.path(), "b", &v1, &url),
-        replica(tmp.path(), "c", &v1, &url),
-    ];
-    for r in rs.iter_mut() {
-        r.ready().await;
-    }
+    let (v1, v2) = (tiny(tmp.path(), "v1", 1), tiny(tmp.path(), "v2", 2));
+    let rs = three_replicas(tmp.path(), &v1, &url).await;
     let c = reqwest::Client::new();
     let all: Vec<&Served> = rs.iter().collect();
     let lead = leader(&c, &all, Duration::from_secs(10)).await;

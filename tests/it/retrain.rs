@@ -130,19 +130,25 @@ fn budget() -> Value {
     json!({"threads": 1, "duty": 1.0, "nice": 0})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retrain_registers_a_gated_version_that_serves_and_cancels_cleanly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let parent = parent(tmp.path());
-    let window = captured(tmp.path());
-    let registry = tmp.path().join("registry");
-    let root = tmp.path().to_path_buf();
-    let s = TestServer::start_in(&parent, &registry, move |a| {
+/// A server for the tiny parent trained in `dir`, with an admin key and
+/// `dir` (the parent's data and the captured window) as its model root;
+/// the captured window's path.
+async fn serve_parent(dir: &Path) -> (TestServer, std::path::PathBuf) {
+    let parent = parent(dir);
+    let window = captured(dir);
+    let root = dir.to_path_buf();
+    let s = TestServer::start_in(&parent, &dir.join("registry"), move |a| {
         a.api_keys = vec![format!("ops:admin:{ADMIN}")];
-        // The captured window and the parent's data lie here.
         a.model_roots = vec![root];
     })
     .await;
+    (s, window)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrain_registers_a_gated_version_that_serves_and_cancels_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (s, window) = serve_parent(tmp.path()).await;
     let c = reqwest::Client::new();
     let url = s.url("/admin/v1/models/tiny/retrain");
 
@@ -379,7 +385,7 @@ async fn retrain_registers_a_gated_version_that_serves_and_cancels_cleanly() {
         3,
         "no version from the cancelled job"
     );
-    let mut left: Vec<String> = std::fs::read_dir(registry.join("trained/tiny"))
+    let mut left: Vec<String> = std::fs::read_dir(tmp.path().join("registry/trained/tiny"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -444,15 +450,7 @@ async fn retrain(c: &reqwest::Client, s: &TestServer, spec: Value) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gate_needs_a_reference_set_the_parent_did_not_write() {
     let tmp = tempfile::tempdir().unwrap();
-    let parent = parent(tmp.path());
-    let window = captured(tmp.path());
-    let registry = tmp.path().join("registry");
-    let root = tmp.path().to_path_buf();
-    let s = TestServer::start_in(&parent, &registry, move |a| {
-        a.api_keys = vec![format!("ops:admin:{ADMIN}")];
-        a.model_roots = vec![root];
-    })
-    .await;
+    let (s, window) = serve_parent(tmp.path()).await;
     let c = reqwest::Client::new();
     let spec = |extra: Value| {
         let mut v = json!({"data": [window], "steps": 6, "lr": 3e-3, "batch_size": 4,
