@@ -10,7 +10,9 @@
 //! - a named function: its arguments, a JSON object valid for the
 //!   function's `parameters` (the grammar allows nothing else);
 //! - `required`: a JSON list of `{"name", "arguments"}` objects, one of the
-//!   offered functions each (one at most without `parallel_tool_calls`);
+//!   offered functions each (one at most without `parallel_tool_calls`,
+//!   [`MAX_PARALLEL_CALLS`] at most with it, so that a model that keeps
+//!   adding calls ends well before `max_tokens`);
 //! - `auto`: whatever it likes; calls are read back by the family's syntax
 //!   (Hermes/Qwen `<tool_call>…</tool_call>`, Mistral `[TOOL_CALLS]`, Llama 3
 //!   `{"name", "parameters"}`), else as generic JSON (`{"name",
@@ -25,6 +27,10 @@ use crate::engine::grammar::Constraint;
 
 /// The most functions one request may offer.
 pub const MAX_TOOLS: usize = 128;
+
+/// The most calls one `required` answer may make with
+/// `parallel_tool_calls`: the grammar closes the list after this many.
+pub const MAX_PARALLEL_CALLS: usize = 8;
 
 /// A request's tool error: the parameter to name and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -282,9 +288,7 @@ impl Tools {
                     })
                     .collect();
                 let mut list = json!({"type": "array", "minItems": 1, "items": {"anyOf": calls}});
-                if !self.parallel {
-                    list["maxItems"] = json!(1);
-                }
+                list["maxItems"] = json!(if self.parallel { MAX_PARALLEL_CALLS } else { 1 });
                 Some(Constraint::JsonSchema(list))
             }
         }
@@ -675,6 +679,57 @@ mod tests {
         };
         assert_eq!(s["required"][0], "city");
         assert_eq!(tools(json!("auto")).constraint(), None);
+    }
+
+    /// Writes what `tools` requires while always opening another call when
+    /// the grammar lets it (and closing every string and object at once):
+    /// the longest answer the constraint allows. Returns the calls.
+    fn greediest_required_answer(t: &Tools) -> Vec<Value> {
+        use crate::engine::grammar::{Grammar, GrammarEnv};
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/default/tokenizer.json");
+        let tok = crate::engine::Tokenizer::from_file(&path, Some(0), vec![1]).unwrap();
+        let env = std::sync::Arc::new(GrammarEnv::new(&tok, tok.vocab_size()).unwrap());
+        let text: Vec<String> = (0..tok.vocab_size() as u32)
+            .map(|id| tok.decode(&[id]).unwrap_or_default())
+            .collect();
+        let mut g = Grammar::new(
+            env.compile(&t.constraint().unwrap()).unwrap(),
+            metrics::Histogram::noop(),
+        );
+        let mut out = vec![];
+        while !g.is_finished() {
+            assert!(out.len() < 2000, "the grammar never closed the list");
+            let mut row = vec![0.0f32; tok.vocab_size()];
+            g.mask_row(&mut row).unwrap();
+            let allowed = |id: &usize| row[*id].is_finite();
+            let id = [",", "\"", "}", "]"]
+                .iter()
+                .find_map(|want| (0..row.len()).filter(allowed).find(|&i| text[i] == *want))
+                .or_else(|| (0..row.len()).find(allowed))
+                .unwrap() as u32;
+            g.commit(id).unwrap();
+            out.push(id);
+        }
+        let ids: Vec<u32> = out.into_iter().filter(|&t| t != 1).collect();
+        let written = tok.decode(&ids).unwrap();
+        match serde_json::from_str::<Value>(&written) {
+            Ok(Value::Array(calls)) => calls,
+            other => panic!("not a list of calls: {written:?} ({other:?})"),
+        }
+    }
+
+    #[test]
+    fn a_required_answer_that_keeps_adding_calls_is_closed_after_the_limit() {
+        let mut t = tools(json!("required"));
+        let calls = greediest_required_answer(&t);
+        assert_eq!(calls.len(), MAX_PARALLEL_CALLS, "{calls:?}");
+        assert!(
+            calls.iter().all(|c| c["arguments"].is_object()),
+            "{calls:?}"
+        );
+        t.parallel = false;
+        assert_eq!(greediest_required_answer(&t).len(), 1);
     }
 
     #[test]

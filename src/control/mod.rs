@@ -450,6 +450,9 @@ impl Controller {
                 result,
             )
             .map_err(|e| {
+                if let Some(stale) = e.downcast_ref::<registry::StaleRollout>() {
+                    return ControlError::Conflict(stale.to_string());
+                }
                 tracing::error!(error = format!("{e:#}"), "registry log append failed");
                 match &self.fleet {
                     Some(f) => ControlError::Unavailable(format!(

@@ -579,6 +579,11 @@ impl Controller {
         id: &str,
         command: Command,
     ) -> Result<RolloutStatus, ControlError> {
+        if self.is_fleet() {
+            // Judge the command against the newest status, not the one the
+            // follow loop last read.
+            let _ = self.catalog().catch_up();
+        }
         let status = self.rollout(id).await?;
         if !status.phase.is_active() {
             return Err(ControlError::Conflict(format!(
@@ -601,9 +606,14 @@ impl Controller {
                 let mut status = status;
                 for _ in 0..10 {
                     let mut mine = status.clone();
-                    self.apply_command(&mut mine, command, actor).await?;
+                    let applied = self.apply_command(&mut mine, command, actor).await;
                     let now = self.rollout(id).await?;
-                    if now.revision == mine.revision && now.updated == mine.updated {
+                    if let Err(e) = applied {
+                        // Refused as stale when the log moved since `status`.
+                        if now.revision == status.revision {
+                            return Err(e);
+                        }
+                    } else if now.revision == mine.revision && now.updated == mine.updated {
                         return Ok(now);
                     }
                     if !now.phase.is_active() {
@@ -699,6 +709,7 @@ impl Controller {
                     continue;
                 }
             }
+            let base = status.revision;
             let outcome = match command {
                 Some((c, actor)) => self.apply_command(&mut status, c, &actor).await,
                 None if status.phase == Phase::Paused => {
@@ -715,6 +726,19 @@ impl Controller {
                 }
             };
             if let Err(e) = outcome {
+                // In a fleet, a write refused because another replica wrote
+                // first leaves this copy (and perhaps the router) ahead of
+                // the log: hand the rollout back to the log's state, which
+                // adopts it again from there.
+                if self.is_fleet()
+                    && let Ok(now) = self.rollout(&status.id).await
+                    && now.revision != base
+                {
+                    tracing::info!(model, id = %status.id, reason = %e, "another replica changed the rollout first; following the log");
+                    self.forget_driver(&model, &status.id);
+                    self.reconcile().await;
+                    return;
+                }
                 tracing::error!(model, id = %status.id, error = %e, "rollout step failed");
             }
             if !status.phase.is_active() {

@@ -4,11 +4,12 @@
 //! size and time limits ([`Compiled`]), and the per-sequence state the engine
 //! thread masks logits with and advances token by token ([`Grammar`]).
 //!
-//! Compilation happens at validation, off the engine thread; the engine only
-//! computes masks (in parallel across the rows of a step, on the sampling
-//! pass) and commits sampled tokens.
+//! Compilation happens at validation, off the engine thread. The engine
+//! commits sampled tokens and masks logits; each sequence's next mask is
+//! computed ahead on the rayon pool, in parallel with the other rows' and
+//! with the forward pass (see [`Grammar`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use llguidance::api::{ParserLimits, TopLevelGrammar};
@@ -390,9 +391,47 @@ impl std::fmt::Debug for Compiled {
 /// A sequence's grammar state: masks its logits before each draw, advances
 /// by each sampled token. A preempted sequence keeps its tokens (and this
 /// state with them), so nothing is replayed.
+///
+/// The mask for the next token depends only on the tokens committed so far,
+/// so it is computed ahead: on the rayon pool as soon as the sequence is
+/// admitted and after each commit, where it overlaps the forward pass that
+/// produces the logits it will mask (and the other rows' masks). The draw
+/// takes it when ready, or computes it then.
 pub struct Grammar {
-    matcher: Matcher,
+    ahead: Arc<Mutex<Ahead>>,
     kind: &'static str,
+}
+
+/// The parser and the mask computed for its current state.
+struct Ahead {
+    matcher: Matcher,
+    /// The mask for the next token, once computed.
+    next: Option<Result<SimpleVob, String>>,
+    /// The draw took `next`: nothing to compute until the next commit.
+    drawn: bool,
+    /// Seconds each mask took to compute, wherever it ran.
+    timer: metrics::Histogram,
+}
+
+impl Ahead {
+    /// Computes the mask for the current state, unless it is there already
+    /// or was drawn.
+    fn compute(&mut self) {
+        if self.next.is_some() || self.drawn {
+            return;
+        }
+        let started = Instant::now();
+        let matcher = &mut self.matcher;
+        let mask =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| matcher.compute_mask()))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the grammar engine panicked")));
+        self.timer.record(started.elapsed().as_secs_f64());
+        self.next = Some(match mask {
+            Err(e) => Err(format!("the output constraint failed: {e}")),
+            Ok(m) if m.is_zero() => Err("the output constraint allows no token here".into()),
+            Ok(m) => Ok(m),
+        });
+    }
 }
 
 impl std::fmt::Debug for Grammar {
@@ -402,12 +441,20 @@ impl std::fmt::Debug for Grammar {
 }
 
 impl Grammar {
-    /// A fresh state for one sequence.
-    pub fn new(compiled: Compiled) -> Self {
-        Self {
-            matcher: Matcher::new(Ok(compiled.parser)),
+    /// A fresh state for one sequence; `timer` records each mask's compute
+    /// time. Its first mask starts computing at once.
+    pub fn new(compiled: Compiled, timer: metrics::Histogram) -> Self {
+        let g = Self {
+            ahead: Arc::new(Mutex::new(Ahead {
+                matcher: Matcher::new(Ok(compiled.parser)),
+                next: None,
+                drawn: false,
+                timer,
+            })),
             kind: compiled.kind,
-        }
+        };
+        g.prefetch();
+        g
     }
 
     /// Its kind (the metrics label).
@@ -415,15 +462,33 @@ impl Grammar {
         self.kind
     }
 
-    fn mask(&mut self) -> Result<SimpleVob, String> {
-        let mask = self
-            .matcher
-            .compute_mask()
-            .map_err(|e| format!("the output constraint failed: {e}"))?;
-        if mask.is_zero() {
-            return Err("the output constraint allows no token here".into());
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ahead> {
+        // `compute` catches the parser's panics, so a poisoned lock still
+        // guards a consistent state.
+        self.ahead.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts computing the next mask on the rayon pool. A job that runs
+    /// late computes for the state it finds (or nothing, if that mask is
+    /// there or drawn); the lock is held by the engine only to take a mask
+    /// or commit a token, so a job never waits on work that waits on it.
+    fn prefetch(&self) {
+        if self.lock().matcher.is_stopped() {
+            return;
         }
-        Ok(mask)
+        let ahead = Arc::clone(&self.ahead);
+        rayon::spawn(move || ahead.lock().unwrap_or_else(|p| p.into_inner()).compute());
+    }
+
+    /// The mask for the next token: the one computed ahead, or computed now.
+    fn mask(&mut self) -> Result<SimpleVob, String> {
+        let mut ahead = self.lock();
+        ahead.compute();
+        ahead.drawn = true;
+        ahead
+            .next
+            .take()
+            .unwrap_or_else(|| Err("the output constraint has no mask".into()))
     }
 
     /// Sets every logit the grammar forbids next to −∞.
@@ -454,17 +519,25 @@ impl Grammar {
             .collect())
     }
 
-    /// Advances by the sampled token.
+    /// Advances by the sampled token, then starts computing the next mask.
     pub fn commit(&mut self, token: u32) -> Result<(), String> {
-        self.matcher
-            .consume_token(token)
-            .map_err(|e| format!("the output constraint refused token {token}: {e}"))
+        {
+            let mut ahead = self.lock();
+            ahead.next = None;
+            ahead.drawn = false;
+            ahead
+                .matcher
+                .consume_token(token)
+                .map_err(|e| format!("the output constraint refused token {token}: {e}"))?;
+        }
+        self.prefetch();
+        Ok(())
     }
 
     /// Whether the grammar is complete and nothing may follow (the sequence
     /// ends with `stop`).
     pub fn is_finished(&self) -> bool {
-        self.matcher.is_stopped()
+        self.lock().matcher.is_stopped()
     }
 }
 
@@ -481,7 +554,7 @@ mod tests {
     /// Generates greedily from a grammar alone: each step takes the
     /// allowed token with the lowest id.
     fn walk(env: &Arc<GrammarEnv>, c: &Constraint, steps: usize) -> (Vec<u32>, bool) {
-        let mut g = Grammar::new(env.compile(c).unwrap());
+        let mut g = Grammar::new(env.compile(c).unwrap(), metrics::Histogram::noop());
         let mut out = vec![];
         for _ in 0..steps {
             if g.is_finished() {

@@ -717,6 +717,7 @@ impl Registry {
                 Err(e) => e,
             },
         };
+        self.refuse_stale(&entry)?;
         let mut line = serde_json::to_string(&entry)?;
         line.push('\n');
         match &mut self.log {
@@ -754,6 +755,7 @@ impl Registry {
                     // try the next number. A version id is the one thing two
                     // replicas may both have picked: that is a conflict.
                     self.catch_up()?;
+                    self.refuse_stale(&entry)?;
                     if let Action::RegisterVersion { model, record } = &entry.action
                         && self.state.version(model, &record.version).is_some()
                     {
@@ -777,6 +779,58 @@ impl Registry {
         }
         self.entries.push(entry.clone());
         Ok(entry)
+    }
+}
+
+/// A rollout status written from a revision the log has moved past (another
+/// replica wrote first): it is not appended, so the audit log holds only the
+/// transitions that took effect. The writer reads the log's status and
+/// decides again.
+#[derive(Debug)]
+pub struct StaleRollout {
+    /// The rollout.
+    pub id: String,
+    /// The revision the log holds.
+    pub revision: u64,
+    /// The phase the log holds.
+    pub phase: String,
+}
+
+impl std::fmt::Display for StaleRollout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rollout `{}` changed meanwhile (the log holds revision {}, {})",
+            self.id, self.revision, self.phase
+        )
+    }
+}
+
+impl std::error::Error for StaleRollout {}
+
+impl Registry {
+    /// Refuses a successful rollout entry whose status would not apply over
+    /// the log's (see [`rollout_applies`]).
+    fn refuse_stale(&self, entry: &AuditEntry) -> anyhow::Result<()> {
+        let Action::Rollout { id, status, .. } = &entry.action else {
+            return Ok(());
+        };
+        let current = self.state.rollouts.get(id);
+        if entry.result != "ok" || rollout_applies(current, status) {
+            return Ok(());
+        }
+        let field = |k: &str| current.and_then(|c| c.get(k));
+        Err(StaleRollout {
+            id: id.clone(),
+            revision: field("revision")
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0),
+            phase: field("phase")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("unknown")
+                .to_string(),
+        }
+        .into())
     }
 }
 

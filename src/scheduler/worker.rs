@@ -319,7 +319,10 @@ impl Worker {
                     self.enqueue_probe(&request.prompt, state);
                 }
                 let io = Io {
-                    grammar: request.grammar.clone().map(Grammar::new),
+                    grammar: request
+                        .grammar
+                        .clone()
+                        .map(|c| Grammar::new(c, self.metrics.mask_time.clone())),
                     sampler: Sampler::new(request.sampling.clone(), &request.prompt),
                     text: TextStream::new(&request.prompt),
                     stop: StopMatcher::new(request.stop.clone()),
@@ -968,7 +971,6 @@ impl Worker {
         let tokenizer = &self.tokenizer;
         let ctx = self.context_length;
         let metrics = &self.metrics;
-        let mask_time = &self.metrics.mask_time;
         let now = self.shared.clock.now();
         state
             .running
@@ -983,13 +985,13 @@ impl Worker {
                         score_rows(sc, rows, vocab, *first_pos)
                     }
                     (Some((row, _)), None, _) => {
-                        emit_token(s, Pick::Row(row), tokenizer, ctx, m, mask_time, now)
+                        emit_token(s, Pick::Row(row), tokenizer, ctx, m, now)
                     }
                     (None, None, Some(row)) => {
                         if let Some(t) = &picked {
                             let lse = t.lse.as_ref().and_then(|l| l.get(*row).copied());
                             let pick = Pick::Top(t.row(*row), vocab_size, lse);
-                            emit_token(s, pick, tokenizer, ctx, m, mask_time, now)
+                            emit_token(s, pick, tokenizer, ctx, m, now)
                         }
                     }
                     (None, _, _) => {}
@@ -1141,18 +1143,15 @@ fn emit_token(
     tokenizer: &Tokenizer,
     ctx: usize,
     m: &RequestMetrics,
-    mask_time: &metrics::Histogram,
     now: Instant,
 ) {
     let (token, logprob) = match pick {
         Pick::Row(row) => {
             // The constraint first: every sampling setting then draws
-            // among the tokens it allows (this runs on the rayon pass over
-            // the step's sequences, so constrained rows mask in parallel).
+            // among the tokens it allows (the mask was computed ahead, during
+            // the forward pass; see `Grammar`).
             if let Some(g) = s.payload.grammar.as_mut() {
-                let started = Instant::now();
                 let masked = g.mask_row(row);
-                mask_time.record(started.elapsed().as_secs_f64());
                 if let Err(e) = masked {
                     s.payload.failed = Some(e);
                     return;

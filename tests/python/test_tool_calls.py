@@ -262,3 +262,35 @@ def test_responses_streamed_with_a_function_tool_end_with_the_same_call_as_the_w
     assert json.loads(done[0].arguments) == json.loads(want.arguments)
     final = [o for o in events[-1].response.output if o.type == "function_call"][0]
     assert final.name == "get_time" and final.arguments == done[0].arguments
+
+
+def test_responses_streamed_with_tools_send_text_as_it_comes_and_match_the_whole_response(client, model):
+    # `auto`: the model may answer in text; that text streams token by
+    # token (a call would be held until the output is whole).
+    kw = dict(
+        model=model,
+        input="Say hello to the user in a few words.",
+        tools=[{"type": "function", **WEATHER["function"]}],
+        tool_choice="auto",
+        temperature=0.0,
+        max_output_tokens=24,
+    )
+    whole = client.responses.create(**kw)
+    events = list(client.responses.create(stream=True, **kw))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"], kinds
+    assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    final = events[-1].response
+    assert [o.type for o in final.output] == [o.type for o in whole.output], (final.output, whole.output)
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    messages = [o for o in final.output if o.type == "message"]
+    if messages:
+        text = messages[0].content[0].text
+        assert "".join(d.delta for d in deltas) == text
+        assert text == [o for o in whole.output if o.type == "message"][0].content[0].text
+        # Streamed as it came: more than one delta, the first long before the end.
+        assert len(deltas) > 1, kinds
+        assert kinds.index("response.output_text.delta") < kinds.index("response.output_text.done") - 1, kinds
+    else:
+        assert not deltas, kinds
+        assert all(o.type == "function_call" for o in final.output), final.output

@@ -6,8 +6,10 @@
 //! `instructions` as a system message, the stored conversation of
 //! `previous_response_id`, then `input` (a string or message items), all
 //! rendered by the model's chat template. Structured output (`text.format`
-//! `json_schema` / `json_object`) and function `tools` are refused with a 400
-//! until the engine constrains decoding; they plug in at [`translate`].
+//! `json_schema` / `json_object`) becomes the spec's output constraint and
+//! function `tools` its tools (calls read from the output as the chat API
+//! reads them; `required` and a named function enforced by the grammar).
+//! A stream sends text as it comes and each call once the output is whole.
 //!
 //! Responses are kept in memory ([`ResponseStore`]) unless `store: false`:
 //! at most [`STORE_MAX_RESPONSES`] responses and [`STORE_MAX_BYTES`] of
@@ -31,7 +33,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use super::{HttpState, JsonBody, RequestId, deadline, random_id, unix_now};
+use super::{HttpState, JsonBody, Mode, RequestId, ToolStream, deadline, random_id, unix_now};
 use crate::api::auth::Principal;
 use crate::api::error::ApiError;
 use crate::api::openai::SamplingFields;
@@ -477,7 +479,7 @@ struct Head {
     req: ResponsesRequest,
     /// The request's tools, when the model may call them, and how its
     /// family writes calls.
-    tools: Option<(Tools, Family)>,
+    tools: Option<Arc<(Tools, Family)>>,
 }
 
 /// A function call of a response, as its `function_call` output item.
@@ -501,7 +503,7 @@ struct Output {
 
 impl Output {
     fn read(head: &Head, text: &str) -> Self {
-        let Some((tools, family)) = &head.tools else {
+        let Some((tools, family)) = head.tools.as_deref() else {
             return Self {
                 text: Some(text.to_string()),
                 calls: vec![],
@@ -648,16 +650,13 @@ pub async fn create(
         created_at: unix_now(),
         model: req.model.clone(),
         req,
-        tools: tools.active().then_some((tools, family)),
+        tools: tools.active().then(|| Arc::new((tools, family))),
     };
     let keep = head.req.store.unwrap_or(true).then(|| Keep {
         store,
         owner: principal.key_id.clone(),
         conversation,
     });
-    if head.req.stream && head.tools.is_some() {
-        return Ok(stream_with_tools(generation, head, keep).into_response());
-    }
     if head.req.stream {
         return Ok(stream(generation, head, keep).into_response());
     }
@@ -737,59 +736,77 @@ fn event(kind: &str, seq: &mut u64, mut body: Value) -> Result<SseEvent, Infalli
 }
 
 /// The Responses event sequence: `response.created`, `response.in_progress`,
-/// `response.output_item.added`, `response.content_part.added`,
-/// `response.output_text.delta`…, `response.output_text.done`,
-/// `response.content_part.done`, `response.output_item.done`, then
-/// `response.completed` (`response.incomplete` when `max_output_tokens`
-/// cut it short; `response.failed` when the engine failed).
+/// then the message item as its text comes (`response.output_item.added`,
+/// `response.content_part.added`, `response.output_text.delta`…,
+/// `response.output_text.done`, `response.content_part.done`,
+/// `response.output_item.done`), then each function call the output made
+/// (`response.output_item.added`, `response.function_call_arguments.delta`
+/// and `.done`, `response.output_item.done`), then `response.completed`
+/// (`response.incomplete` when `max_output_tokens` cut it short;
+/// `response.failed` when the engine failed). With tools, text that cannot
+/// be a call streams as it comes and a call is held until the output is
+/// whole (then read exactly as the non-streamed response reads it), as the
+/// chat stream does.
 fn stream(
     generation: Generation,
     head: Head,
     keep: Option<Keep>,
 ) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
     let prompt_tokens = generation.prompt_tokens;
+    let mut calls = head.tools.clone().map(|t| ToolStream {
+        tools: t,
+        choices: vec![Mode::Undecided(String::new())],
+    });
     let s = async_stream::stream! {
         let mut seq = 0u64;
         let mid = head.message_id.clone();
         yield event("response.created", &mut seq, json!({"response": head.object("", None)}));
         yield event("response.in_progress", &mut seq, json!({"response": head.object("", None)}));
-        yield event("response.output_item.added", &mut seq, json!({
-            "output_index": 0, "item": head.message("", "in_progress"),
-        }));
-        yield event("response.content_part.added", &mut seq, json!({
-            "item_id": mid, "output_index": 0, "content_index": 0, "part": part(""),
-        }));
+        // The message item opens with its first text (a response that only
+        // calls has none).
+        let mut opened = false;
         let mut text = String::new();
+        let mut made = vec![];
         let mut events = generation.events();
         let mut end = None;
         while let Some((_, ev)) = events.next().await {
-            match ev {
-                Event::Token { text: delta, .. } => {
-                    if delta.is_empty() {
-                        continue;
-                    }
-                    text.push_str(&delta);
-                    yield event("response.output_text.delta", &mut seq, json!({
-                        "item_id": mid, "output_index": 0, "content_index": 0,
-                        "delta": delta, "logprobs": [],
-                    }));
-                }
+            let send = match ev {
+                Event::Token { text: delta, .. } => match calls.as_mut() {
+                    Some(c) => c.push(0, &delta),
+                    None => (!delta.is_empty()).then_some(delta),
+                },
                 Event::Done(c) => {
-                    if !c.tail.is_empty() {
-                        text.push_str(&c.tail);
-                        yield event("response.output_text.delta", &mut seq, json!({
-                            "item_id": mid, "output_index": 0, "content_index": 0,
-                            "delta": c.tail, "logprobs": [],
-                        }));
-                    }
                     end = Some(Ok((c.reason, c.completion_tokens)));
-                    break;
+                    match calls.as_mut() {
+                        Some(t) => {
+                            let (content, found) = t.finish(0, &c.tail);
+                            made = found;
+                            content
+                        }
+                        None => (!c.tail.is_empty()).then_some(c.tail),
+                    }
                 }
                 Event::Failed(e) => {
                     tracing::error!(error = %e, "response failed mid-stream");
                     end = Some(Err(("server_error", "the engine failed on this request".to_string())));
-                    break;
+                    None
                 }
+            };
+            if let Some(delta) = send.filter(|d| !d.is_empty()) {
+                if !opened {
+                    opened = true;
+                    for e in open_message(&head, &mut seq) {
+                        yield e;
+                    }
+                }
+                text.push_str(&delta);
+                yield event("response.output_text.delta", &mut seq, json!({
+                    "item_id": mid, "output_index": 0, "content_index": 0,
+                    "delta": delta, "logprobs": [],
+                }));
+            }
+            if end.is_some() {
+                break;
             }
         }
         let (reason, output_tokens) = match end {
@@ -812,76 +829,34 @@ fn stream(
                 return;
             }
         };
-        yield event("response.output_text.done", &mut seq, json!({
-            "item_id": mid, "output_index": 0, "content_index": 0, "text": text, "logprobs": [],
-        }));
-        yield event("response.content_part.done", &mut seq, json!({
-            "item_id": mid, "output_index": 0, "content_index": 0, "part": part(&text),
-        }));
-        let item_status = if reason == FinishReason::Length { "incomplete" } else { "completed" };
-        yield event("response.output_item.done", &mut seq, json!({
-            "output_index": 0, "item": head.message(&text, item_status),
-        }));
-        let object = head.object(&text, Some((reason, prompt_tokens, output_tokens)));
-        if let Some(k) = keep {
-            let out = Output { text: Some(text.clone()), calls: vec![] };
-            k.save(&head.id, &out, object.clone());
+        let output = Output {
+            text: Some(text),
+            calls: made
+                .into_iter()
+                .map(|c| (format!("call_{}", random_id(12)), c))
+                .collect(),
+        };
+        // An answer with neither text nor calls is an empty message.
+        if !opened && output.calls.is_empty() {
+            for e in open_message(&head, &mut seq) {
+                yield e;
+            }
         }
-        let last = if reason == FinishReason::Length { "response.incomplete" } else { "response.completed" };
-        yield event(last, &mut seq, json!({"response": object}));
-    };
-    Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-}
-
-/// The event sequence of a response that may call tools: the output is
-/// read for calls only once it is whole, so its items follow the generation
-/// (`response.created`, `response.in_progress`, then per item
-/// `response.output_item.added`, the text's `content_part` and
-/// `output_text` events or the call's `function_call_arguments.delta` and
-/// `.done`, `response.output_item.done`; then `response.completed` or
-/// `response.incomplete`).
-fn stream_with_tools(
-    generation: Generation,
-    head: Head,
-    keep: Option<Keep>,
-) -> Sse<impl futures::Stream<Item = Result<SseEvent, Infallible>>> {
-    let prompt_tokens = generation.prompt_tokens;
-    let s = async_stream::stream! {
-        let mut seq = 0u64;
-        yield event("response.created", &mut seq, json!({"response": head.object("", None)}));
-        yield event("response.in_progress", &mut seq, json!({"response": head.object("", None)}));
-        let out = match generation.collect().await {
-            Ok(outs) => outs.into_iter().next(),
-            Err(e) => {
-                tracing::error!(error = %e, "response failed");
-                yield failed(&head, &mut seq, "", ("server_error", "the engine failed on this request".into()));
-                return;
-            }
-        };
-        let Some(out) = out else {
-            yield failed(&head, &mut seq, "", ("server_error", "the engine returned no output".into()));
-            return;
-        };
-        let reason = match out.finish_reason {
-            Some(FinishReason::Timeout) => {
-                let e = ("timeout", "the request's deadline passed before it finished (see x-request-timeout)".to_string());
-                yield failed(&head, &mut seq, &out.text, e);
-                return;
-            }
-            Some(FinishReason::Aborted) | None => {
-                yield failed(&head, &mut seq, &out.text, ("server_error", "the server stopped before the request finished".into()));
-                return;
-            }
-            Some(r) => r,
-        };
-        let output = Output::read(&head, &out.text);
-        let object = head.object_of(&output, Some((reason, prompt_tokens, out.completion_tokens)));
+        let object = head.object_of(&output, Some((reason, prompt_tokens, output_tokens)));
         let items = object["output"].as_array().cloned().unwrap_or_default();
         for (i, item) in items.iter().enumerate() {
             let id = item["id"].clone();
-            let mut added = item.clone();
-            added["status"] = json!("in_progress");
-            if item["type"] == "function_call" {
+            if item["type"] == "message" {
+                let text = item["content"][0]["text"].as_str().unwrap_or_default();
+                yield event("response.output_text.done", &mut seq, json!({
+                    "item_id": id, "output_index": i, "content_index": 0, "text": text, "logprobs": [],
+                }));
+                yield event("response.content_part.done", &mut seq, json!({
+                    "item_id": id, "output_index": i, "content_index": 0, "part": part(text),
+                }));
+            } else {
+                let mut added = item.clone();
+                added["status"] = json!("in_progress");
                 added["arguments"] = json!("");
                 yield event("response.output_item.added", &mut seq, json!({"output_index": i, "item": added}));
                 yield event("response.function_call_arguments.delta", &mut seq, json!({
@@ -889,24 +864,6 @@ fn stream_with_tools(
                 }));
                 yield event("response.function_call_arguments.done", &mut seq, json!({
                     "item_id": id, "output_index": i, "arguments": item["arguments"],
-                }));
-            } else {
-                let text = item["content"][0]["text"].as_str().unwrap_or_default().to_string();
-                added["content"] = json!([]);
-                yield event("response.output_item.added", &mut seq, json!({"output_index": i, "item": added}));
-                yield event("response.content_part.added", &mut seq, json!({
-                    "item_id": id, "output_index": i, "content_index": 0, "part": part(""),
-                }));
-                if !text.is_empty() {
-                    yield event("response.output_text.delta", &mut seq, json!({
-                        "item_id": id, "output_index": i, "content_index": 0, "delta": text, "logprobs": [],
-                    }));
-                }
-                yield event("response.output_text.done", &mut seq, json!({
-                    "item_id": id, "output_index": i, "content_index": 0, "text": text, "logprobs": [],
-                }));
-                yield event("response.content_part.done", &mut seq, json!({
-                    "item_id": id, "output_index": i, "content_index": 0, "part": part(&text),
                 }));
             }
             yield event("response.output_item.done", &mut seq, json!({"output_index": i, "item": item}));
@@ -918,6 +875,27 @@ fn stream_with_tools(
         yield event(last, &mut seq, json!({"response": object}));
     };
     Sse::new(s).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+/// The message item's opening events: `response.output_item.added` and
+/// `response.content_part.added`.
+fn open_message(head: &Head, seq: &mut u64) -> [Result<SseEvent, Infallible>; 2] {
+    [
+        event(
+            "response.output_item.added",
+            seq,
+            json!({
+                "output_index": 0, "item": head.message("", "in_progress"),
+            }),
+        ),
+        event(
+            "response.content_part.added",
+            seq,
+            json!({
+                "item_id": head.message_id, "output_index": 0, "content_index": 0, "part": part(""),
+            }),
+        ),
+    ]
 }
 
 /// `response.failed`, with the error in the response object.
