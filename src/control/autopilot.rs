@@ -250,7 +250,7 @@ impl Controller {
         actor: &Actor,
         settings: Option<Value>,
     ) -> Result<Value, ControlError> {
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         let previous = json!(self.autopilot_spec().clone());
         let action = Action::AutopilotSettings {
             settings: settings.clone(),

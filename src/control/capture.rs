@@ -47,7 +47,7 @@ impl Controller {
         spec: CaptureSpec,
     ) -> Result<Value, ControlError> {
         folder_name(model)?;
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         let action = capture_action(model, Some(&spec))?;
         let previous = json!(self.catalog().state().captures.get(model));
         let started = if self.router.deployment(model).is_none() {
@@ -108,7 +108,7 @@ impl Controller {
         purge: bool,
     ) -> Result<Value, ControlError> {
         folder_name(model)?;
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         let action = capture_action(model, None)?;
         let previous = self.catalog().state().captures.get(model).cloned();
         if previous.is_none() && !purge {

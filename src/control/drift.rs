@@ -148,7 +148,7 @@ impl Controller {
         overrides: Option<serde_json::Map<String, Value>>,
         actor: &Actor,
     ) -> Result<Value, ControlError> {
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         if !self.state().await.models.contains_key(model) {
             return Err(ControlError::NotFound(format!(
                 "no model `{model}` is registered"

@@ -118,7 +118,7 @@ impl Controller {
                 ControlError::invalid("secret_env", e)
             };
             tracing::warn!(hook = name, key = %actor.key_id, error = %rule, "hook refused");
-            let _write = self.writes.lock().await;
+            let _write = self.write_turn().await;
             let previous = json!(self.catalog().state().hooks.get(name));
             let action = Action::Hook {
                 name: name.to_string(),
@@ -145,7 +145,7 @@ impl Controller {
                 None => {}
             }
         }
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         if let Some((_, Source::Config)) = self.hooks.get(name) {
             return Err(ControlError::Conflict(format!(
                 "hook `{name}` is configured in llmops.toml; change it there"
@@ -193,7 +193,7 @@ impl Controller {
 
     /// Removes a hook set through the admin API.
     pub async fn delete_hook(&self, actor: &Actor, name: &str) -> Result<(), ControlError> {
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         let action = Action::Hook {
             name: name.to_string(),
             spec: None,

@@ -411,6 +411,23 @@ impl Controller {
         self.rollout_events.subscribe()
     }
 
+    /// This replica's turn to change the registry: admin changes are made
+    /// one at a time, and in a fleet on the newest state of the shared log
+    /// (a version registered on another replica a moment ago is known here,
+    /// a rollout is judged at its latest revision).
+    async fn write_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        let turn = self.writes.lock().await;
+        if self.fleet.is_some()
+            && let Err(e) = self.catalog().catch_up()
+        {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "cannot read the shared registry; acting on the last known state"
+            );
+        }
+        turn
+    }
+
     /// A copy of the registry state.
     pub async fn state(&self) -> State {
         self.catalog().state().clone()
@@ -478,7 +495,7 @@ impl Controller {
         if let Some(v) = &req.version {
             valid_name("version", v)?;
         }
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         let version = req
             .version
             .clone()
@@ -728,7 +745,7 @@ impl Controller {
         model: &str,
         version: &str,
     ) -> Result<(), ControlError> {
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         let action = Action::Load {
             model: model.into(),
             version: version.into(),
@@ -797,7 +814,7 @@ impl Controller {
         version: &str,
         wait: Duration,
     ) -> Result<(), ControlError> {
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         let action = Action::Unload {
             model: model.into(),
             version: version.into(),
@@ -867,7 +884,7 @@ impl Controller {
         version: Option<&str>,
     ) -> Result<(), ControlError> {
         valid_name("alias", alias)?;
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         let previous = self
             .catalog()
             .state()

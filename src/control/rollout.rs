@@ -412,7 +412,7 @@ impl Controller {
         spec: RolloutSpec,
     ) -> Result<RolloutStatus, ControlError> {
         spec.validate()?;
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         let state = self.state().await;
         let model = spec.model.clone();
         let Some(deployment) = self.router.deployment(&model) else {

@@ -25,7 +25,7 @@ impl Controller {
         model: &str,
         spec: ShadowSpec,
     ) -> Result<Value, ControlError> {
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         let action = Action::Shadow {
             model: model.into(),
             spec: Some(serde_json::to_value(&spec).map_err(super::internal)?),
@@ -96,7 +96,7 @@ impl Controller {
     /// Stops mirroring `model`'s requests. Copies in flight finish (or time
     /// out) on their own; the candidate stays loaded only if pinned.
     pub async fn clear_shadow(&self, actor: &Actor, model: &str) -> Result<(), ControlError> {
-        let _write = self.writes.lock().await;
+        let _write = self.write_turn().await;
         self.clear_shadow_locked(actor, model, None).await
     }
 
