@@ -457,18 +457,23 @@ impl Controller {
         new: Value,
         result: Result<(), String>,
     ) -> Result<AuditEntry, ControlError> {
-        self.catalog()
-            .append(
-                &actor.key_id,
-                action,
-                previous,
-                new,
-                actor.reason.clone(),
-                result,
-            )
-            .map_err(|e| {
+        // What a rollout's driver writes is the leader's: fenced by its
+        // lease in a fleet.
+        let leader = rollout::DRIVING.try_with(|_| ()).is_ok();
+        let mut catalog = self.catalog();
+        let reason = actor.reason.clone();
+        let appended = if leader {
+            catalog.append_as_leader(&actor.key_id, action, previous, new, reason, result)
+        } else {
+            catalog.append(&actor.key_id, action, previous, new, reason, result)
+        };
+        drop(catalog);
+        appended.map_err(|e| {
                 if let Some(stale) = e.downcast_ref::<registry::StaleRollout>() {
                     return ControlError::Conflict(stale.to_string());
+                }
+                if let Some(fenced) = e.downcast_ref::<registry::etcd::Fenced>() {
+                    return ControlError::Unavailable(fenced.to_string());
                 }
                 tracing::error!(error = format!("{e:#}"), "registry log append failed");
                 match &self.fleet {

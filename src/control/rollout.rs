@@ -28,6 +28,12 @@ use crate::monitor::window;
 use crate::registry::Action;
 use crate::router::StickyKey;
 
+tokio::task_local! {
+    /// Set while a rollout's driver runs: its records are the leader's, and
+    /// a fleet's log takes them only under the leader lease.
+    pub(super) static DRIVING: ();
+}
+
 /// What to do when a window has too few samples to judge.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -527,7 +533,7 @@ impl Controller {
             },
         );
         let me = self.clone();
-        tokio::spawn(async move { me.drive(status, rx).await });
+        tokio::spawn(DRIVING.scope((), async move { me.drive(status, rx).await }));
         true
     }
 
@@ -727,12 +733,14 @@ impl Controller {
             };
             if let Err(e) = outcome {
                 // In a fleet, a write refused because another replica wrote
-                // first leaves this copy (and perhaps the router) ahead of
-                // the log: hand the rollout back to the log's state, which
-                // adopts it again from there.
+                // first, or because this replica's leader lease ended (the
+                // write is fenced), leaves this copy (and perhaps the
+                // router) ahead of the log: hand the rollout back to the
+                // log's state, which adopts it again from there if this
+                // replica still leads.
                 if self.is_fleet()
                     && let Ok(now) = self.rollout(&status.id).await
-                    && now.revision != base
+                    && (now.revision != base || !self.leads())
                 {
                     tracing::info!(model, id = %status.id, reason = %e, "another replica changed the rollout first; following the log");
                     self.forget_driver(&model, &status.id);

@@ -23,7 +23,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -53,11 +53,26 @@ pub struct EtcdOptions {
     pub timeout: Duration,
 }
 
+/// A leader's write refused because this replica no longer holds the
+/// leader lease (another replica may lead by now): nothing was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fenced;
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("this replica no longer leads the fleet (its leader lease ended); the write was refused")
+    }
+}
+
+impl std::error::Error for Fenced {}
+
 /// What `/ready` and the admin API say about the shared store.
 #[derive(Debug, Default)]
 pub struct Health {
     connected: AtomicBool,
     leader: AtomicBool,
+    /// The lease this replica holds the leader key under (0: none).
+    lease: AtomicI64,
     last_error: Mutex<Option<String>>,
     leader_id: Mutex<Option<String>>,
 }
@@ -88,6 +103,11 @@ impl Health {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// The lease of the leader key, while this replica holds it.
+    pub fn lease(&self) -> Option<i64> {
+        Some(self.lease.load(Ordering::Relaxed)).filter(|&l| l != 0)
     }
 
     /// The last error talking to etcd.
@@ -139,6 +159,9 @@ pub struct Etcd {
     health: Arc<Health>,
     changed: Arc<tokio::sync::Notify>,
     url: String,
+    /// This replica's name (the leader key's value, and each entry it
+    /// appends names it).
+    replica_id: String,
     /// Wakes the login task when etcd refused this replica's token (a
     /// restarted etcd forgets every token); `None` without a user.
     relogin: Option<Arc<tokio::sync::Notify>>,
@@ -330,6 +353,7 @@ impl Etcd {
             health: Arc::new(Health::default()),
             changed: Arc::new(tokio::sync::Notify::new()),
             url: opts.url.clone(),
+            replica_id: opts.replica_id.clone(),
             relogin: target
                 .user
                 .is_some()
@@ -465,17 +489,48 @@ impl Etcd {
         }
     }
 
+    /// This replica's name.
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
     /// Creates entry `seq` unless a replica created it first; `false` then.
-    pub fn create(&self, seq: u64, value: Vec<u8>) -> anyhow::Result<bool> {
+    /// A leader's write (`fenced`) also requires the leader key to be held
+    /// under this replica's lease in the same transaction: once the lease
+    /// ended (a pause longer than its TTL, a partition) the write is
+    /// refused with [`Fenced`], even if this replica has not noticed yet.
+    pub fn create(&self, seq: u64, value: Vec<u8>, fenced: bool) -> anyhow::Result<bool> {
         let key = self.log_key(seq).into_bytes();
-        let req = pb::TxnRequest {
-            compare: vec![pb::Compare {
+        let leader_key = format!("{}/leader", self.prefix).into_bytes();
+        let mut compare = vec![pb::Compare {
+            result: CompareResult::Equal as i32,
+            target: CompareTarget::Create as i32,
+            key: key.clone(),
+            range_end: vec![],
+            target_union: Some(TargetUnion::CreateRevision(0)),
+        }];
+        let mut failure = vec![];
+        if fenced {
+            let Some(lease) = self.health.lease() else {
+                return Err(Fenced.into());
+            };
+            compare.push(pb::Compare {
                 result: CompareResult::Equal as i32,
-                target: CompareTarget::Create as i32,
-                key: key.clone(),
+                target: CompareTarget::Lease as i32,
+                key: leader_key.clone(),
                 range_end: vec![],
-                target_union: Some(TargetUnion::CreateRevision(0)),
-            }],
+                target_union: Some(TargetUnion::Lease(lease)),
+            });
+            // On failure, the leader key says which compare failed.
+            failure.push(pb::RequestOp {
+                request: Some(pb::request_op::Request::RequestRange(pb::RangeRequest {
+                    key: leader_key,
+                    ..Default::default()
+                })),
+            });
+        }
+        let req = pb::TxnRequest {
+            compare,
             success: vec![pb::RequestOp {
                 request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
                     key,
@@ -483,11 +538,35 @@ impl Etcd {
                     ..Default::default()
                 })),
             }],
-            failure: vec![],
+            failure,
         };
         let mut kv = self.clients.kv.clone();
-        let r = self.call(async move { kv.txn(req).await.map_err(status_msg) })?;
-        Ok(r.into_inner().succeeded)
+        let r = self
+            .call(async move { kv.txn(req).await.map_err(status_msg) })?
+            .into_inner();
+        if r.succeeded {
+            return Ok(true);
+        }
+        if fenced {
+            let held = r.responses.iter().find_map(|op| match &op.response {
+                Some(pb::response_op::Response::ResponseRange(range)) => {
+                    Some(range.kvs.first().map_or(0, |kv| kv.lease))
+                }
+                _ => None,
+            });
+            if held != self.health.lease() {
+                // Definitive: the key is not held under this replica's
+                // lease. The campaign notices too and tries again.
+                self.health.lease.store(0, Ordering::Relaxed);
+                self.health.set_leader(false, None);
+                tracing::warn!(
+                    replica = %self.replica_id,
+                    "a leader's write was refused: this replica no longer holds the leader lease"
+                );
+                return Err(Fenced.into());
+            }
+        }
+        Ok(false)
     }
 
     /// A key under the prefix, for what replicas publish beside the log.
@@ -599,9 +678,11 @@ async fn campaign(
         match tokio::time::timeout(timeout, try_lead(&c, &key, &me, ttl_secs)).await {
             Ok(Ok(Ok(lease))) => {
                 health.ok();
+                health.lease.store(lease, Ordering::Relaxed);
                 health.set_leader(true, Some(me.clone()));
                 let lost = keep_alive(&c, lease, ttl, timeout).await;
                 health.set_leader(false, None);
+                health.lease.store(0, Ordering::Relaxed);
                 tracing::warn!(error = %lost, "fleet leadership lost");
                 let mut lease_c = c.lease.clone();
                 let _ = tokio::time::timeout(

@@ -375,6 +375,9 @@ pub struct AuditEntry {
     pub reason: Option<String>,
     /// `ok`, or the error.
     pub result: String,
+    /// The replica that wrote it, in a fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// A named model.
@@ -704,6 +707,33 @@ impl Registry {
         reason: Option<String>,
         result: Result<(), String>,
     ) -> anyhow::Result<AuditEntry> {
+        self.append_entry(key_id, action, (previous, new), reason, result, false)
+    }
+
+    /// Appends a fleet leader's entry: as [`Registry::append`], and on a
+    /// shared log only while this replica holds the leader lease, checked
+    /// in the same transaction (else [`etcd::Fenced`], nothing written).
+    pub fn append_as_leader(
+        &mut self,
+        key_id: &str,
+        action: Action,
+        previous: serde_json::Value,
+        new: serde_json::Value,
+        reason: Option<String>,
+        result: Result<(), String>,
+    ) -> anyhow::Result<AuditEntry> {
+        self.append_entry(key_id, action, (previous, new), reason, result, true)
+    }
+
+    fn append_entry(
+        &mut self,
+        key_id: &str,
+        action: Action,
+        (previous, new): (serde_json::Value, serde_json::Value),
+        reason: Option<String>,
+        result: Result<(), String>,
+        fenced: bool,
+    ) -> anyhow::Result<AuditEntry> {
         let mut entry = AuditEntry {
             seq: self.entries.last().map_or(1, |e| e.seq + 1),
             time: now_rfc3339(),
@@ -716,6 +746,7 @@ impl Registry {
                 Ok(()) => "ok".into(),
                 Err(e) => e,
             },
+            replica: self.shared().map(|s| s.replica_id().to_string()),
         };
         self.refuse_stale(&entry)?;
         let mut line = serde_json::to_string(&entry)?;
@@ -750,7 +781,7 @@ impl Registry {
             Log::Etcd(store) => {
                 let store = store.clone();
                 let mut tries = 0;
-                while !store.create(entry.seq, line.clone().into_bytes())? {
+                while !store.create(entry.seq, line.clone().into_bytes(), fenced)? {
                     // Another replica appended first: take its entries, then
                     // try the next number. A version id is the one thing two
                     // replicas may both have picked: that is a conflict.

@@ -1359,3 +1359,179 @@ async fn commands_sent_to_non_leaders_hold_and_end_a_rollout_exactly_once() {
         .collect();
     assert_eq!(ends.len(), 1, "{ends:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_stopped_past_its_lease_is_fenced_and_its_late_writes_never_apply() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    etcd.healthy().await;
+    let url = etcd.url("fleet-fenced");
+    let (v1, v2) = (tiny(tmp.path(), "v1", 1), tiny(tmp.path(), "v2", 2));
+    let rs = three_replicas(tmp.path(), &v1, &url).await;
+    let names = ["a", "b", "c"];
+    let c = reqwest::Client::new();
+    let all: Vec<&Served> = rs.iter().collect();
+    let old = leader(&c, &all, Duration::from_secs(10)).await;
+    let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        rs[old].url("/admin/v1/models/tiny/versions"),
+        Some(json!({"path": v2, "version": "v2"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    // Traffic on the replicas that stay up (the stopped one would hold
+    // its requests).
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = traffic(
+        others.iter().map(|&i| rs[i].url("")).collect(),
+        stop.clone(),
+    );
+    // Many 1-s steps with lenient checks: it is still running after the
+    // pause.
+    let steps: Vec<u32> = (1..=19).map(|i| i * 5).collect();
+    let (st, ro) = call(
+        &c,
+        Method::POST,
+        rs[old].url("/admin/v1/rollouts"),
+        Some(json!({
+            "model": "tiny", "candidate": "v2", "steps": steps,
+            "interval_secs": 1.0, "warmup_secs": 0.0,
+            "analysis": {"gates": ["error_rate <= 0.5"], "min_samples": 1, "min_keys": 1,
+                         "mann_whitney_alpha": false}
+        })),
+    )
+    .await;
+    assert_eq!(st, 200, "{ro}");
+    let id = ro["id"].as_str().unwrap().to_string();
+    on_all(&c, &all, Duration::from_secs(5), "canary on", |s| {
+        s["serving"]["canary"]["version"] == "v2"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The leader stops for three times its 2-s lease; another takes over
+    // and drives the rollout meanwhile.
+    let before = audit(&c, &rs[others[0]]).await;
+    let last = before.last().and_then(|e| e["seq"].as_u64()).unwrap();
+    let pid = rs[old].pid() as libc::pid_t;
+    // SAFETY: kill(2) on the pid of a child this test owns and waits for.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let up: Vec<&Served> = others.iter().map(|&i| &rs[i]).collect();
+    let new = others[leader(&c, &up, Duration::from_secs(15)).await];
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    // It wakes with its windows long over and its lease gone: whatever it
+    // tries to write then is refused.
+    let t0 = Instant::now();
+    while fleet(&c, &rs[old]).await["leader"] == true {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the old leader still claims to lead"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        rs[new].url(&format!("/admin/v1/rollouts/{id}/abort")),
+        Some(json!({"reason": "done"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    on_all(&c, &all, Duration::from_secs(10), "no canary", |s| {
+        s["serving"]["canary"].is_null()
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.await.unwrap();
+
+    let entries = audit(&c, &rs[new]).await;
+    // Nothing the old leader wrote after it stopped is in the log.
+    let late: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["seq"].as_u64() > Some(last) && e["replica"] == names[old])
+        .collect();
+    assert!(late.is_empty(), "the fenced leader wrote: {late:#?}");
+    // Each revision of the rollout was written once, by one leader at a
+    // time, and it ended once.
+    let ours: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["action"] == "rollout" && e["id"] == id.as_str() && e["result"] == "ok")
+        .collect();
+    let mut revisions: Vec<u64> = ours
+        .iter()
+        .filter_map(|e| e["status"]["revision"].as_u64())
+        .collect();
+    let n = revisions.len();
+    revisions.dedup();
+    assert_eq!(revisions.len(), n, "a revision written twice: {ours:#?}");
+    assert!(ours.iter().any(|e| e["replica"] == names[new]), "{ours:#?}");
+    let ends = ours
+        .iter()
+        .filter(|e| {
+            matches!(
+                e["new"]["phase"].as_str(),
+                Some("aborted" | "rolled_back" | "promoted")
+            )
+        })
+        .count();
+    assert_eq!(ends, 1, "{ours:#?}");
+    // The old leader's driver let go of the rollout.
+    let log = std::fs::read_to_string(&rs[old].log).unwrap();
+    assert!(
+        log.contains("no longer the leader")
+            || log.contains("another replica changed the rollout first"),
+        "{}",
+        rs[old].tail(40)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaders_append_needs_its_lease_on_the_leader_key_in_the_same_transaction() {
+    use llmops::registry::etcd::{Etcd as Store, EtcdOptions, Fenced};
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    etcd.healthy().await;
+    let opts = EtcdOptions {
+        url: etcd.url("fence"),
+        password: None,
+        replica_id: "solo".into(),
+        leader_ttl: Duration::from_secs(5),
+        timeout: Duration::from_secs(5),
+    };
+    let store = tokio::task::spawn_blocking(move || Store::connect(&opts).unwrap())
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    while !store.health().is_leader() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "it never leads");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let create = |seq: u64, fenced: bool| {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.create(seq, b"{}".to_vec(), fenced))
+    };
+    assert!(
+        create(1, true).await.unwrap().unwrap(),
+        "the leader appends"
+    );
+    // Entry 1 exists: a lost race, not a fence.
+    assert!(!create(1, true).await.unwrap().unwrap());
+    // The leader key goes while this replica's lease is still alive (its
+    // keep-alive sees nothing wrong): its next leader write is refused by
+    // etcd in the same transaction, and nothing is written.
+    etcdctl(&etcd, None, &["del", "/fence/leader"]);
+    let err = create(2, true).await.unwrap().unwrap_err();
+    assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
+    assert!(!store.health().is_leader(), "it still says it leads");
+    assert!(
+        store.read_from(2).unwrap().is_empty(),
+        "the fenced write was applied"
+    );
+    // A write that is not the leader's needs no lease.
+    assert!(create(2, false).await.unwrap().unwrap());
+}
