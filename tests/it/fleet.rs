@@ -1250,7 +1250,7 @@ async fn a_webhook_secret_set_on_one_replica_signs_every_replicas_deliveries() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn commands_sent_to_non_leaders_hold_and_end_a_rollout_exactly_once() {
+async fn commands_sent_to_non_leaders_hold_end_and_promote_a_rollout_exactly_once() {
     let tmp = tempfile::tempdir().unwrap();
     let etcd = Etcd::start(&tmp.path().join("etcd"));
     etcd.healthy().await;
@@ -1270,13 +1270,15 @@ async fn commands_sent_to_non_leaders_hold_and_end_a_rollout_exactly_once() {
     assert_eq!(st, 201, "{v}");
     let stop = Arc::new(AtomicBool::new(false));
     let load = traffic(all.iter().map(|r| r.url("")).collect(), stop.clone());
-    // Lenient checks and 1-s windows: left alone, it steps every second.
+    // Lenient checks and 1-s windows: left alone, it steps every second
+    // (19 steps: still running when a loaded machine has shown its canary
+    // on every replica).
     let (st, ro) = call(
         &c,
         Method::POST,
         rs[lead].url("/admin/v1/rollouts"),
         Some(json!({
-            "model": "tiny", "candidate": "v2", "steps": [10, 20, 30, 40, 50, 100],
+            "model": "tiny", "candidate": "v2", "steps": [5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75, 80, 85, 90, 95],
             "interval_secs": 1.0, "warmup_secs": 0.0,
             "analysis": {"gates": ["error_rate <= 0.5"], "min_samples": 1, "min_keys": 1,
                          "mann_whitney_alpha": false}
@@ -1285,7 +1287,7 @@ async fn commands_sent_to_non_leaders_hold_and_end_a_rollout_exactly_once() {
     .await;
     assert_eq!(st, 200, "{ro}");
     let id = ro["id"].as_str().unwrap().to_string();
-    on_all(&c, &all, Duration::from_secs(5), "canary on", |s| {
+    on_all(&c, &all, Duration::from_secs(15), "canary on", |s| {
         s["serving"]["canary"]["version"] == "v2"
     })
     .await;
@@ -1336,13 +1338,73 @@ async fn commands_sent_to_non_leaders_hold_and_end_a_rollout_exactly_once() {
     .await;
     // Two more intervals for a stale write to show up, if one were made.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = load.await.unwrap();
     for r in &rs {
         let (_, v) = call(&c, Method::GET, rollout_on(r), None).await;
         assert_eq!(v["phase"], "aborted", "{v:#}");
         assert!(
             v["reason"].as_str().unwrap().starts_with("aborted by"),
+            "{v:#}"
+        );
+    }
+    let ends: Vec<Value> = audit(&c, &rs[lead])
+        .await
+        .into_iter()
+        .filter(|e| e["action"] == "rollout" && e["id"] == id.as_str())
+        .filter(|e| {
+            matches!(
+                e["new"]["phase"].as_str(),
+                Some("aborted" | "rolled_back" | "promoted")
+            )
+        })
+        .collect();
+    assert_eq!(ends.len(), 1, "{ends:#?}");
+
+    // Promoted on a non-leader: ended once, as a promotion, everywhere
+    // (the rollout's one window is longer than the test).
+    let (st, ro) = call(
+        &c,
+        Method::POST,
+        rs[lead].url("/admin/v1/rollouts"),
+        Some(json!({
+            "model": "tiny", "candidate": "v2", "steps": [10, 100],
+            "interval_secs": 120.0, "warmup_secs": 0.0,
+            "analysis": {"gates": ["error_rate <= 0.5"], "min_samples": 1, "min_keys": 1,
+                         "mann_whitney_alpha": false}
+        })),
+    )
+    .await;
+    assert_eq!(st, 200, "{ro}");
+    let id = ro["id"].as_str().unwrap().to_string();
+    on_all(&c, &all, Duration::from_secs(15), "canary on", |s| {
+        s["serving"]["canary"]["version"] == "v2"
+    })
+    .await;
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        rs[a].url(&format!("/admin/v1/rollouts/{id}/promote")),
+        Some(json!({"reason": "ship it"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    on_all(&c, &all, Duration::from_secs(5), "v2 stable", |s| {
+        s["serving"]["canary"].is_null() && s["serving"]["version"] == "v2"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.await.unwrap();
+    for r in &rs {
+        let (_, v) = call(
+            &c,
+            Method::GET,
+            r.url(&format!("/admin/v1/rollouts/{id}")),
+            None,
+        )
+        .await;
+        assert_eq!(v["phase"], "promoted", "{v:#}");
+        assert!(
+            v["reason"].as_str().unwrap().starts_with("promoted by"),
             "{v:#}"
         );
     }
@@ -1405,22 +1467,36 @@ async fn a_leader_stopped_past_its_lease_is_fenced_and_its_late_writes_never_app
     .await;
     assert_eq!(st, 200, "{ro}");
     let id = ro["id"].as_str().unwrap().to_string();
-    on_all(&c, &all, Duration::from_secs(5), "canary on", |s| {
+    on_all(&c, &all, Duration::from_secs(15), "canary on", |s| {
         s["serving"]["canary"]["version"] == "v2"
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    // The leader stops for three times its 2-s lease; another takes over
+    // The leader stops for longer than its 2-s lease; another takes over
     // and drives the rollout meanwhile.
-    let before = audit(&c, &rs[others[0]]).await;
-    let last = before.last().and_then(|e| e["seq"].as_u64()).unwrap();
     let pid = rs[old].pid() as libc::pid_t;
     // SAFETY: kill(2) on the pid of a child this test owns and waits for.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
     let up: Vec<&Served> = others.iter().map(|&i| &rs[i]).collect();
     let new = others[leader(&c, &up, Duration::from_secs(15)).await];
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Once the new leader has written to the rollout, its copy of the log
+    // holds every entry the old one made before it stopped (an append
+    // first reads the log to its end).
+    let t0 = Instant::now();
+    let last = loop {
+        let entries = audit(&c, &rs[new]).await;
+        let by = |i: usize| entries.iter().filter(move |e| e["replica"] == names[i]);
+        if by(new).any(|e| e["action"] == "rollout") {
+            break by(old).filter_map(|e| e["seq"].as_u64()).max().unwrap_or(0);
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the new leader never drove the rollout"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
     // SAFETY: as above.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     // It wakes with its windows long over and its lease gone: whatever it
@@ -1450,7 +1526,8 @@ async fn a_leader_stopped_past_its_lease_is_fenced_and_its_late_writes_never_app
     let _ = load.await.unwrap();
 
     let entries = audit(&c, &rs[new]).await;
-    // Nothing the old leader wrote after it stopped is in the log.
+    // Nothing the old leader wrote after it stopped is in the log (before
+    // it stopped, it wrote up to entry `last`).
     let late: Vec<&Value> = entries
         .iter()
         .filter(|e| e["seq"].as_u64() > Some(last) && e["replica"] == names[old])
