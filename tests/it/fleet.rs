@@ -1387,9 +1387,18 @@ async fn commands_sent_to_non_leaders_hold_end_and_promote_a_rollout_exactly_onc
     )
     .await;
     assert_eq!(st, 200, "{v}");
-    on_all(&c, &all, Duration::from_secs(5), "v2 stable", |s| {
-        s["serving"]["canary"].is_null() && s["serving"]["version"] == "v2"
-    })
+    // Every replica then holds the new stable version alone (v1 unloaded).
+    on_all(
+        &c,
+        &all,
+        Duration::from_secs(10),
+        "v2 stable, v2 alone loaded",
+        |s| {
+            s["serving"]["canary"].is_null()
+                && s["serving"]["version"] == "v2"
+                && s["loaded"] == json!(["v2"])
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
