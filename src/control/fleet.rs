@@ -32,15 +32,24 @@ use serde_json::{Value, json};
 
 use super::Controller;
 use super::rollout::RolloutStatus;
-use crate::monitor::Variant;
 use crate::monitor::canary::Sample;
 use crate::monitor::drift::Level;
 use crate::monitor::window::wall_ms;
+use crate::monitor::{Variant, names};
 use crate::registry::State;
 
 /// How far back a replica's published samples reach: the longest window a
 /// rollout analyses from other replicas.
 pub const SAMPLE_HORIZON: Duration = Duration::from_secs(120);
+
+/// How old a live replica's last sample publication (made every second)
+/// may be at the end of a window before the window counts as lacking its
+/// traffic.
+pub const PUBLISH_LATE: Duration = Duration::from_secs(5);
+
+/// How old a replica's last sample publication may be before the replica
+/// counts as gone rather than late.
+pub const PUBLISH_GONE: Duration = Duration::from_secs(15);
 
 /// How recent a replica's published drift state must be to count in the
 /// fleet's verdict: a replica that stopped publishing (dead, cut off from
@@ -71,6 +80,9 @@ pub struct FleetSamples {
     pub canary: Vec<Sample>,
     /// `replica: side` of every engine of the rollout that failed there.
     pub failed: Vec<String>,
+    /// Replicas (or the store) whose samples could not be read: the window
+    /// lacks their traffic, so it is not judged.
+    pub missing: Vec<String>,
 }
 
 /// A replica's drift state of every stable version it serves, as published
@@ -406,10 +418,15 @@ impl Controller {
         match serde_json::to_vec(&out) {
             Ok(bytes) => {
                 if let Err(e) = store.put(&key, bytes) {
-                    tracing::warn!(error = %e, "samples not published: the leader judges the rollout without this replica's traffic");
+                    metrics::counter!(names::FLEET_PUBLISH_FAILURES, "what" => "samples")
+                        .increment(1);
+                    tracing::warn!(error = %e, "samples not published: the leader cannot judge rollout windows until they are");
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "samples not serialised"),
+            Err(e) => {
+                metrics::counter!(names::FLEET_PUBLISH_FAILURES, "what" => "samples").increment(1);
+                tracing::warn!(error = %e, "samples not serialised");
+            }
         }
         self.set_published(!out.models.is_empty());
     }
@@ -437,6 +454,8 @@ impl Controller {
         match serde_json::to_vec(&out) {
             Ok(bytes) => {
                 if let Err(e) = store.put(&key, bytes) {
+                    metrics::counter!(names::FLEET_PUBLISH_FAILURES, "what" => "drift")
+                        .increment(1);
                     tracing::debug!(error = %e, "drift state not published");
                 }
             }
@@ -507,7 +526,8 @@ impl Controller {
         let listed = match store.list("samples") {
             Ok(l) => l,
             Err(e) => {
-                tracing::warn!(error = %e, "other replicas' samples unreadable; analysing this replica's alone");
+                tracing::warn!(error = %e, "other replicas' samples unreadable; the window is not judged");
+                got.missing.push(format!("the shared store ({e})"));
                 return got;
             }
         };
@@ -518,10 +538,27 @@ impl Controller {
             let p = match serde_json::from_slice::<Published>(&bytes) {
                 Ok(p) => p,
                 Err(e) => {
-                    tracing::warn!(replica, error = %e, "a replica's samples are unreadable; the window is judged without them");
+                    tracing::warn!(replica, error = %e, "a replica's samples are unreadable; the window is not judged");
+                    got.missing.push(format!("{replica} (unreadable: {e})"));
                     continue;
                 }
             };
+            // A replica that stopped publishing a while ago is gone (dead,
+            // or not in this rollout: it publishes only while it serves a
+            // canary); one whose last publication is older than a few of
+            // its 1-s publications is failing to publish, and its traffic
+            // of the window is unknown.
+            let age = to.saturating_sub(p.at_ms);
+            if age > PUBLISH_GONE.as_millis() as u64 {
+                continue;
+            }
+            if age > PUBLISH_LATE.as_millis() as u64 {
+                got.missing.push(format!(
+                    "{replica} (last published {:.1} s before the window ended)",
+                    age as f64 / 1000.0
+                ));
+                continue;
+            }
             for side in p.failed.get(model).into_iter().flatten() {
                 got.failed.push(format!("{replica}: {side}"));
             }

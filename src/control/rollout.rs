@@ -846,6 +846,17 @@ impl Controller {
             report.verdict = Verdict::Inconclusive;
             report.reason = why;
         }
+        // A window that lacks a replica's traffic is not judged on the
+        // rest (the missing share could be where the canary fails).
+        if !others.missing.is_empty()
+            && matches!(report.verdict, Verdict::Successful | Verdict::Failed)
+        {
+            report.verdict = Verdict::Inconclusive;
+            report.reason = format!(
+                "the window lacks samples from {}",
+                others.missing.join(", ")
+            );
+        }
         // A dead engine is a failed check whatever its last samples said,
         // on this replica or any other.
         let canary_failed_elsewhere: Vec<&String> = others

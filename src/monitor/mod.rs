@@ -123,6 +123,9 @@ pub mod names {
     pub const STRUCTURED_COMPILE_FAILURES: &str = "llmops_structured_compile_failures_total";
     /// Histogram: time to compute one token mask of a constrained sequence.
     pub const STRUCTURED_MASK_TIME: &str = "llmops_structured_mask_seconds";
+    /// Counter: this replica's publications to a fleet's shared store that
+    /// failed, by what (samples, drift).
+    pub const FLEET_PUBLISH_FAILURES: &str = "llmops_fleet_publish_failures_total";
 }
 
 /// vLLM's TTFT buckets.
@@ -469,6 +472,11 @@ pub fn describe() {
             "Prompt tokens of finished requests."
         );
         describe_counter!(names::GENERATION_TOKENS, Unit::Count, "Tokens generated.");
+        describe_counter!(
+            names::FLEET_PUBLISH_FAILURES,
+            Unit::Count,
+            "Publications of this replica's rollout samples or drift state to the fleet's shared store that failed, by what (samples, drift); while they fail the leader judges rollout windows inconclusive."
+        );
         describe_counter!(
             names::SUCCESS,
             Unit::Count,

@@ -1621,3 +1621,82 @@ async fn a_leaders_append_needs_its_lease_on_the_leader_key_in_the_same_transact
     // A write that is not the leader's needs no lease.
     assert!(create(2, false).await.unwrap().unwrap());
 }
+
+/// A rollout window that lacks a replica's samples (its publication is
+/// unreadable, or late) is inconclusive, never judged on the others alone;
+/// once the replica's data is readable again (here: gone), it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_missing_a_replicas_samples_is_inconclusive_not_judged_without_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let etcd = Etcd::start(&tmp.path().join("etcd"));
+    etcd.healthy().await;
+    let url = etcd.url("fleet-missing");
+    let (v1, v2) = (tiny(tmp.path(), "v1", 1), tiny(tmp.path(), "v2", 2));
+    let mut solo = replica(tmp.path(), "a", &v1, &url);
+    solo.ready().await;
+    let c = reqwest::Client::new();
+    leader(&c, &[&solo], Duration::from_secs(10)).await;
+    let (st, v) = call(
+        &c,
+        Method::POST,
+        solo.url("/admin/v1/models/tiny/versions"),
+        Some(json!({"path": v2, "version": "v2"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{v}");
+    // Another replica's publication that cannot be read.
+    etcdctl(
+        &etcd,
+        None,
+        &["put", "/fleet-missing/samples/ghost", "{\"at_ms\": "],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = traffic(vec![solo.url("")], stop.clone());
+    let (st, ro) = call(
+        &c,
+        Method::POST,
+        solo.url("/admin/v1/rollouts"),
+        Some(json!({
+            "model": "tiny", "candidate": "v2", "steps": [10, 50],
+            "interval_secs": 1.0, "warmup_secs": 0.0,
+            "analysis": {"gates": ["error_rate <= 0.5"], "min_samples": 1, "min_keys": 1,
+                         "mann_whitney_alpha": false}
+        })),
+    )
+    .await;
+    assert_eq!(st, 200, "{ro}");
+    let id = ro["id"].as_str().unwrap().to_string();
+    let status = |c: reqwest::Client| {
+        let u = solo.url(&format!("/admin/v1/rollouts/{id}"));
+        async move { call(&c, Method::GET, u, None).await.1 }
+    };
+    // Three windows: each inconclusive, naming the replica; no step.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let v = status(c.clone()).await;
+    assert_eq!(v["phase"], "progressing", "{v:#}");
+    assert_eq!(v["weight"], 10, "{v:#}");
+    let history = v["history"].as_array().unwrap();
+    assert!(history.len() >= 2, "{v:#}");
+    for h in history {
+        assert_eq!(h["report"]["verdict"], "inconclusive", "{v:#}");
+        let reason = h["report"]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("lacks samples from ghost (unreadable"),
+            "{reason}"
+        );
+    }
+    // The ghost goes; the next windows are judged and the rollout steps.
+    etcdctl(&etcd, None, &["del", "/fleet-missing/samples/ghost"]);
+    let t0 = Instant::now();
+    loop {
+        let v = status(c.clone()).await;
+        if v["weight"] == 50 || v["phase"] == "promoted" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "{v:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (_, failed) = load.await.unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+}
