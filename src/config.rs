@@ -622,8 +622,9 @@ fn scheduler_config(
 }
 
 /// The models to serve: the flags' (or environment's) list replaces the
-/// file's; neither gives the embedded model. The device is server-wide
-/// unless the file names one per model.
+/// file's; neither gives the embedded model. The device is server-wide: a
+/// model in the file may repeat it, and one that names another is refused
+/// (every engine runs on the server's device).
 fn models(args: &ServeArgs, file: &FileConfig) -> anyhow::Result<Vec<ModelSpec>> {
     let device = args
         .device
@@ -648,6 +649,17 @@ fn models(args: &ServeArgs, file: &FileConfig) -> anyhow::Result<Vec<ModelSpec>>
             })
             .collect()
     } else if !file.models.is_empty() {
+        for m in &file.models {
+            if let Some(own) = m.device.as_deref().filter(|d| *d != device) {
+                bail!(
+                    "[[models]] `{}` names device `{own}`, but every model runs on the server's device (`{device}`, from --device or [server] device): remove its `device` or set the server's",
+                    m.name
+                        .as_deref()
+                        .or(m.path.as_deref().and_then(|p| p.to_str()))
+                        .unwrap_or(EMBEDDED_MODEL_NAME)
+                );
+            }
+        }
         file.models
             .iter()
             .map(|m| ModelSpec {
@@ -1039,6 +1051,28 @@ mod tests {
         assert_eq!(cfg.scheduler.max_running, 64);
         assert_eq!(cfg.server.gguf_weights, GgufWeights::F16);
         assert!(cfg.keys.is_empty());
+    }
+
+    #[test]
+    fn a_model_that_names_another_device_than_the_servers_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("llmops.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            let config = path.display().to_string();
+            let args = Cli::try_parse_from(["serve", "--config", &config])
+                .unwrap()
+                .serve;
+            Config::load(&args)
+        };
+        let err =
+            load("[server]\ndevice = \"cpu\"\n[[models]]\nname = \"a\"\ndevice = \"cuda:1\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("`a` names device `cuda:1`"), "{err}");
+        let cfg = load("[server]\ndevice = \"cpu\"\n[[models]]\nname = \"a\"\ndevice = \"cpu\"\n")
+            .unwrap();
+        assert_eq!(cfg.models[0].device, "cpu");
     }
 
     #[test]
