@@ -1338,26 +1338,7 @@ async fn commands_sent_to_non_leaders_hold_end_and_promote_a_rollout_exactly_onc
     .await;
     // Two more intervals for a stale write to show up, if one were made.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for r in &rs {
-        let (_, v) = call(&c, Method::GET, rollout_on(r), None).await;
-        assert_eq!(v["phase"], "aborted", "{v:#}");
-        assert!(
-            v["reason"].as_str().unwrap().starts_with("aborted by"),
-            "{v:#}"
-        );
-    }
-    let ends: Vec<Value> = audit(&c, &rs[lead])
-        .await
-        .into_iter()
-        .filter(|e| e["action"] == "rollout" && e["id"] == id.as_str())
-        .filter(|e| {
-            matches!(
-                e["new"]["phase"].as_str(),
-                Some("aborted" | "rolled_back" | "promoted")
-            )
-        })
-        .collect();
-    assert_eq!(ends.len(), 1, "{ends:#?}");
+    ended_once_everywhere(&c, &rs, &id, "aborted").await;
 
     // Promoted on a non-leader: ended once, as a promotion, everywhere
     // (the rollout's one window is longer than the test).
@@ -1403,31 +1384,36 @@ async fn commands_sent_to_non_leaders_hold_end_and_promote_a_rollout_exactly_onc
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let _ = load.await.unwrap();
-    for r in &rs {
-        let (_, v) = call(
-            &c,
-            Method::GET,
-            r.url(&format!("/admin/v1/rollouts/{id}")),
-            None,
-        )
-        .await;
-        assert_eq!(v["phase"], "promoted", "{v:#}");
-        assert!(
-            v["reason"].as_str().unwrap().starts_with("promoted by"),
-            "{v:#}"
-        );
-    }
-    let ends: Vec<Value> = audit(&c, &rs[lead])
-        .await
-        .into_iter()
-        .filter(|e| e["action"] == "rollout" && e["id"] == id.as_str())
+    ended_once_everywhere(&c, &rs, &id, "promoted").await;
+}
+
+/// Rollout `id`'s terminal entries (promoted, rolled back, aborted) in
+/// `entries`.
+fn terminal_entries<'a>(entries: &'a [Value], id: &str) -> Vec<&'a Value> {
+    entries
+        .iter()
+        .filter(|e| e["action"] == "rollout" && e["id"] == id)
         .filter(|e| {
             matches!(
                 e["new"]["phase"].as_str(),
                 Some("aborted" | "rolled_back" | "promoted")
             )
         })
-        .collect();
+        .collect()
+}
+
+/// Rollout `id` ended as `phase` on every replica, by an operator's command
+/// (the reason says "`phase` by …"), with one terminal entry in the log.
+async fn ended_once_everywhere(c: &reqwest::Client, rs: &[Served], id: &str, phase: &str) {
+    for r in rs {
+        let u = r.url(&format!("/admin/v1/rollouts/{id}"));
+        let (_, v) = call(c, Method::GET, u, None).await;
+        assert_eq!(v["phase"], phase, "{v:#}");
+        let reason = v["reason"].as_str().unwrap_or_default();
+        assert!(reason.starts_with(&format!("{phase} by")), "{v:#}");
+    }
+    let entries = audit(c, &rs[0]).await;
+    let ends = terminal_entries(&entries, id);
     assert_eq!(ends.len(), 1, "{ends:#?}");
 }
 
@@ -1556,16 +1542,8 @@ async fn a_leader_stopped_past_its_lease_is_fenced_and_its_late_writes_never_app
     revisions.dedup();
     assert_eq!(revisions.len(), n, "a revision written twice: {ours:#?}");
     assert!(ours.iter().any(|e| e["replica"] == names[new]), "{ours:#?}");
-    let ends = ours
-        .iter()
-        .filter(|e| {
-            matches!(
-                e["new"]["phase"].as_str(),
-                Some("aborted" | "rolled_back" | "promoted")
-            )
-        })
-        .count();
-    assert_eq!(ends, 1, "{ours:#?}");
+    let ends = terminal_entries(&entries, &id);
+    assert_eq!(ends.len(), 1, "{ends:#?}");
     // The old leader's driver let go of the rollout.
     let log = std::fs::read_to_string(&rs[old].log).unwrap();
     assert!(
