@@ -1273,23 +1273,15 @@ async fn commands_sent_to_non_leaders_hold_end_and_promote_a_rollout_exactly_onc
     // Lenient checks and 1-s windows: left alone, it steps every second
     // (19 steps: still running when a loaded machine has shown its canary
     // on every replica).
-    let (st, ro) = call(
+    let id = lenient_rollout(
         &c,
-        Method::POST,
-        rs[lead].url("/admin/v1/rollouts"),
-        Some(json!({
-            "model": "tiny", "candidate": "v2", "steps": [5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75, 80, 85, 90, 95],
-            "interval_secs": 1.0, "warmup_secs": 0.0,
-            "analysis": {"gates": ["error_rate <= 0.5"], "min_samples": 1, "min_keys": 1,
-                         "mann_whitney_alpha": false}
-        })),
+        &rs[lead],
+        &all,
+        &[
+            5, 10, 15, 20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70, 75, 80, 85, 90, 95,
+        ],
+        1.0,
     )
-    .await;
-    assert_eq!(st, 200, "{ro}");
-    let id = ro["id"].as_str().unwrap().to_string();
-    on_all(&c, &all, Duration::from_secs(15), "canary on", |s| {
-        s["serving"]["canary"]["version"] == "v2"
-    })
     .await;
     let rollout_on = |r: &Served| r.url(&format!("/admin/v1/rollouts/{id}"));
 
@@ -1342,24 +1334,7 @@ async fn commands_sent_to_non_leaders_hold_end_and_promote_a_rollout_exactly_onc
 
     // Promoted on a non-leader: ended once, as a promotion, everywhere
     // (the rollout's one window is longer than the test).
-    let (st, ro) = call(
-        &c,
-        Method::POST,
-        rs[lead].url("/admin/v1/rollouts"),
-        Some(json!({
-            "model": "tiny", "candidate": "v2", "steps": [10, 100],
-            "interval_secs": 120.0, "warmup_secs": 0.0,
-            "analysis": {"gates": ["error_rate <= 0.5"], "min_samples": 1, "min_keys": 1,
-                         "mann_whitney_alpha": false}
-        })),
-    )
-    .await;
-    assert_eq!(st, 200, "{ro}");
-    let id = ro["id"].as_str().unwrap().to_string();
-    on_all(&c, &all, Duration::from_secs(15), "canary on", |s| {
-        s["serving"]["canary"]["version"] == "v2"
-    })
-    .await;
+    let id = lenient_rollout(&c, &rs[lead], &all, &[10, 100], 120.0).await;
     let (st, v) = call(
         &c,
         Method::POST,
@@ -1448,24 +1423,7 @@ async fn a_leader_stopped_past_its_lease_is_fenced_and_its_late_writes_never_app
     // Many 1-s steps with lenient checks: it is still running after the
     // pause.
     let steps: Vec<u32> = (1..=19).map(|i| i * 5).collect();
-    let (st, ro) = call(
-        &c,
-        Method::POST,
-        rs[old].url("/admin/v1/rollouts"),
-        Some(json!({
-            "model": "tiny", "candidate": "v2", "steps": steps,
-            "interval_secs": 1.0, "warmup_secs": 0.0,
-            "analysis": {"gates": ["error_rate <= 0.5"], "min_samples": 1, "min_keys": 1,
-                         "mann_whitney_alpha": false}
-        })),
-    )
-    .await;
-    assert_eq!(st, 200, "{ro}");
-    let id = ro["id"].as_str().unwrap().to_string();
-    on_all(&c, &all, Duration::from_secs(15), "canary on", |s| {
-        s["serving"]["canary"]["version"] == "v2"
-    })
-    .await;
+    let id = lenient_rollout(&c, &rs[old], &all, &steps, 1.0).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // The leader stops for longer than its 2-s lease; another takes over
@@ -1630,20 +1588,7 @@ async fn a_window_missing_a_replicas_samples_is_inconclusive_not_judged_without_
     );
     let stop = Arc::new(AtomicBool::new(false));
     let load = traffic(vec![solo.url("")], stop.clone());
-    let (st, ro) = call(
-        &c,
-        Method::POST,
-        solo.url("/admin/v1/rollouts"),
-        Some(json!({
-            "model": "tiny", "candidate": "v2", "steps": [10, 50],
-            "interval_secs": 1.0, "warmup_secs": 0.0,
-            "analysis": {"gates": ["error_rate <= 0.5"], "min_samples": 1, "min_keys": 1,
-                         "mann_whitney_alpha": false}
-        })),
-    )
-    .await;
-    assert_eq!(st, 200, "{ro}");
-    let id = ro["id"].as_str().unwrap().to_string();
+    let id = lenient_rollout(&c, &solo, &[&solo], &[10, 50], 1.0).await;
     let status = |c: reqwest::Client| {
         let u = solo.url(&format!("/admin/v1/rollouts/{id}"));
         async move { call(&c, Method::GET, u, None).await.1 }
@@ -1677,4 +1622,35 @@ async fn a_window_missing_a_replicas_samples_is_inconclusive_not_judged_without_
     stop.store(true, Ordering::Relaxed);
     let (_, failed) = load.await.unwrap();
     assert!(failed.is_empty(), "{failed:?}");
+}
+
+/// Starts a rollout of `v2` on `r` with lenient checks (an error rate up
+/// to 50%, one sample and one key enough, no rank test), no warm-up and
+/// `interval` s windows; waits until every replica of `all` serves its
+/// canary. Returns its id.
+async fn lenient_rollout(
+    c: &reqwest::Client,
+    r: &Served,
+    all: &[&Served],
+    steps: &[u32],
+    interval: f64,
+) -> String {
+    let (st, ro) = call(
+        c,
+        Method::POST,
+        r.url("/admin/v1/rollouts"),
+        Some(json!({
+            "model": "tiny", "candidate": "v2", "steps": steps,
+            "interval_secs": interval, "warmup_secs": 0.0,
+            "analysis": {"gates": ["error_rate <= 0.5"], "min_samples": 1, "min_keys": 1,
+                         "mann_whitney_alpha": false}
+        })),
+    )
+    .await;
+    assert_eq!(st, 200, "{ro}");
+    on_all(c, all, Duration::from_secs(15), "canary on", |s| {
+        s["serving"]["canary"]["version"] == "v2"
+    })
+    .await;
+    ro["id"].as_str().unwrap().to_string()
 }
