@@ -16,7 +16,7 @@ use llmops::engine::synth::SynthSpec;
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::process::{Served, call, free_port};
+use crate::process::{Served, call, free_port, tiny};
 
 /// A single-member etcd on loopback, in its own data folder; killed on drop.
 struct Etcd {
@@ -167,18 +167,6 @@ fn replica(tmp: &Path, name: &str, model: &Path, registry: &str) -> Served {
             .args(["--leader-ttl-secs", "2"])
             .env("RUST_LOG", "info");
     })
-}
-
-/// The tiny synthetic model with `seed`, written to `dir/name`.
-fn tiny(dir: &Path, name: &str, seed: u64) -> std::path::PathBuf {
-    let p = dir.join(name);
-    SynthSpec {
-        seed,
-        ..SynthSpec::tiny_llama()
-    }
-    .write(&p, None)
-    .unwrap();
-    p
 }
 
 /// Replicas `a`, `b` and `c` of the fleet at `registry`, started together
@@ -1288,14 +1276,7 @@ async fn commands_sent_to_non_leaders_hold_end_and_promote_a_rollout_exactly_onc
     // Paused on a replica that does not lead: it holds on every replica
     // for three intervals (the leader's analysis does not undo it).
     let (a, b) = ((lead + 1) % 3, (lead + 2) % 3);
-    let (st, v) = call(
-        &c,
-        Method::POST,
-        rs[a].url(&format!("/admin/v1/rollouts/{id}/pause")),
-        Some(json!({"reason": "hold on"})),
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
+    command(&c, &rs[a], &id, "pause", "hold on").await;
     let t0 = Instant::now();
     let mut weight = None;
     while t0.elapsed() < Duration::from_secs(4) {
@@ -1316,14 +1297,7 @@ async fn commands_sent_to_non_leaders_hold_end_and_promote_a_rollout_exactly_onc
     }
 
     // Aborted on the other non-leader: ended once, as an abort, everywhere.
-    let (st, v) = call(
-        &c,
-        Method::POST,
-        rs[b].url(&format!("/admin/v1/rollouts/{id}/abort")),
-        Some(json!({"reason": "enough"})),
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
+    command(&c, &rs[b], &id, "abort", "enough").await;
     on_all(&c, &all, Duration::from_secs(5), "no canary", |s| {
         s["serving"]["canary"].is_null() && s["serving"]["version"] == "v1"
     })
@@ -1335,14 +1309,7 @@ async fn commands_sent_to_non_leaders_hold_end_and_promote_a_rollout_exactly_onc
     // Promoted on a non-leader: ended once, as a promotion, everywhere
     // (the rollout's one window is longer than the test).
     let id = lenient_rollout(&c, &rs[lead], &all, &[10, 100], 120.0).await;
-    let (st, v) = call(
-        &c,
-        Method::POST,
-        rs[a].url(&format!("/admin/v1/rollouts/{id}/promote")),
-        Some(json!({"reason": "ship it"})),
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
+    command(&c, &rs[a], &id, "promote", "ship it").await;
     // Every replica then holds the new stable version alone (v1 unloaded).
     on_all(
         &c,
@@ -1463,14 +1430,7 @@ async fn a_leader_stopped_past_its_lease_is_fenced_and_its_late_writes_never_app
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (st, v) = call(
-        &c,
-        Method::POST,
-        rs[new].url(&format!("/admin/v1/rollouts/{id}/abort")),
-        Some(json!({"reason": "done"})),
-    )
-    .await;
-    assert_eq!(st, 200, "{v}");
+    command(&c, &rs[new], &id, "abort", "done").await;
     on_all(&c, &all, Duration::from_secs(10), "no canary", |s| {
         s["serving"]["canary"].is_null()
     })
@@ -1653,4 +1613,12 @@ async fn lenient_rollout(
     })
     .await;
     ro["id"].as_str().unwrap().to_string()
+}
+
+/// Sends `action` (pause, resume, abort, promote) for rollout `id` to `r`,
+/// with `reason`; it must be taken.
+async fn command(c: &reqwest::Client, r: &Served, id: &str, action: &str, reason: &str) {
+    let u = r.url(&format!("/admin/v1/rollouts/{id}/{action}"));
+    let (st, v) = call(c, Method::POST, u, Some(json!({"reason": reason}))).await;
+    assert_eq!(st, 200, "{v}");
 }

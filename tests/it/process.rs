@@ -167,3 +167,15 @@ impl Drop for Served {
         let _ = self.child.wait();
     }
 }
+
+/// The tiny synthetic Llama with `seed`, written to `dir/name`.
+pub fn tiny(dir: &Path, name: &str, seed: u64) -> PathBuf {
+    let p = dir.join(name);
+    llmops::engine::synth::SynthSpec {
+        seed,
+        ..llmops::engine::synth::SynthSpec::tiny_llama()
+    }
+    .write(&p, None)
+    .unwrap();
+    p
+}

@@ -10,24 +10,13 @@ use futures::StreamExt;
 use llmops::engine::synth::SynthSpec;
 use serde_json::{Value, json};
 
-use crate::process::{ADMIN, Served, call_as};
+use crate::process::{ADMIN, Served, call_as, tiny};
 use crate::server::TestServer;
 
 const APP: &str = "1nf";
 
 fn keys(a: &mut llmops::config::ServeArgs) {
     a.api_keys = vec![format!("ops:admin:{ADMIN}"), format!("app:inference:{APP}")];
-}
-
-fn tiny(dir: &Path, name: &str, seed: u64) -> PathBuf {
-    let p = dir.join(name);
-    SynthSpec {
-        seed,
-        ..SynthSpec::tiny_llama()
-    }
-    .write(&p, None)
-    .unwrap();
-    p
 }
 
 /// Streams one greedy completion; returns (text, fingerprints seen).
